@@ -1,0 +1,120 @@
+"""Machine-check records and Linux's grading of them.
+
+Bit positions follow ``arch/x86/include/asm/mce.h`` (v6.18; ``MCG_STATUS_SEAM_NR``
+from commit 7911f145de5f "x86/mce: Implement recovery for errors in TDX/SEAM
+non-root mode"). :func:`mce_severity` follows the Intel rows of
+``arch/x86/kernel/cpu/mce/severity.c`` that a memory-integrity poison can reach;
+it ignores the table rows for other error classes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+MCG_STATUS_RIPV = 1 << 0  # restart IP valid
+MCG_STATUS_EIPV = 1 << 1  # IP points at the faulting instruction
+MCG_STATUS_MCIP = 1 << 2  # machine check in progress
+MCG_STATUS_LMCES = 1 << 3  # local machine check signalled
+MCG_STATUS_SEAM_NR = 1 << 12  # the #MC happened in SEAM non-root (a TD)
+MCG_CAP_SEAM_NR = 1 << 12
+
+MCI_STATUS_VAL = 1 << 63
+MCI_STATUS_OVER = 1 << 62
+MCI_STATUS_UC = 1 << 61
+MCI_STATUS_EN = 1 << 60
+MCI_STATUS_MISCV = 1 << 59
+MCI_STATUS_ADDRV = 1 << 58
+MCI_STATUS_PCC = 1 << 57
+MCI_STATUS_S = 1 << 56
+MCI_STATUS_AR = 1 << 55
+MCACOD_MASK = 0xFFFF
+MCACOD_DATA = 0x0134  # data load
+MCACOD_INSTR = 0x0150  # instruction fetch
+
+TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE = 0x6000000500000000
+"""TDH.VP.ENTER status once the TDX module has marked a TD fatal after a #MC."""
+
+
+class Severity(enum.Enum):
+    """``MCE_*_SEVERITY`` outcomes of the grading table."""
+
+    KEEP = "keep"  # unaffected thread is continuable
+    UCNA = "ucna"  # log only
+    AO = "ao"  # action optional
+    AR = "ar"  # action required: kill or recover the consumer
+    PANIC = "panic"
+
+
+@dataclass(frozen=True, slots=True)
+class MceRecord:
+    """One bank's status as ``do_machine_check`` sees it."""
+
+    mci_status: int
+    mcg_status: int
+    addr: int  # MCi_ADDR: the physical address of the poisoned line
+
+    @property
+    def mcacod(self) -> int:
+        return self.mci_status & MCACOD_MASK
+
+    @property
+    def in_seam_nonroot(self) -> bool:
+        return bool(self.mcg_status & MCG_STATUS_SEAM_NR)
+
+    def __repr__(self) -> str:
+        return (
+            f"MceRecord(mci_status={self.mci_status:#018x}, "
+            f"mcg_status={self.mcg_status:#x}, addr={self.addr:#x})"
+        )
+
+
+def srar_record(
+    pa: int, *, instruction_fetch: bool = False, lmce: bool = True, seam_nr: bool = False
+) -> MceRecord:
+    """The record a consumed poison produces: an SRAR data-load (or fetch) error."""
+    status = (
+        MCI_STATUS_VAL
+        | MCI_STATUS_UC
+        | MCI_STATUS_EN
+        | MCI_STATUS_MISCV
+        | MCI_STATUS_ADDRV
+        | MCI_STATUS_S
+        | MCI_STATUS_AR
+        | (MCACOD_INSTR if instruction_fetch else MCACOD_DATA)
+    )
+    mcg = MCG_STATUS_RIPV | MCG_STATUS_EIPV | MCG_STATUS_MCIP
+    if lmce:
+        mcg |= MCG_STATUS_LMCES
+    if seam_nr:
+        mcg |= MCG_STATUS_SEAM_NR
+    return MceRecord(mci_status=status, mcg_status=mcg, addr=pa & ~0x3F)
+
+
+def mce_severity(rec: MceRecord, *, kernel_mode: bool, mc_safe: bool = False) -> Severity:
+    """Grade a record the way the Intel severity table does.
+
+    ``kernel_mode`` is where the consumer ran; a consumption in SEAM non-root is
+    graded as a user-mode (guest) consumption when SEAM_NR is set, which is what
+    the SEAM_NR rows add. ``mc_safe`` marks an ``EX_TYPE_*MCE_SAFE`` copy.
+    """
+    status, mcg = rec.mci_status, rec.mcg_status
+    if status & MCI_STATUS_PCC:
+        return Severity.PANIC
+    if not mcg & (MCG_STATUS_RIPV | MCG_STATUS_EIPV):
+        return Severity.PANIC
+    if not status & MCI_STATUS_UC:
+        return Severity.KEEP
+    if not status & MCI_STATUS_S:
+        return Severity.UCNA
+    if not status & MCI_STATUS_AR:
+        return Severity.AO
+    if rec.in_seam_nonroot:
+        return Severity.AR  # "Data load error in SEAM non-root mode"
+    if kernel_mode:
+        if not mcg & MCG_STATUS_RIPV:
+            return Severity.PANIC
+        return Severity.AR if mc_safe else Severity.PANIC
+    if mcg & MCG_STATUS_RIPV and not mcg & MCG_STATUS_EIPV:
+        return Severity.KEEP
+    return Severity.AR

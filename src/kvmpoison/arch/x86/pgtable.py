@@ -1,0 +1,100 @@
+"""PTE predicates, pfn <-> PTE conversion and L1TF PFN inversion.
+
+Follows ``arch/x86/include/asm/pgtable.h`` and ``pgtable-invert.h`` (v5.12;
+unchanged in v6.18). Values are raw 64-bit integers.
+"""
+
+from __future__ import annotations
+
+from kvmpoison.arch.x86.pgtable_types import (
+    _PAGE_CHG_MASK,
+    _PAGE_KNL_ERRATUM_MASK,
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    _PAGE_PSE,
+    PAGE_SHIFT,
+    PHYSICAL_PMD_PAGE_MASK,
+    PTE_FLAGS_MASK,
+    PTE_PFN_MASK,
+)
+
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def pte_flags(pte: int) -> int:
+    return pte & PTE_FLAGS_MASK
+
+
+def pte_none(pte: int) -> bool:
+    """True for an empty PTE; the KNL erratum bits (A/D) are ignored."""
+    return (pte & ~_PAGE_KNL_ERRATUM_MASK & U64) == 0
+
+
+def pte_present(pte: int) -> bool:
+    """PRESENT or PROTNONE: a PROT_NONE PTE still maps its page."""
+    return bool(pte & (_PAGE_PRESENT | _PAGE_PROTNONE))
+
+
+def pte_protnone(pte: int) -> bool:
+    return (pte & (_PAGE_PROTNONE | _PAGE_PRESENT)) == _PAGE_PROTNONE
+
+
+def pmd_present(pmd: int) -> bool:
+    """A PMD being split has PRESENT cleared but keeps PSE, so PSE counts too."""
+    return bool(pmd & (_PAGE_PRESENT | _PAGE_PROTNONE | _PAGE_PSE))
+
+
+def pmd_large(pmd: int) -> bool:
+    return bool(pmd & _PAGE_PSE)
+
+
+def is_swap_pte(pte: int) -> bool:
+    """``include/linux/swapops.h``: neither empty nor present."""
+    return not pte_none(pte) and not pte_present(pte)
+
+
+def __pte_needs_invert(val: int) -> bool:
+    """L1TF: any non-empty entry with PRESENT clear holds an inverted PFN."""
+    return val != 0 and not (val & _PAGE_PRESENT)
+
+
+def protnone_mask(val: int) -> int:
+    return U64 if __pte_needs_invert(val) else 0
+
+
+def pfn_pte(pfn: int, prot: int) -> int:
+    """Build a PTE; a PROT_NONE protection stores the PFN inverted."""
+    phys = (pfn << PAGE_SHIFT) & U64
+    phys ^= protnone_mask(prot)
+    return (phys & PTE_PFN_MASK) | (prot & PTE_FLAGS_MASK)
+
+
+def pte_pfn(pte: int) -> int:
+    phys = pte ^ protnone_mask(pte)
+    return (phys & PTE_PFN_MASK) >> PAGE_SHIFT
+
+
+def pfn_pmd(pfn: int, prot: int) -> int:
+    phys = (pfn << PAGE_SHIFT) & U64
+    phys ^= protnone_mask(prot)
+    return (phys & PHYSICAL_PMD_PAGE_MASK) | (prot & PTE_FLAGS_MASK)
+
+
+def pmd_pfn(pmd: int) -> int:
+    phys = pmd ^ protnone_mask(pmd)
+    mask = PHYSICAL_PMD_PAGE_MASK if pmd & _PAGE_PSE else PTE_PFN_MASK
+    return (phys & mask) >> PAGE_SHIFT
+
+
+def flip_protnone_guard(oldval: int, val: int, mask: int) -> int:
+    """Re-invert the PFN bits when PRESENT changes (pgtable-invert.h)."""
+    if __pte_needs_invert(oldval) != __pte_needs_invert(val):
+        val = (val & ~mask) | (~val & mask)
+    return val & U64
+
+
+def pte_modify(pte: int, newprot: int) -> int:
+    """Change protection bits; the PFN and ``_PAGE_CHG_MASK`` bits are kept."""
+    val = pte & _PAGE_CHG_MASK
+    val |= newprot & ~_PAGE_CHG_MASK & U64
+    return flip_protnone_guard(pte, val, PTE_PFN_MASK)

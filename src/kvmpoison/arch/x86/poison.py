@@ -1,0 +1,84 @@
+"""What happens when software consumes poisoned data.
+
+The hardware produces an SRAR machine-check record (or, in SEAM root, an
+unbreakable shutdown); Linux grades it (``mce_severity``) and acts. Sources:
+TDX Module Base Architecture Spec ch. 16 (16.5.1, 16.6) as summarised in
+``shared/research/hardware_model.md`` §1.5, and ``arch/x86/kernel/cpu/mce``
+(v6.18) for the host's reaction.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import signal
+from dataclasses import dataclass
+
+from kvmpoison.arch.x86.mce import (
+    TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE,
+    Severity,
+    mce_severity,
+    srar_record,
+)
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
+from kvmpoison.outcome import McKind, Outcome
+from kvmpoison.uapi.siginfo import BusCode, SigInfo
+
+
+class Ctx(enum.Enum):
+    """Who consumed the data."""
+
+    HOST_USER = "host-user"
+    HOST_KERNEL = "host-kernel"
+    HOST_KERNEL_MC_SAFE = "host-kernel-mc-safe"  # copy_mc_* / EX_TYPE_*MCE_SAFE
+    GUEST = "guest"  # an ordinary (non-TD) VM
+    TD = "td"  # SEAM non-root
+    SEAM_ROOT = "seam-root"  # the TDX module itself
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumptionPolicy:
+    """Platform facts that decide a consumption's fate."""
+
+    seam_nr: bool = True  # MCG_CAP.SEAM_NR: the host can tell a TD consumed it
+    lmce: bool = True  # local MCE; without it every logical CPU sees the #MC
+    long_flow_shutdown: bool = False  # the core cannot continue (long microcode flow)
+
+
+def consume_poison(
+    pa: int,
+    ctx: Ctx,
+    policy: ConsumptionPolicy,
+    *,
+    vaddr: int | None = None,
+    instruction_fetch: bool = False,
+    mc_safe_errno: int = errno.EFAULT,
+) -> Outcome:
+    """The outcome of ``ctx`` consuming the poisoned line at ``pa``."""
+    seam_nr = ctx is Ctx.TD and policy.seam_nr
+    rec = srar_record(pa, instruction_fetch=instruction_fetch, lmce=policy.lmce, seam_nr=seam_nr)
+    broadcast = "" if policy.lmce else "; broadcast #MC: every running TD becomes FATAL"
+    if ctx is Ctx.SEAM_ROOT or policy.long_flow_shutdown:
+        return Outcome.shutdown(rec, "unbreakable shutdown; TDX disabled platform-wide")
+    kernel_mode = ctx in (Ctx.HOST_KERNEL, Ctx.HOST_KERNEL_MC_SAFE, Ctx.TD)
+    sev = mce_severity(rec, kernel_mode=kernel_mode, mc_safe=ctx is Ctx.HOST_KERNEL_MC_SAFE)
+    if sev is Severity.PANIC:
+        return Outcome.panic("Data load in unrecoverable area of kernel" + broadcast, rec)
+    match ctx:
+        case Ctx.TD:
+            return Outcome.machine_check(
+                rec,
+                McKind.TD_FATAL,
+                f"TD marked FATAL; TDH.VP.ENTER returns {TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE:#x};"
+                f" host marks the page HWPoison{broadcast}",
+            )
+        case Ctx.HOST_USER:
+            info = SigInfo(
+                signal.SIGBUS, BusCode.BUS_MCEERR_AR, vaddr if vaddr is not None else pa, PAGE_SHIFT
+            )
+            return Outcome.signal(info, rec, "MCE: Killing due to hardware memory corruption")
+        case Ctx.HOST_KERNEL_MC_SAFE:
+            return Outcome.error(mc_safe_errno, "machine check in an MC-safe copy")
+        case Ctx.GUEST:
+            return Outcome.machine_check(rec, McKind.RECOVERABLE, "#MC reflected into the guest")
+    raise AssertionError(f"{ctx} graded {sev}")

@@ -1,0 +1,82 @@
+"""The modelled kernel: its version and the CONFIG_* switches the model honours.
+
+Numbers that move between releases (swap type numbers, page-flag bits, FOLL_*
+values) are looked up from a :class:`KernelConfig`, never hard-coded by callers.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class KernelVersion(enum.Enum):
+    """Kernel releases the model knows.
+
+    V5_12 is the RFC's base (kas/linux ``kvm-unmapped-poison`` sits on ~v5.12-rc);
+    V6_18 is the kernel running on this project's machines (the oracle).
+    """
+
+    V5_12 = "5.12"
+    V6_18 = "6.18"
+
+    @classmethod
+    def parse(cls, text: str) -> KernelVersion:
+        """Accept ``5.12``, ``v6.18`` or a full ``uname -r`` such as ``6.18.44-fc``."""
+        cleaned = text.strip().lstrip("v")
+        parts = cleaned.split(".")
+        if len(parts) >= 2:
+            major_minor = f"{parts[0]}.{''.join(ch for ch in parts[1] if ch.isdigit())}"
+            for member in cls:
+                if member.value == major_minor:
+                    return member
+        known = ", ".join(m.value for m in cls)
+        raise ValueError(f"unknown kernel version {text!r} (known: {known})")
+
+    @property
+    def tuple(self) -> tuple[int, int]:
+        major, minor = self.value.split(".")
+        return int(major), int(minor)
+
+    def __ge__(self, other: object) -> bool:
+        if not isinstance(other, KernelVersion):
+            return NotImplemented
+        return self.tuple >= other.tuple
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, KernelVersion):
+            return NotImplemented
+        return self.tuple < other.tuple
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """CONFIG_* switches that change what the model encodes or does.
+
+    Defaults are those of the RFC's base build for x86-64 (MEMORY_FAILURE,
+    MIGRATION and DEVICE_PRIVATE on; 4-level paging).
+    """
+
+    version: KernelVersion = KernelVersion.V5_12
+    memory_failure: bool = True
+    migration: bool = True
+    device_private: bool = True
+    mem_soft_dirty: bool = True
+    x86_5level: bool = False
+
+    @property
+    def has_pte_markers(self) -> bool:
+        """PTE markers exist from v5.19 (UFFD_WP); unconditional from v6.2."""
+        return self.version >= KernelVersion.V6_18
+
+    @property
+    def has_swp_exclusive(self) -> bool:
+        """``_PAGE_SWP_EXCLUSIVE`` (bit 3 of a swap PTE) exists from v5.19."""
+        return self.version >= KernelVersion.V6_18
+
+
+RFC_BASE = KernelConfig()
+"""The RFC's kernel: v5.12 with MEMORY_FAILURE, MIGRATION and DEVICE_PRIVATE."""
+
+THIS_MACHINE = KernelConfig(version=KernelVersion.V6_18, memory_failure=False)
+"""The kernel on this project's machines: 6.18 with CONFIG_MEMORY_FAILURE off."""
