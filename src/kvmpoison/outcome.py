@@ -129,3 +129,15 @@ def is_cell(text: str) -> bool:
     if head == "mce":
         return rest in {k.value for k in McKind}
     return False
+
+
+class Halt(Exception):  # noqa: N818 - a machine halt is not an error of the model
+    """The machine stopped: a host panic or an unbreakable shutdown.
+
+    Raised where the modelled kernel would not return (``panic()``) and turned
+    back into its :class:`Outcome` at the boundary of the action that caused it.
+    """
+
+    def __init__(self, outcome: Outcome):
+        super().__init__(outcome.cell + (f": {outcome.detail}" if outcome.detail else ""))
+        self.outcome = outcome

@@ -6,6 +6,9 @@ unchanged in v6.18). Values are raw 64-bit integers.
 
 from __future__ import annotations
 
+import numpy as np
+import numpy.typing as npt
+
 from kvmpoison.arch.x86.pgtable_types import (
     _PAGE_CHG_MASK,
     _PAGE_KNL_ERRATUM_MASK,
@@ -19,6 +22,8 @@ from kvmpoison.arch.x86.pgtable_types import (
 )
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
+U64Array = npt.NDArray[np.uint64]
+BoolArray = npt.NDArray[np.bool_]
 
 
 def pte_flags(pte: int) -> int:
@@ -98,3 +103,44 @@ def pte_modify(pte: int, newprot: int) -> int:
     val = pte & _PAGE_CHG_MASK
     val |= newprot & ~_PAGE_CHG_MASK & U64
     return flip_protnone_guard(pte, val, PTE_PFN_MASK)
+
+
+# -- vectorised forms for bulk paths (numpy uint64 arrays) ------------------------
+
+_U = np.uint64
+
+
+def pte_none_array(ptes: U64Array) -> BoolArray:
+    return np.asarray((ptes & _U(~_PAGE_KNL_ERRATUM_MASK & U64)) == 0, dtype=np.bool_)
+
+
+def pte_present_array(ptes: U64Array) -> BoolArray:
+    return np.asarray((ptes & _U(_PAGE_PRESENT | _PAGE_PROTNONE)) != 0, dtype=np.bool_)
+
+
+def _protnone_mask_array(vals: U64Array) -> U64Array:
+    invert = (vals != 0) & ((vals & _U(_PAGE_PRESENT)) == 0)
+    return np.where(invert, _U(U64), _U(0))
+
+
+def pte_pfn_array(ptes: U64Array) -> npt.NDArray[np.int64]:
+    phys = ptes ^ _protnone_mask_array(ptes)
+    return ((phys & _U(PTE_PFN_MASK)) >> _U(PAGE_SHIFT)).astype(np.int64)
+
+
+def pfn_pte_array(pfns: npt.NDArray[np.int64], prot: int) -> U64Array:
+    phys = pfns.astype(np.uint64) << _U(PAGE_SHIFT)
+    if __pte_needs_invert(prot):
+        phys = ~phys
+    return (phys & _U(PTE_PFN_MASK)) | _U(prot & PTE_FLAGS_MASK)
+
+
+def pte_modify_array(ptes: U64Array, newprot: int) -> U64Array:
+    """Vectorised :func:`pte_modify` for present (or PROT_NONE) PTEs."""
+    val = (ptes & _U(_PAGE_CHG_MASK)) | _U(newprot & ~_PAGE_CHG_MASK & U64)
+    flip = (
+        ((ptes != 0) & ((ptes & _U(_PAGE_PRESENT)) == 0))
+        != ((val != 0) & ((val & _U(_PAGE_PRESENT)) == 0))
+    )
+    mask = _U(PTE_PFN_MASK)
+    return np.where(flip, (val & ~mask) | (~val & mask), val)

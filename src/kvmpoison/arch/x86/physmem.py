@@ -70,3 +70,14 @@ class PhysicalMemory:
 
     def allocated_pfns(self) -> list[int]:
         return sorted(self._frames)
+
+    def allocated_pfns_in(self, pfns: npt.NDArray[np.int64]) -> list[int]:
+        """The pfns among ``pfns`` whose frames hold data (cost: allocated frames, not pfns)."""
+        if not self._frames:
+            return []
+        have = np.fromiter(self._frames, dtype=np.int64, count=len(self._frames))
+        return [int(p) for p in have[np.isin(have, pfns)]]
+
+    def drop(self, pfn: int) -> None:
+        """Forget a frame's contents (it reads as untouched memory again)."""
+        self._frames.pop(pfn, None)

@@ -1,0 +1,91 @@
+"""The host kernel: mm core, tasks, a file namespace, fork/exit and signal delivery.
+
+One :class:`Kernel` per modelled machine. Syscalls live in
+:mod:`kvmpoison.kernel.syscalls`; user processes are driven through
+:class:`kvmpoison.kernel.process.Process`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from itertools import count
+
+from kvmpoison.arch.x86.integrity import PlatformConfig
+from kvmpoison.kconfig import KernelConfig
+from kvmpoison.kernel.task import Task, force_sig_info
+from kvmpoison.mm.core import MmCore
+from kvmpoison.mm.file import AddressSpace, Inode
+from kvmpoison.mm.memory_failure import wire_memory_failure
+from kvmpoison.mm.mmap import dup_mmap, exit_mmap
+from kvmpoison.outcome import Outcome
+from kvmpoison.uapi.siginfo import SigInfo
+
+
+@dataclass(eq=False)
+class Kernel:
+    core: MmCore
+    seed: int = 0
+    tasks: dict[int, Task] = field(default_factory=dict)
+    files: dict[str, Inode] = field(default_factory=dict)
+    rng: random.Random = field(default_factory=random.Random)
+    halted: Outcome | None = None  # set once the host panicked or shut down
+    _pids: count[int] = field(default_factory=lambda: count(100))
+    _inos: count[int] = field(default_factory=lambda: count(1))
+
+    @classmethod
+    def boot(cls, kcfg: KernelConfig, platform: PlatformConfig, seed: int = 0) -> Kernel:
+        core = MmCore.boot(kcfg, platform)
+        kernel = cls(core=core, seed=seed, rng=random.Random(seed))
+        core.send_signal = kernel.send_signal
+        wire_memory_failure(core)
+        return kernel
+
+    @property
+    def kcfg(self) -> KernelConfig:
+        return self.core.kcfg
+
+    def next_ino(self) -> int:
+        return next(self._inos)
+
+    # -- processes ---------------------------------------------------------------
+
+    def spawn(self, comm: str) -> Task:
+        pid = next(self._pids)
+        mm = self.core.mm_alloc(owner_pid=pid)
+        task = Task(pid=pid, comm=comm, mm=mm, cpu=self.core.cpus[pid % len(self.core.cpus)])
+        self.tasks[pid] = task
+        return task
+
+    def fork(self, parent: Task) -> Task:
+        """``copy_process`` with a copied mm (no CLONE_VM)."""
+        assert parent.mm is not None
+        child = self.spawn(parent.comm)
+        assert child.mm is not None
+        dup_mmap(child.mm, parent.mm)
+        child.fds = dict(parent.fds)
+        child.parent = parent
+        return child
+
+    def exit(self, task: Task) -> None:
+        if task.mm is not None:
+            exit_mmap(task.mm)
+            task.mm = None
+        task.fds.clear()
+        task.alive = False
+
+    def send_signal(self, pid: int, info: SigInfo) -> None:
+        task = self.tasks.get(pid)
+        if task is not None:
+            force_sig_info(task, info)
+
+    # -- a tiny file namespace -----------------------------------------------------
+
+    def create_file(self, path: str, data: bytes = b"") -> Inode:
+        """A regular file on the block filesystem, with ``data`` already on disk."""
+        inode = Inode(ino=self.next_ino(), kind="file", i_size=len(data))
+        inode.mapping = AddressSpace(inode, self.core.pages)
+        for i in range(0, len(data), 4096):
+            inode.disk[i // 4096] = data[i : i + 4096].ljust(4096, b"\0")
+        self.files[path] = inode
+        return inode

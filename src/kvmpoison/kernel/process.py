@@ -1,0 +1,313 @@
+"""A user process: its loads and stores, and the syscalls the model offers.
+
+Every method returns an :class:`~kvmpoison.outcome.Outcome`: ``ok``/``sig``
+for a CPU access, ``ret``/``err`` for a syscall. A host panic or shutdown
+anywhere below ends as that Outcome too, and halts the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.drivers.char.random import getrandom
+from kvmpoison.fs.pipe import Pipe, do_pipe2
+from kvmpoison.fs.proc_mem import ProcMem
+from kvmpoison.fs.splice import vmsplice_to_pipe, vmsplice_to_user
+from kvmpoison.kernel import futex
+from kvmpoison.kernel.kernel import Kernel
+from kvmpoison.kernel.ptrace import generic_ptrace_peekdata, generic_ptrace_pokedata
+from kvmpoison.kernel.task import Task, force_sig_info
+from kvmpoison.mm.fault import translate
+from kvmpoison.mm.file import O_ACCMODE, O_RDONLY, O_WRONLY, File, Inode
+from kvmpoison.mm.filemap import RegularFile
+from kvmpoison.mm.madvise import do_madvise
+from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, memory_failure
+from kvmpoison.mm.mincore import do_mincore
+from kvmpoison.mm.mlock import do_mlock, do_munlock
+from kvmpoison.mm.mm_types import MmStruct
+from kvmpoison.mm.mmap import do_mmap, do_munmap
+from kvmpoison.mm.mprotect import do_mprotect
+from kvmpoison.mm.mremap import do_mremap
+from kvmpoison.mm.process_vm_access import process_vm_rw
+from kvmpoison.mm.secretmem import memfd_secret
+from kvmpoison.mm.shmem import memfd_create
+from kvmpoison.mm.uaccess import IovIter
+from kvmpoison.mm.userfaultfd import UffdCtx, mfill_atomic_poison, userfaultfd_register
+from kvmpoison.outcome import Halt, Kind, Outcome
+from kvmpoison.virt.kvm.guest_memfd import kvm_gmem_create
+
+
+def _ret(value: int, data: bytes | None = None) -> Outcome:
+    return Outcome.error(-value) if value < 0 else Outcome.ret(value, data)
+
+
+@dataclass(eq=False)
+class Process:
+    kernel: Kernel
+    task: Task
+
+    @classmethod
+    def spawn(cls, kernel: Kernel, comm: str = "proc") -> Process:
+        return cls(kernel, kernel.spawn(comm))
+
+    @property
+    def pid(self) -> int:
+        return self.task.pid
+
+    @property
+    def mm(self) -> MmStruct:
+        if self.task.mm is None:
+            raise ProcessLookupError(f"{self.task} has no mm")
+        return self.task.mm
+
+    def _guard(self, body: Callable[[], Outcome]) -> Outcome:
+        if self.kernel.halted is not None:
+            return self.kernel.halted
+        if not self.task.alive:
+            return Outcome.error(errno.ESRCH, f"{self.task} is dead")
+        try:
+            return body()
+        except Halt as halt:
+            self.kernel.halted = halt.outcome
+            return halt.outcome
+
+    # -- CPU accesses ---------------------------------------------------------------
+
+    def _access(self, addr: int, size: int, data: bytes | None) -> Outcome:
+        mm, cpu = self.mm, self.task.cpu
+        parts: list[bytes] = []
+        end = addr + size
+        vaddr = addr
+        while vaddr < end:
+            n = min(PAGE_SIZE - (vaddr & (PAGE_SIZE - 1)), end - vaddr)
+            pfn, failed = translate(mm, cpu, vaddr, write=data is not None, user_mode=True)
+            if failed is not None:
+                assert failed.siginfo is not None
+                force_sig_info(self.task, failed.siginfo)
+                return failed
+            pa = (pfn << PAGE_SHIFT) | (vaddr & (PAGE_SIZE - 1))
+            if data is not None:
+                mm.core.hw.write(pa, data[vaddr - addr : vaddr - addr + n], 0)
+            else:
+                got = mm.core.hw.load(pa, n, 0, Ctx.HOST_USER, vaddr=vaddr)
+                if got.kind is not Kind.OK:
+                    return self._consumed_poison(pfn, got)
+                assert got.data is not None
+                parts.append(got.data)
+            vaddr += n
+        return Outcome.ok(b"".join(parts) if data is None else None)
+
+    def _consumed_poison(self, pfn: int, got: Outcome) -> Outcome:
+        """do_machine_check -> memory_failure(MF_ACTION_REQUIRED) for a user consumer."""
+        if got.kind is Kind.SIG and self.kernel.kcfg.memory_failure:
+            memory_failure(self.mm.core, pfn, MF_ACTION_REQUIRED, current_pid=self.pid)
+        if got.siginfo is not None:
+            force_sig_info(self.task, got.siginfo)
+        return got
+
+    def load(self, addr: int, size: int = 8) -> Outcome:
+        return self._guard(lambda: self._access(addr, size, None))
+
+    def store(self, addr: int, data: bytes) -> Outcome:
+        return self._guard(lambda: self._access(addr, len(data), data))
+
+    # -- memory syscalls --------------------------------------------------------------
+
+    def mmap(self, addr: int, length: int, prot: int, flags: int, fd: int = -1,
+             offset: int = 0) -> Outcome:
+        def body() -> Outcome:
+            file = None
+            if fd >= 0:
+                file = self.task.fds.get(fd)
+                if file is None:
+                    return Outcome.error(errno.EBADF)
+            if offset & (PAGE_SIZE - 1):
+                return Outcome.error(errno.EINVAL)
+            return _ret(do_mmap(self.mm, addr, length, prot, flags, file, offset >> PAGE_SHIFT))
+        return self._guard(body)
+
+    def munmap(self, addr: int, length: int) -> Outcome:
+        return self._guard(lambda: _ret(do_munmap(self.mm, addr, length)))
+
+    def mprotect(self, addr: int, length: int, prot: int) -> Outcome:
+        return self._guard(lambda: _ret(do_mprotect(self.mm, addr, length, prot)))
+
+    def mremap(self, addr: int, old_len: int, new_len: int, flags: int,
+               new_addr: int = 0) -> Outcome:
+        return self._guard(lambda: _ret(do_mremap(self.mm, addr, old_len, new_len, flags,
+                                                  new_addr)))
+
+    def madvise(self, addr: int, length: int, advice: int) -> Outcome:
+        return self._guard(lambda: _ret(do_madvise(self.mm, addr, length, advice)))
+
+    def mlock(self, addr: int, length: int) -> Outcome:
+        return self._guard(lambda: _ret(do_mlock(self.mm, addr, length)))
+
+    def munlock(self, addr: int, length: int) -> Outcome:
+        return self._guard(lambda: _ret(do_munlock(self.mm, addr, length)))
+
+    def mincore(self, addr: int, length: int) -> Outcome:
+        def body() -> Outcome:
+            vec = do_mincore(self.mm, addr, length)
+            return _ret(vec) if isinstance(vec, int) else Outcome.ret(0, vec.tobytes())
+        return self._guard(body)
+
+    # -- files ------------------------------------------------------------------------
+
+    def _file(self, fd: int) -> File | None:
+        return self.task.fds.get(fd)
+
+    def open(self, path: str, flags: int) -> Outcome:
+        inode = self.kernel.files.get(path)
+        if inode is None:
+            return Outcome.error(errno.ENOENT)
+        file = File(name=path, f_inode=inode, f_op=RegularFile(self.kernel.core), f_flags=flags)
+        return Outcome.ret(self.task.alloc_fd(file))
+
+    def install(self, file: File) -> int:
+        return self.task.alloc_fd(file)
+
+    def close(self, fd: int) -> Outcome:
+        return Outcome.ret(0) if self.task.fds.pop(fd, None) is not None else \
+            Outcome.error(errno.EBADF)
+
+    def memfd_create(self, name: str, flags: int = 0) -> Outcome:
+        got = memfd_create(self.kernel.core, name, flags)
+        return _ret(got) if isinstance(got, int) else Outcome.ret(self.install(got))
+
+    def memfd_secret(self, flags: int = 0) -> Outcome:
+        got = memfd_secret(self.kernel.core, flags)
+        return _ret(got) if isinstance(got, int) else Outcome.ret(self.install(got))
+
+    def guest_memfd(self, vm: object, size: int, flags: int) -> Outcome:
+        got = kvm_gmem_create(self.kernel.core, vm, size, flags)
+        return _ret(got) if isinstance(got, int) else Outcome.ret(self.install(got))
+
+    def pipe(self) -> tuple[int, int]:
+        r, w = do_pipe2(self.kernel.next_ino())
+        return self.install(r), self.install(w)
+
+    def _rw(self, fd: int, addr: int, count: int, pos: int | None, write: bool) -> Outcome:
+        def body() -> Outcome:
+            file = self._file(fd)
+            if file is None:
+                return Outcome.error(errno.EBADF)
+            acc = file.f_flags & O_ACCMODE
+            if (write and acc == O_RDONLY) or (not write and acc == O_WRONLY):
+                return Outcome.error(errno.EBADF)
+            if pos is not None and not file.fmode_pread:
+                return Outcome.error(errno.ESPIPE)
+            it = IovIter(self.mm, self.task.cpu, addr, count)
+            at = file.f_pos if pos is None else pos
+            op = file.f_op.write_iter if write else file.f_op.read_iter
+            ret = op(file, at, it)
+            if ret > 0 and pos is None:
+                file.f_pos += ret
+            return _ret(ret)
+        return self._guard(body)
+
+    def read(self, fd: int, addr: int, count: int) -> Outcome:
+        return self._rw(fd, addr, count, None, write=False)
+
+    def write(self, fd: int, addr: int, count: int) -> Outcome:
+        return self._rw(fd, addr, count, None, write=True)
+
+    def pread(self, fd: int, addr: int, count: int, pos: int) -> Outcome:
+        return self._rw(fd, addr, count, pos, write=False)
+
+    def pwrite(self, fd: int, addr: int, count: int, pos: int) -> Outcome:
+        return self._rw(fd, addr, count, pos, write=True)
+
+    def ftruncate(self, fd: int, size: int) -> Outcome:
+        file = self._file(fd)
+        if file is None:
+            return Outcome.error(errno.EBADF)
+        return self._guard(lambda: _ret(file.f_op.setattr_size(file, size)))
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> Outcome:
+        file = self._file(fd)
+        if file is None:
+            return Outcome.error(errno.EBADF)
+        return self._guard(lambda: _ret(file.f_op.fallocate(file, mode, offset, length)))
+
+    def fsync(self, fd: int) -> Outcome:
+        file = self._file(fd)
+        if file is None:
+            return Outcome.error(errno.EBADF)
+        return self._guard(lambda: _ret(file.f_op.fsync(file)))
+
+    def vmsplice_to_pipe(self, fd: int, addr: int, length: int) -> Outcome:
+        file = self._file(fd)
+        if file is None or not isinstance(file.private_data, Pipe):
+            return Outcome.error(errno.EBADF)
+        pipe = file.private_data
+        return self._guard(lambda: _ret(vmsplice_to_pipe(self.mm, pipe, addr, length)))
+
+    def vmsplice_to_user(self, fd: int, addr: int, length: int) -> Outcome:
+        file = self._file(fd)
+        if file is None or not isinstance(file.private_data, Pipe):
+            return Outcome.error(errno.EBADF)
+        pipe = file.private_data
+        return self._guard(lambda: _ret(vmsplice_to_user(self.mm, self.task.cpu, pipe, addr,
+                                                         length)))
+
+    def getrandom(self, addr: int, count: int, flags: int = 0) -> Outcome:
+        return self._guard(lambda: _ret(getrandom(self.kernel.rng, self.mm, self.task.cpu, addr,
+                                                  count, flags)))
+
+    def futex_wait(self, addr: int, val: int, private: bool) -> Outcome:
+        return self._guard(lambda: _ret(futex.futex_wait(self.mm, self.task.cpu, addr, val,
+                                                         private)))
+
+    def futex_wake(self, addr: int, nr: int, private: bool) -> Outcome:
+        return self._guard(lambda: _ret(futex.futex_wake(self.mm, addr, nr, private)))
+
+    # -- other processes ----------------------------------------------------------------
+
+    def open_proc_mem(self, target: Process, flags: int) -> Outcome:
+        if target.task.mm is None:
+            return Outcome.error(errno.ESRCH)
+        inode = Inode(ino=self.kernel.next_ino(), kind="proc-mem")
+        file = File(name=f"/proc/{target.pid}/mem", f_inode=inode, f_op=ProcMem(target.mm),
+                    f_flags=flags)
+        return Outcome.ret(self.install(file))
+
+    def process_vm_readv(self, target: Process, local: int, remote: int, length: int) -> Outcome:
+        return self._guard(lambda: _ret(process_vm_rw(self.mm, self.task.cpu, target.mm, local,
+                                                      remote, length, vm_write=False)))
+
+    def process_vm_writev(self, target: Process, local: int, remote: int,
+                          length: int) -> Outcome:
+        return self._guard(lambda: _ret(process_vm_rw(self.mm, self.task.cpu, target.mm, local,
+                                                      remote, length, vm_write=True)))
+
+    def ptrace_peekdata(self, target: Process, addr: int) -> Outcome:
+        def body() -> Outcome:
+            got = generic_ptrace_peekdata(target.mm, addr)
+            return _ret(got) if isinstance(got, int) else Outcome.ok(got)
+        return self._guard(body)
+
+    def ptrace_pokedata(self, target: Process, addr: int, data: bytes) -> Outcome:
+        return self._guard(lambda: _ret(generic_ptrace_pokedata(target.mm, addr, data)))
+
+    def fork(self) -> Process:
+        return Process(self.kernel, self.kernel.fork(self.task))
+
+    def exit(self) -> None:
+        self.kernel.exit(self.task)
+
+    # -- userfaultfd ------------------------------------------------------------------
+
+    def userfaultfd(self) -> UffdCtx:
+        return UffdCtx(self.mm)
+
+    def uffdio_register(self, ctx: UffdCtx, addr: int, length: int, mode: int) -> Outcome:
+        return self._guard(lambda: _ret(userfaultfd_register(ctx, addr, length, mode)))
+
+    def uffdio_poison(self, ctx: UffdCtx, addr: int, length: int) -> Outcome:
+        return self._guard(lambda: _ret(mfill_atomic_poison(ctx, addr, length)))
+

@@ -1,0 +1,219 @@
+"""Run the access matrix on the model: one freshly booted host per cell.
+
+Each cell boots a small machine, builds the MATRIX.md set-up for one backing
+in a target process, runs one path, and renders the outcome as a cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
+from kvmpoison.fs.pipe import Pipe
+from kvmpoison.kconfig import KernelConfig
+from kvmpoison.kernel.kernel import Kernel
+from kvmpoison.kernel.process import Process
+from kvmpoison.matrix import protocol as proto
+from kvmpoison.mm.file import O_DIRECT, O_RDWR
+from kvmpoison.mm.madvise import (
+    MADV_DONTNEED,
+    MADV_GUARD_INSTALL,
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
+)
+from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PROT_NONE
+from kvmpoison.mm.userfaultfd import UFFDIO_REGISTER_MODE_MISSING
+from kvmpoison.outcome import Kind, Outcome
+from kvmpoison.virt.kvm.guest_memfd import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
+
+PAGE = 4096
+RW = 0x3
+MATRIX_MEM = 32 << 20
+
+
+class SetupError(AssertionError):
+    """A set-up step the protocol needs failed: a model bug, not a cell."""
+
+
+def _need(out: Outcome, what: str) -> int:
+    if not out.succeeded:
+        raise SetupError(f"set-up step {what!r} failed: {out}")
+    return out.value or 0
+
+
+@dataclass
+class Cell:
+    path: str
+    backing: str
+    outcome: Outcome
+
+    @property
+    def cell(self) -> str:
+        out = self.outcome
+        if self.path == "mincore" and out.kind is Kind.RET and out.data:
+            return f"vec:{out.data[0]}"
+        return out.cell
+
+
+@dataclass
+class Probe:
+    """One set-up: the target, its T, and the helpers the paths use."""
+
+    kernel: Kernel
+    target: Process
+    t: int
+    buf: int  # a scratch anonymous page in the target
+    attacker: Process
+    abuf: int  # the attacker's scratch page
+    file_fd: int
+    direct_fd: int
+
+
+def _setup(kcfg: KernelConfig, backing: str) -> Probe:
+    kernel = Kernel.boot(kcfg, PlatformConfig(mem_bytes=MATRIX_MEM,
+                                              integrity=IntegrityMode.OFF))
+    target = Process.spawn(kernel, "target")
+    base = _need(target.mmap(0, 2 * PAGE, RW, MAP_PRIVATE | MAP_ANONYMOUS), "mmap pages")
+    t = base + PAGE
+    _need(target.store(base, bytes([proto.PAGE0_FILL]) * PAGE), "fill page 0")
+    fill = bytes([proto.T_FILL]) * PAGE
+    fixed = MAP_SHARED | MAP_FIXED
+    if backing == "anon":
+        _need(target.store(t, fill), "fill T")
+    elif backing == "anon_prot_none":
+        _need(target.store(t, fill), "fill T")
+        _need(target.mprotect(t, PAGE, PROT_NONE), "mprotect")
+    elif backing == "memfd_secret":
+        fd = _need(target.memfd_secret(), "memfd_secret")
+        _need(target.ftruncate(fd, PAGE), "ftruncate")
+        _need(target.mmap(t, PAGE, RW, fixed, fd), "mmap secretmem")
+        _need(target.store(t, fill), "fill T")
+    elif backing in ("gmem_private", "gmem_shared"):
+        flags = GUEST_MEMFD_FLAG_MMAP
+        if backing == "gmem_shared":
+            flags |= GUEST_MEMFD_FLAG_INIT_SHARED
+        fd = _need(target.guest_memfd(object(), PAGE, flags), "KVM_CREATE_GUEST_MEMFD")
+        _need(target.mmap(t, PAGE, RW, fixed, fd), "mmap gmem")
+        if backing == "gmem_shared":
+            _need(target.store(t, fill), "fill T")
+    elif backing == "file_beyond_eof":
+        kernel.create_file("/empty", b"")
+        fd = _need(target.open("/empty", O_RDWR), "open")
+        _need(target.mmap(t, PAGE, RW, fixed, fd), "mmap empty file")
+    elif backing == "uffd_poison":
+        _need(target.store(t, fill), "fill T")
+        _need(target.madvise(t, PAGE, MADV_DONTNEED), "MADV_DONTNEED")
+        ctx = target.userfaultfd()
+        _need(target.uffdio_register(ctx, t, PAGE, UFFDIO_REGISTER_MODE_MISSING), "register")
+        _need(target.uffdio_poison(ctx, t, PAGE), "UFFDIO_POISON")
+    elif backing == "madv_guard":
+        _need(target.madvise(t, PAGE, MADV_GUARD_INSTALL), "MADV_GUARD_INSTALL")
+    else:
+        raise ValueError(f"unknown backing {backing!r} (known: {', '.join(proto.BACKINGS)})")
+    buf = _need(target.mmap(0, PAGE, RW, MAP_PRIVATE | MAP_ANONYMOUS), "mmap buffer")
+    _need(target.store(buf, bytes(PAGE)), "touch buffer")
+    kernel.create_file("/data", bytes([proto.FILE_FILL]) * 2 * PAGE)
+    file_fd = _need(target.open("/data", O_RDWR), "open data")
+    direct_fd = _need(target.open("/data", O_RDWR | O_DIRECT), "open O_DIRECT")
+    attacker = Process.spawn(kernel, "attacker")
+    abuf = _need(attacker.mmap(0, PAGE, RW, MAP_PRIVATE | MAP_ANONYMOUS), "mmap attacker")
+    _need(attacker.store(abuf, bytes(PAGE)), "touch attacker buffer")
+    return Probe(kernel, target, t, buf, attacker, abuf, file_fd, direct_fd)
+
+
+def _prefilled_pipe(p: Probe, n: int) -> tuple[int, int]:
+    r, w = p.target.pipe()
+    pipe = p.target.task.fds[r].private_data
+    assert isinstance(pipe, Pipe)
+    pipe.data += bytes([proto.FILE_FILL]) * n
+    return r, w
+
+
+def _path(p: Probe, path: str) -> Outcome:
+    tgt, t, n = p.target, p.t, proto.transfer_size(path)
+    at = t - proto.STRADDLE_BEFORE if proto.is_straddle(path) else t
+    match path:
+        case "load":
+            return tgt.load(t, n)
+        case "store":
+            return tgt.store(t, bytes([0x44]) * n)
+        case "read_pipe_to_buf" | "read_pipe_to_buf_straddle":
+            r, _ = _prefilled_pipe(p, n)
+            return tgt.read(r, at, n)
+        case "write_buf_to_pipe" | "write_buf_to_pipe_straddle":
+            _, w = tgt.pipe()
+            return tgt.write(w, at, n)
+        case "pread_file_to_buf" | "pread_file_to_buf_straddle":
+            return tgt.pread(p.file_fd, at, n, 0)
+        case "pwrite_buf_to_file" | "pwrite_buf_to_file_straddle":
+            return tgt.pwrite(p.file_fd, at, n, 0)
+        case "odirect_pread":
+            return tgt.pread(p.direct_fd, t, n, 0)
+        case "odirect_pwrite":
+            return tgt.pwrite(p.direct_fd, t, n, 0)
+        case "vmsplice_buf_to_pipe":
+            _, w = tgt.pipe()
+            return tgt.vmsplice_to_pipe(w, t, n)
+        case "vmsplice_pipe_to_buf":
+            r, _ = _prefilled_pipe(p, n)
+            return tgt.vmsplice_to_user(r, t, n)
+        case "proc_self_mem_read" | "proc_self_mem_write":
+            fd = _need(tgt.open_proc_mem(tgt, O_RDWR), "open /proc/self/mem")
+            if path.endswith("read"):
+                return tgt.pread(fd, p.buf, n, t)
+            return tgt.pwrite(fd, p.buf, n, t)
+        case "futex_wait_private" | "futex_wait_shared":
+            return tgt.futex_wait(t, proto.FUTEX_MISMATCH, private=path.endswith("private"))
+        case "futex_wake_shared":
+            return tgt.futex_wake(t, 1, private=False)
+        case "populate_read" | "populate_write":
+            advice = MADV_POPULATE_READ if path.endswith("read") else MADV_POPULATE_WRITE
+            return tgt.madvise(t, PAGE, advice)
+        case "mlock":
+            return tgt.mlock(t, PAGE)
+        case "mincore":
+            return tgt.mincore(t, PAGE)
+        case "getrandom":
+            return tgt.getrandom(t, n)
+    return _remote(p, path, at, n)
+
+
+def _remote(p: Probe, path: str, at: int, n: int) -> Outcome:
+    att, tgt, t = p.attacker, p.target, p.t
+    tgt.task.stopped = True  # remote paths run while the target is stopped
+    match path:
+        case "process_vm_readv" | "process_vm_readv_straddle":
+            return att.process_vm_readv(tgt, p.abuf, at, n)
+        case "process_vm_writev":
+            return att.process_vm_writev(tgt, p.abuf, t, n)
+        case "proc_pid_mem_read" | "proc_pid_mem_read_straddle" | "proc_pid_mem_write":
+            fd = _need(att.open_proc_mem(tgt, O_RDWR), "open /proc/PID/mem")
+            if path == "proc_pid_mem_write":
+                return att.pwrite(fd, p.abuf, n, at)
+            return att.pread(fd, p.abuf, n, at)
+        case "ptrace_peek":
+            return att.ptrace_peekdata(tgt, t)
+        case "ptrace_poke":
+            return att.ptrace_pokedata(tgt, t, bytes([0x55]) * 8)
+    raise ValueError(f"unknown path {path!r} (known: {', '.join(proto.PATHS)})")
+
+
+def run_cell(kcfg: KernelConfig, path: str, backing: str) -> Cell:
+    return Cell(path, backing, _path(_setup(kcfg, backing), path))
+
+
+def run_matrix(kcfg: KernelConfig, paths: tuple[str, ...] = proto.PATHS,
+               backings: tuple[str, ...] = proto.BACKINGS,
+               progress: Callable[[Cell], None] | None = None) -> list[Cell]:
+    cells = []
+    for path in paths:
+        for backing in backings:
+            cell = run_cell(kcfg, path, backing)
+            if progress is not None:
+                progress(cell)
+            cells.append(cell)
+    return cells
+
+
+__all__ = ["Cell", "run_cell", "run_matrix"]

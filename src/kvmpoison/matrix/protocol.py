@@ -1,0 +1,43 @@
+"""The access-matrix protocol of ``shared/design/MATRIX.md``: path ids, backing ids, set-up.
+
+Only names and the set-up's constants live here, so the model runner and
+the real-kernel probes describe the same experiment.
+"""
+
+from __future__ import annotations
+
+LOCAL_PATHS = (
+    "load", "store", "read_pipe_to_buf", "write_buf_to_pipe", "pread_file_to_buf",
+    "pwrite_buf_to_file", "pread_file_to_buf_straddle", "pwrite_buf_to_file_straddle",
+    "read_pipe_to_buf_straddle", "write_buf_to_pipe_straddle", "odirect_pread",
+    "odirect_pwrite", "vmsplice_buf_to_pipe", "vmsplice_pipe_to_buf", "proc_self_mem_read",
+    "proc_self_mem_write", "futex_wait_private", "futex_wait_shared", "futex_wake_shared",
+    "populate_read", "populate_write", "mlock", "mincore", "getrandom",
+)
+REMOTE_PATHS = (
+    "process_vm_readv", "process_vm_writev", "process_vm_readv_straddle", "proc_pid_mem_read",
+    "proc_pid_mem_write", "proc_pid_mem_read_straddle", "ptrace_peek", "ptrace_poke",
+)
+PATHS = LOCAL_PATHS + REMOTE_PATHS
+
+BACKINGS = ("anon", "anon_prot_none", "memfd_secret", "gmem_private", "gmem_shared",
+            "file_beyond_eof", "uffd_poison", "madv_guard")
+
+PAGE0_FILL = 0x11  # page 0: ordinary private anonymous memory
+T_FILL = 0x22  # what T holds where the backing lets the owner write it
+FILE_FILL = 0x33  # the regular file used by pread/pwrite/O_DIRECT
+TRANSFER = 8  # bytes moved from the start of T
+STRADDLE = 32  # bytes moved by straddle paths, starting 16 bytes before T
+STRADDLE_BEFORE = 16
+ODIRECT = 4096
+FUTEX_MISMATCH = 0x5A5A5A5A  # never what T holds, so FUTEX_WAIT returns at once
+
+
+def is_straddle(path: str) -> bool:
+    return path.endswith("_straddle")
+
+
+def transfer_size(path: str) -> int:
+    if is_straddle(path):
+        return STRADDLE
+    return ODIRECT if path.startswith("odirect") else TRANSFER

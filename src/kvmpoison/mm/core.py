@@ -1,0 +1,106 @@
+"""The host kernel's memory-management state: what mm/ code reaches through globals.
+
+One :class:`MmCore` per machine holds the hardware memory controller, the
+``struct page`` array, the buddy allocator, the page-table store, the CPUs
+and the hook points a design fills in. mm never imports ``virt/``: KVM
+(and the RFC) change mm behaviour only through :class:`MmHooks`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvmpoison.arch.x86.integrity import MemoryController, PlatformConfig
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
+from kvmpoison.arch.x86.tlb import Cpu, flush_tlb_mm_range
+from kvmpoison.kconfig import KernelConfig
+from kvmpoison.mm.mm_types import MmStruct
+from kvmpoison.mm.page import PageArray
+from kvmpoison.mm.page_alloc import BuddyAllocator, PfnArray
+from kvmpoison.mm.page_flags import PageFlagBits
+from kvmpoison.mm.pagetable import PageTables, PteStore
+from kvmpoison.mm.swapops import SwapTypes
+from kvmpoison.uapi.siginfo import SigInfo
+
+
+class FollowPoisoned(enum.Enum):
+    """What ``follow_page_pte`` does with a hwpoison entry."""
+
+    NEVER = "never"  # upstream: no page, the caller faults and gets -EFAULT/-EHWPOISON
+    ALWAYS = "always"  # RFC v1: the FOLL_ALLOW_POISONED test is commented out
+    WITH_FLAG = "with-flag"  # RFC v2: only for callers passing FOLL_ALLOW_POISONED
+
+
+@dataclass
+class MmHooks:
+    """mm behaviour a design may change (each names the RFC patch that adds it)."""
+
+    follow_poisoned: FollowPoisoned = FollowPoisoned.NEVER  # patch 08
+    shmem_getpage_fails_poisoned: bool = False  # patch 09
+    hwpoison_entry_holds_ref: bool = False  # patch 10
+    do_swap_page_restores_unpoisoned: bool = False  # patch 11
+    check_pte_sees_hwpoison: bool = False  # v1's page_vma_mapped change
+
+
+SignalSender = Callable[[int, SigInfo], None]  # (pid, siginfo)
+MemoryFailure = Callable[[int, int], int]  # (pfn, MF_* flags) -> 0 | -errno
+
+
+@dataclass
+class MmCore:
+    kcfg: KernelConfig
+    hw: MemoryController
+    pages: PageArray
+    buddy: BuddyAllocator
+    ptes: PteStore
+    cpus: list[Cpu]
+    swap_types: SwapTypes
+    hooks: MmHooks = field(default_factory=MmHooks)
+    num_poisoned_pages: int = 0
+    zero_pfn: int = 0
+    send_signal: SignalSender | None = None
+    memory_failure: MemoryFailure | None = None  # set when mm/memory_failure is wired in
+    mms: dict[int, MmStruct] = field(default_factory=dict)
+    sysctl_memory_failure_early_kill: bool = False
+    swap_space: dict[int, bytes] = field(default_factory=dict)  # swap offset -> data
+    next_swap_offset: int = 1
+    mf_reports: list[object] = field(default_factory=list)  # memory_failure's action_result log
+    hw_memory_failure: bool = False  # a real (not software-injected) error was handled
+    _next_mm: int = 1
+
+    @classmethod
+    def boot(cls, kcfg: KernelConfig, platform: PlatformConfig, nr_cpus: int = 2) -> MmCore:
+        hw = MemoryController(platform)
+        pages = PageArray(hw.mem.nr_frames, PageFlagBits.for_config(kcfg))
+        buddy = BuddyAllocator(pages, reserved=1)  # pfn 0 is the shared zero page
+        return cls(kcfg=kcfg, hw=hw, pages=pages, buddy=buddy, ptes=PteStore(),
+                   cpus=[Cpu(i) for i in range(nr_cpus)],
+                   swap_types=SwapTypes.for_config(kcfg))
+
+    def mm_alloc(self, owner_pid: int = 0) -> MmStruct:
+        mm = MmStruct(core=self, pgd=PageTables(self.ptes, self.buddy), ident=self._next_mm,
+                      owner_pid=owner_pid)
+        self._next_mm += 1
+        self.mms[mm.ident] = mm
+        return mm
+
+    def flush_tlb_range(self, mm: MmStruct, start: int, end: int) -> None:
+        flush_tlb_mm_range(self.cpus, mm.ident, start, end)
+
+    def clear_pages(self, pfns: PfnArray) -> None:
+        """``clear_page`` for each pfn: only frames that ever held data cost anything."""
+        hw = self.hw
+        for pfn in hw.mem.allocated_pfns_in(pfns):
+            hw.write(pfn << PAGE_SHIFT, bytes(1 << PAGE_SHIFT), 0)
+
+    def copy_page(self, dst: int, src: int) -> None:
+        data = self.hw.read(src << PAGE_SHIFT, 1 << PAGE_SHIFT, 0).data
+        if any(data) or self.hw.mem.get(dst) is not None:
+            self.hw.write(dst << PAGE_SHIFT, data, 0)
+
+    def rss_pages(self) -> int:
+        return int(np.count_nonzero(self.pages._refcount > 0))

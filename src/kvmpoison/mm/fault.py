@@ -1,0 +1,111 @@
+"""The x86 page-fault entry: from a faulting access to ``handle_mm_fault`` and back.
+
+Follows ``arch/x86/mm/fault.c`` (v5.12 ``do_user_addr_fault``, ``access_error``,
+``mm_fault_error``, ``do_sigbus``; v6.18 is the same for these paths). A
+user-mode fault that cannot be resolved ends in a signal, returned as an
+:class:`~kvmpoison.outcome.Outcome`; a kernel-mode (uaccess) fault ends in
+the exception-table fixup, which the caller sees as "not copied".
+
+Translations are looked up in the CPU's TLB first and filled on a
+successful walk, so a PTE change without a flush is visible to later
+accesses from that CPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+import signal
+
+from kvmpoison.arch.x86.pgtable import pte_present, pte_protnone
+from kvmpoison.arch.x86.pgtable_types import _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, PAGE_SHIFT
+from kvmpoison.arch.x86.tlb import Cpu
+from kvmpoison.mm.memory import handle_mm_fault
+from kvmpoison.mm.mm_types import VM, FaultFlag, MmStruct, Vma, VmFault, vma_is_accessible
+from kvmpoison.outcome import Outcome
+from kvmpoison.uapi.siginfo import BusCode, SegvCode, SigInfo
+
+MAX_FAULT_RETRIES = 3
+
+
+def find_vma(mm: MmStruct, addr: int) -> Vma | None:
+    """The first VMA with ``vm_end > addr`` (it may start above ``addr``)."""
+    i = bisect.bisect_right([v.vm_end for v in mm.vmas], addr)
+    return mm.vmas[i] if i < len(mm.vmas) else None
+
+
+def vma_lookup(mm: MmStruct, addr: int) -> Vma | None:
+    vma = find_vma(mm, addr)
+    return vma if vma is not None and vma.vm_start <= addr else None
+
+
+def pte_allows(pte: int, write: bool) -> bool:
+    """``pte_access_permitted`` for a user access (pkeys not modelled)."""
+    need = _PAGE_PRESENT | _PAGE_USER | (_PAGE_RW if write else 0)
+    return (pte & need) == need
+
+
+def access_error(write: bool, protection: bool, vma: Vma) -> bool:
+    if write:
+        return not vma.vm_flags & VM.WRITE
+    if protection:
+        return True  # read of a present but protected page (e.g. PROT_NONE)
+    return not vma_is_accessible(vma)
+
+
+def mm_fault_error(fault: VmFault, address: int, memory_failure: bool) -> Outcome:
+    """The signal a user-mode fault ends with (``mm_fault_error``/``do_sigbus``)."""
+    if fault & VmFault.OOM:
+        return Outcome.signal(SigInfo(signal.SIGKILL, 0, address), detail="pagefault_out_of_memory")
+    if fault & (VmFault.HWPOISON | VmFault.HWPOISON_LARGE) and memory_failure:
+        info = SigInfo(signal.SIGBUS, BusCode.BUS_MCEERR_AR, address, PAGE_SHIFT)
+        return Outcome.signal(info, detail="MCE: Killing due to hardware memory corruption fault")
+    if fault & (VmFault.SIGBUS | VmFault.HWPOISON | VmFault.HWPOISON_LARGE):
+        return Outcome.signal(SigInfo(signal.SIGBUS, BusCode.BUS_ADRERR, address))
+    return Outcome.signal(SigInfo(signal.SIGSEGV, SegvCode.SEGV_MAPERR, address))
+
+
+def do_user_addr_fault(mm: MmStruct, address: int, write: bool, user_mode: bool,
+                       protection: bool) -> Outcome | None:
+    """Handle one fault; None when resolved (retry the access), else how it ends.
+
+    For a kernel-mode fault the returned Outcome only says that the fixup ran;
+    no signal is sent.
+    """
+    vma = find_vma(mm, address)
+    if vma is None or vma.vm_start > address:
+        return Outcome.signal(SigInfo(signal.SIGSEGV, SegvCode.SEGV_MAPERR, address))
+    if access_error(write, protection, vma):
+        return Outcome.signal(SigInfo(signal.SIGSEGV, SegvCode.SEGV_ACCERR, address))
+    flags = FaultFlag.ALLOW_RETRY | FaultFlag.KILLABLE
+    if user_mode:
+        flags |= FaultFlag.USER
+    if write:
+        flags |= FaultFlag.WRITE
+    fault = handle_mm_fault(vma, address, flags)
+    if fault & (VmFault.OOM | VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.HWPOISON
+                | VmFault.HWPOISON_LARGE):
+        return mm_fault_error(fault, address, mm.core.kcfg.memory_failure)
+    return None
+
+
+def translate(mm: MmStruct, cpu: Cpu | None, address: int, write: bool,
+              user_mode: bool) -> tuple[int, Outcome | None]:
+    """Find the pfn a CPU access at ``address`` reaches, faulting as needed.
+
+    Returns (pfn, None) or (-1, outcome-of-the-failed-fault).
+    """
+    for _ in range(MAX_FAULT_RETRIES):
+        pte = cpu.tlb.lookup(mm.ident, address) if cpu is not None else None
+        if pte is None or not pte_allows(pte, write):
+            pte = mm.pgd.get(address)
+            if pte_allows(pte, write):
+                if cpu is not None:
+                    cpu.tlb.fill(mm.ident, address, pte)
+            else:
+                protection = pte_present(pte) and not pte_protnone(pte)
+                failed = do_user_addr_fault(mm, address, write, user_mode, protection)
+                if failed is not None:
+                    return -1, failed
+                continue
+        return (pte >> PAGE_SHIFT) & ((1 << 40) - 1), None
+    raise AssertionError(f"fault at {address:#x} did not resolve after {MAX_FAULT_RETRIES} tries")

@@ -1,0 +1,316 @@
+"""get_user_pages and friends, and ``access_remote_vm``.
+
+Follows ``mm/gup.c`` and ``mm/memory.c`` (v5.12, with the v6.18 additions
+noted): ``__get_user_pages`` walks with ``follow_page_pte`` and faults with
+``faultin_page``, stopping at the first failure and returning the count so
+far or the error (``i ? i : ret``). ``vm_fault_to_errno`` gives -EHWPOISON
+only to callers passing FOLL_HWPOISON. The RFC adds FOLL_ALLOW_POISONED.
+
+``get_user_pages_fast`` is modelled by the slow path: GUP-fast only
+succeeds where the slow path would, and bails out on the same PTEs.
+FOLL_* values are v5.12's (v6.2 renumbered the internal ones).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+
+from kvmpoison.arch.x86.pgtable import pte_none, pte_pfn, pte_present, pte_protnone
+from kvmpoison.arch.x86.pgtable_types import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_RW,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
+from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.mm.core import FollowPoisoned
+from kvmpoison.mm.fault import find_vma, vma_lookup
+from kvmpoison.mm.memory import faultin_anon_bulk, handle_mm_fault, vm_normal_page
+from kvmpoison.mm.mm_types import (
+    VM,
+    FaultFlag,
+    MmStruct,
+    Vma,
+    VmFault,
+    vma_is_accessible,
+    vma_is_anonymous,
+)
+from kvmpoison.mm.page import Page, get_page, put_page
+from kvmpoison.mm.swapops import hwpoison_entry_to_pfn, is_hwpoison_entry, pte_to_swp_entry
+from kvmpoison.outcome import Halt, Kind
+from kvmpoison.uapi.errno import EHWPOISON
+
+GUP_PIN_COUNTING_BIAS = 1 << 10
+
+
+class FOLL(enum.IntFlag):
+    WRITE = 0x01
+    TOUCH = 0x02
+    GET = 0x04
+    DUMP = 0x08
+    FORCE = 0x10
+    NOWAIT = 0x20
+    POPULATE = 0x40
+    SPLIT = 0x80
+    HWPOISON = 0x100
+    NUMA = 0x200
+    MIGRATION = 0x400
+    TRIED = 0x800
+    MLOCK = 0x1000
+    REMOTE = 0x2000
+    COW = 0x4000
+    ANON = 0x8000
+    LONGTERM = 0x10000
+    SPLIT_PMD = 0x20000
+    PIN = 0x40000
+    FAST_ONLY = 0x80000
+    ALLOW_POISONED = 0x100000  # the RFC's patch 08
+    MADV_POPULATE = 0x200000  # v6.9+; model value
+
+
+def vma_is_secretmem(vma: Vma) -> bool:
+    return vma.vm_file is not None and vma.vm_file.f_inode.kind == "secretmem"
+
+
+def is_cow_mapping(flags: VM) -> bool:
+    return (flags & (VM.SHARED | VM.MAYWRITE)) == VM.MAYWRITE
+
+
+def check_vma_flags(vma: Vma, gup_flags: FOLL) -> int:
+    flags = vma.vm_flags
+    if flags & (VM.IO | VM.PFNMAP):
+        return -errno.EFAULT
+    if gup_flags & FOLL.ANON and not vma_is_anonymous(vma):
+        return -errno.EFAULT
+    if vma_is_secretmem(vma):
+        return -errno.EFAULT  # v5.14+: secret memory is never pinned
+    if gup_flags & FOLL.WRITE:
+        if not flags & VM.WRITE:
+            if not gup_flags & FOLL.FORCE:
+                return -errno.EFAULT
+            if not is_cow_mapping(flags):
+                return -errno.EFAULT
+    elif not flags & VM.READ:
+        if not gup_flags & FOLL.FORCE:
+            return -errno.EFAULT
+        if not flags & VM.MAYREAD:
+            return -errno.EFAULT
+    return 0
+
+
+def vm_fault_to_errno(fault: VmFault, gup_flags: FOLL) -> int:
+    if fault & VmFault.OOM:
+        return -errno.ENOMEM
+    if fault & (VmFault.HWPOISON | VmFault.HWPOISON_LARGE):
+        return -EHWPOISON if gup_flags & FOLL.HWPOISON else -errno.EFAULT
+    if fault & (VmFault.SIGBUS | VmFault.SIGSEGV):
+        return -errno.EFAULT
+    return 0
+
+
+def can_follow_write_pte(pte: int, gup_flags: FOLL) -> bool:
+    """Writable, or FOLL_FORCE after the COW cycle left a dirty private copy."""
+    if pte & _PAGE_RW:
+        return True
+    return bool(gup_flags & FOLL.FORCE and gup_flags & FOLL.COW and pte & _PAGE_DIRTY)
+
+
+def _grab(page: Page, gup_flags: FOLL) -> None:
+    if gup_flags & FOLL.PIN:
+        page.mem._refcount[page.pfn] += GUP_PIN_COUNTING_BIAS
+    elif gup_flags & FOLL.GET:
+        get_page(page)
+
+
+def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | None:
+    """The page mapped at ``address`` (referenced per FOLL_GET/PIN), None to fault, or -errno."""
+    mm = vma.vm_mm
+    core = mm.core
+    pte = mm.pgd.get(address)
+    if pte_none(pte):
+        return None
+    if not pte_present(pte):
+        entry = pte_to_swp_entry(pte, core.kcfg)
+        mode = core.hooks.follow_poisoned
+        if is_hwpoison_entry(entry, core.swap_types) and (
+            mode is FollowPoisoned.ALWAYS
+            or (mode is FollowPoisoned.WITH_FLAG and gup_flags & FOLL.ALLOW_POISONED)
+        ):
+            page = core.pages[hwpoison_entry_to_pfn(entry)]
+            _grab(page, gup_flags)
+            return page
+        return None
+    if pte_protnone(pte) and gup_flags & FOLL.NUMA:
+        return None
+    if gup_flags & FOLL.WRITE and not can_follow_write_pte(pte, gup_flags):
+        return None
+    normal = vm_normal_page(vma, pte)
+    if normal is None and gup_flags & FOLL.DUMP:
+        return -errno.EFAULT  # the zero page is a hole in a core dump
+    page = normal if normal is not None else core.pages[pte_pfn(pte)]
+    _grab(page, gup_flags)
+    if gup_flags & FOLL.TOUCH:
+        mm.pgd.set(address, pte | _PAGE_ACCESSED | (_PAGE_DIRTY if gup_flags & FOLL.WRITE else 0))
+    return page
+
+
+def faultin_page(vma: Vma, address: int, gup_flags: FOLL) -> tuple[int, FOLL]:
+    """Fault the page in; returns (0 or -errno, updated flags)."""
+    fault_flags = FaultFlag(0)
+    if gup_flags & FOLL.WRITE:
+        fault_flags |= FaultFlag.WRITE
+    if gup_flags & FOLL.REMOTE:
+        fault_flags |= FaultFlag.REMOTE
+    ret = handle_mm_fault(vma, address, fault_flags)
+    err = vm_fault_to_errno(ret, gup_flags)
+    if err:
+        return err, gup_flags
+    if ret & VmFault.WRITE and not vma.vm_flags & VM.WRITE:
+        gup_flags |= FOLL.COW
+    return 0, gup_flags
+
+
+def _bulk_populate(vma: Vma, start: int, end: int, gup_flags: FOLL) -> int:
+    """Vectorised prefix of a populate; returns where the scalar walk resumes."""
+    anon = vma_is_anonymous(vma) and not vma.vm_flags & VM.UFFD_MISSING
+    if anon and (gup_flags & FOLL.WRITE or vma_is_accessible(vma)):
+        return faultin_anon_bulk(vma, start, end, bool(gup_flags & FOLL.WRITE))
+    bulk = getattr(vma.vm_ops, "populate_bulk", None)
+    if bulk is not None:
+        stop: int = bulk(vma, start, end, bool(gup_flags & FOLL.WRITE))
+        return stop
+    return start
+
+
+def __get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
+                     pages: list[Page] | None) -> int:
+    if not gup_flags & FOLL.FORCE:
+        gup_flags |= FOLL.NUMA
+    i = 0
+    vma: Vma | None = None
+    while nr_pages:
+        if vma is None or start >= vma.vm_end:
+            vma = find_vma(mm, start)
+            if vma is None or vma.vm_start > start:
+                if gup_flags & FOLL.MADV_POPULATE:
+                    return i or -errno.ENOMEM
+                return i or -errno.EFAULT
+            ret = check_vma_flags(vma, gup_flags)
+            if ret:
+                if gup_flags & FOLL.MADV_POPULATE:
+                    return i or -errno.EINVAL  # "incompatible mappings / permissions"
+                return i or ret
+            if pages is None and gup_flags & (FOLL.POPULATE | FOLL.MADV_POPULATE):
+                stop = _bulk_populate(vma, start, min(vma.vm_end, start + nr_pages * PAGE_SIZE),
+                                      gup_flags)
+                done = (stop - start) >> PAGE_SHIFT
+                i, start, nr_pages = i + done, stop, nr_pages - done
+                if not nr_pages:
+                    break
+                if start >= vma.vm_end:
+                    continue
+        page = follow_page_pte(vma, start, gup_flags)
+        if page is None:
+            ret, gup_flags = faultin_page(vma, start, gup_flags)
+            if ret:
+                return i or ret
+            continue
+        if isinstance(page, int):
+            return i or page
+        if pages is not None:
+            pages.append(page)
+        elif gup_flags & (FOLL.GET | FOLL.PIN):
+            unpin_or_put(page, gup_flags)
+        i += 1
+        start += PAGE_SIZE
+        nr_pages -= 1
+    return i
+
+
+def unpin_or_put(page: Page, gup_flags: FOLL) -> None:
+    if gup_flags & FOLL.PIN:
+        page.mem._refcount[page.pfn] -= GUP_PIN_COUNTING_BIAS
+    else:
+        put_page(page)
+
+
+def get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
+                   pages: list[Page] | None = None) -> int:
+    return __get_user_pages(mm, start, nr_pages, gup_flags | FOLL.GET | FOLL.TOUCH, pages)
+
+
+def get_user_pages_remote(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
+                          pages: list[Page] | None = None) -> int:
+    return get_user_pages(mm, start, nr_pages, gup_flags | FOLL.REMOTE, pages)
+
+
+def get_user_pages_fast(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
+                        pages: list[Page] | None = None) -> int:
+    return get_user_pages(mm, start, nr_pages, gup_flags, pages)
+
+
+def pin_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
+                   pages: list[Page] | None = None) -> int:
+    return __get_user_pages(mm, start, nr_pages, gup_flags | FOLL.PIN | FOLL.TOUCH, pages)
+
+
+def pin_user_pages_fast(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
+                        pages: list[Page] | None = None) -> int:
+    return pin_user_pages(mm, start, nr_pages, gup_flags, pages)
+
+
+def unpin_user_pages(pages: list[Page]) -> None:
+    for page in pages:
+        page.mem._refcount[page.pfn] -= GUP_PIN_COUNTING_BIAS
+
+
+def put_pages(pages: list[Page]) -> None:
+    for page in pages:
+        put_page(page)
+
+
+def access_remote_vm(mm: MmStruct, addr: int, data: bytes | int, gup_flags: FOLL) -> bytes | int:
+    """``__access_remote_vm``: read ``data`` bytes (an int) or write ``data`` (bytes).
+
+    Returns the bytes read, or the number of bytes written; a page GUP cannot
+    get ends the transfer. The kernel touches the page through its own
+    mapping (kmap), so consumed poison there is not MC-safe.
+    """
+    write = isinstance(data, bytes)
+    total = len(data) if isinstance(data, bytes) else data
+    out: list[bytes] = []
+    done = 0
+    while done < total:
+        pages: list[Page] = []
+        flags = gup_flags | (FOLL.WRITE if write else FOLL(0))
+        if get_user_pages_remote(mm, addr + done, 1, flags, pages) <= 0:
+            break
+        page = pages[0]
+        offset = (addr + done) & (PAGE_SIZE - 1)
+        n = min(total - done, PAGE_SIZE - offset)
+        pa = (page.pfn << PAGE_SHIFT) | offset
+        if isinstance(data, bytes):
+            mm.core.hw.write(pa, data[done : done + n], 0)
+        else:
+            got = mm.core.hw.load(pa, n, 0, Ctx.HOST_KERNEL)
+            if got.kind is not Kind.OK:
+                put_page(page)
+                raise Halt(got)
+            assert got.data is not None
+            out.append(got.data)
+        put_page(page)
+        done += n
+    return done if write else b"".join(out)
+
+
+def get_dump_page(mm: MmStruct, addr: int) -> Page | None:
+    """A page for the core dump, or None for a hole (FOLL_FORCE|FOLL_DUMP|FOLL_GET)."""
+    vma = vma_lookup(mm, addr)
+    if vma is None:
+        return None
+    pages: list[Page] = []
+    if __get_user_pages(mm, addr, 1, FOLL.FORCE | FOLL.DUMP | FOLL.GET, pages) < 1:
+        return None
+    return pages[0]

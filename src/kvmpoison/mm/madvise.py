@@ -1,0 +1,226 @@
+"""madvise(2).
+
+Follows ``mm/madvise.c`` (v5.12, plus v6.x's MADV_POPULATE_READ/WRITE with
+the v6.9 error mapping, MADV_GUARD_INSTALL/REMOVE from v6.13, and
+MADV_HWPOISON/SOFT_OFFLINE only where CONFIG_MEMORY_FAILURE is set).
+"""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from kvmpoison.arch.x86.pgtable import pte_none_array, pte_pfn_array, pte_present_array
+from kvmpoison.arch.x86.pgtable_64 import __swp_entry_array
+from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.kconfig import KernelVersion
+from kvmpoison.mm.gup import FOLL, __get_user_pages, get_user_pages_fast
+from kvmpoison.mm.memory import zap_page_range
+from kvmpoison.mm.mm_types import VM, MmStruct, Vma
+from kvmpoison.mm.mmap import page_align, range_is_mapped, vmas_in_range
+from kvmpoison.mm.page import Page, put_page
+from kvmpoison.mm.swapops import PteMarker, make_pte_marker_entry, swp_entry_to_pte
+from kvmpoison.uapi.errno import EHWPOISON
+
+MADV_NORMAL = 0
+MADV_RANDOM = 1
+MADV_SEQUENTIAL = 2
+MADV_WILLNEED = 3
+MADV_DONTNEED = 4
+MADV_FREE = 8
+MADV_REMOVE = 9
+MADV_DONTFORK = 10
+MADV_DOFORK = 11
+MADV_MERGEABLE = 12
+MADV_UNMERGEABLE = 13
+MADV_HUGEPAGE = 14
+MADV_NOHUGEPAGE = 15
+MADV_DONTDUMP = 16
+MADV_DODUMP = 17
+MADV_WIPEONFORK = 18
+MADV_KEEPONFORK = 19
+MADV_COLD = 20
+MADV_PAGEOUT = 21
+MADV_POPULATE_READ = 22
+MADV_POPULATE_WRITE = 23
+MADV_HWPOISON = 100
+MADV_SOFT_OFFLINE = 101
+MADV_GUARD_INSTALL = 102
+MADV_GUARD_REMOVE = 103
+
+
+
+def madvise_behavior_valid(mm: MmStruct, behavior: int) -> bool:
+    cfg = mm.core.kcfg
+    modern = cfg.version >= KernelVersion.V6_18
+    valid = {MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_DONTNEED,
+             MADV_FREE, MADV_REMOVE, MADV_DONTFORK, MADV_DOFORK, MADV_MERGEABLE,
+             MADV_UNMERGEABLE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTDUMP, MADV_DODUMP,
+             MADV_WIPEONFORK, MADV_KEEPONFORK, MADV_COLD, MADV_PAGEOUT}
+    if modern:
+        valid |= {MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_GUARD_INSTALL,
+                  MADV_GUARD_REMOVE}
+    if cfg.memory_failure:
+        valid |= {MADV_HWPOISON, MADV_SOFT_OFFLINE}
+    return behavior in valid
+
+
+def _vma_flag_change(mm: MmStruct, start: int, end: int, behavior: int) -> int:
+    for vma in vmas_in_range(mm, start, end, split=True):
+        match behavior:
+            case 10:  # DONTFORK
+                if vma.vm_flags & (VM.IO | VM.PFNMAP):
+                    return -errno.EINVAL
+                vma.vm_flags |= VM.DONTCOPY
+            case 11:
+                vma.vm_flags &= ~VM.DONTCOPY
+            case 14:
+                vma.vm_flags = (vma.vm_flags | VM.HUGEPAGE) & ~VM.NOHUGEPAGE
+            case 15:
+                vma.vm_flags = (vma.vm_flags | VM.NOHUGEPAGE) & ~VM.HUGEPAGE
+            case 16:
+                vma.vm_flags |= VM.DONTDUMP
+            case 17:
+                vma.vm_flags &= ~VM.DONTDUMP
+            case 18:  # WIPEONFORK: private anonymous only
+                if vma.vm_flags & VM.SHARED or vma.vm_file is not None:
+                    return -errno.EINVAL
+                vma.vm_flags |= VM.WIPEONFORK
+            case 19:
+                vma.vm_flags &= ~VM.WIPEONFORK
+    return 0
+
+
+def madvise_populate(mm: MmStruct, start: int, end: int, write: bool) -> int:
+    flags = FOLL.TOUCH | FOLL.MADV_POPULATE | FOLL.HWPOISON | (FOLL.WRITE if write else FOLL(0))
+    addr = start
+    while addr < end:
+        ret = __get_user_pages(mm, addr, (end - addr) >> PAGE_SHIFT, flags, None)
+        if ret < 0:
+            # -EINVAL (incompatible VMA), -EHWPOISON, -EFAULT (SIGBUS/SIGSEGV), -ENOMEM
+            # (unmapped) pass through; anything else is reported as -ENOMEM.
+            if ret in (-errno.EINVAL, -EHWPOISON, -errno.EFAULT, -errno.ENOMEM, -errno.EINTR):
+                return ret
+            return -errno.ENOMEM
+        addr += ret << PAGE_SHIFT
+    return 0
+
+
+def madvise_guard_install(vma: Vma, start: int, end: int) -> int:
+    if vma.vm_flags & (VM.IO | VM.PFNMAP | VM.HUGETLB | VM.LOCKED):
+        return -errno.EINVAL
+    zap_page_range(vma, start, end)
+    mm = vma.vm_mm
+    core = mm.core
+    guard = swp_entry_to_pte(make_pte_marker_entry(PteMarker.GUARD, core.swap_types))
+    for chunk in mm.pgd.chunks(start, end, alloc=True):
+        store = core.ptes.rows
+        ptes = store[chunk.rows, chunk.cols]
+        none = pte_none_array(ptes)
+        store[chunk.rows[none], chunk.cols[none]] = np.uint64(guard)
+    return 0
+
+
+def madvise_guard_remove(vma: Vma, start: int, end: int) -> int:
+    mm = vma.vm_mm
+    core = mm.core
+    guard = np.uint64(swp_entry_to_pte(make_pte_marker_entry(PteMarker.GUARD, core.swap_types)))
+    for chunk in mm.pgd.chunks(start, end):
+        store = core.ptes.rows
+        ptes = store[chunk.rows, chunk.cols]
+        hit = ptes == guard
+        store[chunk.rows[hit], chunk.cols[hit]] = 0
+    return 0
+
+
+def madvise_pageout(vma: Vma, start: int, end: int) -> int:
+    """Reclaim exclusive private anon pages to the swap device (MADV_PAGEOUT)."""
+    if vma.vm_flags & VM.LOCKED or vma.vm_file is not None:
+        return 0
+    mm = vma.vm_mm
+    core = mm.core
+    mem = core.pages
+    for chunk in mm.pgd.chunks(start, end):
+        store = core.ptes.rows
+        ptes = store[chunk.rows, chunk.cols]
+        cand = pte_present_array(ptes) & ((ptes & np.uint64(_PAGE_SPECIAL)) == 0)
+        pfns = pte_pfn_array(ptes)
+        ok = cand.copy()
+        ok[cand] = ((mem.mapping[pfns[cand]] & 1) != 0) & (mem._mapcount[pfns[cand]] == 0) \
+            & (mem._refcount[pfns[cand]] == 1)
+        idx = np.flatnonzero(ok)
+        if not len(idx):
+            continue
+        offsets = np.arange(core.next_swap_offset, core.next_swap_offset + len(idx),
+                            dtype=np.int64)
+        core.next_swap_offset += len(idx)
+        for pfn, off in zip(pfns[idx], offsets, strict=True):
+            core.swap_space[int(off)] = core.hw.read(int(pfn) << PAGE_SHIFT, PAGE_SIZE, 0).data
+        store[chunk.rows[idx], chunk.cols[idx]] = __swp_entry_array(0, offsets.astype(np.uint64))
+        mem._mapcount[pfns[idx]] -= 1
+        mm.rss_anon -= len(idx)
+        mem._refcount[pfns[idx]] = 0
+        core.buddy.free_pages_bulk(pfns[idx])
+        core.flush_tlb_range(mm, start, end)
+    return 0
+
+
+def madvise_inject_error(mm: MmStruct, start: int, end: int, behavior: int) -> int:
+    """MADV_HWPOISON / MADV_SOFT_OFFLINE: needs CAP_SYS_ADMIN (the model runs as root)."""
+    memory_failure = mm.core.memory_failure
+    if memory_failure is None:
+        return -errno.EINVAL
+    for addr in range(start, end, PAGE_SIZE):
+        pages: list[Page] = []
+        ret = get_user_pages_fast(mm, addr, 1, FOLL(0), pages)
+        if ret != 1:
+            return ret
+        page = pages[0]
+        put_page(page)
+        flags = 0x1 | 0x2  # MF_COUNT_INCREASED | MF_ACTION_REQUIRED (v6.x)
+        if behavior == MADV_SOFT_OFFLINE:
+            flags = 0x8  # MF_SOFT_OFFLINE
+        err = memory_failure(page.pfn, flags)
+        if err:
+            return err
+    return 0
+
+
+def do_madvise(mm: MmStruct, start: int, length: int, behavior: int) -> int:
+    if start & (PAGE_SIZE - 1):
+        return -errno.EINVAL
+    if not madvise_behavior_valid(mm, behavior):
+        return -errno.EINVAL
+    end = start + page_align(length)
+    if end < start:
+        return -errno.EINVAL
+    if end == start:
+        return 0
+    if behavior in (MADV_HWPOISON, MADV_SOFT_OFFLINE):
+        return madvise_inject_error(mm, start, end, behavior)
+    if behavior in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
+        return madvise_populate(mm, start, end, behavior == MADV_POPULATE_WRITE)
+    mapped = range_is_mapped(mm, start, end)
+    ret = 0
+    if behavior in (MADV_DONTFORK, MADV_DOFORK, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTDUMP,
+                    MADV_DODUMP, MADV_WIPEONFORK, MADV_KEEPONFORK):
+        ret = _vma_flag_change(mm, start, end, behavior)
+    else:
+        for vma in vmas_in_range(mm, start, end, split=False):
+            lo, hi = max(start, vma.vm_start), min(end, vma.vm_end)
+            if behavior in (MADV_DONTNEED, MADV_FREE):
+                if vma.vm_flags & (VM.LOCKED | VM.PFNMAP | VM.HUGETLB):
+                    return -errno.EINVAL
+                zap_page_range(vma, lo, hi)
+            elif behavior == MADV_GUARD_INSTALL:
+                ret = madvise_guard_install(vma, lo, hi)
+            elif behavior == MADV_GUARD_REMOVE:
+                ret = madvise_guard_remove(vma, lo, hi)
+            elif behavior == MADV_PAGEOUT:
+                ret = madvise_pageout(vma, lo, hi)
+            if ret:
+                return ret
+    if ret:
+        return ret
+    return 0 if mapped else -errno.ENOMEM

@@ -1,0 +1,257 @@
+"""mmap, munmap, VMA splitting, populate and exit_mmap.
+
+Follows ``mm/mmap.c``, ``mm/util.c`` and ``mm/gup.c:__mm_populate`` (v5.12).
+Addresses are handed out top-down below ``mmap_base`` as the x86-64 legacy
+layout does. VMAs are not merged back after a split (the kernel's
+``vma_merge`` only saves memory; behaviour is the same).
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.mm.fault import find_vma
+from kvmpoison.mm.file import O_ACCMODE, O_RDONLY, O_WRONLY, File
+from kvmpoison.mm.gup import FOLL, __get_user_pages
+from kvmpoison.mm.memory import copy_page_range, zap_page_range
+from kvmpoison.mm.mm_types import VM, MmStruct, Vma, vma_is_accessible
+from kvmpoison.mm.pagetable import TASK_SIZE
+from kvmpoison.mm.rmap import anon_vma_fork, unlink_anon_vmas
+from kvmpoison.mm.shmem import shmem_zero_setup
+
+PROT_NONE = 0x0
+PROT_READ = 0x1
+PROT_WRITE = 0x2
+PROT_EXEC = 0x4
+
+MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_SHARED_VALIDATE = 0x03
+MAP_TYPE = 0x0F
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
+MAP_NORESERVE = 0x4000
+MAP_LOCKED = 0x2000
+MAP_POPULATE = 0x8000
+MAP_FIXED_NOREPLACE = 0x100000
+
+MMAP_BASE = 0x7F00_0000_0000
+
+
+def page_align(n: int) -> int:
+    return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def calc_vm_prot_bits(prot: int) -> VM:
+    out = VM(0)
+    if prot & PROT_READ:
+        out |= VM.READ
+    if prot & PROT_WRITE:
+        out |= VM.WRITE
+    if prot & PROT_EXEC:
+        out |= VM.EXEC
+    return out
+
+
+def _insert_vma(mm: MmStruct, vma: Vma) -> None:
+    starts = [v.vm_start for v in mm.vmas]
+    mm.vmas.insert(bisect.bisect_left(starts, vma.vm_start), vma)
+    if vma.vm_file is not None and vma.vm_file.f_mapping is not None:
+        vma.vm_file.f_mapping.i_mmap.append(vma)
+
+
+def _remove_vma(mm: MmStruct, vma: Vma) -> None:
+    mm.vmas.remove(vma)
+    if vma.vm_file is not None and vma.vm_file.f_mapping is not None:
+        vma.vm_file.f_mapping.i_mmap.remove(vma)
+    unlink_anon_vmas(vma)
+    if vma.vm_flags & VM.LOCKED:
+        mm.locked_vm -= vma.npages
+
+
+def get_unmapped_area(mm: MmStruct, length: int) -> int:
+    """Top-down: the highest gap below ``MMAP_BASE`` that fits (plus a guard gap)."""
+    top = MMAP_BASE
+    for vma in sorted(mm.vmas, key=lambda v: v.vm_start, reverse=True):
+        if vma.vm_start >= top:
+            continue
+        if vma.vm_end + PAGE_SIZE <= top - length:
+            return top - length
+        top = vma.vm_start
+    if top - length < PAGE_SIZE * 16:
+        return -errno.ENOMEM
+    return top - length
+
+
+def split_vma(mm: MmStruct, vma: Vma, addr: int) -> Vma:
+    """Split ``vma`` at ``addr``; returns the new upper part [addr, vm_end)."""
+    assert vma.vm_start < addr < vma.vm_end and not addr & (PAGE_SIZE - 1)
+    new = Vma(vm_mm=mm, vm_start=addr, vm_end=vma.vm_end, vm_flags=vma.vm_flags,
+              vm_pgoff=vma.vm_pgoff + ((addr - vma.vm_start) >> PAGE_SHIFT),
+              vm_file=vma.vm_file, vm_ops=vma.vm_ops, uffd_ctx=vma.uffd_ctx)
+    vma.vm_end = addr
+    new.anon_vma = vma.anon_vma
+    for av in vma.anon_vma_chain:  # anon_vma_clone
+        av.vmas.append(new)
+        new.anon_vma_chain.append(av)
+    _insert_vma(mm, new)
+    return new
+
+
+def vmas_in_range(mm: MmStruct, start: int, end: int, split: bool) -> list[Vma]:
+    """The VMAs overlapping [start, end), split at the edges when ``split``."""
+    out = []
+    for old in list(mm.vmas):
+        if old.vm_end <= start or old.vm_start >= end:
+            continue
+        vma = split_vma(mm, old, start) if split and old.vm_start < start else old
+        if split and vma.vm_end > end:
+            split_vma(mm, vma, end)
+        out.append(vma)
+    return sorted(out, key=lambda v: v.vm_start)
+
+
+def range_is_mapped(mm: MmStruct, start: int, end: int) -> bool:
+    addr = start
+    for vma in sorted(mm.vmas, key=lambda v: v.vm_start):
+        if vma.vm_end <= addr:
+            continue
+        if vma.vm_start > addr:
+            return False
+        addr = vma.vm_end
+        if addr >= end:
+            return True
+    return addr >= end
+
+
+def do_munmap(mm: MmStruct, start: int, length: int) -> int:
+    if start & (PAGE_SIZE - 1) or start >= TASK_SIZE or length > TASK_SIZE - start:
+        return -errno.EINVAL
+    length = page_align(length)
+    if not length:
+        return -errno.EINVAL
+    end = start + length
+    for vma in vmas_in_range(mm, start, end, split=True):
+        zap_page_range(vma, vma.vm_start, vma.vm_end)
+        _remove_vma(mm, vma)
+    mm.pgd.free_empty_tables(start, end)
+    return 0
+
+
+def do_mmap(mm: MmStruct, addr: int, length: int, prot: int, flags: int, file: File | None,
+            pgoff: int) -> int:
+    """Returns the mapped address or -errno."""
+    if not length:
+        return -errno.EINVAL
+    length = page_align(length)
+    if length > TASK_SIZE or pgoff + (length >> PAGE_SHIFT) < pgoff:
+        return -errno.ENOMEM
+    if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
+        return -errno.EINVAL
+    map_type = flags & MAP_TYPE
+    if map_type not in (MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE):
+        return -errno.EINVAL
+    shared = map_type != MAP_PRIVATE
+    vm_flags = calc_vm_prot_bits(prot) | VM.MAYREAD | VM.MAYWRITE | VM.MAYEXEC
+    if flags & MAP_LOCKED:
+        vm_flags |= VM.LOCKED
+    if file is not None:
+        if file.f_inode.noexec and prot & PROT_EXEC:
+            return -errno.EPERM  # path_noexec()
+        acc = file.f_flags & O_ACCMODE
+        if acc == O_WRONLY:
+            return -errno.EACCES
+        if shared:
+            if prot & PROT_WRITE and acc == O_RDONLY:
+                return -errno.EACCES
+            vm_flags |= VM.SHARED | VM.MAYSHARE
+            if acc == O_RDONLY:
+                vm_flags &= ~(VM.MAYWRITE | VM.WRITE)
+    elif shared:
+        vm_flags |= VM.SHARED | VM.MAYSHARE
+    if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
+        if addr & (PAGE_SIZE - 1) or addr + length > TASK_SIZE:
+            return -errno.EINVAL
+        if flags & MAP_FIXED_NOREPLACE and find_vma(mm, addr) is not None and \
+                find_vma(mm, addr).vm_start < addr + length:  # type: ignore[union-attr]
+            return -errno.EEXIST
+        do_munmap(mm, addr, length)
+    else:
+        addr = get_unmapped_area(mm, length)
+        if addr < 0:
+            return addr
+    vma = Vma(vm_mm=mm, vm_start=addr, vm_end=addr + length, vm_flags=vm_flags,
+              vm_pgoff=pgoff if file is not None else addr >> PAGE_SHIFT, vm_file=file)
+    if file is not None:
+        ret = file.f_op.mmap(file, vma)
+        if ret:
+            return ret
+    elif shared:
+        ret = shmem_zero_setup(mm.core, vma)
+        if ret:
+            return ret
+    _insert_vma(mm, vma)
+    if vma.vm_flags & VM.LOCKED:
+        mm.locked_vm += vma.npages
+    if flags & MAP_POPULATE or vma.vm_flags & VM.LOCKED:
+        __mm_populate(mm, addr, length, ignore_errors=True)
+    return addr
+
+
+def populate_vma_page_range(vma: Vma, start: int, end: int) -> int:
+    gup_flags = FOLL.TOUCH | FOLL.POPULATE | FOLL.MLOCK
+    if vma.vm_flags & VM.LOCKONFAULT:
+        gup_flags &= ~FOLL.POPULATE
+    if (vma.vm_flags & (VM.WRITE | VM.SHARED)) == VM.WRITE:
+        gup_flags |= FOLL.WRITE
+    if vma_is_accessible(vma):
+        gup_flags |= FOLL.FORCE  # mlock must succeed for any non-PROT_NONE region
+    return __get_user_pages(vma.vm_mm, start, (end - start) >> PAGE_SHIFT, gup_flags, None)
+
+
+def __mm_populate(mm: MmStruct, start: int, length: int, ignore_errors: bool) -> int:
+    end = start + length
+    addr = start
+    while addr < end:
+        vma = find_vma(mm, addr)
+        if vma is None or vma.vm_start >= end:
+            break
+        addr = max(addr, vma.vm_start)
+        stop = min(end, vma.vm_end)
+        if vma.vm_flags & (VM.IO | VM.PFNMAP):
+            addr = stop
+            continue
+        ret = populate_vma_page_range(vma, addr, stop)
+        if ret < 0:
+            if ignore_errors:
+                addr = stop
+                continue
+            return ret
+        addr += ret << PAGE_SHIFT
+    return 0
+
+
+def dup_mmap(child: MmStruct, parent: MmStruct) -> None:
+    """fork: copy every VMA (but VM_DONTCOPY ones) and its page tables."""
+    for vma in sorted(parent.vmas, key=lambda v: v.vm_start):
+        if vma.vm_flags & VM.DONTCOPY:
+            continue
+        new = Vma(vm_mm=child, vm_start=vma.vm_start, vm_end=vma.vm_end,
+                  vm_flags=vma.vm_flags & ~(VM.LOCKED | VM.UFFD_MISSING | VM.UFFD_WP),
+                  vm_pgoff=vma.vm_pgoff, vm_file=vma.vm_file, vm_ops=vma.vm_ops)
+        if vma.vm_flags & VM.WIPEONFORK:
+            _insert_vma(child, new)
+            continue
+        anon_vma_fork(new, vma)
+        _insert_vma(child, new)
+        copy_page_range(new, vma)
+
+
+def exit_mmap(mm: MmStruct) -> None:
+    for vma in list(mm.vmas):
+        zap_page_range(vma, vma.vm_start, vma.vm_end)
+        _remove_vma(mm, vma)
+    mm.pgd.destroy()
+    mm.core.mms.pop(mm.ident, None)

@@ -1,0 +1,280 @@
+"""``struct page`` as numpy arrays indexed by pfn, and the kernel's page accessors.
+
+Follows ``include/linux/mm_types.h``, ``page-flags.h`` and ``page_ref.h``
+(v5.12; v6.18 keeps the same per-page semantics behind folios). Fields:
+
+* ``flags``: the ``PG_*`` bits of :mod:`kvmpoison.mm.page_flags`;
+* ``_refcount``, and ``_mapcount`` which starts at -1 as in the kernel;
+* ``order``: compound order, stored on the head and on every tail;
+* ``mapping``: ``anon_vma | PAGE_MAPPING_ANON`` or an ``address_space``, as
+  an id into :class:`MappingRegistry`; ``index``: the page offset.
+
+Compound heads are naturally aligned, so a tail finds its head from its
+order; the model keeps no per-tail ``compound_head`` pointer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kvmpoison.mm.page_flags import PG, PG_BUDDY_BIT, PG_PGTABLE_BIT, PageFlagBits
+
+PAGE_MAPPING_ANON = 0x1
+PAGE_MAPPING_MOVABLE = 0x2
+PAGE_MAPPING_KSM = PAGE_MAPPING_ANON | PAGE_MAPPING_MOVABLE
+_MAPPING_SHIFT = 2
+
+IntArray = npt.NDArray[np.int64]
+
+
+class MappingRegistry:
+    """Gives ``anon_vma`` and ``address_space`` objects the small ids pages store."""
+
+    def __init__(self) -> None:
+        self._objects: dict[int, Any] = {}
+        self._ids: dict[int, int] = {}
+        self._next = 1
+
+    def encode(self, obj: object, anon: bool) -> int:
+        key = id(obj)
+        ident = self._ids.get(key)
+        if ident is None:
+            ident = self._next
+            self._next += 1
+            self._ids[key] = ident
+            self._objects[ident] = obj
+        return (ident << _MAPPING_SHIFT) | (PAGE_MAPPING_ANON if anon else 0)
+
+    def decode(self, value: int) -> Any:
+        return self._objects.get(int(value) >> _MAPPING_SHIFT)
+
+
+class PageArray:
+    """All ``struct page``s of one machine (the vmemmap)."""
+
+    def __init__(self, nr_pages: int, bits: PageFlagBits):
+        self.nr_pages = nr_pages
+        self.bits = bits
+        self.flags = np.zeros(nr_pages, dtype=np.uint32)
+        self._refcount = np.zeros(nr_pages, dtype=np.int32)
+        self._mapcount = np.full(nr_pages, -1, dtype=np.int32)
+        self.order = np.zeros(nr_pages, dtype=np.uint8)
+        self.mapping = np.zeros(nr_pages, dtype=np.int64)
+        self.index = np.zeros(nr_pages, dtype=np.int64)
+        self.registry = MappingRegistry()
+        # Set by the page allocator: called when a refcount drops to zero.
+        self.release: Callable[[Page], None] | None = None
+
+    def mask(self, flag: PG) -> int:
+        return 1 << self.bits.bit[flag]
+
+    def __getitem__(self, pfn: int) -> Page:
+        if not 0 <= pfn < self.nr_pages:
+            raise IndexError(f"pfn {pfn:#x} has no struct page (memory has {self.nr_pages:#x})")
+        return Page(self, pfn)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.flags, self._refcount, self._mapcount, self.order,
+                                      self.mapping, self.index))
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A ``struct page *``: a handle on one pfn's fields."""
+
+    mem: PageArray
+    pfn: int
+
+    def __repr__(self) -> str:
+        return f"Page(pfn={self.pfn:#x})"
+
+
+def pfn_to_page(mem: PageArray, pfn: int) -> Page:
+    return mem[pfn]
+
+
+def page_to_pfn(page: Page) -> int:
+    return page.pfn
+
+
+# -- flags --------------------------------------------------------------------
+
+
+def PageFlag(page: Page, flag: PG) -> bool:
+    return bool(page.mem.flags[page.pfn] & page.mem.mask(flag))
+
+
+def SetPageFlag(page: Page, flag: PG) -> None:
+    page.mem.flags[page.pfn] |= np.uint32(page.mem.mask(flag))
+
+
+def ClearPageFlag(page: Page, flag: PG) -> None:
+    page.mem.flags[page.pfn] &= np.uint32(~page.mem.mask(flag) & 0xFFFF_FFFF)
+
+
+def TestSetPageFlag(page: Page, flag: PG) -> bool:
+    old = PageFlag(page, flag)
+    SetPageFlag(page, flag)
+    return old
+
+
+def TestClearPageFlag(page: Page, flag: PG) -> bool:
+    old = PageFlag(page, flag)
+    ClearPageFlag(page, flag)
+    return old
+
+
+def PageHWPoison(page: Page) -> bool:
+    """PF_ANY: tested on this very (sub)page, not on its head."""
+    return PageFlag(page, PG.hwpoison)
+
+
+def SetPageHWPoison(page: Page) -> None:
+    SetPageFlag(page, PG.hwpoison)
+
+
+def ClearPageHWPoison(page: Page) -> None:
+    ClearPageFlag(page, PG.hwpoison)
+
+
+def TestSetPageHWPoison(page: Page) -> bool:
+    return TestSetPageFlag(page, PG.hwpoison)
+
+
+def TestClearPageHWPoison(page: Page) -> bool:
+    return TestClearPageFlag(page, PG.hwpoison)
+
+
+def PageLocked(page: Page) -> bool:
+    return PageFlag(compound_head(page), PG.locked)
+
+
+def trylock_page(page: Page) -> bool:
+    return not TestSetPageFlag(compound_head(page), PG.locked)
+
+
+def lock_page(page: Page) -> None:
+    """The model is single-threaded: a page already locked here is a model bug."""
+    if not trylock_page(page):
+        raise AssertionError(f"{page} is already locked")
+
+
+def unlock_page(page: Page) -> None:
+    head = compound_head(page)
+    if not TestClearPageFlag(head, PG.locked):
+        raise AssertionError(f"unlock_page of unlocked {page}")
+
+
+def PageSwapBacked(page: Page) -> bool:
+    return PageFlag(compound_head(page), PG.swapbacked)
+
+
+def PageDirty(page: Page) -> bool:
+    return PageFlag(compound_head(page), PG.dirty)
+
+
+def SetPageDirty(page: Page) -> None:
+    SetPageFlag(compound_head(page), PG.dirty)
+
+
+def PageUptodate(page: Page) -> bool:
+    return PageFlag(compound_head(page), PG.uptodate)
+
+
+def PageBuddy(page: Page) -> bool:
+    return bool(page.mem.flags[page.pfn] >> PG_BUDDY_BIT & 1)
+
+
+def PageTable(page: Page) -> bool:
+    return bool(page.mem.flags[page.pfn] >> PG_PGTABLE_BIT & 1)
+
+
+# -- compound pages -----------------------------------------------------------
+
+
+def PageHead(page: Page) -> bool:
+    return PageFlag(page, PG.head)
+
+
+def compound_order(page: Page) -> int:
+    return int(page.mem.order[page.pfn])
+
+
+def compound_head(page: Page) -> Page:
+    order = int(page.mem.order[page.pfn])
+    if order == 0:
+        return page
+    head = page.pfn & ~((1 << order) - 1)
+    return page if head == page.pfn else Page(page.mem, head)
+
+
+def PageTail(page: Page) -> bool:
+    return compound_head(page).pfn != page.pfn
+
+
+# -- mapping ------------------------------------------------------------------
+
+
+def PageAnon(page: Page) -> bool:
+    head = compound_head(page)
+    return bool(head.mem.mapping[head.pfn] & PAGE_MAPPING_ANON)
+
+
+def page_mapping(page: Page) -> Any:
+    """The ``address_space`` of a file page, or None for anon and unmapped pages."""
+    head = compound_head(page)
+    value = int(head.mem.mapping[head.pfn])
+    if value == 0 or value & PAGE_MAPPING_ANON:
+        return None
+    return head.mem.registry.decode(value)
+
+
+def page_anon_vma(page: Page) -> Any:
+    head = compound_head(page)
+    value = int(head.mem.mapping[head.pfn])
+    if not value & PAGE_MAPPING_ANON:
+        return None
+    return head.mem.registry.decode(value)
+
+
+# -- counts ---------------------------------------------------------------------
+
+
+def page_count(page: Page) -> int:
+    head = compound_head(page)
+    return int(head.mem._refcount[head.pfn])
+
+
+def get_page(page: Page) -> None:
+    head = compound_head(page)
+    if head.mem._refcount[head.pfn] <= 0:
+        raise AssertionError(f"get_page on free {page}")
+    head.mem._refcount[head.pfn] += 1
+
+
+def put_page(page: Page) -> None:
+    """Drop a reference; the last one frees the page through the allocator."""
+    head = compound_head(page)
+    mem = head.mem
+    if mem._refcount[head.pfn] <= 0:
+        raise AssertionError(f"put_page on free {page}")
+    mem._refcount[head.pfn] -= 1
+    if mem._refcount[head.pfn] == 0 and mem.release is not None:
+        mem.release(head)
+
+
+def page_mapcount(page: Page) -> int:
+    return int(page.mem._mapcount[page.pfn]) + 1
+
+
+def page_mapped(page: Page) -> bool:
+    head = compound_head(page)
+    order = compound_order(head)
+    span = slice(head.pfn, head.pfn + (1 << order))
+    return bool((head.mem._mapcount[span] >= 0).any())

@@ -1,0 +1,246 @@
+"""Per-process 4-level page tables whose table pages come from the page allocator.
+
+Follows the x86-64 4-level layout (``arch/x86/include/asm/pgtable_64_types.h``,
+P4D folded): PGD -> PUD -> PMD -> PTE, 512 entries each. Upper levels hold
+raw entries ``pfn | _PAGE_TABLE`` naming the table page below. Every leaf
+PTE table is one row of a machine-wide ``uint64[n, 512]`` store, so range
+operations gather and scatter PTEs with numpy, one chunk per PUD (1 GiB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from kvmpoison.arch.x86.pgtable_types import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_RW,
+    _PAGE_USER,
+    PAGE_SHIFT,
+    PMD_SHIFT,
+    PTRS_PER_PTE,
+    PUD_SHIFT,
+)
+from kvmpoison.mm.page_alloc import BuddyAllocator
+from kvmpoison.mm.page_flags import PG_PGTABLE_BIT
+
+PGDIR_SHIFT = 39
+_PAGE_TABLE = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
+TASK_SIZE = 1 << 47
+_PGTABLE = np.uint32(1 << PG_PGTABLE_BIT)
+
+U64Array = npt.NDArray[np.uint64]
+IntArray = npt.NDArray[np.int64]
+
+
+class PteStore:
+    """Every leaf page-table page of the machine, one ``uint64[512]`` row each."""
+
+    def __init__(self) -> None:
+        self.rows: U64Array = np.zeros((64, PTRS_PER_PTE), dtype=np.uint64)
+        self._free: list[int] = list(range(63, -1, -1))
+
+    def alloc_row(self) -> int:
+        if not self._free:
+            old = len(self.rows)
+            grown = np.zeros((old * 2, PTRS_PER_PTE), dtype=np.uint64)
+            grown[:old] = self.rows
+            self.rows = grown
+            self._free = list(range(2 * old - 1, old - 1, -1))
+        return self._free.pop()
+
+    def free_row(self, row: int) -> None:
+        self.rows[row] = 0
+        self._free.append(row)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.rows.nbytes)
+
+
+class _Table:
+    """A PGD, PUD or PMD page: raw entries plus the model's link to the level below."""
+
+    __slots__ = ("children", "entries", "pfn")
+
+    def __init__(self, pfn: int):
+        self.pfn = pfn
+        self.entries: U64Array = np.zeros(PTRS_PER_PTE, dtype=np.uint64)
+        self.children: list[_Table | int | None] = [None] * PTRS_PER_PTE
+
+
+@dataclass(frozen=True, slots=True)
+class PteChunk:
+    """Leaf PTE slots of a range, at most one PUD (1 GiB) wide.
+
+    ``addr``/``rows``/``cols`` are parallel arrays, one element per page whose
+    PTE table exists; pages without a table are left out.
+    """
+
+    addr: IntArray
+    rows: IntArray
+    cols: IntArray
+
+
+class PageTables:
+    """One mm's page tables."""
+
+    def __init__(self, store: PteStore, alloc: BuddyAllocator):
+        self.store = store
+        self.alloc = alloc
+        self.nr_ptes = 0  # leaf tables, like mm->pgtables_bytes / PAGE_SIZE
+        self.pgd = _Table(self._alloc_table_page())
+
+    def _alloc_table_page(self) -> int:
+        page = self.alloc.alloc_pages(0)
+        if page is None:
+            raise MemoryError("out of memory for page tables")
+        self.alloc.mem.flags[page.pfn] |= _PGTABLE
+        return page.pfn
+
+    def _free_table_page(self, pfn: int) -> None:
+        mem = self.alloc.mem
+        mem.flags[pfn] &= ~_PGTABLE
+        mem._refcount[pfn] = 0
+        self.alloc.free_pages_bulk(np.array([pfn], dtype=np.int64))
+
+    @staticmethod
+    def _index(addr: int, shift: int) -> int:
+        return (addr >> shift) & (PTRS_PER_PTE - 1)
+
+    def _pmd_table(self, addr: int, alloc: bool) -> _Table | None:
+        table = self.pgd
+        for shift in (PGDIR_SHIFT, PUD_SHIFT):
+            i = self._index(addr, shift)
+            child = table.children[i]
+            if child is None:
+                if not alloc:
+                    return None
+                child = _Table(self._alloc_table_page())
+                table.children[i] = child
+                table.entries[i] = np.uint64((child.pfn << PAGE_SHIFT) | _PAGE_TABLE)
+            assert isinstance(child, _Table)
+            table = child
+        return table
+
+    def pte_slot(self, addr: int, alloc: bool = False) -> tuple[int, int] | None:
+        """(row, column) of the PTE for ``addr``; ``alloc`` builds missing tables."""
+        pmd = self._pmd_table(addr, alloc)
+        if pmd is None:
+            return None
+        i = self._index(addr, PMD_SHIFT)
+        row = pmd.children[i]
+        if row is None:
+            if not alloc:
+                return None
+            row = self.store.alloc_row()
+            pfn = self._alloc_table_page()
+            pmd.children[i] = row
+            pmd.entries[i] = np.uint64((pfn << PAGE_SHIFT) | _PAGE_TABLE)
+            self.nr_ptes += 1
+        assert isinstance(row, int)
+        return row, self._index(addr, PAGE_SHIFT)
+
+    def pmd_entry(self, addr: int) -> int:
+        pmd = self._pmd_table(addr, False)
+        return 0 if pmd is None else int(pmd.entries[self._index(addr, PMD_SHIFT)])
+
+    def get(self, addr: int) -> int:
+        """The raw PTE for ``addr`` (0 where no table exists)."""
+        slot = self.pte_slot(addr)
+        return 0 if slot is None else int(self.store.rows[slot])
+
+    def set(self, addr: int, value: int) -> None:
+        """``set_pte_at``; builds tables as needed."""
+        slot = self.pte_slot(addr, alloc=True)
+        assert slot is not None
+        self.store.rows[slot] = np.uint64(value)
+
+    def chunks(self, start: int, end: int, alloc: bool = False) -> Iterator[PteChunk]:
+        """Leaf PTE slots of [start, end), one PUD-sized chunk at a time."""
+        addr = start
+        while addr < end:
+            pud_end = min(((addr >> PUD_SHIFT) + 1) << PUD_SHIFT, end)
+            pmd = self._pmd_table(addr, alloc)
+            if pmd is not None:
+                chunk = self._chunk(pmd, addr, pud_end, alloc)
+                if len(chunk.addr):
+                    yield chunk
+            addr = pud_end
+
+    def _chunk(self, pmd: _Table, start: int, end: int, alloc: bool) -> PteChunk:
+        first = self._index(start, PMD_SHIFT)
+        last = self._index(end - 1, PMD_SHIFT)
+        if alloc:
+            for i in range(first, last + 1):
+                if pmd.children[i] is None:
+                    self.pte_slot((start & ~((1 << PUD_SHIFT) - 1)) | (i << PMD_SHIFT), alloc)
+        rows = np.array([-1 if r is None else r for r in pmd.children[first : last + 1]],
+                        dtype=np.int64)
+        pages = np.arange(start >> PAGE_SHIFT, end >> PAGE_SHIFT, dtype=np.int64)
+        pmd_of_page = (pages >> (PMD_SHIFT - PAGE_SHIFT)) & (PTRS_PER_PTE - 1)
+        page_rows = rows[pmd_of_page - first]
+        have = page_rows >= 0
+        pages = pages[have]
+        return PteChunk(pages << PAGE_SHIFT, page_rows[have], pages & (PTRS_PER_PTE - 1))
+
+    def free_empty_tables(self, start: int, end: int) -> int:
+        """``free_pgd_range``-style: free leaf tables of whole PMD ranges in [start, end)."""
+        freed = 0
+        lo = (start + (1 << PMD_SHIFT) - 1) >> PMD_SHIFT
+        hi = end >> PMD_SHIFT
+        for pmd_no in range(lo, hi):
+            addr = pmd_no << PMD_SHIFT
+            pmd = self._pmd_table(addr, False)
+            if pmd is None:
+                continue
+            i = self._index(addr, PMD_SHIFT)
+            row = pmd.children[i]
+            if row is None:
+                continue
+            assert isinstance(row, int)
+            if self.store.rows[row].any():
+                continue
+            pfn = int(pmd.entries[i]) >> PAGE_SHIFT & ((1 << 40) - 1)
+            pmd.children[i] = None
+            pmd.entries[i] = 0
+            self.store.free_row(row)
+            self._free_table_page(pfn)
+            self.nr_ptes -= 1
+            freed += 1
+        return freed
+
+    def all_table_pfns(self) -> list[int]:
+        out = [self.pgd.pfn]
+        for pud in self.pgd.children:
+            if isinstance(pud, _Table):
+                out.append(pud.pfn)
+                for pmd in pud.children:
+                    if isinstance(pmd, _Table):
+                        out.append(pmd.pfn)
+                        out.extend(int(e) >> PAGE_SHIFT & ((1 << 40) - 1)
+                                   for e, c in zip(pmd.entries, pmd.children, strict=True)
+                                   if c is not None)
+        return out
+
+    def destroy(self) -> None:
+        """Free every table page (exit_mmap); leaf tables must be empty by now."""
+        for pud in self.pgd.children:
+            if not isinstance(pud, _Table):
+                continue
+            for pmd in pud.children:
+                if not isinstance(pmd, _Table):
+                    continue
+                for i, row in enumerate(pmd.children):
+                    if isinstance(row, int):
+                        self.store.free_row(row)
+                        self._free_table_page(int(pmd.entries[i]) >> PAGE_SHIFT & ((1 << 40) - 1))
+                self._free_table_page(pmd.pfn)
+            self._free_table_page(pud.pfn)
+        self._free_table_page(self.pgd.pfn)
+        self.nr_ptes = 0

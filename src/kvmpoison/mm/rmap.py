@@ -1,0 +1,260 @@
+"""Reverse mapping: anon_vma and i_mmap, and ``try_to_unmap``.
+
+Follows ``mm/rmap.c`` (v5.12): an anon page's ``mapping`` is its anon_vma
+and ``index`` its linear page index, so every VMA on that anon_vma's chain
+that covers the index maps it at ``vm_start + (index - vm_pgoff) * PAGE_SIZE``;
+a file page is found the same way through the file's ``i_mmap`` VMAs.
+``try_to_unmap_one``'s hwpoison branch installs ``make_hwpoison_entry``.
+
+TTU flag values follow the modelled kernel: v5.12 has TTU_IGNORE_HWPOISON
+(0x20); from ~v6.0 the same bit is TTU_HWPOISON with the meaning inverted.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvmpoison.arch.x86.pgtable import (
+    pte_none,
+    pte_pfn,
+    pte_pfn_array,
+    pte_present,
+    pte_present_array,
+)
+from kvmpoison.arch.x86.pgtable_64 import __swp_entry_array
+from kvmpoison.arch.x86.pgtable_types import _PAGE_DIRTY, PAGE_SHIFT
+from kvmpoison.kconfig import KernelVersion
+from kvmpoison.mm.mm_types import VM, MmStruct, Vma
+from kvmpoison.mm.page import (
+    Page,
+    PageAnon,
+    PageArray,
+    PageHWPoison,
+    SetPageDirty,
+    compound_head,
+    get_page,
+    page_anon_vma,
+    page_mapped,
+    page_mapping,
+    put_page,
+)
+from kvmpoison.mm.page_flags import PG
+from kvmpoison.mm.swapops import (
+    hwpoison_entry_to_pfn,
+    is_hwpoison_entry,
+    make_hwpoison_entry,
+    pte_to_swp_entry,
+    swp_entry_to_pte,
+)
+
+
+class TTU(enum.IntFlag):
+    """``enum ttu_flags``; IGNORE_HWPOISON (v5.12) and HWPOISON (v6.x) share 0x20."""
+
+    MIGRATION = 0x1
+    MUNLOCK = 0x2
+    SPLIT_HUGE_PMD = 0x4
+    IGNORE_MLOCK = 0x8
+    SYNC = 0x10
+    IGNORE_HWPOISON = 0x20
+    BATCH_FLUSH = 0x40
+    RMAP_LOCKED = 0x80
+
+
+TTU_HWPOISON = TTU.IGNORE_HWPOISON  # v6.x name for bit 0x20, inverted meaning
+
+
+@dataclass(eq=False)
+class AnonVma:
+    """``struct anon_vma``; ``vmas`` is the set its anon_vma_chain links to."""
+
+    vmas: list[Vma] = field(default_factory=list)
+    parent: AnonVma | None = None
+
+    def __repr__(self) -> str:
+        return f"AnonVma(vmas={len(self.vmas)})"
+
+
+def anon_vma_prepare(vma: Vma) -> AnonVma:
+    if vma.anon_vma is None:
+        av = AnonVma(vmas=[vma])
+        vma.anon_vma = av
+        vma.anon_vma_chain.append(av)
+    return vma.anon_vma
+
+
+def anon_vma_fork(child: Vma, parent: Vma) -> None:
+    """Link the child VMA into every anon_vma of the parent and give it its own."""
+    for av in parent.anon_vma_chain:
+        av.vmas.append(child)
+        child.anon_vma_chain.append(av)
+    if parent.anon_vma is not None:
+        own = AnonVma(vmas=[child], parent=parent.anon_vma)
+        child.anon_vma = own
+        child.anon_vma_chain.append(own)
+
+
+def unlink_anon_vmas(vma: Vma) -> None:
+    for av in vma.anon_vma_chain:
+        if vma in av.vmas:
+            av.vmas.remove(vma)
+    vma.anon_vma_chain.clear()
+
+
+def mapping_encode(mem: PageArray, obj: Any, anon: bool) -> int:
+    return mem.registry.encode(obj, anon)
+
+
+def page_add_new_anon_rmap(page: Page, vma: Vma, address: int) -> None:
+    av = anon_vma_prepare(vma)
+    mem = page.mem
+    mem.mapping[page.pfn] = mapping_encode(mem, av, True)
+    mem.index[page.pfn] = vma.linear_page_index(address)
+    mem._mapcount[page.pfn] = 0
+
+
+def page_add_rmap(page: Page) -> None:
+    """``page_add_anon_rmap`` / ``page_add_file_rmap`` for an already-mapped-somewhere page."""
+    page.mem._mapcount[page.pfn] += 1
+
+
+def page_remove_rmap(page: Page) -> None:
+    mem = page.mem
+    if mem._mapcount[page.pfn] < 0:
+        raise AssertionError(f"page_remove_rmap: {page} is not mapped")
+    mem._mapcount[page.pfn] -= 1
+
+
+def _rmap_vmas(page: Page) -> list[Vma]:
+    if PageAnon(page):
+        av = page_anon_vma(page)
+        return list(av.vmas) if av is not None else []
+    mapping = page_mapping(page)
+    return list(getattr(mapping, "i_mmap", []))
+
+
+def vma_address(page: Page, vma: Vma) -> int | None:
+    head = compound_head(page)
+    index = int(head.mem.index[head.pfn]) + (page.pfn - head.pfn)
+    addr = vma.vm_start + ((index - vma.vm_pgoff) << PAGE_SHIFT)
+    return addr if vma.vm_start <= addr < vma.vm_end else None
+
+
+def rmap_walk(page: Page) -> Iterator[tuple[Vma, int]]:
+    """(vma, address) for every place the page may be mapped."""
+    for vma in _rmap_vmas(page):
+        addr = vma_address(page, vma)
+        if addr is not None:
+            yield vma, addr
+
+
+def page_vma_mapped(page: Page, vma: Vma, addr: int) -> bool:
+    """``check_pte``: a present PTE of this pfn (or, with the v1 hook, its hwpoison entry)."""
+    mm = vma.vm_mm
+    pte = mm.pgd.get(addr)
+    if pte_none(pte):
+        return False
+    if pte_present(pte):
+        return pte_pfn(pte) == page.pfn
+    if not mm.core.hooks.check_pte_sees_hwpoison:
+        return False
+    entry = pte_to_swp_entry(pte, mm.core.kcfg)
+    return is_hwpoison_entry(entry, mm.core.swap_types) and hwpoison_entry_to_pfn(entry) == page.pfn
+
+
+def _installs_hwpoison(mm: MmStruct, page: Page, flags: TTU) -> bool:
+    if not PageHWPoison(page):
+        return False
+    if mm.core.kcfg.version >= KernelVersion.V6_18:
+        return bool(flags & TTU_HWPOISON)
+    return not flags & TTU.IGNORE_HWPOISON
+
+
+def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU) -> bool:
+    mm = vma.vm_mm
+    core = mm.core
+    if not flags & TTU.IGNORE_MLOCK and vma.vm_flags & VM.LOCKED:
+        return False
+    pteval = mm.pgd.get(addr)
+    mm.pgd.set(addr, 0)
+    core.flush_tlb_range(mm, addr, addr + (1 << PAGE_SHIFT))
+    if pteval & _PAGE_DIRTY:
+        SetPageDirty(page)
+    anon = PageAnon(page)
+    if _installs_hwpoison(mm, page, flags):
+        entry = make_hwpoison_entry(page.pfn, core.swap_types)
+        mm.pgd.set(addr, swp_entry_to_pte(entry))
+        if core.hooks.hwpoison_entry_holds_ref:
+            get_page(page)
+    if anon:
+        mm.rss_anon -= 1
+    else:
+        mm.rss_file -= 1
+    page_remove_rmap(page)
+    put_page(page)
+    return True
+
+
+def try_to_unmap(page: Page, flags: TTU) -> bool:
+    """Unmap ``page`` from every mm; True when nothing maps it any more."""
+    for vma, addr in rmap_walk(page):
+        mapped = page_vma_mapped(page, vma, addr) and pte_present(vma.vm_mm.pgd.get(addr))
+        if mapped and not try_to_unmap_one(page, vma, addr, flags):
+            break
+    return not page_mapped(page)
+
+
+def try_to_unmap_pages_hwpoison(mem: PageArray, pfns: np.ndarray, vmas: list[Vma],
+                                holds_ref: bool) -> int:
+    """Bulk hwpoison unmap of order-0 pages that share one rmap set (``vmas``).
+
+    The vectorised counterpart of calling ``try_to_unmap(TTU_IGNORE_MLOCK)`` on
+    each PageHWPoison page: every present PTE of those pages becomes a hwpoison
+    entry; returns the number of PTEs replaced.
+    """
+    if not len(pfns) or not vmas:
+        return 0
+    pfns = np.asarray(pfns, dtype=np.int64)
+    order = np.argsort(pfns)
+    sorted_pfns = pfns[order]
+    replaced = 0
+    index = mem.index[sorted_pfns]
+    for vma in vmas:
+        mm = vma.vm_mm
+        core = mm.core
+        addrs = vma.vm_start + ((index - vma.vm_pgoff) << PAGE_SHIFT)
+        inside = (addrs >= vma.vm_start) & (addrs < vma.vm_end)
+        if not inside.any():
+            continue
+        lo, hi = int(addrs[inside].min()), int(addrs[inside].max()) + (1 << PAGE_SHIFT)
+        store = core.ptes.rows
+        for chunk in mm.pgd.chunks(lo, hi):
+            ptes = store[chunk.rows, chunk.cols]
+            present = pte_present_array(ptes)
+            pte_pfns = pte_pfn_array(ptes)
+            pos = np.searchsorted(sorted_pfns, pte_pfns)
+            pos[pos == len(sorted_pfns)] = 0
+            hit = present & (sorted_pfns[pos] == pte_pfns)
+            if not hit.any():
+                continue
+            hit_pfns = pte_pfns[hit]
+            dirty = (ptes[hit] & np.uint64(_PAGE_DIRTY)) != 0
+            mem.flags[hit_pfns[dirty]] |= np.uint32(mem.mask(PG.dirty))
+            types = core.swap_types
+            assert types.hwpoison is not None
+            store[chunk.rows[hit], chunk.cols[hit]] = __swp_entry_array(
+                types.hwpoison, hit_pfns.astype(np.uint64))
+            np.subtract.at(mem._mapcount, hit_pfns, 1)
+            if not holds_ref:
+                np.subtract.at(mem._refcount, hit_pfns, 1)
+            anon = (mem.mapping[hit_pfns] & 1) != 0
+            mm.rss_anon -= int(anon.sum())
+            mm.rss_file -= int((~anon).sum())
+            replaced += int(hit.sum())
+        core.flush_tlb_range(mm, lo, hi)
+    return replaced

@@ -1,0 +1,96 @@
+"""memfd_secret(2): memory mapped only in its owner's page tables.
+
+Follows ``mm/secretmem.c`` (v5.14+): VMAs are VM_LOCKED|VM_DONTDUMP and
+MAP_SHARED only; faults allocate a page, take it out of the kernel direct
+map and cache it; read/write are -EINVAL, fallocate -EOPNOTSUPP, and only
+the first ftruncate may set the size. GUP refuses these VMAs
+(``check_vma_flags``), so O_DIRECT, vmsplice, process_vm_* and FOLL_FORCE
+users all fail while the owner's loads, stores and uaccess work.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvmpoison.mm.core import MmCore
+from kvmpoison.mm.file import O_CLOEXEC, File, Inode
+from kvmpoison.mm.mm_types import VM, Vma, VmFault, VmFaultInfo
+from kvmpoison.mm.page import get_page
+from kvmpoison.mm.page_flags import PG
+from kvmpoison.mm.shmem import new_inode
+from kvmpoison.mm.uaccess import IovIter
+
+
+@dataclass
+class SecretmemVmOps:
+    sm: Secretmem
+    inode: Inode
+
+    def fault(self, vmf: VmFaultInfo) -> VmFault:
+        return self.sm.secretmem_fault(self.inode, vmf)
+
+
+class Secretmem:
+    kind = "secretmem"
+
+    def __init__(self, core: MmCore):
+        self.core = core
+        self.sized = False
+        self.direct_map_invalid: set[int] = set()  # pfns removed from the direct map
+
+    def read_iter(self, file: File, pos: int, to: IovIter) -> int:
+        return -errno.EINVAL
+
+    def write_iter(self, file: File, pos: int, src: IovIter) -> int:
+        return -errno.EINVAL
+
+    def mmap(self, file: File, vma: Vma) -> int:
+        if not vma.vm_flags & VM.SHARED:
+            return -errno.EINVAL
+        vma.vm_flags |= VM.LOCKED | VM.DONTDUMP
+        vma.vm_ops = SecretmemVmOps(self, file.f_inode)
+        return 0
+
+    def secretmem_fault(self, inode: Inode, vmf: VmFaultInfo) -> VmFault:
+        core = self.core
+        if vmf.pgoff >= inode.nr_pages:
+            return VmFault.SIGBUS
+        mapping = inode.mapping
+        assert mapping is not None
+        pfn = mapping.lookup(vmf.pgoff)
+        if pfn is None:
+            page = core.buddy.alloc_pages(0)
+            if page is None:
+                return VmFault.OOM
+            core.clear_pages(np.array([page.pfn], dtype=np.int64))
+            core.pages.flags[page.pfn] |= np.uint32(core.pages.bits.mask(
+                PG.uptodate, PG.unevictable, PG.mlocked))
+            self.direct_map_invalid.add(page.pfn)  # set_direct_map_invalid_noflush
+            mapping.add_to_page_cache(page, vmf.pgoff)
+            pfn = page.pfn
+        get_page(core.pages[pfn])
+        vmf.page = pfn
+        return VmFault(0)
+
+    def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
+        return -errno.EOPNOTSUPP
+
+    def setattr_size(self, file: File, size: int) -> int:
+        if self.sized and size != file.f_inode.i_size:
+            return -errno.EINVAL
+        self.sized = True
+        file.f_inode.i_size = size
+        return 0
+
+    def fsync(self, file: File) -> int:
+        return 0
+
+
+def memfd_secret(core: MmCore, flags: int) -> File | int:
+    if flags & ~O_CLOEXEC:
+        return -errno.EINVAL
+    return File(name="secretmem", f_inode=new_inode(core, "secretmem"), f_op=Secretmem(core),
+                fmode_pread=True)

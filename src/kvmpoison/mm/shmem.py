@@ -1,0 +1,225 @@
+"""shmem/tmpfs and memfd: swap-backed page-cache files.
+
+Follows ``mm/shmem.c`` (v5.12; v5.16+ keeps a hwpoisoned page in the cache
+and fails reads and writes of it with -EIO, which the RFC's patch 09 also
+does through ``shmem_getpage_gfp``). Pages are PG_swapbacked, so the RFC
+may protect them; they are never swapped out by the model.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from itertools import count
+
+import numpy as np
+import numpy.typing as npt
+
+from kvmpoison.arch.x86.pgtable import pfn_pte_array, pte_none_array
+from kvmpoison.arch.x86.pgtable_types import _PAGE_ACCESSED, _PAGE_DIRTY, PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.kconfig import KernelVersion
+from kvmpoison.mm.core import MmCore
+from kvmpoison.mm.file import AddressSpace, File, Inode
+from kvmpoison.mm.filemap import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    filemap_read,
+    generic_perform_write,
+    truncate_inode_pages_range,
+)
+from kvmpoison.mm.memory import maybe_mkwrite
+from kvmpoison.mm.mm_types import VM, Vma, VmFault, VmFaultInfo
+from kvmpoison.mm.page import PageHWPoison, get_page
+from kvmpoison.mm.page_flags import PG
+from kvmpoison.mm.uaccess import IovIter
+
+MFD_CLOEXEC = 0x1
+MFD_ALLOW_SEALING = 0x2
+MFD_HUGETLB = 0x4
+
+SGP_READ, SGP_CACHE, SGP_WRITE = 0, 1, 2
+
+_inodes = count(1000)
+IntArray = npt.NDArray[np.int64]
+
+
+def new_inode(core: MmCore, kind: str, size: int = 0) -> Inode:
+    inode = Inode(ino=next(_inodes), kind=kind, i_size=size)
+    inode.mapping = AddressSpace(inode, core.pages)
+    return inode
+
+
+@dataclass
+class ShmemVmOps:
+    shmem: Shmem
+    inode: Inode
+
+    def fault(self, vmf: VmFaultInfo) -> VmFault:
+        return self.shmem.shmem_fault(self.inode, vmf)
+
+    def populate_bulk(self, vma: Vma, start: int, end: int, write: bool) -> int:
+        return self.shmem.populate_bulk(self.inode, vma, start, end, write)
+
+
+class Shmem:
+    """``shmem_file_operations`` plus the page getter the RFC patches."""
+
+    kind = "shmem"
+
+    def __init__(self, core: MmCore):
+        self.core = core
+
+    def _page_flags(self) -> np.uint32:
+        return np.uint32(self.core.pages.bits.mask(PG.swapbacked, PG.uptodate, PG.lru))
+
+    def poisoned_is_eio(self) -> bool:
+        core = self.core
+        return core.hooks.shmem_getpage_fails_poisoned or core.kcfg.version >= KernelVersion.V6_18
+
+    def shmem_getpage_gfp(self, inode: Inode, index: int, sgp: int) -> tuple[int | None, int]:
+        """(pfn or None for a hole on read, 0 or -errno)."""
+        core = self.core
+        mapping = inode.mapping
+        assert mapping is not None
+        if sgp != SGP_READ and index >= inode.nr_pages and sgp != SGP_WRITE:
+            return None, -errno.EINVAL
+        pfn = mapping.lookup(index)
+        if pfn is not None:
+            if PageHWPoison(core.pages[pfn]) and self.poisoned_is_eio():
+                return None, -errno.EIO
+            return pfn, 0
+        if sgp == SGP_READ:
+            return None, 0
+        page = core.buddy.alloc_pages(0)
+        if page is None:
+            return None, -errno.ENOMEM
+        core.clear_pages(np.array([page.pfn], dtype=np.int64))
+        core.pages.flags[page.pfn] |= self._page_flags()
+        mapping.add_to_page_cache(page, index)
+        return page.pfn, 0
+
+    def read_iter(self, file: File, pos: int, to: IovIter) -> int:
+        inode = file.f_inode
+        return filemap_read(self.core, inode, pos, to,
+                            lambda i: self.shmem_getpage_gfp(inode, i, SGP_READ))
+
+    def write_iter(self, file: File, pos: int, src: IovIter) -> int:
+        inode = file.f_inode
+        return generic_perform_write(self.core, inode, pos, src,
+                                     lambda i: self.shmem_getpage_gfp(inode, i, SGP_WRITE))
+
+    def mmap(self, file: File, vma: Vma) -> int:
+        vma.vm_ops = ShmemVmOps(self, file.f_inode)
+        return 0
+
+    def shmem_fault(self, inode: Inode, vmf: VmFaultInfo) -> VmFault:
+        if vmf.pgoff >= inode.nr_pages:
+            return VmFault.SIGBUS
+        pfn, err = self.shmem_getpage_gfp(inode, vmf.pgoff, SGP_CACHE)
+        if err:
+            return VmFault.OOM if err == -errno.ENOMEM else VmFault.SIGBUS  # vmf_error
+        assert pfn is not None
+        get_page(self.core.pages[pfn])
+        vmf.page = pfn
+        return VmFault(0)
+
+    def populate_bulk(self, inode: Inode, vma: Vma, start: int, end: int, write: bool) -> int:
+        """Vectorised shmem_fault + finish_fault over the none PTEs of [start, end)."""
+        core = self.core
+        mm = vma.vm_mm
+        mapping = inode.mapping
+        assert mapping is not None
+        limit = vma.vm_start + ((inode.nr_pages - vma.vm_pgoff) << PAGE_SHIFT)
+        end = min(end, max(start, limit))
+        mem = core.pages
+        for chunk in mm.pgd.chunks(start, end, alloc=True):
+            store = core.ptes.rows
+            ptes = store[chunk.rows, chunk.cols]
+            none = pte_none_array(ptes)
+            stop = len(ptes) if none.all() else int(np.argmin(none))
+            idx = ((chunk.addr[:stop] - vma.vm_start) >> PAGE_SHIFT) + vma.vm_pgoff
+            cached = mapping.lookup_range(int(idx[0]), len(idx)).copy() if stop else idx
+            if stop:
+                poisoned = (cached >= 0) & ((mem.flags[np.maximum(cached, 0)]
+                                             & np.uint32(mem.mask(PG.hwpoison))) != 0)
+                if poisoned.any():
+                    stop = int(np.argmax(poisoned))
+                    idx, cached = idx[:stop], cached[:stop]
+                holes = np.flatnonzero(cached < 0)
+                if len(holes):
+                    pfns = core.buddy.alloc_pages_bulk(len(holes))
+                    if len(pfns) < len(holes):
+                        mem._refcount[pfns] = 0
+                        core.buddy.free_pages_bulk(pfns)
+                        return int(chunk.addr[0])
+                    core.clear_pages(pfns)
+                    mem.flags[pfns] |= self._page_flags()
+                    mapping.add_bulk(pfns, idx[holes])
+                    cached[holes] = pfns
+                prot = vma.vm_page_prot | _PAGE_ACCESSED
+                if write:
+                    prot = maybe_mkwrite(prot | _PAGE_DIRTY, vma)
+                    mem.flags[cached] |= np.uint32(mem.mask(PG.dirty))
+                store[chunk.rows[:stop], chunk.cols[:stop]] = pfn_pte_array(cached, prot)
+                mem._mapcount[cached] += 1
+                mem._refcount[cached] += 1
+                mm.rss_shmem += stop
+            if stop < len(ptes):
+                return int(chunk.addr[stop])
+        return end
+
+    def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
+        inode = file.f_inode
+        if offset < 0 or length <= 0:
+            return -errno.EINVAL
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
+            return -errno.EOPNOTSUPP
+        mapping = inode.mapping
+        assert mapping is not None
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            if not mode & FALLOC_FL_KEEP_SIZE:
+                return -errno.EOPNOTSUPP
+            first = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT
+            truncate_inode_pages_range(self.core, mapping, first, (offset + length) >> PAGE_SHIFT)
+            return 0
+        end = offset + length
+        for index in range(offset >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT):
+            _, err = self.shmem_getpage_gfp(inode, index, SGP_WRITE)
+            if err:
+                return err
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            inode.i_size = max(inode.i_size, end)
+        return 0
+
+    def setattr_size(self, file: File, size: int) -> int:
+        inode = file.f_inode
+        if size < 0:
+            return -errno.EINVAL
+        if size < inode.i_size and inode.mapping is not None:
+            truncate_inode_pages_range(self.core, inode.mapping,
+                                       (size + PAGE_SIZE - 1) >> PAGE_SHIFT, 1 << 40)
+        inode.i_size = size
+        return 0
+
+    def fsync(self, file: File) -> int:
+        return 0
+
+
+def memfd_create(core: MmCore, name: str, flags: int) -> File | int:
+    if flags & ~(MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB):
+        return -errno.EINVAL
+    if flags & MFD_HUGETLB:
+        return -errno.EINVAL  # hugetlbfs is not modelled (the pool here is empty anyway)
+    return File(name=f"memfd:{name}", f_inode=new_inode(core, "shmem"), f_op=Shmem(core))
+
+
+def shmem_zero_setup(core: MmCore, vma: Vma) -> int:
+    """MAP_SHARED|MAP_ANONYMOUS: back the VMA with an unnamed shmem file."""
+    file = File(name="/dev/zero (deleted)",
+                f_inode=new_inode(core, "shmem", vma.vm_end - vma.vm_start), f_op=Shmem(core))
+    vma.vm_file = file
+    vma.vm_pgoff = 0
+    return file.f_op.mmap(file, vma)
+
+
+__all__ = ["VM", "Shmem", "memfd_create", "new_inode", "shmem_zero_setup"]

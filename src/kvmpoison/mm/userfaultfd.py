@@ -1,0 +1,78 @@
+"""userfaultfd: registration and ``UFFDIO_POISON``.
+
+Follows ``fs/userfaultfd.c`` and ``mm/userfaultfd.c`` (v6.6+ for POISON:
+``mfill_atomic_pte_poison`` installs ``PTE_MARKER_POISONED`` where the PTE
+is none, -EEXIST otherwise). Missing faults on a registered range are not
+served by a monitor in the model: they end as VM_FAULT_SIGBUS, which is what
+``UFFD_FEATURE_SIGBUS`` gives.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvmpoison.arch.x86.pgtable import pte_none_array
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.mm.mm_types import VM, MmStruct
+from kvmpoison.mm.mmap import range_is_mapped, vmas_in_range
+from kvmpoison.mm.swapops import PteMarker, make_pte_marker_entry, swp_entry_to_pte
+
+UFFDIO_REGISTER_MODE_MISSING = 1 << 0
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+UFFDIO_REGISTER_MODE_MINOR = 1 << 2
+
+
+@dataclass(eq=False)
+class UffdCtx:
+    """``struct userfaultfd_ctx``."""
+
+    mm: MmStruct
+    features: int = 0
+
+
+def userfaultfd_register(ctx: UffdCtx, start: int, length: int, mode: int) -> int:
+    mm = ctx.mm
+    if start & (PAGE_SIZE - 1) or length & (PAGE_SIZE - 1) or not length:
+        return -errno.EINVAL
+    if not mode or mode & ~(UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP
+                            | UFFDIO_REGISTER_MODE_MINOR):
+        return -errno.EINVAL
+    if not range_is_mapped(mm, start, start + length):
+        return -errno.EINVAL
+    for vma in vmas_in_range(mm, start, start + length, split=True):
+        if mode & UFFDIO_REGISTER_MODE_MISSING:
+            vma.vm_flags |= VM.UFFD_MISSING
+        if mode & UFFDIO_REGISTER_MODE_WP:
+            vma.vm_flags |= VM.UFFD_WP
+        vma.uffd_ctx = ctx
+    return 0
+
+
+def mfill_atomic_poison(ctx: UffdCtx, start: int, length: int) -> int:
+    """UFFDIO_POISON: returns pages poisoned (``updated``) or -errno."""
+    mm = ctx.mm
+    core = mm.core
+    if start & (PAGE_SIZE - 1) or length & (PAGE_SIZE - 1) or not length:
+        return -errno.EINVAL
+    if core.swap_types.pte_marker is None:
+        return -errno.EINVAL  # no such ioctl before v6.6
+    vmas = vmas_in_range(mm, start, start + length, split=False)
+    if not vmas or not range_is_mapped(mm, start, start + length) or any(
+            v.uffd_ctx is not ctx for v in vmas):
+        return -errno.ENOENT
+    marker = np.uint64(swp_entry_to_pte(make_pte_marker_entry(PteMarker.POISONED,
+                                                              core.swap_types)))
+    done = 0
+    for chunk in mm.pgd.chunks(start, start + length, alloc=True):
+        store = core.ptes.rows
+        ptes = store[chunk.rows, chunk.cols]
+        none = pte_none_array(ptes)
+        stop = len(ptes) if none.all() else int(np.argmin(none))
+        store[chunk.rows[:stop], chunk.cols[:stop]] = marker
+        done += stop
+        if stop < len(ptes):
+            return done << PAGE_SHIFT if done else -errno.EEXIST
+    return done << PAGE_SHIFT
