@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from kvmpoison.cli import demo, pte
+from kvmpoison.cli import demo, matrix, pte
 from kvmpoison.cli.errors import CliError
 
 app = typer.Typer(
@@ -17,6 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("demo")(demo.demo)
+app.command("matrix")(matrix.matrix)
 app.add_typer(pte.app, name="pte")
 
 

@@ -421,10 +421,10 @@ def _put_pages_bulk(core: MmCore, pfns: IntArray) -> None:
         raise AssertionError("put_page on a free page")
     dead = uniq[mem._refcount[uniq] == 0]
     if len(dead):
-        order0 = dead[mem.order[dead] == 0]
-        core.buddy.free_pages_bulk(order0)
+        compound = mem.order[dead] != 0  # read before freeing rewrites ``order``
+        core.buddy.free_pages_bulk(dead[~compound])
         assert mem.release is not None
-        for head in dead[mem.order[dead] != 0]:
+        for head in dead[compound]:
             mem.release(mem[int(head)])
 
 

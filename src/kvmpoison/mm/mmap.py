@@ -126,6 +126,21 @@ def range_is_mapped(mm: MmStruct, start: int, end: int) -> bool:
     return addr >= end
 
 
+def free_pgtables(mm: MmStruct, start: int, end: int) -> None:
+    """Free leaf tables of [start, end) between the neighbouring VMAs (floor/ceiling)."""
+    pmd = 1 << 21
+    lo, hi = start & ~(pmd - 1), (end + pmd - 1) & ~(pmd - 1)
+    for vma in mm.vmas:
+        if vma.vm_end <= lo or vma.vm_start >= hi:
+            continue
+        if vma.vm_end <= start:
+            lo = max(lo, (vma.vm_end + pmd - 1) & ~(pmd - 1))
+        elif vma.vm_start >= end:
+            hi = min(hi, vma.vm_start & ~(pmd - 1))
+    if lo < hi:
+        mm.pgd.free_empty_tables(lo, hi)
+
+
 def do_munmap(mm: MmStruct, start: int, length: int) -> int:
     if start & (PAGE_SIZE - 1) or start >= TASK_SIZE or length > TASK_SIZE - start:
         return -errno.EINVAL
@@ -136,7 +151,7 @@ def do_munmap(mm: MmStruct, start: int, length: int) -> int:
     for vma in vmas_in_range(mm, start, end, split=True):
         zap_page_range(vma, vma.vm_start, vma.vm_end)
         _remove_vma(mm, vma)
-    mm.pgd.free_empty_tables(start, end)
+    free_pgtables(mm, start, end)
     return 0
 
 

@@ -11,7 +11,7 @@ import errno
 
 import numpy as np
 
-from kvmpoison.arch.x86.pgtable import pte_modify_array, pte_present_array
+from kvmpoison.arch.x86.pgtable import pte_modify_array, pte_pfn_array, pte_present_array
 from kvmpoison.arch.x86.pgtable_types import _PAGE_DIRTY, _PAGE_RW, _PAGE_SPECIAL, PAGE_SIZE
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.mmap import (
@@ -45,8 +45,7 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
         if private_write:
             # An exclusive, dirty anonymous page can be made writable at once.
             normal = (old & np.uint64(_PAGE_SPECIAL)) == 0
-            pfns = (old >> np.uint64(12)) & np.uint64((1 << 40) - 1)
-            pfns = pfns.astype(np.int64)
+            pfns = pte_pfn_array(old)
             exclusive = normal & ((mem.mapping[pfns] & 1) != 0) & (mem._mapcount[pfns] == 0)
             dirty = (old & np.uint64(_PAGE_DIRTY)) != 0
             new = np.where(exclusive & dirty, new | np.uint64(_PAGE_RW), new)

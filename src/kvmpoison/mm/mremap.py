@@ -25,6 +25,7 @@ from kvmpoison.mm.mmap import (
     _insert_vma,
     _remove_vma,
     do_munmap,
+    free_pgtables,
     get_unmapped_area,
     page_align,
     split_vma,
@@ -74,7 +75,7 @@ def move_vma(mm: MmStruct, vma: Vma, old_addr: int, old_len: int, new_len: int,
     if flags & MREMAP_DONTUNMAP:
         return new_addr
     _remove_vma(mm, vma)
-    mm.pgd.free_empty_tables(old_addr, old_addr + old_len)
+    free_pgtables(mm, old_addr, old_addr + old_len)
     if vma.vm_flags & VM.LOCKED:
         mm.locked_vm += new.npages
     return new_addr

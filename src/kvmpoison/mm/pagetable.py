@@ -190,10 +190,13 @@ class PageTables:
         return PteChunk(pages << PAGE_SHIFT, page_rows[have], pages & (PTRS_PER_PTE - 1))
 
     def free_empty_tables(self, start: int, end: int) -> int:
-        """``free_pgd_range``-style: free leaf tables of whole PMD ranges in [start, end)."""
+        """``free_pgd_range``: free the empty leaf tables of the PMD ranges [start, end) touches.
+
+        The caller passes a range no VMA uses any more (floor/ceiling applied).
+        """
         freed = 0
-        lo = (start + (1 << PMD_SHIFT) - 1) >> PMD_SHIFT
-        hi = end >> PMD_SHIFT
+        lo = start >> PMD_SHIFT
+        hi = (end + (1 << PMD_SHIFT) - 1) >> PMD_SHIFT
         for pmd_no in range(lo, hi):
             addr = pmd_no << PMD_SHIFT
             pmd = self._pmd_table(addr, False)

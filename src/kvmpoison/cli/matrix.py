@@ -1,0 +1,53 @@
+"""``kvmpoison matrix``: what each host access path gets, per backing."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from kvmpoison.cli.errors import CliError, Format
+from kvmpoison.kconfig import KernelConfig, KernelVersion
+from kvmpoison.matrix import protocol
+from kvmpoison.matrix.model import run_matrix
+from kvmpoison.report.table import render_json, render_md, render_rich
+
+
+def _pick(text: str | None, known: tuple[str, ...], what: str) -> tuple[str, ...]:
+    if text is None:
+        return known
+    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [x for x in chosen if x not in known]
+    if unknown or not chosen:
+        raise CliError(f"unknown {what} {', '.join(unknown) or repr(text)} "
+                       f"(known: {', '.join(known)})")
+    return chosen
+
+
+def matrix(
+    backings: Annotated[str | None, typer.Option(help="Comma-separated backing ids.")] = None,
+    paths: Annotated[str | None, typer.Option(help="Comma-separated path ids.")] = None,
+    kernel: Annotated[str, typer.Option(help="Modelled kernel: 5.12 or 6.18.")] = "6.18",
+    memory_failure: Annotated[bool, typer.Option(
+        "--memory-failure/--no-memory-failure",
+        help="CONFIG_MEMORY_FAILURE (off on this machine's kernel).")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
+) -> None:
+    """Run the MATRIX.md access matrix on the model."""
+    try:
+        version = KernelVersion.parse(kernel)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    cols = _pick(backings, protocol.BACKINGS, "backing")
+    rows = _pick(paths, protocol.PATHS, "path")
+    kcfg = KernelConfig(version=version, memory_failure=memory_failure)
+    grid = {(c.path, c.backing): c.cell for c in run_matrix(kcfg, rows, cols)}
+    title = f"model, kernel {version.value}, MEMORY_FAILURE={'y' if memory_failure else 'n'}"
+    if fmt is Format.JSON:
+        print(render_json({"source": "model", "kernel": version.value,
+                           "memory_failure": memory_failure}, rows, cols, grid))
+    elif fmt is Format.MD:
+        print(render_md(title, rows, cols, grid))
+    else:
+        render_rich(title, rows, cols, grid, Console())
