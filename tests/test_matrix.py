@@ -21,8 +21,9 @@ def test_protocol_has_32_paths_and_8_backings() -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_every_cell_equals_the_real_kernel(this_machine: dict[tuple[str, str], str],
-                                           path: str) -> None:
+def test_every_cell_equals_the_real_kernel(
+    this_machine: dict[tuple[str, str], str], path: str
+) -> None:
     model = tuple(this_machine[(path, b)] for b in BACKINGS)
     assert model == real_6_18.TABLE[path]
     assert all(is_cell(c) for c in model)

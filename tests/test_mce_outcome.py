@@ -116,3 +116,11 @@ def test_non_cells_are_rejected(text: str) -> None:
 def test_error_requires_positive_errno() -> None:
     with pytest.raises(ValueError, match="positive"):
         Outcome.error(0)
+
+
+@pytest.mark.parametrize(
+    ("value", "name"),
+    [(95, "EOPNOTSUPP"), (11, "EAGAIN"), (133, "EHWPOISON"), (5, "EIO"), (14, "EFAULT")],
+)
+def test_errno_names_follow_the_kernel_headers(value: int, name: str) -> None:
+    assert Outcome.error(value).cell == f"err:{name}"

@@ -71,8 +71,7 @@ def test_mprotect_rewrites_ptes_and_back() -> None:
     p = proc(k)
     addr = anon(p, 64, fill=7)
     ok(p.mprotect(addr, 64 * PAGE, PROT_NONE))
-    assert all(decode(p.mm.pgd.get(addr + i * PAGE), k.kcfg).kind == "protnone"
-               for i in range(64))
+    assert all(decode(p.mm.pgd.get(addr + i * PAGE), k.kcfg).kind == "protnone" for i in range(64))
     assert p.load(addr, 1).cell == "sig:SIGSEGV:SEGV_ACCERR"
     q = proc(k)
     addr = anon(q, 4, fill=7)

@@ -109,8 +109,10 @@ def test_compound_pages() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=8),
-       st.randoms(use_true_random=False))
+@given(
+    st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=8),
+    st.randoms(use_true_random=False),
+)
 def test_alloc_free_in_any_order_conserves_pages(sizes: list[int], rnd) -> None:
     buddy = fresh()
     batches = [buddy.alloc_pages_bulk(n) for n in sizes]

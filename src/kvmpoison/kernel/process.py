@@ -22,7 +22,7 @@ from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.kernel.ptrace import generic_ptrace_peekdata, generic_ptrace_pokedata
 from kvmpoison.kernel.task import Task, force_sig_info
 from kvmpoison.mm.fault import translate
-from kvmpoison.mm.file import O_ACCMODE, O_RDONLY, O_WRONLY, File, Inode
+from kvmpoison.mm.file import O_ACCMODE, O_RDONLY, O_WRONLY, File, Inode, filemap_sample_wb_err
 from kvmpoison.mm.filemap import RegularFile
 from kvmpoison.mm.madvise import do_madvise
 from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, memory_failure
@@ -165,7 +165,8 @@ class Process:
         inode = self.kernel.files.get(path)
         if inode is None:
             return Outcome.error(errno.ENOENT)
-        file = File(name=path, f_inode=inode, f_op=RegularFile(self.kernel.core), f_flags=flags)
+        file = File(name=path, f_inode=inode, f_op=RegularFile(self.kernel.core), f_flags=flags,
+                    f_wb_err=filemap_sample_wb_err(inode.mapping))
         return Outcome.ret(self.task.alloc_fd(file))
 
     def install(self, file: File) -> int:

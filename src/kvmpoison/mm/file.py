@@ -51,6 +51,7 @@ class AddressSpace:
         self.i_mmap: list[Vma] = []
         self.flags = 0
         self.wb_err = 0
+        self.wb_err_seen = True  # errseq's SEEN bit
         self.nrpages = 0
 
     def _grow(self, nr: int) -> None:
@@ -115,6 +116,7 @@ def mapping_set_error(mapping: AddressSpace, err: int) -> None:
     """Record a writeback error (AS_EIO / AS_ENOSPC and the errseq counter)."""
     mapping.flags |= AS_ENOSPC if err == -errno.ENOSPC else AS_EIO
     mapping.wb_err += 1
+    mapping.wb_err_seen = False
 
 
 @dataclass(eq=False)
@@ -173,4 +175,12 @@ def file_check_and_advance_wb_err(file: File) -> int:
     if mapping is None or mapping.wb_err == file.f_wb_err:
         return 0
     file.f_wb_err = mapping.wb_err
+    mapping.wb_err_seen = True
     return -errno.EIO
+
+
+def filemap_sample_wb_err(mapping: AddressSpace | None) -> int:
+    """errseq_sample at open: an error nobody has seen yet is reported to the new file."""
+    if mapping is None:
+        return 0
+    return mapping.wb_err if mapping.wb_err_seen else 0

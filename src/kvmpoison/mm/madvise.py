@@ -177,10 +177,14 @@ def madvise_inject_error(mm: MmStruct, start: int, end: int, behavior: int) -> i
         if ret != 1:
             return ret
         page = pages[0]
-        put_page(page)
-        flags = 0x1 | 0x2  # MF_COUNT_INCREASED | MF_ACTION_REQUIRED (v6.x)
+        if mm.core.kcfg.version >= KernelVersion.V6_18:
+            # MF_ACTION_REQUIRED | MF_COUNT_INCREASED | MF_SW_SIMULATED: GUP's ref is kept
+            flags = 0x2 | 0x1 | 0x20
+        else:
+            put_page(page)
+            flags = 0
         if behavior == MADV_SOFT_OFFLINE:
-            flags = 0x8  # MF_SOFT_OFFLINE
+            flags |= 0x8  # MF_SOFT_OFFLINE (migration to a new page is not modelled)
         err = memory_failure(page.pfn, flags)
         if err:
             return err

@@ -36,6 +36,7 @@ from kvmpoison.mm.page import (
     PageHWPoison,
     TestClearPageHWPoison,
     TestSetPageHWPoison,
+    get_page,
     lock_page,
     page_count,
     page_mapped,
@@ -178,6 +179,8 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
     if page_count(page) == 0:
         kind = "free buddy page" if _take_off_buddy(core, page) else "free page"
         return _report(core, pfn, kind, MfResult.DELAYED)
+    if not flags & MF_COUNT_INCREASED:
+        get_page(page)  # get_hwpoison_page: kept while the page stays poisoned
     lock_page(page)
     try:
         if not hwpoison_user_mappings(core, page, flags, current_pid):

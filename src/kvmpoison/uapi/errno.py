@@ -11,11 +11,14 @@ import errno as _std
 EHWPOISON = 133
 
 _EXTRA = {EHWPOISON: "EHWPOISON"}
+# Where Python's errorcode picks an alias, use the name the kernel's headers use first.
+_KERNEL_NAMES = {_std.EOPNOTSUPP: "EOPNOTSUPP", _std.EAGAIN: "EAGAIN", _std.EDEADLK: "EDEADLK"}
 
 
 def errno_name(value: int) -> str:
     """``EFAULT`` for 14, ``EHWPOISON`` for 133; the number itself if unknown."""
-    return _std.errorcode.get(value) or _EXTRA.get(value) or str(value)
+    return (_KERNEL_NAMES.get(value) or _std.errorcode.get(value) or _EXTRA.get(value)
+            or str(value))
 
 
 def errno_value(name: str) -> int | None:
