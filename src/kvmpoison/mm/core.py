@@ -77,7 +77,9 @@ class MmCore:
         hw = MemoryController(platform)
         pages = PageArray(hw.mem.nr_frames, PageFlagBits.for_config(kcfg))
         buddy = BuddyAllocator(pages, reserved=1)  # pfn 0 is the shared zero page
-        return cls(kcfg=kcfg, hw=hw, pages=pages, buddy=buddy, ptes=PteStore(),
+        # Leaf tables for 64x the machine's memory fit before the store must grow.
+        ptes = PteStore(capacity=max(64, hw.mem.nr_frames // 8))
+        return cls(kcfg=kcfg, hw=hw, pages=pages, buddy=buddy, ptes=ptes,
                    cpus=[Cpu(i) for i in range(nr_cpus)],
                    swap_types=SwapTypes.for_config(kcfg))
 

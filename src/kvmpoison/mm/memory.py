@@ -64,6 +64,7 @@ from kvmpoison.mm.page import (
     put_page,
     unlock_page,
 )
+from kvmpoison.mm.page_alloc import sorted_unique
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.rmap import (
     anon_vma_prepare,
@@ -368,10 +369,10 @@ def faultin_anon_bulk(vma: Vma, start: int, end: int, write: bool) -> int:
     """
     mm = vma.vm_mm
     core = mm.core
-    store = core.ptes.rows
     anon_vma = anon_vma_prepare(vma)
     mapping = core.pages.registry.encode(anon_vma, True)
     for chunk in mm.pgd.chunks(start, end, alloc=True):
+        store = core.ptes.rows  # building tables may have grown the store
         ptes = store[chunk.rows, chunk.cols]
         none = pte_none_array(ptes)
         usable = pte_present_array(ptes) & ((ptes & np.uint64(_PAGE_RW)) != 0 if write else True)
@@ -409,14 +410,23 @@ def _drop_refs(core: MmCore, pfns: IntArray) -> IntArray:
 # -- zap --------------------------------------------------------------------------------
 
 
+def add_counts(counts: npt.NDArray[np.int32], idx: IntArray, delta: int) -> None:
+    """``counts[idx] += delta`` where ``idx`` may repeat (fast path when it does not)."""
+    s = np.sort(idx)
+    if len(s) < 2 or (s[1:] != s[:-1]).all():
+        counts[idx] += delta
+    else:
+        np.add.at(counts, idx, delta)
+
+
 def _put_pages_bulk(core: MmCore, pfns: IntArray) -> None:
     """``put_page`` on many pages (pfns may repeat); frees those reaching zero."""
     if not len(pfns):
         return
     mem = core.pages
     heads = pfns & ~((np.int64(1) << mem.order[pfns].astype(np.int64)) - 1)
-    np.subtract.at(mem._refcount, heads, 1)
-    uniq = np.unique(heads)
+    add_counts(mem._refcount, heads, -1)
+    uniq = sorted_unique(heads)
     if (mem._refcount[uniq] < 0).any():
         raise AssertionError("put_page on a free page")
     dead = uniq[mem._refcount[uniq] == 0]
@@ -462,7 +472,7 @@ def zap_page_range(vma: Vma, start: int, end: int, keep_markers: bool = False) -
         if len(pfns):
             dirty = (ptes[normal] & np.uint64(_PAGE_DIRTY)) != 0
             mem.flags[pfns[dirty]] |= np.uint32(mem.mask(PG.dirty))
-            np.subtract.at(mem._mapcount, pfns, 1)
+            add_counts(mem._mapcount, pfns, -1)
             anon = (mem.mapping[pfns] & 1) != 0
             shmem = ~anon & ((mem.flags[pfns] & np.uint32(mem.mask(PG.swapbacked))) != 0)
             mm.rss_anon -= int(anon.sum())
@@ -528,9 +538,9 @@ def copy_page_range(dst: Vma, src: Vma) -> None:
         pfns = pte_pfn_array(ptes[normal])
         if len(pfns):
             anon = (mem.mapping[pfns] & 1) != 0
-            np.add.at(mem._mapcount, pfns, 1)
+            add_counts(mem._mapcount, pfns, 1)
             heads = pfns & ~((np.int64(1) << mem.order[pfns].astype(np.int64)) - 1)
-            np.add.at(mem._refcount, heads, 1)
+            add_counts(mem._refcount, heads, 1)
             dst_mm.rss_anon += int(anon.sum())
             dst_mm.rss_file += int((~anon).sum())
             if cow:

@@ -64,7 +64,7 @@ class PageArray:
         self._refcount = np.zeros(nr_pages, dtype=np.int32)
         self._mapcount = np.full(nr_pages, -1, dtype=np.int32)
         self.order = np.zeros(nr_pages, dtype=np.uint8)
-        self.mapping = np.zeros(nr_pages, dtype=np.int64)
+        self.mapping = np.zeros(nr_pages, dtype=np.int32)
         self.index = np.zeros(nr_pages, dtype=np.int64)
         self.registry = MappingRegistry()
         # Set by the page allocator: called when a refcount drops to zero.

@@ -28,6 +28,17 @@ PfnArray = npt.NDArray[np.int64]
 FreeHook = Callable[[PfnArray], None]
 
 
+def sorted_unique(a: PfnArray) -> PfnArray:
+    """``np.unique`` by sort-and-compare (numpy 2's hash-based unique is slower here)."""
+    s = np.sort(a)
+    if len(s) < 2:
+        return s
+    keep = np.empty(len(s), dtype=bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
+
+
 class _FreeArea:
     def __init__(self) -> None:
         self.stack = np.empty(64, dtype=np.int64)
@@ -201,7 +212,7 @@ class BuddyAllocator:
     def _free_blocks(self, heads: PfnArray, order: int) -> None:
         """``__free_one_page`` for many blocks of one order at once."""
         mem = self.mem
-        blocks = np.unique(heads)
+        blocks = sorted_unique(heads)
         k = order
         while len(blocks) and k < MAX_ORDER - 1:
             buddy = blocks ^ (1 << k)
@@ -221,7 +232,7 @@ class BuddyAllocator:
             stay = blocks[~in_set & ~in_area]
             if len(stay):
                 self._mark_free(stay, k)
-            blocks = np.unique(merged)
+            blocks = sorted_unique(merged)
             k += 1
         if len(blocks):
             self._mark_free(blocks, k)

@@ -41,9 +41,10 @@ IntArray = npt.NDArray[np.int64]
 class PteStore:
     """Every leaf page-table page of the machine, one ``uint64[512]`` row each."""
 
-    def __init__(self) -> None:
-        self.rows: U64Array = np.zeros((64, PTRS_PER_PTE), dtype=np.uint64)
-        self._free: list[int] = list(range(63, -1, -1))
+    def __init__(self, capacity: int = 64) -> None:
+        # np.zeros is calloc: rows never used cost no memory, so reserve generously.
+        self.rows: U64Array = np.zeros((capacity, PTRS_PER_PTE), dtype=np.uint64)
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
 
     def alloc_row(self) -> int:
         if not self._free:
@@ -103,11 +104,14 @@ class PageTables:
         self.alloc.mem.flags[page.pfn] |= _PGTABLE
         return page.pfn
 
-    def _free_table_page(self, pfn: int) -> None:
+    def _free_table_pages(self, pfns: list[int]) -> None:
+        if not pfns:
+            return
         mem = self.alloc.mem
-        mem.flags[pfn] &= ~_PGTABLE
-        mem._refcount[pfn] = 0
-        self.alloc.free_pages_bulk(np.array([pfn], dtype=np.int64))
+        arr = np.array(pfns, dtype=np.int64)
+        mem.flags[arr] &= ~_PGTABLE
+        mem._refcount[arr] = 0
+        self.alloc.free_pages_bulk(arr)
 
     @staticmethod
     def _index(addr: int, shift: int) -> int:
@@ -194,7 +198,7 @@ class PageTables:
 
         The caller passes a range no VMA uses any more (floor/ceiling applied).
         """
-        freed = 0
+        freed: list[int] = []
         lo = start >> PMD_SHIFT
         hi = (end + (1 << PMD_SHIFT) - 1) >> PMD_SHIFT
         for pmd_no in range(lo, hi):
@@ -213,10 +217,10 @@ class PageTables:
             pmd.children[i] = None
             pmd.entries[i] = 0
             self.store.free_row(row)
-            self._free_table_page(pfn)
+            freed.append(pfn)
             self.nr_ptes -= 1
-            freed += 1
-        return freed
+        self._free_table_pages(freed)
+        return len(freed)
 
     def all_table_pfns(self) -> list[int]:
         out = [self.pgd.pfn]
@@ -233,6 +237,7 @@ class PageTables:
 
     def destroy(self) -> None:
         """Free every table page (exit_mmap); leaf tables must be empty by now."""
+        pfns: list[int] = []
         for pud in self.pgd.children:
             if not isinstance(pud, _Table):
                 continue
@@ -242,8 +247,9 @@ class PageTables:
                 for i, row in enumerate(pmd.children):
                     if isinstance(row, int):
                         self.store.free_row(row)
-                        self._free_table_page(int(pmd.entries[i]) >> PAGE_SHIFT & ((1 << 40) - 1))
-                self._free_table_page(pmd.pfn)
-            self._free_table_page(pud.pfn)
-        self._free_table_page(self.pgd.pfn)
+                        pfns.append(int(pmd.entries[i]) >> PAGE_SHIFT & ((1 << 40) - 1))
+                pfns.append(pmd.pfn)
+            pfns.append(pud.pfn)
+        pfns.append(self.pgd.pfn)
+        self._free_table_pages(pfns)
         self.nr_ptes = 0
