@@ -68,7 +68,7 @@ class Outcome:
         return cls(Kind.VEC, value=byte)
 
     @classmethod
-    def machine_check(cls, rec: MceRecord, mc_kind: McKind, detail: str = "") -> Outcome:
+    def machine_check(cls, rec: MceRecord | None, mc_kind: McKind, detail: str = "") -> Outcome:
         return cls(Kind.MCE, mce=rec, mc_kind=mc_kind, detail=detail)
 
     @classmethod

@@ -33,6 +33,7 @@ class Task:
     exit_signal: SigInfo | None = None
     pending: list[SigInfo] = field(default_factory=list)
     ptracer: Task | None = None
+    handled: frozenset[int] = frozenset()  # signals with a user handler installed
 
     def alloc_fd(self, file: File) -> int:
         fd = 0
@@ -47,8 +48,13 @@ class Task:
 
 
 def force_sig_info(task: Task, info: SigInfo) -> None:
-    """Deliver ``info``; with no handler, a fatal signal ends the task."""
+    """Deliver ``info``; with no handler, a fatal signal ends the task.
+
+    ``force_sig_*`` unblocks the signal, so an installed handler always runs
+    (SIGKILL cannot be handled).
+    """
     task.pending.append(info)
-    if info.signo in FATAL_BY_DEFAULT and task.alive:
+    handled = info.signo in task.handled and info.signo != signal.SIGKILL
+    if info.signo in FATAL_BY_DEFAULT and task.alive and not handled:
         task.alive = False
         task.exit_signal = info

@@ -70,6 +70,11 @@ class MmCore:
     next_swap_offset: int = 1
     mf_reports: list[object] = field(default_factory=list)  # memory_failure's action_result log
     hw_memory_failure: bool = False  # a real (not software-injected) error was handled
+    dmesg: list[str] = field(default_factory=list)  # WARNs and messages, oldest first
+
+    def warn(self, message: str) -> None:
+        """``WARN_ON_ONCE``-style: the model logs it and carries on, as the kernel does."""
+        self.dmesg.append(f"WARNING: {message}")
     _next_mm: int = 1
 
     @classmethod
@@ -91,7 +96,10 @@ class MmCore:
         return mm
 
     def flush_tlb_range(self, mm: MmStruct, start: int, end: int) -> None:
+        """TLB shootdown plus ``mmu_notifier_invalidate_range`` for [start, end)."""
         flush_tlb_mm_range(self.cpus, mm.ident, start, end)
+        for notifier in list(mm.mmu_notifiers):
+            notifier.invalidate_range(start, end)
 
     def clear_pages(self, pfns: PfnArray) -> None:
         """``clear_page`` for each pfn: only frames that ever held data cost anything."""

@@ -23,6 +23,7 @@ from kvmpoison.arch.x86.pgtable_types import (
 if TYPE_CHECKING:
     from kvmpoison.mm.core import MmCore
     from kvmpoison.mm.file import File
+    from kvmpoison.mm.mmu_notifier import MmuNotifier
     from kvmpoison.mm.pagetable import PageTables
     from kvmpoison.mm.rmap import AnonVma
 
@@ -185,6 +186,7 @@ class MmStruct:
     rss_shmem: int = 0
     locked_vm: int = 0
     owner_pid: int = 0
+    mmu_notifiers: list[MmuNotifier] = field(default_factory=list)
 
     def __repr__(self) -> str:
         return f"MmStruct(ident={self.ident}, vmas={len(self.vmas)})"

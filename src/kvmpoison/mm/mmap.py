@@ -265,6 +265,8 @@ def dup_mmap(child: MmStruct, parent: MmStruct) -> None:
 
 
 def exit_mmap(mm: MmStruct) -> None:
+    for notifier in list(mm.mmu_notifiers):
+        notifier.release()
     for vma in list(mm.vmas):
         zap_page_range(vma, vma.vm_start, vma.vm_end)
         _remove_vma(mm, vma)

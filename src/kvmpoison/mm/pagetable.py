@@ -91,9 +91,10 @@ class PteChunk:
 class PageTables:
     """One mm's page tables."""
 
-    def __init__(self, store: PteStore, alloc: BuddyAllocator):
+    def __init__(self, store: PteStore, alloc: BuddyAllocator, table_flags: int = _PAGE_TABLE):
         self.store = store
         self.alloc = alloc
+        self.table_flags = table_flags  # what a non-leaf entry carries beside the pfn
         self.nr_ptes = 0  # leaf tables, like mm->pgtables_bytes / PAGE_SIZE
         self.pgd = _Table(self._alloc_table_page())
 
@@ -127,7 +128,7 @@ class PageTables:
                     return None
                 child = _Table(self._alloc_table_page())
                 table.children[i] = child
-                table.entries[i] = np.uint64((child.pfn << PAGE_SHIFT) | _PAGE_TABLE)
+                table.entries[i] = np.uint64((child.pfn << PAGE_SHIFT) | self.table_flags)
             assert isinstance(child, _Table)
             table = child
         return table
@@ -145,7 +146,7 @@ class PageTables:
             row = self.store.alloc_row()
             pfn = self._alloc_table_page()
             pmd.children[i] = row
-            pmd.entries[i] = np.uint64((pfn << PAGE_SHIFT) | _PAGE_TABLE)
+            pmd.entries[i] = np.uint64((pfn << PAGE_SHIFT) | self.table_flags)
             self.nr_ptes += 1
         assert isinstance(row, int)
         return row, self._index(addr, PAGE_SHIFT)

@@ -1,0 +1,58 @@
+"""Named designs: policies over one kernel (ARCHITECTURE.md "The designs").
+
+A design picks the modelled kernel, how KVM protects guest memory, and which
+mm hook points the RFC's patches fill in. mm, arch and hardware code are
+shared by every design.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvmpoison.arch.x86.integrity import IntegrityMode
+from kvmpoison.kconfig import RFC_BASE, KernelConfig
+from kvmpoison.mm.core import FollowPoisoned, MmHooks
+from kvmpoison.virt.kvm.kvm_main import Protection
+
+
+@dataclass(frozen=True)
+class Design:
+    name: str
+    summary: str
+    kernel: KernelConfig
+    protection: Protection
+    hooks: Callable[[], MmHooks]
+    unpoison_on_free: bool = False
+    # The RFC kept TDX out of the picture (pure KVM); the baseline shows the TDX hazard.
+    integrity: IntegrityMode = IntegrityMode.OFF
+
+
+def _rfc_hooks(follow: FollowPoisoned, check_pte: bool) -> Callable[[], MmHooks]:
+    def make() -> MmHooks:
+        return MmHooks(follow_poisoned=follow, shmem_getpage_fails_poisoned=True,
+                       hwpoison_entry_holds_ref=True, do_swap_page_restores_unpoisoned=True,
+                       check_pte_sees_hwpoison=check_pte)
+    return make
+
+
+DESIGNS: dict[str, Design] = {
+    d.name: d
+    for d in (
+        Design("baseline", "upstream v5.12 KVM on a TDX-style host: guest memory stays "
+               "mapped in the VMM", RFC_BASE, Protection.NONE, MmHooks,
+               integrity=IntegrityMode.CI),
+        Design("rfc-v1", "RFCv1 7/7: poisoned pages, GUP flag check commented out, no owner map",
+               RFC_BASE, Protection.RFC_V1, _rfc_hooks(FollowPoisoned.ALWAYS, check_pte=True)),
+        Design("rfc-v2", "RFCv2 13/13: poisoned pages, FOLL_ALLOW_POISONED, owner map, "
+               "unpoison on free", RFC_BASE, Protection.RFC_V2,
+               _rfc_hooks(FollowPoisoned.WITH_FLAG, check_pte=False), unpoison_on_free=True),
+    )
+}
+
+
+def design(name: str) -> Design:
+    try:
+        return DESIGNS[name]
+    except KeyError:
+        raise ValueError(f"unknown design {name!r} (known: {', '.join(DESIGNS)})") from None

@@ -1,0 +1,97 @@
+"""The guest OS: its vCPU accesses, its boot-time hypercalls, swiotlb and virtio.
+
+Follows the guest side of the RFC series (RFCv2 02-05/13): at
+``kvm_init_platform`` the guest issues KVM_HC_ENABLE_MEM_PROTECTED and
+panics if that fails; DMA is forced through swiotlb bounce buffers, which
+``__set_memory_enc_dec`` shares with KVM_HC_MEM_SHARE; the kvmclock page is
+shared too. Virtio I/O copies through the bounce buffers. There is no
+unshare ("TODO: Unsharing").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.outcome import Outcome
+from kvmpoison.virt.kvm.kvm_main import Protection, Vm
+from kvmpoison.virt.kvm.mem_protected import KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE
+from kvmpoison.virt.kvm.x86.hypercall import kvm_emulate_hypercall
+from kvmpoison.virt.kvm.x86.vcpu import vcpu_access
+
+
+@dataclass(frozen=True)
+class GuestLayout:
+    """Where the guest kernel keeps its shared pages (gfns)."""
+
+    kvmclock: int = 0x0F
+    swiotlb: int = 0x10
+    swiotlb_pages: int = 16
+
+    @property
+    def swiotlb_gpa(self) -> int:
+        return self.swiotlb << PAGE_SHIFT
+
+
+@dataclass(eq=False)
+class Guest:
+    vm: Vm
+    layout: GuestLayout = field(default_factory=GuestLayout)
+    shared: set[int] = field(default_factory=set)  # gfns the guest accesses as shared
+    log: list[str] = field(default_factory=list)
+    panicked: str | None = None
+
+    def hypercall(self, nr: int, a0: int = 0, a1: int = 0) -> int:
+        return kvm_emulate_hypercall(self.vm, nr, a0, a1)
+
+    def share(self, gfn: int, npages: int) -> int:
+        """``__set_memory_enc_dec(..., enc=false)``: KVM_HC_MEM_SHARE, then use the shared alias."""
+        ret = self.hypercall(KVM_HC_MEM_SHARE, gfn, npages)
+        if ret == 0:
+            self.shared.update(range(gfn, gfn + npages))
+        self.log.append(f"KVM_HC_MEM_SHARE({gfn:#x}, {npages}) = {ret}")
+        return ret
+
+    def boot(self) -> None:
+        if self.vm.protection is not Protection.NONE:
+            ret = self.hypercall(KVM_HC_ENABLE_MEM_PROTECTED)
+            self.log.append(f"KVM_HC_ENABLE_MEM_PROTECTED = {ret}")
+            if ret:
+                self.panicked = "Failed to enable KVM memory protection"
+                return
+            self.share(self.layout.kvmclock, 1)
+            self.share(self.layout.swiotlb, self.layout.swiotlb_pages)
+        elif self.vm.td_keyid is not None:
+            # A TD without the RFC: TDG.VP.VMCALL<MapGPA> converts the buffers to shared;
+            # the host changes nothing, the guest uses the shared alias (KeyID 0).
+            for gfn, n in ((self.layout.kvmclock, 1),
+                           (self.layout.swiotlb, self.layout.swiotlb_pages)):
+                self.shared.update(range(gfn, gfn + n))
+                self.log.append(f"MapGPA({gfn:#x}, {n}) -> shared")
+        # The host writes pvclock data into the (shared) kvmclock page.
+        self.vm.write_guest(self.layout.kvmclock << PAGE_SHIFT, b"pvclock\0" + bytes(24))
+
+    def _shared(self, gpa: int) -> bool:
+        return (gpa >> PAGE_SHIFT) in self.shared
+
+    def load(self, gpa: int, size: int = 8) -> Outcome:
+        return vcpu_access(self.vm, gpa, size, None, self._shared(gpa))
+
+    def store(self, gpa: int, data: bytes) -> Outcome:
+        return vcpu_access(self.vm, gpa, len(data), data, self._shared(gpa))
+
+    # -- virtio through swiotlb -------------------------------------------------------------
+
+    def virtio_send(self, src_gpa: int, size: int) -> Outcome:
+        """Bounce ``size`` private bytes at ``src_gpa`` into slot 0 of swiotlb for the device."""
+        data = self.load(src_gpa, size)
+        if not data.succeeded or data.data is None:
+            return data
+        return self.store(self.layout.swiotlb_gpa, data.data)
+
+    def virtio_recv(self, dst_gpa: int, size: int) -> Outcome:
+        """Copy the device's reply from swiotlb slot 1 into private memory."""
+        reply = self.load(self.layout.swiotlb_gpa + PAGE_SIZE, size)
+        if not reply.succeeded or reply.data is None:
+            return reply
+        return self.store(dst_gpa, reply.data)

@@ -1,0 +1,268 @@
+"""KVM core: VMs, memslots, ``hva_to_pfn``, guest-memory access by KVM itself, MMU notifiers.
+
+Follows ``virt/kvm/kvm_main.c`` (v5.12) and, where a VM runs a protection
+variant, the RFC's changes to it (RFCv2 13/13 and "KVM: passdown struct kvm
+to hva_to_pfn_slow()"): ``kvm->id`` from a wrapping counter, FOLL_ALLOW_POISONED
+in ``hva_to_pfn_slow`` with a ``kvm_page_allowed`` owner check, and
+``copy_from_guest``/``copy_to_guest`` through GUP and kmap.
+
+KVM holds no page reference for an SPTE: it drops the GUP reference once the
+SPTE is installed and relies on MMU notifiers to zap it when the host PTE
+goes away.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import signal
+from dataclasses import dataclass, field
+
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.arch.x86.vmx import VMX_EPT_RWX_MASK
+from kvmpoison.kernel.task import Task, force_sig_info
+from kvmpoison.mm.core import MmCore
+from kvmpoison.mm.gup import FOLL, get_user_pages
+from kvmpoison.mm.mm_types import MmStruct
+from kvmpoison.mm.page import Page, PageHWPoison, put_page
+from kvmpoison.mm.pagetable import PageTables, PteStore
+from kvmpoison.mm.uaccess import copy_from_user, copy_to_user
+from kvmpoison.outcome import Halt, Kind
+from kvmpoison.uapi.errno import EHWPOISON
+from kvmpoison.uapi.siginfo import BusCode, SigInfo
+
+KVM_PFN_ERR_MASK = 0x7FF << 52
+KVM_PFN_ERR_FAULT = KVM_PFN_ERR_MASK
+KVM_PFN_ERR_HWPOISON = KVM_PFN_ERR_MASK + 1
+KVM_PFN_ERR_RO_FAULT = KVM_PFN_ERR_MASK + 2
+KVM_PFN_NOSLOT = 1 << 63
+KVM_NR_SHARED_RANGES = 32
+
+
+def is_error_pfn(pfn: int) -> bool:
+    return bool(pfn & KVM_PFN_ERR_MASK)
+
+
+class Protection(enum.Enum):
+    """Which version of "unmap guest memory using poisoned pages" a VM runs."""
+
+    NONE = "none"  # upstream KVM: guest memory stays mapped in the VMM
+    RFC_V1 = "rfc-v1"  # RFCv1 7/7 (2021-04-02)
+    RFC_V2 = "rfc-v2"  # RFCv2 13/13 (2021-04-16)
+
+
+@dataclass(eq=False)
+class Memslot:
+    """``struct kvm_memory_slot``."""
+
+    slot: int
+    base_gfn: int
+    npages: int
+    userspace_addr: int
+
+    def gfn_to_hva(self, gfn: int) -> int:
+        return self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT)
+
+    def covers(self, gfn: int) -> bool:
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+
+@dataclass(eq=False)
+class Kvm:
+    """Module-wide KVM state of one host (the RFC keeps ``kvm_pfn_map`` global)."""
+
+    core: MmCore
+    id_bits: int = 63  # the RFC's counter wraps when it goes negative; a model may shrink it
+    _next_id: int = 0
+    kvm_pfn_map: dict[int, int] = field(default_factory=dict)  # pfn -> kvm->id (RFC v2)
+    vms: list[Vm] = field(default_factory=list)
+
+    def create_vm(self, vmm: Task, protection: Protection, td_keyid: int | None = None) -> Vm:
+        """``kvm_create_vm``: the RFC assigns ``kvm->id = xa_mk_value(id++)``."""
+        assert vmm.mm is not None
+        ident = self._next_id
+        self._next_id = ident + 1
+        if self._next_id >= 1 << self.id_bits:
+            self._next_id = 0  # "if (id < 0) id = 0"
+        ept = PageTables(PteStore(), self.core.buddy, table_flags=VMX_EPT_RWX_MASK)
+        vm = Vm(kvm=self, ident=ident, mm=vmm.mm, vcpu_task=vmm, protection=protection,
+                ept=ept, td_keyid=td_keyid)
+        vmm.mm.mmu_notifiers.append(vm)
+        self.vms.append(vm)
+        return vm
+
+
+@dataclass(eq=False)
+class Vm:
+    """``struct kvm`` (with the RFC's fields) and its vCPU thread's task."""
+
+    kvm: Kvm
+    ident: int
+    mm: MmStruct
+    vcpu_task: Task
+    protection: Protection
+    ept: PageTables
+    td_keyid: int | None = None  # a TD's private KeyID when the platform has TDX
+    memslots: list[Memslot] = field(default_factory=list)
+    mem_protected: bool = False
+    shared_ranges: list[tuple[int, int]] = field(default_factory=list)  # [gfn, gfn_end)
+    dead: bool = False
+    td_fatal: bool = False
+    mmu_lock_faults: int = 0  # faults that took mmu_lock for gfn_is_shared (E40)
+    td_pages: set[int] = field(default_factory=set)  # pfns added to the TD (TD-owned lines)
+
+    @property
+    def core(self) -> MmCore:
+        return self.kvm.core
+
+    def __repr__(self) -> str:
+        return f"Vm(id={self.ident}, {self.protection.value}, protected={self.mem_protected})"
+
+    # -- memslots ----------------------------------------------------------------------
+
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, hva: int) -> int:
+        """``KVM_SET_USER_MEMORY_REGION``: 0 or -errno."""
+        if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1) or hva & (PAGE_SIZE - 1):
+            return -errno.EINVAL
+        base, npages = gpa >> PAGE_SHIFT, size >> PAGE_SHIFT
+        old = [s for s in self.memslots if s.slot == slot]
+        for s in old:
+            self.memslots.remove(s)
+            self.zap_gfn_range(s.base_gfn, s.base_gfn + s.npages)
+        if not npages:
+            return 0
+        for s in self.memslots:
+            if base < s.base_gfn + s.npages and s.base_gfn < base + npages:
+                return -errno.EEXIST
+        self.memslots.append(Memslot(slot, base, npages, hva))
+        return 0
+
+    def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        for s in self.memslots:
+            if s.covers(gfn):
+                return s
+        return None
+
+    def gfn_to_hva(self, gfn: int) -> int | None:
+        slot = self.gfn_to_memslot(gfn)
+        return None if slot is None else slot.gfn_to_hva(gfn)
+
+    # -- MMU notifier --------------------------------------------------------------------
+
+    def invalidate_range(self, start: int, end: int) -> None:
+        """``kvm_mmu_notifier_invalidate_range_start``: zap SPTEs of the hva range."""
+        for s in self.memslots:
+            lo = max(start, s.userspace_addr)
+            hi = min(end, s.userspace_addr + (s.npages << PAGE_SHIFT))
+            if lo < hi:
+                first = s.base_gfn + ((lo - s.userspace_addr) >> PAGE_SHIFT)
+                last = s.base_gfn + ((hi - 1 - s.userspace_addr) >> PAGE_SHIFT) + 1
+                self.zap_gfn_range(first, last)
+
+    def release(self) -> None:
+        self.zap_gfn_range(0, 1 << 40)
+        self.dead = True
+
+    def zap_gfn_range(self, first: int, last: int) -> None:
+        store = self.ept.store.rows
+        for chunk in self.ept.chunks(first << PAGE_SHIFT, last << PAGE_SHIFT):
+            store[chunk.rows, chunk.cols] = 0
+
+    # -- hva_to_pfn ----------------------------------------------------------------------
+
+    def hva_to_pfn(self, hva: int, write: bool) -> int:
+        """GUP the VMM's page (FOLL_HWPOISON); an error pfn on failure.
+
+        The returned page carries a GUP reference the caller drops.
+        """
+        flags = FOLL.HWPOISON | (FOLL.WRITE if write else FOLL(0))
+        if self.protection is Protection.RFC_V2 and self.mem_protected:
+            flags |= FOLL.ALLOW_POISONED
+        pages: list[Page] = []
+        npages = get_user_pages(self.mm, hva, 1, flags, pages)
+        if npages == 1:
+            page = pages[0]
+            if self.protection is Protection.RFC_V2 and not kvm_page_allowed(self, page):
+                put_page(page)
+                return KVM_PFN_ERR_HWPOISON
+            return page.pfn
+        if npages == -EHWPOISON:
+            return KVM_PFN_ERR_HWPOISON
+        return KVM_PFN_ERR_FAULT
+
+    # -- KVM's own access to guest memory --------------------------------------------------
+
+    def read_guest(self, gpa: int, size: int) -> bytes | int:
+        """``kvm_read_guest``: bytes, or -errno."""
+        return self._guest_rw(gpa, size, None)
+
+    def write_guest(self, gpa: int, data: bytes) -> int:
+        got = self._guest_rw(gpa, len(data), data)
+        return got if isinstance(got, int) else 0
+
+    def _guest_rw(self, gpa: int, size: int, data: bytes | None) -> bytes | int:
+        out: list[bytes] = []
+        done = 0
+        while done < size:
+            addr = gpa + done
+            n = min(PAGE_SIZE - (addr & (PAGE_SIZE - 1)), size - done)
+            hva = self.gfn_to_hva(addr >> PAGE_SHIFT)
+            if hva is None:
+                return -errno.EFAULT
+            hva += addr & (PAGE_SIZE - 1)
+            chunk = None if data is None else data[done : done + n]
+            got = self._copy_guest_page(hva, n, chunk)
+            if isinstance(got, int):
+                return got
+            out.append(got)
+            done += n
+        return b"".join(out)
+
+    def _copy_guest_page(self, hva: int, n: int, data: bytes | None) -> bytes | int:
+        if self.protection is Protection.NONE or not self.mem_protected:
+            # __copy_{from,to}_user on the VMM's mapping, from the vCPU thread.
+            if data is None:
+                got, left = copy_from_user(self.mm, self.vcpu_task.cpu, hva, n)
+                return -errno.EFAULT if left else got
+            left = copy_to_user(self.mm, self.vcpu_task.cpu, hva, data)
+            return -errno.EFAULT if left else b""
+        return copy_guest_page_rfc(self, hva, n, data)
+
+
+def kvm_page_allowed(vm: Vm, page: Page) -> bool:
+    """RFC v2: a poisoned page is usable only by the VM that poisoned it."""
+    if not PageHWPoison(page):
+        return True
+    return vm.kvm.kvm_pfn_map.get(page.pfn) == vm.ident
+
+
+def copy_guest_page_rfc(vm: Vm, hva: int, n: int, data: bytes | None) -> bytes | int:
+    """``copy_from_guest``/``copy_to_guest``: GUP(FOLL_ALLOW_POISONED), owner check, kmap."""
+    flags = FOLL.ALLOW_POISONED | (FOLL.WRITE if data is not None else FOLL(0))
+    pages: list[Page] = []
+    if get_user_pages(vm.mm, hva & ~(PAGE_SIZE - 1), 1, flags, pages) != 1:
+        return -errno.EFAULT
+    page = pages[0]
+    try:
+        if vm.protection is Protection.RFC_V2 and not kvm_page_allowed(vm, page):
+            return -errno.EFAULT
+        pa = (page.pfn << PAGE_SHIFT) | (hva & (PAGE_SIZE - 1))
+        hw = vm.core.hw
+        if data is not None:
+            hw.write(pa, data, 0)  # kmap_atomic + memcpy through the direct map
+            return b""
+        got = hw.load(pa, n, 0, Ctx.HOST_KERNEL)
+        if got.kind is not Kind.OK:
+            raise Halt(got)
+        assert got.data is not None
+        return got.data
+    finally:
+        put_page(page)
+
+
+def kvm_send_hwpoison_signal(vm: Vm, hva: int) -> SigInfo:
+    """``send_sig_mceerr(BUS_MCEERR_AR, hva, PAGE_SHIFT, current)`` to the vCPU thread."""
+    info = SigInfo(signal.SIGBUS, BusCode.BUS_MCEERR_AR, hva & ~(PAGE_SIZE - 1), PAGE_SHIFT)
+    force_sig_info(vm.vcpu_task, info)
+    return info

@@ -1,0 +1,154 @@
+"""The RFC itself: ``virt/kvm/mem_protected.c`` and its callers.
+
+Follows RFCv2 13/13 (2021-04-16, kas/linux ``kvm-unmapped-poison``) and, for
+``Protection.RFC_V1``, RFCv1 7/7's differences: protection inline in the
+fault path with a ``VM_BUG_ON_PAGE`` for non-swap-backed pages, no owner
+map, sharing clears PG_hwpoison directly, nothing is unpoisoned on free.
+
+``kvm_protect_pfn`` poisons a page on its first private EPT fault:
+lock_page, re-check ``gfn_is_shared``, ``TestSetPageHWPoison``, then
+``try_to_unmap(TTU_IGNORE_MLOCK)`` turns every host PTE into a hwpoison
+entry, and v2 records pfn -> kvm->id in ``kvm_pfn_map``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvmpoison.kernel.range import add_range_with_merge, clean_sort_range
+from kvmpoison.mm.page import (
+    ClearPageHWPoison,
+    Page,
+    PageFlag,
+    PageHWPoison,
+    PageSwapBacked,
+    TestClearPageHWPoison,
+    TestSetPageHWPoison,
+    lock_page,
+    put_page,
+    unlock_page,
+)
+from kvmpoison.mm.page_alloc import FreeHook
+from kvmpoison.mm.page_flags import PG
+from kvmpoison.mm.rmap import TTU, try_to_unmap
+from kvmpoison.outcome import Halt, Outcome
+from kvmpoison.virt.kvm.kvm_main import (
+    KVM_NR_SHARED_RANGES,
+    Kvm,
+    Protection,
+    Vm,
+    is_error_pfn,
+)
+
+KVM_HC_ENABLE_MEM_PROTECTED = 12
+KVM_HC_MEM_SHARE = 13
+KVM_FEATURE_MEM_PROTECTED = 16
+
+
+def gfn_is_shared(vm: Vm, gfn: int) -> bool:
+    """Linear scan of ``shared_ranges`` under ``mmu_lock``."""
+    vm.mmu_lock_faults += 1
+    return any(lo <= gfn < hi for lo, hi in vm.shared_ranges)
+
+
+def kvm_protect_memory(vm: Vm) -> int:
+    """KVM_HC_ENABLE_MEM_PROTECTED: set ``mem_protected`` and zap every SPTE."""
+    vm.mem_protected = True
+    vm.zap_gfn_range(0, 1 << 40)  # kvm_arch_flush_shadow_all
+    return 0
+
+
+def kvm_protect_pfn(vm: Vm, gfn: int, pfn: int) -> bool:
+    """Make ``pfn`` private to ``vm``; False means "signal the vCPU" (RFC v2)."""
+    core = vm.core
+    if gfn_is_shared(vm, gfn) or pfn == core.zero_pfn:
+        return True
+    page = core.pages[pfn]
+    if vm.protection is Protection.RFC_V1:
+        return _kvm_protect_pfn_v1(vm, gfn, page)
+    if not PageSwapBacked(page):
+        return False  # only anon and shmem pages can be protected
+    lock_page(page)
+    try:
+        if gfn_is_shared(vm, gfn):
+            return True
+        if not TestSetPageHWPoison(page):
+            try_to_unmap(page, TTU.IGNORE_MLOCK)
+            vm.kvm.kvm_pfn_map[pfn] = vm.ident  # xa_store; its -ENOMEM is ignored (E39)
+            return True
+        return vm.kvm.kvm_pfn_map.get(pfn) == vm.ident
+    finally:
+        unlock_page(page)
+
+
+def _kvm_protect_pfn_v1(vm: Vm, gfn: int, page: Page) -> bool:
+    lock_page(page)
+    try:
+        if not PageSwapBacked(page) and not PageFlag(page, PG.reserved):
+            raise Halt(Outcome.panic(f"kernel BUG: VM_BUG_ON_PAGE(!PageSwapBacked) pfn "
+                                     f"{page.pfn:#x} (RFC v1 direct_page_fault)"))
+        if gfn_is_shared(vm, gfn):
+            return True
+        if not TestSetPageHWPoison(page):
+            try_to_unmap(page, TTU.IGNORE_MLOCK)
+        return True
+    finally:
+        unlock_page(page)
+
+
+def __kvm_share_memory(vm: Vm, gfn: int, npages: int) -> None:
+    if len(vm.shared_ranges) >= KVM_NR_SHARED_RANGES:
+        vm.core.warn(f"__kvm_share_memory: all {KVM_NR_SHARED_RANGES} shared ranges in use "
+                     f"(gfn {gfn:#x}+{npages})")
+    add_range_with_merge(vm.shared_ranges, KVM_NR_SHARED_RANGES, gfn, gfn + npages)
+    clean_sort_range(vm.shared_ranges)
+
+
+def kvm_share_pfn(vm: Vm, pfn: int) -> None:
+    page = vm.core.pages[pfn]
+    lock_page(page)
+    if vm.kvm.kvm_pfn_map.get(pfn) == vm.ident:
+        del vm.kvm.kvm_pfn_map[pfn]
+        ClearPageHWPoison(page)
+    unlock_page(page)
+
+
+def kvm_share_memory(vm: Vm, gfn: int, npages: int) -> int:
+    """KVM_HC_MEM_SHARE(gfn, npages)."""
+    if vm.protection is Protection.RFC_V2:
+        __kvm_share_memory(vm, gfn, npages)
+    else:
+        add_range_with_merge(vm.shared_ranges, KVM_NR_SHARED_RANGES, gfn, gfn + npages)
+        clean_sort_range(vm.shared_ranges)
+    for g in range(gfn, gfn + npages):
+        hva = vm.gfn_to_hva(g)
+        if hva is None:
+            continue
+        pfn = vm.hva_to_pfn(hva, write=False)  # gfn_to_page
+        if is_error_pfn(pfn):
+            continue
+        page = vm.core.pages[pfn]
+        if vm.protection is Protection.RFC_V2:
+            kvm_share_pfn(vm, pfn)
+        else:
+            ClearPageHWPoison(page)  # v1: no owner to check
+        put_page(page)
+    return 0
+
+
+def kvm_unpoison_page_hook(kvm: Kvm) -> FreeHook:
+    """The RFC v2 line in ``free_pages_prepare``: unpoison a freed protected page."""
+
+    def kvm_unpoison_page(pfns: np.ndarray) -> None:
+        mem = kvm.core.pages
+        poisoned = pfns[(mem.flags[pfns] & np.uint32(mem.mask(PG.hwpoison))) != 0]
+        for pfn in poisoned:
+            if kvm.kvm_pfn_map.pop(int(pfn), None) is not None:  # xa_erase found it
+                TestClearPageHWPoison(mem[int(pfn)])
+
+    return kvm_unpoison_page
+
+
+__all__ = ["KVM_FEATURE_MEM_PROTECTED", "KVM_HC_ENABLE_MEM_PROTECTED", "KVM_HC_MEM_SHARE",
+           "PageHWPoison", "gfn_is_shared", "kvm_protect_memory", "kvm_protect_pfn",
+           "kvm_share_memory", "kvm_unpoison_page_hook"]
