@@ -8,8 +8,11 @@ import typer
 from rich.console import Console
 
 from kvmpoison.cli.errors import CliError, Format
+from kvmpoison.designs import DESIGNS
 from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.matrix import protocol
+from kvmpoison.matrix.designs import PAGE_STATES, run_design_matrix
+from kvmpoison.matrix.designs import PATHS as DESIGN_PATHS
 from kvmpoison.matrix.model import run_matrix
 from kvmpoison.report.table import render_json, render_md, render_rich
 
@@ -26,6 +29,9 @@ def _pick(text: str | None, known: tuple[str, ...], what: str) -> tuple[str, ...
 
 
 def matrix(
+    designs: Annotated[str | None, typer.Option(
+        help="Comma-separated designs: the VMM-side matrix (design x page state).")] = None,
+    states: Annotated[str | None, typer.Option(help="Page states, with --designs.")] = None,
     backings: Annotated[str | None, typer.Option(help="Comma-separated backing ids.")] = None,
     paths: Annotated[str | None, typer.Option(help="Comma-separated path ids.")] = None,
     kernel: Annotated[str, typer.Option(help="Modelled kernel: 5.12 or 6.18.")] = "6.18",
@@ -34,7 +40,10 @@ def matrix(
         help="CONFIG_MEMORY_FAILURE (off on this machine's kernel).")] = False,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
 ) -> None:
-    """Run the MATRIX.md access matrix on the model."""
+    """Run the MATRIX.md access matrix on the model (per backing, or per design)."""
+    if designs is not None:
+        _design_matrix(designs, states, paths, fmt)
+        return
     try:
         version = KernelVersion.parse(kernel)
     except ValueError as exc:
@@ -51,3 +60,20 @@ def matrix(
         print(render_md(title, rows, cols, grid))
     else:
         render_rich(title, rows, cols, grid, Console())
+
+
+def _design_matrix(designs: str, states: str | None, paths: str | None, fmt: Format) -> None:
+    chosen = _pick(designs, tuple(DESIGNS), "design")
+    cols_states = _pick(states, PAGE_STATES, "page state")
+    rows = _pick(paths, DESIGN_PATHS, "path")
+    cells = run_design_matrix(chosen, cols_states, rows)
+    cols = [f"{d}/{s}" for d in chosen for s in cols_states]
+    grid = {(c.path, c.column): c.cell for c in cells}
+    title = "model, VMM view: design / page state"
+    if fmt is Format.JSON:
+        print(render_json({"source": "model", "view": "vmm", "designs": list(chosen)}, rows,
+                          cols, grid))
+    elif fmt is Format.MD:
+        print(render_md(title, rows, cols, grid))
+    else:
+        render_rich(title, rows, cols, grid, Console(width=max(200, 30 + 26 * len(cols))))

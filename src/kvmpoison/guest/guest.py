@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
-from kvmpoison.outcome import Outcome
+from kvmpoison.outcome import Halt, Outcome
 from kvmpoison.virt.kvm.kvm_main import Protection, Vm
 from kvmpoison.virt.kvm.mem_protected import KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE
 from kvmpoison.virt.kvm.x86.hypercall import kvm_emulate_hypercall
@@ -74,11 +74,21 @@ class Guest:
     def _shared(self, gpa: int) -> bool:
         return (gpa >> PAGE_SHIFT) in self.shared
 
+    def _run(self, gpa: int, size: int, data: bytes | None) -> Outcome:
+        core = self.vm.core
+        if core.halted is not None:
+            return core.halted
+        try:
+            return vcpu_access(self.vm, gpa, size, data, self._shared(gpa))
+        except Halt as halt:
+            core.halted = halt.outcome
+            return halt.outcome
+
     def load(self, gpa: int, size: int = 8) -> Outcome:
-        return vcpu_access(self.vm, gpa, size, None, self._shared(gpa))
+        return self._run(gpa, size, None)
 
     def store(self, gpa: int, data: bytes) -> Outcome:
-        return vcpu_access(self.vm, gpa, len(data), data, self._shared(gpa))
+        return self._run(gpa, len(data), data)
 
     # -- virtio through swiotlb -------------------------------------------------------------
 

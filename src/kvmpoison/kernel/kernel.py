@@ -29,7 +29,6 @@ class Kernel:
     tasks: dict[int, Task] = field(default_factory=dict)
     files: dict[str, Inode] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
-    halted: Outcome | None = None  # set once the host panicked or shut down
     _pids: count[int] = field(default_factory=lambda: count(100))
     _inos: count[int] = field(default_factory=lambda: count(1))
 
@@ -40,6 +39,11 @@ class Kernel:
         core.send_signal = kernel.send_signal
         wire_memory_failure(core)
         return kernel
+
+    @property
+    def halted(self) -> Outcome | None:
+        """Set once the host panicked or shut down."""
+        return self.core.halted
 
     @property
     def kcfg(self) -> KernelConfig:
@@ -65,6 +69,7 @@ class Kernel:
         dup_mmap(child.mm, parent.mm)
         child.fds = dict(parent.fds)
         child.parent = parent
+        child.handled = parent.handled  # signal handlers survive fork
         return child
 
     def exit(self, task: Task) -> None:

@@ -65,14 +65,15 @@ class Process:
         return self.task.mm
 
     def _guard(self, body: Callable[[], Outcome]) -> Outcome:
-        if self.kernel.halted is not None:
-            return self.kernel.halted
+        core = self.kernel.core
+        if core.halted is not None:
+            return core.halted
         if not self.task.alive:
             return Outcome.error(errno.ESRCH, f"{self.task} is dead")
         try:
             return body()
         except Halt as halt:
-            self.kernel.halted = halt.outcome
+            core.halted = halt.outcome
             return halt.outcome
 
     # -- CPU accesses ---------------------------------------------------------------

@@ -130,7 +130,8 @@ def _prefilled_pipe(p: Probe, n: int) -> tuple[int, int]:
     return r, w
 
 
-def _path(p: Probe, path: str) -> Outcome:
+def run_path(p: Probe, path: str) -> Outcome:
+    """Run one MATRIX.md path against T of an already built probe."""
     tgt, t, n = p.target, p.t, proto.transfer_size(path)
     at = t - proto.STRADDLE_BEFORE if proto.is_straddle(path) else t
     match path:
@@ -200,7 +201,7 @@ def _remote(p: Probe, path: str, at: int, n: int) -> Outcome:
 
 
 def run_cell(kcfg: KernelConfig, path: str, backing: str) -> Cell:
-    return Cell(path, backing, _path(_setup(kcfg, backing), path))
+    return Cell(path, backing, run_path(_setup(kcfg, backing), path))
 
 
 def run_matrix(kcfg: KernelConfig, paths: tuple[str, ...] = proto.PATHS,
@@ -216,4 +217,4 @@ def run_matrix(kcfg: KernelConfig, paths: tuple[str, ...] = proto.PATHS,
     return cells
 
 
-__all__ = ["Cell", "run_cell", "run_matrix"]
+__all__ = ["Cell", "Probe", "run_cell", "run_matrix", "run_path"]

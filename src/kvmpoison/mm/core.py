@@ -24,6 +24,7 @@ from kvmpoison.mm.page_alloc import BuddyAllocator, PfnArray
 from kvmpoison.mm.page_flags import PageFlagBits
 from kvmpoison.mm.pagetable import PageTables, PteStore
 from kvmpoison.mm.swapops import SwapTypes
+from kvmpoison.outcome import Outcome
 from kvmpoison.uapi.siginfo import SigInfo
 
 
@@ -71,6 +72,7 @@ class MmCore:
     mf_reports: list[object] = field(default_factory=list)  # memory_failure's action_result log
     hw_memory_failure: bool = False  # a real (not software-injected) error was handled
     dmesg: list[str] = field(default_factory=list)  # WARNs and messages, oldest first
+    halted: Outcome | None = None  # the host panicked or shut down
 
     def warn(self, message: str) -> None:
         """``WARN_ON_ONCE``-style: the model logs it and carries on, as the kernel does."""

@@ -167,10 +167,19 @@ class PageTables:
         self.store.rows[slot] = np.uint64(value)
 
     def chunks(self, start: int, end: int, alloc: bool = False) -> Iterator[PteChunk]:
-        """Leaf PTE slots of [start, end), one PUD-sized chunk at a time."""
+        """Leaf PTE slots of [start, end), one PUD-sized chunk at a time.
+
+        Without ``alloc``, regions with no PUD or PMD table are skipped whole,
+        so a walk costs what is mapped, not the size of the range.
+        """
         addr = start
         while addr < end:
             pud_end = min(((addr >> PUD_SHIFT) + 1) << PUD_SHIFT, end)
+            if not alloc:
+                pud = self.pgd.children[self._index(addr, PGDIR_SHIFT)]
+                if pud is None:  # nothing in this 512 GiB
+                    addr = min(((addr >> PGDIR_SHIFT) + 1) << PGDIR_SHIFT, end)
+                    continue
             pmd = self._pmd_table(addr, alloc)
             if pmd is not None:
                 chunk = self._chunk(pmd, addr, pud_end, alloc)

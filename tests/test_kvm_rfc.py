@@ -1,0 +1,198 @@
+"""The seed's claims on rfc-v2, the baseline hazard, and the RFC's mechanisms (v1 and v2)."""
+
+import signal
+
+import pytest
+
+from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
+from kvmpoison.arch.x86.pgtable import pte_pfn
+from kvmpoison.config import Config
+from kvmpoison.machine import Machine
+from kvmpoison.mm.gup import FOLL, get_user_pages
+from kvmpoison.mm.mmap import MAP_SHARED
+from kvmpoison.mm.page import PageHWPoison, page_count
+from kvmpoison.mm.ptdump import decode
+from kvmpoison.outcome import Kind
+from kvmpoison.uapi.errno import EHWPOISON
+from kvmpoison.uapi.siginfo import BusCode
+from kvmpoison.virt.kvm.mem_protected import kvm_protect_pfn
+from kvmpoison.virt.kvm.x86.mmu import spte_present
+
+PAGE = 4096
+SECRET = b"guest secret 1234"
+GPA = 0x30 * PAGE
+
+
+def machine(design: str = "rfc-v2", **kw: object) -> Machine:
+    m = Machine(Config(design=design, **kw))  # type: ignore[arg-type]
+    assert m.guest.store(GPA, SECRET).kind is Kind.OK
+    return m
+
+
+def ram_pfn(m: Machine, gpa: int = GPA) -> int:
+    mapping = m.vmm.proc.task.fds[m.vmm.ram_fd].f_mapping
+    return mapping.lookup(gpa // PAGE)
+
+
+def test_guest_boot_enables_protection_and_shares_its_buffers() -> None:
+    m = Machine(Config(design="rfc-v2"))
+    assert m.vm.mem_protected
+    assert m.vm.shared_ranges == [(0x0F, 0x20)]  # kvmclock and swiotlb merged
+    assert m.guest.log[0] == "KVM_HC_ENABLE_MEM_PROTECTED = 0"
+
+
+def test_host_touch_gets_sigbus_mceerr_ar() -> None:
+    m = machine()
+    hva = m.vmm.gpa_to_hva(GPA)
+    for out in (m.vmm.load(GPA + 3, 4), m.vmm.store(GPA, b"x")):
+        assert out.cell == "sig:SIGBUS:BUS_MCEERR_AR"
+        assert out.siginfo.signo == signal.SIGBUS and out.siginfo.code == BusCode.BUS_MCEERR_AR
+        assert out.siginfo.addr_lsb == 12 and out.siginfo.addr in (hva, hva + 3)
+    assert decode(m.vmm.proc.mm.pgd.get(hva), m.kernel.kcfg).kind == "hwpoison"
+
+
+def test_gup_fails_with_efault_or_ehwpoison() -> None:
+    m = machine()
+    mm, hva = m.vmm.proc.mm, m.vmm.gpa_to_hva(GPA)
+    assert get_user_pages(mm, hva, 1, FOLL(0)) == -14
+    assert get_user_pages(mm, hva, 1, FOLL.HWPOISON) == -EHWPOISON
+    attacker = m.process("attacker")
+    buf = attacker.mmap(0, PAGE, 3, 0x22).value
+    assert attacker.process_vm_readv(m.vmm.proc, buf, hva, 8).cell == "err:EFAULT"
+
+
+def test_page_cache_access_gets_eio() -> None:
+    m = machine()
+    buf = m.vmm.scratch()
+    assert m.vmm.pread_ram(GPA, buf, 8).cell == "err:EIO"
+    assert m.vmm.pwrite_ram(GPA, buf, 8).cell == "err:EIO"
+
+
+def test_kvm_still_maps_the_page_and_the_guest_reads_its_data() -> None:
+    m = machine()
+    m.vmm.store(GPA, b"VMM was here")  # refused with SIGBUS
+    assert m.guest.load(GPA, len(SECRET)).data == SECRET
+    entry = spte_present(m.vm, GPA, write=False)
+    assert entry is not None and entry.pfn == ram_pfn(m)
+    page = m.kernel.core.pages[entry.pfn]
+    assert PageHWPoison(page) and m.kvm.kvm_pfn_map[entry.pfn] == m.vm.ident
+    assert m.vm.read_guest(GPA, len(SECRET)) == SECRET  # KVM's own access (copy_from_guest)
+
+
+def test_baseline_hazard_is_a_machine_check_or_worse() -> None:
+    m = machine("baseline")
+    assert m.vmm.load(GPA, len(SECRET)).data == bytes(len(SECRET))  # TD bit: host reads zeros
+    assert m.vmm.store(GPA, b"oops").kind is Kind.OK  # writes are never checked
+    out = m.guest.load(GPA, len(SECRET))
+    assert out.cell == "mce:td-fatal" and m.vm.td_fatal
+    assert m.guest.load(0, 8).cell == "mce:td-fatal"  # the TD stays dead
+    plat = PlatformConfig(mem_bytes=64 << 20, integrity=IntegrityMode.CI, seam_nr=False)
+    m = machine("baseline", platform=plat)
+    m.vmm.store(GPA, b"oops")
+    assert m.guest.load(GPA, 4).cell == "panic" and m.halted
+
+
+@pytest.mark.parametrize(("design", "read", "proc_mem"),
+                         [("rfc-v1", "ret:8", "ret:8"), ("rfc-v2", "err:EFAULT", "err:EIO")])
+def test_v1_hole_lets_gup_users_read_private_data(design: str, read: str, proc_mem: str) -> None:
+    m = machine(design)
+    attacker = m.process("attacker")
+    buf = attacker.mmap(0, PAGE, 3, 0x22).value
+    attacker.store(buf, bytes(8))
+    hva = m.vmm.gpa_to_hva(GPA)
+    assert attacker.process_vm_readv(m.vmm.proc, buf, hva, 8).cell == read
+    fd = attacker.open_proc_mem(m.vmm.proc, 2).value
+    assert attacker.pread(fd, buf, 8, hva).cell == proc_mem
+    if design == "rfc-v1":
+        assert attacker.load(buf, 8).data == SECRET[:8]
+
+
+def test_protection_unmaps_every_process_mapping_the_file() -> None:
+    m = Machine(Config(design="rfc-v2"))
+    vhost = m.process("vhost")
+    fd = vhost.install(m.vmm.proc.task.fds[m.vmm.ram_fd])
+    vaddr = vhost.mmap(0, m.vmm.ram_size, 3, MAP_SHARED, fd).value
+    assert vhost.load(vaddr + GPA, 1).kind is Kind.OK
+    m.guest.store(GPA, SECRET)
+    assert vhost.load(vaddr + GPA, 1).cell == "sig:SIGBUS:BUS_MCEERR_AR"
+    page = m.kernel.core.pages[ram_pfn(m)]
+    # page cache + one reference per hwpoison entry (the RFC's patch 10)
+    assert page_count(page) == 3
+
+
+def test_non_swap_backed_pages_are_refused() -> None:
+    m = Machine(Config(design="rfc-v2"))
+    inode = m.kernel.create_file("/img", b"\x01" * PAGE)
+    fd = m.vmm.proc.open("/img", 2).value
+    hva = m.vmm.proc.mmap(0, PAGE, 3, MAP_SHARED, fd).value
+    m.vmm.proc.load(hva, 1)
+    pfn = inode.mapping.lookup(0)
+    assert kvm_protect_pfn(m.vm, 0x100, pfn) is False
+    m1 = Machine(Config(design="rfc-v1"))
+    inode = m1.kernel.create_file("/img", b"\x01" * PAGE)
+    fd = m1.vmm.proc.open("/img", 2).value
+    hva = m1.vmm.proc.mmap(0, PAGE, 3, MAP_SHARED, fd).value
+    m1.vmm.proc.load(hva, 1)
+    from kvmpoison.outcome import Halt
+
+    with pytest.raises(Halt, match="VM_BUG_ON_PAGE"):
+        kvm_protect_pfn(m1.vm, 0x100, inode.mapping.lookup(0))
+
+
+def test_33rd_shared_range_warns_and_the_page_is_poisoned_again() -> None:
+    m = Machine(Config(design="rfc-v2", vm_mem=8 << 20))
+    base = 0x100
+    for i in range(31):  # 30 more ranges: kvmclock+swiotlb already use one
+        m.guest.share(base + 2 * i, 1)
+    assert len(m.vm.shared_ranges) == 32 and not m.kernel.core.dmesg
+    gfn = base + 100
+    assert m.guest.store(gfn * PAGE, b"io buffer").kind is Kind.OK  # private first
+    m.guest.share(gfn, 1)
+    assert any("shared ranges" in line for line in m.kernel.core.dmesg)
+    assert (gfn, gfn + 1) not in m.vm.shared_ranges
+    assert m.vmm.load(gfn * PAGE, 4).data == b"io b"  # poison cleared: the VMM sees it
+    m.vm.zap_gfn_range(gfn, gfn + 1)
+    assert m.guest.load(gfn * PAGE, 4).kind is Kind.OK  # the next EPT fault re-protects
+    assert m.vmm.load(gfn * PAGE, 4).cell == "sig:SIGBUS:BUS_MCEERR_AR"
+
+
+def test_share_reinstates_the_present_pte() -> None:
+    m = machine()
+    assert m.vmm.load(GPA, 1).cell == "sig:SIGBUS:BUS_MCEERR_AR"
+    m.guest.share(GPA // PAGE, 1)
+    assert m.vmm.load(GPA, len(SECRET)).data == SECRET  # do_swap_page restores the PTE
+
+
+@pytest.mark.parametrize(("design", "back_in_buddy"), [("rfc-v2", True), ("rfc-v1", False)])
+def test_freed_protected_pages_unpoison_only_in_v2(design: str, back_in_buddy: bool) -> None:
+    m = machine(design)
+    pfn = ram_pfn(m)
+    vmm = m.vmm
+    assert vmm.proc.fallocate(vmm.ram_fd, 3, GPA, PAGE).cell == "ret:0"  # punch the hole
+    page = m.kernel.core.pages[pfn]
+    assert page_count(page) == 0
+    assert PageHWPoison(page) is not back_in_buddy
+    assert (m.kernel.core.buddy.withheld_hwpoison == 0) is back_in_buddy
+
+
+def test_prefetch_is_off_while_memory_is_protected() -> None:
+    for design, prefetched in (("baseline", True), ("rfc-v2", False)):
+        m = Machine(Config(design=design))
+        for i in range(8):
+            m.vmm.store(0x40 * PAGE + i * PAGE, b"\x01")  # present in the VMM
+        m.guest.load(0x40 * PAGE, 1)
+        assert (spte_present(m.vm, 0x41 * PAGE, False) is not None) is prefetched
+
+
+def test_fork_takes_and_munmap_drops_entry_references() -> None:
+    m = Machine(Config(design="rfc-v2", backing="anon"))
+    m.guest.store(GPA, SECRET)
+    pfn = spte_present(m.vm, GPA, False).pfn
+    page = m.kernel.core.pages[pfn]
+    before = page_count(page)
+    child = m.vmm.proc.fork()
+    assert page_count(page) == before + 1
+    assert child.load(child.mm.vmas[0].vm_start + GPA, 1).cell == "sig:SIGBUS:BUS_MCEERR_AR"
+    child.munmap(m.vmm.ram_hva, m.vmm.ram_size)
+    assert page_count(page) == before
+    assert pte_pfn(0) == 0
