@@ -44,3 +44,51 @@ def anon_bulk(size: int) -> dict[str, float]:
     _check(libc.munmap(addr, size), "munmap")
     out["munmap"] = (time.perf_counter_ns() - t0) / pages
     return out
+
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def memfd_punch(size: int, mappers: int, per_page: bool) -> float:
+    """ns/page for fallocate(PUNCH_HOLE|KEEP_SIZE) over a memfd mapped+populated by ``mappers``.
+
+    mappers=2 adds a forked child that maps and touches the whole file and waits.
+    """
+    pages = size // 4096
+    fd = os.memfd_create("bench", 0)
+    os.ftruncate(fd, size)
+    shared = 0x01
+    addr = None
+    if mappers >= 1:
+        addr = libc.mmap(None, size, PROT_RW, shared, fd, 0)
+        _check(libc.madvise(addr, size, MADV_POPULATE_WRITE), "populate")
+    child = None
+    if mappers >= 2:
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - runs in the child
+            caddr = libc.mmap(None, size, PROT_RW, shared, fd, 0)
+            libc.madvise(caddr, size, MADV_POPULATE_WRITE)
+            os.write(ready_w, b"r")
+            os.read(go_r, 1)
+            os._exit(0)
+        os.read(ready_r, 1)
+    if mappers == 0:
+        _check(libc.fallocate(fd, 0, 0, size), "fallocate")
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    t0 = time.perf_counter_ns()
+    if per_page:
+        for off in range(0, size, 4096):
+            libc.fallocate(fd, mode, off, 4096)
+    else:
+        _check(libc.fallocate(fd, mode, 0, size), "punch")
+    spent = time.perf_counter_ns() - t0
+    if child is not None:
+        os.write(go_w, b"g")
+        os.waitpid(child, 0)
+    if addr is not None:
+        libc.munmap(addr, size)
+    os.close(fd)
+    return spent / pages

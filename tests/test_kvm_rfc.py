@@ -75,7 +75,7 @@ def test_kvm_still_maps_the_page_and_the_guest_reads_its_data() -> None:
     entry = spte_present(m.vm, GPA, write=False)
     assert entry is not None and entry.pfn == ram_pfn(m)
     page = m.kernel.core.pages[entry.pfn]
-    assert PageHWPoison(page) and m.kvm.kvm_pfn_map[entry.pfn] == m.vm.ident
+    assert PageHWPoison(page) and m.kvm.kvm_pfn_map.get(entry.pfn) == m.vm.ident
     assert m.vm.read_guest(GPA, len(SECRET)) == SECRET  # KVM's own access (copy_from_guest)
 
 
@@ -196,3 +196,39 @@ def test_fork_takes_and_munmap_drops_entry_references() -> None:
     child.munmap(m.vmm.ram_hva, m.vmm.ram_size)
     assert page_count(page) == before
     assert pte_pfn(0) == 0
+
+
+@pytest.mark.parametrize("backing", ["memfd", "anon"])
+def test_bulk_protection_equals_page_by_page(backing: str) -> None:
+    import numpy as np
+
+    from kvmpoison.virt.kvm.mem_protected import kvm_protect_range
+
+    def build() -> Machine:
+        m = Machine(Config(design="rfc-v2", backing=backing))
+        vhost = m.process("vhost")
+        if backing == "memfd":
+            fd = vhost.install(m.vmm.proc.task.fds[m.vmm.ram_fd])
+            vhost.mmap(0, m.vmm.ram_size, 3, MAP_SHARED, fd)
+        m.vmm.proc.madvise(m.vmm.ram_hva, m.vmm.ram_size, 0)  # nothing
+        for gfn in range(0x40, 0x80):
+            m.vmm.store(gfn * PAGE, bytes([gfn]))
+        return m
+
+    bulk, scalar = build(), build()
+    assert kvm_protect_range(bulk.vm, 0x40, 0x40) == 0x40
+    for gfn in range(0x40, 0x80):
+        hva = scalar.vmm.gpa_to_hva(gfn * PAGE)
+        pfn = pte_pfn(scalar.vmm.proc.mm.pgd.get(hva))
+        assert kvm_protect_pfn(scalar.vm, gfn, pfn)
+    for m in (bulk, scalar):
+        assert m.vmm.load(0x50 * PAGE, 1).cell == "sig:SIGBUS:BUS_MCEERR_AR"
+    a, b = bulk.kernel.core.pages, scalar.kernel.core.pages
+    assert (a.flags == b.flags).all() and (a._refcount == b._refcount).all()
+    assert (a._mapcount == b._mapcount).all()
+    assert (bulk.kvm.kvm_pfn_map.owner == scalar.kvm.kvm_pfn_map.owner).all()
+    ra = bulk.vmm.proc.mm.pgd
+    rb = scalar.vmm.proc.mm.pgd
+    hvas = [bulk.vmm.gpa_to_hva(g * PAGE) for g in range(0x3F, 0x81)]
+    assert [ra.get(h) for h in hvas] == [rb.get(h) for h in hvas]
+    assert np.count_nonzero(bulk.kvm.kvm_pfn_map.owner >= 0) == 0x40

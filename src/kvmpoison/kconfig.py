@@ -35,18 +35,20 @@ class KernelVersion(enum.Enum):
 
     @property
     def tuple(self) -> tuple[int, int]:
-        major, minor = self.value.split(".")
-        return int(major), int(minor)
+        return _ORDER[self]
 
     def __ge__(self, other: object) -> bool:
         if not isinstance(other, KernelVersion):
             return NotImplemented
-        return self.tuple >= other.tuple
+        return _ORDER[self] >= _ORDER[other]
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, KernelVersion):
             return NotImplemented
-        return self.tuple < other.tuple
+        return _ORDER[self] < _ORDER[other]
+
+
+_ORDER = {v: (int(v.value.split(".")[0]), int(v.value.split(".")[1])) for v in KernelVersion}
 
 
 @dataclass(frozen=True, slots=True)

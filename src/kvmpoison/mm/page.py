@@ -67,11 +67,16 @@ class PageArray:
         self.mapping = np.zeros(nr_pages, dtype=np.int32)
         self.index = np.zeros(nr_pages, dtype=np.int64)
         self.registry = MappingRegistry()
+        # Masks by flag, computed once: enum hashing is slow on the scalar paths.
+        self._masks = {flag: 1 << bit for flag, bit in bits.bit.items()}
+        self.m_hwpoison = self._masks[PG.hwpoison]
+        self.m_locked = self._masks[PG.locked]
+        self.m_swapbacked = self._masks[PG.swapbacked]
         # Set by the page allocator: called when a refcount drops to zero.
         self.release: Callable[[Page], None] | None = None
 
     def mask(self, flag: PG) -> int:
-        return 1 << self.bits.bit[flag]
+        return self._masks[flag]
 
     def __getitem__(self, pfn: int) -> Page:
         if not 0 <= pfn < self.nr_pages:
@@ -132,31 +137,41 @@ def TestClearPageFlag(page: Page, flag: PG) -> bool:
 
 def PageHWPoison(page: Page) -> bool:
     """PF_ANY: tested on this very (sub)page, not on its head."""
-    return PageFlag(page, PG.hwpoison)
+    return bool(page.mem.flags[page.pfn] & page.mem.m_hwpoison)
 
 
 def SetPageHWPoison(page: Page) -> None:
-    SetPageFlag(page, PG.hwpoison)
+    page.mem.flags[page.pfn] |= page.mem.m_hwpoison
 
 
 def ClearPageHWPoison(page: Page) -> None:
-    ClearPageFlag(page, PG.hwpoison)
+    page.mem.flags[page.pfn] &= ~page.mem.m_hwpoison & 0xFFFF_FFFF
 
 
 def TestSetPageHWPoison(page: Page) -> bool:
-    return TestSetPageFlag(page, PG.hwpoison)
+    old = PageHWPoison(page)
+    SetPageHWPoison(page)
+    return old
 
 
 def TestClearPageHWPoison(page: Page) -> bool:
-    return TestClearPageFlag(page, PG.hwpoison)
+    old = PageHWPoison(page)
+    ClearPageHWPoison(page)
+    return old
 
 
 def PageLocked(page: Page) -> bool:
-    return PageFlag(compound_head(page), PG.locked)
+    head = compound_head(page)
+    return bool(head.mem.flags[head.pfn] & head.mem.m_locked)
 
 
 def trylock_page(page: Page) -> bool:
-    return not TestSetPageFlag(compound_head(page), PG.locked)
+    head = compound_head(page)
+    flags = head.mem.flags
+    if flags[head.pfn] & head.mem.m_locked:
+        return False
+    flags[head.pfn] |= head.mem.m_locked
+    return True
 
 
 def lock_page(page: Page) -> None:
@@ -167,12 +182,15 @@ def lock_page(page: Page) -> None:
 
 def unlock_page(page: Page) -> None:
     head = compound_head(page)
-    if not TestClearPageFlag(head, PG.locked):
+    flags = head.mem.flags
+    if not flags[head.pfn] & head.mem.m_locked:
         raise AssertionError(f"unlock_page of unlocked {page}")
+    flags[head.pfn] &= ~head.mem.m_locked & 0xFFFF_FFFF
 
 
 def PageSwapBacked(page: Page) -> bool:
-    return PageFlag(compound_head(page), PG.swapbacked)
+    head = compound_head(page)
+    return bool(head.mem.flags[head.pfn] & head.mem.m_swapbacked)
 
 
 def PageDirty(page: Page) -> bool:
@@ -207,9 +225,10 @@ def compound_order(page: Page) -> int:
 
 
 def compound_head(page: Page) -> Page:
-    order = int(page.mem.order[page.pfn])
-    if order == 0:
+    order = page.mem.order[page.pfn]
+    if not order:
         return page
+    order = int(order)
     head = page.pfn & ~((1 << order) - 1)
     return page if head == page.pfn else Page(page.mem, head)
 
@@ -274,6 +293,9 @@ def page_mapcount(page: Page) -> int:
 
 
 def page_mapped(page: Page) -> bool:
+    mem = page.mem
+    if not mem.order[page.pfn]:
+        return bool(mem._mapcount[page.pfn] >= 0)
     head = compound_head(page)
     order = compound_order(head)
     span = slice(head.pfn, head.pfn + (1 << order))

@@ -95,6 +95,7 @@ class PageTables:
         self.store = store
         self.alloc = alloc
         self.table_flags = table_flags  # what a non-leaf entry carries beside the pfn
+        self._rows: dict[int, int] = {}  # addr >> PMD_SHIFT -> leaf row (a walk cache)
         self.nr_ptes = 0  # leaf tables, like mm->pgtables_bytes / PAGE_SIZE
         self.pgd = _Table(self._alloc_table_page())
 
@@ -135,6 +136,9 @@ class PageTables:
 
     def pte_slot(self, addr: int, alloc: bool = False) -> tuple[int, int] | None:
         """(row, column) of the PTE for ``addr``; ``alloc`` builds missing tables."""
+        cached = self._rows.get(addr >> PMD_SHIFT)
+        if cached is not None:
+            return cached, (addr >> PAGE_SHIFT) & (PTRS_PER_PTE - 1)
         pmd = self._pmd_table(addr, alloc)
         if pmd is None:
             return None
@@ -149,6 +153,7 @@ class PageTables:
             pmd.entries[i] = np.uint64((pfn << PAGE_SHIFT) | self.table_flags)
             self.nr_ptes += 1
         assert isinstance(row, int)
+        self._rows[addr >> PMD_SHIFT] = row
         return row, self._index(addr, PAGE_SHIFT)
 
     def pmd_entry(self, addr: int) -> int:
@@ -226,6 +231,7 @@ class PageTables:
             pfn = int(pmd.entries[i]) >> PAGE_SHIFT & ((1 << 40) - 1)
             pmd.children[i] = None
             pmd.entries[i] = 0
+            self._rows.pop(addr >> PMD_SHIFT, None)
             self.store.free_row(row)
             freed.append(pfn)
             self.nr_ptes -= 1
@@ -247,6 +253,7 @@ class PageTables:
 
     def destroy(self) -> None:
         """Free every table page (exit_mmap); leaf tables must be empty by now."""
+        self._rows.clear()
         pfns: list[int] = []
         for pud in self.pgd.children:
             if not isinstance(pud, _Table):

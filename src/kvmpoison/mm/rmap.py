@@ -67,6 +67,7 @@ class TTU(enum.IntFlag):
 
 
 TTU_HWPOISON = TTU.IGNORE_HWPOISON  # v6.x name for bit 0x20, inverted meaning
+_TTU_IGNORE_MLOCK = int(TTU.IGNORE_MLOCK)
 
 
 @dataclass(eq=False)
@@ -167,26 +168,31 @@ def page_vma_mapped(page: Page, vma: Vma, addr: int) -> bool:
     return is_hwpoison_entry(entry, mm.core.swap_types) and hwpoison_entry_to_pfn(entry) == page.pfn
 
 
-def _installs_hwpoison(mm: MmStruct, page: Page, flags: TTU) -> bool:
+_TTU_BIT_0X20 = int(TTU.IGNORE_HWPOISON)
+
+
+def _installs_hwpoison(mm: MmStruct, page: Page, flags: int) -> bool:
     if not PageHWPoison(page):
         return False
     if mm.core.kcfg.version >= KernelVersion.V6_18:
-        return bool(flags & TTU_HWPOISON)
-    return not flags & TTU.IGNORE_HWPOISON
+        return bool(flags & _TTU_BIT_0X20)  # TTU_HWPOISON
+    return not flags & _TTU_BIT_0X20  # TTU_IGNORE_HWPOISON
 
 
-def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU) -> bool:
+def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
+                     pteval: int | None = None) -> bool:
     mm = vma.vm_mm
     core = mm.core
-    if not flags & TTU.IGNORE_MLOCK and vma.vm_flags & VM.LOCKED:
+    if not int(flags) & _TTU_IGNORE_MLOCK and vma.vm_flags & VM.LOCKED:
         return False
-    pteval = mm.pgd.get(addr)
+    if pteval is None:
+        pteval = mm.pgd.get(addr)
     mm.pgd.set(addr, 0)
     core.flush_tlb_range(mm, addr, addr + (1 << PAGE_SHIFT))
     if pteval & _PAGE_DIRTY:
         SetPageDirty(page)
     anon = PageAnon(page)
-    if _installs_hwpoison(mm, page, flags):
+    if _installs_hwpoison(mm, page, int(flags)):
         entry = make_hwpoison_entry(page.pfn, core.swap_types)
         mm.pgd.set(addr, swp_entry_to_pte(entry))
         if core.hooks.hwpoison_entry_holds_ref:
@@ -203,8 +209,10 @@ def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU) -> bool:
 def try_to_unmap(page: Page, flags: TTU) -> bool:
     """Unmap ``page`` from every mm; True when nothing maps it any more."""
     for vma, addr in rmap_walk(page):
-        mapped = page_vma_mapped(page, vma, addr) and pte_present(vma.vm_mm.pgd.get(addr))
-        if mapped and not try_to_unmap_one(page, vma, addr, flags):
+        pte = vma.vm_mm.pgd.get(addr)
+        # page_vma_mapped, for the present PTEs try_to_unmap_one can act on
+        mapped = pte_present(pte) and pte_pfn(pte) == page.pfn
+        if mapped and not try_to_unmap_one(page, vma, addr, flags, pte):
             break
     return not page_mapped(page)
 

@@ -18,6 +18,9 @@ import errno
 import signal
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.arch.x86.vmx import VMX_EPT_RWX_MASK
@@ -38,6 +41,31 @@ KVM_PFN_ERR_HWPOISON = KVM_PFN_ERR_MASK + 1
 KVM_PFN_ERR_RO_FAULT = KVM_PFN_ERR_MASK + 2
 KVM_PFN_NOSLOT = 1 << 63
 KVM_NR_SHARED_RANGES = 32
+
+
+class PfnMap:
+    """``DEFINE_XARRAY(kvm_pfn_map)`` as an array indexed by pfn (-1: no entry)."""
+
+    NONE = -1
+
+    def __init__(self, nr_pages: int):
+        self.owner = np.full(nr_pages, self.NONE, dtype=np.int64)
+
+    def get(self, pfn: int) -> int | None:
+        value = int(self.owner[pfn])
+        return None if value == self.NONE else value
+
+    def store(self, pfns: npt.NDArray[np.int64] | int, ident: int) -> None:
+        self.owner[pfns] = ident
+
+    def erase(self, pfn: int) -> int | None:
+        """``xa_erase``: the old entry, or None."""
+        old = self.get(pfn)
+        self.owner[pfn] = self.NONE
+        return old
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.owner != self.NONE))
 
 
 def is_error_pfn(pfn: int) -> bool:
@@ -75,8 +103,11 @@ class Kvm:
     core: MmCore
     id_bits: int = 63  # the RFC's counter wraps when it goes negative; a model may shrink it
     _next_id: int = 0
-    kvm_pfn_map: dict[int, int] = field(default_factory=dict)  # pfn -> kvm->id (RFC v2)
     vms: list[Vm] = field(default_factory=list)
+    kvm_pfn_map: PfnMap = field(init=False)  # the RFC's global xarray: pfn -> kvm->id
+
+    def __post_init__(self) -> None:
+        self.kvm_pfn_map = PfnMap(self.core.pages.nr_pages)
 
     def create_vm(self, vmm: Task, protection: Protection, td_keyid: int | None = None) -> Vm:
         """``kvm_create_vm``: the RFC assigns ``kvm->id = xa_mk_value(id++)``."""
@@ -165,6 +196,10 @@ class Vm:
         self.dead = True
 
     def zap_gfn_range(self, first: int, last: int) -> None:
+        if last - first == 1:  # the common single-page invalidation
+            if self.ept.get(first << PAGE_SHIFT):
+                self.ept.set(first << PAGE_SHIFT, 0)
+            return
         store = self.ept.store.rows
         for chunk in self.ept.chunks(first << PAGE_SHIFT, last << PAGE_SHIFT):
             store[chunk.rows, chunk.cols] = 0

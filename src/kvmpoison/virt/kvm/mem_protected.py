@@ -15,22 +15,26 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvmpoison.arch.x86.pgtable import pte_pfn_array, pte_present_array
+from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT
 from kvmpoison.kernel.range import add_range_with_merge, clean_sort_range
+from kvmpoison.mm.mm_types import Vma
 from kvmpoison.mm.page import (
     ClearPageHWPoison,
     Page,
     PageFlag,
     PageHWPoison,
     PageSwapBacked,
-    TestClearPageHWPoison,
     TestSetPageHWPoison,
     lock_page,
+    page_anon_vma,
+    page_mapping,
     put_page,
     unlock_page,
 )
 from kvmpoison.mm.page_alloc import FreeHook
 from kvmpoison.mm.page_flags import PG
-from kvmpoison.mm.rmap import TTU, try_to_unmap
+from kvmpoison.mm.rmap import TTU, try_to_unmap, try_to_unmap_pages_hwpoison
 from kvmpoison.outcome import Halt, Outcome
 from kvmpoison.virt.kvm.kvm_main import (
     KVM_NR_SHARED_RANGES,
@@ -74,7 +78,7 @@ def kvm_protect_pfn(vm: Vm, gfn: int, pfn: int) -> bool:
             return True
         if not TestSetPageHWPoison(page):
             try_to_unmap(page, TTU.IGNORE_MLOCK)
-            vm.kvm.kvm_pfn_map[pfn] = vm.ident  # xa_store; its -ENOMEM is ignored (E39)
+            vm.kvm.kvm_pfn_map.store(pfn, vm.ident)  # xa_store; its -ENOMEM is ignored (E39)
             return True
         return vm.kvm.kvm_pfn_map.get(pfn) == vm.ident
     finally:
@@ -108,7 +112,7 @@ def kvm_share_pfn(vm: Vm, pfn: int) -> None:
     page = vm.core.pages[pfn]
     lock_page(page)
     if vm.kvm.kvm_pfn_map.get(pfn) == vm.ident:
-        del vm.kvm.kvm_pfn_map[pfn]
+        vm.kvm.kvm_pfn_map.erase(pfn)
         ClearPageHWPoison(page)
     unlock_page(page)
 
@@ -142,9 +146,9 @@ def kvm_unpoison_page_hook(kvm: Kvm) -> FreeHook:
     def kvm_unpoison_page(pfns: np.ndarray) -> None:
         mem = kvm.core.pages
         poisoned = pfns[(mem.flags[pfns] & np.uint32(mem.mask(PG.hwpoison))) != 0]
-        for pfn in poisoned:
-            if kvm.kvm_pfn_map.pop(int(pfn), None) is not None:  # xa_erase found it
-                TestClearPageHWPoison(mem[int(pfn)])
+        owned = poisoned[kvm.kvm_pfn_map.owner[poisoned] != kvm.kvm_pfn_map.NONE]
+        kvm.kvm_pfn_map.owner[owned] = kvm.kvm_pfn_map.NONE  # xa_erase found an entry
+        mem.flags[owned] &= np.uint32(~mem.mask(PG.hwpoison) & 0xFFFF_FFFF)
 
     return kvm_unpoison_page
 
@@ -152,3 +156,54 @@ def kvm_unpoison_page_hook(kvm: Kvm) -> FreeHook:
 __all__ = ["KVM_FEATURE_MEM_PROTECTED", "KVM_HC_ENABLE_MEM_PROTECTED", "KVM_HC_MEM_SHARE",
            "PageHWPoison", "gfn_is_shared", "kvm_protect_memory", "kvm_protect_pfn",
            "kvm_share_memory", "kvm_unpoison_page_hook"]
+
+
+def kvm_protect_range(vm: Vm, first_gfn: int, npages: int) -> int:
+    """Bulk ``kvm_protect_pfn`` over the populated, private gfns of one memslot range.
+
+    The model's vectorised path for protecting a whole range at once; the RFC
+    itself protects page by page on each first EPT fault (``kvm_protect_pfn``).
+    Same effect per page: PG_hwpoison set, every host PTE replaced with a
+    hwpoison entry (holding a page reference), pfn -> kvm->id recorded.
+    Returns the number of pages newly protected.
+    """
+    slot = vm.gfn_to_memslot(first_gfn)
+    if slot is None or not slot.covers(first_gfn + npages - 1):
+        raise ValueError(f"gfns {first_gfn:#x}+{npages} are not inside one memslot")
+    core = vm.core
+    mem = core.pages
+    gfns = np.arange(first_gfn, first_gfn + npages, dtype=np.int64)
+    private = np.ones(npages, dtype=bool)
+    for lo, hi in vm.shared_ranges:
+        private &= ~((gfns >= lo) & (gfns < hi))
+    start = slot.gfn_to_hva(first_gfn)
+    pfns = np.full(npages, -1, dtype=np.int64)
+    for chunk in vm.mm.pgd.chunks(start, start + (npages << PAGE_SHIFT)):
+        ptes = core.ptes.rows[chunk.rows, chunk.cols]
+        present = pte_present_array(ptes) & ((ptes & np.uint64(_PAGE_SPECIAL)) == 0)
+        idx = (chunk.addr[present] - start) >> PAGE_SHIFT
+        pfns[idx] = pte_pfn_array(ptes[present])
+    take = private & (pfns >= 0)
+    pfns = pfns[take]
+    swap_backed = (mem.flags[pfns] & np.uint32(mem.mask(PG.swapbacked))) != 0
+    pfns = pfns[swap_backed]
+    poisoned = (mem.flags[pfns] & np.uint32(mem.mask(PG.hwpoison))) != 0
+    new = pfns[~poisoned]
+    if not len(new):
+        return 0
+    mem.flags[new] |= np.uint32(mem.mask(PG.hwpoison))  # TestSetPageHWPoison
+    first = mem[int(new[0])]
+    vmas = list(first_mapping_vmas(first))
+    try_to_unmap_pages_hwpoison(mem, new, vmas, core.hooks.hwpoison_entry_holds_ref)
+    if vm.protection is Protection.RFC_V2:
+        vm.kvm.kvm_pfn_map.store(new, vm.ident)
+    return len(new)
+
+
+def first_mapping_vmas(page: Page) -> list[Vma]:
+    """The VMAs an rmap walk of ``page`` visits (its file's i_mmap or its anon_vma)."""
+    av = page_anon_vma(page)
+    if av is not None:
+        return list(av.vmas)
+    mapping = page_mapping(page)
+    return list(getattr(mapping, "i_mmap", []))
