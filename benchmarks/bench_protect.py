@@ -17,14 +17,13 @@ import argparse
 import json
 import time
 
-from realkernel import memfd_punch
-
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
 from kvmpoison.arch.x86.pgtable import pte_pfn
 from kvmpoison.config import Config
 from kvmpoison.machine import Machine
 from kvmpoison.mm.mmap import MAP_FIXED, MAP_POPULATE, MAP_SHARED
 from kvmpoison.virt.kvm.mem_protected import kvm_protect_pfn, kvm_protect_range
+from realkernel import memfd_punch
 
 GIB = 1 << 30
 PAGE = 4096
