@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from kvmpoison.cli import demo, matrix, pte
+from kvmpoison.cli import demo, matrix, oracle, pte
 from kvmpoison.cli.errors import CliError
 
 app = typer.Typer(
@@ -18,6 +18,7 @@ app = typer.Typer(
 )
 app.command("demo")(demo.demo)
 app.command("matrix")(matrix.matrix)
+app.command("oracle")(oracle.oracle)
 app.add_typer(pte.app, name="pte")
 
 

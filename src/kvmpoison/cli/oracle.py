@@ -1,0 +1,54 @@
+"""``kvmpoison oracle``: the model against the running kernel, cell by cell."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvmpoison.cli.errors import Format
+from kvmpoison.report.oracle import OracleUnavailableError, compare
+
+
+def oracle(
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
+) -> None:
+    """Probe the running kernel live and compare every cell with the model's.
+
+    Exit status: 0 full agreement, 1 any disagreement, 2 the probes cannot run here.
+    """
+    try:
+        result = compare()
+    except OracleUnavailableError as exc:
+        print(f"kvmpoison: oracle unavailable: {exc}")
+        raise typer.Exit(2) from None
+    total = len(result.cells)
+    if fmt is Format.JSON:
+        print(json.dumps({
+            "kernel": result.kernel, "modelled_as": result.kcfg.version.value,
+            "memory_failure": result.kcfg.memory_failure, "kvm": result.kvm_available,
+            "backings": list(result.backings), "cells": total, "agreed": result.agreed,
+            "seconds": round(result.seconds, 2), "notes": result.notes,
+            "disagreements": [{"path": p, "backing": b, "live": live, "model": model}
+                              for p, b, live, model in result.disagreements],
+        }, indent=2))
+    else:
+        console = Console()
+        console.print(f"kernel {result.kernel} (modelled as {result.kcfg.version.value}, "
+                      f"CONFIG_MEMORY_FAILURE={'y' if result.kcfg.memory_failure else 'n'}), "
+                      f"/dev/kvm {'usable' if result.kvm_available else 'missing'}")
+        for note in result.notes:
+            console.print(f"note: {note}")
+        if result.disagreements:
+            table = Table(title="disagreements")
+            for col in ("path", "backing", "live", "model"):
+                table.add_column(col)
+            for row in result.disagreements:
+                table.add_row(*row)
+            console.print(table)
+        console.print(f"agreement: {result.agreed}/{total} cells in {result.seconds:.1f} s")
+    if result.disagreements:
+        raise typer.Exit(1)
