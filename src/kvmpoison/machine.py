@@ -1,10 +1,12 @@
-"""Machine: one host (hardware, kernel, KVM) running one VM for a VMM process.
+"""Machine: one host (hardware, kernel, KVM) running VMs, each for its own VMM process.
 
 Built from a :class:`~kvmpoison.config.Config`; the same config and the same
 steps give the same trace.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
 from kvmpoison.config import Config
@@ -19,8 +21,28 @@ from kvmpoison.vmm.vmm import Vmm
 DEFAULT_HOST_MEM = 64 << 20
 
 
+@dataclass(frozen=True)
+class VmSpec:
+    """One VM and its VMM: guest RAM size, backing, and optionally another VM's RAM file."""
+
+    name: str = "vm0"
+    memory: int = 4 << 20
+    backing: str = "memfd"
+    share_ram_with: str | None = None
+    fork_of: str | None = None  # the VMM is a fork of another VM's VMM (inherits its mappings)
+
+
+@dataclass(eq=False)
+class Instance:
+    spec: VmSpec
+    vmm: Vmm
+    vm: Vm
+    guest: Guest
+
+
 class Machine:
-    def __init__(self, config: Config | None = None):
+    def __init__(self, config: Config | None = None, vms: list[VmSpec] | None = None,
+                 kvm_id_bits: int = 63):
         self.config = config = config or Config()
         self.design: Design = design(config.design)
         kcfg = config.kernel if config.kernel is not None else self.design.kernel
@@ -30,13 +52,56 @@ class Machine:
         self.kernel = Kernel.boot(kcfg, self.platform, config.seed)
         core = self.kernel.core
         core.hooks = self.design.hooks()
-        self.kvm = Kvm(core)
+        self.kvm = Kvm(core, id_bits=kvm_id_bits)
         if self.design.unpoison_on_free:
             core.buddy.free_pages_prepare_hooks.append(kvm_unpoison_page_hook(self.kvm))
-        self.vmm = Vmm.start(Process.spawn(self.kernel, "qemu"), config.vm_mem, config.backing)
-        self.vm: Vm = self.new_vm(self.vmm)
-        self.guest = Guest(self.vm)
-        self.guest.boot()
+        self.instances: dict[str, Instance] = {}
+        for spec in vms or [VmSpec(memory=config.vm_mem, backing=config.backing)]:
+            self.add_vm(spec)
+
+    # The first VM, for the common one-VM case.
+    @property
+    def vmm(self) -> Vmm:
+        return next(iter(self.instances.values())).vmm
+
+    @property
+    def vm(self) -> Vm:
+        return next(iter(self.instances.values())).vm
+
+    @property
+    def guest(self) -> Guest:
+        return next(iter(self.instances.values())).guest
+
+    def add_vm(self, spec: VmSpec) -> Instance:
+        """Start a VMM, create its VM, boot the guest."""
+        if spec.name in self.instances:
+            raise ValueError(f"a VM named {spec.name!r} already exists")
+        vmm = self._start_vmm(spec)
+        vm = self.new_vm(vmm)
+        guest = Guest(vm)
+        guest.boot()
+        inst = Instance(spec, vmm, vm, guest)
+        self.instances[spec.name] = inst
+        return inst
+
+    def _start_vmm(self, spec: VmSpec) -> Vmm:
+        if spec.fork_of is not None:
+            parent = self.instances.get(spec.fork_of)
+            if parent is None:
+                raise ValueError(f"fork_of names no VM: {spec.fork_of!r}")
+            return Vmm.fork(parent.vmm)
+        proc = Process.spawn(self.kernel, f"qemu-{spec.name}")
+        if spec.share_ram_with is not None:
+            other = self.instances.get(spec.share_ram_with)
+            if other is None:
+                raise ValueError(f"share_ram_with names no VM: {spec.share_ram_with!r}")
+            return Vmm.share(proc, other.vmm)
+        return Vmm.start(proc, spec.memory, spec.backing)
+
+    def destroy_vm(self, name: str) -> None:
+        """The VMM exits: its mm goes (MMU notifier release), the VM is dead."""
+        inst = self.instances[name]
+        self.kernel.exit(inst.vmm.proc.task)
 
     def new_vm(self, vmm: Vmm) -> Vm:
         td_keyid = None

@@ -25,6 +25,8 @@ from kvmpoison.mm.memory_failure import memory_failure
 from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_PRIVATE
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.outcome import Halt, Outcome
+from kvmpoison.virt.kvm.kvm_main import Vm
+from kvmpoison.vmm.vmm import Vmm
 
 PAGE_STATES = ("shared", "private", "private-untouched", "hwpoisoned")
 KVM_PATHS = ("fork_child_load", "kvm_emulated_access", "guest_load",
@@ -48,10 +50,7 @@ class DesignCell:
 
     @property
     def cell(self) -> str:
-        out = self.outcome
-        if self.path == "mincore" and out.value == 0 and out.data:
-            return f"vec:{out.data[0]}"
-        return out.cell
+        return self.outcome.cell
 
 
 def _target(m: Machine, state: str) -> int:
@@ -72,29 +71,33 @@ def _target(m: Machine, state: str) -> int:
     return gpa
 
 
-def _real_memory_error(m: Machine, gpa: int) -> int:
+def _real_memory_error(m: Machine, gpa: int, vmm: Vmm | None = None,
+                       vm: Vm | None = None) -> int:
     """A DRAM error on the page backing ``gpa``: poisoned line plus memory_failure()."""
-    pfn = _backing_pfn(m, gpa)
+    pfn = backing_pfn(m, gpa, vmm, vm)
     m.kernel.core.hw.inject_dram_error(pfn << PAGE_SHIFT)
     memory_failure(m.kernel.core, pfn, 0)
     return pfn
 
 
-def _backing_pfn(m: Machine, gpa: int) -> int:
-    mapping = m.vmm.proc.task.fds[m.vmm.ram_fd].f_mapping if m.vmm.ram_fd is not None else None
+def backing_pfn(m: Machine, gpa: int, vmm: Vmm | None = None, vm: Vm | None = None) -> int:
+    """The frame behind guest page ``gpa``: the RAM file's cache, else the EPT."""
+    vmm = vmm or m.vmm
+    vm = vm or m.vm
+    mapping = vmm.proc.task.fds[vmm.ram_fd].f_mapping if vmm.ram_fd is not None else None
     if mapping is not None:
         pfn = mapping.lookup(gpa >> PAGE_SHIFT)
         if pfn is not None:
             return pfn
-    raw = m.vm.ept.get(gpa & ~(PAGE_SIZE - 1))
+    raw = vm.ept.get(gpa & ~(PAGE_SIZE - 1))
     if raw:
         return (raw >> PAGE_SHIFT) & ((1 << 40) - 1)
     raise ValueError(f"gpa {gpa:#x} has no backing page yet")
 
 
-def _has_backing(m: Machine, gpa: int) -> bool:
+def _has_backing(m: Machine, gpa: int, vmm: Vmm | None = None, vm: Vm | None = None) -> bool:
     try:
-        _backing_pfn(m, gpa)
+        backing_pfn(m, gpa, vmm, vm)
     except ValueError:
         return False
     return True
@@ -106,16 +109,20 @@ def _expect(out: Outcome, what: str) -> None:
 
 
 def _probe(m: Machine, gpa: int) -> Probe:
-    vmm = m.vmm
+    return make_probe(m, m.vmm, m.vmm.gpa_to_hva(gpa))
+
+
+def make_probe(m: Machine, vmm: Vmm, t: int) -> Probe:
+    """MATRIX.md helpers around address ``t`` of a VMM: data files, scratch, an attacker."""
     kernel = m.kernel
-    kernel.create_file("/data", bytes([proto.FILE_FILL]) * 2 * PAGE_SIZE)
+    if "/data" not in kernel.files:
+        kernel.create_file("/data", bytes([proto.FILE_FILL]) * 2 * PAGE_SIZE)
     file_fd = _value(vmm.proc.open("/data", O_RDWR))
     direct_fd = _value(vmm.proc.open("/data", O_RDWR | O_DIRECT))
     attacker = m.process("attacker")
     abuf = _value(attacker.mmap(0, PAGE_SIZE, 3, MAP_PRIVATE | MAP_ANONYMOUS))
     _expect(attacker.store(abuf, bytes(PAGE_SIZE)), "touch attacker buffer")
-    return Probe(kernel, vmm.proc, vmm.gpa_to_hva(gpa), vmm.scratch(), attacker, abuf,
-                 file_fd, direct_fd)
+    return Probe(kernel, vmm.proc, t, vmm.scratch(), attacker, abuf, file_fd, direct_fd)
 
 
 def _value(out: Outcome) -> int:
@@ -143,21 +150,23 @@ def _kvm_path(m: Machine, p: Probe, gpa: int, path: str) -> Outcome:
                 return vmm.pread_ram(gpa, p.buf, proto.TRANSFER)
             return vmm.pwrite_ram(gpa, p.buf, proto.TRANSFER)
         case "real_memory_error_then_free":
-            return _error_then_free(m, gpa)
+            return error_then_free(m, gpa)
     raise ValueError(f"unknown path {path!r} (known: {', '.join(PATHS)})")
 
 
-def _error_then_free(m: Machine, gpa: int) -> Outcome:
+def error_then_free(m: Machine, gpa: int, vmm: Vmm | None = None,
+                    vm: Vm | None = None) -> Outcome:
     """A real error on T's frame, then the frame is freed: does it come back?
 
     ``ok`` when the bad frame stays out of the allocator. Otherwise it is handed to
     a new process's next anonymous page (the allocator is drained so that it is the
     only free page), and the cell is that process reading it.
     """
-    if not _has_backing(m, gpa):
+    vmm = vmm or m.vmm
+    vm = vm or m.vm
+    if not _has_backing(m, gpa, vmm, vm):
         return Outcome.ok(detail="no frame backs the page yet")
-    pfn = _real_memory_error(m, gpa)
-    vmm = m.vmm
+    pfn = _real_memory_error(m, gpa, vmm, vm)
     if vmm.ram_fd is not None:
         vmm.proc.fallocate(vmm.ram_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, gpa, PAGE_SIZE)
     else:

@@ -50,10 +50,7 @@ class Cell:
 
     @property
     def cell(self) -> str:
-        out = self.outcome
-        if self.path == "mincore" and out.kind is Kind.RET and out.data:
-            return f"vec:{out.data[0]}"
-        return out.cell
+        return self.outcome.cell
 
 
 @dataclass
@@ -174,7 +171,8 @@ def run_path(p: Probe, path: str) -> Outcome:
         case "mlock":
             return tgt.mlock(t, PAGE)
         case "mincore":
-            return tgt.mincore(t, PAGE)
+            out = tgt.mincore(t, PAGE)
+            return Outcome.vec(out.data[0]) if out.kind is Kind.RET and out.data else out
         case "getrandom":
             return tgt.getrandom(t, n)
     return _remote(p, path, at, n)

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SIZE
 from kvmpoison.kernel.process import Process
+from kvmpoison.mm.file import O_RDWR
 from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED
 from kvmpoison.outcome import Outcome
 
 RW = 0x3
-BACKINGS = ("memfd", "anon")
+BACKINGS = ("memfd", "anon", "file")
 
 
 @dataclass(eq=False)
@@ -40,9 +41,31 @@ class Vmm:
             fd = _value(proc.memfd_create("qemu-guest-ram"), "memfd_create")
             _value(proc.ftruncate(fd, ram_size), "ftruncate")
             hva = _value(proc.mmap(0, ram_size, RW, MAP_SHARED, fd), "mmap guest RAM")
+        elif backing == "file":
+            path = f"/var/lib/kvmpoison/guest-{proc.pid}.img"
+            proc.kernel.create_file(path, b"")
+            fd = _value(proc.open(path, O_RDWR), "open guest image")
+            _value(proc.ftruncate(fd, ram_size), "ftruncate")
+            hva = _value(proc.mmap(0, ram_size, RW, MAP_SHARED, fd), "mmap guest RAM")
         else:
             hva = _value(proc.mmap(0, ram_size, RW, MAP_PRIVATE | MAP_ANONYMOUS), "mmap guest RAM")
         return cls(proc, hva, ram_size, backing, fd)
+
+    @classmethod
+    def share(cls, proc: Process, other: Vmm) -> Vmm:
+        """A second VMM mapping another VMM's guest-RAM file (vhost-user, a new VM on old RAM)."""
+        proc.task.handled = frozenset({signal.SIGBUS})
+        if other.ram_fd is None:
+            raise ValueError("anonymous guest RAM cannot be shared with another VMM")
+        fd = proc.install(other.proc.task.fds[other.ram_fd])
+        hva = _value(proc.mmap(0, other.ram_size, RW, MAP_SHARED, fd), "mmap shared guest RAM")
+        return cls(proc, hva, other.ram_size, other.backing, fd)
+
+    @classmethod
+    def fork(cls, parent: Vmm) -> Vmm:
+        """A forked child of a VMM: same guest-RAM address, copied page tables and fds."""
+        child = parent.proc.fork()
+        return cls(child, parent.ram_hva, parent.ram_size, parent.backing, parent.ram_fd)
 
     def gpa_to_hva(self, gpa: int) -> int:
         if not 0 <= gpa < self.ram_size:
@@ -66,7 +89,7 @@ class Vmm:
         return self.proc.store(self.gpa_to_hva(gpa), data)
 
     def pread_ram(self, gpa: int, buf: int, size: int) -> Outcome:
-        """pread on the guest-RAM memfd (the page-cache path)."""
+        """pread on the guest-RAM file (the page-cache path)."""
         if self.ram_fd is None:
             raise ValueError("guest RAM is anonymous: there is no file to pread")
         return self.proc.pread(self.ram_fd, buf, size, gpa)
