@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from kvmpoison.cli import demo, matrix, oracle, pte
+from kvmpoison.cli import demo, matrix, oracle, pte, run
 from kvmpoison.cli.errors import CliError
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
 app.command("demo")(demo.demo)
 app.command("matrix")(matrix.matrix)
 app.command("oracle")(oracle.oracle)
+app.command("run")(run.run)
 app.add_typer(pte.app, name="pte")
 
 

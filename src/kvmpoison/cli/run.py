@@ -1,0 +1,95 @@
+"""``kvmpoison run``: run scenario files (or shipped scenarios by name) on the designs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvmpoison.cli.errors import CliError, Format
+from kvmpoison.designs import DESIGNS
+from kvmpoison.report.table import style_of
+from kvmpoison.scenario.library import shipped, title_of
+from kvmpoison.scenario.loader import Scenario, ScenarioError, load
+from kvmpoison.scenario.runner import ScenarioRun, run_scenario, trace_records
+
+
+def _resolve(item: str) -> Path:
+    path = Path(item)
+    if path.exists():
+        return path
+    lib = shipped()
+    if item in lib:
+        return lib[item]
+    raise CliError(f"{item}: no such file, and no shipped scenario of that name "
+                   "(kvmpoison run --list)")
+
+
+def _print_run(console: Console, run: ScenarioRun) -> None:
+    table = Table(title=f"{run.scenario.name} on {run.design}", title_justify="left")
+    for col in ("#", "actor", "op", "outcome", "expected", ""):
+        table.add_column(col)
+    for r in run.results:
+        cell = r.outcome.cell
+        shown = f"[{style_of(cell)}]{cell}[/]" if style_of(cell) else cell
+        if r.outcome.data:
+            shown += f" {r.outcome.data[:24]!r}"
+        mark = "" if r.met is None and r.data_met is None else ("ok" if r.ok else "FAIL")
+        table.add_row(str(r.step.index), r.step.actor, r.step.op, shown, r.expected or "",
+                      f"[green]{mark}[/]" if mark == "ok" else f"[red]{mark}[/]")
+    console.print(table)
+
+
+def run(
+    files: Annotated[list[str] | None, typer.Argument(help="Scenario files or shipped names.")]
+    = None,
+    design: Annotated[str | None, typer.Option(help="Run on this design only.")] = None,
+    all_designs: Annotated[bool, typer.Option(
+        "--all-designs", help="Run on every design, not only those the scenario names.")]
+    = False,
+    trace: Annotated[Path | None, typer.Option(help="Write one JSON line per step here.")] = None,
+    fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
+    list_: Annotated[bool, typer.Option("--list", help="List the shipped scenarios.")] = False,
+) -> None:
+    """Run scenarios; exit 1 if any expectation fails, 2 on bad input."""
+    if list_:
+        for name, path in shipped().items():
+            print(f"{name}  {title_of(path)}")
+        return
+    if not files:
+        raise CliError("name at least one scenario file or shipped scenario (or --list)")
+    if design is not None and design not in DESIGNS:
+        raise CliError(f"unknown design {design!r} (known: {', '.join(DESIGNS)})")
+    if design is not None and all_designs:
+        raise CliError("give --design or --all-designs, not both")
+    try:
+        scenarios: list[Scenario] = [load(_resolve(f)) for f in files]
+        runs = [run_scenario(sc, d) for sc in scenarios
+                for d in ((design,) if design else tuple(DESIGNS) if all_designs
+                          else sc.designs)]
+    except ScenarioError as exc:
+        raise CliError(str(exc)) from None
+    if trace is not None:
+        try:
+            with trace.open("w") as fh:
+                for r in runs:
+                    for rec in trace_records(r):
+                        fh.write(json.dumps(rec) + "\n")
+        except OSError as exc:
+            raise CliError(f"{trace}: cannot write the trace: {exc.strerror}") from None
+    if fmt is Format.JSON:
+        print(json.dumps([{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
+                           "steps": trace_records(r)} for r in runs], indent=2))
+    else:
+        console = Console()
+        for r in runs:
+            _print_run(console, r)
+        failed = [f"{r.scenario.name}/{r.design}" for r in runs if not r.passed]
+        console.print(f"{len(runs) - len(failed)}/{len(runs)} scenario runs met every "
+                      "expectation" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if any(not r.passed for r in runs):
+        raise typer.Exit(1)

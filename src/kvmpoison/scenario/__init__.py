@@ -1,0 +1,1 @@
+"""Scenarios: TOML experiments run on every design, with expectations and traces."""

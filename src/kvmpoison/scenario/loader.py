@@ -1,0 +1,255 @@
+"""Scenario files: TOML in, validated :class:`Scenario` out.
+
+A scenario has a ``[scenario]`` table (name, title, designs), a ``[machine]``
+table, ``[[vm]]`` tables and an ordered list of ``[[step]]`` tables. Every
+problem is reported as a :class:`ScenarioError` naming the file and the step.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kvmpoison.arch.x86.integrity import IntegrityMode
+from kvmpoison.designs import DESIGNS
+from kvmpoison.kconfig import KernelConfig, KernelVersion
+from kvmpoison.outcome import is_cell
+from kvmpoison.scenario.ops import ACTOR_KINDS, OPS
+from kvmpoison.scenario.units import parse_size
+
+# The CONFIG_* switches a scenario may set in [machine], by KernelConfig field name.
+CONFIG_SWITCHES = tuple(f.name for f in fields(KernelConfig) if f.type in (bool, "bool"))
+
+class ScenarioError(Exception):
+    """Bad scenario input: one clear line, naming the file and the step."""
+
+    def __init__(self, source: str, message: str, step: int | None = None):
+        where = f"{source}: step {step}" if step is not None else source
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    kernel: KernelVersion | None = None
+    config: dict[str, bool] = field(default_factory=dict)  # CONFIG_* overrides
+    integrity: IntegrityMode | None = None
+    mac_bits: int = 28
+    memory: int = 64 << 20
+    seed: int = 0
+    kvm_id_bits: int = 63
+    seam_nr: bool = True
+
+
+@dataclass(frozen=True)
+class VmDecl:
+    name: str
+    memory: int = 4 << 20
+    backing: str = "memfd"
+    share_ram_with: str | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    actor: str  # "guest:NAME", "vmm:NAME", "host", "hw"
+    op: str
+    args: dict[str, Any]
+    expect: dict[str, str]  # design -> cell ("*" for every design)
+    expect_data: dict[str, str]
+    save: str | None
+
+    def expected(self, design: str) -> str | None:
+        return self.expect.get(design, self.expect.get("*"))
+
+    def expected_data(self, design: str) -> str | None:
+        return self.expect_data.get(design, self.expect_data.get("*"))
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    source: str
+    designs: tuple[str, ...]
+    machine: MachineSpec
+    vms: tuple[VmDecl, ...]
+    steps: tuple[Step, ...]
+    comment: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _table(doc: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ScenarioError(source, f"[{key}] must be a table")
+    return value
+
+
+def _per_design(value: Any, what: str, source: str, index: int, cells: bool) -> dict[str, str]:
+    if value is None:
+        return {}
+    table = {"*": value} if isinstance(value, str) else value
+    if not isinstance(table, dict):
+        raise ScenarioError(source, f"{what} must be a string or a table of designs", index)
+    out = {}
+    for design_name, text in table.items():
+        if design_name != "*" and design_name not in DESIGNS:
+            raise ScenarioError(source, f"{what} names unknown design {design_name!r}", index)
+        if not isinstance(text, str):
+            raise ScenarioError(source, f"{what}.{design_name} must be a string", index)
+        if cells and not is_cell(text):
+            raise ScenarioError(source, f"expectation {text!r} is not a cell (see MATRIX.md: "
+                                "ok, ret:N, err:NAME, sig:SIG:CODE, vec:B, mce:KIND, shutdown, "
+                                "panic)", index)
+        out[design_name] = text
+    return out
+
+
+def _check_data_ref(want: str, saved: set[str], source: str, index: int) -> None:
+    """``expect_data`` is text, ``hex:...`` or ``$name`` of a value an earlier step saved."""
+    if want.startswith("$") and want[1:] not in saved:
+        raise ScenarioError(source, f"expect_data {want!r} names no value an earlier step saved",
+                            index)
+    if want.startswith("hex:"):
+        try:
+            bytes.fromhex(want[4:])
+        except ValueError:
+            raise ScenarioError(source, f"expect_data {want!r} is not valid hex", index) from None
+
+
+def _machine(doc: dict[str, Any], source: str) -> MachineSpec:
+    m = _table(doc, "machine", source)
+    known = {"kernel", "integrity", "mac_bits", "memory", "seed", "kvm_id_bits", "seam_nr",
+             *CONFIG_SWITCHES}
+    unknown = set(m) - known
+    if unknown:
+        raise ScenarioError(source, f"[machine] has unknown keys: {', '.join(sorted(unknown))} "
+                            f"(CONFIG switches: {', '.join(CONFIG_SWITCHES)})")
+    for name in CONFIG_SWITCHES:
+        if name in m and not isinstance(m[name], bool):
+            raise ScenarioError(source, f"[machine] {name} is a CONFIG switch: true or false")
+    try:
+        return MachineSpec(
+            kernel=KernelVersion.parse(str(m["kernel"])) if "kernel" in m else None,
+            config={name: m[name] for name in CONFIG_SWITCHES if name in m},
+            integrity=IntegrityMode(m["integrity"]) if "integrity" in m else None,
+            mac_bits=int(m.get("mac_bits", 28)),
+            memory=parse_size(m.get("memory", 64 << 20), "machine.memory"),
+            seed=int(m.get("seed", 0)),
+            kvm_id_bits=int(m.get("kvm_id_bits", 63)),
+            seam_nr=bool(m.get("seam_nr", True)),
+        )
+    except ValueError as exc:
+        raise ScenarioError(source, f"[machine]: {exc}") from None
+
+
+def _vms(doc: dict[str, Any], source: str) -> tuple[VmDecl, ...]:
+    raw = doc.get("vm", [{"name": "vm0"}])
+    if not isinstance(raw, list) or not raw:
+        raise ScenarioError(source, "[[vm]] must be a non-empty array of tables")
+    out = []
+    for i, v in enumerate(raw):
+        if not isinstance(v, dict) or not isinstance(v.get("name"), str):
+            raise ScenarioError(source, f"[[vm]] #{i + 1} needs a name")
+        if v.get("thp"):
+            raise ScenarioError(source, f"vm {v['name']!r}: THP is not modelled (pages are "
+                                "order-0); write the case down and leave it out")
+        backing = v.get("backing", "memfd")
+        if backing not in ("memfd", "anon", "file"):
+            raise ScenarioError(source, f"vm {v['name']!r}: backing must be memfd, anon or file")
+        try:
+            memory = parse_size(v.get("memory", 4 << 20), f"vm {v['name']!r} memory")
+        except ValueError as exc:
+            raise ScenarioError(source, str(exc)) from None
+        out.append(VmDecl(v["name"], memory, backing, v.get("share_ram_with")))
+        if v.get("share_ram_with") is not None and v["share_ram_with"] not in \
+                [d.name for d in out[:-1]]:
+            raise ScenarioError(source, f"vm {v['name']!r}: share_ram_with names no earlier vm")
+    names = [v.name for v in out]
+    if len(set(names)) != len(names):
+        raise ScenarioError(source, "two [[vm]] tables share a name")
+    return tuple(out)
+
+
+def _steps(doc: dict[str, Any], source: str, vms: tuple[VmDecl, ...]) -> tuple[Step, ...]:
+    raw = doc.get("step", [])
+    if not isinstance(raw, list) or not raw:
+        raise ScenarioError(source, "a scenario needs at least one [[step]]")
+    names = {v.name for v in vms}
+    names |= {str(s.get("name")) for s in raw if isinstance(s, dict) and s.get("op") == "new_vm"}
+    steps = []
+    saved: set[str] = set()
+    for i, s in enumerate(raw, 1):
+        if not isinstance(s, dict):
+            raise ScenarioError(source, "a [[step]] must be a table", i)
+        actor, op = s.get("actor"), s.get("op")
+        if not isinstance(actor, str) or not isinstance(op, str):
+            raise ScenarioError(source, "a step needs 'actor' and 'op' strings", i)
+        kind, _, who = actor.partition(":")
+        if kind not in ACTOR_KINDS:
+            raise ScenarioError(source, f"unknown actor {actor!r} (guest:NAME, vmm:NAME, host, "
+                                "hw)", i)
+        if kind in ("guest", "vmm") and who not in names:
+            raise ScenarioError(source, f"actor {actor!r} names no [[vm]]", i)
+        spec = OPS.get((kind, op))
+        if spec is None:
+            known = ", ".join(sorted(o for k, o in OPS if k == kind))
+            raise ScenarioError(source, f"unknown operation {op!r} for {kind} (known: {known})", i)
+        args = {k: v for k, v in s.items()
+                if k not in ("actor", "op", "expect", "expect_data", "save", "note")}
+        missing = [a for a in spec.required if a not in args]
+        if missing:
+            raise ScenarioError(source, f"{op} needs {', '.join(missing)}", i)
+        unknown = set(args) - set(spec.required) - set(spec.optional)
+        if unknown:
+            raise ScenarioError(source, f"{op} does not take {', '.join(sorted(unknown))}", i)
+        for ref in ("vm", "target"):
+            if ref in args and spec.refers_to_vm:
+                name = str(args[ref]).removeprefix("vmm:").removeprefix("guest:")
+                if name not in names and op != "new_vm":
+                    raise ScenarioError(source, f"{ref} {args[ref]!r} names no [[vm]]", i)
+        save = s.get("save")
+        if save is not None and not (isinstance(save, str) and save.isidentifier()):
+            raise ScenarioError(source, "save must be a name (letters, digits, _)", i)
+        expect_data = _per_design(s.get("expect_data"), "expect_data", source, i, cells=False)
+        for want in expect_data.values():
+            _check_data_ref(want, saved, source, i)
+        if save is not None:
+            saved.add(save)
+        steps.append(Step(i, actor, op, args,
+                          _per_design(s.get("expect"), "expect", source, i, cells=True),
+                          expect_data, save))
+    return tuple(steps)
+
+
+def load_text(text: str, source: str) -> Scenario:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(source, f"not valid TOML: {exc}") from None
+    head = _table(doc, "scenario", source)
+    designs = tuple(head.get("designs", ("baseline", "rfc-v1", "rfc-v2")))
+    for d in designs:
+        if d not in DESIGNS:
+            raise ScenarioError(source, f"unknown design {d!r} (known: {', '.join(DESIGNS)})")
+    unknown = set(doc) - {"scenario", "machine", "vm", "step"}
+    if unknown:
+        raise ScenarioError(source, f"unknown top-level tables: {', '.join(sorted(unknown))}")
+    vms = _vms(doc, source)
+    comment = "\n".join(line[1:].strip() for line in text.splitlines() if line.startswith("#"))
+    return Scenario(name=str(head.get("name", Path(source).stem)),
+                    title=str(head.get("title", "")), source=source, designs=designs,
+                    machine=_machine(doc, source), vms=vms, steps=_steps(doc, source, vms),
+                    comment=comment)
+
+
+def load(path: Path) -> Scenario:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ScenarioError(str(path), f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(str(path), "not a text file") from None
+    return load_text(text, str(path))

@@ -1,0 +1,336 @@
+"""The operations a scenario step may name, per actor kind.
+
+``guest:NAME`` acts through the vCPU, ``vmm:NAME`` is the VMM process (every
+local MATRIX path, plus guest-RAM file operations), ``host`` is another host
+process or the host kernel (remote MATRIX paths, memory_failure, KVM's own
+access, more VMs), ``hw`` is the hardware (DRAM errors, tampering).
+Addresses are ``gpa`` (guest-physical, resolved through the VM's memslot)
+or ``hva`` (a raw address in the VMM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.machine import Instance, Machine, VmSpec
+from kvmpoison.matrix import protocol as proto
+from kvmpoison.matrix.designs import backing_pfn, error_then_free, make_probe
+from kvmpoison.matrix.model import run_path
+from kvmpoison.mm.fault import vma_lookup
+from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from kvmpoison.mm.gup import FOLL, get_dump_page, pin_user_pages
+from kvmpoison.mm.madvise import (
+    MADV_DONTFORK,
+    MADV_DONTNEED,
+    MADV_HWPOISON,
+    MADV_PAGEOUT,
+)
+from kvmpoison.mm.memory_failure import memory_failure, unpoison_memory
+from kvmpoison.mm.page import Page, put_page
+from kvmpoison.outcome import Halt, Kind, Outcome
+from kvmpoison.scenario.units import parse_size
+
+ACTOR_KINDS = ("guest", "vmm", "host", "hw")
+ADVICE = {"dontneed": MADV_DONTNEED, "dontfork": MADV_DONTFORK, "pageout": MADV_PAGEOUT,
+          "hwpoison": MADV_HWPOISON}
+
+
+class OpError(Exception):
+    """A step asked for something impossible (e.g. an address outside every mapping)."""
+
+
+@dataclass
+class RunCtx:
+    machine: Machine
+    values: dict[str, bytes] = field(default_factory=dict)
+    pins: dict[tuple[str, int], Page] = field(default_factory=dict)
+
+    def inst(self, name: str) -> Instance:
+        name = name.removeprefix("vmm:").removeprefix("guest:")
+        try:
+            inst = self.machine.instances[name]
+        except KeyError:
+            raise OpError(f"no VM named {name!r}") from None
+        if inst.vmm.proc.task.mm is None:
+            raise OpError(f"{name}'s VMM has exited: its VM and vCPUs are gone")
+        return inst
+
+
+def data_arg(args: dict[str, Any]) -> bytes:
+    value = args.get("data", "")
+    if not isinstance(value, str):
+        raise OpError("data must be a string ('text' or 'hex:0011...')")
+    if value.startswith("hex:"):
+        try:
+            return bytes.fromhex(value[4:])
+        except ValueError:
+            raise OpError(f"bad hex data {value!r}") from None
+    return value.encode()
+
+
+def _int(args: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = args.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise OpError(f"{key} must be an integer, not {value!r}")
+    return value
+
+
+def hva_of(ctx: RunCtx, inst: Instance, args: dict[str, Any]) -> int:
+    """The VMM address a step names: ``gpa`` through the memslot, or a raw ``hva``."""
+    if "gpa" in args:
+        gpa = _int(args, "gpa")
+        if not 0 <= gpa < inst.vmm.ram_size:
+            raise OpError(f"gpa {gpa:#x} is outside guest RAM (0..{inst.vmm.ram_size:#x})")
+        return inst.vmm.gpa_to_hva(gpa)
+    if "hva" in args:
+        hva = _int(args, "hva")
+        mm = inst.vmm.proc.task.mm
+        if mm is None or vma_lookup(mm, hva) is None:
+            raise OpError(f"hva {hva:#x} is outside every mapping of the VMM")
+        return hva
+    raise OpError("the step needs a gpa or an hva")
+
+
+def _gpa(inst: Instance, args: dict[str, Any]) -> int:
+    gpa = _int(args, "gpa")
+    if not 0 <= gpa < inst.vmm.ram_size:
+        raise OpError(f"gpa {gpa:#x} is outside guest RAM (0..{inst.vmm.ram_size:#x})")
+    return gpa
+
+
+def _pfn(m: Machine, inst: Instance, gpa: int) -> int:
+    try:
+        return backing_pfn(m, gpa, inst.vmm, inst.vm)
+    except ValueError:
+        msg = f"no frame backs gpa {gpa:#x} of {inst.spec.name} yet (touch it first)"
+        raise OpError(msg) from None
+
+
+def _ret(value: int) -> Outcome:
+    return Outcome.error(-value) if value < 0 else Outcome.ret(value)
+
+
+# -- guest -------------------------------------------------------------------------------
+
+
+def _guest(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
+    inst = ctx.inst(who)
+    g = inst.guest
+    match op:
+        case "load":
+            return g.load(_gpa(inst, a), _int(a, "size", 8))
+        case "store":
+            return g.store(_gpa(inst, a), data_arg(a))
+        case "share":
+            gfn = _int(a, "gfn") if "gfn" in a else _gpa(inst, a) >> PAGE_SHIFT
+            # A hypercall's result is RAX, not an errno: -KVM_ENOSYS is "ret:-1000".
+            return Outcome.ret(g.share(gfn, _int(a, "npages", 1)))
+        case "hypercall":
+            return Outcome.ret(g.hypercall(_int(a, "nr"), _int(a, "a0", 0), _int(a, "a1", 0)))
+    raise AssertionError(op)
+
+
+# -- vmm ----------------------------------------------------------------------------------
+
+
+def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
+    m = ctx.machine
+    inst = ctx.inst(who)
+    vmm = inst.vmm
+    match op:
+        case "load":
+            return vmm.proc.load(hva_of(ctx, inst, a), _int(a, "size", 8))
+        case "store":
+            return vmm.proc.store(hva_of(ctx, inst, a), data_arg(a) or bytes([0x44]) * 8)
+    if op in proto.LOCAL_PATHS:
+        return run_path(make_probe(m, vmm, hva_of(ctx, inst, a)), op)
+    match op:
+        case "fork_child_load":
+            return vmm.proc.fork().load(hva_of(ctx, inst, a), _int(a, "size", 8))
+        case "pagecache_read" | "pagecache_write":
+            if vmm.ram_fd is None:
+                raise OpError("anonymous guest RAM has no page cache")
+            buf = vmm.scratch()
+            if op == "pagecache_read":
+                out = vmm.pread_ram(_gpa(inst, a), buf, _int(a, "size", 8))
+                if out.succeeded and out.value:
+                    got = vmm.proc.load(buf, out.value)
+                    return Outcome.ret(out.value, got.data)
+                return out
+            data = data_arg(a) or bytes(8)
+            vmm.proc.store(buf, data)
+            return vmm.pwrite_ram(_gpa(inst, a), buf, len(data))
+        case "punch_hole":
+            if vmm.ram_fd is None:
+                raise OpError("anonymous guest RAM has no file to punch")
+            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            return vmm.proc.fallocate(vmm.ram_fd, mode, _gpa(inst, a), _int(a, "size", PAGE_SIZE))
+        case "ftruncate":
+            if vmm.ram_fd is None:
+                raise OpError("anonymous guest RAM has no file to truncate")
+            return vmm.proc.ftruncate(vmm.ram_fd, _int(a, "size"))
+        case "munmap":
+            return vmm.proc.munmap(hva_of(ctx, inst, a), _int(a, "size", PAGE_SIZE))
+        case "mprotect":
+            return vmm.proc.mprotect(hva_of(ctx, inst, a), _int(a, "size", PAGE_SIZE),
+                                     _int(a, "prot"))
+        case "madvise":
+            advice = a.get("advice")
+            code = ADVICE.get(advice) if isinstance(advice, str) else advice
+            if not isinstance(code, int):
+                raise OpError(f"advice must be an integer or one of {', '.join(ADVICE)}")
+            return vmm.proc.madvise(hva_of(ctx, inst, a), _int(a, "size", PAGE_SIZE), code)
+        case "exit":
+            m.destroy_vm(inst.spec.name)
+            return Outcome.ok(detail="the VMM exited; its VM is dead")
+        case "vfio_pin":
+            hva = hva_of(ctx, inst, a)
+            pages: list[Page] = []
+            mm = vmm.proc.task.mm
+            assert mm is not None
+            npinned = pin_user_pages(mm, hva, 1, FOLL.WRITE | FOLL.LONGTERM, pages)
+            if npinned == 1:
+                ctx.pins[(inst.spec.name, hva >> PAGE_SHIFT)] = pages[0]
+            return _ret(npinned)
+        case "dma_read" | "dma_write":
+            hva = hva_of(ctx, inst, a)
+            page = ctx.pins.get((inst.spec.name, hva >> PAGE_SHIFT))
+            if page is None:
+                raise OpError("no vfio_pin of that page: the device has no pfn to DMA to")
+            pa = (page.pfn << PAGE_SHIFT) | (hva & (PAGE_SIZE - 1))
+            hw = m.kernel.core.hw
+            if op == "dma_write":
+                hw.write(pa, data_arg(a), 0)
+                return Outcome.ok()
+            return Outcome.ok(hw.read(pa, _int(a, "size", 8), 0).data)
+    raise AssertionError(op)
+
+
+# -- host ----------------------------------------------------------------------------------
+
+
+def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
+    m = ctx.machine
+    if op in proto.REMOTE_PATHS:
+        inst = ctx.inst(str(a["target"]))
+        hva = hva_of(ctx, inst, a)
+        return run_path(make_probe(m, inst.vmm, hva), op)
+    if op == "new_vm":
+        try:
+            spec = VmSpec(name=str(a["name"]), memory=parse_size(a.get("memory", 4 << 20),
+                                                                 "memory"),
+                          backing=str(a.get("backing", "memfd")),
+                          share_ram_with=a.get("share_ram_with"), fork_of=a.get("fork_of"))
+            inst = m.add_vm(spec)
+        except (ValueError, RuntimeError) as exc:  # bad arguments, or the VMM's set-up failed
+            raise OpError(f"new_vm: {exc}") from None
+        return Outcome.ok(detail=f"VM {spec.name} has kvm->id {inst.vm.ident}")
+    inst = ctx.inst(str(a["vm"]))
+    core = m.kernel.core
+    match op:
+        case "memory_failure":
+            return _ret(memory_failure(core, _pfn(m, inst, _gpa(inst, a)), 0))
+        case "unpoison":
+            return _ret(unpoison_memory(core, _pfn(m, inst, _gpa(inst, a))))
+        case "kvm_read":
+            read = inst.vm.read_guest(_gpa(inst, a), _int(a, "size", 8))
+            return Outcome.error(-read) if isinstance(read, int) else Outcome.ok(read)
+        case "kvm_write":
+            return _ret(inst.vm.write_guest(_gpa(inst, a), data_arg(a)))
+        case "real_memory_error_then_free":
+            return error_then_free(m, _gpa(inst, a), inst.vmm, inst.vm)
+        case "kernel_read" | "kernel_write":
+            # A kernel access through the direct map (hibernation, a kdump, a bug).
+            gpa = _gpa(inst, a)
+            pa = (_pfn(m, inst, gpa) << PAGE_SHIFT) | (gpa & (PAGE_SIZE - 1))
+            if op == "kernel_write":
+                core.hw.write(pa, data_arg(a), 0)
+                return Outcome.ok()
+            got = core.hw.load(pa, _int(a, "size", 8), 0, Ctx.HOST_KERNEL)
+            if got.kind is Kind.PANIC:
+                raise Halt(got)
+            return got
+        case "core_dump_page":
+            mm = inst.vmm.proc.task.mm
+            if mm is None:
+                raise OpError("the VMM has exited: nothing to dump")
+            page = get_dump_page(mm, hva_of(ctx, inst, a))
+            if page is None:
+                return Outcome.ret(0, detail="a hole in the core dump")
+            put_page(page)
+            return Outcome.ret(1, detail="the page is in the core dump")
+    raise AssertionError(op)
+
+
+# -- hw --------------------------------------------------------------------------------------
+
+
+def _hw(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
+    m = ctx.machine
+    inst = ctx.inst(str(a["vm"]))
+    gpa = _gpa(inst, a)
+    pa = (_pfn(m, inst, gpa) << PAGE_SHIFT) | (gpa & (PAGE_SIZE - 1))
+    hw = m.kernel.core.hw
+    match op:
+        case "inject_dram_error":
+            hw.inject_dram_error(pa)
+        case "tamper":
+            hw.tamper_ciphertext(pa)
+        case "seam_read":
+            # The TDX module (SEAM root) reads the line with the TD's KeyID.
+            keyid = inst.vm.td_keyid if inst.vm.td_keyid is not None else 0
+            got = hw.load(pa, 8, keyid, Ctx.SEAM_ROOT)
+            if got.kind in (Kind.SHUTDOWN, Kind.PANIC):
+                raise Halt(got)
+            return got
+    return Outcome.ok()
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    run: Callable[[RunCtx, str, str, dict[str, Any]], Outcome]
+    refers_to_vm: bool = True
+
+
+_ADDR = ("gpa", "hva")
+OPS: dict[tuple[str, str], OpSpec] = {
+    ("guest", "load"): OpSpec(("gpa",), ("size",), _guest),
+    ("guest", "store"): OpSpec(("gpa", "data"), (), _guest),
+    ("guest", "share"): OpSpec((), ("gpa", "gfn", "npages"), _guest),
+    ("guest", "hypercall"): OpSpec(("nr",), ("a0", "a1"), _guest),
+    **{("vmm", p): OpSpec((), _ADDR, _vmm) for p in proto.LOCAL_PATHS},
+    ("vmm", "load"): OpSpec((), (*_ADDR, "size"), _vmm),
+    ("vmm", "store"): OpSpec((), (*_ADDR, "data"), _vmm),
+    ("vmm", "fork_child_load"): OpSpec((), (*_ADDR, "size"), _vmm),
+    ("vmm", "pagecache_read"): OpSpec(("gpa",), ("size",), _vmm),
+    ("vmm", "pagecache_write"): OpSpec(("gpa",), ("data",), _vmm),
+    ("vmm", "punch_hole"): OpSpec(("gpa",), ("size",), _vmm),
+    ("vmm", "ftruncate"): OpSpec(("size",), (), _vmm),
+    ("vmm", "munmap"): OpSpec((), (*_ADDR, "size"), _vmm),
+    ("vmm", "mprotect"): OpSpec(("prot",), (*_ADDR, "size"), _vmm),
+    ("vmm", "madvise"): OpSpec(("advice",), (*_ADDR, "size"), _vmm),
+    ("vmm", "exit"): OpSpec((), (), _vmm),
+    ("vmm", "vfio_pin"): OpSpec((), _ADDR, _vmm),
+    ("vmm", "dma_read"): OpSpec((), (*_ADDR, "size"), _vmm),
+    ("vmm", "dma_write"): OpSpec(("data",), _ADDR, _vmm),
+    **{("host", p): OpSpec(("target",), _ADDR, _host) for p in proto.REMOTE_PATHS},
+    ("host", "new_vm"): OpSpec(("name",), ("memory", "backing", "share_ram_with", "fork_of"),
+                               _host, refers_to_vm=False),
+    ("host", "memory_failure"): OpSpec(("vm", "gpa"), (), _host),
+    ("host", "unpoison"): OpSpec(("vm", "gpa"), (), _host),
+    ("host", "kvm_read"): OpSpec(("vm", "gpa"), ("size",), _host),
+    ("host", "kvm_write"): OpSpec(("vm", "gpa", "data"), (), _host),
+    ("host", "real_memory_error_then_free"): OpSpec(("vm", "gpa"), (), _host),
+    ("host", "kernel_read"): OpSpec(("vm", "gpa"), ("size",), _host),
+    ("host", "kernel_write"): OpSpec(("vm", "gpa", "data"), (), _host),
+    ("host", "core_dump_page"): OpSpec(("vm",), _ADDR, _host),
+    ("hw", "inject_dram_error"): OpSpec(("vm", "gpa"), (), _hw),
+    ("hw", "tamper"): OpSpec(("vm", "gpa"), (), _hw),
+    ("hw", "seam_read"): OpSpec(("vm", "gpa"), (), _hw),
+}

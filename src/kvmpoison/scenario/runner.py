@@ -1,0 +1,174 @@
+"""Run a scenario on a design: steps, outcomes, expectations, and a JSONL trace.
+
+Each trace record names the step and its outcome and lists what the step
+changed about the page it addressed: the frame, its struct page fields, the
+VMM's PTE and the VM's EPT entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmpoison.arch.x86.integrity import PlatformConfig
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.config import Config
+from kvmpoison.designs import design as get_design
+from kvmpoison.machine import Machine, VmSpec
+from kvmpoison.matrix.designs import backing_pfn
+from kvmpoison.mm.ptdump import decode
+from kvmpoison.outcome import Halt, Outcome
+from kvmpoison.scenario.loader import Scenario, ScenarioError, Step
+from kvmpoison.scenario.ops import OPS, OpError, RunCtx, data_arg
+
+
+@dataclass
+class StepResult:
+    step: Step
+    outcome: Outcome
+    expected: str | None
+    met: bool | None  # None: no expectation for this design
+    data_met: bool | None
+    changed: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.met is not False and self.data_met is not False
+
+
+@dataclass
+class ScenarioRun:
+    scenario: Scenario
+    design: str
+    results: list[StepResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(r.ok for r in self.results)
+
+
+def build_machine(sc: Scenario, design_name: str) -> Machine:
+    d = get_design(design_name)
+    spec = sc.machine
+    kcfg = d.kernel
+    if spec.kernel is not None:
+        kcfg = dataclasses.replace(kcfg, version=spec.kernel)
+    overrides: dict[str, Any] = dict(spec.config)
+    kcfg = dataclasses.replace(kcfg, **overrides)
+    platform = PlatformConfig(mem_bytes=spec.memory,
+                              integrity=spec.integrity if spec.integrity is not None
+                              else d.integrity, mac_bits=spec.mac_bits, seed=spec.seed,
+                              seam_nr=spec.seam_nr)
+    config = Config(design=design_name, kernel=kcfg, platform=platform, seed=spec.seed)
+    vms = [VmSpec(v.name, v.memory, v.backing, v.share_ram_with) for v in sc.vms]
+    return Machine(config, vms=vms, kvm_id_bits=spec.kvm_id_bits)
+
+
+def _page_state(ctx: RunCtx, step: Step) -> dict[str, Any]:
+    """What is known about the page a step addresses (empty if it names none)."""
+    a = step.args
+    name = str(a.get("vm") or a.get("target") or step.actor.partition(":")[2] or "")
+    name = name.removeprefix("vmm:").removeprefix("guest:")
+    inst = ctx.machine.instances.get(name)
+    if inst is None or "gpa" not in a or not isinstance(a["gpa"], int):
+        return {}
+    gpa = a["gpa"] & ~(PAGE_SIZE - 1)
+    if not 0 <= gpa < inst.vmm.ram_size:
+        return {}
+    core = ctx.machine.kernel.core
+    state: dict[str, Any] = {"vm": name, "gpa": f"{gpa:#x}"}
+    mm = inst.vmm.proc.task.mm
+    if mm is None:  # the VMM exited
+        return state
+    pte = mm.pgd.get(inst.vmm.gpa_to_hva(gpa))
+    state["vmm_pte"] = f"{pte:#018x}"
+    state["vmm_pte_kind"] = decode(pte, core.kcfg).kind
+    state["ept"] = f"{inst.vm.ept.get(gpa):#018x}"
+    try:
+        pfn = backing_pfn(ctx.machine, gpa, inst.vmm, inst.vm)
+    except ValueError:
+        return state
+    mem = core.pages
+    state.update(pfn=f"{pfn:#x}", flags=mem.bits.names(int(mem.flags[pfn])),
+                 refcount=int(mem._refcount[pfn]), mapcount=int(mem._mapcount[pfn]) + 1,
+                 owner=inst.vm.kvm.kvm_pfn_map.get(pfn))
+    return state
+
+
+def _diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    out = {k: {"before": before.get(k), "after": v} for k, v in after.items()
+           if before.get(k) != v and k not in ("vm", "gpa")}
+    if out and "gpa" in after:
+        out["page"] = {"vm": after["vm"], "gpa": after["gpa"]}
+    return out
+
+
+def _check_data(ctx: RunCtx, step: Step, design: str, out: Outcome) -> bool | None:
+    want = step.expected_data(design)
+    if want is None:
+        return None
+    if want.startswith("$"):
+        expected = ctx.values.get(want[1:])
+        if expected is None:
+            return False
+    else:
+        expected = bytes.fromhex(want[4:]) if want.startswith("hex:") else want.encode()
+    return out.data == expected
+
+
+def run_scenario(sc: Scenario, design: str) -> ScenarioRun:
+    try:
+        m = build_machine(sc, design)
+    except (ValueError, RuntimeError) as exc:
+        raise ScenarioError(sc.source, f"cannot build the machine on {design}: {exc}") from None
+    ctx = RunCtx(m)
+    results = []
+    for step in sc.steps:
+        before = _page_state(ctx, step)
+        kind, _, who = step.actor.partition(":")
+        spec = OPS[(kind, step.op)]
+        core = m.kernel.core
+        if core.halted is not None:
+            out = core.halted
+        else:
+            try:
+                out = spec.run(ctx, who, step.op, step.args)
+            except (OpError, ValueError) as exc:  # the model refuses the arguments
+                raise ScenarioError(sc.source, str(exc), step.index) from None
+            except Halt as halt:
+                core.halted = halt.outcome
+                out = halt.outcome
+        if step.save:
+            # A load saves what it read; a store saves what it wrote.
+            if out.data is not None:
+                ctx.values[step.save] = out.data
+            elif "data" in step.args:
+                ctx.values[step.save] = data_arg(step.args)
+        expected = step.expected(design)
+        met = None if expected is None else out.cell == expected
+        results.append(StepResult(step, out, expected, met, _check_data(ctx, step, design, out),
+                                  _diff(before, _page_state(ctx, step))))
+    return ScenarioRun(sc, design, results)
+
+
+def trace_records(run: ScenarioRun) -> list[dict[str, Any]]:
+    records = []
+    for r in run.results:
+        rec: dict[str, Any] = {
+            "scenario": run.scenario.name, "design": run.design, "step": r.step.index,
+            "actor": r.step.actor, "op": r.step.op, "cell": r.outcome.cell,
+            "expected": r.expected, "met": r.met, "data_met": r.data_met,
+            "changed": r.changed,
+        }
+        if r.outcome.detail:
+            rec["detail"] = r.outcome.detail
+        if r.outcome.data is not None:
+            rec["data"] = r.outcome.data.hex()
+        if r.outcome.siginfo is not None:
+            rec["si_addr"] = f"{r.outcome.siginfo.addr:#x}"
+        records.append(rec)
+    return records
+
+
+__all__ = ["PAGE_SHIFT", "ScenarioRun", "StepResult", "run_scenario", "trace_records"]
