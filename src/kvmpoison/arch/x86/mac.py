@@ -7,7 +7,9 @@ its top ``mac_bits`` bits (28 on real parts).
 
 HMAC is computed the RFC 2104 way, with the key-block states precomputed
 once: each line then costs two Keccak permutations (inner and outer hash),
-against one for a plain SHA3-256 of the line.
+against one for a plain SHA3-256 of the line. Copying two pre-keyed hashlib
+states gives the bytes of ``hmac.digest(key, msg, "sha3_256")`` (the tests
+check it) at about 0.7x the cost of ``hmac.HMAC.copy()`` per line here.
 
 ``mix64`` is a documented *stand-in* for large runs: a keyed, vectorised
 multiply-xorshift over the same inputs. It is not a cryptographic MAC and is
@@ -46,6 +48,8 @@ class LineMac:
         self.mac_bits = mac_bits
         self.algo = algo
         self.nbytes = (mac_bits + 7) // 8
+        if len(key) > _SHA3_256_BLOCK:  # RFC 2104: long keys are hashed first
+            key = hashlib.sha3_256(key).digest()
         block = key.ljust(_SHA3_256_BLOCK, b"\0")
         self._inner = hashlib.sha3_256(bytes(b ^ 0x36 for b in block))
         self._outer = hashlib.sha3_256(bytes(b ^ 0x5C for b in block))
