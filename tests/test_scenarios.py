@@ -56,6 +56,7 @@ def test_library_holds_the_seed_claims_and_twenty_edge_cases() -> None:
 @pytest.mark.parametrize("name", sorted(LIBRARY))
 def test_shipped_scenario_documents_itself_and_covers_every_design(name: str) -> None:
     sc = load(LIBRARY[name])
+    assert sc.name == name  # `kvmpoison run NAME` and the run's report agree
     assert sc.designs == ("baseline", "rfc-v1", "rfc-v2")
     assert "Source:" in sc.comment and "Posted design" in sc.comment
     assert any(s.expect for s in sc.steps)
