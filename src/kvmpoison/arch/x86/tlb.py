@@ -3,7 +3,7 @@
 Follows the contract of ``arch/x86/mm/tlb.c`` (``flush_tlb_mm_range``: every
 CPU that may cache the mm's translations drops those in the range). Each
 TLB caches whole leaf PTE values keyed by (mm, virtual page), with FIFO
-eviction at a fixed capacity; range flushes cost O(capacity), not O(pages).
+eviction at a fixed capacity; a range flush costs O(min(pages, capacity)).
 """
 
 from __future__ import annotations
@@ -33,9 +33,13 @@ class Tlb:
 
     def flush_range(self, asid: int, start: int, end: int) -> None:
         lo, hi = start >> PAGE_SHIFT, (end + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT
-        stale = [k for k in self._entries if k[0] == asid and lo <= k[1] < hi]
-        for key in stale:
-            del self._entries[key]
+        entries = self._entries
+        if hi - lo <= len(entries):  # a short range: probe its pages, O(pages)
+            for vpn in range(lo, hi):
+                entries.pop((asid, vpn), None)
+        else:
+            for key in [k for k in entries if k[0] == asid and lo <= k[1] < hi]:
+                del entries[key]
         self.flushes += 1
 
     def flush_asid(self, asid: int) -> None:
