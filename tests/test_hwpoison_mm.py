@@ -9,8 +9,8 @@ from helpers import PAGE, RW, anon, boot, ok, proc
 from kvmpoison.arch.x86.pgtable import pte_pfn
 from kvmpoison.kconfig import RFC_BASE, KernelConfig, KernelVersion
 from kvmpoison.mm.gup import FOLL, get_user_pages
-from kvmpoison.mm.madvise import MADV_HWPOISON
-from kvmpoison.mm.memory_failure import memory_failure, unpoison_memory
+from kvmpoison.mm.madvise import MADV_HWPOISON, MADV_SOFT_OFFLINE
+from kvmpoison.mm.memory_failure import memory_failure, soft_offline_page, unpoison_memory
 from kvmpoison.mm.mmap import MAP_SHARED, PROT_NONE
 from kvmpoison.mm.mremap import MREMAP_FIXED, MREMAP_MAYMOVE
 from kvmpoison.mm.page import (
@@ -202,3 +202,40 @@ def test_madv_hwpoison_only_with_memory_failure() -> None:
     q = proc(k2)
     addr = anon(q, 1, fill=5)
     assert q.madvise(addr, PAGE, MADV_HWPOISON).cell == "err:EINVAL"
+
+
+def test_soft_offline_takes_an_already_poisoned_page_as_retired() -> None:
+    """E16: 0 and no change, though the page is still mapped by a hwpoison entry."""
+    k = boot(RFC_BASE)
+    p = proc(k)
+    addr = anon(p, 1, fill=3)
+    page = k.core.pages[pte_pfn(p.mm.pgd.get(addr))]
+    poison_and_unmap(page)
+    refs, poisoned = page_count(page), k.core.num_poisoned_pages
+    assert soft_offline_page(k.core, page.pfn, 0) == 0
+    assert page_count(page) == refs and k.core.num_poisoned_pages == poisoned
+    assert decode(p.mm.pgd.get(addr), k.kcfg).kind == "hwpoison"
+
+
+def test_soft_offline_poisons_a_free_page_and_refuses_an_in_use_one() -> None:
+    k = boot(RFC_BASE)
+    p = proc(k)
+    addr = anon(p, 1, fill=3)
+    pfn = pte_pfn(p.mm.pgd.get(addr))
+    assert soft_offline_page(k.core, pfn, 0) == -errno.EBUSY  # no migration in the model
+    assert not PageHWPoison(k.core.pages[pfn])
+    ok(p.munmap(addr, PAGE))
+    assert page_count(k.core.pages[pfn]) == 0
+    assert soft_offline_page(k.core, pfn, 0) == 0
+    assert PageHWPoison(k.core.pages[pfn]) and k.core.num_poisoned_pages == 1
+
+
+def test_madv_soft_offline_does_not_hard_poison() -> None:
+    k = boot(RFC_BASE)
+    p = proc(k)
+    addr = anon(p, 1, fill=5)
+    pfn = pte_pfn(p.mm.pgd.get(addr))
+    refs = page_count(k.core.pages[pfn])
+    assert p.madvise(addr, PAGE, MADV_SOFT_OFFLINE).cell == "err:EBUSY"
+    assert not PageHWPoison(k.core.pages[pfn]) and page_count(k.core.pages[pfn]) == refs
+    assert p.load(addr, 1).data == bytes([5])

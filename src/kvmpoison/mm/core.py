@@ -65,6 +65,7 @@ class MmCore:
     zero_pfn: int = 0
     send_signal: SignalSender | None = None
     memory_failure: MemoryFailure | None = None  # set when mm/memory_failure is wired in
+    soft_offline_page: MemoryFailure | None = None  # likewise
     mms: dict[int, MmStruct] = field(default_factory=dict)
     sysctl_memory_failure_early_kill: bool = False
     swap_space: dict[int, bytes] = field(default_factory=dict)  # swap offset -> data

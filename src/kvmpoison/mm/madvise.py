@@ -168,8 +168,8 @@ def madvise_pageout(vma: Vma, start: int, end: int) -> int:
 
 def madvise_inject_error(mm: MmStruct, start: int, end: int, behavior: int) -> int:
     """MADV_HWPOISON / MADV_SOFT_OFFLINE: needs CAP_SYS_ADMIN (the model runs as root)."""
-    memory_failure = mm.core.memory_failure
-    if memory_failure is None:
+    memory_failure, soft_offline = mm.core.memory_failure, mm.core.soft_offline_page
+    if memory_failure is None or soft_offline is None:
         return -errno.EINVAL
     for addr in range(start, end, PAGE_SIZE):
         pages: list[Page] = []
@@ -177,14 +177,17 @@ def madvise_inject_error(mm: MmStruct, start: int, end: int, behavior: int) -> i
         if ret != 1:
             return ret
         page = pages[0]
+        if behavior == MADV_SOFT_OFFLINE:
+            err = soft_offline(page.pfn, 0x1)  # MF_COUNT_INCREASED: it drops GUP's ref
+            if err:
+                return err
+            continue
         if mm.core.kcfg.version >= KernelVersion.V6_18:
             # MF_ACTION_REQUIRED | MF_COUNT_INCREASED | MF_SW_SIMULATED: GUP's ref is kept
             flags = 0x2 | 0x1 | 0x20
         else:
             put_page(page)
             flags = 0
-        if behavior == MADV_SOFT_OFFLINE:
-            flags |= 0x8  # MF_SOFT_OFFLINE (migration to a new page is not modelled)
         err = memory_failure(page.pfn, flags)
         if err:
             return err

@@ -219,7 +219,34 @@ def unpoison_memory(core: MmCore, pfn: int) -> int:
     return 0
 
 
+def soft_offline_page(core: MmCore, pfn: int, flags: int) -> int:
+    """Retire a page that is not yet bad (``mm/memory-failure.c``, v5.12 and v6.18).
+
+    A page that is already PageHWPoison is taken as retired: "page already
+    poisoned", return 0, nothing else happens (E16: a protected page reports
+    success while the TD keeps using the frame). A free page is taken off the
+    buddy lists and poisoned. Simplified: the model has no page migration, so
+    an in-use page is reported as failing isolation (-EBUSY), which the real
+    kernel returns when migrate_pages() fails.
+    """
+    if not 0 < pfn < core.pages.nr_pages:
+        return -errno.ENXIO
+    page = core.pages[pfn]
+    if PageHWPoison(page):
+        _report(core, pfn, "soft offline: page already poisoned", MfResult.IGNORED)
+        if flags & MF_COUNT_INCREASED:
+            put_page(page)
+        return 0
+    if page_count(page) == 0 and _take_off_buddy(core, page):
+        core.num_poisoned_pages += 1
+        return _report(core, pfn, "soft offline: free buddy page", MfResult.RECOVERED)
+    if flags & MF_COUNT_INCREASED:
+        put_page(page)
+    return _report(core, pfn, "soft offline: migration not modelled", MfResult.FAILED)
+
+
 def wire_memory_failure(core: MmCore) -> None:
-    """Let madvise(MADV_HWPOISON) reach memory_failure (it sits above madvise)."""
+    """Let madvise(MADV_HWPOISON/SOFT_OFFLINE) reach this file (it sits above madvise)."""
     if core.kcfg.memory_failure:
         core.memory_failure = lambda pfn, flags: memory_failure(core, pfn, flags)
+        core.soft_offline_page = lambda pfn, flags: soft_offline_page(core, pfn, flags)

@@ -29,7 +29,7 @@ from kvmpoison.mm.madvise import (
     MADV_HWPOISON,
     MADV_PAGEOUT,
 )
-from kvmpoison.mm.memory_failure import memory_failure, unpoison_memory
+from kvmpoison.mm.memory_failure import memory_failure, soft_offline_page, unpoison_memory
 from kvmpoison.mm.page import Page, put_page
 from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.units import parse_size
@@ -234,6 +234,11 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
     match op:
         case "memory_failure":
             return _ret(memory_failure(core, _pfn(m, inst, _gpa(inst, a)), 0))
+        case "soft_offline":  # what a RAS daemon does on corrected errors
+            if not core.kcfg.memory_failure:
+                raise OpError("soft_offline needs CONFIG_MEMORY_FAILURE ([machine] "
+                              "memory_failure = true)")
+            return _ret(soft_offline_page(core, _pfn(m, inst, _gpa(inst, a)), 0))
         case "unpoison":
             return _ret(unpoison_memory(core, _pfn(m, inst, _gpa(inst, a))))
         case "kvm_read":
@@ -323,6 +328,7 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("host", "new_vm"): OpSpec(("name",), ("memory", "backing", "share_ram_with", "fork_of"),
                                _host, refers_to_vm=False),
     ("host", "memory_failure"): OpSpec(("vm", "gpa"), (), _host),
+    ("host", "soft_offline"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "unpoison"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "kvm_read"): OpSpec(("vm", "gpa"), ("size",), _host),
     ("host", "kvm_write"): OpSpec(("vm", "gpa", "data"), (), _host),
