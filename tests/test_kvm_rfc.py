@@ -1,5 +1,6 @@
 """The seed's claims on rfc-v2, the baseline hazard, and the RFC's mechanisms (v1 and v2)."""
 
+import errno
 import signal
 
 import pytest
@@ -15,6 +16,7 @@ from kvmpoison.mm.ptdump import decode
 from kvmpoison.outcome import Kind
 from kvmpoison.uapi.errno import EHWPOISON
 from kvmpoison.uapi.siginfo import BusCode
+from kvmpoison.virt.kvm.kvm_main import PfnMap
 from kvmpoison.virt.kvm.mem_protected import kvm_protect_pfn
 from kvmpoison.virt.kvm.x86.mmu import spte_present
 
@@ -232,3 +234,10 @@ def test_bulk_protection_equals_page_by_page(backing: str) -> None:
     hvas = [bulk.vmm.gpa_to_hva(g * PAGE) for g in range(0x3F, 0x81)]
     assert [ra.get(h) for h in hvas] == [rb.get(h) for h in hvas]
     assert np.count_nonzero(bulk.kvm.kvm_pfn_map.owner >= 0) == 0x40
+
+
+def test_injected_xa_store_failure_stores_nothing_once() -> None:
+    pfn_map = PfnMap(16)
+    pfn_map.fail_stores = 1
+    assert pfn_map.store(3, 7) == -errno.ENOMEM and pfn_map.get(3) is None
+    assert pfn_map.store(3, 7) == 0 and pfn_map.get(3) == 7 and len(pfn_map) == 1

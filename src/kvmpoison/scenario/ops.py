@@ -229,6 +229,12 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
         except (ValueError, RuntimeError) as exc:  # bad arguments, or the VMM's set-up failed
             raise OpError(f"new_vm: {exc}") from None
         return Outcome.ok(detail=f"VM {spec.name} has kvm->id {inst.vm.ident}")
+    if op == "fail_xa_store":  # fault injection: the next xa_store(kvm_pfn_map) calls fail
+        times = _int(a, "times", 1)
+        if times < 1:
+            raise OpError("times must be at least 1")
+        m.kvm.kvm_pfn_map.fail_stores += times
+        return Outcome.ok(detail=f"the next {times} xa_store call(s) return -ENOMEM")
     inst = ctx.inst(str(a["vm"]))
     core = m.kernel.core
     match op:
@@ -329,6 +335,7 @@ OPS: dict[tuple[str, str], OpSpec] = {
                                _host, refers_to_vm=False),
     ("host", "memory_failure"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "soft_offline"): OpSpec(("vm", "gpa"), (), _host),
+    ("host", "fail_xa_store"): OpSpec((), ("times",), _host),
     ("host", "unpoison"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "kvm_read"): OpSpec(("vm", "gpa"), ("size",), _host),
     ("host", "kvm_write"): OpSpec(("vm", "gpa", "data"), (), _host),

@@ -44,19 +44,29 @@ KVM_NR_SHARED_RANGES = 32
 
 
 class PfnMap:
-    """``DEFINE_XARRAY(kvm_pfn_map)`` as an array indexed by pfn (-1: no entry)."""
+    """``DEFINE_XARRAY(kvm_pfn_map)`` as an array indexed by pfn (-1: no entry).
+
+    ``fail_stores`` is fault injection (as CONFIG_FAILSLAB would do): that many
+    coming ``xa_store`` calls fail with -ENOMEM, storing nothing.
+    """
 
     NONE = -1
 
     def __init__(self, nr_pages: int):
         self.owner = np.full(nr_pages, self.NONE, dtype=np.int64)
+        self.fail_stores = 0
 
     def get(self, pfn: int) -> int | None:
         value = int(self.owner[pfn])
         return None if value == self.NONE else value
 
-    def store(self, pfns: npt.NDArray[np.int64] | int, ident: int) -> None:
+    def store(self, pfns: npt.NDArray[np.int64] | int, ident: int) -> int:
+        """``xa_store``: 0, or -ENOMEM when a failure is injected."""
+        if self.fail_stores:
+            self.fail_stores -= 1
+            return -errno.ENOMEM
         self.owner[pfns] = ident
+        return 0
 
     def erase(self, pfn: int) -> int | None:
         """``xa_erase``: the old entry, or None."""
