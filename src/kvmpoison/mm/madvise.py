@@ -16,6 +16,7 @@ from kvmpoison.arch.x86.pgtable_64 import __swp_entry_array
 from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.gup import FOLL, __get_user_pages, get_user_pages_fast
+from kvmpoison.mm.ksm import ksm_madvise
 from kvmpoison.mm.memory import zap_page_range
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.mmap import page_align, range_is_mapped, vmas_in_range
@@ -89,6 +90,10 @@ def _vma_flag_change(mm: MmStruct, start: int, end: int, behavior: int) -> int:
                 vma.vm_flags |= VM.WIPEONFORK
             case 19:
                 vma.vm_flags &= ~VM.WIPEONFORK
+            case 12 | 13:  # MERGEABLE / UNMERGEABLE
+                err = ksm_madvise(vma, vma.vm_start, vma.vm_end, behavior == MADV_MERGEABLE)
+                if err:
+                    return err
     return 0
 
 
@@ -211,7 +216,8 @@ def do_madvise(mm: MmStruct, start: int, length: int, behavior: int) -> int:
     mapped = range_is_mapped(mm, start, end)
     ret = 0
     if behavior in (MADV_DONTFORK, MADV_DOFORK, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTDUMP,
-                    MADV_DODUMP, MADV_WIPEONFORK, MADV_KEEPONFORK):
+                    MADV_DODUMP, MADV_WIPEONFORK, MADV_KEEPONFORK, MADV_MERGEABLE,
+                    MADV_UNMERGEABLE):
         ret = _vma_flag_change(mm, start, end, behavior)
     else:
         for vma in vmas_in_range(mm, start, end, split=False):

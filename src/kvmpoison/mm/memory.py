@@ -56,6 +56,7 @@ from kvmpoison.mm.page import (
     Page,
     PageAnon,
     PageHWPoison,
+    PageKsm,
     SetPageDirty,
     get_page,
     lock_page,
@@ -256,7 +257,8 @@ def do_wp_page(vmf: VmFaultInfo) -> VmFault:
         mm.pgd.set(vmf.address, maybe_mkwrite(pte | _PAGE_DIRTY | _PAGE_ACCESSED, vma))
         SetPageDirty(page)
         return VmFault.WRITE
-    if page is not None and PageAnon(page) and page_mapcount(page) == 1 and page_count(page) == 1:
+    if page is not None and PageAnon(page) and not PageKsm(page) and page_mapcount(page) == 1 \
+            and page_count(page) == 1:
         # wp_page_reuse: the page is ours alone.
         mm.pgd.set(vmf.address, maybe_mkwrite(pte | _PAGE_DIRTY | _PAGE_ACCESSED, vma))
         return VmFault.WRITE

@@ -245,6 +245,12 @@ def PageAnon(page: Page) -> bool:
     return bool(head.mem.mapping[head.pfn] & PAGE_MAPPING_ANON)
 
 
+def PageKsm(page: Page) -> bool:
+    """``mapping`` is a KSM stable node (PAGE_MAPPING_KSM = ANON | MOVABLE)."""
+    head = compound_head(page)
+    return int(head.mem.mapping[head.pfn]) & PAGE_MAPPING_KSM == PAGE_MAPPING_KSM
+
+
 def page_mapping(page: Page) -> Any:
     """The ``address_space`` of a file page, or None for anon and unmapped pages."""
     head = compound_head(page)
@@ -257,7 +263,7 @@ def page_mapping(page: Page) -> Any:
 def page_anon_vma(page: Page) -> Any:
     head = compound_head(page)
     value = int(head.mem.mapping[head.pfn])
-    if not value & PAGE_MAPPING_ANON:
+    if value & PAGE_MAPPING_KSM != PAGE_MAPPING_ANON:  # not anon, or a KSM stable node
         return None
     return head.mem.registry.decode(value)
 

@@ -35,6 +35,7 @@ from kvmpoison.mm.page import (
     PageAnon,
     PageArray,
     PageHWPoison,
+    PageKsm,
     SetPageDirty,
     compound_head,
     get_page,
@@ -146,8 +147,20 @@ def vma_address(page: Page, vma: Vma) -> int | None:
     return addr if vma.vm_start <= addr < vma.vm_end else None
 
 
+def rmap_walk_ksm(page: Page) -> Iterator[tuple[Vma, int]]:
+    """A KSM page: each rmap item's anon_vma, at the item's address (``mm/ksm.c``)."""
+    node = page.mem.registry.decode(int(page.mem.mapping[compound_head(page).pfn]))
+    for av, addr in list(getattr(node, "rmap_items", [])):
+        for vma in list(av.vmas):
+            if vma.vm_start <= addr < vma.vm_end:
+                yield vma, addr
+
+
 def rmap_walk(page: Page) -> Iterator[tuple[Vma, int]]:
     """(vma, address) for every place the page may be mapped."""
+    if PageKsm(page):
+        yield from rmap_walk_ksm(page)
+        return
     for vma in _rmap_vmas(page):
         addr = vma_address(page, vma)
         if addr is not None:

@@ -23,11 +23,14 @@ from kvmpoison.matrix.model import run_path
 from kvmpoison.mm.fault import vma_lookup
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.gup import FOLL, get_dump_page, pin_user_pages
+from kvmpoison.mm.ksm import ksm_do_scan
 from kvmpoison.mm.madvise import (
     MADV_DONTFORK,
     MADV_DONTNEED,
     MADV_HWPOISON,
+    MADV_MERGEABLE,
     MADV_PAGEOUT,
+    MADV_UNMERGEABLE,
 )
 from kvmpoison.mm.memory_failure import memory_failure, soft_offline_page, unpoison_memory
 from kvmpoison.mm.page import Page, put_page
@@ -36,7 +39,8 @@ from kvmpoison.scenario.units import parse_size
 
 ACTOR_KINDS = ("guest", "vmm", "host", "hw")
 ADVICE = {"dontneed": MADV_DONTNEED, "dontfork": MADV_DONTFORK, "pageout": MADV_PAGEOUT,
-          "hwpoison": MADV_HWPOISON}
+          "hwpoison": MADV_HWPOISON, "mergeable": MADV_MERGEABLE,
+          "unmergeable": MADV_UNMERGEABLE}
 
 
 class OpError(Exception):
@@ -229,6 +233,8 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
         except (ValueError, RuntimeError) as exc:  # bad arguments, or the VMM's set-up failed
             raise OpError(f"new_vm: {exc}") from None
         return Outcome.ok(detail=f"VM {spec.name} has kvm->id {inst.vm.ident}")
+    if op == "ksmd":  # one full pass of ksmd over every MADV_MERGEABLE range
+        return Outcome.ret(ksm_do_scan(m.kernel.core))
     if op == "fail_xa_store":  # fault injection: the next xa_store(kvm_pfn_map) calls fail
         times = _int(a, "times", 1)
         if times < 1:
@@ -336,6 +342,7 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("host", "memory_failure"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "soft_offline"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "fail_xa_store"): OpSpec((), ("times",), _host),
+    ("host", "ksmd"): OpSpec((), (), _host),
     ("host", "unpoison"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "kvm_read"): OpSpec(("vm", "gpa"), ("size",), _host),
     ("host", "kvm_write"): OpSpec(("vm", "gpa", "data"), (), _host),
