@@ -71,6 +71,18 @@ class Guest:
         # The host writes pvclock data into the (shared) kvmclock page.
         self.vm.write_guest(self.layout.kvmclock << PAGE_SHIFT, b"pvclock\0" + bytes(24))
 
+    def reboot(self) -> None:
+        """A guest reset or kexec: the new kernel knows nothing of the old one's shares.
+
+        KVM keeps ``mem_protected`` and ``shared_ranges`` (the RFC can clear
+        neither, E11/E12) and guest RAM is not wiped; the new kernel boots as
+        the first one did (the enable hypercall is idempotent).
+        """
+        self.shared.clear()
+        self.panicked = None
+        self.log.append("reboot")
+        self.boot()
+
     def _shared(self, gpa: int) -> bool:
         return (gpa >> PAGE_SHIFT) in self.shared
 

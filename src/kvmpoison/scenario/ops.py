@@ -135,6 +135,9 @@ def _guest(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
             return Outcome.ret(g.share(gfn, _int(a, "npages", 1)))
         case "hypercall":
             return Outcome.ret(g.hypercall(_int(a, "nr"), _int(a, "a0", 0), _int(a, "a1", 0)))
+        case "reboot":
+            g.reboot()
+            return Outcome.ok(detail="; ".join(g.log[-3:]))
     raise AssertionError(op)
 
 
@@ -321,6 +324,7 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("guest", "store"): OpSpec(("gpa", "data"), (), _guest),
     ("guest", "share"): OpSpec((), ("gpa", "gfn", "npages"), _guest),
     ("guest", "hypercall"): OpSpec(("nr",), ("a0", "a1"), _guest),
+    ("guest", "reboot"): OpSpec((), (), _guest),
     **{("vmm", p): OpSpec((), _ADDR, _vmm) for p in proto.LOCAL_PATHS},
     ("vmm", "load"): OpSpec((), (*_ADDR, "size"), _vmm),
     ("vmm", "store"): OpSpec((), (*_ADDR, "data"), _vmm),
