@@ -8,6 +8,7 @@ from kvmpoison.arch.x86.pgtable_types import _PAGE_RW
 from kvmpoison.kconfig import RFC_BASE
 from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.kernel.process import Process
+from kvmpoison.mm.gup import FOLL, pin_user_pages
 from kvmpoison.mm.ksm import ksm_do_scan
 from kvmpoison.mm.madvise import MADV_MERGEABLE, MADV_UNMERGEABLE
 from kvmpoison.mm.page import (
@@ -83,3 +84,11 @@ def test_poisoning_a_ksm_page_unmaps_every_sharer() -> None:
     unlock_page(kpage)
     for p, addr in ((a, addr_a), (b, addr_b)):
         assert decode(p.mm.pgd.get(addr), k.kcfg).kind == "hwpoison"
+
+
+def test_a_pinned_page_is_not_merged() -> None:
+    """write_protect_page refuses a page with references beyond its mappings."""
+    k, a, b, addr_a, addr_b = two_mergeable(7, 7)
+    assert pin_user_pages(b.mm, addr_b, 1, FOLL.WRITE | FOLL.LONGTERM, []) == 1
+    assert ksm_do_scan(k.core) == 0
+    assert pte_pfn(a.mm.pgd.get(addr_a)) != pte_pfn(b.mm.pgd.get(addr_b))

@@ -18,22 +18,29 @@ them: through the direct map, KeyID 0.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from kvmpoison.arch.x86.pgtable import pfn_pte, pte_present
-from kvmpoison.arch.x86.pgtable_types import _PAGE_DIRTY, _PAGE_RW, PAGE_SHIFT, PAGE_SIZE
+import numpy as np
+
+from kvmpoison.arch.x86.pgtable import pfn_pte, pte_pfn_array, pte_present, pte_present_array
+from kvmpoison.arch.x86.pgtable_types import (
+    _PAGE_DIRTY,
+    _PAGE_RW,
+    _PAGE_SPECIAL,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.memory import handle_mm_fault, vm_normal_page
 from kvmpoison.mm.mm_types import VM, FaultFlag, Vma, VmFault
 from kvmpoison.mm.page import (
+    PAGE_MAPPING_ANON,
     PAGE_MAPPING_KSM,
     Page,
-    PageAnon,
     PageKsm,
     SetPageDirty,
     get_page,
-    page_count,
-    page_mapcount,
     put_page,
 )
 from kvmpoison.mm.rmap import AnonVma, anon_vma_prepare, page_add_rmap, page_remove_rmap
@@ -78,11 +85,6 @@ def break_ksm(vma: Vma, addr: int) -> VmFault:
     return handle_mm_fault(vma, addr, FaultFlag.WRITE | FaultFlag.USER)
 
 
-def _exclusive(page: Page) -> bool:
-    """``write_protect_page``'s test: no reference beyond the mappings (no GUP pin)."""
-    return page_mapcount(page) == 1 and page_count(page) == 1
-
-
 def write_protect_page(vma: Vma, addr: int, page: Page) -> None:
     mm = vma.vm_mm
     pte = mm.pgd.get(addr)
@@ -118,6 +120,24 @@ def _stable_node(core: MmCore, kpage: Page, vma: Vma, addr: int) -> StableNode:
     return node
 
 
+def _candidates(core: MmCore, vma: Vma) -> Iterator[tuple[int, Page]]:
+    """(address, page) of the anon pages of ``vma`` ksmd may merge: KSM pages already, or
+    pages mapped once with no extra reference (vectorised over the page tables)."""
+    mem = core.pages
+    for chunk in vma.vm_mm.pgd.chunks(vma.vm_start, vma.vm_end):
+        ptes = core.ptes.rows[chunk.rows, chunk.cols]
+        keep = pte_present_array(ptes) & ((ptes & np.uint64(_PAGE_SPECIAL)) == 0)
+        pfns = pte_pfn_array(ptes)[keep]
+        addrs = chunk.addr[keep]
+        tag = mem.mapping[pfns] & PAGE_MAPPING_KSM
+        ksm = tag == PAGE_MAPPING_KSM
+        exclusive = (tag == PAGE_MAPPING_ANON) & (mem._mapcount[pfns] == 0) \
+            & (mem._refcount[pfns] == 1)
+        pick = ksm | exclusive
+        for addr, pfn in zip(addrs[pick].tolist(), pfns[pick].tolist(), strict=True):
+            yield addr, mem[pfn]
+
+
 def ksm_do_scan(core: MmCore) -> int:
     """One full ksmd pass; returns how many mappings now share a KSM page they did not."""
     groups: dict[bytes, list[tuple[Vma, int, Page]]] = {}
@@ -125,15 +145,7 @@ def ksm_do_scan(core: MmCore) -> int:
         for vma in list(mm.vmas):
             if not vma.vm_flags & VM.MERGEABLE:
                 continue
-            for addr in range(vma.vm_start, vma.vm_end, PAGE_SIZE):
-                pte = mm.pgd.get(addr)
-                if not pte_present(pte):
-                    continue
-                page = vm_normal_page(vma, pte)
-                if page is None or not PageAnon(page):
-                    continue
-                if not PageKsm(page) and not _exclusive(page):
-                    continue
+            for addr, page in _candidates(core, vma):
                 data = core.hw.read(page.pfn << PAGE_SHIFT, PAGE_SIZE, 0).data
                 groups.setdefault(data, []).append((vma, addr, page))
     merged = 0
