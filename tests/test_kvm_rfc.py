@@ -241,3 +241,15 @@ def test_injected_xa_store_failure_stores_nothing_once() -> None:
     pfn_map.fail_stores = 1
     assert pfn_map.store(3, 7) == -errno.ENOMEM and pfn_map.get(3) is None
     assert pfn_map.store(3, 7) == 0 and pfn_map.get(3) == 7 and len(pfn_map) == 1
+
+
+def test_memslot_overlap_is_eexist_and_keeps_the_old_slot() -> None:
+    vm = Machine(Config(design="rfc-v2")).vm
+    ram = vm.memslots[0]
+    hva = ram.userspace_addr
+    assert vm.set_user_memory_region(1, 0x10000000, PAGE, hva) == 0  # an alias of gpa 0
+    # moving slot 1 onto RAM overlaps slot 0: refused, and slot 1 stays where it was
+    assert vm.set_user_memory_region(1, 0, PAGE, hva) == -errno.EEXIST
+    assert vm.gfn_to_hva(0x10000) == vm.gfn_to_hva(0) == hva
+    assert vm.set_user_memory_region(1, 0, 0, hva) == 0  # size 0 deletes
+    assert vm.gfn_to_memslot(0x10000) is None

@@ -106,6 +106,14 @@ def _gpa(inst: Instance, args: dict[str, Any]) -> int:
     return gpa
 
 
+def _guest_gpa(inst: Instance, args: dict[str, Any]) -> int:
+    """A guest-physical address: anywhere a memslot covers (guest RAM or an alias slot)."""
+    gpa = _int(args, "gpa")
+    if gpa < 0 or inst.vm.gfn_to_memslot(gpa >> PAGE_SHIFT) is None:
+        raise OpError(f"gpa {gpa:#x} is in no memslot of {inst.spec.name}")
+    return gpa
+
+
 def _pfn(m: Machine, inst: Instance, gpa: int) -> int:
     try:
         return backing_pfn(m, gpa, inst.vmm, inst.vm)
@@ -126,11 +134,11 @@ def _guest(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
     g = inst.guest
     match op:
         case "load":
-            return g.load(_gpa(inst, a), _int(a, "size", 8))
+            return g.load(_guest_gpa(inst, a), _int(a, "size", 8))
         case "store":
-            return g.store(_gpa(inst, a), data_arg(a))
+            return g.store(_guest_gpa(inst, a), data_arg(a))
         case "share":
-            gfn = _int(a, "gfn") if "gfn" in a else _gpa(inst, a) >> PAGE_SHIFT
+            gfn = _int(a, "gfn") if "gfn" in a else _guest_gpa(inst, a) >> PAGE_SHIFT
             # A hypercall's result is RAX, not an errno: -KVM_ENOSYS is "ret:-1000".
             return Outcome.ret(g.share(gfn, _int(a, "npages", 1)))
         case "hypercall":
@@ -238,6 +246,11 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
         return Outcome.ok(detail=f"VM {spec.name} has kvm->id {inst.vm.ident}")
     if op == "ksmd":  # one full pass of ksmd over every MADV_MERGEABLE range
         return Outcome.ret(ksm_do_scan(m.kernel.core))
+    if op == "set_memory_region":  # KVM_SET_USER_MEMORY_REGION, e.g. an alias of guest RAM
+        inst = ctx.inst(str(a["vm"]))
+        hva = hva_of(ctx, inst, {"gpa": a["alias_gpa"]} if "alias_gpa" in a else a)
+        return _ret(inst.vm.set_user_memory_region(_int(a, "slot"), _int(a, "guest_phys_addr"),
+                                                   _int(a, "size"), hva))
     if op == "fail_xa_store":  # fault injection: the next xa_store(kvm_pfn_map) calls fail
         times = _int(a, "times", 1)
         if times < 1:
@@ -346,6 +359,8 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("host", "memory_failure"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "soft_offline"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "fail_xa_store"): OpSpec((), ("times",), _host),
+    ("host", "set_memory_region"): OpSpec(("vm", "slot", "guest_phys_addr", "size"),
+                                          ("alias_gpa", "hva"), _host),
     ("host", "ksmd"): OpSpec((), (), _host),
     ("host", "unpoison"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "kvm_read"): OpSpec(("vm", "gpa"), ("size",), _host),

@@ -167,16 +167,16 @@ class Vm:
         if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1) or hva & (PAGE_SIZE - 1):
             return -errno.EINVAL
         base, npages = gpa >> PAGE_SHIFT, size >> PAGE_SHIFT
-        old = [s for s in self.memslots if s.slot == slot]
-        for s in old:
-            self.memslots.remove(s)
-            self.zap_gfn_range(s.base_gfn, s.base_gfn + s.npages)
-        if not npages:
-            return 0
+        others = [s for s in self.memslots if s.slot != slot]
+        if npages and any(base < s.base_gfn + s.npages and s.base_gfn < base + npages
+                          for s in others):
+            return -errno.EEXIST  # checked before the old slot goes
         for s in self.memslots:
-            if base < s.base_gfn + s.npages and s.base_gfn < base + npages:
-                return -errno.EEXIST
-        self.memslots.append(Memslot(slot, base, npages, hva))
+            if s.slot == slot:
+                self.zap_gfn_range(s.base_gfn, s.base_gfn + s.npages)
+        self.memslots = others
+        if npages:
+            self.memslots.append(Memslot(slot, base, npages, hva))
         return 0
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
