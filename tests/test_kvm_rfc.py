@@ -253,3 +253,19 @@ def test_memslot_overlap_is_eexist_and_keeps_the_old_slot() -> None:
     assert vm.gfn_to_hva(0x10000) == vm.gfn_to_hva(0) == hva
     assert vm.set_user_memory_region(1, 0, 0, hva) == 0  # size 0 deletes
     assert vm.gfn_to_memslot(0x10000) is None
+
+
+@pytest.mark.parametrize(("slot", "gpa", "size", "hva"), [
+    (509, 0x10000000, PAGE, 0),  # KVM_USER_MEM_SLOTS
+    (1 << 16, 0x10000000, PAGE, 0),  # address space 1 (SMM) is not modelled
+    (1, 0x10000000, 1, 0),  # size not page aligned
+    (1, (1 << 64) - PAGE, 2 * PAGE, 0),  # gpa + size wraps
+    (1, 0x10000000, 2 * PAGE, (1 << 47) - 2 * PAGE),  # beyond TASK_SIZE_MAX
+    (1, 0x10000000, -PAGE, 0),  # not a u64
+])
+def test_memslot_argument_checks(slot: int, gpa: int, size: int, hva: int) -> None:
+    vm = Machine(Config(design="rfc-v2")).vm
+    slots = list(vm.memslots)
+    assert vm.set_user_memory_region(slot, gpa, size, hva or vm.memslots[0].userspace_addr) \
+        == -errno.EINVAL
+    assert vm.memslots == slots

@@ -29,7 +29,7 @@ from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.gup import FOLL, get_user_pages
 from kvmpoison.mm.mm_types import MmStruct
 from kvmpoison.mm.page import Page, PageHWPoison, put_page
-from kvmpoison.mm.pagetable import PageTables, PteStore
+from kvmpoison.mm.pagetable import TASK_SIZE, PageTables, PteStore
 from kvmpoison.mm.uaccess import copy_from_user, copy_to_user
 from kvmpoison.outcome import Halt, Kind
 from kvmpoison.uapi.errno import EHWPOISON
@@ -41,6 +41,9 @@ KVM_PFN_ERR_HWPOISON = KVM_PFN_ERR_MASK + 1
 KVM_PFN_ERR_RO_FAULT = KVM_PFN_ERR_MASK + 2
 KVM_PFN_NOSLOT = 1 << 63
 KVM_NR_SHARED_RANGES = 32
+KVM_USER_MEM_SLOTS = 509  # arch/x86/include/asm/kvm_host.h (v5.12)
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
+TASK_SIZE_MAX = TASK_SIZE - PAGE_SIZE  # arch/x86/include/asm/page_64_types.h, 4-level
 
 
 class PfnMap:
@@ -163,8 +166,21 @@ class Vm:
     # -- memslots ----------------------------------------------------------------------
 
     def set_user_memory_region(self, slot: int, gpa: int, size: int, hva: int) -> int:
-        """``KVM_SET_USER_MEMORY_REGION``: 0 or -errno."""
+        """``KVM_SET_USER_MEMORY_REGION``: 0 or -errno.
+
+        The argument checks of ``__kvm_set_memory_region`` (virt/kvm/kvm_main.c,
+        v5.12). Simplified: only address space 0 exists (no SMM slots).
+        """
+        if not (0 <= slot < 1 << 32 and 0 <= gpa < 1 << 64 and 0 <= size < 1 << 64
+                and 0 <= hva < 1 << 64):
+            return -errno.EINVAL  # the uapi fields are u32/u64
+        if (slot & 0xFFFF) >= KVM_USER_MEM_SLOTS or slot >> 16:
+            return -errno.EINVAL
         if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1) or hva & (PAGE_SIZE - 1):
+            return -errno.EINVAL
+        if hva + size > TASK_SIZE_MAX or gpa + size >= 1 << 64:  # access_ok; wrap-around
+            return -errno.EINVAL
+        if size >> PAGE_SHIFT > KVM_MEM_MAX_NR_PAGES:
             return -errno.EINVAL
         base, npages = gpa >> PAGE_SHIFT, size >> PAGE_SHIFT
         others = [s for s in self.memslots if s.slot != slot]
