@@ -35,20 +35,22 @@ class KernelVersion(enum.Enum):
 
     @property
     def tuple(self) -> tuple[int, int]:
-        return _ORDER[self]
+        return _ORDER[self._value_]
 
+    # Keyed by the value string: hashing an Enum member runs Python code, and these
+    # comparisons sit on per-page paths.
     def __ge__(self, other: object) -> bool:
         if not isinstance(other, KernelVersion):
             return NotImplemented
-        return _ORDER[self] >= _ORDER[other]
+        return _ORDER[self._value_] >= _ORDER[other._value_]
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, KernelVersion):
             return NotImplemented
-        return _ORDER[self] < _ORDER[other]
+        return _ORDER[self._value_] < _ORDER[other._value_]
 
 
-_ORDER = {v: (int(v.value.split(".")[0]), int(v.value.split(".")[1])) for v in KernelVersion}
+_ORDER = {v.value: (int(v.value.split(".")[0]), int(v.value.split(".")[1])) for v in KernelVersion}
 
 
 @dataclass(frozen=True, slots=True)

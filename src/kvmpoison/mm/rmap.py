@@ -198,16 +198,20 @@ def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
     core = mm.core
     if not int(flags) & _TTU_IGNORE_MLOCK and vma.vm_flags & VM.LOCKED:
         return False
+    # page_vma_mapped_walk's pte pointer: cleared, flushed, then rewritten in place
+    slot = mm.pgd.pte_slot(addr, alloc=True)
+    assert slot is not None
+    rows = mm.pgd.store.rows
     if pteval is None:
-        pteval = mm.pgd.get(addr)
-    mm.pgd.set(addr, 0)
+        pteval = int(rows[slot])
+    rows[slot] = 0  # ptep_clear_flush
     core.flush_tlb_range(mm, addr, addr + (1 << PAGE_SHIFT))
     if pteval & _PAGE_DIRTY:
         SetPageDirty(page)
     anon = PageAnon(page)
     if _installs_hwpoison(mm, page, int(flags)):
         entry = make_hwpoison_entry(page.pfn, core.swap_types)
-        mm.pgd.set(addr, swp_entry_to_pte(entry))
+        rows[slot] = swp_entry_to_pte(entry)  # set_pte_at
         if core.hooks.hwpoison_entry_holds_ref:
             get_page(page)
     if anon:

@@ -8,7 +8,7 @@ eviction at a fixed capacity; a range flush costs O(min(pages, capacity)).
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
 
@@ -19,6 +19,7 @@ class Tlb:
     def __init__(self, capacity: int = TLB_ENTRIES):
         self.capacity = capacity
         self._entries: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self._per_asid: Counter[int] = Counter()  # entries held per address space
         self.flushes = 0
 
     def lookup(self, asid: int, vaddr: int) -> int | None:
@@ -26,25 +27,33 @@ class Tlb:
 
     def fill(self, asid: int, vaddr: int, pte: int) -> None:
         key = (asid, vaddr >> PAGE_SHIFT)
+        if key not in self._entries:
+            self._per_asid[asid] += 1
         self._entries[key] = pte
         self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+            (old_asid, _), _ = self._entries.popitem(last=False)
+            self._per_asid[old_asid] -= 1
 
     def flush_range(self, asid: int, start: int, end: int) -> None:
+        self.flushes += 1
+        if not self._per_asid[asid]:  # nothing of this mm cached here
+            return
         lo, hi = start >> PAGE_SHIFT, (end + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT
         entries = self._entries
         if hi - lo <= len(entries):  # a short range: probe its pages, O(pages)
-            for vpn in range(lo, hi):
-                entries.pop((asid, vpn), None)
+            gone = sum(entries.pop((asid, vpn), None) is not None for vpn in range(lo, hi))
         else:
-            for key in [k for k in entries if k[0] == asid and lo <= k[1] < hi]:
+            stale = [k for k in entries if k[0] == asid and lo <= k[1] < hi]
+            for key in stale:
                 del entries[key]
-        self.flushes += 1
+            gone = len(stale)
+        self._per_asid[asid] -= gone
 
     def flush_asid(self, asid: int) -> None:
         for key in [k for k in self._entries if k[0] == asid]:
             del self._entries[key]
+        self._per_asid[asid] = 0
         self.flushes += 1
 
     def __len__(self) -> int:
