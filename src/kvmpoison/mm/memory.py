@@ -101,6 +101,16 @@ def _anon_flags(core: MmCore, dirty: bool) -> np.uint32:
     return np.uint32(core.pages.bits.mask(*flags))
 
 
+def _map_new_anon(vmf: VmFaultInfo, page: Page, write: bool) -> None:
+    """Map a freshly allocated anonymous page at the fault address (rmap, flags, rss, PTE)."""
+    vma = vmf.vma
+    core = vma.vm_mm.core
+    page_add_new_anon_rmap(page, vma, vmf.address)
+    core.pages.flags[page.pfn] |= _anon_flags(core, True)
+    vma.vm_mm.rss_anon += 1
+    vma.vm_mm.pgd.set(vmf.address, _mk_anon_pte(vma, page.pfn, write))
+
+
 def vm_normal_page(vma: Vma, pte: int) -> Page | None:
     """The page a present PTE maps, or None for special mappings (the zero page)."""
     if pte & _PAGE_SPECIAL:
@@ -175,10 +185,7 @@ def do_anonymous_page(vmf: VmFaultInfo) -> VmFault:
     if page is None:
         return VmFault.OOM
     core.clear_pages(np.array([page.pfn], dtype=np.int64))
-    page_add_new_anon_rmap(page, vma, vmf.address)
-    core.pages.flags[page.pfn] |= _anon_flags(core, True)
-    mm.rss_anon += 1
-    mm.pgd.set(vmf.address, _mk_anon_pte(vma, page.pfn, True))
+    _map_new_anon(vmf, page, True)
     return VmFault(0)
 
 
@@ -240,10 +247,7 @@ def do_cow_fault(vmf: VmFaultInfo) -> VmFault:
         return VmFault.OOM
     core.copy_page(new.pfn, src.pfn)
     put_page(src)
-    page_add_new_anon_rmap(new, vma, vmf.address)
-    core.pages.flags[new.pfn] |= _anon_flags(core, True)
-    mm.rss_anon += 1
-    mm.pgd.set(vmf.address, _mk_anon_pte(vma, new.pfn, True))
+    _map_new_anon(vmf, new, True)
     return VmFault(0)
 
 
@@ -270,11 +274,8 @@ def do_wp_page(vmf: VmFaultInfo) -> VmFault:
         core.clear_pages(np.array([new.pfn], dtype=np.int64))
     else:
         core.copy_page(new.pfn, page.pfn)
-    page_add_new_anon_rmap(new, vma, vmf.address)
-    core.pages.flags[new.pfn] |= _anon_flags(core, True)
-    mm.pgd.set(vmf.address, _mk_anon_pte(vma, new.pfn, True))
+    _map_new_anon(vmf, new, True)
     core.flush_tlb_range(mm, vmf.address, vmf.address + PAGE_SIZE)
-    mm.rss_anon += 1
     if page is not None:
         mm_counter_add(mm, page, -1)
         page_remove_rmap(page)
@@ -343,8 +344,7 @@ def handle_pte_marker(vmf: VmFaultInfo) -> VmFault:
 
 def swapin(vmf: VmFaultInfo, offset: int) -> VmFault:
     """Read a page back from the swap device and map it."""
-    vma, mm = vmf.vma, vmf.vma.vm_mm
-    core = mm.core
+    core = vmf.vma.vm_mm.core
     data = core.swap_space.pop(offset, None)
     if data is None:
         return VmFault.SIGBUS  # SWAPIN_ERROR
@@ -352,10 +352,7 @@ def swapin(vmf: VmFaultInfo, offset: int) -> VmFault:
     if page is None:
         return VmFault.OOM
     core.hw.write(page.pfn << PAGE_SHIFT, data, 0)
-    page_add_new_anon_rmap(page, vma, vmf.address)
-    core.pages.flags[page.pfn] |= _anon_flags(core, True)
-    mm.rss_anon += 1
-    mm.pgd.set(vmf.address, _mk_anon_pte(vma, page.pfn, bool(vmf.flags & FaultFlag.WRITE)))
+    _map_new_anon(vmf, page, bool(vmf.flags & FaultFlag.WRITE))
     return VmFault(0)
 
 

@@ -35,17 +35,24 @@ def _mark_mlocked(mm: MmStruct, start: int, end: int) -> None:
         mem.flags[pte_pfn_array(ptes[normal])] |= bits
 
 
-def do_mlock(mm: MmStruct, start: int, length: int) -> int:
+def _lock_range(mm: MmStruct, start: int, length: int) -> tuple[int, int] | None:
+    """[start, end) widened to pages, or None if a page of it is unmapped (-ENOMEM)."""
     length = page_align(length + (start & (PAGE_SIZE - 1)))
     start &= ~(PAGE_SIZE - 1)
     end = start + length
-    if not range_is_mapped(mm, start, end):
+    return (start, end) if range_is_mapped(mm, start, end) else None
+
+
+def do_mlock(mm: MmStruct, start: int, length: int) -> int:
+    span = _lock_range(mm, start, length)
+    if span is None:
         return -errno.ENOMEM
+    start, end = span
     for vma in vmas_in_range(mm, start, end, split=True):
         if not vma.vm_flags & VM.LOCKED:
             vma.vm_flags |= VM.LOCKED
             mm.locked_vm += vma.npages
-    ret = __mm_populate(mm, start, length, ignore_errors=False)
+    ret = __mm_populate(mm, start, end - start, ignore_errors=False)
     if ret:
         return __mlock_posix_error_return(ret)
     _mark_mlocked(mm, start, end)
@@ -53,11 +60,10 @@ def do_mlock(mm: MmStruct, start: int, length: int) -> int:
 
 
 def do_munlock(mm: MmStruct, start: int, length: int) -> int:
-    length = page_align(length + (start & (PAGE_SIZE - 1)))
-    start &= ~(PAGE_SIZE - 1)
-    end = start + length
-    if not range_is_mapped(mm, start, end):
+    span = _lock_range(mm, start, length)
+    if span is None:
         return -errno.ENOMEM
+    start, end = span
     for vma in vmas_in_range(mm, start, end, split=True):
         if vma.vm_flags & VM.LOCKED:
             vma.vm_flags &= ~VM.LOCKED
