@@ -1,21 +1,19 @@
 """The model against the running kernel, cell by cell (``kvmpoison oracle``).
 
-Configures the model like the running kernel (version from ``uname``,
-CONFIG_MEMORY_FAILURE from the kernel config, else by probing MADV_HWPOISON),
-runs the live probes and the model's matrix, and compares the cells.
+Configures the model like the running kernel (version from ``uname``, CONFIG_*
+switches from its config file, see :func:`~kvmpoison.kconfig.host_kernel_config`;
+never by probing), runs the live probes and the model's matrix, and compares the cells.
 """
 
 from __future__ import annotations
 
-import ctypes
-import gzip
 import os
 import platform
 import time
 from dataclasses import dataclass, field
 
 from kvmpoison.backends.kvm.probes import LOCAL_KVM_BACKINGS, run_probe
-from kvmpoison.kconfig import KernelConfig, KernelVersion
+from kvmpoison.kconfig import KernelConfig, host_kernel_config
 from kvmpoison.matrix.model import run_cell
 from kvmpoison.matrix.protocol import BACKINGS, PATHS, REMOTE_PATHS
 
@@ -44,32 +42,6 @@ class Comparison:
         return len(self.cells) - len(self.disagreements)
 
 
-def memory_failure_configured(release: str) -> bool:
-    """CONFIG_MEMORY_FAILURE of the running kernel."""
-    for path in ("/proc/config.gz", f"/boot/config-{release}"):
-        if os.path.exists(path):
-            with open(path, "rb") as fh:
-                raw = fh.read()
-            if path.endswith(".gz"):
-                raw = gzip.decompress(raw)
-            return b"\nCONFIG_MEMORY_FAILURE=y" in b"\n" + raw
-    return _probe_madv_hwpoison()
-
-
-def _probe_madv_hwpoison() -> bool:
-    """Without a config: MADV_HWPOISON is EINVAL exactly when MEMORY_FAILURE is off."""
-    from kvmpoison.backends.kvm.libc import MAP_ANONYMOUS, MAP_PRIVATE, libc, mmap
-
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child poisons its own page, then leaves
-        addr = mmap(None, 4096, 3, MAP_PRIVATE | MAP_ANONYMOUS)
-        ctypes.memset(addr, 1, 4096)
-        ret = libc.madvise(addr, 4096, 100)
-        os._exit(1 if ret < 0 and ctypes.get_errno() == 22 else 0)
-    _, status = os.waitpid(pid, 0)
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-
-
 def kvm_usable() -> bool:
     try:
         os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
@@ -82,19 +54,14 @@ def compare() -> Comparison:
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         raise OracleUnavailableError(f"the probes need Linux on x86-64, not {platform.system()} "
                                 f"{platform.machine()}")
-    release = platform.release()
-    try:
-        version = KernelVersion.parse(release)
-    except ValueError:
-        version = KernelVersion.V6_18
-    kcfg = KernelConfig(version=version, memory_failure=memory_failure_configured(release))
+    host = host_kernel_config()
+    release, kcfg = host.release, host.config
     kvm = kvm_usable()
     backings = BACKINGS if kvm else tuple(b for b in BACKINGS if b not in LOCAL_KVM_BACKINGS)
     result = Comparison(release, kcfg, kvm, backings)
     if not kvm:
         result.notes.append("/dev/kvm is not usable: the guest_memfd columns were not compared")
-    if version.value not in release:
-        result.notes.append(f"kernel {release} is modelled as {version.value}")
+    result.notes.append(host.describe())
     t0 = time.perf_counter()
     for path in PATHS:
         for backing in backings:
