@@ -1,19 +1,18 @@
 """The model against the running kernel, cell by cell (``kvmpoison oracle``).
 
 Configures the model like the running kernel (version from ``uname``,
-CONFIG_MEMORY_FAILURE from the kernel config, else by probing MADV_HWPOISON),
-runs the live probes and the model's matrix, and compares the cells.
+CONFIG_MEMORY_FAILURE from the kernel config or its sysctl, else assumed and
+said so; never by a probe that could poison a host page), runs the live probes
+and the model's matrix, and compares the cells.
 """
 
 from __future__ import annotations
 
-import ctypes
-import gzip
-import os
 import platform
 import time
 from dataclasses import dataclass, field
 
+from kvmpoison.backends.kvm.host import kvm_status, memory_failure_configured
 from kvmpoison.backends.kvm.probes import LOCAL_KVM_BACKINGS, run_probe
 from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.matrix.model import run_cell
@@ -34,6 +33,8 @@ class Comparison:
     cells: list[tuple[str, str, str, str]] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    kvm_problem: str | None = None  # why /dev/kvm is not usable: "missing (...)", "denied (...)"
+    skipped: int = 0  # cells not compared because their backing needs /dev/kvm
 
     @property
     def disagreements(self) -> list[tuple[str, str, str, str]]:
@@ -42,40 +43,6 @@ class Comparison:
     @property
     def agreed(self) -> int:
         return len(self.cells) - len(self.disagreements)
-
-
-def memory_failure_configured(release: str) -> bool:
-    """CONFIG_MEMORY_FAILURE of the running kernel."""
-    for path in ("/proc/config.gz", f"/boot/config-{release}"):
-        if os.path.exists(path):
-            with open(path, "rb") as fh:
-                raw = fh.read()
-            if path.endswith(".gz"):
-                raw = gzip.decompress(raw)
-            return b"\nCONFIG_MEMORY_FAILURE=y" in b"\n" + raw
-    return _probe_madv_hwpoison()
-
-
-def _probe_madv_hwpoison() -> bool:
-    """Without a config: MADV_HWPOISON is EINVAL exactly when MEMORY_FAILURE is off."""
-    from kvmpoison.backends.kvm.libc import MAP_ANONYMOUS, MAP_PRIVATE, libc, mmap
-
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child poisons its own page, then leaves
-        addr = mmap(None, 4096, 3, MAP_PRIVATE | MAP_ANONYMOUS)
-        ctypes.memset(addr, 1, 4096)
-        ret = libc.madvise(addr, 4096, 100)
-        os._exit(1 if ret < 0 and ctypes.get_errno() == 22 else 0)
-    _, status = os.waitpid(pid, 0)
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-
-
-def kvm_usable() -> bool:
-    try:
-        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
-    except OSError:
-        return False
-    return True
 
 
 def compare() -> Comparison:
@@ -87,12 +54,18 @@ def compare() -> Comparison:
         version = KernelVersion.parse(release)
     except ValueError:
         version = KernelVersion.V6_18
-    kcfg = KernelConfig(version=version, memory_failure=memory_failure_configured(release))
-    kvm = kvm_usable()
+    mf = memory_failure_configured(release)
+    kcfg = KernelConfig(version=version, memory_failure=mf.value)
+    problem = kvm_status()
+    kvm = problem is None
     backings = BACKINGS if kvm else tuple(b for b in BACKINGS if b not in LOCAL_KVM_BACKINGS)
-    result = Comparison(release, kcfg, kvm, backings)
+    result = Comparison(release, kcfg, kvm, backings, kvm_problem=problem,
+                        skipped=len(PATHS) * (len(BACKINGS) - len(backings)))
+    if mf.assumed:
+        result.notes.append(f"CONFIG_MEMORY_FAILURE assumed {'y' if mf.value else 'n'} "
+                            f"({mf.source}): hwpoison cells may disagree for that reason")
     if not kvm:
-        result.notes.append("/dev/kvm is not usable: the guest_memfd columns were not compared")
+        result.notes.append(f"/dev/kvm {problem}: the guest_memfd columns were not compared")
     if version.value not in release:
         result.notes.append(f"kernel {release} is modelled as {version.value}")
     t0 = time.perf_counter()
