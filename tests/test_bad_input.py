@@ -65,6 +65,16 @@ def test_vm_memory_above_the_limit_is_refused(capsys: pytest.CaptureFixture[str]
     assert "4G" in line
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ("seed = 1e400", "seed must be an integer"), ("kvm_id_bits = 0", "from 1 to 63"),
+    ("kvm_id_bits = -3", "from 1 to 63"), ('mac_bits = "28"', "mac_bits must be an integer"),
+    ('seam_nr = "no"', "seam_nr must be true or false")])
+def test_machine_settings_are_checked(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                      setting: str, message: str) -> None:
+    path = scenario_file(tmp_path, f"[machine]\n{setting}\n{LOAD_STEP}")
+    assert message in one_error_line(*cli(capsys, "run", path))
+
+
 def test_smallest_machine_still_runs() -> None:
     sc = load_text(f'[machine]\nmemory = "1M"\n{LOAD_STEP}', "small.toml")
     assert run_scenario(sc, "rfc-v2").results[0].outcome.cell == "ok"

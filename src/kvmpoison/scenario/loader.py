@@ -126,6 +126,14 @@ def _check_data_ref(want: str, saved: set[str], source: str, index: int) -> None
             raise ScenarioError(source, f"expect_data {want!r} is not valid hex", index) from None
 
 
+def _machine_int(m: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    """An integer [machine] setting from ``lo`` to ``hi``."""
+    value = m.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{key} must be an integer from {lo} to {hi}, not {value!r}")
+    return value
+
+
 def _machine(doc: dict[str, Any], source: str) -> MachineSpec:
     m = _table(doc, "machine", source)
     known = {"kernel", "integrity", "mac_bits", "memory", "seed", "kvm_id_bits", "seam_nr",
@@ -137,17 +145,19 @@ def _machine(doc: dict[str, Any], source: str) -> MachineSpec:
     for name in CONFIG_SWITCHES:
         if name in m and not isinstance(m[name], bool):
             raise ScenarioError(source, f"[machine] {name} is a CONFIG switch: true or false")
+    if not isinstance(m.get("seam_nr", True), bool):
+        raise ScenarioError(source, "[machine] seam_nr must be true or false")
     try:
         return MachineSpec(
             kernel=KernelVersion.parse(str(m["kernel"])) if "kernel" in m else None,
             config={name: m[name] for name in CONFIG_SWITCHES if name in m},
             integrity=IntegrityMode(m["integrity"]) if "integrity" in m else None,
-            mac_bits=int(m.get("mac_bits", 28)),
+            mac_bits=_machine_int(m, "mac_bits", 28, 1, 256),
             memory=parse_size(m.get("memory", 64 << 20), "machine.memory", MACHINE_MEMORY_MIN,
                               MACHINE_MEMORY_MAX),
-            seed=int(m.get("seed", 0)),
-            kvm_id_bits=int(m.get("kvm_id_bits", 63)),
-            seam_nr=bool(m.get("seam_nr", True)),
+            seed=_machine_int(m, "seed", 0, 0, (1 << 64) - 1),
+            kvm_id_bits=_machine_int(m, "kvm_id_bits", 63, 1, 63),
+            seam_nr=m.get("seam_nr", True),
         )
     except ValueError as exc:
         raise ScenarioError(source, f"[machine]: {exc}") from None
