@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvmpoison.backends.kvm import host
+from kvmpoison.backends.kvm.probes import LOCAL_KVM_BACKINGS
 from kvmpoison.cli import main as cli_main
 from kvmpoison.cli.main import main
 from kvmpoison.matrix import protocol
@@ -286,10 +287,10 @@ def test_kvm_denied_is_not_called_missing(monkeypatch: pytest.MonkeyPatch) -> No
     def denied(path: str, flags: int) -> int:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
-    monkeypatch.setattr(host.os, "open", denied)
+    monkeypatch.setattr("kvmpoison.backends.kvm.host.os.open", denied)
     problem = host.kvm_status()
     assert problem is not None and problem.startswith("denied")
-    monkeypatch.setattr(host.os, "open", lambda p, f: (_ for _ in ()).throw(
+    monkeypatch.setattr("kvmpoison.backends.kvm.host.os.open", lambda p, f: (_ for _ in ()).throw(
         FileNotFoundError(errno.ENOENT, "No such file or directory", p)))
     assert (host.kvm_status() or "").startswith("missing")
 
@@ -309,7 +310,7 @@ def test_oracle_with_denied_kvm_says_so_and_does_not_exit_0(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_probes(monkeypatch, "denied (Permission denied)")
     rc, out, err = cli(capsys, "oracle")
-    skipped = len(protocol.PATHS) * len(report_oracle.LOCAL_KVM_BACKINGS)
+    skipped = len(protocol.PATHS) * len(LOCAL_KVM_BACKINGS)
     assert rc == 3 and "/dev/kvm denied" in " ".join(out.split())
     assert f"{skipped} cells were not compared" in err and "denied" in err
     rc, out, _ = cli(capsys, "oracle", "--format", "json")
