@@ -16,16 +16,21 @@ import argparse
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
+import numpy.typing as npt
 
 from kvmpoison.arch.x86.mac import LineMac, MacAlgo
 from kvmpoison.arch.x86.mktme import LINE_SIZE, TWEAK_SIZE
 
+U8 = npt.NDArray[np.uint8]
+Bools = npt.NDArray[np.bool_]
+
 CHUNK_LINES = 1 << 16  # 4 MiB of lines per chunk
 
 
-def chunks(total_lines: int, seed: int = 1):
+def chunks(total_lines: int, seed: int = 1) -> Iterator[tuple[U8, U8, Bools]]:
     rng = np.random.default_rng(seed)
     done = 0
     while done < total_lines:
@@ -36,7 +41,7 @@ def chunks(total_lines: int, seed: int = 1):
         done += n
 
 
-def timed(fn, total_lines: int) -> float:
+def timed(fn: Callable[[U8, U8, Bools], object], total_lines: int) -> float:
     """Seconds spent in fn(chunk) over all chunks (data generation excluded)."""
     spent = 0.0
     for ct, tweak, td in chunks(total_lines):
@@ -46,7 +51,7 @@ def timed(fn, total_lines: int) -> float:
     return spent
 
 
-def hashlib_baseline(ct, tweak, td) -> None:
+def hashlib_baseline(ct: U8, tweak: U8, td: Bools) -> None:
     view = memoryview(ct.tobytes())
     sha3 = hashlib.sha3_256
     for i in range(0, len(view), LINE_SIZE):
@@ -60,7 +65,7 @@ def copy_bandwidth(nbytes: int = 256 << 20, runs: int = 5) -> float:
     return nbytes / best
 
 
-def _time_copy(src, dst) -> float:
+def _time_copy(src: U8, dst: U8) -> float:
     t0 = time.perf_counter()
     np.copyto(dst, src)
     return time.perf_counter() - t0

@@ -16,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
 from kvmpoison.kconfig import THIS_MACHINE
@@ -23,6 +24,7 @@ from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.kernel.process import Process
 from kvmpoison.mm.madvise import MADV_POPULATE_WRITE
 from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_NORESERVE, MAP_PRIVATE, PROT_NONE
+from kvmpoison.outcome import Outcome
 
 GIB = 1 << 30
 PAGE = 4096
@@ -42,11 +44,12 @@ def model_bulk(size: int) -> dict[str, float]:
     addr = p.mmap(0, size, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE).value
     assert addr is not None
     out = {}
-    for name, call in (
+    calls: tuple[tuple[str, Callable[[], Outcome]], ...] = (
         ("fault-in", lambda: p.madvise(addr, size, MADV_POPULATE_WRITE)),
         ("mprotect", lambda: p.mprotect(addr, size, PROT_NONE)),
         ("munmap", lambda: p.munmap(addr, size)),
-    ):
+    )
+    for name, call in calls:
         t0 = time.perf_counter_ns()
         res = call()
         out[name] = (time.perf_counter_ns() - t0) / pages

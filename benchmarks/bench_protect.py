@@ -34,6 +34,7 @@ def model_setup(size: int, mappers: int) -> Machine:
     plat = PlatformConfig(mem_bytes=size + size // 128 + (128 << 20), integrity=IntegrityMode.OFF)
     m = Machine(Config(design="rfc-v2", vm_mem=size, platform=plat))
     vmm = m.vmm
+    assert vmm.ram_fd is not None
     # Re-map guest RAM with MAP_POPULATE (v5.12 has no MADV_POPULATE_WRITE).
     vmm.proc.mmap(vmm.ram_hva, size, 3, MAP_SHARED | MAP_FIXED | MAP_POPULATE, vmm.ram_fd)
     if mappers >= 2:

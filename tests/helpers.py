@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
 from kvmpoison.kconfig import RFC_BASE, KernelConfig
 from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.kernel.process import Process
 from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED
 from kvmpoison.outcome import Outcome
+
+T = TypeVar("T")
 
 PAGE = 4096
 RW = 0x3
@@ -21,6 +25,12 @@ def boot(kcfg: KernelConfig = RFC_BASE, mem: int = 64 << 20) -> Kernel:
 
 def proc(kernel: Kernel, comm: str = "p") -> Process:
     return Process.spawn(kernel, comm)
+
+
+def some(value: T | None) -> T:
+    """``value``, which the test expects to be there (mypy: not None)."""
+    assert value is not None
+    return value
 
 
 def ok(out: Outcome) -> int:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import ANON, PAGE, RW, anon, boot, ok, proc
+from helpers import ANON, PAGE, RW, anon, boot, ok, proc, some
 from kvmpoison.kconfig import THIS_MACHINE
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.mmap import MAP_PRIVATE, MAP_SHARED, PROT_EXEC, PROT_READ
@@ -75,7 +75,7 @@ def test_gmem_private_faults_sigbus_and_shared_beyond_size_too(p) -> None:  # ty
     addr = ok(q.mmap(0, 4 * PAGE, RW, MAP_SHARED, fd))  # longer than the file: allowed
     ok(q.store(addr, b"\xaa"))
     out = q.load(addr + PAGE, 1)
-    assert out.cell == "sig:SIGBUS:BUS_ADRERR" and out.siginfo.addr == addr + PAGE
+    assert out.cell == "sig:SIGBUS:BUS_ADRERR" and some(out.siginfo).addr == addr + PAGE
 
 
 def test_gmem_punch_hole_zaps_every_view_and_refaults_zero(p) -> None:  # type: ignore[no-untyped-def]

@@ -180,7 +180,8 @@ def test_unpoison_refuses_referenced_pages_and_leaves_entries() -> None:
     _fd, (addr,) = shared_memfd(k, p, pages=1)
     ok(p.store(addr, b"x"))
     page = k.core.pages[pte_pfn(p.mm.pgd.get(addr))]
-    get_user_pages(p.mm, addr, 1, FOLL(0), pins := [])
+    pins: list[Page] = []
+    get_user_pages(p.mm, addr, 1, FOLL(0), pins)
     assert poison_and_unmap(page)
     assert unpoison_memory(k.core, page.pfn) == 0 and PageHWPoison(page)  # refused: refs
     anon_addr = anon(p, 1, fill=3)

@@ -2,6 +2,7 @@
 
 import errno
 import hmac
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -234,7 +235,7 @@ def test_write_rejects_bad_ranges_and_keyids() -> None:
         mc.write(PA + 1, bytes(64), TD, WriteHow.MOVDIR64B)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=timedelta(seconds=5))
 @given(st.integers(0, 8191), st.binary(min_size=1, max_size=300), st.sampled_from([0, MKTME, TD]))
 def test_write_read_round_trip_any_alignment(off: int, data: bytes, keyid: int) -> None:
     mc = controller(mac_algo=MacAlgo.MIX64)

@@ -5,6 +5,7 @@ import signal
 
 import pytest
 
+from helpers import ok, some
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
 from kvmpoison.arch.x86.pgtable import pte_pfn
 from kvmpoison.config import Config
@@ -32,8 +33,8 @@ def machine(design: str = "rfc-v2", **kw: object) -> Machine:
 
 
 def ram_pfn(m: Machine, gpa: int = GPA) -> int:
-    mapping = m.vmm.proc.task.fds[m.vmm.ram_fd].f_mapping
-    return mapping.lookup(gpa // PAGE)
+    mapping = some(m.vmm.proc.task.fds[some(m.vmm.ram_fd)].f_mapping)
+    return int(some(mapping.lookup(gpa // PAGE)))
 
 
 def test_guest_boot_enables_protection_and_shares_its_buffers() -> None:
@@ -48,8 +49,9 @@ def test_host_touch_gets_sigbus_mceerr_ar() -> None:
     hva = m.vmm.gpa_to_hva(GPA)
     for out in (m.vmm.load(GPA + 3, 4), m.vmm.store(GPA, b"x")):
         assert out.cell == "sig:SIGBUS:BUS_MCEERR_AR"
-        assert out.siginfo.signo == signal.SIGBUS and out.siginfo.code == BusCode.BUS_MCEERR_AR
-        assert out.siginfo.addr_lsb == 12 and out.siginfo.addr in (hva, hva + 3)
+        si = some(out.siginfo)
+        assert si.signo == signal.SIGBUS and si.code == BusCode.BUS_MCEERR_AR
+        assert si.addr_lsb == 12 and si.addr in (hva, hva + 3)
     assert decode(m.vmm.proc.mm.pgd.get(hva), m.kernel.kcfg).kind == "hwpoison"
 
 
@@ -59,7 +61,7 @@ def test_gup_fails_with_efault_or_ehwpoison() -> None:
     assert get_user_pages(mm, hva, 1, FOLL(0)) == -14
     assert get_user_pages(mm, hva, 1, FOLL.HWPOISON) == -EHWPOISON
     attacker = m.process("attacker")
-    buf = attacker.mmap(0, PAGE, 3, 0x22).value
+    buf = ok(attacker.mmap(0, PAGE, 3, 0x22))
     assert attacker.process_vm_readv(m.vmm.proc, buf, hva, 8).cell == "err:EFAULT"
 
 
@@ -99,11 +101,11 @@ def test_baseline_hazard_is_a_machine_check_or_worse() -> None:
 def test_v1_hole_lets_gup_users_read_private_data(design: str, read: str, proc_mem: str) -> None:
     m = machine(design)
     attacker = m.process("attacker")
-    buf = attacker.mmap(0, PAGE, 3, 0x22).value
+    buf = ok(attacker.mmap(0, PAGE, 3, 0x22))
     attacker.store(buf, bytes(8))
     hva = m.vmm.gpa_to_hva(GPA)
     assert attacker.process_vm_readv(m.vmm.proc, buf, hva, 8).cell == read
-    fd = attacker.open_proc_mem(m.vmm.proc, 2).value
+    fd = ok(attacker.open_proc_mem(m.vmm.proc, 2))
     assert attacker.pread(fd, buf, 8, hva).cell == proc_mem
     if design == "rfc-v1":
         assert attacker.load(buf, 8).data == SECRET[:8]
@@ -112,8 +114,8 @@ def test_v1_hole_lets_gup_users_read_private_data(design: str, read: str, proc_m
 def test_protection_unmaps_every_process_mapping_the_file() -> None:
     m = Machine(Config(design="rfc-v2"))
     vhost = m.process("vhost")
-    fd = vhost.install(m.vmm.proc.task.fds[m.vmm.ram_fd])
-    vaddr = vhost.mmap(0, m.vmm.ram_size, 3, MAP_SHARED, fd).value
+    fd = vhost.install(m.vmm.proc.task.fds[some(m.vmm.ram_fd)])
+    vaddr = ok(vhost.mmap(0, m.vmm.ram_size, 3, MAP_SHARED, fd))
     assert vhost.load(vaddr + GPA, 1).kind is Kind.OK
     m.guest.store(GPA, SECRET)
     assert vhost.load(vaddr + GPA, 1).cell == "sig:SIGBUS:BUS_MCEERR_AR"
@@ -125,20 +127,20 @@ def test_protection_unmaps_every_process_mapping_the_file() -> None:
 def test_non_swap_backed_pages_are_refused() -> None:
     m = Machine(Config(design="rfc-v2"))
     inode = m.kernel.create_file("/img", b"\x01" * PAGE)
-    fd = m.vmm.proc.open("/img", 2).value
-    hva = m.vmm.proc.mmap(0, PAGE, 3, MAP_SHARED, fd).value
+    fd = ok(m.vmm.proc.open("/img", 2))
+    hva = ok(m.vmm.proc.mmap(0, PAGE, 3, MAP_SHARED, fd))
     m.vmm.proc.load(hva, 1)
-    pfn = inode.mapping.lookup(0)
+    pfn = some(some(inode.mapping).lookup(0))
     assert kvm_protect_pfn(m.vm, 0x100, pfn) is False
     m1 = Machine(Config(design="rfc-v1"))
     inode = m1.kernel.create_file("/img", b"\x01" * PAGE)
-    fd = m1.vmm.proc.open("/img", 2).value
-    hva = m1.vmm.proc.mmap(0, PAGE, 3, MAP_SHARED, fd).value
+    fd = ok(m1.vmm.proc.open("/img", 2))
+    hva = ok(m1.vmm.proc.mmap(0, PAGE, 3, MAP_SHARED, fd))
     m1.vmm.proc.load(hva, 1)
     from kvmpoison.outcome import Halt
 
     with pytest.raises(Halt, match="VM_BUG_ON_PAGE"):
-        kvm_protect_pfn(m1.vm, 0x100, inode.mapping.lookup(0))
+        kvm_protect_pfn(m1.vm, 0x100, some(some(inode.mapping).lookup(0)))
 
 
 def test_33rd_shared_range_warns_and_the_page_is_poisoned_again() -> None:
@@ -170,7 +172,7 @@ def test_freed_protected_pages_unpoison_only_in_v2(design: str, back_in_buddy: b
     m = machine(design)
     pfn = ram_pfn(m)
     vmm = m.vmm
-    assert vmm.proc.fallocate(vmm.ram_fd, 3, GPA, PAGE).cell == "ret:0"  # punch the hole
+    assert vmm.proc.fallocate(some(vmm.ram_fd), 3, GPA, PAGE).cell == "ret:0"  # punch the hole
     page = m.kernel.core.pages[pfn]
     assert page_count(page) == 0
     assert PageHWPoison(page) is not back_in_buddy
@@ -189,7 +191,7 @@ def test_prefetch_is_off_while_memory_is_protected() -> None:
 def test_fork_takes_and_munmap_drops_entry_references() -> None:
     m = Machine(Config(design="rfc-v2", backing="anon"))
     m.guest.store(GPA, SECRET)
-    pfn = spte_present(m.vm, GPA, False).pfn
+    pfn = some(spte_present(m.vm, GPA, False)).pfn
     page = m.kernel.core.pages[pfn]
     before = page_count(page)
     child = m.vmm.proc.fork()
@@ -210,7 +212,7 @@ def test_bulk_protection_equals_page_by_page(backing: str) -> None:
         m = Machine(Config(design="rfc-v2", backing=backing))
         vhost = m.process("vhost")
         if backing == "memfd":
-            fd = vhost.install(m.vmm.proc.task.fds[m.vmm.ram_fd])
+            fd = vhost.install(m.vmm.proc.task.fds[some(m.vmm.ram_fd)])
             vhost.mmap(0, m.vmm.ram_size, 3, MAP_SHARED, fd)
         m.vmm.proc.madvise(m.vmm.ram_hva, m.vmm.ram_size, 0)  # nothing
         for gfn in range(0x40, 0x80):

@@ -1,11 +1,14 @@
 """The buddy allocator and struct page accessors."""
 
+import random
+from datetime import timedelta
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmpoison.kconfig import RFC_BASE, THIS_MACHINE
+from kvmpoison.kconfig import RFC_BASE, THIS_MACHINE, KernelConfig
 from kvmpoison.mm.page import (
     PageArray,
     PageHead,
@@ -24,7 +27,7 @@ from kvmpoison.mm.page_flags import PG, PageFlagBits
 NPAGES = 1 << 14  # 64 MiB
 
 
-def fresh(cfg=RFC_BASE) -> BuddyAllocator:
+def fresh(cfg: KernelConfig = RFC_BASE) -> BuddyAllocator:
     return BuddyAllocator(PageArray(NPAGES, PageFlagBits.for_config(cfg)), reserved=1)
 
 
@@ -108,12 +111,12 @@ def test_compound_pages() -> None:
     assert not TestSetPageHWPoison(tail) and PageHWPoison(tail) and not PageHWPoison(head)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=timedelta(seconds=5))
 @given(
     st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=8),
     st.randoms(use_true_random=False),
 )
-def test_alloc_free_in_any_order_conserves_pages(sizes: list[int], rnd) -> None:
+def test_alloc_free_in_any_order_conserves_pages(sizes: list[int], rnd: random.Random) -> None:
     buddy = fresh()
     batches = [buddy.alloc_pages_bulk(n) for n in sizes]
     everything = np.concatenate(batches)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -281,7 +282,11 @@ _TYPED = {"gpa": st.integers(0, 0x3FFFFF), "size": st.integers(0, 0x3000),
 FUZZ_EXAMPLES = int(os.environ.get("KVMPOISON_FUZZ_EXAMPLES", "200"))
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# A real deadline per example, and a thread-method timeout for the whole test: a step that
+# loops (a share of 2^40 pages once did) fails fast instead of blocking the run.
+@pytest.mark.timeout(180, method="thread")
+@settings(max_examples=FUZZ_EXAMPLES, deadline=timedelta(seconds=5),
+          suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), design=st.sampled_from(["baseline", "rfc-v1", "rfc-v2"]))
 def test_fuzzed_steps_never_escape_as_tracebacks(data: st.DataObject, design: str) -> None:
     """Steps with the right argument names and arbitrary values: a result or a ScenarioError."""

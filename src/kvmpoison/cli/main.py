@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any, TextIO, cast
 
 import typer
 
@@ -23,15 +25,26 @@ app.command("run")(run.run)
 app.add_typer(pte.app, name="pte")
 
 
+def _commands(argv: list[str]) -> str:
+    """The sub-commands of the group ``argv`` names (the top level, or ``pte``)."""
+    group: Any = typer.main.get_command(app)
+    for word in argv:
+        group = getattr(group, "commands", {}).get(word, group)
+    return ", ".join(sorted(getattr(group, "commands", {})))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: usage errors and bad values become one line on stderr and exit 2."""
+    args = sys.argv[1:] if argv is None else argv
     try:
-        result = app(args=argv, prog_name="kvmpoison", standalone_mode=False)
+        result = app(args=args, prog_name="kvmpoison", standalone_mode=False)
     except CliError as exc:
         print(f"kvmpoison: error: {exc}", file=sys.stderr)
         return 2
     except typer.TyperException as exc:
         message = " ".join(exc.format_message().split())
+        if not message:  # no_args_is_help: the help went to stdout; say what is missing
+            message = f"no command given (one of: {_commands(args)})"
         print(f"kvmpoison: error: {message}", file=sys.stderr)
         return int(getattr(exc, "exit_code", 2)) or 2
     except typer.Abort:
@@ -40,5 +53,43 @@ def main(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
+class ReaderGoneError(Exception):
+    """stdout's reader closed the pipe (not an OSError, so click does not turn it into exit 1)."""
+
+
+class _PipeGuard:
+    """sys.stdout, with EPIPE raised as ReaderGoneError."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise ReaderGoneError from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise ReaderGoneError from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def entry() -> None:
-    sys.exit(main())
+    real = sys.stdout
+    sys.stdout = cast(TextIO, _PipeGuard(real))
+    try:
+        rc = main()
+        sys.stdout.flush()
+    except ReaderGoneError:
+        # The reader went away (``| head``) after taking what it wanted: not an error. Point
+        # stdout at /dev/null so the interpreter's last flush does not fail as well.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), real.fileno())
+        rc = 0
+    finally:
+        sys.stdout = real
+    sys.exit(rc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -13,7 +14,7 @@ from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.matrix import protocol
 from kvmpoison.matrix.designs import PAGE_STATES, run_design_matrix
 from kvmpoison.matrix.designs import PATHS as DESIGN_PATHS
-from kvmpoison.matrix.model import run_matrix
+from kvmpoison.matrix.model import SetupError, run_cell, run_matrix
 from kvmpoison.report.table import render_json, render_md, render_rich
 
 
@@ -32,34 +33,77 @@ def matrix(
     designs: Annotated[str | None, typer.Option(
         help="Comma-separated designs: the VMM-side matrix (design x page state).")] = None,
     states: Annotated[str | None, typer.Option(help="Page states, with --designs.")] = None,
-    backings: Annotated[str | None, typer.Option(help="Comma-separated backing ids.")] = None,
+    backings: Annotated[str | None, typer.Option(
+        help="Comma-separated backing ids (without --designs).")] = None,
     paths: Annotated[str | None, typer.Option(help="Comma-separated path ids.")] = None,
-    kernel: Annotated[str, typer.Option(help="Modelled kernel: 5.12 or 6.18.")] = "6.18",
-    memory_failure: Annotated[bool, typer.Option(
+    kernel: Annotated[str | None, typer.Option(
+        help="Modelled kernel: 5.12 or 6.18 [default: 6.18] (without --designs).")] = None,
+    memory_failure: Annotated[bool | None, typer.Option(
         "--memory-failure/--no-memory-failure",
-        help="CONFIG_MEMORY_FAILURE (off on this machine's kernel).")] = False,
+        help="CONFIG_MEMORY_FAILURE [default: off, as on this machine's kernel] "
+             "(without --designs).")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
 ) -> None:
-    """Run the MATRIX.md access matrix on the model (per backing, or per design)."""
+    """Run the access matrix on the model: per backing, or per design and page state.
+
+    The protocol and the cell notation are in docs/matrix.md.
+    """
     if designs is not None:
+        ignored = [name for name, value in (("--kernel", kernel), ("--backings", backings),
+                                            ("--memory-failure", memory_failure))
+                   if value is not None]
+        if ignored:
+            verb = "apply" if len(ignored) > 1 else "applies"
+            raise CliError(f"{', '.join(ignored)} only {verb} without --designs: each design "
+                           "brings its own kernel configuration and runs on guest RAM")
         _design_matrix(designs, states, paths, fmt)
         return
+    if states is not None:
+        raise CliError("--states only applies with --designs (the page states of guest RAM)")
     try:
-        version = KernelVersion.parse(kernel)
+        version = KernelVersion.parse(kernel or "6.18")
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    cols = _pick(backings, protocol.BACKINGS, "backing")
+    mf = bool(memory_failure)
     rows = _pick(paths, protocol.PATHS, "path")
-    kcfg = KernelConfig(version=version, memory_failure=memory_failure)
-    grid = {(c.path, c.backing): c.cell for c in run_matrix(kcfg, rows, cols)}
-    title = f"model, kernel {version.value}, MEMORY_FAILURE={'y' if memory_failure else 'n'}"
+    kcfg = KernelConfig(version=version, memory_failure=mf)
+    cols = _available(kcfg, _pick(backings, protocol.BACKINGS, "backing"), rows[0],
+                      explicit=backings is not None)
+    try:
+        grid = {(c.path, c.backing): c.cell for c in run_matrix(kcfg, rows, cols)}
+    except SetupError as exc:
+        raise CliError(f"the model cannot build a cell's set-up: {exc}") from None
+    title = f"model, kernel {version.value}, MEMORY_FAILURE={'y' if mf else 'n'}"
     if fmt is Format.JSON:
         print(render_json({"source": "model", "kernel": version.value,
-                           "memory_failure": memory_failure}, rows, cols, grid))
+                           "memory_failure": mf}, rows, cols, grid))
     elif fmt is Format.MD:
         print(render_md(title, rows, cols, grid))
     else:
         render_rich(title, rows, cols, grid, Console())
+
+
+def _available(kcfg: KernelConfig, backings: tuple[str, ...], path: str,
+               explicit: bool) -> tuple[str, ...]:
+    """The backings whose set-up exists on this kernel (UFFDIO_POISON is not in 5.12).
+
+    A backing named with --backings that cannot be built is an error; one left out of
+    the default set is dropped with a note on stderr.
+    """
+    kept = []
+    for backing in backings:
+        try:
+            run_cell(kcfg, path, backing)
+        except SetupError as exc:
+            why = f"backing {backing} cannot be set up on kernel {kcfg.version.value} ({exc})"
+            if explicit:
+                raise CliError(why) from None
+            print(f"kvmpoison: note: {why}: column left out", file=sys.stderr)
+            continue
+        kept.append(backing)
+    if not kept:
+        raise CliError(f"no backing can be set up on kernel {kcfg.version.value}")
+    return tuple(kept)
 
 
 def _design_matrix(designs: str, states: str | None, paths: str | None, fmt: Format) -> None:

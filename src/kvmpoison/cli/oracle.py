@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated
 
 import typer
@@ -18,18 +19,21 @@ def oracle(
 ) -> None:
     """Probe the running kernel live and compare every cell with the model's.
 
-    Exit status: 0 full agreement, 1 any disagreement, 2 the probes cannot run here.
+    Exit status: 0 every cell compared and agreed, 1 any disagreement, 2 the probes
+    cannot run here, 3 all compared cells agreed but some could not be compared
+    (no usable /dev/kvm).
     """
     try:
         result = compare()
     except OracleUnavailableError as exc:
-        print(f"kvmpoison: oracle unavailable: {exc}")
+        print(f"kvmpoison: error: oracle unavailable: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
     total = len(result.cells)
     if fmt is Format.JSON:
         print(json.dumps({
             "kernel": result.kernel, "modelled_as": result.kcfg.version.value,
             "memory_failure": result.kcfg.memory_failure, "kvm": result.kvm_available,
+            "kvm_problem": result.kvm_problem, "skipped": result.skipped,
             "backings": list(result.backings), "cells": total, "agreed": result.agreed,
             "seconds": round(result.seconds, 2), "notes": result.notes,
             "disagreements": [{"path": p, "backing": b, "live": live, "model": model}
@@ -39,7 +43,7 @@ def oracle(
         console = Console()
         console.print(f"kernel {result.kernel} (modelled as {result.kcfg.version.value}, "
                       f"CONFIG_MEMORY_FAILURE={'y' if result.kcfg.memory_failure else 'n'}), "
-                      f"/dev/kvm {'usable' if result.kvm_available else 'missing'}")
+                      f"/dev/kvm {result.kvm_problem or 'usable'}")
         for note in result.notes:
             console.print(f"note: {note}")
         if result.disagreements:
@@ -52,3 +56,7 @@ def oracle(
         console.print(f"agreement: {result.agreed}/{total} cells in {result.seconds:.1f} s")
     if result.disagreements:
         raise typer.Exit(1)
+    if result.skipped:
+        print(f"kvmpoison: {result.skipped} cells were not compared: /dev/kvm "
+              f"{result.kvm_problem}", file=sys.stderr)
+        raise typer.Exit(3)

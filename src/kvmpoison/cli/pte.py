@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kvmpoison.arch.x86.pgtable_64 import MAX_SWP_OFFSET, SWP_OFFSET_BITS
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
 from kvmpoison.cli.errors import CliError, Format, parse_int
 from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.mm import ptdump
@@ -36,6 +38,18 @@ def _kernel(text: str, memory_failure: bool) -> KernelConfig:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     return KernelConfig(version=version, memory_failure=memory_failure)
+
+
+# A pfn below 2^(MAX_PHYSMEM_BITS - PAGE_SHIFT): 52-bit physical addresses (5-level paging).
+PFN_BITS = 52 - PAGE_SHIFT
+
+
+def _pfn(pfn: int) -> int:
+    """A hwpoison entry holds the pfn of a real page (make_hwpoison_entry takes a page)."""
+    if not 0 <= pfn < 1 << PFN_BITS:
+        raise ValueError(f"pfn {pfn:#x} does not fit in {PFN_BITS} bits (MAX_PHYSMEM_BITS 52 - "
+                         f"PAGE_SHIFT {PAGE_SHIFT}): the largest is {(1 << PFN_BITS) - 1:#x}")
+    return pfn
 
 
 def _show(dec: ptdump.Decoding, fmt: Format, out: Console) -> None:
@@ -107,9 +121,13 @@ def encode(
                 raise ValueError(f"level must be one of {', '.join(ptdump.LEVELS)}")
             raw = ptdump.encode_present(parse_int(present, "pfn"), ptdump.parse_flags(flags), level)
         elif swap is not None:
-            raw = ptdump.encode_swap(parse_int(swap[0], "type"), parse_int(swap[1], "offset"))
+            offset = parse_int(swap[1], "offset")
+            if not 0 <= offset <= MAX_SWP_OFFSET:  # swp_entry() would mask it silently
+                raise ValueError(f"swap offset {offset:#x} does not fit in the PTE's "
+                                 f"{SWP_OFFSET_BITS} offset bits (largest {MAX_SWP_OFFSET:#x})")
+            raw = ptdump.encode_swap(parse_int(swap[0], "type"), offset)
         elif hwpoison is not None:
-            raw = ptdump.encode_hwpoison(parse_int(hwpoison, "pfn"), cfg)
+            raw = ptdump.encode_hwpoison(_pfn(parse_int(hwpoison, "pfn")), cfg)
         else:
             assert marker is not None
             raw = ptdump.encode_marker(marker, cfg)

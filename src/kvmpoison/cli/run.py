@@ -14,13 +14,17 @@ from kvmpoison.cli.errors import CliError, Format
 from kvmpoison.designs import DESIGNS
 from kvmpoison.report.table import style_of
 from kvmpoison.scenario.library import shipped, title_of
-from kvmpoison.scenario.loader import Scenario, ScenarioError, load
+from kvmpoison.scenario.loader import Scenario, ScenarioError, load, short_path
 from kvmpoison.scenario.runner import ScenarioRun, run_scenario, trace_records
 
 
 def _resolve(item: str) -> Path:
     path = Path(item)
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. ENAMETOOLONG
+        raise CliError(f"{short_path(item)}: {exc.strerror}") from None
+    if exists:
         return path
     lib = shipped()
     if item in lib:
@@ -54,14 +58,19 @@ def run(
     trace: Annotated[Path | None, typer.Option(help="Write one JSON line per step here.")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
     list_: Annotated[bool, typer.Option("--list", help="List the shipped scenarios.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="Run every shipped scenario.")] = False,
 ) -> None:
     """Run scenarios; exit 1 if any expectation fails, 2 on bad input."""
     if list_:
         for name, path in shipped().items():
             print(f"{name}  {title_of(path)}")
         return
+    if all_ and files:
+        raise CliError("give scenario files or --all, not both")
+    if all_:
+        files = list(shipped())
     if not files:
-        raise CliError("name at least one scenario file or shipped scenario (or --list)")
+        raise CliError("name at least one scenario file or shipped scenario (or --list, --all)")
     if design is not None and design not in DESIGNS:
         raise CliError(f"unknown design {design!r} (known: {', '.join(DESIGNS)})")
     if design is not None and all_designs:

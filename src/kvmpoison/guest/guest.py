@@ -47,8 +47,10 @@ class Guest:
     def share(self, gfn: int, npages: int) -> int:
         """``__set_memory_enc_dec(..., enc=false)``: KVM_HC_MEM_SHARE, then use the shared alias."""
         ret = self.hypercall(KVM_HC_MEM_SHARE, gfn, npages)
-        if ret == 0:
-            self.shared.update(range(gfn, gfn + npages))
+        if ret == 0:  # the guest's own gfns only: bounded by its memslots, not by npages
+            for s in self.vm.memslots:
+                self.shared.update(range(max(gfn, s.base_gfn),
+                                         min(gfn + npages, s.base_gfn + s.npages)))
         self.log.append(f"KVM_HC_MEM_SHARE({gfn:#x}, {npages}) = {ret}")
         return ret
 

@@ -7,11 +7,11 @@ never by probing), runs the live probes and the model's matrix, and compares the
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from dataclasses import dataclass, field
 
+from kvmpoison.backends.kvm.host import kvm_status
 from kvmpoison.backends.kvm.probes import LOCAL_KVM_BACKINGS, run_probe
 from kvmpoison.kconfig import KernelConfig, host_kernel_config
 from kvmpoison.matrix.model import run_cell
@@ -32,6 +32,8 @@ class Comparison:
     cells: list[tuple[str, str, str, str]] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    kvm_problem: str | None = None  # why /dev/kvm is not usable: "missing (...)", "denied (...)"
+    skipped: int = 0  # cells not compared because their backing needs /dev/kvm
 
     @property
     def disagreements(self) -> list[tuple[str, str, str, str]]:
@@ -42,25 +44,22 @@ class Comparison:
         return len(self.cells) - len(self.disagreements)
 
 
-def kvm_usable() -> bool:
-    try:
-        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
-    except OSError:
-        return False
-    return True
-
-
 def compare() -> Comparison:
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         raise OracleUnavailableError(f"the probes need Linux on x86-64, not {platform.system()} "
                                 f"{platform.machine()}")
     host = host_kernel_config()
     release, kcfg = host.release, host.config
-    kvm = kvm_usable()
+    problem = kvm_status()
+    kvm = problem is None
     backings = BACKINGS if kvm else tuple(b for b in BACKINGS if b not in LOCAL_KVM_BACKINGS)
-    result = Comparison(release, kcfg, kvm, backings)
+    result = Comparison(release, kcfg, kvm, backings, kvm_problem=problem,
+                        skipped=len(PATHS) * (len(BACKINGS) - len(backings)))
+    if host.assumed:
+        result.notes.append("the cells that depend on an assumed switch may disagree for that "
+                            "reason")
     if not kvm:
-        result.notes.append("/dev/kvm is not usable: the guest_memfd columns were not compared")
+        result.notes.append(f"/dev/kvm {problem}: the guest_memfd columns were not compared")
     result.notes.append(host.describe())
     t0 = time.perf_counter()
     for path in PATHS:

@@ -7,6 +7,8 @@ problem is reported as a :class:`ScenarioError` naming the file and the step.
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,7 +19,12 @@ from kvmpoison.designs import DESIGNS
 from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.outcome import is_cell
 from kvmpoison.scenario.ops import ACTOR_KINDS, OPS
-from kvmpoison.scenario.units import parse_size
+from kvmpoison.scenario.units import (
+    MACHINE_MEMORY_MAX,
+    MACHINE_MEMORY_MIN,
+    VM_MEMORY_MAX,
+    parse_size,
+)
 
 # The CONFIG_* switches a scenario may set in [machine], by KernelConfig field name.
 CONFIG_SWITCHES = tuple(f.name for f in fields(KernelConfig) if f.type in (bool, "bool"))
@@ -119,6 +126,14 @@ def _check_data_ref(want: str, saved: set[str], source: str, index: int) -> None
             raise ScenarioError(source, f"expect_data {want!r} is not valid hex", index) from None
 
 
+def _machine_int(m: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    """An integer [machine] setting from ``lo`` to ``hi``."""
+    value = m.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ValueError(f"{key} must be an integer from {lo} to {hi}, not {value!r}")
+    return value
+
+
 def _machine(doc: dict[str, Any], source: str) -> MachineSpec:
     m = _table(doc, "machine", source)
     known = {"kernel", "integrity", "mac_bits", "memory", "seed", "kvm_id_bits", "seam_nr",
@@ -130,16 +145,19 @@ def _machine(doc: dict[str, Any], source: str) -> MachineSpec:
     for name in CONFIG_SWITCHES:
         if name in m and not isinstance(m[name], bool):
             raise ScenarioError(source, f"[machine] {name} is a CONFIG switch: true or false")
+    if not isinstance(m.get("seam_nr", True), bool):
+        raise ScenarioError(source, "[machine] seam_nr must be true or false")
     try:
         return MachineSpec(
             kernel=KernelVersion.parse(str(m["kernel"])) if "kernel" in m else None,
             config={name: m[name] for name in CONFIG_SWITCHES if name in m},
             integrity=IntegrityMode(m["integrity"]) if "integrity" in m else None,
-            mac_bits=int(m.get("mac_bits", 28)),
-            memory=parse_size(m.get("memory", 64 << 20), "machine.memory"),
-            seed=int(m.get("seed", 0)),
-            kvm_id_bits=int(m.get("kvm_id_bits", 63)),
-            seam_nr=bool(m.get("seam_nr", True)),
+            mac_bits=_machine_int(m, "mac_bits", 28, 1, 256),
+            memory=parse_size(m.get("memory", 64 << 20), "machine.memory", MACHINE_MEMORY_MIN,
+                              MACHINE_MEMORY_MAX),
+            seed=_machine_int(m, "seed", 0, 0, (1 << 64) - 1),
+            kvm_id_bits=_machine_int(m, "kvm_id_bits", 63, 1, 63),
+            seam_nr=m.get("seam_nr", True),
         )
     except ValueError as exc:
         raise ScenarioError(source, f"[machine]: {exc}") from None
@@ -160,7 +178,8 @@ def _vms(doc: dict[str, Any], source: str) -> tuple[VmDecl, ...]:
         if backing not in ("memfd", "anon", "file"):
             raise ScenarioError(source, f"vm {v['name']!r}: backing must be memfd, anon or file")
         try:
-            memory = parse_size(v.get("memory", 4 << 20), f"vm {v['name']!r} memory")
+            memory = parse_size(v.get("memory", 4 << 20), f"vm {v['name']!r} memory",
+                                hi=VM_MEMORY_MAX)
         except ValueError as exc:
             raise ScenarioError(source, str(exc)) from None
         out.append(VmDecl(v["name"], memory, backing, v.get("share_ram_with")))
@@ -224,16 +243,30 @@ def _steps(doc: dict[str, Any], source: str, vms: tuple[VmDecl, ...]) -> tuple[S
     return tuple(steps)
 
 
+def _designs(head: dict[str, Any], source: str) -> tuple[str, ...]:
+    """``designs = "rfc-v2"`` or ``designs = ["baseline", "rfc-v2"]``: at least one, all known."""
+    raw = head.get("designs", list(DESIGNS))
+    names = [raw] if isinstance(raw, str) else raw
+    if not isinstance(names, list) or not all(isinstance(d, str) for d in names):
+        raise ScenarioError(source, "[scenario] designs must be a design name or a list of names")
+    if not names:
+        raise ScenarioError(source, f"[scenario] designs is empty: name at least one of "
+                            f"{', '.join(DESIGNS)}")
+    for d in names:
+        if d not in DESIGNS:
+            raise ScenarioError(source, f"unknown design {d!r} (known: {', '.join(DESIGNS)})")
+    return tuple(dict.fromkeys(names))
+
+
 def load_text(text: str, source: str) -> Scenario:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(source, f"not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested table or array
+        raise ScenarioError(source, "not valid TOML: tables or arrays nested too deeply") from None
     head = _table(doc, "scenario", source)
-    designs = tuple(head.get("designs", ("baseline", "rfc-v1", "rfc-v2")))
-    for d in designs:
-        if d not in DESIGNS:
-            raise ScenarioError(source, f"unknown design {d!r} (known: {', '.join(DESIGNS)})")
+    designs = _designs(head, source)
     unknown = set(doc) - {"scenario", "machine", "vm", "step"}
     if unknown:
         raise ScenarioError(source, f"unknown top-level tables: {', '.join(sorted(unknown))}")
@@ -245,11 +278,38 @@ def load_text(text: str, source: str) -> Scenario:
                     comment=comment)
 
 
-def load(path: Path) -> Scenario:
+# A scenario is a page or two of TOML; anything this big is not one.
+SCENARIO_MAX_BYTES = 1 << 20
+
+
+def read_scenario_file(path: Path) -> str:
+    """The file's text: a regular file of at most SCENARIO_MAX_BYTES, in UTF-8.
+
+    Devices and FIFOs are refused before they are opened for reading (``/dev/zero``
+    never ends; a FIFO blocks until a writer comes), and the read is capped.
+    """
+    source = str(path)
     try:
-        text = path.read_text()
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise ScenarioError(source, "not a regular file")
+        with path.open("rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # swapped after the stat
+                raise ScenarioError(source, "not a regular file")
+            raw = fh.read(SCENARIO_MAX_BYTES + 1)
     except OSError as exc:
-        raise ScenarioError(str(path), f"cannot read: {exc.strerror}") from None
+        raise ScenarioError(short_path(source), f"cannot read: {exc.strerror}") from None
+    if len(raw) > SCENARIO_MAX_BYTES:
+        raise ScenarioError(source, f"larger than {SCENARIO_MAX_BYTES} bytes: not a scenario")
+    try:
+        return raw.decode()
     except UnicodeDecodeError:
-        raise ScenarioError(str(path), "not a text file") from None
-    return load_text(text, str(path))
+        raise ScenarioError(source, "not a text file (UTF-8)") from None
+
+
+def short_path(source: str, keep: int = 120) -> str:
+    """A path for an error line: very long names are cut in the middle."""
+    return source if len(source) <= keep else f"{source[:keep // 2]}...{source[-keep // 2:]}"
+
+
+def load(path: Path) -> Scenario:
+    return load_text(read_scenario_file(path), str(path))

@@ -35,7 +35,7 @@ from kvmpoison.mm.madvise import (
 from kvmpoison.mm.memory_failure import memory_failure, soft_offline_page, unpoison_memory
 from kvmpoison.mm.page import Page, put_page
 from kvmpoison.outcome import Halt, Kind, Outcome
-from kvmpoison.scenario.units import parse_size
+from kvmpoison.scenario.units import VM_MEMORY_MAX, parse_size
 
 ACTOR_KINDS = ("guest", "vmm", "host", "hw")
 ADVICE = {"dontneed": MADV_DONTNEED, "dontfork": MADV_DONTFORK, "pageout": MADV_PAGEOUT,
@@ -80,6 +80,27 @@ def _int(args: dict[str, Any], key: str, default: int | None = None) -> int:
     value = args.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool):
         raise OpError(f"{key} must be an integer, not {value!r}")
+    return value
+
+
+# The most bytes one load may read: the data is carried in Python bytes and a trace.
+ACCESS_MAX = 1 << 20
+U64_MAX = (1 << 64) - 1
+
+
+def _access_size(args: dict[str, Any], default: int = 8) -> int:
+    """The byte count of a load: at least 1, at most ACCESS_MAX."""
+    size = _int(args, "size", default)
+    if not 1 <= size <= ACCESS_MAX:
+        raise OpError(f"size {size} of a load must be from 1 to {ACCESS_MAX} bytes")
+    return size
+
+
+def _u64(args: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A syscall length or hypercall argument: a size_t/u64, so never negative."""
+    value = _int(args, key, default)
+    if not 0 <= value <= U64_MAX:
+        raise OpError(f"{key} {value} must be from 0 to 2^64-1 (it is an unsigned 64-bit value)")
     return value
 
 
@@ -134,15 +155,15 @@ def _guest(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
     g = inst.guest
     match op:
         case "load":
-            return g.load(_guest_gpa(inst, a), _int(a, "size", 8))
+            return g.load(_guest_gpa(inst, a), _access_size(a))
         case "store":
             return g.store(_guest_gpa(inst, a), data_arg(a))
         case "share":
-            gfn = _int(a, "gfn") if "gfn" in a else _guest_gpa(inst, a) >> PAGE_SHIFT
+            gfn = _u64(a, "gfn") if "gfn" in a else _guest_gpa(inst, a) >> PAGE_SHIFT
             # A hypercall's result is RAX, not an errno: -KVM_ENOSYS is "ret:-1000".
-            return Outcome.ret(g.share(gfn, _int(a, "npages", 1)))
+            return Outcome.ret(g.share(gfn, _u64(a, "npages", 1)))
         case "hypercall":
-            return Outcome.ret(g.hypercall(_int(a, "nr"), _int(a, "a0", 0), _int(a, "a1", 0)))
+            return Outcome.ret(g.hypercall(_u64(a, "nr"), _u64(a, "a0", 0), _u64(a, "a1", 0)))
         case "reboot":
             g.reboot()
             return Outcome.ok(detail="; ".join(g.log[-3:]))
@@ -158,20 +179,20 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
     vmm = inst.vmm
     match op:
         case "load":
-            return vmm.proc.load(hva_of(ctx, inst, a), _int(a, "size", 8))
+            return vmm.proc.load(hva_of(ctx, inst, a), _access_size(a))
         case "store":
             return vmm.proc.store(hva_of(ctx, inst, a), data_arg(a) or bytes([0x44]) * 8)
     if op in proto.LOCAL_PATHS:
         return run_path(make_probe(m, vmm, hva_of(ctx, inst, a)), op)
     match op:
         case "fork_child_load":
-            return vmm.proc.fork().load(hva_of(ctx, inst, a), _int(a, "size", 8))
+            return vmm.proc.fork().load(hva_of(ctx, inst, a), _access_size(a))
         case "pagecache_read" | "pagecache_write":
             if vmm.ram_fd is None:
                 raise OpError("anonymous guest RAM has no page cache")
             buf = vmm.scratch()
             if op == "pagecache_read":
-                out = vmm.pread_ram(_gpa(inst, a), buf, _int(a, "size", 8))
+                out = vmm.pread_ram(_gpa(inst, a), buf, _access_size(a))
                 if out.succeeded and out.value:
                     got = vmm.proc.load(buf, out.value)
                     return Outcome.ret(out.value, got.data)
@@ -183,22 +204,22 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
             if vmm.ram_fd is None:
                 raise OpError("anonymous guest RAM has no file to punch")
             mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-            return vmm.proc.fallocate(vmm.ram_fd, mode, _gpa(inst, a), _int(a, "size", PAGE_SIZE))
+            return vmm.proc.fallocate(vmm.ram_fd, mode, _gpa(inst, a), _u64(a, "size", PAGE_SIZE))
         case "ftruncate":
             if vmm.ram_fd is None:
                 raise OpError("anonymous guest RAM has no file to truncate")
-            return vmm.proc.ftruncate(vmm.ram_fd, _int(a, "size"))
+            return vmm.proc.ftruncate(vmm.ram_fd, _u64(a, "size"))
         case "munmap":
-            return vmm.proc.munmap(hva_of(ctx, inst, a), _int(a, "size", PAGE_SIZE))
+            return vmm.proc.munmap(hva_of(ctx, inst, a), _u64(a, "size", PAGE_SIZE))
         case "mprotect":
-            return vmm.proc.mprotect(hva_of(ctx, inst, a), _int(a, "size", PAGE_SIZE),
+            return vmm.proc.mprotect(hva_of(ctx, inst, a), _u64(a, "size", PAGE_SIZE),
                                      _int(a, "prot"))
         case "madvise":
             advice = a.get("advice")
             code = ADVICE.get(advice) if isinstance(advice, str) else advice
             if not isinstance(code, int):
                 raise OpError(f"advice must be an integer or one of {', '.join(ADVICE)}")
-            return vmm.proc.madvise(hva_of(ctx, inst, a), _int(a, "size", PAGE_SIZE), code)
+            return vmm.proc.madvise(hva_of(ctx, inst, a), _u64(a, "size", PAGE_SIZE), code)
         case "exit":
             m.destroy_vm(inst.spec.name)
             return Outcome.ok(detail="the VMM exited; its VM is dead")
@@ -221,7 +242,7 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
             if op == "dma_write":
                 hw.write(pa, data_arg(a), 0)
                 return Outcome.ok()
-            return Outcome.ok(hw.read(pa, _int(a, "size", 8), 0).data)
+            return Outcome.ok(hw.read(pa, _access_size(a), 0).data)
     raise AssertionError(op)
 
 
@@ -237,7 +258,7 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
     if op == "new_vm":
         try:
             spec = VmSpec(name=str(a["name"]), memory=parse_size(a.get("memory", 4 << 20),
-                                                                 "memory"),
+                                                                 "memory", hi=VM_MEMORY_MAX),
                           backing=str(a.get("backing", "memfd")),
                           share_ram_with=a.get("share_ram_with"), fork_of=a.get("fork_of"))
             inst = m.add_vm(spec)
@@ -270,7 +291,7 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
         case "unpoison":
             return _ret(unpoison_memory(core, _pfn(m, inst, _gpa(inst, a))))
         case "kvm_read":
-            read = inst.vm.read_guest(_gpa(inst, a), _int(a, "size", 8))
+            read = inst.vm.read_guest(_gpa(inst, a), _access_size(a))
             return Outcome.error(-read) if isinstance(read, int) else Outcome.ok(read)
         case "kvm_write":
             return _ret(inst.vm.write_guest(_gpa(inst, a), data_arg(a)))
@@ -283,7 +304,7 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
             if op == "kernel_write":
                 core.hw.write(pa, data_arg(a), 0)
                 return Outcome.ok()
-            got = core.hw.load(pa, _int(a, "size", 8), 0, Ctx.HOST_KERNEL)
+            got = core.hw.load(pa, _access_size(a), 0, Ctx.HOST_KERNEL)
             if got.kind is Kind.PANIC:
                 raise Halt(got)
             return got

@@ -120,7 +120,7 @@ def _check_data(ctx: RunCtx, step: Step, design: str, out: Outcome) -> bool | No
 def run_scenario(sc: Scenario, design: str) -> ScenarioRun:
     try:
         m = build_machine(sc, design)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, MemoryError) as exc:
         raise ScenarioError(sc.source, f"cannot build the machine on {design}: {exc}") from None
     ctx = RunCtx(m)
     results = []
@@ -136,6 +136,9 @@ def run_scenario(sc: Scenario, design: str) -> ScenarioRun:
                 out = spec.run(ctx, who, step.op, step.args)
             except (OpError, ValueError) as exc:  # the model refuses the arguments
                 raise ScenarioError(sc.source, str(exc), step.index) from None
+            except MemoryError as exc:  # the modelled host has no frame left for a page table
+                raise ScenarioError(sc.source, f"the modelled machine ran out of memory ({exc}); "
+                                    "give [machine] more memory", step.index) from None
             except Halt as halt:
                 core.halted = halt.outcome
                 out = halt.outcome

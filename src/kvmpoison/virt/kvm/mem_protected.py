@@ -13,6 +13,8 @@ entry, and v2 records pfn -> kvm->id in ``kvm_pfn_map``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from kvmpoison.arch.x86.pgtable import pte_pfn_array, pte_present_array
@@ -117,6 +119,25 @@ def kvm_share_pfn(vm: Vm, pfn: int) -> None:
     unlock_page(page)
 
 
+def _mapped_gfns(vm: Vm, start: int, end: int) -> Iterator[int]:
+    """The gfns of [start, end) that a memslot maps onto a VMA of the VMM, ascending.
+
+    The kernel's loop visits every gfn, but ``gfn_to_page`` fails without a
+    memslot or a VMA, so skipping those changes nothing and bounds the loop
+    by what exists (a guest may pass any npages).
+    """
+    spans = []
+    for slot in vm.memslots:
+        lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
+        for vma in vm.mm.vmas if lo < hi else ():
+            first = slot.base_gfn + ((vma.vm_start - slot.userspace_addr) >> PAGE_SHIFT)
+            last = slot.base_gfn + ((vma.vm_end - slot.userspace_addr) >> PAGE_SHIFT)
+            if max(lo, first) < min(hi, last):
+                spans.append((max(lo, first), min(hi, last)))
+    for lo, hi in sorted(spans):
+        yield from range(lo, hi)
+
+
 def kvm_share_memory(vm: Vm, gfn: int, npages: int) -> int:
     """KVM_HC_MEM_SHARE(gfn, npages)."""
     if vm.protection is Protection.RFC_V2:
@@ -124,7 +145,7 @@ def kvm_share_memory(vm: Vm, gfn: int, npages: int) -> int:
     else:
         add_range_with_merge(vm.shared_ranges, KVM_NR_SHARED_RANGES, gfn, gfn + npages)
         clean_sort_range(vm.shared_ranges)
-    for g in range(gfn, gfn + npages):
+    for g in _mapped_gfns(vm, gfn, gfn + npages):
         hva = vm.gfn_to_hva(g)
         if hva is None:
             continue
