@@ -38,7 +38,6 @@ from kvmpoison.mm.shmem import memfd_create
 from kvmpoison.mm.uaccess import IovIter
 from kvmpoison.mm.userfaultfd import UffdCtx, mfill_atomic_poison, userfaultfd_register
 from kvmpoison.outcome import Halt, Kind, Outcome
-from kvmpoison.virt.kvm.guest_memfd import kvm_gmem_create
 
 
 def _ret(value: int, data: bytes | None = None) -> Outcome:
@@ -186,7 +185,14 @@ class Process:
         return _ret(got) if isinstance(got, int) else Outcome.ret(self.install(got))
 
     def guest_memfd(self, vm: object, size: int, flags: int) -> Outcome:
-        got = kvm_gmem_create(self.kernel.core, vm, size, flags)
+        """``KVM_CREATE_GUEST_MEMFD`` on ``vm``, through the hook virt/kvm registers at boot.
+
+        Without it the VM ioctl is unknown: -ENOTTY, as ``kvm_arch_vm_ioctl`` answers.
+        """
+        create = self.kernel.kvm_create_guest_memfd
+        if create is None:
+            return Outcome.error(errno.ENOTTY, "KVM_CREATE_GUEST_MEMFD is not registered")
+        got = create(vm, size, flags)
         return _ret(got) if isinstance(got, int) else Outcome.ret(self.install(got))
 
     def pipe(self) -> tuple[int, int]:
