@@ -289,3 +289,14 @@ def test_memory_failure_on_poisoned_page_count_increased(kcfg, dropped) -> None:
     page.mem._refcount[pfn] += 1  # the caller's reference (madvise_inject_error's GUP)
     memory_failure(k.core, pfn, MF_COUNT_INCREASED)
     assert page_count(page) == before + 1 - dropped  # 6.18 puts it; v5.12 leaks it
+
+
+@pytest.mark.parametrize(("kcfg", "killed"), [(RFC_BASE, False), (V6_18_MF, True)])
+def test_madv_hwpoison_kills_its_caller_early_from_6_x(kcfg, killed) -> None:  # type: ignore[no-untyped-def]
+    k = boot(kcfg)
+    p = proc(k)
+    addr = anon(p, 1, fill=5)  # dirty
+    assert p.madvise(addr, PAGE, MADV_HWPOISON).cell == "ret:0"
+    sigs = [(i.signo, i.code, i.addr) for i in p.task.pending]
+    assert sigs == ([(signal.SIGBUS, BusCode.BUS_MCEERR_AR, addr)] if killed else [])
+    assert p.task.alive is not killed

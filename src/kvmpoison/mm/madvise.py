@@ -172,7 +172,14 @@ def madvise_pageout(vma: Vma, start: int, end: int) -> int:
 
 
 def madvise_inject_error(mm: MmStruct, start: int, end: int, behavior: int) -> int:
-    """MADV_HWPOISON / MADV_SOFT_OFFLINE: needs CAP_SYS_ADMIN (the model runs as root)."""
+    """MADV_HWPOISON / MADV_SOFT_OFFLINE: needs CAP_SYS_ADMIN (the model runs as root).
+
+    ``mm/madvise.c:madvise_inject_error``. v5.12 drops GUP's reference and
+    calls ``memory_failure(pfn, 0)``; 6.18 keeps it and passes
+    MF_ACTION_REQUIRED | MF_COUNT_INCREASED | MF_SW_SIMULATED, so the caller
+    (``current``, the mm's owner) is killed early like a real consumer
+    (BUS_MCEERR_AR for a dirty page), and -EOPNOTSUPP (filtered) counts as 0.
+    """
     memory_failure, soft_offline = mm.core.memory_failure, mm.core.soft_offline_page
     if memory_failure is None or soft_offline is None:
         return -errno.EINVAL
@@ -193,7 +200,9 @@ def madvise_inject_error(mm: MmStruct, start: int, end: int, behavior: int) -> i
         else:
             put_page(page)
             flags = 0
-        err = memory_failure(page.pfn, flags)
+        err = memory_failure(page.pfn, flags, mm.owner_pid)
+        if err == -errno.EOPNOTSUPP and flags:
+            err = 0
         if err:
             return err
     return 0

@@ -312,5 +312,5 @@ def soft_offline_page(core: MmCore, pfn: int, flags: int) -> int:
 def wire_memory_failure(core: MmCore) -> None:
     """Let madvise(MADV_HWPOISON/SOFT_OFFLINE) reach this file (it sits above madvise)."""
     if core.kcfg.memory_failure:
-        core.memory_failure = lambda pfn, flags: memory_failure(core, pfn, flags)
+        core.memory_failure = lambda pfn, flags, pid: memory_failure(core, pfn, flags, pid)
         core.soft_offline_page = lambda pfn, flags: soft_offline_page(core, pfn, flags)
