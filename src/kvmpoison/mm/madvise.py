@@ -12,13 +12,13 @@ import errno
 import numpy as np
 
 from kvmpoison.arch.x86.pgtable import pte_none_array, pte_pfn_array, pte_present_array
-from kvmpoison.arch.x86.pgtable_64 import __swp_entry_array
+from kvmpoison.arch.x86.pgtable_64 import __swp_entry_array, __swp_offset_array, __swp_type_array
 from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.gup import FOLL, __get_user_pages, get_user_pages_fast
 from kvmpoison.mm.ksm import ksm_madvise
 from kvmpoison.mm.memory import zap_page_range
-from kvmpoison.mm.mm_types import VM, MmStruct, Vma
+from kvmpoison.mm.mm_types import VM, MmStruct, Vma, vma_is_anonymous
 from kvmpoison.mm.mmap import page_align, range_is_mapped, vmas_in_range
 from kvmpoison.mm.page import Page, put_page
 from kvmpoison.mm.swapops import PteMarker, make_pte_marker_entry, swp_entry_to_pte
@@ -109,6 +109,44 @@ def madvise_populate(mm: MmStruct, start: int, end: int, write: bool) -> int:
                 return ret
             return -errno.ENOMEM
         addr += ret << PAGE_SHIFT
+    return 0
+
+
+def madvise_free_single_vma(vma: Vma, start: int, end: int) -> int:
+    """MADV_FREE: ``mm/madvise.c:madvise_free_single_vma``/``madvise_free_pte_range``.
+
+    Anonymous VMAs only (-EINVAL otherwise). Present pages become lazily
+    freeable but keep their data until reclaim, which the model never runs,
+    so they stay mapped. Swap entries are freed and cleared (the next touch
+    gets a zero page); other non-swap entries stay in v5.12
+    (``if (non_swap_entry(entry)) continue``) while 6.x also clears hwpoison
+    entries and poisoned markers (6.1: ``is_hwpoison_entry ||
+    is_swapin_error_entry``; 6.18: ``is_poisoned_swp_entry``).
+    """
+    if not vma_is_anonymous(vma):
+        return -errno.EINVAL
+    mm = vma.vm_mm
+    core = mm.core
+    types = core.swap_types
+    modern = core.kcfg.version >= KernelVersion.V6_18
+    store = core.ptes.rows
+    for chunk in mm.pgd.chunks(start, end):
+        ptes = store[chunk.rows, chunk.cols]
+        swap = ~pte_none_array(ptes) & ~pte_present_array(ptes)
+        if not swap.any():
+            continue
+        kind = __swp_type_array(ptes).astype(np.int64)
+        off = __swp_offset_array(ptes).astype(np.int64)
+        real = swap & (kind < types.max_swapfiles)
+        drop = real.copy()
+        if modern and types.hwpoison is not None:
+            drop |= swap & (kind == types.hwpoison)
+        if modern and types.pte_marker is not None:
+            drop |= swap & (kind == types.pte_marker) & ((off & int(PteMarker.POISONED)) != 0)
+        for slot in off[real]:
+            core.swap_space.pop(int(slot), None)
+        store[chunk.rows[drop], chunk.cols[drop]] = 0
+    core.flush_tlb_range(mm, start, end)
     return 0
 
 
@@ -232,9 +270,12 @@ def do_madvise(mm: MmStruct, start: int, length: int, behavior: int) -> int:
         for vma in vmas_in_range(mm, start, end, split=False):
             lo, hi = max(start, vma.vm_start), min(end, vma.vm_end)
             if behavior in (MADV_DONTNEED, MADV_FREE):
-                if vma.vm_flags & (VM.LOCKED | VM.PFNMAP | VM.HUGETLB):
+                if vma.vm_flags & (VM.LOCKED | VM.PFNMAP | VM.HUGETLB):  # can_madv_lru_vma
                     return -errno.EINVAL
-                zap_page_range(vma, lo, hi)
+                if behavior == MADV_FREE:
+                    ret = madvise_free_single_vma(vma, lo, hi)
+                else:
+                    zap_page_range(vma, lo, hi)
             elif behavior == MADV_GUARD_INSTALL:
                 ret = madvise_guard_install(vma, lo, hi)
             elif behavior == MADV_GUARD_REMOVE:
