@@ -35,6 +35,7 @@ from kvmpoison.mm.filemap import (
     FALLOC_FL_PUNCH_HOLE,
     filemap_read,
     generic_perform_write,
+    partial_page_ranges,
     truncate_inode_pages_range,
 )
 from kvmpoison.mm.memory import maybe_mkwrite
@@ -211,6 +212,7 @@ class Shmem:
                 return -errno.EOPNOTSUPP
             first = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT
             truncate_inode_pages_range(self.core, mapping, first, (offset + length) >> PAGE_SHIFT)
+            self._zero_partial(inode, offset, offset + length - 1)
             return 0
         end = offset + length
         for index in range(offset >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT):
@@ -225,11 +227,23 @@ class Shmem:
         inode = file.f_inode
         if size < 0:
             return -errno.EINVAL
-        if size < inode.i_size and inode.mapping is not None:
+        shrink = size < inode.i_size and inode.mapping is not None
+        inode.i_size = size  # shmem_setattr: i_size_write before shmem_truncate_range
+        if shrink:
+            assert inode.mapping is not None
             truncate_inode_pages_range(self.core, inode.mapping,
                                        (size + PAGE_SIZE - 1) >> PAGE_SHIFT, 1 << 40)
-        inode.i_size = size
+            self._zero_partial(inode, size, -1)
         return 0
+
+    def _zero_partial(self, inode: Inode, lstart: int, lend: int) -> None:
+        """``shmem_undo_range``'s partial pages: looked up with SGP_READ, so holes stay holes."""
+        for index, lo, hi in partial_page_ranges(lstart, lend):
+            pfn, err = self.shmem_getpage_gfp(inode, index, SGP_READ)
+            if pfn is None or err:
+                continue
+            self.core.hw.write((pfn << PAGE_SHIFT) + lo, bytes(hi - lo), 0)
+            self.core.pages.flags[pfn] |= np.uint32(self.core.pages.mask(PG.dirty))
 
     def fsync(self, file: File) -> int:
         return 0
