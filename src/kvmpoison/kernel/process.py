@@ -29,7 +29,7 @@ from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, memory_failure
 from kvmpoison.mm.mincore import do_mincore
 from kvmpoison.mm.mlock import do_mlock, do_munlock
 from kvmpoison.mm.mm_types import MmStruct
-from kvmpoison.mm.mmap import do_mmap, do_munmap
+from kvmpoison.mm.mmap import MAP_ANONYMOUS, do_mmap, do_munmap
 from kvmpoison.mm.mprotect import do_mprotect
 from kvmpoison.mm.mremap import do_mremap
 from kvmpoison.mm.process_vm_access import process_vm_rw
@@ -120,13 +120,15 @@ class Process:
     def mmap(self, addr: int, length: int, prot: int, flags: int, fd: int = -1,
              offset: int = 0) -> Outcome:
         def body() -> Outcome:
+            # x86 sys_mmap checks the offset first; ksys_mmap_pgoff uses fd only
+            # without MAP_ANONYMOUS (and ignores it with).
+            if offset & (PAGE_SIZE - 1):
+                return Outcome.error(errno.EINVAL)
             file = None
-            if fd >= 0:
+            if not flags & MAP_ANONYMOUS:
                 file = self.task.fds.get(fd)
                 if file is None:
                     return Outcome.error(errno.EBADF)
-            if offset & (PAGE_SIZE - 1):
-                return Outcome.error(errno.EINVAL)
             return _ret(do_mmap(self.mm, addr, length, prot, flags, file, offset >> PAGE_SHIFT))
         return self._guard(body)
 
