@@ -305,8 +305,9 @@ def dup_mmap(child: MmStruct, parent: MmStruct) -> None:
     for vma in sorted(parent.vmas, key=lambda v: v.vm_start):
         if vma.vm_flags & VM.DONTCOPY:
             continue
+        dropped = VM.LOCKED | VM.LOCKONFAULT | VM.UFFD_MISSING | VM.UFFD_WP
         new = Vma(vm_mm=child, vm_start=vma.vm_start, vm_end=vma.vm_end,
-                  vm_flags=vma.vm_flags & ~(VM.LOCKED | VM.UFFD_MISSING | VM.UFFD_WP),
+                  vm_flags=vma.vm_flags & ~dropped,
                   vm_pgoff=vma.vm_pgoff, vm_file=vma.vm_file, vm_ops=vma.vm_ops)
         if vma.vm_flags & VM.WIPEONFORK:
             _insert_vma(child, new)
