@@ -6,7 +6,11 @@ from helpers import ANON, PAGE, RW, anon, boot, ok, proc, some
 from kvmpoison.kconfig import THIS_MACHINE
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.mmap import MAP_PRIVATE, MAP_SHARED, PROT_EXEC, PROT_READ
-from kvmpoison.virt.kvm.guest_memfd import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
+from kvmpoison.virt.kvm.guest_memfd import (
+    GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
+    kvm_gmem_init,
+)
 
 MMAP, SHARED3 = GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
 KEEP, PUNCH = FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -14,7 +18,9 @@ KEEP, PUNCH = FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 @pytest.fixture
 def p():  # type: ignore[no-untyped-def]
-    return proc(boot(THIS_MACHINE))
+    kernel = boot(THIS_MACHINE)
+    kvm_gmem_init(kernel)
+    return proc(kernel)
 
 
 def gmem(p, flags: int, pages: int = 4) -> int:  # type: ignore[no-untyped-def]
@@ -151,3 +157,29 @@ def test_bad_arguments_get_the_kernels_errno(p, call, cell) -> None:  # type: ig
     addr = anon(p, 1, 0)
     assert call(p, addr).cell == cell
     assert p.task.alive  # a bad argument never kills the caller
+
+
+def test_guest_memfd_needs_kvm_registered_at_boot() -> None:
+    bare = proc(boot(THIS_MACHINE))  # no virt/kvm: the VM ioctl is unknown
+    assert bare.guest_memfd(object(), PAGE, MMAP).cell == "err:ENOTTY"
+    kernel = boot(THIS_MACHINE)
+    kvm_gmem_init(kernel)
+    assert proc(kernel).guest_memfd(object(), PAGE, MMAP).succeeded
+
+
+def test_kernel_layer_imports_nothing_above_it() -> None:
+    import ast
+    from pathlib import Path
+
+    import kvmpoison
+
+    root = Path(kvmpoison.__file__).parent
+    above = ("virt", "machine", "designs", "vmm", "guest", "matrix", "scenario", "cli", "report",
+             "backends")
+    for layer in ("kernel", "fs", "drivers"):
+        for path in (root / layer).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    parts = node.module.split(".")
+                    assert not (parts[0] == "kvmpoison" and len(parts) > 1
+                                and parts[1] in above), f"{path}: imports {node.module}"

@@ -14,6 +14,7 @@ from kvmpoison.designs import Design, design
 from kvmpoison.guest.guest import Guest
 from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.kernel.process import Process
+from kvmpoison.virt.kvm.guest_memfd import kvm_gmem_init
 from kvmpoison.virt.kvm.kvm_main import Kvm, Vm
 from kvmpoison.virt.kvm.mem_protected import kvm_unpoison_page_hook
 from kvmpoison.vmm.vmm import Vmm
@@ -50,6 +51,7 @@ class Machine:
                                                           integrity=self.design.integrity,
                                                           seed=config.seed)
         self.kernel = Kernel.boot(kcfg, self.platform, config.seed)
+        kvm_gmem_init(self.kernel)
         core = self.kernel.core
         core.hooks = self.design.hooks()
         self.kvm = Kvm(core, id_bits=kvm_id_bits)

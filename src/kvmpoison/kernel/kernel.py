@@ -1,13 +1,13 @@
 """The host kernel: mm core, tasks, a file namespace, fork/exit and signal delivery.
 
-One :class:`Kernel` per modelled machine. Syscalls live in
-:mod:`kvmpoison.kernel.syscalls`; user processes are driven through
-:class:`kvmpoison.kernel.process.Process`.
+One :class:`Kernel` per modelled machine. Syscalls are the methods of
+:class:`kvmpoison.kernel.process.Process`, which drives a user process.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -15,15 +15,25 @@ from kvmpoison.arch.x86.integrity import PlatformConfig
 from kvmpoison.kconfig import KernelConfig
 from kvmpoison.kernel.task import Task, force_sig_info
 from kvmpoison.mm.core import MmCore
-from kvmpoison.mm.file import AddressSpace, Inode
+from kvmpoison.mm.file import AddressSpace, File, Inode
 from kvmpoison.mm.memory_failure import wire_memory_failure
 from kvmpoison.mm.mmap import dup_mmap, exit_mmap
 from kvmpoison.outcome import Outcome
 from kvmpoison.uapi.siginfo import SigInfo
 
+GuestMemfdCreate = Callable[[object, int, int], "File | int"]
+"""(vm, size, flags) -> a guest_memfd file or -errno."""
+
 
 @dataclass(eq=False)
 class Kernel:
+    """The host kernel.
+
+    Higher layers plug their syscalls and ioctls in at boot, as mm's hook
+    points do, so kernel/ never imports virt/: ``kvm_create_guest_memfd`` is
+    set by ``virt.kvm.guest_memfd.kvm_gmem_init``.
+    """
+
     core: MmCore
     seed: int = 0
     tasks: dict[int, Task] = field(default_factory=dict)
@@ -31,6 +41,7 @@ class Kernel:
     rng: random.Random = field(default_factory=random.Random)
     _pids: count[int] = field(default_factory=lambda: count(100))
     _inos: count[int] = field(default_factory=lambda: count(1))
+    kvm_create_guest_memfd: GuestMemfdCreate | None = None
 
     @classmethod
     def boot(cls, kcfg: KernelConfig, platform: PlatformConfig, seed: int = 0) -> Kernel:

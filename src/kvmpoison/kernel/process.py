@@ -29,7 +29,7 @@ from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, memory_failure
 from kvmpoison.mm.mincore import do_mincore
 from kvmpoison.mm.mlock import do_mlock, do_munlock
 from kvmpoison.mm.mm_types import MmStruct
-from kvmpoison.mm.mmap import do_mmap, do_munmap
+from kvmpoison.mm.mmap import MAP_ANONYMOUS, do_mmap, do_munmap
 from kvmpoison.mm.mprotect import do_mprotect
 from kvmpoison.mm.mremap import do_mremap
 from kvmpoison.mm.process_vm_access import process_vm_rw
@@ -38,7 +38,6 @@ from kvmpoison.mm.shmem import memfd_create
 from kvmpoison.mm.uaccess import IovIter
 from kvmpoison.mm.userfaultfd import UffdCtx, mfill_atomic_poison, userfaultfd_register
 from kvmpoison.outcome import Halt, Kind, Outcome
-from kvmpoison.virt.kvm.guest_memfd import kvm_gmem_create
 
 
 def _ret(value: int, data: bytes | None = None) -> Outcome:
@@ -121,13 +120,15 @@ class Process:
     def mmap(self, addr: int, length: int, prot: int, flags: int, fd: int = -1,
              offset: int = 0) -> Outcome:
         def body() -> Outcome:
+            # x86 sys_mmap checks the offset first; ksys_mmap_pgoff uses fd only
+            # without MAP_ANONYMOUS (and ignores it with).
+            if offset & (PAGE_SIZE - 1):
+                return Outcome.error(errno.EINVAL)
             file = None
-            if fd >= 0:
+            if not flags & MAP_ANONYMOUS:
                 file = self.task.fds.get(fd)
                 if file is None:
                     return Outcome.error(errno.EBADF)
-            if offset & (PAGE_SIZE - 1):
-                return Outcome.error(errno.EINVAL)
             return _ret(do_mmap(self.mm, addr, length, prot, flags, file, offset >> PAGE_SHIFT))
         return self._guard(body)
 
@@ -186,7 +187,14 @@ class Process:
         return _ret(got) if isinstance(got, int) else Outcome.ret(self.install(got))
 
     def guest_memfd(self, vm: object, size: int, flags: int) -> Outcome:
-        got = kvm_gmem_create(self.kernel.core, vm, size, flags)
+        """``KVM_CREATE_GUEST_MEMFD`` on ``vm``, through the hook virt/kvm registers at boot.
+
+        Without it the VM ioctl is unknown: -ENOTTY, as ``kvm_arch_vm_ioctl`` answers.
+        """
+        create = self.kernel.kvm_create_guest_memfd
+        if create is None:
+            return Outcome.error(errno.ENOTTY, "KVM_CREATE_GUEST_MEMFD is not registered")
+        got = create(vm, size, flags)
         return _ret(got) if isinstance(got, int) else Outcome.ret(self.install(got))
 
     def pipe(self) -> tuple[int, int]:

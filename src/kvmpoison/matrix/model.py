@@ -25,7 +25,11 @@ from kvmpoison.mm.madvise import (
 from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PROT_NONE
 from kvmpoison.mm.userfaultfd import UFFDIO_REGISTER_MODE_MISSING
 from kvmpoison.outcome import Kind, Outcome
-from kvmpoison.virt.kvm.guest_memfd import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
+from kvmpoison.virt.kvm.guest_memfd import (
+    GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
+    kvm_gmem_init,
+)
 
 PAGE = 4096
 RW = 0x3
@@ -70,6 +74,7 @@ class Probe:
 def _setup(kcfg: KernelConfig, backing: str) -> Probe:
     kernel = Kernel.boot(kcfg, PlatformConfig(mem_bytes=MATRIX_MEM,
                                               integrity=IntegrityMode.OFF))
+    kvm_gmem_init(kernel)
     target = Process.spawn(kernel, "target")
     base = _need(target.mmap(0, 2 * PAGE, RW, MAP_PRIVATE | MAP_ANONYMOUS), "mmap pages")
     t = base + PAGE

@@ -49,6 +49,7 @@ class MmHooks:
 
 SignalSender = Callable[[int, SigInfo], None]  # (pid, siginfo)
 MemoryFailure = Callable[[int, int], int]  # (pfn, MF_* flags) -> 0 | -errno
+MemoryFailureCurrent = Callable[[int, int, int | None], int]  # (pfn, flags, current pid)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class MmCore:
     num_poisoned_pages: int = 0
     zero_pfn: int = 0
     send_signal: SignalSender | None = None
-    memory_failure: MemoryFailure | None = None  # set when mm/memory_failure is wired in
+    memory_failure: MemoryFailureCurrent | None = None  # set when mm/memory_failure is wired in
     soft_offline_page: MemoryFailure | None = None  # likewise
     mms: dict[int, MmStruct] = field(default_factory=dict)
     sysctl_memory_failure_early_kill: bool = False

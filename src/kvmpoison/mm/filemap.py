@@ -116,6 +116,28 @@ def truncate_inode_pages_range(core: MmCore, mapping: AddressSpace, first: int, 
             put_page(core.pages[pfn])
 
 
+def partial_page_ranges(lstart: int, lend: int) -> list[tuple[int, int, int]]:
+    """(index, from, to) byte ranges to zero in the pages at the edges of [lstart, lend].
+
+    The partial-page step of ``truncate_inode_pages_range`` and
+    ``shmem_undo_range`` (v5.12; 6.18's ``truncate_inode_partial_folio`` does
+    the same on order-0 folios). ``lend`` is inclusive; -1 means to EOF.
+    """
+    start = (lstart + PAGE_SIZE - 1) >> PAGE_SHIFT
+    partial_start = lstart & (PAGE_SIZE - 1)
+    partial_end = 0 if lend == -1 else (lend + 1) & (PAGE_SIZE - 1)
+    end = -1 if lend == -1 else (lend + 1) >> PAGE_SHIFT
+    out = []
+    if partial_start:
+        top = PAGE_SIZE
+        if end != -1 and start > end:  # both edges fall in one page
+            top, partial_end = partial_end, 0
+        out.append((start - 1, partial_start, top))
+    if partial_end:
+        out.append((end, 0, partial_end))
+    return out
+
+
 @dataclass
 class FileVmOps:
     """``vm_operations_struct`` whose ``->fault`` is a page getter of the inode."""
@@ -265,6 +287,7 @@ class RegularFile:
             first = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT
             last = (offset + length) >> PAGE_SHIFT
             assert inode.mapping is not None
+            self._zero_partial(inode, offset, offset + length - 1)  # ext4_zero_partial_blocks
             truncate_inode_pages_range(self.core, inode.mapping, first, last)
             for i in range(first, last):
                 inode.disk.pop(i, None)
@@ -281,12 +304,25 @@ class RegularFile:
             return -errno.EINVAL
         if size < inode.i_size:
             assert inode.mapping is not None
+            self._zero_partial(inode, size, -1)  # ext4_block_truncate_page + the cached page
             first = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
             truncate_inode_pages_range(self.core, inode.mapping, first, 1 << 40)
             for i in [i for i in inode.disk if i >= first]:
                 del inode.disk[i]
         inode.i_size = size
         return 0
+
+    def _zero_partial(self, inode: Inode, lstart: int, lend: int) -> None:
+        """Zero the partial edge pages of a punched or truncated range, on disk and cached."""
+        mapping = inode.mapping
+        assert mapping is not None
+        for index, lo, hi in partial_page_ranges(lstart, lend):
+            block = inode.disk.get(index)
+            if block is not None:
+                inode.disk[index] = block[:lo] + bytes(hi - lo) + block[hi:]
+            pfn = mapping.lookup(index)
+            if pfn is not None:
+                self.core.hw.write((pfn << PAGE_SHIFT) + lo, bytes(hi - lo), 0)
 
     def fsync(self, file: File) -> int:
         """Write dirty cached pages back to disk, then report a new writeback error once."""

@@ -12,13 +12,15 @@ import errno
 import numpy as np
 
 from kvmpoison.arch.x86.pgtable import pte_none_array, pte_pfn_array, pte_present_array
-from kvmpoison.arch.x86.pgtable_64 import __swp_entry_array
+from kvmpoison.arch.x86.pgtable_64 import __swp_entry_array, __swp_offset_array, __swp_type_array
 from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.kconfig import KernelVersion
+from kvmpoison.mm.file import O_ACCMODE, O_RDONLY
+from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.gup import FOLL, __get_user_pages, get_user_pages_fast
 from kvmpoison.mm.ksm import ksm_madvise
 from kvmpoison.mm.memory import zap_page_range
-from kvmpoison.mm.mm_types import VM, MmStruct, Vma
+from kvmpoison.mm.mm_types import VM, MmStruct, Vma, vma_is_anonymous
 from kvmpoison.mm.mmap import page_align, range_is_mapped, vmas_in_range
 from kvmpoison.mm.page import Page, put_page
 from kvmpoison.mm.swapops import PteMarker, make_pte_marker_entry, swp_entry_to_pte
@@ -71,10 +73,10 @@ def _vma_flag_change(mm: MmStruct, start: int, end: int, behavior: int) -> int:
     for vma in vmas_in_range(mm, start, end, split=True):
         match behavior:
             case 10:  # DONTFORK
-                if vma.vm_flags & (VM.IO | VM.PFNMAP):
-                    return -errno.EINVAL
                 vma.vm_flags |= VM.DONTCOPY
-            case 11:
+            case 11:  # DOFORK: a VM_IO mapping must stay out of the child
+                if vma.vm_flags & VM.IO:
+                    return -errno.EINVAL
                 vma.vm_flags &= ~VM.DONTCOPY
             case 14:
                 vma.vm_flags = (vma.vm_flags | VM.HUGEPAGE) & ~VM.NOHUGEPAGE
@@ -82,7 +84,9 @@ def _vma_flag_change(mm: MmStruct, start: int, end: int, behavior: int) -> int:
                 vma.vm_flags = (vma.vm_flags | VM.NOHUGEPAGE) & ~VM.HUGEPAGE
             case 16:
                 vma.vm_flags |= VM.DONTDUMP
-            case 17:
+            case 17:  # DODUMP: not for VM_SPECIAL mappings
+                if vma.vm_flags & _VM_SPECIAL and not vma.vm_flags & VM.HUGETLB:
+                    return -errno.EINVAL
                 vma.vm_flags &= ~VM.DONTDUMP
             case 18:  # WIPEONFORK: private anonymous only
                 if vma.vm_flags & VM.SHARED or vma.vm_file is not None:
@@ -112,8 +116,56 @@ def madvise_populate(mm: MmStruct, start: int, end: int, write: bool) -> int:
     return 0
 
 
+def madvise_free_single_vma(vma: Vma, start: int, end: int) -> int:
+    """MADV_FREE: ``mm/madvise.c:madvise_free_single_vma``/``madvise_free_pte_range``.
+
+    Anonymous VMAs only (-EINVAL otherwise). Present pages become lazily
+    freeable but keep their data until reclaim, which the model never runs,
+    so they stay mapped. Swap entries are freed and cleared (the next touch
+    gets a zero page); other non-swap entries stay in v5.12
+    (``if (non_swap_entry(entry)) continue``) while 6.x also clears hwpoison
+    entries and poisoned markers (6.1: ``is_hwpoison_entry ||
+    is_swapin_error_entry``; 6.18: ``is_poisoned_swp_entry``).
+    """
+    if not vma_is_anonymous(vma):
+        return -errno.EINVAL
+    mm = vma.vm_mm
+    core = mm.core
+    types = core.swap_types
+    modern = core.kcfg.version >= KernelVersion.V6_18
+    store = core.ptes.rows
+    for chunk in mm.pgd.chunks(start, end):
+        ptes = store[chunk.rows, chunk.cols]
+        swap = ~pte_none_array(ptes) & ~pte_present_array(ptes)
+        if not swap.any():
+            continue
+        kind = __swp_type_array(ptes).astype(np.int64)
+        off = __swp_offset_array(ptes).astype(np.int64)
+        real = swap & (kind < types.max_swapfiles)
+        drop = real.copy()
+        if modern and types.hwpoison is not None:
+            drop |= swap & (kind == types.hwpoison)
+        if modern and types.pte_marker is not None:
+            drop |= swap & (kind == types.pte_marker) & ((off & int(PteMarker.POISONED)) != 0)
+        for slot in off[real]:
+            core.swap_space.pop(int(slot), None)
+        store[chunk.rows[drop], chunk.cols[drop]] = 0
+    core.flush_tlb_range(mm, start, end)
+    return 0
+
+
+_VM_SPECIAL = VM.IO | VM.DONTEXPAND | VM.PFNMAP | VM.MIXEDMAP
+
+
+def is_valid_guard_vma(vma: Vma, allow_locked: bool) -> bool:
+    """6.18: no VM_SPECIAL or hugetlb VMA; VM_LOCKED only for removal (file VMAs allowed)."""
+    disallowed = _VM_SPECIAL | VM.HUGETLB | (VM(0) if allow_locked else VM.LOCKED)
+    return not vma.vm_flags & disallowed
+
+
 def madvise_guard_install(vma: Vma, start: int, end: int) -> int:
-    if vma.vm_flags & (VM.IO | VM.PFNMAP | VM.HUGETLB | VM.LOCKED):
+    """``mm/madvise.c:madvise_guard_install`` (6.18): zap, then a GUARD marker in every PTE."""
+    if not is_valid_guard_vma(vma, allow_locked=False):
         return -errno.EINVAL
     zap_page_range(vma, start, end)
     mm = vma.vm_mm
@@ -128,6 +180,9 @@ def madvise_guard_install(vma: Vma, start: int, end: int) -> int:
 
 
 def madvise_guard_remove(vma: Vma, start: int, end: int) -> int:
+    """``mm/madvise.c:madvise_guard_remove`` (6.18): clear GUARD markers, nothing else."""
+    if not is_valid_guard_vma(vma, allow_locked=True):
+        return -errno.EINVAL
     mm = vma.vm_mm
     core = mm.core
     guard = np.uint64(swp_entry_to_pte(make_pte_marker_entry(PteMarker.GUARD, core.swap_types)))
@@ -140,8 +195,16 @@ def madvise_guard_remove(vma: Vma, start: int, end: int) -> int:
 
 
 def madvise_pageout(vma: Vma, start: int, end: int) -> int:
-    """Reclaim exclusive private anon pages to the swap device (MADV_PAGEOUT)."""
-    if vma.vm_flags & VM.LOCKED or vma.vm_file is not None:
+    """Reclaim exclusive private anon pages to the swap device (MADV_PAGEOUT).
+
+    ``mm/madvise.c:madvise_pageout`` (v5.12, 6.18): -EINVAL for a VMA that
+    ``can_madv_lru_vma`` refuses. Simplified: file and shmem pages are not
+    reclaimed, and a page with extra references is skipped (the kernel
+    would leave it in the swap cache behind a swap entry).
+    """
+    if vma.vm_flags & (VM.LOCKED | VM.PFNMAP | VM.HUGETLB):
+        return -errno.EINVAL
+    if vma.vm_file is not None:
         return 0
     mm = vma.vm_mm
     core = mm.core
@@ -171,8 +234,35 @@ def madvise_pageout(vma: Vma, start: int, end: int) -> int:
     return 0
 
 
+def madvise_remove(vma: Vma, start: int, end: int) -> int:
+    """``mm/madvise.c:madvise_remove`` (v5.12, 6.18): punch a hole in a shared writable file.
+
+    The range's file offsets go to ``vfs_fallocate(PUNCH_HOLE | KEEP_SIZE)``;
+    a file opened without write access is -EBADF there.
+    """
+    if vma.vm_flags & VM.LOCKED:
+        return -errno.EINVAL
+    file = vma.vm_file
+    if file is None or file.f_mapping is None:
+        return -errno.EINVAL
+    if (vma.vm_flags & (VM.SHARED | VM.WRITE)) != (VM.SHARED | VM.WRITE):
+        return -errno.EACCES
+    if file.f_flags & O_ACCMODE == O_RDONLY:
+        return -errno.EBADF
+    offset = (start - vma.vm_start) + (vma.vm_pgoff << PAGE_SHIFT)
+    return file.f_op.fallocate(file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
+                               end - start)
+
+
 def madvise_inject_error(mm: MmStruct, start: int, end: int, behavior: int) -> int:
-    """MADV_HWPOISON / MADV_SOFT_OFFLINE: needs CAP_SYS_ADMIN (the model runs as root)."""
+    """MADV_HWPOISON / MADV_SOFT_OFFLINE: needs CAP_SYS_ADMIN (the model runs as root).
+
+    ``mm/madvise.c:madvise_inject_error``. v5.12 drops GUP's reference and
+    calls ``memory_failure(pfn, 0)``; 6.18 keeps it and passes
+    MF_ACTION_REQUIRED | MF_COUNT_INCREASED | MF_SW_SIMULATED, so the caller
+    (``current``, the mm's owner) is killed early like a real consumer
+    (BUS_MCEERR_AR for a dirty page), and -EOPNOTSUPP (filtered) counts as 0.
+    """
     memory_failure, soft_offline = mm.core.memory_failure, mm.core.soft_offline_page
     if memory_failure is None or soft_offline is None:
         return -errno.EINVAL
@@ -193,7 +283,9 @@ def madvise_inject_error(mm: MmStruct, start: int, end: int, behavior: int) -> i
         else:
             put_page(page)
             flags = 0
-        err = memory_failure(page.pfn, flags)
+        err = memory_failure(page.pfn, flags, mm.owner_pid)
+        if err == -errno.EOPNOTSUPP and flags:
+            err = 0
         if err:
             return err
     return 0
@@ -223,15 +315,20 @@ def do_madvise(mm: MmStruct, start: int, length: int, behavior: int) -> int:
         for vma in vmas_in_range(mm, start, end, split=False):
             lo, hi = max(start, vma.vm_start), min(end, vma.vm_end)
             if behavior in (MADV_DONTNEED, MADV_FREE):
-                if vma.vm_flags & (VM.LOCKED | VM.PFNMAP | VM.HUGETLB):
+                if vma.vm_flags & (VM.LOCKED | VM.PFNMAP | VM.HUGETLB):  # can_madv_lru_vma
                     return -errno.EINVAL
-                zap_page_range(vma, lo, hi)
+                if behavior == MADV_FREE:
+                    ret = madvise_free_single_vma(vma, lo, hi)
+                else:
+                    zap_page_range(vma, lo, hi)
             elif behavior == MADV_GUARD_INSTALL:
                 ret = madvise_guard_install(vma, lo, hi)
             elif behavior == MADV_GUARD_REMOVE:
                 ret = madvise_guard_remove(vma, lo, hi)
             elif behavior == MADV_PAGEOUT:
                 ret = madvise_pageout(vma, lo, hi)
+            elif behavior == MADV_REMOVE:
+                ret = madvise_remove(vma, lo, hi)
             if ret:
                 return ret
     if ret:

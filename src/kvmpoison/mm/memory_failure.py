@@ -1,8 +1,9 @@
 """memory_failure() for real hardware memory errors, and unpoison_memory().
 
 Follows ``mm/memory-failure.c`` (v5.12 flow, with the v6.x differences the
-model honours: an already-poisoned page returns -EHWPOISON instead of 0,
-shmem keeps a poisoned page in its cache, ``TTU_HWPOISON`` replaces
+model honours: an already-poisoned page returns -EHWPOISON instead of 0 and,
+for an action-required error, ``kill_accessing_process`` signals the current
+task; shmem keeps a poisoned page in its cache, ``TTU_HWPOISON`` replaces
 ``TTU_IGNORE_HWPOISON``, and unpoison refuses with -EOPNOTSUPP once a real
 hardware error was seen). Kill policy: ``collect_procs`` gathers mappers
 for early kill (sysctl, or MF_ACTION_REQUIRED for the current task);
@@ -23,10 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvmpoison.arch.x86.pgtable import pte_none_array, pte_pfn_array, pte_present_array
+from kvmpoison.arch.x86.pgtable_64 import __swp_offset_array, __swp_type_array
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
 from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.file import mapping_set_error
+from kvmpoison.mm.mm_types import MmStruct
 from kvmpoison.mm.page import (
     Page,
     PageAnon,
@@ -161,8 +165,60 @@ def _page_action(core: MmCore, page: Page) -> int:
                    MfResult.RECOVERED)
 
 
+def _find_pfn_in_mm(core: MmCore, mm: MmStruct, pfn: int) -> int | None:
+    """The lowest address whose PTE maps ``pfn`` or is a hwpoison entry for it.
+
+    ``hwpoison_pte_range``/``check_hwpoisoned_entry`` over every VMA
+    (``hwpoison_test_walk`` accepts VM_PFNMAP too), vectorised per chunk.
+    """
+    types = core.swap_types
+    for vma in sorted(mm.vmas, key=lambda v: v.vm_start):
+        for chunk in mm.pgd.chunks(vma.vm_start, vma.vm_end):
+            ptes = core.ptes.rows[chunk.rows, chunk.cols]
+            present = pte_present_array(ptes)
+            hit = present & (pte_pfn_array(ptes) == pfn)
+            if types.hwpoison is not None:
+                swap = ~present & ~pte_none_array(ptes)
+                kind = __swp_type_array(ptes).astype(np.int64)
+                off = __swp_offset_array(ptes).astype(np.int64)
+                hit |= swap & (kind == types.hwpoison) & (off == pfn)
+            if hit.any():
+                return int(chunk.addr[int(np.argmax(hit))])
+    return None
+
+
+def kill_accessing_process(core: MmCore, current_pid: int | None, pfn: int, flags: int) -> int:
+    """``mm/memory-failure.c:kill_accessing_process`` (since 5.14; 6.18 as read in 6.1.y).
+
+    An action-required error on a page that is already poisoned: walk the
+    current task's page tables for the page and send it SIGBUS
+    BUS_MCEERR_AR (``kill_proc``) at the first address found. -EHWPOISON
+    when a signal went out, 0 when the task does not map the page (the
+    6.1.y/6.18 return; 5.14-6.0 returned -EFAULT there), -EFAULT without an mm.
+    """
+    mm = next((m for m in core.mms.values() if current_pid is not None
+               and m.owner_pid == current_pid), None)
+    if mm is None:
+        return -errno.EFAULT
+    addr = _find_pfn_in_mm(core, mm, pfn)
+    if addr is None:
+        return 0
+    assert current_pid is not None
+    kill_procs(core, [(current_pid, addr)], True, False, flags | MF_ACTION_REQUIRED, current_pid)
+    return -EHWPOISON
+
+
 def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None = None) -> int:
-    """Handle a hardware error on ``pfn``: poison, unmap, kill, isolate. 0 or -errno."""
+    """Handle a hardware error on ``pfn``: poison, unmap, kill, isolate. 0 or -errno.
+
+    ``mm/memory-failure.c:memory_failure`` (v5.12 and 6.18). The int is the
+    kernel's: for a page that already has PG_hwpoison, v5.12 returns 0 and
+    does nothing else ("already hardware poisoned"); 6.18 returns -EHWPOISON,
+    or with MF_ACTION_REQUIRED what ``kill_accessing_process`` returns (it
+    sends the current task SIGBUS BUS_MCEERR_AR), and drops the reference of
+    MF_COUNT_INCREASED. ``current_pid`` is ``current``: the task that
+    consumed the poison, None for a kernel context.
+    """
     if not core.kcfg.memory_failure:
         return -errno.ENXIO
     if not 0 < pfn < core.pages.nr_pages:
@@ -171,8 +227,16 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
     if not flags & MF_SW_SIMULATED:
         core.hw_memory_failure = True
     if TestSetPageHWPoison(page):
-        _report(core, pfn, "already poisoned", MfResult.IGNORED)
-        return -EHWPOISON if core.kcfg.version >= KernelVersion.V6_18 else 0
+        if core.kcfg.version < KernelVersion.V6_18:
+            _report(core, pfn, "already poisoned", MfResult.IGNORED)
+            return 0
+        res = -EHWPOISON
+        if flags & MF_ACTION_REQUIRED:
+            res = kill_accessing_process(core, current_pid, pfn, flags)
+        if flags & MF_COUNT_INCREASED:
+            put_page(page)
+        _report(core, pfn, "already poisoned", MfResult.FAILED)
+        return res
     core.num_poisoned_pages += 1
     if PageFlag(page, PG.reserved):
         return _report(core, pfn, "reserved kernel page", MfResult.IGNORED)
@@ -248,5 +312,5 @@ def soft_offline_page(core: MmCore, pfn: int, flags: int) -> int:
 def wire_memory_failure(core: MmCore) -> None:
     """Let madvise(MADV_HWPOISON/SOFT_OFFLINE) reach this file (it sits above madvise)."""
     if core.kcfg.memory_failure:
-        core.memory_failure = lambda pfn, flags: memory_failure(core, pfn, flags)
+        core.memory_failure = lambda pfn, flags, pid: memory_failure(core, pfn, flags, pid)
         core.soft_offline_page = lambda pfn, flags: soft_offline_page(core, pfn, flags)

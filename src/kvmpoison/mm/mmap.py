@@ -32,12 +32,24 @@ MAP_SHARED_VALIDATE = 0x03
 MAP_TYPE = 0x0F
 MAP_FIXED = 0x10
 MAP_ANONYMOUS = 0x20
-MAP_NORESERVE = 0x4000
+MAP_GROWSDOWN = 0x0100
+MAP_DENYWRITE = 0x0800
+MAP_EXECUTABLE = 0x1000
 MAP_LOCKED = 0x2000
+MAP_NORESERVE = 0x4000
 MAP_POPULATE = 0x8000
+MAP_NONBLOCK = 0x10000
+MAP_STACK = 0x20000
+MAP_HUGETLB = 0x40000
+MAP_SYNC = 0x80000
 MAP_FIXED_NOREPLACE = 0x100000
+MAP_UNINITIALIZED = 0x4000000
+LEGACY_MAP_MASK = (MAP_SHARED | MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS | MAP_DENYWRITE
+                   | MAP_EXECUTABLE | MAP_UNINITIALIZED | MAP_GROWSDOWN | MAP_LOCKED
+                   | MAP_NORESERVE | MAP_POPULATE | MAP_NONBLOCK | MAP_STACK | MAP_HUGETLB)
 
 MMAP_BASE = 0x7F00_0000_0000
+MMAP_MIN_ADDR = 0x10000  # vm.mmap_min_addr's default on x86
 
 
 def page_align(n: int) -> int:
@@ -71,8 +83,22 @@ def _remove_vma(mm: MmStruct, vma: Vma) -> None:
         mm.locked_vm -= vma.npages
 
 
-def get_unmapped_area(mm: MmStruct, length: int) -> int:
-    """Top-down: the highest gap below ``MMAP_BASE`` that fits (plus a guard gap)."""
+def get_unmapped_area(mm: MmStruct, length: int, hint: int = 0) -> int:
+    """Top-down: the highest gap below ``MMAP_BASE`` that fits (plus a guard gap).
+
+    ``arch/x86/kernel/sys_x86_64.c:arch_get_unmapped_area_topdown`` (v5.12,
+    6.18): a hint address (rounded up to ``mmap_min_addr``) is taken when
+    [hint, hint + length) is free. Simplified: the search leaves a one-page
+    gap between mappings, where the kernel packs them.
+    """
+    if length > TASK_SIZE:
+        return -errno.ENOMEM
+    if hint:
+        hint = max(hint, MMAP_MIN_ADDR) & ~(PAGE_SIZE - 1)  # round_hint_to_min
+        if hint + length <= TASK_SIZE:
+            nxt = find_vma(mm, hint)
+            if nxt is None or hint + length <= nxt.vm_start:
+                return hint
     top = MMAP_BASE
     for vma in sorted(mm.vmas, key=lambda v: v.vm_start, reverse=True):
         if vma.vm_start >= top:
@@ -157,44 +183,70 @@ def do_munmap(mm: MmStruct, start: int, length: int) -> int:
 
 def do_mmap(mm: MmStruct, addr: int, length: int, prot: int, flags: int, file: File | None,
             pgoff: int) -> int:
-    """Returns the mapped address or -errno."""
+    """Returns the mapped address or -errno.
+
+    ``mm/mmap.c:do_mmap`` (v5.12; 6.1's is the same in every check here):
+    unknown PROT_* bits are ignored; a hint address is honoured when free;
+    a MAP_FIXED range beyond TASK_SIZE is -ENOMEM, a misaligned one -EINVAL;
+    anonymous mappings take only MAP_SHARED or MAP_PRIVATE; MAP_SHARED_VALIDATE
+    refuses flags outside LEGACY_MAP_MASK with -EOPNOTSUPP; a read-only file
+    mapped shared loses VM_SHARED and VM_MAYWRITE. Not modelled: MAP_HUGETLB,
+    MAP_SYNC (no DAX), RLIMIT_MEMLOCK, READ_IMPLIES_EXEC, max_map_count.
+    """
     if not length:
         return -errno.EINVAL
+    if flags & MAP_FIXED_NOREPLACE:
+        flags |= MAP_FIXED
     length = page_align(length)
-    if length > TASK_SIZE or pgoff + (length >> PAGE_SHIFT) < pgoff:
+    if length > TASK_SIZE:
         return -errno.ENOMEM
-    if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
-        return -errno.EINVAL
+    if pgoff + (length >> PAGE_SHIFT) >= 1 << 64:
+        return -errno.EOVERFLOW
+    if flags & MAP_FIXED:  # get_unmapped_area's checks of a fixed address
+        if addr > TASK_SIZE - length:
+            return -errno.ENOMEM
+        if addr & (PAGE_SIZE - 1):
+            return -errno.EINVAL
+        nxt = find_vma(mm, addr)
+        if flags & MAP_FIXED_NOREPLACE and nxt is not None and nxt.vm_start < addr + length:
+            return -errno.EEXIST
     map_type = flags & MAP_TYPE
-    if map_type not in (MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE):
-        return -errno.EINVAL
-    shared = map_type != MAP_PRIVATE
     vm_flags = calc_vm_prot_bits(prot) | VM.MAYREAD | VM.MAYWRITE | VM.MAYEXEC
     if flags & MAP_LOCKED:
         vm_flags |= VM.LOCKED
+    if flags & MAP_GROWSDOWN:
+        vm_flags |= VM.GROWSDOWN
     if file is not None:
-        if file.f_inode.noexec and prot & PROT_EXEC:
-            return -errno.EPERM  # path_noexec()
         acc = file.f_flags & O_ACCMODE
-        if acc == O_WRONLY:
-            return -errno.EACCES
-        if shared:
+        if map_type in (MAP_SHARED, MAP_SHARED_VALIDATE):
+            if map_type == MAP_SHARED_VALIDATE and flags & ~LEGACY_MAP_MASK:
+                return -errno.EOPNOTSUPP
             if prot & PROT_WRITE and acc == O_RDONLY:
                 return -errno.EACCES
             vm_flags |= VM.SHARED | VM.MAYSHARE
             if acc == O_RDONLY:
-                vm_flags &= ~(VM.MAYWRITE | VM.WRITE)
-    elif shared:
-        vm_flags |= VM.SHARED | VM.MAYSHARE
-    if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
-        if addr & (PAGE_SIZE - 1) or addr + length > TASK_SIZE:
+                vm_flags &= ~(VM.MAYWRITE | VM.SHARED)
+        elif map_type != MAP_PRIVATE:
             return -errno.EINVAL
-        if flags & MAP_FIXED_NOREPLACE and find_vma(mm, addr) is not None and \
-                find_vma(mm, addr).vm_start < addr + length:  # type: ignore[union-attr]
-            return -errno.EEXIST
+        if acc == O_WRONLY:
+            return -errno.EACCES  # no FMODE_READ
+        if file.f_inode.noexec:  # path_noexec()
+            if vm_flags & VM.EXEC:
+                return -errno.EPERM
+            vm_flags &= ~VM.MAYEXEC
+        if vm_flags & VM.GROWSDOWN:
+            return -errno.EINVAL
+    elif map_type == MAP_SHARED:
+        if vm_flags & VM.GROWSDOWN:
+            return -errno.EINVAL
+        vm_flags |= VM.SHARED | VM.MAYSHARE
+    elif map_type != MAP_PRIVATE:
+        return -errno.EINVAL
+    shared = bool(vm_flags & VM.MAYSHARE)
+    if flags & MAP_FIXED:
         do_munmap(mm, addr, length)
     else:
-        addr = get_unmapped_area(mm, length)
+        addr = get_unmapped_area(mm, length, addr)
         if addr < 0:
             return addr
     vma = Vma(vm_mm=mm, vm_start=addr, vm_end=addr + length, vm_flags=vm_flags,
@@ -253,8 +305,9 @@ def dup_mmap(child: MmStruct, parent: MmStruct) -> None:
     for vma in sorted(parent.vmas, key=lambda v: v.vm_start):
         if vma.vm_flags & VM.DONTCOPY:
             continue
+        dropped = VM.LOCKED | VM.LOCKONFAULT | VM.UFFD_MISSING | VM.UFFD_WP
         new = Vma(vm_mm=child, vm_start=vma.vm_start, vm_end=vma.vm_end,
-                  vm_flags=vma.vm_flags & ~(VM.LOCKED | VM.UFFD_MISSING | VM.UFFD_WP),
+                  vm_flags=vma.vm_flags & ~dropped,
                   vm_pgoff=vma.vm_pgoff, vm_file=vma.vm_file, vm_ops=vma.vm_ops)
         if vma.vm_flags & VM.WIPEONFORK:
             _insert_vma(child, new)

@@ -1,8 +1,11 @@
 """mprotect(2): change VMA protections and rewrite the present PTEs in bulk.
 
-Follows ``mm/mprotect.c`` (v5.12 ``mprotect_fixup``/``change_pte_range``, with
-v6.x's ``can_change_pte_writable`` for exclusive anonymous pages). Swap
-entries, hwpoison entries and PTE markers are left alone.
+Follows ``mm/mprotect.c`` (v5.12 ``do_mprotect_pkey``/``mprotect_fixup``/
+``change_pte_range``; 6.18's ``can_change_pte_writable`` upgrade of exclusive
+anonymous pages). Swap entries, hwpoison entries and PTE markers are left
+alone. Simplified: no pkeys, no READ_IMPLIES_EXEC, no PROT_GROWSDOWN/UP
+semantics (the bits are stripped), no commit accounting, write migration
+entries are not downgraded (the model never migrates).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import errno
 import numpy as np
 
 from kvmpoison.arch.x86.pgtable import pte_modify_array, pte_pfn_array, pte_present_array
-from kvmpoison.arch.x86.pgtable_types import _PAGE_DIRTY, _PAGE_RW, _PAGE_SPECIAL, PAGE_SIZE
+from kvmpoison.arch.x86.pgtable_types import _PAGE_RW, _PAGE_SPECIAL, PAGE_SIZE
+from kvmpoison.kconfig import KernelVersion
+from kvmpoison.mm.fault import find_vma
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.mmap import (
     PROT_EXEC,
@@ -20,8 +25,8 @@ from kvmpoison.mm.mmap import (
     PROT_WRITE,
     calc_vm_prot_bits,
     page_align,
-    range_is_mapped,
-    vmas_in_range,
+    populate_vma_page_range,
+    split_vma,
 )
 
 
@@ -34,6 +39,7 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
     shared_write = bool(vma.vm_flags & VM.WRITE and vma.vm_flags & VM.SHARED)
     changed = 0
     mem = core.pages
+    modern = core.kcfg.version >= KernelVersion.V6_18
     for chunk in mm.pgd.chunks(start, end):
         store = core.ptes.rows
         ptes = store[chunk.rows, chunk.cols]
@@ -42,13 +48,13 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
             continue
         old = ptes[present]
         new = pte_modify_array(old, newprot)
-        if private_write:
-            # An exclusive, dirty anonymous page can be made writable at once.
+        if private_write and modern:
+            # 6.x MM_CP_TRY_CHANGE_WRITABLE: an exclusive anonymous page (PageAnonExclusive,
+            # approximated as mapped once) is made writable at once; v5.12 waits for the fault.
             normal = (old & np.uint64(_PAGE_SPECIAL)) == 0
             pfns = pte_pfn_array(old)
             exclusive = normal & ((mem.mapping[pfns] & 1) != 0) & (mem._mapcount[pfns] == 0)
-            dirty = (old & np.uint64(_PAGE_DIRTY)) != 0
-            new = np.where(exclusive & dirty, new | np.uint64(_PAGE_RW), new)
+            new = np.where(exclusive, new | np.uint64(_PAGE_RW), new)
         elif not shared_write:
             new &= np.uint64(~_PAGE_RW & 0xFFFF_FFFF_FFFF_FFFF)
         store[chunk.rows[present], chunk.cols[present]] = new
@@ -57,28 +63,64 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
     return changed
 
 
+PROT_SEM = 0x8
+PROT_GROWSDOWN = 0x01000000
+PROT_GROWSUP = 0x02000000
+
+
 def do_mprotect(mm: MmStruct, start: int, length: int, prot: int) -> int:
+    """``do_mprotect_pkey`` (v5.12, 6.18): VMA by VMA, stopping at the first error.
+
+    VMAs before a hole or a refused VMA keep their new protection, as in
+    the kernel's loop. PROT_SEM is accepted (``arch_validate_prot``) and has
+    no effect; a private VM_LOCKED VMA turned writable is populated to
+    break COW (``mprotect_fixup``).
+    """
+    grows = prot & (PROT_GROWSDOWN | PROT_GROWSUP)
+    prot &= ~(PROT_GROWSDOWN | PROT_GROWSUP)
+    if grows == PROT_GROWSDOWN | PROT_GROWSUP:
+        return -errno.EINVAL
     if start & (PAGE_SIZE - 1):
         return -errno.EINVAL
-    if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
-        return -errno.EINVAL
-    length = page_align(length)
-    end = start + length
-    if end < start:
-        return -errno.ENOMEM
     if not length:
         return 0
-    if not range_is_mapped(mm, start, end):
+    length = page_align(length)
+    end = start + length
+    if end <= start:
         return -errno.ENOMEM
+    if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC | PROT_SEM):
+        return -errno.EINVAL
+    vma = find_vma(mm, start)
+    if vma is None or vma.vm_start > start:
+        return -errno.ENOMEM
+    if grows and not vma.vm_flags & VM.GROWSDOWN:
+        return -errno.EINVAL  # PROT_GROWSUP has no VMA on x86 either
     want = calc_vm_prot_bits(prot)
-    vmas = vmas_in_range(mm, start, end, split=False)
-    for vma in vmas:  # check all before changing any
-        may = ((VM.READ if vma.vm_flags & VM.MAYREAD else VM(0))
-               | (VM.WRITE if vma.vm_flags & VM.MAYWRITE else VM(0))
-               | (VM.EXEC if vma.vm_flags & VM.MAYEXEC else VM(0)))
+    nstart = start
+    while True:
+        newflags = (vma.vm_flags & ~(VM.READ | VM.WRITE | VM.EXEC)) | want
+        may = VM((int(newflags) >> 4) & int(VM.READ | VM.WRITE | VM.EXEC))  # VM_MAY* >> 4
         if want & ~may:
             return -errno.EACCES
-    for vma in vmas_in_range(mm, start, end, split=True):
-        vma.vm_flags = (vma.vm_flags & ~(VM.READ | VM.WRITE | VM.EXEC)) | want
-        change_protection(vma, vma.vm_start, vma.vm_end)
-    return 0
+        tmp = min(vma.vm_end, end)
+        mprotect_fixup(mm, vma, nstart, tmp, newflags)
+        nstart = tmp
+        if nstart >= end:
+            return 0
+        vma = find_vma(mm, nstart)
+        if vma is None or vma.vm_start != nstart:
+            return -errno.ENOMEM
+
+
+def mprotect_fixup(mm: MmStruct, vma: Vma, start: int, end: int, newflags: VM) -> None:
+    oldflags = vma.vm_flags
+    if newflags == oldflags:
+        return
+    if vma.vm_start < start:
+        vma = split_vma(mm, vma, start)
+    if vma.vm_end > end:
+        split_vma(mm, vma, end)
+    vma.vm_flags = newflags
+    change_protection(vma, vma.vm_start, vma.vm_end)
+    if (oldflags & (VM.WRITE | VM.SHARED | VM.LOCKED)) == VM.LOCKED and newflags & VM.WRITE:
+        populate_vma_page_range(vma, vma.vm_start, vma.vm_end)

@@ -1,9 +1,19 @@
 """shmem/tmpfs and memfd: swap-backed page-cache files.
 
-Follows ``mm/shmem.c`` (v5.12; v5.16+ keeps a hwpoisoned page in the cache
-and fails reads and writes of it with -EIO, which the RFC's patch 09 also
-does through ``shmem_getpage_gfp``). Pages are PG_swapbacked, so the RFC
-may protect them; they are never swapped out by the model.
+Follows ``mm/shmem.c`` at v5.12 and at 6.18 (read against 6.1's exact tree
+and a >= 6.13 copy of the file), per ``KernelConfig.version``:
+
+- neither version's page getter checks PG_hwpoison: a fault on a poisoned
+  cached page ends in ``__do_fault``'s VM_FAULT_HWPOISON, and fallocate
+  succeeds on it. The RFC's patch 09 (v2) adds the check to
+  ``shmem_getpage_gfp`` for every caller (a hook, ``MmHooks``);
+- from v5.16 a poisoned page stays in the cache (memory_failure no longer
+  truncates it), and ``shmem_file_read_iter``/``shmem_write_begin`` fail it
+  with -EIO (the model's 6.18).
+
+Pages are PG_swapbacked, so the RFC may protect them; they are never
+swapped out by the model. Not modelled: swap, huge pages, seals,
+splice_read, the i_size/rlimit checks of ``inode_newsize_ok``.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from kvmpoison.mm.filemap import (
     FALLOC_FL_PUNCH_HOLE,
     filemap_read,
     generic_perform_write,
+    partial_page_ranges,
     truncate_inode_pages_range,
 )
 from kvmpoison.mm.memory import maybe_mkwrite
@@ -72,12 +83,24 @@ class Shmem:
     def _page_flags(self) -> np.uint32:
         return np.uint32(self.core.pages.bits.mask(PG.swapbacked, PG.uptodate, PG.lru))
 
-    def poisoned_is_eio(self) -> bool:
-        core = self.core
-        return core.hooks.shmem_getpage_fails_poisoned or core.kcfg.version >= KernelVersion.V6_18
+    def io_checks_poison(self) -> bool:
+        """v5.16+: read_iter and write_begin fail a PageHWPoison page with -EIO.
+
+        (``mm: shmem: don't truncate page if memory failure happens``: the page
+        stays in the cache, so its readers and writers must check.)
+        """
+        return self.core.kcfg.version >= KernelVersion.V6_18
 
     def shmem_getpage_gfp(self, inode: Inode, index: int, sgp: int) -> tuple[int | None, int]:
-        """(pfn or None for a hole on read, 0 or -errno)."""
+        """(pfn or None for a hole on read, 0 or -errno).
+
+        ``mm/shmem.c:shmem_getpage_gfp`` (v5.12) / ``shmem_get_folio_gfp`` (6.18).
+        Neither checks PG_hwpoison: a poisoned cached page is returned, so a
+        fault ends in ``__do_fault``'s VM_FAULT_HWPOISON and fallocate succeeds.
+        Only the RFC's patch 09 (v2) fails it with -EIO for every caller.
+        Simplified: no swap-in, no huge pages, no SGP_FALLOC (fallocate uses
+        SGP_WRITE, which behaves the same on an order-0 page).
+        """
         core = self.core
         mapping = inode.mapping
         assert mapping is not None
@@ -85,8 +108,8 @@ class Shmem:
             return None, -errno.EINVAL
         pfn = mapping.lookup(index)
         if pfn is not None:
-            if PageHWPoison(core.pages[pfn]) and self.poisoned_is_eio():
-                return None, -errno.EIO
+            if core.hooks.shmem_getpage_fails_poisoned and PageHWPoison(core.pages[pfn]):
+                return None, -errno.EIO  # RFC v2 09: "Forbid access to poisoned pages"
             return pfn, 0
         if sgp == SGP_READ:
             return None, 0
@@ -98,15 +121,23 @@ class Shmem:
         mapping.add_to_page_cache(page, index)
         return page.pfn, 0
 
+    def _get_checked(self, inode: Inode, index: int, sgp: int) -> tuple[int | None, int]:
+        pfn, err = self.shmem_getpage_gfp(inode, index, sgp)
+        if pfn is not None and self.io_checks_poison() and PageHWPoison(self.core.pages[pfn]):
+            return None, -errno.EIO
+        return pfn, err
+
     def read_iter(self, file: File, pos: int, to: IovIter) -> int:
+        """``shmem_file_read_iter`` (v5.12; 6.18 adds the PageHWPoison -> -EIO check)."""
         inode = file.f_inode
         return filemap_read(self.core, inode, pos, to,
-                            lambda i: self.shmem_getpage_gfp(inode, i, SGP_READ))
+                            lambda i: self._get_checked(inode, i, SGP_READ))
 
     def write_iter(self, file: File, pos: int, src: IovIter) -> int:
+        """``generic_perform_write`` through ``shmem_write_begin`` (6.18: -EIO on poison)."""
         inode = file.f_inode
         return generic_perform_write(self.core, inode, pos, src,
-                                     lambda i: self.shmem_getpage_gfp(inode, i, SGP_WRITE))
+                                     lambda i: self._get_checked(inode, i, SGP_WRITE))
 
     def mmap(self, file: File, vma: Vma) -> int:
         vma.vm_ops = ShmemVmOps(self, file.f_inode)
@@ -181,6 +212,7 @@ class Shmem:
                 return -errno.EOPNOTSUPP
             first = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT
             truncate_inode_pages_range(self.core, mapping, first, (offset + length) >> PAGE_SHIFT)
+            self._zero_partial(inode, offset, offset + length - 1)
             return 0
         end = offset + length
         for index in range(offset >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT):
@@ -195,11 +227,23 @@ class Shmem:
         inode = file.f_inode
         if size < 0:
             return -errno.EINVAL
-        if size < inode.i_size and inode.mapping is not None:
+        shrink = size < inode.i_size and inode.mapping is not None
+        inode.i_size = size  # shmem_setattr: i_size_write before shmem_truncate_range
+        if shrink:
+            assert inode.mapping is not None
             truncate_inode_pages_range(self.core, inode.mapping,
                                        (size + PAGE_SIZE - 1) >> PAGE_SHIFT, 1 << 40)
-        inode.i_size = size
+            self._zero_partial(inode, size, -1)
         return 0
+
+    def _zero_partial(self, inode: Inode, lstart: int, lend: int) -> None:
+        """``shmem_undo_range``'s partial pages: looked up with SGP_READ, so holes stay holes."""
+        for index, lo, hi in partial_page_ranges(lstart, lend):
+            pfn, err = self.shmem_getpage_gfp(inode, index, SGP_READ)
+            if pfn is None or err:
+                continue
+            self.core.hw.write((pfn << PAGE_SHIFT) + lo, bytes(hi - lo), 0)
+            self.core.pages.flags[pfn] |= np.uint32(self.core.pages.mask(PG.dirty))
 
     def fsync(self, file: File) -> int:
         return 0

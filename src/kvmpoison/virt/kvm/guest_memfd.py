@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.file import AS_UNEVICTABLE, File, Inode
 from kvmpoison.mm.filemap import (
@@ -154,3 +155,9 @@ def kvm_gmem_create(core: MmCore, owner: object, size: int, flags: int) -> File 
     inode.mapping.flags |= AS_UNEVICTABLE
     return File(name="anon_inode:[kvm-gmem]", f_inode=inode,
                 f_op=GuestMemfd(core, owner, flags), fmode_pread=False)
+
+
+def kvm_gmem_init(kernel: Kernel) -> None:
+    """Register ``KVM_CREATE_GUEST_MEMFD`` with the kernel at boot (kernel/ never imports virt/)."""
+    kernel.kvm_create_guest_memfd = lambda vm, size, flags: kvm_gmem_create(kernel.core, vm,
+                                                                            size, flags)
