@@ -50,7 +50,8 @@ def test_fault_on_poisoned_shmem_page_is_vm_fault_hwpoison(kcfg: KernelConfig, c
     addr = ok(p.mmap(0, PAGE, RW, MAP_SHARED, fd))
     assert p.load(addr, 8).cell == cell
     assert page_count(p.kernel.core.pages[pfn]) == refs  # __do_fault dropped ->fault's reference
-    assert p.task.fds[fd].f_mapping.lookup(0) == pfn  # the page stays in the cache
+    mapping = p.task.fds[fd].f_mapping
+    assert mapping is not None and mapping.lookup(0) == pfn  # the page stays in the cache
 
 
 def test_rfc_v2_patch_09_fails_the_fault_with_eio_as_sigbus() -> None:
