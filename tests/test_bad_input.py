@@ -335,44 +335,16 @@ def test_oracle_unavailable_goes_to_stderr(capsys: pytest.CaptureFixture[str],
     assert out == "" and "oracle unavailable" in one_error_line(rc, out, err)
 
 
-def _no_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(host, "config_files", lambda release: (tmp_path / "none.gz",
-                                                               tmp_path / "config-none"))
+def test_oracle_without_a_kernel_config_assumes_and_says_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No config file: nothing is probed (no child poisons a page), the note says assumed."""
+    monkeypatch.setattr("kvmpoison.kconfig.os.path.isfile", lambda path: False)
 
     def no_fork() -> int:
-        raise AssertionError("probing the config must not fork a child to poison a page")
+        raise AssertionError("reading the kernel's config must not fork a probe")
 
     monkeypatch.setattr(os, "fork", no_fork)
-
-
-def test_memory_failure_without_config_reads_its_sysctl(monkeypatch: pytest.MonkeyPatch,
-                                                        tmp_path: Path) -> None:
-    _no_config(monkeypatch, tmp_path)
-    sysctl = tmp_path / "vm" / "memory_failure_recovery"
-    sysctl.parent.mkdir()
-    assert host.memory_failure_configured("6.18", str(sysctl)).value is False
-    sysctl.write_text("1\n")
-    answer = host.memory_failure_configured("6.18", str(sysctl))
-    assert answer.value is True and not answer.assumed
-
-
-def test_memory_failure_without_any_evidence_is_assumed_and_said(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    _no_config(monkeypatch, tmp_path)
-    answer = host.memory_failure_configured("6.18", str(tmp_path / "nosys" / "vm" / "x"))
-    assert answer.assumed and answer.value is host.MEMORY_FAILURE_ASSUMED
-    monkeypatch.setattr(report_oracle, "memory_failure_configured", lambda release: answer)
     _fake_probes(monkeypatch, None)
     notes = report_oracle.compare().notes
-    assert any("CONFIG_MEMORY_FAILURE assumed" in n for n in notes)
-
-
-def test_memory_failure_from_the_config_file(monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path) -> None:
-    config = tmp_path / "config-x"
-    config.write_text("CONFIG_MMU=y\n# CONFIG_MEMORY_FAILURE is not set\n")
-    monkeypatch.setattr(host, "config_files", lambda release: (tmp_path / "none.gz", config))
-    answer = host.memory_failure_configured("x")
-    assert answer.value is False and answer.source == str(config)
-    config.write_text("CONFIG_MEMORY_FAILURE=y\n")
-    assert host.memory_failure_configured("x").value is True
+    assert any("no kernel config found, assumed" in n and "CONFIG_MEMORY_FAILURE=y" in n
+               for n in notes), notes

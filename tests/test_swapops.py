@@ -97,12 +97,13 @@ def test_swap_pte_low_bits_are_clear() -> None:
             },
         ),
         (
-            THIS_MACHINE,
+            THIS_MACHINE,  # MEMORY_FAILURE and DEVICE_PRIVATE off, as /proc/config.gz reads
             {
-                "max_swapfiles": 25,
+                "max_swapfiles": 28,
                 "hwpoison": None,
-                "migration_read": 25,
-                "migration_write": 27,
+                "migration_read": 28,
+                "migration_write": 30,
+                "device_write": None,
                 "pte_marker": 31,
             },
         ),

@@ -7,7 +7,11 @@ values) are looked up from a :class:`KernelConfig`, never hard-coded by callers.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import gzip
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 
 class KernelVersion(enum.Enum):
@@ -82,5 +86,120 @@ class KernelConfig:
 RFC_BASE = KernelConfig()
 """The RFC's kernel: v5.12 with MEMORY_FAILURE, MIGRATION and DEVICE_PRIVATE."""
 
-THIS_MACHINE = KernelConfig(version=KernelVersion.V6_18, memory_failure=False)
-"""The kernel on this project's machines: 6.18 with CONFIG_MEMORY_FAILURE off."""
+THIS_MACHINE = KernelConfig(version=KernelVersion.V6_18, memory_failure=False,
+                            device_private=False, mem_soft_dirty=False)
+"""The kernel on this project's machines as its /proc/config.gz reads (6.18: MEMORY_FAILURE,
+DEVICE_PRIVATE and MEM_SOFT_DIRTY off; no LA57 on the CPU). A fixed reference for tests;
+the oracle reads the running kernel itself with :func:`host_kernel_config`."""
+
+
+
+# The CONFIG_* switches read from a kernel config, and the KernelConfig field each sets.
+_SWITCHES = {
+    "CONFIG_MEMORY_FAILURE": "memory_failure",
+    "CONFIG_MIGRATION": "migration",
+    "CONFIG_DEVICE_PRIVATE": "device_private",
+    "CONFIG_MEM_SOFT_DIRTY": "mem_soft_dirty",
+}
+_CONFIG_LIMIT = 16 << 20  # a real .config is well under 1 MiB
+
+
+def parse_kconfig(text: str) -> dict[str, str]:
+    """``CONFIG_FOO=value`` lines of a kernel ``.config``; ``# CONFIG_FOO is not set`` gives "n"."""
+    values: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("CONFIG_") and "=" in line:
+            name, _, value = line.partition("=")
+            values[name] = value.strip('"')
+        elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+            values[line[2:-len(" is not set")]] = "n"
+    return values
+
+
+@dataclass(frozen=True)
+class HostKernel:
+    """The model of a running kernel, and where each of its switches came from."""
+
+    release: str
+    config: KernelConfig
+    source: str | None  # the config file read, or None when none was found
+    assumed: tuple[str, ...] = field(default=())  # switches taken from defaults, not read
+
+    def describe(self) -> str:
+        cfg = self.config
+        on = ", ".join(f"{name}={'y' if getattr(cfg, attr) else 'n'}"
+                       for name, attr in _SWITCHES.items())
+        text = f"kernel {self.release} modelled as {cfg.version.value} ({on}; " \
+               f"{'LA57' if cfg.x86_5level else '4-level'} paging)"
+        if self.source is None:
+            text += "; no kernel config found, assumed " + ", ".join(self.assumed)
+        elif self.assumed:
+            text += f"; read {self.source}, assumed " + ", ".join(self.assumed)
+        else:
+            text += f"; read {self.source}"
+        return text
+
+
+def _read_config(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(_CONFIG_LIMIT)
+        if path.endswith(".gz"):
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+    return raw.decode("utf-8", "replace")
+
+
+def _cpu_has_la57(cpuinfo: str) -> bool | None:
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return "la57" in line.split()
+    except OSError:
+        return None
+    return None
+
+
+def host_kernel_config(release: str | None = None,
+                       config_paths: Sequence[str] | None = None,
+                       cpuinfo: str = "/proc/cpuinfo") -> HostKernel:
+    """The running kernel as the model sees it: version from ``uname -r``, switches from its config.
+
+    Reads ``/proc/config.gz`` (CONFIG_IKCONFIG_PROC), then ``/boot/config-RELEASE``; never
+    probes the kernel by changing memory state. 5-level paging is in force when the config
+    allows it (CONFIG_X86_5LEVEL, or CONFIG_PGTABLE_LEVELS=5 from 6.x) and the CPU has LA57,
+    as ``pgtable_l5_enabled()`` decides at boot. Whatever cannot be read keeps the
+    :class:`KernelConfig` default and is listed in ``assumed``.
+    """
+    release = release or platform.release()
+    assumed: list[str] = []
+    try:
+        version = KernelVersion.parse(release)
+    except ValueError:
+        version = max(KernelVersion, key=lambda v: v.tuple)
+        assumed.append(f"version {version.value}")
+    paths = config_paths if config_paths is not None else ("/proc/config.gz",
+                                                            f"/boot/config-{release}")
+    defaults = KernelConfig(version=version)
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        text = _read_config(path)
+        if text is None:
+            continue
+        values = parse_kconfig(text)
+        switches = {attr: values.get(name, "n") == "y" for name, attr in _SWITCHES.items()}
+        five_level_built = (values.get("CONFIG_X86_5LEVEL") == "y"
+                            or values.get("CONFIG_PGTABLE_LEVELS") == "5")
+        la57 = _cpu_has_la57(cpuinfo)
+        if la57 is None and five_level_built:
+            assumed.append("4-level paging (no CPU flags to read)")
+        x86_5level = five_level_built and bool(la57)
+        return HostKernel(release, KernelConfig(version=version, x86_5level=x86_5level,
+                                                **switches), path, tuple(assumed))
+    assumed += [f"{name}={'y' if getattr(defaults, attr) else 'n'}"
+                for name, attr in _SWITCHES.items()]
+    return HostKernel(release, defaults, None, tuple(assumed))

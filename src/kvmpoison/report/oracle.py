@@ -1,9 +1,8 @@
 """The model against the running kernel, cell by cell (``kvmpoison oracle``).
 
-Configures the model like the running kernel (version from ``uname``,
-CONFIG_MEMORY_FAILURE from the kernel config or its sysctl, else assumed and
-said so; never by a probe that could poison a host page), runs the live probes
-and the model's matrix, and compares the cells.
+Configures the model like the running kernel (version from ``uname``, CONFIG_*
+switches from its config file, see :func:`~kvmpoison.kconfig.host_kernel_config`;
+never by probing), runs the live probes and the model's matrix, and compares the cells.
 """
 
 from __future__ import annotations
@@ -12,9 +11,9 @@ import platform
 import time
 from dataclasses import dataclass, field
 
-from kvmpoison.backends.kvm.host import kvm_status, memory_failure_configured
+from kvmpoison.backends.kvm.host import kvm_status
 from kvmpoison.backends.kvm.probes import LOCAL_KVM_BACKINGS, run_probe
-from kvmpoison.kconfig import KernelConfig, KernelVersion
+from kvmpoison.kconfig import KernelConfig, host_kernel_config
 from kvmpoison.matrix.model import run_cell
 from kvmpoison.matrix.protocol import BACKINGS, PATHS, REMOTE_PATHS
 
@@ -45,29 +44,24 @@ class Comparison:
         return len(self.cells) - len(self.disagreements)
 
 
+def kvm_usable() -> bool:
+    return kvm_status() is None
+
+
 def compare() -> Comparison:
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         raise OracleUnavailableError(f"the probes need Linux on x86-64, not {platform.system()} "
                                 f"{platform.machine()}")
-    release = platform.release()
-    try:
-        version = KernelVersion.parse(release)
-    except ValueError:
-        version = KernelVersion.V6_18
-    mf = memory_failure_configured(release)
-    kcfg = KernelConfig(version=version, memory_failure=mf.value)
+    host = host_kernel_config()
+    release, kcfg = host.release, host.config
     problem = kvm_status()
     kvm = problem is None
     backings = BACKINGS if kvm else tuple(b for b in BACKINGS if b not in LOCAL_KVM_BACKINGS)
     result = Comparison(release, kcfg, kvm, backings, kvm_problem=problem,
                         skipped=len(PATHS) * (len(BACKINGS) - len(backings)))
-    if mf.assumed:
-        result.notes.append(f"CONFIG_MEMORY_FAILURE assumed {'y' if mf.value else 'n'} "
-                            f"({mf.source}): hwpoison cells may disagree for that reason")
     if not kvm:
         result.notes.append(f"/dev/kvm {problem}: the guest_memfd columns were not compared")
-    if version.value not in release:
-        result.notes.append(f"kernel {release} is modelled as {version.value}")
+    result.notes.append(host.describe())
     t0 = time.perf_counter()
     for path in PATHS:
         for backing in backings:
