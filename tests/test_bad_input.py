@@ -14,6 +14,7 @@ from kvmpoison.backends.kvm import host
 from kvmpoison.backends.kvm.probes import LOCAL_KVM_BACKINGS
 from kvmpoison.cli import main as cli_main
 from kvmpoison.cli.main import main
+from kvmpoison.kconfig import host_kernel_config
 from kvmpoison.matrix import protocol
 from kvmpoison.report import oracle as report_oracle
 from kvmpoison.scenario import library
@@ -335,16 +336,26 @@ def test_oracle_unavailable_goes_to_stderr(capsys: pytest.CaptureFixture[str],
     assert out == "" and "oracle unavailable" in one_error_line(rc, out, err)
 
 
-def test_oracle_without_a_kernel_config_assumes_and_says_so(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """No config file: nothing is probed (no child poisons a page), the note says assumed."""
-    monkeypatch.setattr("kvmpoison.kconfig.os.path.isfile", lambda path: False)
-
+def test_oracle_config_never_forks_a_probe(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
     def no_fork() -> int:
-        raise AssertionError("reading the kernel's config must not fork a probe")
+        raise AssertionError("probing the config must not fork a child to poison a page")
 
     monkeypatch.setattr(os, "fork", no_fork)
+    sysctl = tmp_path / "vm" / "memory_failure_recovery"
+    sysctl.parent.mkdir()
+    kernel = host_kernel_config("6.18.1", [str(tmp_path / "none.gz")], sysctl=str(sysctl))
+    assert kernel.config.memory_failure is False and kernel.source == str(sysctl)
+    sysctl.write_text("1\n")
+    kernel = host_kernel_config("6.18.1", [str(tmp_path / "none.gz")], sysctl=str(sysctl))
+    assert kernel.config.memory_failure is True
+    assert not any(a.startswith("CONFIG_MEMORY_FAILURE") for a in kernel.assumed)
+
+
+def test_oracle_says_what_it_assumed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assumed = host_kernel_config("6.18.1", [], sysctl=str(tmp_path / "nosys" / "vm" / "x"))
+    assert "CONFIG_MEMORY_FAILURE=y" in assumed.assumed
+    monkeypatch.setattr(report_oracle, "host_kernel_config", lambda: assumed)
     _fake_probes(monkeypatch, None)
-    notes = report_oracle.compare().notes
-    assert any("no kernel config found, assumed" in n and "CONFIG_MEMORY_FAILURE=y" in n
-               for n in notes), notes
+    notes = " ".join(report_oracle.compare().notes)
+    assert "assumed CONFIG_MEMORY_FAILURE=y" in notes and "may disagree" in notes

@@ -64,12 +64,13 @@ def test_first_readable_config_wins(tmp_path: Path) -> None:
 
 
 def test_without_a_config_the_defaults_are_named_as_assumed(tmp_path: Path) -> None:
-    host = host_kernel_config("6.18.1", [str(tmp_path / "none")], _cpuinfo(tmp_path, ""))
+    host = host_kernel_config("6.18.1", [str(tmp_path / "none")], _cpuinfo(tmp_path, ""),
+                              sysctl=str(tmp_path / "nosys" / "vm" / "x"))
     assert host.source is None
     assert "CONFIG_MEMORY_FAILURE=y" in host.assumed
     assert "assumed" in host.describe()
 
 
 def test_an_unknown_release_names_the_version_assumed(tmp_path: Path) -> None:
-    host = host_kernel_config("9.99.0", [], _cpuinfo(tmp_path, ""))
+    host = host_kernel_config("9.99.0", [], _cpuinfo(tmp_path, ""), sysctl=str(tmp_path / "x"))
     assert any(item.startswith("version ") for item in host.assumed)

@@ -102,6 +102,9 @@ _SWITCHES = {
     "CONFIG_MEM_SOFT_DIRTY": "mem_soft_dirty",
 }
 _CONFIG_LIMIT = 16 << 20  # a real .config is well under 1 MiB
+# Registered only with CONFIG_MEMORY_FAILURE (kernel/sysctl.c under #ifdef up to 6.x, later
+# mm/memory-failure.c, built only with it): its presence answers when no config is readable.
+MEMORY_FAILURE_SYSCTL = "/proc/sys/vm/memory_failure_recovery"
 
 
 def parse_kconfig(text: str) -> dict[str, str]:
@@ -165,13 +168,15 @@ def _cpu_has_la57(cpuinfo: str) -> bool | None:
 
 def host_kernel_config(release: str | None = None,
                        config_paths: Sequence[str] | None = None,
-                       cpuinfo: str = "/proc/cpuinfo") -> HostKernel:
+                       cpuinfo: str = "/proc/cpuinfo",
+                       sysctl: str = MEMORY_FAILURE_SYSCTL) -> HostKernel:
     """The running kernel as the model sees it: version from ``uname -r``, switches from its config.
 
     Reads ``/proc/config.gz`` (CONFIG_IKCONFIG_PROC), then ``/boot/config-RELEASE``; never
     probes the kernel by changing memory state. 5-level paging is in force when the config
     allows it (CONFIG_X86_5LEVEL, or CONFIG_PGTABLE_LEVELS=5 from 6.x) and the CPU has LA57,
-    as ``pgtable_l5_enabled()`` decides at boot. Whatever cannot be read keeps the
+    as ``pgtable_l5_enabled()`` decides at boot. Without a config file, MEMORY_FAILURE is
+    read from whether its sysctl exists. Whatever cannot be read keeps the
     :class:`KernelConfig` default and is listed in ``assumed``.
     """
     release = release or platform.release()
@@ -200,6 +205,10 @@ def host_kernel_config(release: str | None = None,
         x86_5level = five_level_built and bool(la57)
         return HostKernel(release, KernelConfig(version=version, x86_5level=x86_5level,
                                                 **switches), path, tuple(assumed))
+    read: dict[str, bool] = {}
+    if os.path.isdir(os.path.dirname(sysctl)):
+        read["memory_failure"] = os.path.exists(sysctl)
     assumed += [f"{name}={'y' if getattr(defaults, attr) else 'n'}"
-                for name, attr in _SWITCHES.items()]
-    return HostKernel(release, defaults, None, tuple(assumed))
+                for name, attr in _SWITCHES.items() if attr not in read]
+    return HostKernel(release, KernelConfig(version=version, **read),
+                      sysctl if read else None, tuple(assumed))

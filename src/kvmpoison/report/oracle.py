@@ -44,10 +44,6 @@ class Comparison:
         return len(self.cells) - len(self.disagreements)
 
 
-def kvm_usable() -> bool:
-    return kvm_status() is None
-
-
 def compare() -> Comparison:
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         raise OracleUnavailableError(f"the probes need Linux on x86-64, not {platform.system()} "
@@ -59,6 +55,9 @@ def compare() -> Comparison:
     backings = BACKINGS if kvm else tuple(b for b in BACKINGS if b not in LOCAL_KVM_BACKINGS)
     result = Comparison(release, kcfg, kvm, backings, kvm_problem=problem,
                         skipped=len(PATHS) * (len(BACKINGS) - len(backings)))
+    if host.assumed:
+        result.notes.append("the cells that depend on an assumed switch may disagree for that "
+                            "reason")
     if not kvm:
         result.notes.append(f"/dev/kvm {problem}: the guest_memfd columns were not compared")
     result.notes.append(host.describe())

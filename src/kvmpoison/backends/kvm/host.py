@@ -1,8 +1,8 @@
-"""Whether this process may use ``/dev/kvm``, and if not, why: found without changing anything.
+"""What the running kernel offers, found by reading files only.
 
-``/dev/kvm`` is opened and closed again, which creates nothing. The kernel's
-CONFIG_* switches are read from its config file by
-:func:`kvmpoison.kconfig.host_kernel_config`, never probed.
+Nothing here changes host state: no madvise, no sysfs writes, no probe that
+could take a page out of service. ``/dev/kvm`` is opened and closed again,
+which creates nothing.
 """
 
 from __future__ import annotations
