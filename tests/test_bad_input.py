@@ -91,6 +91,13 @@ def test_very_long_file_name_is_one_line(capsys: pytest.CaptureFixture[str],
     assert os.strerror(errno.ENAMETOOLONG) in line and len(line) < 300
 
 
+def test_very_long_trace_name_is_one_short_line(capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path) -> None:
+    trace = str(tmp_path / ("b" * 5000 + ".jsonl"))
+    line = one_error_line(*cli(capsys, "run", "seed-1-integrity-failure", "--trace", trace))
+    assert os.strerror(errno.ENAMETOOLONG) in line and len(line) < 300
+
+
 def test_deeply_nested_toml_is_one_line(capsys: pytest.CaptureFixture[str],
                                         tmp_path: Path) -> None:
     path = scenario_file(tmp_path, "x = " + "{a=" * 5000 + "1" + "}" * 5000 + "\n")
