@@ -89,7 +89,8 @@ def run(
                     for rec in trace_records(r):
                         fh.write(json.dumps(rec) + "\n")
         except OSError as exc:
-            raise CliError(f"{trace}: cannot write the trace: {exc.strerror}") from None
+            raise CliError(f"{short_path(str(trace))}: cannot write the trace: "
+                           f"{exc.strerror}") from None
     if fmt is Format.JSON:
         print(json.dumps([{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
                            "steps": trace_records(r)} for r in runs], indent=2))

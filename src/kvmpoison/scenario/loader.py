@@ -107,7 +107,7 @@ def _per_design(value: Any, what: str, source: str, index: int, cells: bool) -> 
         if not isinstance(text, str):
             raise ScenarioError(source, f"{what}.{design_name} must be a string", index)
         if cells and not is_cell(text):
-            raise ScenarioError(source, f"expectation {text!r} is not a cell (see MATRIX.md: "
+            raise ScenarioError(source, f"expectation {text!r} is not a cell (see docs/matrix.md: "
                                 "ok, ret:N, err:NAME, sig:SIG:CODE, vec:B, mce:KIND, shutdown, "
                                 "panic)", index)
         out[design_name] = text
