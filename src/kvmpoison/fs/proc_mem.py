@@ -1,9 +1,13 @@
 """/proc/PID/mem.
 
-Follows ``fs/proc/base.c:mem_rw`` (v5.12; with CONFIG_PROC_MEM_ALWAYS_FORCE
-as on this machine): transfers go PAGE_SIZE at a time through
-``access_remote_vm`` with FOLL_FORCE; a chunk that moves nothing ends the
-call with -EIO if nothing was copied yet, else with the count so far.
+Follows ``fs/proc/base.c:mem_rw`` (v5.12, unchanged in 6.18 apart from
+CONFIG_PROC_MEM_ALWAYS_FORCE, set on this machine): transfers go PAGE_SIZE at
+a time through ``access_remote_vm`` with FOLL_FORCE; a chunk that moves
+nothing ends the call with -EIO if nothing was copied yet, else with the count
+so far; a fault on the caller's buffer is -EFAULT whatever moved before.
+Simplified: ``*ppos`` is not advanced on an error return; no ptrace-mode
+access check at open; a target without an mm is -ESRCH at open (the kernel
+opens it and reads 0).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class ProcMem:
             if write:
                 buf = it.copy_from_iter(this_len)
                 if len(buf) < this_len:
-                    return copied or -errno.EFAULT
+                    return -errno.EFAULT  # "copied = -EFAULT": earlier chunks are not reported
                 done = access_remote_vm(self.target, addr, buf, FOLL.FORCE)
                 assert isinstance(done, int)
                 if not done:

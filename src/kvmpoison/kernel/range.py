@@ -32,8 +32,7 @@ def add_range_with_merge(ranges: list[tuple[int, int]], az: int, start: int, end
             i += 1
             continue
         start, end = min(lo, start), max(hi, end)
-        ranges.pop(i)  # the kernel moves the last range into this slot
-        i = 0
+        ranges.pop(i)  # memmove the rest down; the kernel then rechecks slot i (i--)
     return add_range(ranges, az, start, end)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.file import (
     O_DIRECT,
@@ -33,7 +34,7 @@ from kvmpoison.mm.memory import zap_page_range
 from kvmpoison.mm.mm_types import Vma, VmFault, VmFaultInfo
 from kvmpoison.mm.page import Page, get_page, put_page
 from kvmpoison.mm.page_flags import PG
-from kvmpoison.mm.uaccess import IovIter, efault_or
+from kvmpoison.mm.uaccess import IovIter, copy_from_user, efault_or
 from kvmpoison.outcome import Halt, Kind
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -74,10 +75,20 @@ def filemap_read(core: MmCore, inode: Inode, pos: int, to: IovIter, get: PageGet
 
 def generic_perform_write(core: MmCore, inode: Inode, pos: int, src: IovIter,
                           get: PageGetter) -> int:
+    """``mm/filemap.c:generic_perform_write``: bytes written, or -errno if none.
+
+    v5.12 first faults the chunk's user bytes in (``iov_iter_fault_in_readable``)
+    and fails the chunk with -EFAULT before ``write_begin`` if any is unreadable;
+    6.18 copies what it can and keeps a short copy (shmem and uptodate
+    ext4 pages accept it in ``write_end``), failing only when nothing moves.
+    """
     total = 0
+    check_first = core.kcfg.version < KernelVersion.V6_18
     while src.count:
         index, offset = pos >> PAGE_SHIFT, pos & (PAGE_SIZE - 1)
         n = min(PAGE_SIZE - offset, src.count)
+        if check_first and copy_from_user(src.mm, src.cpu, src.addr, n)[1]:
+            return efault_or(total)
         pfn, err = get(index)
         if err:
             return total or err

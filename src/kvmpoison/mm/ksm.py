@@ -59,9 +59,13 @@ class StableNode:
 
 
 def ksm_madvise(vma: Vma, start: int, end: int, merge: bool) -> int:
-    """MADV_MERGEABLE / MADV_UNMERGEABLE on [start, end) of ``vma``."""
+    """MADV_MERGEABLE / MADV_UNMERGEABLE on [start, end) of ``vma`` (v5.12, 6.1).
+
+    A private file mapping is accepted: ksmd merges its anonymous (COWed)
+    pages, never its page-cache pages.
+    """
     if merge:
-        if vma.vm_flags & _KSM_REFUSES or vma.vm_file is not None:
+        if vma.vm_flags & _KSM_REFUSES:
             return 0  # not an error: KSM just leaves such VMAs alone
         vma.vm_flags |= VM.MERGEABLE
         return 0

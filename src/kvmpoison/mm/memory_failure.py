@@ -38,6 +38,7 @@ from kvmpoison.mm.page import (
     PageDirty,
     PageFlag,
     PageHWPoison,
+    PageKsm,
     TestClearPageHWPoison,
     TestSetPageHWPoison,
     get_page,
@@ -125,8 +126,15 @@ def kill_procs(core: MmCore, tokill: list[tuple[int, int]], forcekill: bool, fai
 
 def hwpoison_user_mappings(core: MmCore, page: Page, flags: int,
                            current_pid: int | None) -> bool:
+    """``mm/memory-failure.c:hwpoison_user_mappings`` (v5.12, 6.1): unmap and kill.
+
+    A KSM page is refused ("can't handle KSM pages"): unmapping fails.
+    """
     if not page_mapped(page):
         return True
+    if PageKsm(page):
+        core.dmesg.append(f"Memory failure: {page.pfn:#x}: can't handle KSM pages.")
+        return False  # nobody is collected or killed; the page stays mapped
     modern = core.kcfg.version >= KernelVersion.V6_18
     ttu = TTU.IGNORE_MLOCK | (TTU.SYNC | TTU_HWPOISON if modern else TTU(0))
     kill = True

@@ -262,7 +262,8 @@ def do_mmap(mm: MmStruct, addr: int, length: int, prot: int, flags: int, file: F
     _insert_vma(mm, vma)
     if vma.vm_flags & VM.LOCKED:
         mm.locked_vm += vma.npages
-    if flags & MAP_POPULATE or vma.vm_flags & VM.LOCKED:
+    # vm_mmap_pgoff populates on the flags asked for, not those ->mmap added (secretmem)
+    if (flags & (MAP_POPULATE | MAP_NONBLOCK)) == MAP_POPULATE or vm_flags & VM.LOCKED:
         __mm_populate(mm, addr, length, ignore_errors=True)
     return addr
 

@@ -1,9 +1,10 @@
 """memfd_secret(2): memory mapped only in its owner's page tables.
 
-Follows ``mm/secretmem.c`` (v5.14+): VMAs are VM_LOCKED|VM_DONTDUMP and
-MAP_SHARED only; faults allocate a page, take it out of the kernel direct
-map and cache it; read/write are -EINVAL, fallocate -EOPNOTSUPP, and only
-the first ftruncate may set the size. GUP refuses these VMAs
+Follows ``mm/secretmem.c`` (v5.14+, as in 6.18): VMAs are VM_LOCKED|VM_DONTDUMP
+and MAP_SHARED only (set by ->mmap, so mmap does not populate them); faults
+allocate a page, take it out of the kernel direct map and cache it;
+read/write are -EINVAL, fallocate -EOPNOTSUPP, and once i_size is non-zero
+every ftruncate is -EINVAL. GUP refuses these VMAs
 (``check_vma_flags``), so O_DIRECT, vmsplice, process_vm_* and FOLL_FORCE
 users all fail while the owner's loads, stores and uaccess work.
 """
@@ -38,7 +39,6 @@ class Secretmem:
 
     def __init__(self, core: MmCore):
         self.core = core
-        self.sized = False
         self.direct_map_invalid: set[int] = set()  # pfns removed from the direct map
 
     def read_iter(self, file: File, pos: int, to: IovIter) -> int:
@@ -48,7 +48,8 @@ class Secretmem:
         return -errno.EINVAL
 
     def mmap(self, file: File, vma: Vma) -> int:
-        if not vma.vm_flags & VM.SHARED:
+        """``secretmem_mmap``: shared only (VM_SHARED or VM_MAYSHARE), then locked."""
+        if not vma.vm_flags & (VM.SHARED | VM.MAYSHARE):
             return -errno.EINVAL
         vma.vm_flags |= VM.LOCKED | VM.DONTDUMP
         vma.vm_ops = SecretmemVmOps(self, file.f_inode)
@@ -79,9 +80,9 @@ class Secretmem:
         return -errno.EOPNOTSUPP
 
     def setattr_size(self, file: File, size: int) -> int:
-        if self.sized and size != file.f_inode.i_size:
+        """``secretmem_setattr``: any size change once i_size is non-zero is -EINVAL."""
+        if size < 0 or file.f_inode.i_size:
             return -errno.EINVAL
-        self.sized = True
         file.f_inode.i_size = size
         return 0
 

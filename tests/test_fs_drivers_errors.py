@@ -1,0 +1,36 @@
+"""/proc/PID/mem writes and getrandom(2) when the caller's buffer faults part-way."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import ANON, PAGE, RW, anon, boot, ok, proc
+from kvmpoison.drivers.char.random import GRND_INSECURE, GRND_RANDOM
+from kvmpoison.kconfig import RFC_BASE, THIS_MACHINE, KernelConfig
+from kvmpoison.kernel.range import add_range_with_merge, clean_sort_range
+from kvmpoison.mm.file import O_RDWR
+from kvmpoison.mm.mmap import MAP_FIXED
+
+
+def test_proc_mem_write_fault_after_a_full_chunk_is_efault() -> None:
+    p = proc(boot())
+    target = anon(p, 2, fill=0)
+    src = ok(p.mmap(0x4000_0000, PAGE, RW, ANON | MAP_FIXED))  # nothing mapped above
+    fd = ok(p.open_proc_mem(p, O_RDWR))
+    assert p.pwrite(fd, src, PAGE + 8, target).cell == "err:EFAULT"  # not ret:4096
+    assert p.pwrite(fd, src, PAGE, target).cell == "ret:4096"
+
+
+@pytest.mark.parametrize(("kcfg", "cell"), [(RFC_BASE, "err:EFAULT"), (THIS_MACHINE, "ret:100")])
+def test_getrandom_partial_copy(kcfg: KernelConfig, cell: str) -> None:
+    p = proc(boot(kcfg))
+    buf = ok(p.mmap(0x4000_0000, PAGE, RW, ANON | MAP_FIXED))
+    assert p.getrandom(buf + PAGE - 100, 200).cell == cell
+    assert p.getrandom(buf, 8, GRND_INSECURE | GRND_RANDOM).cell == "err:EINVAL"
+
+
+def test_add_range_with_merge_merges_touching_ranges() -> None:
+    ranges: list[tuple[int, int]] = []
+    for lo, hi in ((20, 30), (0, 10), (10, 20), (40, 50)):
+        add_range_with_merge(ranges, 32, lo, hi)
+    assert clean_sort_range(ranges) == 2 and ranges == [(0, 30), (40, 50)]
