@@ -23,6 +23,21 @@ PATHS = LOCAL_PATHS + REMOTE_PATHS
 BACKINGS = ("anon", "anon_prot_none", "memfd_secret", "gmem_private", "gmem_shared",
             "file_beyond_eof", "uffd_poison", "madv_guard")
 
+# Backings whose T is hardware-poisoned (MADV_HWPOISON live, memory_failure() in the model).
+# Live, they run ONLY inside the VM guest of ``backends.vmkernel``: poisoning takes a
+# physical page out of service, which must never happen on the host.
+HWPOISON_BACKINGS = ("hwpoison_anon", "hwpoison_shmem")
+# Probes of what happens to a poisoned T next: each does one step, then loads T
+# (``unpoison`` alone reports the write to hwpoison_inject's unpoison-pfn).
+HWPOISON_PATHS = ("fork_child_load", "dontneed_load", "punch_hole_load", "truncate_load",
+                  "unpoison", "unpoison_load")
+# punch-hole and truncate need a file: the anonymous column has no such cell.
+HWPOISON_PATHS_FOR = {
+    "hwpoison_anon": ("fork_child_load", "dontneed_load", "unpoison", "unpoison_load"),
+    "hwpoison_shmem": HWPOISON_PATHS,
+}
+UNPOISON_PFN = "/sys/kernel/debug/hwpoison/unpoison-pfn"
+
 PAGE0_FILL = 0x11  # page 0: ordinary private anonymous memory
 T_FILL = 0x22  # what T holds where the backing lets the owner write it
 FILE_FILL = 0x33  # the regular file used by pread/pwrite/O_DIRECT
