@@ -30,8 +30,9 @@ HWPOISON_BACKINGS = ("hwpoison_anon", "hwpoison_shmem")
 # Probes of what happens to a poisoned T next: each does one step, then loads T
 # (``unpoison`` alone reports the write to hwpoison_inject's unpoison-pfn).
 HWPOISON_PATHS = ("fork_child_load", "dontneed_load", "punch_hole_load", "truncate_load",
-                  "unpoison", "unpoison_load")
-# punch-hole and truncate need a file: the anonymous column has no such cell.
+                  "memfd_pread", "unpoison", "unpoison_load")
+# memfd_pread reads the poisoned page through its file (the page cache), not through T.
+# punch-hole, truncate and memfd_pread need a file: the anonymous column has no such cell.
 HWPOISON_PATHS_FOR = {
     "hwpoison_anon": ("fork_child_load", "dontneed_load", "unpoison", "unpoison_load"),
     "hwpoison_shmem": HWPOISON_PATHS,

@@ -94,7 +94,8 @@ def generic_perform_write(core: MmCore, inode: Inode, pos: int, src: IovIter,
     return total
 
 
-def unmap_mapping_range(mapping: AddressSpace, first: int, last: int) -> None:
+def unmap_mapping_range(mapping: AddressSpace, first: int, last: int,
+                        even_cows: bool = True) -> None:
     """Zap every user mapping of page offsets [first, last) (truncate: markers kept)."""
     for vma in list(mapping.i_mmap):
         lo = max(first, vma.vm_pgoff)
@@ -102,12 +103,13 @@ def unmap_mapping_range(mapping: AddressSpace, first: int, last: int) -> None:
         if lo < hi:
             start = vma.vm_start + ((lo - vma.vm_pgoff) << PAGE_SHIFT)
             end = vma.vm_start + ((hi - vma.vm_pgoff) << PAGE_SHIFT)
-            zap_page_range(vma, start, end, keep_markers=True)
+            zap_page_range(vma, start, end, keep_markers=True, even_cows=even_cows)
 
 
-def truncate_inode_pages_range(core: MmCore, mapping: AddressSpace, first: int, last: int) -> None:
+def truncate_inode_pages_range(core: MmCore, mapping: AddressSpace, first: int, last: int,
+                               even_cows: bool = True) -> None:
     """Unmap and drop the cached pages of offsets [first, last)."""
-    unmap_mapping_range(mapping, first, last)
+    unmap_mapping_range(mapping, first, last, even_cows)
     idx = mapping.cached_indices()
     idx = idx[(idx >= first) & (idx < last)]
     for index in idx:

@@ -72,8 +72,12 @@ class Shmem:
     def _page_flags(self) -> np.uint32:
         return np.uint32(self.core.pages.bits.mask(PG.swapbacked, PG.uptodate, PG.lru))
 
-    def poisoned_is_eio(self) -> bool:
+    def poisoned_is_eio(self, sgp: int) -> bool:
+        """v6.1 checks PG_hwpoison in shmem_file_read_iter and shmem_write_begin only: its
+        fault path gets the page and ``__do_fault`` answers VM_FAULT_HWPOISON (v6.1.192)."""
         core = self.core
+        if core.kcfg.version == KernelVersion.V6_1 and not core.hooks.shmem_getpage_fails_poisoned:
+            return sgp != SGP_CACHE
         return core.hooks.shmem_getpage_fails_poisoned or core.kcfg.version >= KernelVersion.V6_18
 
     def shmem_getpage_gfp(self, inode: Inode, index: int, sgp: int) -> tuple[int | None, int]:
@@ -85,7 +89,7 @@ class Shmem:
             return None, -errno.EINVAL
         pfn = mapping.lookup(index)
         if pfn is not None:
-            if PageHWPoison(core.pages[pfn]) and self.poisoned_is_eio():
+            if PageHWPoison(core.pages[pfn]) and self.poisoned_is_eio(sgp):
                 return None, -errno.EIO
             return pfn, 0
         if sgp == SGP_READ:
@@ -180,7 +184,9 @@ class Shmem:
             if not mode & FALLOC_FL_KEEP_SIZE:
                 return -errno.EOPNOTSUPP
             first = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT
-            truncate_inode_pages_range(self.core, mapping, first, (offset + length) >> PAGE_SHIFT)
+            # shmem_fallocate: unmap_mapping_range(..., even_cows=0)
+            truncate_inode_pages_range(self.core, mapping, first, (offset + length) >> PAGE_SHIFT,
+                                       even_cows=False)
             return 0
         end = offset + length
         for index in range(offset >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT):

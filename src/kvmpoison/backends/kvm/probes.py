@@ -301,6 +301,9 @@ def _hwpoison_path(path: str, t: int, keep: list[object]) -> str:
             return _then_load(libc.fallocate(_kept(keep, _Memfd), mode, 0, PAGE), t)
         case "truncate_load":
             return _then_load(libc.ftruncate(_kept(keep, _Memfd), 0), t)
+        case "memfd_pread":
+            buf = ctypes.create_string_buffer(PAGE)
+            return _cell(libc.pread(_kept(keep, _Memfd), buf, TRANSFER, 0))
         case "unpoison" | "unpoison_load":
             cell = _unpoison(_kept(keep, _Pfn))
             return cell if path == "unpoison" or cell.startswith("err:") else _then_load(0, t)

@@ -1,0 +1,72 @@
+"""Kernel 6.1 in the model: its swap type numbers, its madvise set, its zap rules and hwpoison.
+
+Facts from Debian's linux-source-6.1 (6.1.192): include/linux/swap.h,
+mm/madvise.c, mm/memory.c (zap_pte_range, should_zap_cows), mm/shmem.c,
+mm/memory-failure.c (unpoison_memory). The cells are what the real 6.1
+kernel gave under ``kvmpoison oracle --kernel debian-6.1``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmpoison.kconfig import KernelConfig, KernelVersion
+from kvmpoison.matrix.model import run_cell
+from kvmpoison.mm.swapops import SwapTypes
+
+DEBIAN_6_1 = KernelConfig(version=KernelVersion.V6_1, memory_failure=True, migration=True,
+                          device_private=False, mem_soft_dirty=True, x86_5level=True)
+
+
+def test_a_debian_release_string_is_6_1() -> None:
+    assert KernelVersion.parse("6.1.0-57-amd64") is KernelVersion.V6_1
+    assert KernelVersion.V5_12 < KernelVersion.V6_1 < KernelVersion.V6_18
+
+
+def test_swap_types_of_debian_6_1() -> None:
+    """No DEVICE_PRIVATE: 32 - 3 migration - 1 hwpoison - 1 marker - 1 swapin error = 26."""
+    t = SwapTypes.for_config(DEBIAN_6_1)
+    assert (t.max_swapfiles, t.hwpoison) == (26, 26)
+    assert (t.migration_read, t.migration_read_exclusive, t.migration_write) == (27, 28, 29)
+    assert (t.pte_marker, t.swapin_error) == (30, 31)
+    assert t.device_write is None and t.device_exclusive is None
+    assert t.name_of(31) == "SWP_SWAPIN_ERROR"
+
+
+def test_swap_types_of_6_1_with_device_private() -> None:
+    """v6.1 has four device types, the exclusive ones split into WRITE and READ."""
+    t = SwapTypes.for_config(KernelConfig(version=KernelVersion.V6_1))
+    assert (t.max_swapfiles, t.device_write, t.device_read) == (22, 26, 27)
+    assert t.name_of(28) == "SWP_DEVICE_EXCLUSIVE_WRITE"
+    assert t.name_of(29) == "SWP_DEVICE_EXCLUSIVE_READ"
+    assert (t.pte_marker, t.swapin_error) == (30, 31)
+    assert SwapTypes.for_config(KernelConfig(version=KernelVersion.V6_18)).swapin_error is None
+
+
+def test_6_1_has_populate_but_neither_guard_pages_nor_uffdio_poison() -> None:
+    assert DEBIAN_6_1.has_madv_populate and DEBIAN_6_1.has_pte_markers
+    assert not DEBIAN_6_1.has_guard_pages and not DEBIAN_6_1.has_uffdio_poison
+    assert run_cell(DEBIAN_6_1, "populate_read", "anon").cell == "ret:0"
+
+
+@pytest.mark.parametrize(("path", "backing", "cell"), [
+    # zap_pte_range with details->even_cows false (shmem_fallocate's hole punch) keeps the
+    # hwpoison entry: the next load still gets BUS_MCEERR_AR, not a fresh zero page.
+    ("punch_hole_load", "hwpoison_shmem", "sig:SIGBUS:BUS_MCEERR_AR"),
+    # truncation zaps with even_cows: the entry goes and T lies beyond EOF.
+    ("truncate_load", "hwpoison_shmem", "sig:SIGBUS:BUS_ADRERR"),
+    # MADV_DONTNEED zaps without details; shmem keeps the poisoned page in its page cache
+    # (shmem_error_remove_page), so the refault finds it poisoned; anon refaults a zero page.
+    ("dontneed_load", "hwpoison_shmem", "sig:SIGBUS:BUS_MCEERR_AR"),
+    ("dontneed_load", "hwpoison_anon", "ok"),
+    ("fork_child_load", "hwpoison_anon", "sig:SIGBUS:BUS_MCEERR_AR"),
+    ("memfd_pread", "hwpoison_shmem", "err:EIO"),
+    # unpoison_memory: an anon page is free once unmapped; a shmem page has a mapping.
+    ("unpoison", "hwpoison_anon", "ret:0"),
+    ("unpoison", "hwpoison_shmem", "err:EBUSY"),
+    ("unpoison_load", "hwpoison_anon", "sig:SIGBUS:BUS_MCEERR_AR"),
+    ("mincore", "hwpoison_anon", "vec:1"),
+    ("populate_read", "hwpoison_shmem", "err:EHWPOISON"),
+])
+def test_hwpoison_cells_of_6_1(path: str, backing: str, cell: str) -> None:
+    assert run_cell(DEBIAN_6_1, path, backing).cell == cell
