@@ -13,7 +13,9 @@ from kvmpoison.backends.vmkernel.cache import KernelFiles
 from kvmpoison.backends.vmkernel.errors import VmKernelUnavailableError
 from kvmpoison.backends.vmkernel.initramfs import init_script, is_static_elf
 from kvmpoison.backends.vmkernel.session import parse
-from kvmpoison.matrix.protocol import HWPOISON_BACKINGS, REMOTE_PATHS
+from kvmpoison.kconfig import KernelVersion
+from kvmpoison.matrix.protocol import HWPOISON_BACKINGS, PATHS, REMOTE_PATHS
+from kvmpoison.report.vm_oracle import kconfig_from_text, vm_cells
 
 
 def _ko(tmp: Path, name: str, deps: str) -> None:
@@ -95,3 +97,23 @@ def test_the_host_never_poisons_a_page(backing: str) -> None:
     res = run_probe("load", backing, REMOTE_PATHS)
     assert res.cell == "error"
     assert "only inside the kvmpoison VM guest" in res.detail
+
+
+def test_the_model_is_configured_from_the_kernel_config() -> None:
+    text = ("CONFIG_MEMORY_FAILURE=y\nCONFIG_HWPOISON_INJECT=m\nCONFIG_MIGRATION=y\n"
+            "# CONFIG_DEVICE_PRIVATE is not set\nCONFIG_X86_5LEVEL=y\n")
+    kcfg = kconfig_from_text(text, KernelVersion.V6_1)
+    assert kcfg.memory_failure and kcfg.migration and kcfg.x86_5level
+    assert not kcfg.device_private and not kcfg.mem_soft_dirty
+    assert not kconfig_from_text("# CONFIG_MEMORY_FAILURE is not set\n",
+                                 KernelVersion.V6_1).memory_failure
+
+
+def test_the_vm_referee_covers_all_paths_and_the_hwpoison_probes() -> None:
+    cells = vm_cells()
+    assert len(cells) == len(set(cells))
+    for backing in HWPOISON_BACKINGS:
+        assert {p for p, b in cells if b == backing} >= set(PATHS) | {"fork_child_load",
+                                                                       "unpoison"}
+    assert ("punch_hole_load", "hwpoison_shmem") in cells
+    assert ("punch_hole_load", "hwpoison_anon") not in cells
