@@ -117,3 +117,29 @@ def test_the_vm_referee_covers_all_paths_and_the_hwpoison_probes() -> None:
                                                                        "unpoison"}
     assert ("punch_hole_load", "hwpoison_shmem") in cells
     assert ("punch_hole_load", "hwpoison_anon") not in cells
+
+
+def test_the_initramfs_is_rebuilt_when_its_inputs_change(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmpoison.backends.vmkernel import initramfs
+
+    kernel = KernelFiles(tmp_path)
+    kernel.modules.mkdir()
+    (kernel.modules / "9p.ko").write_bytes(b"x")
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(b"one")
+    builds: list[int] = []
+
+    def fake_build(k: KernelFiles) -> Path:
+        builds.append(1)
+        k.initramfs.write_bytes(b"cpio")
+        return k.initramfs
+
+    monkeypatch.setattr(initramfs, "find_busybox", lambda: busybox)
+    monkeypatch.setattr(initramfs, "build", fake_build)
+    initramfs.ensure(kernel)
+    initramfs.ensure(kernel)
+    assert len(builds) == 1  # cached
+    busybox.write_bytes(b"two")
+    initramfs.ensure(kernel)
+    assert len(builds) == 2

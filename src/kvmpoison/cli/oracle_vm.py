@@ -50,6 +50,8 @@ def as_json(result: VmComparison) -> dict[str, object]:
 
 def _print_table(result: VmComparison) -> None:
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: room for every column
+        console = Console(width=220)
     console.print(f"kernel {result.kernel} under QEMU ({result.accel}), modelled as "
                   f"{result.kcfg.version.value} with its /boot/config "
                   f"(CONFIG_MEMORY_FAILURE={'y' if result.kcfg.memory_failure else 'n'})")

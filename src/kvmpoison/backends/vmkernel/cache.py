@@ -41,6 +41,11 @@ class KernelFiles:
         return self.root / "initramfs.cpio"
 
     @property
+    def initramfs_key(self) -> Path:
+        """What the initramfs was built from: a changed init script or busybox rebuilds it."""
+        return self.root / "initramfs.key"
+
+    @property
     def release_file(self) -> Path:
         return self.root / "release"
 
@@ -48,18 +53,18 @@ class KernelFiles:
     def release(self) -> str:
         return self.release_file.read_text().strip()
 
-    def complete(self) -> bool:
+    def unpacked(self) -> bool:
         return all(p.exists() for p in (self.vmlinuz, self.config, self.modules,
-                                        self.initramfs, self.release_file))
+                                        self.release_file))
 
 
 def cached_kernels() -> list[KernelFiles]:
-    """Complete extracted kernels in the cache, newest package name last."""
+    """Unpacked kernels in the cache, newest package name last."""
     root = cache_root()
     if not root.is_dir():
         return []
     found = [KernelFiles(p) for p in sorted(root.iterdir(), key=_abi_key) if p.is_dir()]
-    return [k for k in found if k.complete()]
+    return [k for k in found if k.unpacked()]
 
 
 def _abi_key(path: Path) -> tuple[int, str]:

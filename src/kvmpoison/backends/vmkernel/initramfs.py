@@ -9,6 +9,7 @@ the kernel command line, and powers off. Everything it prints goes to the serial
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import struct
 import subprocess
@@ -98,6 +99,26 @@ def is_static_elf(head: bytes) -> bool:
 
 def init_script() -> str:
     return INIT.replace("@RAMDISK_KB@", str(RAMDISK_KB)).replace("@MOUNT_TAG@", MOUNT_TAG)
+
+
+def key(kernel: KernelFiles, busybox: Path) -> str:
+    digest = hashlib.sha256(init_script().encode())
+    digest.update(busybox.read_bytes())
+    for ko in sorted(kernel.modules.iterdir()):
+        digest.update(ko.name.encode())
+    return digest.hexdigest()
+
+
+def ensure(kernel: KernelFiles) -> Path:
+    """The kernel's initramfs, rebuilt when the init script, busybox or the modules changed."""
+    busybox = find_busybox()
+    want = key(kernel, busybox)
+    if kernel.initramfs.exists() and kernel.initramfs_key.exists() and \
+            kernel.initramfs_key.read_text().strip() == want:
+        return kernel.initramfs
+    build(kernel)
+    kernel.initramfs_key.write_text(want + "\n")
+    return kernel.initramfs
 
 
 def build(kernel: KernelFiles) -> Path:

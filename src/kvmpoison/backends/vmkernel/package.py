@@ -60,7 +60,7 @@ def fetch() -> KernelFiles:
     """The newest cached kernel, else download, unpack and return a fresh one (no initramfs)."""
     name, version = newest_package()
     dest = KernelFiles(cache_root() / f"{name}_{version}")
-    if dest.vmlinuz.exists() and dest.modules.is_dir() and dest.release_file.exists():
+    if dest.unpacked():
         return dest
     cache_root().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_root(), prefix="fetch-") as tmp:

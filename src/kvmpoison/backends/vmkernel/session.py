@@ -36,12 +36,10 @@ class VmRun:
 
 
 def prepare() -> KernelFiles:
-    """The newest complete cached kernel; on a first run, fetch it and build its initramfs."""
+    """The newest cached kernel (on a first run, fetched), with an up-to-date initramfs."""
     cached = cached_kernels()
-    if cached:
-        return cached[-1]
-    kernel = package.fetch()
-    initramfs.build(kernel)
+    kernel = cached[-1] if cached else package.fetch()
+    initramfs.ensure(kernel)
     return kernel
 
 
