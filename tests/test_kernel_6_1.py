@@ -70,3 +70,14 @@ def test_6_1_has_populate_but_neither_guard_pages_nor_uffdio_poison() -> None:
 ])
 def test_hwpoison_cells_of_6_1(path: str, backing: str, cell: str) -> None:
     assert run_cell(DEBIAN_6_1, path, backing).cell == cell
+
+
+def test_the_matrix_command_models_6_1_with_the_hwpoison_columns(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from kvmpoison.cli.main import main
+
+    assert main(["matrix", "--kernel", "6.1", "--memory-failure", "--backings",
+                 "hwpoison_shmem", "--paths", "load", "--format", "md"]) == 0
+    assert "`sig:SIGBUS:BUS_MCEERR_AR`" in capsys.readouterr().out
+    assert main(["matrix", "--kernel", "6.1", "--backings", "hwpoison_anon"]) == 2
+    assert "need --memory-failure" in capsys.readouterr().err

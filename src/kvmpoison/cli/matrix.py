@@ -34,7 +34,7 @@ def matrix(
     states: Annotated[str | None, typer.Option(help="Page states, with --designs.")] = None,
     backings: Annotated[str | None, typer.Option(help="Comma-separated backing ids.")] = None,
     paths: Annotated[str | None, typer.Option(help="Comma-separated path ids.")] = None,
-    kernel: Annotated[str, typer.Option(help="Modelled kernel: 5.12 or 6.18.")] = "6.18",
+    kernel: Annotated[str, typer.Option(help="Modelled kernel: 5.12, 6.1 or 6.18.")] = "6.18",
     memory_failure: Annotated[bool, typer.Option(
         "--memory-failure/--no-memory-failure",
         help="CONFIG_MEMORY_FAILURE (off on this machine's kernel).")] = False,
@@ -48,7 +48,9 @@ def matrix(
         version = KernelVersion.parse(kernel)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    cols = _pick(backings, protocol.BACKINGS, "backing")
+    cols = _pick(backings, protocol.BACKINGS + protocol.HWPOISON_BACKINGS, "backing")
+    if not memory_failure and set(cols) & set(protocol.HWPOISON_BACKINGS):
+        raise CliError("the hwpoison backings need --memory-failure (memory_failure() poisons T)")
     rows = _pick(paths, protocol.PATHS, "path")
     kcfg = KernelConfig(version=version, memory_failure=memory_failure)
     grid = {(c.path, c.backing): c.cell for c in run_matrix(kcfg, rows, cols)}
