@@ -50,6 +50,9 @@ def test_6_1_has_populate_but_neither_guard_pages_nor_uffdio_poison() -> None:
 
 
 @pytest.mark.parametrize(("path", "backing", "cell"), [
+    # force_sig_mceerr(BUS_MCEERR_AR, the faulting address, PAGE_SHIFT)
+    ("load_siginfo", "hwpoison_shmem", "sig:SIGBUS:BUS_MCEERR_AR:addr=T+0x0:lsb=12"),
+    ("load_siginfo", "file_beyond_eof", "sig:SIGBUS:BUS_ADRERR:addr=T+0x0"),
     # zap_pte_range with details->even_cows false (shmem_fallocate's hole punch) keeps the
     # hwpoison entry: the next load still gets BUS_MCEERR_AR, not a fresh zero page.
     ("punch_hole_load", "hwpoison_shmem", "sig:SIGBUS:BUS_MCEERR_AR"),

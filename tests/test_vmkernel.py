@@ -48,6 +48,7 @@ def test_the_real_kernel_shows_the_seeds_hwpoison_semantics(referee: VmCompariso
     live = {(p, b): cell for p, b, cell, _ in referee.cells}
     for backing in HWPOISON_BACKINGS:
         assert live[("load", backing)] == "sig:SIGBUS:BUS_MCEERR_AR"
+        assert live[("load_siginfo", backing)] == "sig:SIGBUS:BUS_MCEERR_AR:addr=T+0x0:lsb=12"
         assert live[("process_vm_readv", backing)] == "err:EFAULT"
         assert live[("populate_read", backing)] == "err:EHWPOISON"
         assert live[("fork_child_load", backing)] == "sig:SIGBUS:BUS_MCEERR_AR"

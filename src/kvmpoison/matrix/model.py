@@ -51,10 +51,11 @@ class Cell:
     path: str
     backing: str
     outcome: Outcome
+    text: str | None = None  # a cell richer than the outcome's (load_siginfo)
 
     @property
     def cell(self) -> str:
-        return self.outcome.cell
+        return self.text if self.text is not None else self.outcome.cell
 
 
 @dataclass
@@ -153,6 +154,8 @@ def _then_load(p: Probe, step: Outcome) -> Outcome:
 def _hwpoison_path(p: Probe, path: str) -> Outcome | None:
     tgt, t = p.target, p.t
     match path:
+        case "load_siginfo":
+            return tgt.load(t, proto.TRANSFER)  # run_cell adds si_addr and si_addr_lsb
         case "fork_child_load":
             return tgt.fork().load(t, proto.TRANSFER)
         case "dontneed_load":
@@ -251,7 +254,13 @@ def _remote(p: Probe, path: str, at: int, n: int) -> Outcome:
 
 
 def run_cell(kcfg: KernelConfig, path: str, backing: str) -> Cell:
-    return Cell(path, backing, run_path(_setup(kcfg, backing), path))
+    probe = _setup(kcfg, backing)
+    out = run_path(probe, path)
+    cell = Cell(path, backing, out)
+    if path == "load_siginfo" and out.siginfo is not None:
+        info = out.siginfo
+        cell.text = proto.siginfo_cell(out.cell, info.addr, info.addr_lsb, probe.t)
+    return cell
 
 
 def run_matrix(kcfg: KernelConfig, paths: tuple[str, ...] = proto.PATHS,

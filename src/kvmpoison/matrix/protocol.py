@@ -29,12 +29,14 @@ BACKINGS = ("anon", "anon_prot_none", "memfd_secret", "gmem_private", "gmem_shar
 HWPOISON_BACKINGS = ("hwpoison_anon", "hwpoison_shmem")
 # Probes of what happens to a poisoned T next: each does one step, then loads T
 # (``unpoison`` alone reports the write to hwpoison_inject's unpoison-pfn).
-HWPOISON_PATHS = ("fork_child_load", "dontneed_load", "punch_hole_load", "truncate_load",
-                  "memfd_pread", "unpoison", "unpoison_load")
+HWPOISON_PATHS = ("load_siginfo", "fork_child_load", "dontneed_load", "punch_hole_load",
+                  "truncate_load", "memfd_pread", "unpoison", "unpoison_load")
+# load_siginfo is a load whose cell adds si_addr (relative to T) and si_addr_lsb.
 # memfd_pread reads the poisoned page through its file (the page cache), not through T.
 # punch-hole, truncate and memfd_pread need a file: the anonymous column has no such cell.
 HWPOISON_PATHS_FOR = {
-    "hwpoison_anon": ("fork_child_load", "dontneed_load", "unpoison", "unpoison_load"),
+    "hwpoison_anon": ("load_siginfo", "fork_child_load", "dontneed_load", "unpoison",
+                      "unpoison_load"),
     "hwpoison_shmem": HWPOISON_PATHS,
 }
 UNPOISON_PFN = "/sys/kernel/debug/hwpoison/unpoison-pfn"
@@ -47,6 +49,13 @@ STRADDLE = 32  # bytes moved by straddle paths, starting 16 bytes before T
 STRADDLE_BEFORE = 16
 ODIRECT = 4096
 FUTEX_MISMATCH = 0x5A5A5A5A  # never what T holds, so FUTEX_WAIT returns at once
+
+
+def siginfo_cell(cell: str, addr: int, lsb: int | None, t: int) -> str:
+    """``sig:SIGBUS:BUS_MCEERR_AR`` + ``:addr=T+0x0:lsb=12`` (lsb only where it is set)."""
+    off = addr - t
+    where = f"T+{off:#x}" if off >= 0 else f"T-{-off:#x}"
+    return f"{cell}:addr={where}" + (f":lsb={lsb}" if lsb else "")
 
 
 def is_straddle(path: str) -> bool:

@@ -45,7 +45,7 @@ from kvmpoison.backends.kvm.libc import (
     siginfo_t,
 )
 from kvmpoison.backends.kvm.system import Kvm
-from kvmpoison.matrix.protocol import HWPOISON_BACKINGS, UNPOISON_PFN
+from kvmpoison.matrix.protocol import HWPOISON_BACKINGS, UNPOISON_PFN, siginfo_cell
 
 PAGE = 4096
 TRANSFER = 8
@@ -292,6 +292,8 @@ def _fork_child_load(t: int) -> str:
 
 def _hwpoison_path(path: str, t: int, keep: list[object]) -> str:
     match path:
+        case "load_siginfo":  # the parent reads T from the pipe and the siginfo by ptrace
+            return _then_load(0, t)
         case "fork_child_load":
             return _fork_child_load(t)
         case "dontneed_load":
@@ -379,8 +381,9 @@ def _child(path: str, backing: str, out_fd: int, remote: bool) -> None:
         libc.ptrace(PTRACE_TRACEME, 0, None, None)
         keep: list[object] = []
         t = _setup(backing, keep)
-        if remote:
+        if remote or path == "load_siginfo":
             os.write(out_fd, (json.dumps({"t": t}) + "\n").encode())
+        if remote:
             os.kill(os.getpid(), signal.SIGSTOP)
             os._exit(0)
         cell = _local(path, t, keep)
@@ -426,12 +429,17 @@ def _remote(path: str, pid: int, t: int) -> str:
     raise ValueError(f"unknown remote path {path!r}")
 
 
-def _signal_cell(pid: int) -> str:
+def _signal_cell(pid: int, t: int | None = None) -> str:
+    """The cell of a fault stop; with T, si_addr and si_addr_lsb too (load_siginfo)."""
     info = siginfo_t()
     libc.ptrace(PTRACE_GETSIGINFO, pid, None, ctypes.byref(info))
     name = signal.Signals(info.si_signo).name
     codes = BUS_NAMES if info.si_signo == signal.SIGBUS else SEGV_NAMES
-    return f"sig:{name}:{codes.get(info.si_code, str(info.si_code))}"
+    cell = f"sig:{name}:{codes.get(info.si_code, str(info.si_code))}"
+    if t is None:
+        return cell
+    lsb = info.si_addr_lsb if info.si_code in (4, 5) else None  # BUS_MCEERR_AR/AO only
+    return siginfo_cell(cell, info.si_addr, lsb, t)
 
 
 def run_probe(path: str, backing: str, remote_paths: tuple[str, ...]) -> ProbeResult:
@@ -449,7 +457,9 @@ def run_probe(path: str, backing: str, remote_paths: tuple[str, ...]) -> ProbeRe
             if os.WIFSTOPPED(status):
                 sig = os.WSTOPSIG(status)
                 if sig in (signal.SIGBUS, signal.SIGSEGV):
-                    cell = _signal_cell(pid)
+                    t = int(json.loads(reader.readline())["t"]) if path == "load_siginfo" \
+                        else None
+                    cell = _signal_cell(pid, t)
                     break
                 if sig == signal.SIGSTOP and remote:
                     msg = json.loads(reader.readline())
@@ -461,6 +471,8 @@ def run_probe(path: str, backing: str, remote_paths: tuple[str, ...]) -> ProbeRe
                 libc.ptrace(7, pid, None, ctypes.c_void_p(sig))  # PTRACE_CONT with the signal
                 continue
             msg = json.loads(reader.readline() or "{}")
+            if "t" in msg:  # load_siginfo's T, before a load that did not fault
+                msg = json.loads(reader.readline() or "{}")
             cell, detail = msg.get("cell", ""), msg.get("error", "")
             break
     if not _exited(pid):
