@@ -63,7 +63,8 @@ def cached_kernels() -> list[KernelFiles]:
     root = cache_root()
     if not root.is_dir():
         return []
-    found = [KernelFiles(p) for p in sorted(root.iterdir(), key=_abi_key) if p.is_dir()]
+    found = [KernelFiles(p) for p in sorted(root.iterdir(), key=_abi_key)
+             if p.is_dir() and not p.name.endswith(".part")]
     return [k for k in found if k.unpacked()]
 
 

@@ -10,6 +10,7 @@ the kernel command line, and powers off. Everything it prints goes to the serial
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import struct
 import subprocess
@@ -137,7 +138,7 @@ def build(kernel: KernelFiles) -> Path:
         (root / "init").write_text(init_script())
         (root / "init").chmod(0o755)
         names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-        out = kernel.initramfs.with_suffix(".part")
+        out = kernel.initramfs.with_suffix(f".{os.getpid()}.part")  # concurrent runs
         with open(out, "wb") as fh:
             try:
                 done = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root,

@@ -8,6 +8,7 @@ needed, nothing installed), and ``dpkg-deb -x`` unpacks it. Only vmlinuz,
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -84,7 +85,7 @@ def unpack(tree: Path, dest: KernelFiles) -> None:
     release = vmlinuz[0].name.removeprefix("vmlinuz-")
     modules = kmod.index(tree / "lib" / "modules" / release)
     order = kmod.load_order(modules)
-    staging = dest.root.with_name(dest.root.name + ".part")
+    staging = dest.root.with_name(f"{dest.root.name}.{os.getpid()}.part")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "modules").mkdir(parents=True)
     shutil.copyfile(vmlinuz[0], staging / "vmlinuz")
@@ -93,5 +94,8 @@ def unpack(tree: Path, dest: KernelFiles) -> None:
         shutil.copyfile(modules[name], staging / "modules" / f"{name}.ko")
     (staging / "modules" / "order").write_text("\n".join(order) + "\n")
     (staging / "release").write_text(release + "\n")
+    if dest.unpacked():  # another run got there first
+        shutil.rmtree(staging, ignore_errors=True)
+        return
     shutil.rmtree(dest.root, ignore_errors=True)
     staging.rename(dest.root)
