@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from kvmpoison.kconfig import KernelConfig, KernelVersion
-from kvmpoison.matrix.model import run_cell
+from kvmpoison.matrix.model import SetupError, run_cell
 from kvmpoison.mm.swapops import SwapTypes
 
 DEBIAN_6_1 = KernelConfig(version=KernelVersion.V6_1, memory_failure=True, migration=True,
@@ -84,3 +84,11 @@ def test_the_matrix_command_models_6_1_with_the_hwpoison_columns(
     assert "`sig:SIGBUS:BUS_MCEERR_AR`" in capsys.readouterr().out
     assert main(["matrix", "--kernel", "6.1", "--backings", "hwpoison_anon"]) == 2
     assert "need --memory-failure" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("backing", "step"), [("uffd_poison", "UFFDIO_POISON"),
+                                               ("madv_guard", "MADV_GUARD_INSTALL")])
+def test_6_1_refuses_what_came_later_with_einval(backing: str, step: str) -> None:
+    """Seen live in the 6.1 guest: both set-up steps fail with EINVAL."""
+    with pytest.raises(SetupError, match=f"{step}.*EINVAL"):
+        run_cell(DEBIAN_6_1, "load", backing)
