@@ -53,6 +53,14 @@ def test_6_1_has_populate_but_neither_guard_pages_nor_uffdio_poison() -> None:
     # force_sig_mceerr(BUS_MCEERR_AR, the faulting address, PAGE_SHIFT)
     ("load_siginfo", "hwpoison_shmem", "sig:SIGBUS:BUS_MCEERR_AR:addr=T+0x0:lsb=12"),
     ("load_siginfo", "file_beyond_eof", "sig:SIGBUS:BUS_ADRERR:addr=T+0x0"),
+    # pagemap shows the entry's swap type: SWP_HWPOISON is 26 in Debian's 6.1 (the live
+    # guest says 26 too), and the offset is the poisoned pfn.
+    ("pagemap", "hwpoison_anon", "pagemap:swap:type=26:offset=pfn"),
+    ("pagemap", "hwpoison_shmem", "pagemap:swap:type=26:offset=pfn"),
+    ("pagemap", "file_beyond_eof", "pagemap:none"),
+    # a second MADV_HWPOISON: GUP faults on the entry, VM_FAULT_HWPOISON without
+    # FOLL_HWPOISON is -EFAULT (vm_fault_to_errno)
+    ("hwpoison_again", "hwpoison_anon", "err:EFAULT"),
     # zap_pte_range with details->even_cows false (shmem_fallocate's hole punch) keeps the
     # hwpoison entry: the next load still gets BUS_MCEERR_AR, not a fresh zero page.
     ("punch_hole_load", "hwpoison_shmem", "sig:SIGBUS:BUS_MCEERR_AR"),
@@ -92,3 +100,9 @@ def test_6_1_refuses_what_came_later_with_einval(backing: str, step: str) -> Non
     """Seen live in the 6.1 guest: both set-up steps fail with EINVAL."""
     with pytest.raises(SetupError, match=f"{step}.*EINVAL"):
         run_cell(DEBIAN_6_1, "load", backing)
+
+
+def test_the_pagemap_swap_type_follows_the_build() -> None:
+    """6.18 has no SWP_SWAPIN_ERROR type: its SWP_HWPOISON is one higher than 6.1's."""
+    v6_18 = KernelConfig(version=KernelVersion.V6_18, device_private=False)
+    assert run_cell(v6_18, "pagemap", "hwpoison_anon").cell == "pagemap:swap:type=27:offset=pfn"

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
-from kvmpoison.arch.x86.pgtable import pte_pfn, pte_present
+from kvmpoison.arch.x86.pgtable import is_swap_pte, pte_pfn, pte_present
 from kvmpoison.fs.pipe import Pipe
 from kvmpoison.kconfig import KernelConfig
 from kvmpoison.kernel.kernel import Kernel
@@ -27,6 +27,14 @@ from kvmpoison.mm.madvise import (
 )
 from kvmpoison.mm.memory_failure import unpoison_memory
 from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PROT_NONE
+from kvmpoison.mm.swapops import (
+    is_hwpoison_entry,
+    is_migration_entry,
+    pte_to_swp_entry,
+    swp_offset,
+    swp_offset_pfn,
+    swp_type,
+)
 from kvmpoison.mm.userfaultfd import UFFDIO_REGISTER_MODE_MISSING
 from kvmpoison.outcome import Kind, Outcome
 from kvmpoison.virt.kvm.guest_memfd import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
@@ -146,6 +154,18 @@ def _poison(target: Process, backing: str, t: int, fill: bytes) -> tuple[int, in
     return memfd, pte_pfn(pte)
 
 
+def _pagemap(p: Probe) -> str:
+    """T's pagemap entry as ``pte_to_pagemap_entry`` (fs/proc/task_mmu.c, v6.1) builds it."""
+    kcfg, types = p.kernel.core.kcfg, p.kernel.core.swap_types
+    pte = p.target.mm.pgd.get(p.t)
+    if pte_present(pte) or not is_swap_pte(pte):
+        return proto.pagemap_cell(pte_present(pte), False, 0, 0, p.pfn)
+    entry = pte_to_swp_entry(pte, kcfg)
+    pfn_entry = is_hwpoison_entry(entry, types) or is_migration_entry(entry, types)
+    offset = swp_offset_pfn(entry, kcfg) if pfn_entry else swp_offset(entry)
+    return proto.pagemap_cell(False, True, swp_type(entry), offset, p.pfn)
+
+
 def _then_load(p: Probe, step: Outcome) -> Outcome:
     """A step, then a load of T: the step's error, else what the load gets."""
     return step if not step.succeeded else p.target.load(p.t, proto.TRANSFER)
@@ -156,6 +176,10 @@ def _hwpoison_path(p: Probe, path: str) -> Outcome | None:
     match path:
         case "load_siginfo":
             return tgt.load(t, proto.TRANSFER)  # run_cell adds si_addr and si_addr_lsb
+        case "hwpoison_again":
+            return tgt.madvise(t, PAGE, MADV_HWPOISON)
+        case "pagemap":
+            return Outcome.ok()  # run_cell reads T's page table entry
         case "fork_child_load":
             return tgt.fork().load(t, proto.TRANSFER)
         case "dontneed_load":
@@ -257,6 +281,8 @@ def run_cell(kcfg: KernelConfig, path: str, backing: str) -> Cell:
     probe = _setup(kcfg, backing)
     out = run_path(probe, path)
     cell = Cell(path, backing, out)
+    if path == "pagemap":
+        cell.text = _pagemap(probe)
     if path == "load_siginfo" and out.siginfo is not None:
         info = out.siginfo
         cell.text = proto.siginfo_cell(out.cell, info.addr, info.addr_lsb, probe.t)

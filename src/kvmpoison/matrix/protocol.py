@@ -29,14 +29,18 @@ BACKINGS = ("anon", "anon_prot_none", "memfd_secret", "gmem_private", "gmem_shar
 HWPOISON_BACKINGS = ("hwpoison_anon", "hwpoison_shmem")
 # Probes of what happens to a poisoned T next: each does one step, then loads T
 # (``unpoison`` alone reports the write to hwpoison_inject's unpoison-pfn).
-HWPOISON_PATHS = ("load_siginfo", "fork_child_load", "dontneed_load", "punch_hole_load",
-                  "truncate_load", "memfd_pread", "unpoison", "unpoison_load")
+HWPOISON_PATHS = ("load_siginfo", "pagemap", "hwpoison_again", "fork_child_load",
+                  "dontneed_load", "punch_hole_load", "truncate_load", "memfd_pread", "unpoison",
+                  "unpoison_load")
 # load_siginfo is a load whose cell adds si_addr (relative to T) and si_addr_lsb.
+# pagemap is T's /proc/self/pagemap entry: present, none, or swap with its swap type
+# number (SWP_HWPOISON's number is the build's: 26 in Debian's 6.1) and offset.
+# hwpoison_again is a second MADV_HWPOISON of T.
 # memfd_pread reads the poisoned page through its file (the page cache), not through T.
 # punch-hole, truncate and memfd_pread need a file: the anonymous column has no such cell.
 HWPOISON_PATHS_FOR = {
-    "hwpoison_anon": ("load_siginfo", "fork_child_load", "dontneed_load", "unpoison",
-                      "unpoison_load"),
+    "hwpoison_anon": ("load_siginfo", "pagemap", "hwpoison_again", "fork_child_load",
+                      "dontneed_load", "unpoison", "unpoison_load"),
     "hwpoison_shmem": HWPOISON_PATHS,
 }
 UNPOISON_PFN = "/sys/kernel/debug/hwpoison/unpoison-pfn"
@@ -56,6 +60,18 @@ def siginfo_cell(cell: str, addr: int, lsb: int | None, t: int) -> str:
     off = addr - t
     where = f"T+{off:#x}" if off >= 0 else f"T-{-off:#x}"
     return f"{cell}:addr={where}" + (f":lsb={lsb}" if lsb else "")
+
+
+PM_SWAP_TYPE_BITS = 5  # MAX_SWAPFILES_SHIFT: pagemap's frame is type | offset << 5
+
+
+def pagemap_cell(present: bool, swap: bool, swap_type: int, offset: int, pfn: int) -> str:
+    if present:
+        return "pagemap:present"
+    if not swap:
+        return "pagemap:none"
+    where = "pfn" if pfn and offset == pfn else f"{offset:#x}"
+    return f"pagemap:swap:type={swap_type}:offset={where}"
 
 
 def is_straddle(path: str) -> bool:

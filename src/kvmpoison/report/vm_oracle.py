@@ -48,10 +48,12 @@ def kconfig_from_text(text: str, version: KernelVersion) -> KernelConfig:
 def vm_cells() -> list[tuple[str, str]]:
     """Every MATRIX path on every refereed backing, then the hwpoison probes.
 
-    ``load_siginfo`` (si_addr, si_addr_lsb) is cheap and meaningful everywhere: all backings.
+    ``load_siginfo`` (si_addr, si_addr_lsb) and ``pagemap`` are cheap and meaningful on
+    every backing.
     """
     cells = [(path, backing) for path in PATHS for backing in VM_BACKINGS]
-    cells += [("load_siginfo", b) for b in VM_BACKINGS if b not in HWPOISON_BACKINGS]
+    cells += [(path, b) for path in ("load_siginfo", "pagemap") for b in VM_BACKINGS
+              if b not in HWPOISON_BACKINGS]
     cells += [(path, backing) for backing in HWPOISON_BACKINGS
               for path in HWPOISON_PATHS_FOR[backing]]
     return cells

@@ -45,7 +45,13 @@ from kvmpoison.backends.kvm.libc import (
     siginfo_t,
 )
 from kvmpoison.backends.kvm.system import Kvm
-from kvmpoison.matrix.protocol import HWPOISON_BACKINGS, UNPOISON_PFN, siginfo_cell
+from kvmpoison.matrix.protocol import (
+    HWPOISON_BACKINGS,
+    PM_SWAP_TYPE_BITS,
+    UNPOISON_PFN,
+    pagemap_cell,
+    siginfo_cell,
+)
 
 PAGE = 4096
 TRANSFER = 8
@@ -60,7 +66,7 @@ LOCAL_KVM_BACKINGS = ("gmem_private", "gmem_shared")
 MADV_DONTNEED, MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_GUARD_INSTALL = 4, 22, 23, 102
 MADV_HWPOISON = 100
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
-PM_PRESENT, PM_PFN_MASK = 1 << 63, (1 << 55) - 1  # /proc/PID/pagemap
+PM_PRESENT, PM_SWAP, PM_PFN_MASK = 1 << 63, 1 << 62, (1 << 55) - 1  # /proc/PID/pagemap
 UFFDIO = 0xAA
 UFFD_API = 0xAA
 UFFDIO_REGISTER_MODE_MISSING = 1
@@ -152,14 +158,26 @@ class _Pfn:
     pfn: int
 
 
-def _pagemap_pfn(addr: int) -> int:
-    """The pfn behind a present page of this process (root only; 0 when hidden)."""
+def _pagemap_entry(addr: int) -> int:
     fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     try:
-        entry = int.from_bytes(os.pread(fd, 8, (addr // PAGE) * 8), "little")
+        return int.from_bytes(os.pread(fd, 8, (addr // PAGE) * 8), "little")
     finally:
         os.close(fd)
+
+
+def _pagemap_pfn(addr: int) -> int:
+    """The pfn behind a present page of this process (root only; 0 when hidden)."""
+    entry = _pagemap_entry(addr)
     return entry & PM_PFN_MASK if entry & PM_PRESENT else 0
+
+
+def _pagemap(t: int, keep: list[object]) -> str:
+    entry = _pagemap_entry(t)
+    frame = entry & PM_PFN_MASK
+    pfn = next((o.pfn for o in keep if isinstance(o, _Pfn)), 0)
+    return pagemap_cell(bool(entry & PM_PRESENT), bool(entry & PM_SWAP),
+                        frame & ((1 << PM_SWAP_TYPE_BITS) - 1), frame >> PM_SWAP_TYPE_BITS, pfn)
 
 
 def _poison(backing: str, t: int, keep: list[object]) -> None:
@@ -294,6 +312,11 @@ def _hwpoison_path(path: str, t: int, keep: list[object]) -> str:
     match path:
         case "load_siginfo":  # the parent reads T from the pipe and the siginfo by ptrace
             return _then_load(0, t)
+        case "pagemap":
+            return _pagemap(t, keep)
+        case "hwpoison_again":
+            _kept(keep, _Pfn)  # only on a backing this probe poisoned (never on the host)
+            return _cell(libc.madvise(t, PAGE, MADV_HWPOISON))
         case "fork_child_load":
             return _fork_child_load(t)
         case "dontneed_load":
