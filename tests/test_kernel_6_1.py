@@ -66,12 +66,19 @@ def test_6_1_has_populate_but_neither_guard_pages_nor_uffdio_poison() -> None:
     ("punch_hole_load", "hwpoison_shmem", "sig:SIGBUS:BUS_MCEERR_AR"),
     # truncation zaps with even_cows: the entry goes and T lies beyond EOF.
     ("truncate_load", "hwpoison_shmem", "sig:SIGBUS:BUS_ADRERR"),
+    # a regular file's hole punch (truncate_pagecache_range) zaps with even_cows false too
+    ("punch_hole_load", "hwpoison_file", "sig:SIGBUS:BUS_MCEERR_AR"),
+    ("truncate_load", "hwpoison_file", "sig:SIGBUS:BUS_ADRERR"),
+    # the dirty page left the page cache (generic_error_remove_page): pread reads the disk
+    ("file_pread", "hwpoison_file", "ret:8"),
+    # fork does not copy a shared file mapping's PTEs: the child refaults from the file
+    ("fork_child_load", "hwpoison_file", "ok"),
     # MADV_DONTNEED zaps without details; shmem keeps the poisoned page in its page cache
     # (shmem_error_remove_page), so the refault finds it poisoned; anon refaults a zero page.
     ("dontneed_load", "hwpoison_shmem", "sig:SIGBUS:BUS_MCEERR_AR"),
     ("dontneed_load", "hwpoison_anon", "ok"),
     ("fork_child_load", "hwpoison_anon", "sig:SIGBUS:BUS_MCEERR_AR"),
-    ("memfd_pread", "hwpoison_shmem", "err:EIO"),
+    ("file_pread", "hwpoison_shmem", "err:EIO"),
     # unpoison_memory: an anon page is free once unmapped; a shmem page has a mapping.
     ("unpoison", "hwpoison_anon", "ret:0"),
     ("unpoison", "hwpoison_shmem", "err:EBUSY"),

@@ -51,9 +51,12 @@ def test_the_real_kernel_shows_the_seeds_hwpoison_semantics(referee: VmCompariso
         assert live[("load_siginfo", backing)] == "sig:SIGBUS:BUS_MCEERR_AR:addr=T+0x0:lsb=12"
         assert live[("process_vm_readv", backing)] == "err:EFAULT"
         assert live[("populate_read", backing)] == "err:EHWPOISON"
-        assert live[("fork_child_load", backing)] == "sig:SIGBUS:BUS_MCEERR_AR"
         assert live[("pagemap", backing)] == "pagemap:swap:type=26:offset=pfn"
-    assert live[("memfd_pread", "hwpoison_shmem")] == "err:EIO"
+    for backing in ("hwpoison_anon", "hwpoison_shmem"):  # a shared file mapping is not copied
+        assert live[("fork_child_load", backing)] == "sig:SIGBUS:BUS_MCEERR_AR"
+    assert live[("fork_child_load", "hwpoison_file")] == "ok"
+    assert live[("punch_hole_load", "hwpoison_file")] == "sig:SIGBUS:BUS_MCEERR_AR"
+    assert live[("file_pread", "hwpoison_shmem")] == "err:EIO"
     assert live[("punch_hole_load", "hwpoison_shmem")] == "sig:SIGBUS:BUS_MCEERR_AR"
 
 

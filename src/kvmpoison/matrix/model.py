@@ -78,7 +78,7 @@ class Probe:
     abuf: int  # the attacker's scratch page
     file_fd: int
     direct_fd: int
-    memfd: int = -1  # hwpoison_shmem: the memfd behind T
+    memfd: int = -1  # hwpoison_shmem, hwpoison_file: the file behind T
     pfn: int = 0  # hwpoison backings: the page poisoned
 
 
@@ -142,8 +142,12 @@ def _setup(kcfg: KernelConfig, backing: str) -> Probe:
 def _poison(target: Process, backing: str, t: int, fill: bytes) -> tuple[int, int]:
     """T filled, then MADV_HWPOISON (memory_failure() on its page): (memfd or -1, pfn)."""
     memfd = -1
-    if backing == "hwpoison_shmem":
-        memfd = _need(target.memfd_create("kvmpoison-hwpoison"), "memfd_create")
+    if backing in ("hwpoison_shmem", "hwpoison_file"):
+        if backing == "hwpoison_shmem":
+            memfd = _need(target.memfd_create("kvmpoison-hwpoison"), "memfd_create")
+        else:
+            target.kernel.create_file("/hwpoison", b"")
+            memfd = _need(target.open("/hwpoison", O_RDWR), "open")
         _need(target.ftruncate(memfd, PAGE), "ftruncate")
         _need(target.mmap(t, PAGE, RW, MAP_SHARED | MAP_FIXED, memfd), "mmap memfd")
     _need(target.store(t, fill), "fill T")
@@ -189,7 +193,7 @@ def _hwpoison_path(p: Probe, path: str) -> Outcome | None:
             return _then_load(p, tgt.fallocate(p.memfd, mode, 0, PAGE))
         case "truncate_load":
             return _then_load(p, tgt.ftruncate(p.memfd, 0))
-        case "memfd_pread":
+        case "file_pread":
             return tgt.pread(p.memfd, p.buf, proto.TRANSFER, 0)
         case "unpoison" | "unpoison_load":
             err = unpoison_memory(p.kernel.core, p.pfn)

@@ -26,22 +26,23 @@ BACKINGS = ("anon", "anon_prot_none", "memfd_secret", "gmem_private", "gmem_shar
 # Backings whose T is hardware-poisoned (MADV_HWPOISON live, memory_failure() in the model).
 # Live, they run ONLY inside the VM guest of ``backends.vmkernel``: poisoning takes a
 # physical page out of service, which must never happen on the host.
-HWPOISON_BACKINGS = ("hwpoison_anon", "hwpoison_shmem")
+HWPOISON_BACKINGS = ("hwpoison_anon", "hwpoison_shmem", "hwpoison_file")
 # Probes of what happens to a poisoned T next: each does one step, then loads T
 # (``unpoison`` alone reports the write to hwpoison_inject's unpoison-pfn).
 HWPOISON_PATHS = ("load_siginfo", "pagemap", "hwpoison_again", "fork_child_load",
-                  "dontneed_load", "punch_hole_load", "truncate_load", "memfd_pread", "unpoison",
+                  "dontneed_load", "punch_hole_load", "truncate_load", "file_pread", "unpoison",
                   "unpoison_load")
 # load_siginfo is a load whose cell adds si_addr (relative to T) and si_addr_lsb.
 # pagemap is T's /proc/self/pagemap entry: present, none, or swap with its swap type
 # number (SWP_HWPOISON's number is the build's: 26 in Debian's 6.1) and offset.
 # hwpoison_again is a second MADV_HWPOISON of T.
-# memfd_pread reads the poisoned page through its file (the page cache), not through T.
-# punch-hole, truncate and memfd_pread need a file: the anonymous column has no such cell.
+# file_pread reads the poisoned page through its file (the page cache), not through T.
+# punch-hole, truncate and file_pread need a file: the anonymous column has no such cell.
 HWPOISON_PATHS_FOR = {
     "hwpoison_anon": ("load_siginfo", "pagemap", "hwpoison_again", "fork_child_load",
                       "dontneed_load", "unpoison", "unpoison_load"),
     "hwpoison_shmem": HWPOISON_PATHS,
+    "hwpoison_file": HWPOISON_PATHS,  # a regular file (ext4 in the VM guest), MAP_SHARED
 }
 UNPOISON_PFN = "/sys/kernel/debug/hwpoison/unpoison-pfn"
 

@@ -267,7 +267,8 @@ class RegularFile:
             first = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT
             last = (offset + length) >> PAGE_SHIFT
             assert inode.mapping is not None
-            truncate_inode_pages_range(self.core, inode.mapping, first, last)
+            # truncate_pagecache_range: unmap_mapping_range(..., even_cows=0)
+            truncate_inode_pages_range(self.core, inode.mapping, first, last, even_cows=False)
             for i in range(first, last):
                 inode.disk.pop(i, None)
             return 0

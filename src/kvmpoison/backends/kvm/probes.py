@@ -184,8 +184,12 @@ def _poison(backing: str, t: int, keep: list[object]) -> None:
     if not in_vm_guest():
         raise PermissionError(f"{backing} poisons a page: it runs only inside the kvmpoison "
                               "VM guest (kvmpoison oracle --kernel debian-6.1)")
-    if backing == "hwpoison_shmem":
-        fd = os.memfd_create("kvmpoison-hwpoison")
+    if backing in ("hwpoison_shmem", "hwpoison_file"):
+        if backing == "hwpoison_shmem":
+            fd = os.memfd_create("kvmpoison-hwpoison")
+        else:
+            fd, name = tempfile.mkstemp(prefix="kvmpoison-hwpoison-")
+            os.unlink(name)
         os.ftruncate(fd, PAGE)
         mmap(t, PAGE, RW, MAP_SHARED | MAP_FIXED, fd)
         keep.append(_Memfd(fd))
@@ -326,7 +330,7 @@ def _hwpoison_path(path: str, t: int, keep: list[object]) -> str:
             return _then_load(libc.fallocate(_kept(keep, _Memfd), mode, 0, PAGE), t)
         case "truncate_load":
             return _then_load(libc.ftruncate(_kept(keep, _Memfd), 0), t)
-        case "memfd_pread":
+        case "file_pread":
             buf = ctypes.create_string_buffer(PAGE)
             return _cell(libc.pread(_kept(keep, _Memfd), buf, TRANSFER, 0))
         case "unpoison" | "unpoison_load":
