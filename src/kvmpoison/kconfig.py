@@ -18,10 +18,13 @@ class KernelVersion(enum.Enum):
     """Kernel releases the model knows.
 
     V5_12 is the RFC's base (kas/linux ``kvm-unmapped-poison`` sits on ~v5.12-rc);
+    V6_1 is Debian bookworm's kernel, booted under QEMU as the second referee
+    (``kvmpoison oracle --kernel debian-6.1``, CONFIG_MEMORY_FAILURE=y);
     V6_18 is the kernel running on this project's machines (the oracle).
     """
 
     V5_12 = "5.12"
+    V6_1 = "6.1"
     V6_18 = "6.18"
 
     @classmethod
@@ -74,12 +77,32 @@ class KernelConfig:
 
     @property
     def has_pte_markers(self) -> bool:
-        """PTE markers exist from v5.19 (UFFD_WP); unconditional from v6.2."""
-        return self.version >= KernelVersion.V6_18
+        """PTE markers exist from v5.19 (CONFIG_PTE_MARKER, on in Debian 6.1); always from v6.2."""
+        return self.version >= KernelVersion.V6_1
 
     @property
     def has_swp_exclusive(self) -> bool:
         """``_PAGE_SWP_EXCLUSIVE`` (bit 3 of a swap PTE) exists from v5.19."""
+        return self.version >= KernelVersion.V6_1
+
+    @property
+    def has_swapin_error(self) -> bool:
+        """``SWP_SWAPIN_ERROR``: a swap type of its own in v6.1 only (a PTE marker from v6.2)."""
+        return self.version == KernelVersion.V6_1
+
+    @property
+    def has_madv_populate(self) -> bool:
+        """MADV_POPULATE_READ/WRITE exist from v5.14."""
+        return self.version >= KernelVersion.V6_1
+
+    @property
+    def has_guard_pages(self) -> bool:
+        """MADV_GUARD_INSTALL/REMOVE exist from v6.13."""
+        return self.version >= KernelVersion.V6_18
+
+    @property
+    def has_uffdio_poison(self) -> bool:
+        """UFFDIO_POISON exists from v6.6."""
         return self.version >= KernelVersion.V6_18
 
 

@@ -37,7 +37,7 @@ def matrix(
         help="Comma-separated backing ids (without --designs).")] = None,
     paths: Annotated[str | None, typer.Option(help="Comma-separated path ids.")] = None,
     kernel: Annotated[str | None, typer.Option(
-        help="Modelled kernel: 5.12 or 6.18 [default: 6.18] (without --designs).")] = None,
+        help="Modelled kernel: 5.12, 6.1 or 6.18 [default: 6.18] (without --designs).")] = None,
     memory_failure: Annotated[bool | None, typer.Option(
         "--memory-failure/--no-memory-failure",
         help="CONFIG_MEMORY_FAILURE [default: off, as on this machine's kernel] "
@@ -65,9 +65,14 @@ def matrix(
     except ValueError as exc:
         raise CliError(str(exc)) from None
     mf = bool(memory_failure)
+    hwpoison = set(protocol.HWPOISON_BACKINGS)
+    if not mf and backings is not None and hwpoison & set(backings.split(",")):
+        raise CliError("the hwpoison backings need --memory-failure (memory_failure() poisons T)")
     rows = _pick(paths, protocol.PATHS, "path")
     kcfg = KernelConfig(version=version, memory_failure=mf)
-    cols = _available(kcfg, _pick(backings, protocol.BACKINGS, "backing"), rows[0],
+    known = protocol.BACKINGS + (protocol.HWPOISON_BACKINGS if mf else ())
+    cols = _available(kcfg, _pick(backings, protocol.BACKINGS + protocol.HWPOISON_BACKINGS,
+                                  "backing") if backings is not None else known, rows[0],
                       explicit=backings is not None)
     try:
         grid = {(c.path, c.backing): c.cell for c in run_matrix(kcfg, rows, cols)}

@@ -11,18 +11,28 @@ from rich.console import Console
 from rich.table import Table
 
 from kvmpoison.cli.errors import Format
+from kvmpoison.cli.oracle_vm import oracle_vm
 from kvmpoison.report.oracle import OracleUnavailableError, compare
 
 
 def oracle(
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
+    kernel: Annotated[str | None, typer.Option(
+        help="Referee another kernel, booted under QEMU: debian-6.1 (MEMORY_FAILURE=y).")] = None,
+    accel: Annotated[str, typer.Option(
+        help="QEMU accelerator with --kernel: auto (KVM only if hardware-assisted), tcg, kvm.")
+    ] = "auto",
 ) -> None:
-    """Probe the running kernel live and compare every cell with the model's.
+    """Probe the running kernel (or, with --kernel, one booted under QEMU) live and compare
+    every cell with the model's.
 
     Exit status: 0 every cell compared and agreed, 1 any disagreement, 2 the probes
     cannot run here, 3 all compared cells agreed but some could not be compared
     (no usable /dev/kvm).
     """
+    if kernel is not None:
+        oracle_vm(kernel, accel, fmt)
+        return
     try:
         result = compare()
     except OracleUnavailableError as exc:

@@ -10,19 +10,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
+from kvmpoison.arch.x86.pgtable import is_swap_pte, pte_pfn, pte_present
 from kvmpoison.fs.pipe import Pipe
 from kvmpoison.kconfig import KernelConfig
 from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.kernel.process import Process
 from kvmpoison.matrix import protocol as proto
 from kvmpoison.mm.file import O_DIRECT, O_RDWR
+from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.madvise import (
     MADV_DONTNEED,
     MADV_GUARD_INSTALL,
+    MADV_HWPOISON,
     MADV_POPULATE_READ,
     MADV_POPULATE_WRITE,
 )
+from kvmpoison.mm.memory_failure import unpoison_memory
 from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PROT_NONE
+from kvmpoison.mm.swapops import (
+    is_hwpoison_entry,
+    is_migration_entry,
+    pte_to_swp_entry,
+    swp_offset,
+    swp_offset_pfn,
+    swp_type,
+)
 from kvmpoison.mm.userfaultfd import UFFDIO_REGISTER_MODE_MISSING
 from kvmpoison.outcome import Kind, Outcome
 from kvmpoison.virt.kvm.guest_memfd import (
@@ -51,10 +63,11 @@ class Cell:
     path: str
     backing: str
     outcome: Outcome
+    text: str | None = None  # a cell richer than the outcome's (load_siginfo)
 
     @property
     def cell(self) -> str:
-        return self.outcome.cell
+        return self.text if self.text is not None else self.outcome.cell
 
 
 @dataclass
@@ -69,6 +82,8 @@ class Probe:
     abuf: int  # the attacker's scratch page
     file_fd: int
     direct_fd: int
+    memfd: int = -1  # hwpoison_shmem, hwpoison_file: the file behind T
+    pfn: int = 0  # hwpoison backings: the page poisoned
 
 
 def _setup(kcfg: KernelConfig, backing: str) -> Probe:
@@ -111,6 +126,8 @@ def _setup(kcfg: KernelConfig, backing: str) -> Probe:
         _need(target.uffdio_poison(ctx, t, PAGE), "UFFDIO_POISON")
     elif backing == "madv_guard":
         _need(target.madvise(t, PAGE, MADV_GUARD_INSTALL), "MADV_GUARD_INSTALL")
+    elif backing in proto.HWPOISON_BACKINGS:
+        memfd, pfn = _poison(target, backing, t, fill)
     else:
         raise ValueError(f"unknown backing {backing!r} (known: {', '.join(proto.BACKINGS)})")
     buf = _need(target.mmap(0, PAGE, RW, MAP_PRIVATE | MAP_ANONYMOUS), "mmap buffer")
@@ -121,7 +138,73 @@ def _setup(kcfg: KernelConfig, backing: str) -> Probe:
     attacker = Process.spawn(kernel, "attacker")
     abuf = _need(attacker.mmap(0, PAGE, RW, MAP_PRIVATE | MAP_ANONYMOUS), "mmap attacker")
     _need(attacker.store(abuf, bytes(PAGE)), "touch attacker buffer")
-    return Probe(kernel, target, t, buf, attacker, abuf, file_fd, direct_fd)
+    probe = Probe(kernel, target, t, buf, attacker, abuf, file_fd, direct_fd)
+    if backing in proto.HWPOISON_BACKINGS:
+        probe.memfd, probe.pfn = memfd, pfn
+    return probe
+
+
+def _poison(target: Process, backing: str, t: int, fill: bytes) -> tuple[int, int]:
+    """T filled, then MADV_HWPOISON (memory_failure() on its page): (memfd or -1, pfn)."""
+    memfd = -1
+    if backing in ("hwpoison_shmem", "hwpoison_file"):
+        if backing == "hwpoison_shmem":
+            memfd = _need(target.memfd_create("kvmpoison-hwpoison"), "memfd_create")
+        else:
+            target.kernel.create_file("/hwpoison", b"")
+            memfd = _need(target.open("/hwpoison", O_RDWR), "open")
+        _need(target.ftruncate(memfd, PAGE), "ftruncate")
+        _need(target.mmap(t, PAGE, RW, MAP_SHARED | MAP_FIXED, memfd), "mmap memfd")
+    _need(target.store(t, fill), "fill T")
+    pte = target.mm.pgd.get(t)
+    if not pte_present(pte):
+        raise SetupError("T is not mapped after the fill")
+    _need(target.madvise(t, PAGE, MADV_HWPOISON), "MADV_HWPOISON")
+    return memfd, pte_pfn(pte)
+
+
+def _pagemap(p: Probe) -> str:
+    """T's pagemap entry as ``pte_to_pagemap_entry`` (fs/proc/task_mmu.c, v6.1) builds it."""
+    kcfg, types = p.kernel.core.kcfg, p.kernel.core.swap_types
+    pte = p.target.mm.pgd.get(p.t)
+    if pte_present(pte) or not is_swap_pte(pte):
+        return proto.pagemap_cell(pte_present(pte), False, 0, 0, p.pfn)
+    entry = pte_to_swp_entry(pte, kcfg)
+    pfn_entry = is_hwpoison_entry(entry, types) or is_migration_entry(entry, types)
+    offset = swp_offset_pfn(entry, kcfg) if pfn_entry else swp_offset(entry)
+    return proto.pagemap_cell(False, True, swp_type(entry), offset, p.pfn)
+
+
+def _then_load(p: Probe, step: Outcome) -> Outcome:
+    """A step, then a load of T: the step's error, else what the load gets."""
+    return step if not step.succeeded else p.target.load(p.t, proto.TRANSFER)
+
+
+def _hwpoison_path(p: Probe, path: str) -> Outcome | None:
+    tgt, t = p.target, p.t
+    match path:
+        case "load_siginfo":
+            return tgt.load(t, proto.TRANSFER)  # run_cell adds si_addr and si_addr_lsb
+        case "hwpoison_again":
+            return tgt.madvise(t, PAGE, MADV_HWPOISON)
+        case "pagemap":
+            return Outcome.ok()  # run_cell reads T's page table entry
+        case "fork_child_load":
+            return tgt.fork().load(t, proto.TRANSFER)
+        case "dontneed_load":
+            return _then_load(p, tgt.madvise(t, PAGE, MADV_DONTNEED))
+        case "punch_hole_load":
+            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            return _then_load(p, tgt.fallocate(p.memfd, mode, 0, PAGE))
+        case "truncate_load":
+            return _then_load(p, tgt.ftruncate(p.memfd, 0))
+        case "file_pread":
+            return tgt.pread(p.memfd, p.buf, proto.TRANSFER, 0)
+        case "unpoison" | "unpoison_load":
+            err = unpoison_memory(p.kernel.core, p.pfn)
+            step = Outcome.error(-err) if err else Outcome.ret(0)
+            return step if path == "unpoison" else _then_load(p, step)
+    return None
 
 
 def _prefilled_pipe(p: Probe, n: int) -> tuple[int, int]:
@@ -180,7 +263,7 @@ def run_path(p: Probe, path: str) -> Outcome:
             return Outcome.vec(out.data[0]) if out.kind is Kind.RET and out.data else out
         case "getrandom":
             return tgt.getrandom(t, n)
-    return _remote(p, path, at, n)
+    return _hwpoison_path(p, path) or _remote(p, path, at, n)
 
 
 def _remote(p: Probe, path: str, at: int, n: int) -> Outcome:
@@ -204,7 +287,15 @@ def _remote(p: Probe, path: str, at: int, n: int) -> Outcome:
 
 
 def run_cell(kcfg: KernelConfig, path: str, backing: str) -> Cell:
-    return Cell(path, backing, run_path(_setup(kcfg, backing), path))
+    probe = _setup(kcfg, backing)
+    out = run_path(probe, path)
+    cell = Cell(path, backing, out)
+    if path == "pagemap":
+        cell.text = _pagemap(probe)
+    if path == "load_siginfo" and out.siginfo is not None:
+        info = out.siginfo
+        cell.text = proto.siginfo_cell(out.cell, info.addr, info.addr_lsb, probe.t)
+    return cell
 
 
 def run_matrix(kcfg: KernelConfig, paths: tuple[str, ...] = proto.PATHS,

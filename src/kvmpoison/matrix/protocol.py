@@ -23,6 +23,29 @@ PATHS = LOCAL_PATHS + REMOTE_PATHS
 BACKINGS = ("anon", "anon_prot_none", "memfd_secret", "gmem_private", "gmem_shared",
             "file_beyond_eof", "uffd_poison", "madv_guard")
 
+# Backings whose T is hardware-poisoned (MADV_HWPOISON live, memory_failure() in the model).
+# Live, they run ONLY inside the VM guest of ``backends.vmkernel``: poisoning takes a
+# physical page out of service, which must never happen on the host.
+HWPOISON_BACKINGS = ("hwpoison_anon", "hwpoison_shmem", "hwpoison_file")
+# Probes of what happens to a poisoned T next: each does one step, then loads T
+# (``unpoison`` alone reports the write to hwpoison_inject's unpoison-pfn).
+HWPOISON_PATHS = ("load_siginfo", "pagemap", "hwpoison_again", "fork_child_load",
+                  "dontneed_load", "punch_hole_load", "truncate_load", "file_pread", "unpoison",
+                  "unpoison_load")
+# load_siginfo is a load whose cell adds si_addr (relative to T) and si_addr_lsb.
+# pagemap is T's /proc/self/pagemap entry: present, none, or swap with its swap type
+# number (SWP_HWPOISON's number is the build's: 26 in Debian's 6.1) and offset.
+# hwpoison_again is a second MADV_HWPOISON of T.
+# file_pread reads the poisoned page through its file (the page cache), not through T.
+# punch-hole, truncate and file_pread need a file: the anonymous column has no such cell.
+HWPOISON_PATHS_FOR = {
+    "hwpoison_anon": ("load_siginfo", "pagemap", "hwpoison_again", "fork_child_load",
+                      "dontneed_load", "unpoison", "unpoison_load"),
+    "hwpoison_shmem": HWPOISON_PATHS,
+    "hwpoison_file": HWPOISON_PATHS,  # a regular file (ext4 in the VM guest), MAP_SHARED
+}
+UNPOISON_PFN = "/sys/kernel/debug/hwpoison/unpoison-pfn"
+
 PAGE0_FILL = 0x11  # page 0: ordinary private anonymous memory
 T_FILL = 0x22  # what T holds where the backing lets the owner write it
 FILE_FILL = 0x33  # the regular file used by pread/pwrite/O_DIRECT
@@ -31,6 +54,25 @@ STRADDLE = 32  # bytes moved by straddle paths, starting 16 bytes before T
 STRADDLE_BEFORE = 16
 ODIRECT = 4096
 FUTEX_MISMATCH = 0x5A5A5A5A  # never what T holds, so FUTEX_WAIT returns at once
+
+
+def siginfo_cell(cell: str, addr: int, lsb: int | None, t: int) -> str:
+    """``sig:SIGBUS:BUS_MCEERR_AR`` + ``:addr=T+0x0:lsb=12`` (lsb only where it is set)."""
+    off = addr - t
+    where = f"T+{off:#x}" if off >= 0 else f"T-{-off:#x}"
+    return f"{cell}:addr={where}" + (f":lsb={lsb}" if lsb else "")
+
+
+PM_SWAP_TYPE_BITS = 5  # MAX_SWAPFILES_SHIFT: pagemap's frame is type | offset << 5
+
+
+def pagemap_cell(present: bool, swap: bool, swap_type: int, offset: int, pfn: int) -> str:
+    if present:
+        return "pagemap:present"
+    if not swap:
+        return "pagemap:none"
+    where = "pfn" if pfn and offset == pfn else f"{offset:#x}"
+    return f"pagemap:swap:type={swap_type}:offset={where}"
 
 
 def is_straddle(path: str) -> bool:

@@ -105,7 +105,8 @@ def generic_perform_write(core: MmCore, inode: Inode, pos: int, src: IovIter,
     return total
 
 
-def unmap_mapping_range(mapping: AddressSpace, first: int, last: int) -> None:
+def unmap_mapping_range(mapping: AddressSpace, first: int, last: int,
+                        even_cows: bool = True) -> None:
     """Zap every user mapping of page offsets [first, last) (truncate: markers kept)."""
     for vma in list(mapping.i_mmap):
         lo = max(first, vma.vm_pgoff)
@@ -113,12 +114,13 @@ def unmap_mapping_range(mapping: AddressSpace, first: int, last: int) -> None:
         if lo < hi:
             start = vma.vm_start + ((lo - vma.vm_pgoff) << PAGE_SHIFT)
             end = vma.vm_start + ((hi - vma.vm_pgoff) << PAGE_SHIFT)
-            zap_page_range(vma, start, end, keep_markers=True)
+            zap_page_range(vma, start, end, keep_markers=True, even_cows=even_cows)
 
 
-def truncate_inode_pages_range(core: MmCore, mapping: AddressSpace, first: int, last: int) -> None:
+def truncate_inode_pages_range(core: MmCore, mapping: AddressSpace, first: int, last: int,
+                               even_cows: bool = True) -> None:
     """Unmap and drop the cached pages of offsets [first, last)."""
-    unmap_mapping_range(mapping, first, last)
+    unmap_mapping_range(mapping, first, last, even_cows)
     idx = mapping.cached_indices()
     idx = idx[(idx >= first) & (idx < last)]
     for index in idx:
@@ -299,7 +301,7 @@ class RegularFile:
             last = (offset + length) >> PAGE_SHIFT
             assert inode.mapping is not None
             self._zero_partial(inode, offset, offset + length - 1)  # ext4_zero_partial_blocks
-            truncate_inode_pages_range(self.core, inode.mapping, first, last)
+            truncate_inode_pages_range(self.core, inode.mapping, first, last, even_cows=False)
             for i in range(first, last):
                 inode.disk.pop(i, None)
             return 0

@@ -56,14 +56,14 @@ MADV_GUARD_REMOVE = 103
 
 def madvise_behavior_valid(mm: MmStruct, behavior: int) -> bool:
     cfg = mm.core.kcfg
-    modern = cfg.version >= KernelVersion.V6_18
     valid = {MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_DONTNEED,
              MADV_FREE, MADV_REMOVE, MADV_DONTFORK, MADV_DOFORK, MADV_MERGEABLE,
              MADV_UNMERGEABLE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTDUMP, MADV_DODUMP,
              MADV_WIPEONFORK, MADV_KEEPONFORK, MADV_COLD, MADV_PAGEOUT}
-    if modern:
-        valid |= {MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_GUARD_INSTALL,
-                  MADV_GUARD_REMOVE}
+    if cfg.has_madv_populate:
+        valid |= {MADV_POPULATE_READ, MADV_POPULATE_WRITE}
+    if cfg.has_guard_pages:
+        valid |= {MADV_GUARD_INSTALL, MADV_GUARD_REMOVE}
     if cfg.memory_failure:
         valid |= {MADV_HWPOISON, MADV_SOFT_OFFLINE}
     return behavior in valid
@@ -280,6 +280,8 @@ def madvise_inject_error(mm: MmStruct, start: int, end: int, behavior: int) -> i
         if mm.core.kcfg.version >= KernelVersion.V6_18:
             # MF_ACTION_REQUIRED | MF_COUNT_INCREASED | MF_SW_SIMULATED: GUP's ref is kept
             flags = 0x2 | 0x1 | 0x20
+        elif mm.core.kcfg.version >= KernelVersion.V6_1:
+            flags = 0x1 | 0x20  # v6.1: MF_COUNT_INCREASED | MF_SW_SIMULATED, no AR signal
         else:
             put_page(page)
             flags = 0

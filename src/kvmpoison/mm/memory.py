@@ -41,6 +41,7 @@ from kvmpoison.arch.x86.pgtable_types import (
     PAGE_SHIFT,
     PAGE_SIZE,
 )
+from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.mm_types import (
     VM,
@@ -445,7 +446,8 @@ def _swp_entry_fields(core: MmCore, ptes: npt.NDArray[np.uint64]) -> tuple[IntAr
     return (__swp_type_array(clean).astype(np.int64), __swp_offset_array(clean).astype(np.int64))
 
 
-def zap_page_range(vma: Vma, start: int, end: int, keep_markers: bool = False) -> int:
+def zap_page_range(vma: Vma, start: int, end: int, keep_markers: bool = False,
+                   even_cows: bool = True) -> int:
     """``unmap_page_range``/``zap_pte_range`` over [start, end), vectorised.
 
     Present pages lose their mapping (dirty file pages get PG_dirty); the
@@ -453,6 +455,10 @@ def zap_page_range(vma: Vma, start: int, end: int, keep_markers: bool = False) -
     hwpoison entries are cleared (dropping the RFC's page reference when the
     hook says they hold one); PTE markers are cleared unless ``keep_markers``
     (the zap-with-details of truncation). Returns the pages unmapped.
+
+    ``even_cows=False`` is a ``zap_details`` whose ``even_cows`` is false (a
+    hole punch, which spares private COW copies): from v6.1 (``zap_pte_range``,
+    ``should_zap_cows``, v6.1.192) such a zap also leaves hwpoison entries.
     """
     mm = vma.vm_mm
     core = mm.core
@@ -486,6 +492,10 @@ def zap_page_range(vma: Vma, start: int, end: int, keep_markers: bool = False) -
                 markers = stypes == types.pte_marker
                 idx = np.flatnonzero(swap)[markers]
                 clear[idx] = False
+            if not even_cows and types.hwpoison is not None and \
+                    core.kcfg.version >= KernelVersion.V6_1:
+                clear[np.flatnonzero(swap)[stypes == types.hwpoison]] = False
+                stypes = np.where(stypes == types.hwpoison, -1, stypes)  # kept: no ref dropped
             if types.hwpoison is not None and core.hooks.hwpoison_entry_holds_ref:
                 poisoned = soffs[stypes == types.hwpoison]
                 _put_pages_bulk(core, poisoned)

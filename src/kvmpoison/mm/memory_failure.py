@@ -135,7 +135,7 @@ def hwpoison_user_mappings(core: MmCore, page: Page, flags: int,
     if PageKsm(page):
         core.dmesg.append(f"Memory failure: {page.pfn:#x}: can't handle KSM pages.")
         return False  # nobody is collected or killed; the page stays mapped
-    modern = core.kcfg.version >= KernelVersion.V6_18
+    modern = core.kcfg.version >= KernelVersion.V6_1
     ttu = TTU.IGNORE_MLOCK | (TTU.SYNC | TTU_HWPOISON if modern else TTU(0))
     kill = True
     mapping = page_mapping(page)
@@ -164,7 +164,7 @@ def _page_action(core: MmCore, page: Page) -> int:
     if dirty:
         mapping_set_error(mapping, -errno.EIO)
     kind = getattr(mapping.host, "kind", "")
-    keep = kind == "shmem" and core.kcfg.version >= KernelVersion.V6_18
+    keep = kind == "shmem" and core.kcfg.version >= KernelVersion.V6_1
     if not keep:  # truncate_error_page: the page leaves the page cache
         index = int(core.pages.index[pfn])
         if mapping.delete_from_page_cache(index) is not None:
@@ -235,7 +235,7 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
     if not flags & MF_SW_SIMULATED:
         core.hw_memory_failure = True
     if TestSetPageHWPoison(page):
-        if core.kcfg.version < KernelVersion.V6_18:
+        if core.kcfg.version < KernelVersion.V6_1:
             _report(core, pfn, "already poisoned", MfResult.IGNORED)
             return 0
         res = -EHWPOISON
@@ -271,7 +271,7 @@ def unpoison_memory(core: MmCore, pfn: int) -> int:
     if not 0 < pfn < core.pages.nr_pages:
         return -errno.ENXIO
     page = core.pages[pfn]
-    modern = core.kcfg.version >= KernelVersion.V6_18
+    modern = core.kcfg.version >= KernelVersion.V6_1
     if modern and core.hw_memory_failure:
         return -errno.EOPNOTSUPP
     if not PageHWPoison(page):

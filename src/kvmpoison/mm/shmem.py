@@ -84,12 +84,12 @@ class Shmem:
         return np.uint32(self.core.pages.bits.mask(PG.swapbacked, PG.uptodate, PG.lru))
 
     def io_checks_poison(self) -> bool:
-        """v5.16+: read_iter and write_begin fail a PageHWPoison page with -EIO.
+        """v5.16+ (so 6.1 and 6.18): read_iter and write_begin fail a PageHWPoison page with -EIO.
 
         (``mm: shmem: don't truncate page if memory failure happens``: the page
         stays in the cache, so its readers and writers must check.)
         """
-        return self.core.kcfg.version >= KernelVersion.V6_18
+        return self.core.kcfg.version >= KernelVersion.V6_1
 
     def shmem_getpage_gfp(self, inode: Inode, index: int, sgp: int) -> tuple[int | None, int]:
         """(pfn or None for a hole on read, 0 or -errno).
@@ -211,7 +211,8 @@ class Shmem:
             if not mode & FALLOC_FL_KEEP_SIZE:
                 return -errno.EOPNOTSUPP
             first = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT
-            truncate_inode_pages_range(self.core, mapping, first, (offset + length) >> PAGE_SHIFT)
+            truncate_inode_pages_range(self.core, mapping, first, (offset + length) >> PAGE_SHIFT,
+                                       even_cows=False)
             self._zero_partial(inode, offset, offset + length - 1)
             return 0
         end = offset + length

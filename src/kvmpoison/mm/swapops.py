@@ -55,6 +55,9 @@ class SwapTypes:
 
     A field is ``None`` where the build has no such type. v5.12 has two
     migration and two device types; v6.18 has three of each and PTE markers.
+    v6.1 has three migration types, four device types (DEVICE_EXCLUSIVE_WRITE
+    and _READ), a PTE marker type (CONFIG_PTE_MARKER) and, last,
+    SWP_SWAPIN_ERROR (include/linux/swap.h, v6.1.192).
     """
 
     max_swapfiles: int
@@ -66,16 +69,21 @@ class SwapTypes:
     device_read: int | None
     device_exclusive: int | None
     pte_marker: int | None
+    device_exclusive_read: int | None = None
+    swapin_error: int | None = None
 
     @classmethod
     def for_config(cls, cfg: KernelConfig) -> SwapTypes:
-        modern = cfg.version >= KernelVersion.V6_18
-        device_num = (3 if modern else 2) if cfg.device_private else 0
+        modern = cfg.version >= KernelVersion.V6_1
+        v6_1 = cfg.version == KernelVersion.V6_1
+        device_num = (4 if v6_1 else 3 if modern else 2) if cfg.device_private else 0
         migration_num = (3 if modern else 2) if cfg.migration else 0
         hwpoison_num = 1 if cfg.memory_failure else 0
         marker_num = 1 if cfg.has_pte_markers else 0
+        swapin_error_num = 1 if cfg.has_swapin_error else 0
         max_swapfiles = (
             (1 << MAX_SWAPFILES_SHIFT) - device_num - migration_num - hwpoison_num - marker_num
+            - swapin_error_num
         )
         mig = max_swapfiles + hwpoison_num
         dev = mig + migration_num
@@ -87,8 +95,10 @@ class SwapTypes:
             migration_write=mig + migration_num - 1 if migration_num else None,
             device_write=dev if device_num else None,
             device_read=dev + 1 if device_num else None,
-            device_exclusive=dev + 2 if device_num == 3 else None,
+            device_exclusive=dev + 2 if device_num >= 3 else None,
             pte_marker=dev + device_num if marker_num else None,
+            device_exclusive_read=dev + 3 if device_num == 4 else None,
+            swapin_error=dev + device_num + marker_num if swapin_error_num else None,
         )
 
     def name_of(self, type_: int) -> str:
@@ -100,8 +110,11 @@ class SwapTypes:
             self.migration_write: "SWP_MIGRATION_WRITE",
             self.device_write: "SWP_DEVICE_WRITE",
             self.device_read: "SWP_DEVICE_READ",
-            self.device_exclusive: "SWP_DEVICE_EXCLUSIVE",
+            self.device_exclusive: "SWP_DEVICE_EXCLUSIVE" if self.device_exclusive_read is None
+            else "SWP_DEVICE_EXCLUSIVE_WRITE",
+            self.device_exclusive_read: "SWP_DEVICE_EXCLUSIVE_READ",
             self.pte_marker: "SWP_PTE_MARKER",
+            self.swapin_error: "SWP_SWAPIN_ERROR",
         }
         names.pop(None, None)
         if type_ in names:

@@ -57,8 +57,8 @@ def mfill_atomic_poison(ctx: UffdCtx, start: int, length: int) -> int:
     core = mm.core
     if start & (PAGE_SIZE - 1) or length & (PAGE_SIZE - 1) or not length:
         return -errno.EINVAL
-    if core.swap_types.pte_marker is None:
-        return -errno.EINVAL  # no such ioctl before v6.6
+    if core.swap_types.pte_marker is None or not core.kcfg.has_uffdio_poison:
+        return -errno.EINVAL  # no such ioctl before v6.6 (userfaultfd_ioctl's default)
     vmas = vmas_in_range(mm, start, start + length, split=False)
     if not vmas or not range_is_mapped(mm, start, start + length) or any(
             v.uffd_ctx is not ctx for v in vmas):

@@ -45,8 +45,16 @@ from kvmpoison.backends.kvm.libc import (
     siginfo_t,
 )
 from kvmpoison.backends.kvm.system import Kvm
+from kvmpoison.matrix.protocol import (
+    HWPOISON_BACKINGS,
+    PM_SWAP_TYPE_BITS,
+    UNPOISON_PFN,
+    pagemap_cell,
+    siginfo_cell,
+)
 
 PAGE = 4096
+TRANSFER = 8
 RW = PROT_READ | PROT_WRITE
 PAGE0_FILL, T_FILL, FILE_FILL = 0x11, 0x22, 0x33
 FUTEX_MISMATCH = 0x5A5A5A5A
@@ -56,6 +64,9 @@ SEGV_NAMES = {1: "SEGV_MAPERR", 2: "SEGV_ACCERR", 3: "SEGV_BNDERR", 4: "SEGV_PKU
 LOCAL_KVM_BACKINGS = ("gmem_private", "gmem_shared")
 
 MADV_DONTNEED, MADV_POPULATE_READ, MADV_POPULATE_WRITE, MADV_GUARD_INSTALL = 4, 22, 23, 102
+MADV_HWPOISON = 100
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+PM_PRESENT, PM_SWAP, PM_PFN_MASK = 1 << 63, 1 << 62, (1 << 55) - 1  # /proc/PID/pagemap
 UFFDIO = 0xAA
 UFFD_API = 0xAA
 UFFDIO_REGISTER_MODE_MISSING = 1
@@ -122,6 +133,71 @@ class ProbeResult:
 # -- the target (runs in the child) -------------------------------------------------------
 
 
+def in_vm_guest() -> bool:
+    """True only inside the VM guest of ``backends.vmkernel`` (its init and its cmdline say so).
+
+    The hwpoison backings poison T with MADV_HWPOISON, which takes the
+    physical page out of service for good: never on the host.
+    """
+    if os.environ.get("KVMPOISON_IN_VM_GUEST") != "1":
+        return False
+    try:
+        with open("/proc/cmdline") as fh:
+            return "kvmpoison.job=" in fh.read()
+    except OSError:
+        return False
+
+
+@dataclass
+class _Memfd:
+    fd: int
+
+
+@dataclass
+class _Pfn:
+    pfn: int
+
+
+def _pagemap_entry(addr: int) -> int:
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        return int.from_bytes(os.pread(fd, 8, (addr // PAGE) * 8), "little")
+    finally:
+        os.close(fd)
+
+
+def _pagemap_pfn(addr: int) -> int:
+    """The pfn behind a present page of this process (root only; 0 when hidden)."""
+    entry = _pagemap_entry(addr)
+    return entry & PM_PFN_MASK if entry & PM_PRESENT else 0
+
+
+def _pagemap(t: int, keep: list[object]) -> str:
+    entry = _pagemap_entry(t)
+    frame = entry & PM_PFN_MASK
+    pfn = next((o.pfn for o in keep if isinstance(o, _Pfn)), 0)
+    return pagemap_cell(bool(entry & PM_PRESENT), bool(entry & PM_SWAP),
+                        frame & ((1 << PM_SWAP_TYPE_BITS) - 1), frame >> PM_SWAP_TYPE_BITS, pfn)
+
+
+def _poison(backing: str, t: int, keep: list[object]) -> None:
+    if not in_vm_guest():
+        raise PermissionError(f"{backing} poisons a page: it runs only inside the kvmpoison "
+                              "VM guest (kvmpoison oracle --kernel debian-6.1)")
+    if backing in ("hwpoison_shmem", "hwpoison_file"):
+        if backing == "hwpoison_shmem":
+            fd = os.memfd_create("kvmpoison-hwpoison")
+        else:
+            fd, name = tempfile.mkstemp(prefix="kvmpoison-hwpoison-")
+            os.unlink(name)
+        os.ftruncate(fd, PAGE)
+        mmap(t, PAGE, RW, MAP_SHARED | MAP_FIXED, fd)
+        keep.append(_Memfd(fd))
+    ctypes.memset(t, T_FILL, PAGE)
+    keep.append(_Pfn(_pagemap_pfn(t)))
+    _chk(libc.madvise(t, PAGE, MADV_HWPOISON), "MADV_HWPOISON")
+
+
 def _setup(backing: str, keep: list[object]) -> int:
     base = mmap(None, 2 * PAGE, RW, MAP_PRIVATE | MAP_ANONYMOUS)
     t = base + PAGE
@@ -164,6 +240,8 @@ def _setup(backing: str, keep: list[object]) -> int:
         keep.append(uffd)
     elif backing == "madv_guard":
         _chk(libc.madvise(t, PAGE, MADV_GUARD_INSTALL), "MADV_GUARD_INSTALL")
+    elif backing in HWPOISON_BACKINGS:
+        _poison(backing, t, keep)
     elif backing != "anon":
         raise ValueError(f"unknown backing {backing!r}")
     return t
@@ -185,7 +263,83 @@ def _data_file(direct: bool) -> int:
     return fd
 
 
-def _local(path: str, t: int) -> str:
+def _kept(keep: list[object], kind: type[_Memfd] | type[_Pfn]) -> int:
+    for obj in keep:
+        if isinstance(obj, _Memfd) and kind is _Memfd:
+            return obj.fd
+        if isinstance(obj, _Pfn) and kind is _Pfn:
+            return obj.pfn
+    raise ValueError(f"this backing has no {kind.__name__.strip('_').lower()}")
+
+
+def _then_load(ret: int, t: int) -> str:
+    """A step, then a load of T: the step's error, else what the load gets."""
+    if ret < 0:
+        return _err(ret)
+    ctypes.string_at(t, TRANSFER)
+    return "ok"
+
+
+def _unpoison(pfn: int) -> str:
+    """Write the pfn to hwpoison_inject's unpoison-pfn: ret:0 when unpoison_memory() said 0."""
+    try:
+        fd = os.open(UNPOISON_PFN, os.O_WRONLY)
+    except OSError as exc:
+        return f"err:{_name(exc.errno or 0)}"
+    try:
+        os.write(fd, f"{pfn:#x}".encode())
+    except OSError as exc:
+        return f"err:{_name(exc.errno or 0)}"
+    finally:
+        os.close(fd)
+    return "ret:0"
+
+
+def _fork_child_load(t: int) -> str:
+    """A fork child loads T; the target traces it to read the siginfo."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the grandchild never returns
+        libc.ptrace(PTRACE_TRACEME, 0, None, None)
+        ctypes.string_at(t, TRANSFER)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSTOPPED(status):
+        sig = os.WSTOPSIG(status)
+        cell = _signal_cell(pid) if sig in (signal.SIGBUS, signal.SIGSEGV) else f"stop:{sig}"
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return cell
+    return "ok" if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else f"status:{status}"
+
+
+def _hwpoison_path(path: str, t: int, keep: list[object]) -> str:
+    match path:
+        case "load_siginfo":  # the parent reads T from the pipe and the siginfo by ptrace
+            return _then_load(0, t)
+        case "pagemap":
+            return _pagemap(t, keep)
+        case "hwpoison_again":
+            _kept(keep, _Pfn)  # only on a backing this probe poisoned (never on the host)
+            return _cell(libc.madvise(t, PAGE, MADV_HWPOISON))
+        case "fork_child_load":
+            return _fork_child_load(t)
+        case "dontneed_load":
+            return _then_load(libc.madvise(t, PAGE, MADV_DONTNEED), t)
+        case "punch_hole_load":
+            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+            return _then_load(libc.fallocate(_kept(keep, _Memfd), mode, 0, PAGE), t)
+        case "truncate_load":
+            return _then_load(libc.ftruncate(_kept(keep, _Memfd), 0), t)
+        case "file_pread":
+            buf = ctypes.create_string_buffer(PAGE)
+            return _cell(libc.pread(_kept(keep, _Memfd), buf, TRANSFER, 0))
+        case "unpoison" | "unpoison_load":
+            cell = _unpoison(_kept(keep, _Pfn))
+            return cell if path == "unpoison" or cell.startswith("err:") else _then_load(0, t)
+    raise ValueError(f"unknown local path {path!r}")
+
+
+def _local(path: str, t: int, keep: list[object]) -> str:
     straddle = path.endswith("_straddle")
     n = 32 if straddle else (4096 if path.startswith("odirect") else 8)
     at = t - 16 if straddle else t
@@ -246,7 +400,7 @@ def _local(path: str, t: int) -> str:
         case "getrandom":
             return _cell(libc.syscall(SYS_getrandom, ctypes.c_void_p(at), ctypes.c_size_t(n),
                                       ctypes.c_uint(0)))
-    raise ValueError(f"unknown local path {path!r}")
+    return _hwpoison_path(path, t, keep)
 
 
 def _child(path: str, backing: str, out_fd: int, remote: bool) -> None:
@@ -254,11 +408,12 @@ def _child(path: str, backing: str, out_fd: int, remote: bool) -> None:
         libc.ptrace(PTRACE_TRACEME, 0, None, None)
         keep: list[object] = []
         t = _setup(backing, keep)
-        if remote:
+        if remote or path == "load_siginfo":
             os.write(out_fd, (json.dumps({"t": t}) + "\n").encode())
+        if remote:
             os.kill(os.getpid(), signal.SIGSTOP)
             os._exit(0)
-        cell = _local(path, t)
+        cell = _local(path, t, keep)
         os.write(out_fd, (json.dumps({"cell": cell}) + "\n").encode())
         os._exit(0)
     except BaseException as exc:  # report, never unwind into the parent's code
@@ -301,12 +456,17 @@ def _remote(path: str, pid: int, t: int) -> str:
     raise ValueError(f"unknown remote path {path!r}")
 
 
-def _signal_cell(pid: int) -> str:
+def _signal_cell(pid: int, t: int | None = None) -> str:
+    """The cell of a fault stop; with T, si_addr and si_addr_lsb too (load_siginfo)."""
     info = siginfo_t()
     libc.ptrace(PTRACE_GETSIGINFO, pid, None, ctypes.byref(info))
     name = signal.Signals(info.si_signo).name
     codes = BUS_NAMES if info.si_signo == signal.SIGBUS else SEGV_NAMES
-    return f"sig:{name}:{codes.get(info.si_code, str(info.si_code))}"
+    cell = f"sig:{name}:{codes.get(info.si_code, str(info.si_code))}"
+    if t is None:
+        return cell
+    lsb = info.si_addr_lsb if info.si_code in (4, 5) else None  # BUS_MCEERR_AR/AO only
+    return siginfo_cell(cell, info.si_addr, lsb, t)
 
 
 def run_probe(path: str, backing: str, remote_paths: tuple[str, ...]) -> ProbeResult:
@@ -324,7 +484,9 @@ def run_probe(path: str, backing: str, remote_paths: tuple[str, ...]) -> ProbeRe
             if os.WIFSTOPPED(status):
                 sig = os.WSTOPSIG(status)
                 if sig in (signal.SIGBUS, signal.SIGSEGV):
-                    cell = _signal_cell(pid)
+                    t = int(json.loads(reader.readline())["t"]) if path == "load_siginfo" \
+                        else None
+                    cell = _signal_cell(pid, t)
                     break
                 if sig == signal.SIGSTOP and remote:
                     msg = json.loads(reader.readline())
@@ -336,6 +498,8 @@ def run_probe(path: str, backing: str, remote_paths: tuple[str, ...]) -> ProbeRe
                 libc.ptrace(7, pid, None, ctypes.c_void_p(sig))  # PTRACE_CONT with the signal
                 continue
             msg = json.loads(reader.readline() or "{}")
+            if "t" in msg:  # load_siginfo's T, before a load that did not fault
+                msg = json.loads(reader.readline() or "{}")
             cell, detail = msg.get("cell", ""), msg.get("error", "")
             break
     if not _exited(pid):

@@ -1,0 +1,79 @@
+"""The runner inside the VM guest: run the matrix probes, print framed results on the console.
+
+Started by the initramfs's init in a chroot of the host's root, with the
+host's python3. It imports the probes of ``backends.kvm`` (one
+implementation for both referees) and prints one line per cell::
+
+    KVMPOISON-INFO {json}           the guest kernel and what it offers
+    KVMPOISON-CELL {json}           path, backing, cell, detail
+    KVMPOISON-END {json}            the probe time
+
+It refuses to run anywhere but in the guest: the hwpoison backings poison a
+page, which must never happen on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from types import FrameType
+
+from kvmpoison.backends.kvm.probes import in_vm_guest, run_probe
+from kvmpoison.matrix.protocol import REMOTE_PATHS, UNPOISON_PFN
+
+PROBE_TIMEOUT = 30  # seconds per cell; TCG is slow, a hang is not
+MARK_INFO, MARK_CELL, MARK_END = "KVMPOISON-INFO", "KVMPOISON-CELL", "KVMPOISON-END"
+
+
+def emit(mark: str, payload: dict[str, object]) -> None:
+    sys.stdout.write(f"{mark} {json.dumps(payload, sort_keys=True)}\n")
+    sys.stdout.flush()
+
+
+class _ProbeTimeoutError(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: FrameType | None) -> None:
+    raise _ProbeTimeoutError
+
+
+def main(argv: list[str]) -> int:
+    if not in_vm_guest():
+        print("kvmpoison: the VM runner runs only inside the kvmpoison VM guest", file=sys.stderr)
+        return 2
+    with open(argv[1]) as fh:
+        job = json.load(fh)
+    emit(MARK_INFO, {"release": platform.release(),
+                     "hwpoison_inject": os.path.exists(UNPOISON_PFN),
+                     "tmp_fs": _fs_type("/tmp")})
+    signal.signal(signal.SIGALRM, _alarm)
+    t0 = time.perf_counter()
+    for path, backing in job["cells"]:
+        signal.alarm(PROBE_TIMEOUT)
+        try:
+            res = run_probe(path, backing, REMOTE_PATHS)
+            cell, detail = res.cell, res.detail
+        except _ProbeTimeoutError:
+            cell, detail = "error", f"no result in {PROBE_TIMEOUT} s"
+        except Exception as exc:  # report the cell, keep the run going
+            cell, detail = "error", f"{type(exc).__name__}: {exc}"
+        finally:
+            signal.alarm(0)
+        emit(MARK_CELL, {"path": path, "backing": backing, "cell": cell, "detail": detail})
+    emit(MARK_END, {"seconds": round(time.perf_counter() - t0, 3)})
+    return 0
+
+
+def _fs_type(mount_point: str) -> str:
+    with open("/proc/mounts") as fh:
+        types = [line.split()[2] for line in fh if line.split()[1] == mount_point]
+    return types[-1] if types else "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,92 @@
+"""The model against Debian's Linux 6.1 under QEMU (``kvmpoison oracle --kernel debian-6.1``).
+
+The second referee: a kernel with CONFIG_MEMORY_FAILURE=y, so the hwpoison
+columns (MADV_HWPOISON in the guest, memory_failure() in the model) are held
+to a real kernel. The model is configured from the package's /boot/config and
+its version; one boot runs every live cell, then the model runs the same cells.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from kvmpoison.backends.vmkernel import session
+from kvmpoison.backends.vmkernel.errors import VmKernelUnavailableError
+from kvmpoison.kconfig import KernelConfig, KernelVersion
+from kvmpoison.matrix.model import run_cell
+from kvmpoison.matrix.protocol import HWPOISON_BACKINGS, HWPOISON_PATHS_FOR, PATHS
+from kvmpoison.report.oracle import Comparison
+
+KERNELS = ("debian-6.1",)
+# The guest has no /dev/kvm (no nested virtualisation) and 6.1 predates UFFDIO_POISON
+# (v6.6) and MADV_GUARD_INSTALL (v6.13): those columns cannot be refereed here.
+VM_BACKINGS = ("anon", "anon_prot_none", "memfd_secret", "file_beyond_eof", *HWPOISON_BACKINGS)
+UNPOISON_PATHS = ("unpoison", "unpoison_load")
+
+
+@dataclass
+class VmComparison(Comparison):
+    accel: str = "tcg"
+    boot_seconds: float = 0.0  # power-on to the runner's start, guest clock
+    probe_seconds: float = 0.0  # the live probes, guest clock
+    wall_seconds: float = 0.0  # the whole qemu run, host clock
+    model_seconds: float = 0.0
+
+
+def kconfig_from_text(text: str, version: KernelVersion) -> KernelConfig:
+    """The switches the model honours, read from a kernel's ``.config``."""
+    on = {line.split("=", 1)[0] for line in text.splitlines()
+          if line.startswith("CONFIG_") and line.endswith("=y")}
+    return KernelConfig(version=version, memory_failure="CONFIG_MEMORY_FAILURE" in on,
+                        migration="CONFIG_MIGRATION" in on,
+                        device_private="CONFIG_DEVICE_PRIVATE" in on,
+                        mem_soft_dirty="CONFIG_MEM_SOFT_DIRTY" in on,
+                        x86_5level="CONFIG_X86_5LEVEL" in on)
+
+
+def vm_cells() -> list[tuple[str, str]]:
+    """Every MATRIX path on every refereed backing, then the hwpoison probes.
+
+    ``load_siginfo`` (si_addr, si_addr_lsb) and ``pagemap`` are cheap and meaningful on
+    every backing.
+    """
+    cells = [(path, backing) for path in PATHS for backing in VM_BACKINGS]
+    cells += [(path, b) for path in ("load_siginfo", "pagemap") for b in VM_BACKINGS
+              if b not in HWPOISON_BACKINGS]
+    cells += [(path, backing) for backing in HWPOISON_BACKINGS
+              for path in HWPOISON_PATHS_FOR[backing]]
+    return cells
+
+
+def compare_vm(kernel: str = "debian-6.1", accel: str = "auto") -> VmComparison:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown VM kernel {kernel!r} (known: {', '.join(KERNELS)})")
+    run = session.run_cells(vm_cells(), accel)
+    release = str(run.info.get("release", run.kernel.release))
+    kcfg = kconfig_from_text(run.kernel.config.read_text(), KernelVersion.parse(release))
+    if not kcfg.memory_failure:
+        raise VmKernelUnavailableError(f"{release} has no CONFIG_MEMORY_FAILURE")
+    result = VmComparison(release, kcfg, False, VM_BACKINGS, accel=run.accel,
+                          boot_seconds=run.boot_seconds, probe_seconds=run.probe_seconds,
+                          wall_seconds=run.wall_seconds, seconds=run.wall_seconds)
+    result.notes.append("not refereed: gmem_private and gmem_shared (no /dev/kvm in the guest), "
+                        "uffd_poison (UFFDIO_POISON is v6.6) and madv_guard "
+                        "(MADV_GUARD_INSTALL is v6.13)")
+    if not run.info.get("hwpoison_inject"):
+        result.notes.append("hwpoison_inject did not load: the unpoison cells were not compared")
+    if run.info.get("tmp_fs") != "ext4":
+        result.notes.append(f"the guest's /tmp is {run.info.get('tmp_fs')}, not ext4: "
+                            "O_DIRECT cells may differ")
+    t0 = time.perf_counter()
+    for path, backing in vm_cells():
+        if path in UNPOISON_PATHS and not run.info.get("hwpoison_inject"):
+            continue
+        live = run.cells.get((path, backing), "missing")
+        if live in ("error", "missing"):
+            detail = run.details.get((path, backing), "no console line")
+            result.notes.append(f"live probe {path}/{backing} failed: {detail}")
+        model = run_cell(kcfg, path, backing).cell
+        result.cells.append((path, backing, live, model))
+    result.model_seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,67 @@
+"""The second referee, live: Debian's Linux 6.1 booted under QEMU agrees with the model.
+
+One boot for the whole session (about a minute under TCG; the kernel and
+initramfs come from the cache after the first run). The boot is opt-in
+(KVMPOISON_VMKERNEL=1, which ``.ci/run`` sets) so the default test run stays
+fast; without qemu, busybox-static, cpio or access to the package the tests
+skip with the reason, never fail.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kvmpoison.backends.vmkernel import qemu
+from kvmpoison.backends.vmkernel.cache import KernelFiles
+from kvmpoison.backends.vmkernel.errors import VmKernelUnavailableError
+from kvmpoison.matrix.protocol import HWPOISON_BACKINGS, PATHS
+from kvmpoison.report.vm_oracle import VM_BACKINGS, VmComparison, compare_vm
+
+pytestmark = pytest.mark.vmkernel
+
+
+@pytest.fixture(scope="session")
+def referee() -> VmComparison:
+    if os.environ.get("KVMPOISON_VMKERNEL") != "1":
+        pytest.skip("set KVMPOISON_VMKERNEL=1 to boot Debian's 6.1 under QEMU (about a minute)")
+    try:
+        return compare_vm("debian-6.1", "auto")
+    except VmKernelUnavailableError as exc:
+        pytest.skip(f"the 6.1 VM cannot run here: {exc}")
+
+
+def test_every_cell_agrees_with_the_model(referee: VmComparison) -> None:
+    assert referee.disagreements == [], referee.notes
+    assert referee.kcfg.memory_failure and referee.kcfg.version.value == "6.1"
+    assert referee.kernel.startswith("6.1.")
+
+
+def test_every_path_was_refereed_on_every_backing(referee: VmComparison) -> None:
+    seen = {(p, b) for p, b, _, _ in referee.cells}
+    assert {(p, b) for p in PATHS for b in VM_BACKINGS} <= seen
+
+
+def test_the_real_kernel_shows_the_seeds_hwpoison_semantics(referee: VmComparison) -> None:
+    live = {(p, b): cell for p, b, cell, _ in referee.cells}
+    for backing in HWPOISON_BACKINGS:
+        assert live[("load", backing)] == "sig:SIGBUS:BUS_MCEERR_AR"
+        assert live[("load_siginfo", backing)] == "sig:SIGBUS:BUS_MCEERR_AR:addr=T+0x0:lsb=12"
+        assert live[("process_vm_readv", backing)] == "err:EFAULT"
+        assert live[("populate_read", backing)] == "err:EHWPOISON"
+        assert live[("pagemap", backing)] == "pagemap:swap:type=26:offset=pfn"
+    for backing in ("hwpoison_anon", "hwpoison_shmem"):  # a shared file mapping is not copied
+        assert live[("fork_child_load", backing)] == "sig:SIGBUS:BUS_MCEERR_AR"
+    assert live[("fork_child_load", "hwpoison_file")] == "ok"
+    assert live[("punch_hole_load", "hwpoison_file")] == "sig:SIGBUS:BUS_MCEERR_AR"
+    assert live[("file_pread", "hwpoison_shmem")] == "err:EIO"
+    assert live[("punch_hole_load", "hwpoison_shmem")] == "sig:SIGBUS:BUS_MCEERR_AR"
+
+
+def test_missing_qemu_is_reported_with_what_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(VmKernelUnavailableError, match="apt-get install qemu-system-x86"):
+        qemu.boot(KernelFiles(tmp_path), {"kvmpoison.job": "/x"})
