@@ -15,7 +15,7 @@ from kvmpoison.arch.x86.mce import (
     srar_record,
 )
 from kvmpoison.arch.x86.vmx import EptEntry, EptFlag, MemType, ept_leaf
-from kvmpoison.outcome import McKind, Outcome, is_cell
+from kvmpoison.outcome import LivelockOn, McKind, Outcome, is_cell
 from kvmpoison.uapi.errno import EHWPOISON
 from kvmpoison.uapi.siginfo import BusCode, SegvCode, SigInfo
 
@@ -95,6 +95,7 @@ def test_ept_entry_round_trip_and_layout() -> None:
         (Outcome.machine_check(srar_record(0), McKind.TD_FATAL), "mce:td-fatal"),
         (Outcome.shutdown(), "shutdown"),
         (Outcome.panic("x"), "panic"),
+        (Outcome.livelocked(LivelockOn.MCE, srar_record(0)), "livelock:mce"),
     ],
 )
 def test_cell_notation(outcome: Outcome, cell: str) -> None:
@@ -108,7 +109,8 @@ def test_errno_values_are_the_kernels() -> None:
     assert [c.value for c in BusCode] == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("text", ["oops", "err:ENOTANERRNO", "ret:x", "mce:weird", "ok:1", "sig:"])
+@pytest.mark.parametrize("text", ["oops", "err:ENOTANERRNO", "ret:x", "mce:weird", "ok:1", "sig:",
+                                  "livelock", "livelock:", "livelock:fault"])
 def test_non_cells_are_rejected(text: str) -> None:
     assert not is_cell(text)
 

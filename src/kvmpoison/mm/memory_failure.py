@@ -23,7 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
+from kvmpoison.arch.x86.pgtable import pte_pfn_array, pte_present_array
+from kvmpoison.arch.x86.pgtable_64 import __swp_offset_array, __swp_type_array
+from kvmpoison.arch.x86.pgtable_types import (
+    _PAGE_SWP_EXCLUSIVE,
+    _PAGE_SWP_SOFT_DIRTY,
+    _PAGE_SWP_UFFD_WP,
+    PAGE_SHIFT,
+)
 from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.file import mapping_set_error
@@ -54,6 +61,7 @@ MF_ACTION_REQUIRED = 1 << 1
 MF_MUST_KILL = 1 << 2
 MF_SOFT_OFFLINE = 1 << 3
 MF_SW_SIMULATED = 1 << 5
+_SWP_FLAGS = _PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP | _PAGE_SWP_EXCLUSIVE  # beside the entry
 
 
 class MfResult(enum.Enum):
@@ -172,7 +180,11 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
         core.hw_memory_failure = True
     if TestSetPageHWPoison(page):
         _report(core, pfn, "already poisoned", MfResult.IGNORED)
-        return -EHWPOISON if core.kcfg.version >= KernelVersion.V6_18 else 0
+        if core.kcfg.version < KernelVersion.V6_18:
+            return 0  # v5.12: "already hardware poisoned", return 0
+        if flags & MF_ACTION_REQUIRED:
+            return kill_accessing_process(core, current_pid, pfn, flags)
+        return -EHWPOISON
     core.num_poisoned_pages += 1
     if PageFlag(page, PG.reserved):
         return _report(core, pfn, "reserved kernel page", MfResult.IGNORED)
@@ -188,6 +200,37 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
         return _page_action(core, page)
     finally:
         unlock_page(page)
+
+
+def kill_accessing_process(core: MmCore, current_pid: int | None, pfn: int, flags: int) -> int:
+    """``kill_accessing_process`` (mm/memory-failure.c, from 5.14; return value as in 6.18).
+
+    Walks the current task's page tables for an entry mapping ``pfn``, present
+    or a hwpoison entry (``check_hwpoisoned_entry``), and sends the current task
+    SIGBUS ``BUS_MCEERR_AR`` at that address. -EHWPOISON if one was found, else
+    0 (6.18; 5.14-6.x before the 2025 fix returned -EFAULT, which the model does
+    not distinguish). Simplified: order-0 PTEs only, the first match wins.
+    """
+    mm = next((m for m in core.mms.values() if m.owner_pid == current_pid), None)
+    if mm is None:
+        return -errno.EFAULT  # "if (!p->mm) return -EFAULT"
+    hwpoison_type = core.swap_types.hwpoison
+    for vma in mm.vmas:
+        for chunk in mm.pgd.chunks(vma.vm_start, vma.vm_end):
+            ptes = core.ptes.rows[chunk.rows, chunk.cols]
+            found = pte_present_array(ptes) & (pte_pfn_array(ptes) == pfn)
+            if hwpoison_type is not None:
+                swap = ~pte_present_array(ptes) & (ptes != 0)
+                arch = ptes & np.uint64(~_SWP_FLAGS & 0xFFFF_FFFF_FFFF_FFFF)
+                found |= swap & (__swp_type_array(arch) == hwpoison_type) \
+                    & (__swp_offset_array(arch) == np.uint64(pfn))
+            if found.any():
+                addr = int(chunk.addr[np.argmax(found)])
+                if core.send_signal is not None:
+                    core.send_signal(current_pid or 0, SigInfo(
+                        signal.SIGBUS, BusCode.BUS_MCEERR_AR, addr, PAGE_SHIFT))
+                return -EHWPOISON
+    return 0
 
 
 def unpoison_memory(core: MmCore, pfn: int) -> int:
