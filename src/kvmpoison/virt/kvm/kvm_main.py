@@ -29,7 +29,7 @@ from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.gup import FOLL, get_user_pages
 from kvmpoison.mm.mm_types import MmStruct
 from kvmpoison.mm.page import Page, PageHWPoison, put_page
-from kvmpoison.mm.pagetable import TASK_SIZE, PageTables, PteStore
+from kvmpoison.mm.pagetable import ADDRESS_BITS, TASK_SIZE, PageTables, PteStore
 from kvmpoison.mm.uaccess import copy_from_user, copy_to_user
 from kvmpoison.outcome import Halt, Kind
 from kvmpoison.uapi.errno import EHWPOISON
@@ -44,6 +44,7 @@ KVM_NR_SHARED_RANGES = 32
 KVM_USER_MEM_SLOTS = 509  # arch/x86/include/asm/kvm_host.h (v5.12)
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 TASK_SIZE_MAX = TASK_SIZE - PAGE_SIZE  # arch/x86/include/asm/page_64_types.h, 4-level
+EPT_MAX_GFN = 1 << (ADDRESS_BITS - PAGE_SHIFT)  # a 4-level EPT maps 48-bit guest-physical addresses
 
 
 class PfnMap:
@@ -218,10 +219,25 @@ class Vm:
                 self.zap_gfn_range(first, last)
 
     def release(self) -> None:
-        self.zap_gfn_range(0, 1 << 40)
+        """``kvm_destroy_vm`` -> ``kvm_arch_flush_shadow_all``: every SPTE goes."""
+        self.kvm_mmu_zap_all()
         self.dead = True
 
+    def kvm_mmu_zap_all(self) -> None:
+        """``kvm_mmu_zap_all`` (arch/x86/kvm/mmu/mmu.c, v5.12), as ``kvm_arch_flush_shadow_all``.
+
+        SPTEs exist only for gfns of memslots (deleting or moving a slot zaps
+        its range), so zapping every slot's range zaps everything. Simplified:
+        the EPT's table pages stay allocated (KVM frees its shadow pages).
+        """
+        for s in self.memslots:
+            self.zap_gfn_range(s.base_gfn, s.base_gfn + s.npages)
+
     def zap_gfn_range(self, first: int, last: int) -> None:
+        """Clear the SPTEs of gfns [first, last); gfns the 4-level EPT cannot map have none."""
+        last = min(last, EPT_MAX_GFN)
+        if last <= first:
+            return
         if last - first == 1:  # the common single-page invalidation
             if self.ept.get(first << PAGE_SHIFT):
                 self.ept.set(first << PAGE_SHIFT, 0)

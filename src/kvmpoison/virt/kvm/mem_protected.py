@@ -56,9 +56,14 @@ def gfn_is_shared(vm: Vm, gfn: int) -> bool:
 
 
 def kvm_protect_memory(vm: Vm) -> int:
-    """KVM_HC_ENABLE_MEM_PROTECTED: set ``mem_protected`` and zap every SPTE."""
+    """KVM_HC_ENABLE_MEM_PROTECTED (virt/kvm/kvm_main.c, RFCv2 13/13; same in v1 7/7).
+
+    ``mmap_write_lock_killable`` (-KVM_EINTR on a fatal signal: not modelled,
+    the VMM is never killed while it runs a hypercall), ``mem_protected = true``,
+    ``kvm_arch_flush_shadow_all`` (every SPTE of every memslot), 0.
+    """
     vm.mem_protected = True
-    vm.zap_gfn_range(0, 1 << 40)  # kvm_arch_flush_shadow_all
+    vm.kvm_mmu_zap_all()  # kvm_arch_flush_shadow_all
     return 0
 
 
