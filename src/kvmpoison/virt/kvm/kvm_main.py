@@ -170,7 +170,13 @@ class Vm:
         """``KVM_SET_USER_MEMORY_REGION``: 0 or -errno.
 
         The argument checks of ``__kvm_set_memory_region`` (virt/kvm/kvm_main.c,
-        v5.12). Simplified: only address space 0 exists (no SMM slots).
+        v5.12), then: size 0 deletes the slot (``kvm_delete_memslot``: -EINVAL
+        if it does not exist); an existing slot may only move (new base gfn,
+        same hva and size: KVM_MR_MOVE zaps the old range), anything else is
+        -EINVAL, and the same values again change nothing (no zap); a new or
+        moved slot must not overlap another (-EEXIST). Simplified: only
+        address space 0 exists (no SMM slots) and no slot flags
+        (LOG_DIRTY_PAGES, READONLY).
         """
         if not (0 <= slot < 1 << 32 and 0 <= gpa < 1 << 64 and 0 <= size < 1 << 64
                 and 0 <= hva < 1 << 64):
@@ -184,16 +190,24 @@ class Vm:
         if size >> PAGE_SHIFT > KVM_MEM_MAX_NR_PAGES:
             return -errno.EINVAL
         base, npages = gpa >> PAGE_SHIFT, size >> PAGE_SHIFT
+        old = next((s for s in self.memslots if s.slot == slot), None)
         others = [s for s in self.memslots if s.slot != slot]
-        if npages and any(base < s.base_gfn + s.npages and s.base_gfn < base + npages
-                          for s in others):
-            return -errno.EEXIST  # checked before the old slot goes
-        for s in self.memslots:
-            if s.slot == slot:
-                self.zap_gfn_range(s.base_gfn, s.base_gfn + s.npages)
-        self.memslots = others
-        if npages:
-            self.memslots.append(Memslot(slot, base, npages, hva))
+        if not npages:  # kvm_delete_memslot
+            if old is None:
+                return -errno.EINVAL
+            self.zap_gfn_range(old.base_gfn, old.base_gfn + old.npages)
+            self.memslots = others
+            return 0
+        if old is not None:  # modify an existing slot
+            if hva != old.userspace_addr or npages != old.npages:
+                return -errno.EINVAL
+            if base == old.base_gfn:
+                return 0  # "Nothing to change"
+        if any(base < s.base_gfn + s.npages and s.base_gfn < base + npages for s in others):
+            return -errno.EEXIST
+        if old is not None:  # KVM_MR_MOVE: kvm_arch_flush_shadow_memslot(old)
+            self.zap_gfn_range(old.base_gfn, old.base_gfn + old.npages)
+        self.memslots = [*others, Memslot(slot, base, npages, hva)]
         return 0
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
@@ -249,20 +263,26 @@ class Vm:
     # -- hva_to_pfn ----------------------------------------------------------------------
 
     def hva_to_pfn(self, hva: int, write: bool) -> int:
-        """GUP the VMM's page (FOLL_HWPOISON); an error pfn on failure.
+        """``hva_to_pfn`` -> ``hva_to_pfn_slow`` (virt/kvm/kvm_main.c, v5.12 + RFCv2 13/13).
 
-        The returned page carries a GUP reference the caller drops.
+        GUP(FOLL_HWPOISON [|FOLL_WRITE]); RFC v2 adds FOLL_ALLOW_POISONED while
+        ``mem_protected`` and then returns -EHWPOISON when ``!kvm_page_allowed``
+        without ``put_page``: the GUP reference leaks, and the model keeps it.
+        -EHWPOISON gives KVM_PFN_ERR_HWPOISON, any other failure
+        KVM_PFN_ERR_FAULT. The returned page carries a GUP reference the caller
+        drops. Simplified: no GUP-fast first try, no VM_PFNMAP/VM_IO
+        (``hva_to_pfn_remapped``) and no async page faults.
         """
         flags = FOLL.HWPOISON | (FOLL.WRITE if write else FOLL(0))
-        if self.protection is Protection.RFC_V2 and self.mem_protected:
+        v2_protected = self.protection is Protection.RFC_V2 and self.mem_protected
+        if v2_protected:
             flags |= FOLL.ALLOW_POISONED
         pages: list[Page] = []
         npages = get_user_pages(self.mm, hva, 1, flags, pages)
         if npages == 1:
             page = pages[0]
-            if self.protection is Protection.RFC_V2 and not kvm_page_allowed(self, page):
-                put_page(page)
-                return KVM_PFN_ERR_HWPOISON
+            if v2_protected and not kvm_page_allowed(self, page):
+                return KVM_PFN_ERR_HWPOISON  # "return -EHWPOISON;" with the reference held
             return page.pfn
         if npages == -EHWPOISON:
             return KVM_PFN_ERR_HWPOISON
@@ -297,33 +317,54 @@ class Vm:
         return b"".join(out)
 
     def _copy_guest_page(self, hva: int, n: int, data: bytes | None) -> bytes | int:
+        """``__kvm_read_guest_page``/``__kvm_write_guest_page`` (virt/kvm/kvm_main.c).
+
+        v5.12: ``__copy_{from,to}_user`` on the VMM's mapping; any bytes left
+        give -EFAULT. On the RFC's kernels (v1 and v2) the read path returns
+        ``copy_from_guest()``, which for a VM without ``mem_protected`` is the
+        count of bytes ``__copy_from_user`` left: a positive value that
+        ``kvm_read_guest`` (``if (ret < 0)``) takes as success. The model
+        returns the bytes copied and zeros for the rest (the kernel leaves the
+        caller's buffer as it was there).
+        """
         if self.protection is Protection.NONE or not self.mem_protected:
-            # __copy_{from,to}_user on the VMM's mapping, from the vCPU thread.
             if data is None:
                 got, left = copy_from_user(self.mm, self.vcpu_task.cpu, hva, n)
-                return -errno.EFAULT if left else got
+                if left and self.protection is Protection.NONE:
+                    return -errno.EFAULT
+                return got[: n - left].ljust(n, b"\0")
             left = copy_to_user(self.mm, self.vcpu_task.cpu, hva, data)
             return -errno.EFAULT if left else b""
         return copy_guest_page_rfc(self, hva, n, data)
 
 
 def kvm_page_allowed(vm: Vm, page: Page) -> bool:
-    """RFC v2: a poisoned page is usable only by the VM that poisoned it."""
+    """``kvm_page_allowed`` (virt/kvm/mem_protected.c, RFCv2 13/13): a poisoned page is
+    usable only by the VM whose ``kvm->id`` ``kvm_pfn_map`` holds for it."""
     if not PageHWPoison(page):
         return True
     return vm.kvm.kvm_pfn_map.get(page.pfn) == vm.ident
 
 
 def copy_guest_page_rfc(vm: Vm, hva: int, n: int, data: bytes | None) -> bytes | int:
-    """``copy_from_guest``/``copy_to_guest``: GUP(FOLL_ALLOW_POISONED), owner check, kmap."""
-    flags = FOLL.ALLOW_POISONED | (FOLL.WRITE if data is not None else FOLL(0))
+    """``copy_from_guest``/``copy_to_guest`` (virt/kvm/kvm_main.c, RFC v1 7/7 and v2 13/13).
+
+    Per page: ``get_user_pages_unlocked`` (v2: FOLL_ALLOW_POISONED [|FOLL_WRITE];
+    v1: 0 or FOLL_WRITE, its GUP follows hwpoison entries anyway), v2's
+    ``kvm_page_allowed`` check (-EFAULT, returned before ``put_page``: the
+    reference leaks), ``kmap_atomic`` + ``memcpy``, ``put_page``. A poisoned
+    line under ``memcpy`` is a kernel-mode consumption: a panic.
+    """
+    flags = FOLL.ALLOW_POISONED if vm.protection is Protection.RFC_V2 else FOLL(0)
+    if data is not None:
+        flags |= FOLL.WRITE
     pages: list[Page] = []
     if get_user_pages(vm.mm, hva & ~(PAGE_SIZE - 1), 1, flags, pages) != 1:
         return -errno.EFAULT
     page = pages[0]
+    if vm.protection is Protection.RFC_V2 and not kvm_page_allowed(vm, page):
+        return -errno.EFAULT  # "return -EFAULT;" before put_page(): the reference leaks
     try:
-        if vm.protection is Protection.RFC_V2 and not kvm_page_allowed(vm, page):
-            return -errno.EFAULT
         pa = (page.pfn << PAGE_SHIFT) | (hva & (PAGE_SIZE - 1))
         hw = vm.core.hw
         if data is not None:

@@ -47,10 +47,14 @@ from kvmpoison.virt.kvm.kvm_main import (
 KVM_HC_ENABLE_MEM_PROTECTED = 12
 KVM_HC_MEM_SHARE = 13
 KVM_FEATURE_MEM_PROTECTED = 16
+U64 = (1 << 64) - 1  # hypercall arguments are unsigned long
 
 
 def gfn_is_shared(vm: Vm, gfn: int) -> bool:
-    """Linear scan of ``shared_ranges`` under ``mmu_lock``."""
+    """``gfn_is_shared`` (virt/kvm/mem_protected.c, RFCv2 13/13; kvm_main.c in v1 7/7).
+
+    Linear scan of ``shared_ranges`` under ``mmu_lock``; the model counts the lock takings.
+    """
     vm.mmu_lock_faults += 1
     return any(lo <= gfn < hi for lo, hi in vm.shared_ranges)
 
@@ -68,13 +72,23 @@ def kvm_protect_memory(vm: Vm) -> int:
 
 
 def kvm_protect_pfn(vm: Vm, gfn: int, pfn: int) -> bool:
-    """Make ``pfn`` private to ``vm``; False means "signal the vCPU" (RFC v2)."""
+    """Make ``pfn`` private to ``vm``; False means "signal the vCPU".
+
+    ``kvm_protect_pfn`` (virt/kvm/mem_protected.c, RFCv2 13/13): shared gfn or
+    the zero pfn: true; !PageSwapBacked: false; then under the page lock,
+    re-check shared, ``TestSetPageHWPoison`` + ``try_to_unmap(TTU_IGNORE_MLOCK)``
+    + ``xa_store`` (its failure ignored), or for a page already poisoned
+    whether ``kvm_pfn_map`` holds this VM's id. RFC v1 does this inline in
+    ``direct_page_fault`` (:func:`_kvm_protect_pfn_v1`).
+    """
     core = vm.core
-    if gfn_is_shared(vm, gfn) or pfn == core.zero_pfn:
+    if gfn_is_shared(vm, gfn):
         return True
     page = core.pages[pfn]
     if vm.protection is Protection.RFC_V1:
         return _kvm_protect_pfn_v1(vm, gfn, page)
+    if pfn == core.zero_pfn:
+        return True
     if not PageSwapBacked(page):
         return False  # only anon and shmem pages can be protected
     lock_page(page)
@@ -91,6 +105,13 @@ def kvm_protect_pfn(vm: Vm, gfn: int, pfn: int) -> bool:
 
 
 def _kvm_protect_pfn_v1(vm: Vm, gfn: int, page: Page) -> bool:
+    """RFCv1 7/7's block in ``direct_page_fault`` (arch/x86/kvm/mmu/mmu.c).
+
+    ``lock_page``, ``VM_BUG_ON_PAGE(!PageSwapBacked && !PageReserved)``,
+    re-check shared, ``TestSetPageHWPoison`` + ``try_to_unmap``. v1 has no
+    zero-pfn test: the shared zero page (PageReserved) is poisoned like any
+    other when a private gfn of anonymous guest RAM was only ever read.
+    """
     lock_page(page)
     try:
         if not PageSwapBacked(page) and not PageFlag(page, PG.reserved):
@@ -105,15 +126,20 @@ def _kvm_protect_pfn_v1(vm: Vm, gfn: int, page: Page) -> bool:
         unlock_page(page)
 
 
-def __kvm_share_memory(vm: Vm, gfn: int, npages: int) -> None:
+def __kvm_share_memory(vm: Vm, start: int, end: int) -> None:
+    """``__kvm_share_memory`` (virt/kvm/mem_protected.c, RFCv2 13/13; inline in v1's
+    ``kvm_share_memory``): WARN_ON_ONCE when all 32 ranges are used, then
+    ``add_range_with_merge`` + ``clean_sort_range`` under ``mmu_lock``."""
     if len(vm.shared_ranges) >= KVM_NR_SHARED_RANGES:
         vm.core.warn(f"__kvm_share_memory: all {KVM_NR_SHARED_RANGES} shared ranges in use "
-                     f"(gfn {gfn:#x}+{npages})")
-    add_range_with_merge(vm.shared_ranges, KVM_NR_SHARED_RANGES, gfn, gfn + npages)
+                     f"(gfn {start:#x}..{end:#x})")
+    add_range_with_merge(vm.shared_ranges, KVM_NR_SHARED_RANGES, start, end)
     clean_sort_range(vm.shared_ranges)
 
 
 def kvm_share_pfn(vm: Vm, pfn: int) -> None:
+    """``kvm_share_pfn`` (virt/kvm/mem_protected.c, RFCv2 13/13): under the page lock, if
+    ``kvm_pfn_map`` holds this VM's id, ``xa_erase`` and ``ClearPageHWPoison``."""
     page = vm.core.pages[pfn]
     lock_page(page)
     if vm.kvm.kvm_pfn_map.get(pfn) == vm.ident:
@@ -123,30 +149,45 @@ def kvm_share_pfn(vm: Vm, pfn: int) -> None:
 
 
 def kvm_share_memory(vm: Vm, gfn: int, npages: int) -> int:
-    """KVM_HC_MEM_SHARE(gfn, npages)."""
-    if vm.protection is Protection.RFC_V2:
-        __kvm_share_memory(vm, gfn, npages)
-    else:
-        add_range_with_merge(vm.shared_ranges, KVM_NR_SHARED_RANGES, gfn, gfn + npages)
-        clean_sort_range(vm.shared_ranges)
-    for g in range(gfn, gfn + npages):
-        hva = vm.gfn_to_hva(g)
-        if hva is None:
-            continue
-        pfn = vm.hva_to_pfn(hva, write=False)  # gfn_to_page
-        if is_error_pfn(pfn):
-            continue
-        page = vm.core.pages[pfn]
-        if vm.protection is Protection.RFC_V2:
-            kvm_share_pfn(vm, pfn)
-        else:
-            ClearPageHWPoison(page)  # v1: no owner to check
-        put_page(page)
+    """KVM_HC_MEM_SHARE(gfn, npages): ``kvm_share_memory`` (virt/kvm/kvm_main.c).
+
+    RFCv2 13/13 and v1 7/7: 0 for ``npages == 0``; the range [gfn, gfn +
+    npages) (unsigned long arithmetic: a range that wraps adds nothing and
+    shares nothing) joins ``shared_ranges``; then each gfn's page,
+    ``gfn_to_page`` (a write fault: it allocates and breaks CoW), is shared
+    (v2: ``kvm_share_pfn``; v1: ``ClearPageHWPoison`` under the page lock)
+    and put. Always 0. The model walks only gfns inside memslots: for the
+    others ``gfn_to_page`` gives KVM_ERR_PTR_BAD_PAGE and the kernel skips
+    them (a guest's huge ``npages`` is a long loop there, none here).
+    """
+    gfn &= U64
+    npages &= U64
+    if not npages:
+        return 0
+    end = (gfn + npages) & U64
+    __kvm_share_memory(vm, gfn, end)
+    for slot in sorted(vm.memslots, key=lambda s: s.base_gfn):
+        lo, hi = max(gfn, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
+        for g in range(lo, hi):
+            pfn = vm.hva_to_pfn(slot.gfn_to_hva(g), write=True)  # gfn_to_page
+            if is_error_pfn(pfn):
+                continue
+            page = vm.core.pages[pfn]
+            if vm.protection is Protection.RFC_V2:
+                kvm_share_pfn(vm, pfn)
+            else:
+                lock_page(page)
+                ClearPageHWPoison(page)  # v1: no owner to check
+                unlock_page(page)
+            put_page(page)
     return 0
 
 
 def kvm_unpoison_page_hook(kvm: Kvm) -> FreeHook:
-    """The RFC v2 line in ``free_pages_prepare``: unpoison a freed protected page."""
+    """The RFC v2 line in ``free_pages_prepare`` (mm/page_alloc.c) calling ``kvm_unpoison_page``
+    (virt/kvm/mem_protected.c): a freed PageHWPoison page whose pfn ``xa_erase`` finds in
+    ``kvm_pfn_map`` loses PG_hwpoison and goes back to the allocator. Vectorised over the
+    freed pfns."""
 
     def kvm_unpoison_page(pfns: np.ndarray) -> None:
         mem = kvm.core.pages

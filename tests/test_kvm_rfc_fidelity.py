@@ -1,0 +1,103 @@
+"""KVM's side of the RFC next to its patches (RFC v1 7/7, v2 13/13, on v5.12): references
+KVM keeps, what KVM_HC_MEM_SHARE faults in, v1's zero page, unprotected reads, memslots."""
+
+import errno
+
+from kvmpoison.arch.x86.pgtable import pte_pfn, pte_present
+from kvmpoison.arch.x86.pgtable_types import _PAGE_RW
+from kvmpoison.config import Config
+from kvmpoison.machine import Machine, VmSpec
+from kvmpoison.mm.page import PageHWPoison, page_count
+from kvmpoison.outcome import Kind
+from kvmpoison.virt.kvm.mem_protected import kvm_share_memory
+from kvmpoison.virt.kvm.x86.mmu import spte_present
+
+PAGE = 4096
+GPA = 0x30 * PAGE
+
+
+def _two_vms_one_page() -> tuple[Machine, int]:
+    """rfc-v2: VM b maps VM a's RAM file; a protects GPA first (E5)."""
+    m = Machine(Config(design="rfc-v2"))
+    b = m.add_vm(VmSpec(name="b", share_ram_with="vm0"))
+    assert b.vmm.load(GPA, 8).kind is Kind.OK  # b's VMM maps the page: a hwpoison entry later
+    assert m.guest.store(GPA, b"a's page").kind is Kind.OK
+    pfn = spte_present(m.vm, GPA, False).pfn
+    return m, pfn
+
+
+def test_another_vms_fault_leaks_the_gup_reference() -> None:
+    """hva_to_pfn_slow returns -EHWPOISON for !kvm_page_allowed without put_page."""
+    m, pfn = _two_vms_one_page()
+    b = m.instances["b"]
+    page = m.kernel.core.pages[pfn]
+    before = page_count(page)
+    assert b.guest.load(GPA, 8).cell == "sig:SIGBUS:BUS_MCEERR_AR"
+    assert page_count(page) == before + 1
+    assert b.vm.read_guest(GPA, 8) == -errno.EFAULT  # copy_from_guest: the same leak
+    assert page_count(page) == before + 2
+
+
+def test_kvm_protect_pfn_refusal_leaks_the_reference() -> None:
+    """A page that is not swap-backed (a regular file) is refused before kvm_release_pfn_clean."""
+    m = Machine(Config(design="rfc-v2", backing="file"))
+    out = m.guest.store(GPA, b"x")
+    assert out.cell == "sig:SIGBUS:BUS_MCEERR_AR"
+    pfn = m.vmm.proc.task.fds[m.vmm.ram_fd].f_mapping.lookup(GPA // PAGE)
+    page = m.kernel.core.pages[pfn]
+    mapped_and_cached = 2  # page cache + the VMM's PTE
+    assert page_count(page) == mapped_and_cached + 1
+
+
+def test_mem_share_write_faults_the_shared_pages() -> None:
+    """gfn_to_page() is a write fault: anonymous swiotlb pages get their own frame, writable."""
+    for design in ("rfc-v1", "rfc-v2"):
+        m = Machine(Config(design=design, backing="anon"))
+        pte = m.vmm.proc.mm.pgd.get(m.vmm.gpa_to_hva(m.guest.layout.swiotlb_gpa))
+        assert pte_present(pte) and pte & _PAGE_RW
+        assert pte_pfn(pte) != m.kernel.core.zero_pfn
+
+
+def test_mem_share_arguments_are_unsigned_long() -> None:
+    m = Machine(Config(design="rfc-v2"))
+    ranges = list(m.vm.shared_ranges)
+    assert kvm_share_memory(m.vm, (1 << 64) - 1, 2) == 0  # wraps: nothing shared
+    assert kvm_share_memory(m.vm, 0x100, 0) == 0
+    assert m.vm.shared_ranges == ranges
+    assert kvm_share_memory(m.vm, 0x2000, 1 << 60) == 0  # bounded by the memslots, not npages
+    assert (0x2000, 0x2000 + (1 << 60)) in m.vm.shared_ranges
+
+
+def test_v1_poisons_the_zero_page_of_a_read_only_private_gfn() -> None:
+    """RFCv1 has no is_zero_pfn() test: PageReserved passes its VM_BUG_ON_PAGE."""
+    for design, poisoned in (("rfc-v1", True), ("rfc-v2", False)):
+        m = Machine(Config(design=design, backing="anon"))
+        assert m.guest.load(GPA, 8).cell == "ok"
+        zero = m.kernel.core.pages[m.kernel.core.zero_pfn]
+        assert spte_present(m.vm, GPA, False).pfn == m.kernel.core.zero_pfn
+        assert PageHWPoison(zero) is poisoned
+
+
+def test_unprotected_vm_on_the_rfc_kernel_reads_a_failed_copy_as_success() -> None:
+    """kvm_read_guest_page returns copy_from_guest's positive 'bytes left' and kvm_read_guest
+    only fails on a negative value."""
+    m = Machine(Config(design="rfc-v2"))
+    assert m.guest.store(GPA, b"secret").kind is Kind.OK  # the VMM's PTE is a hwpoison entry
+    unprotected = m.new_vm(m.vmm)
+    assert not unprotected.mem_protected
+    assert unprotected.read_guest(GPA, 8) == bytes(8)
+    assert unprotected.write_guest(GPA, b"x") == -errno.EFAULT
+
+
+def test_memslot_delete_and_modify_follow_kvm_set_memory_region() -> None:
+    m = Machine(Config(design="baseline"))
+    vm, hva = m.vm, m.vmm.ram_hva
+    assert vm.set_user_memory_region(7, 1 << 32, 0, 0) == -errno.EINVAL  # no such slot
+    size = m.vmm.ram_size
+    assert m.guest.store(GPA, b"x").kind is Kind.OK
+    assert vm.set_user_memory_region(0, 0, size, hva) == 0  # nothing changes: SPTEs stay
+    assert spte_present(vm, GPA, False) is not None
+    assert vm.set_user_memory_region(0, 0, size, hva + PAGE) == -errno.EINVAL  # new hva
+    assert vm.set_user_memory_region(0, 0, size - PAGE, hva) == -errno.EINVAL  # new size
+    assert vm.set_user_memory_region(0, 1 << 32, size, hva) == 0  # KVM_MR_MOVE: zapped
+    assert spte_present(vm, GPA, False) is None and vm.gfn_to_memslot(0x30) is None
