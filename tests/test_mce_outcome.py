@@ -7,6 +7,7 @@ from kvmpoison.arch.x86.mce import (
     MCG_STATUS_EIPV,
     MCG_STATUS_RIPV,
     MCI_STATUS_AR,
+    MCI_STATUS_OVER,
     MCI_STATUS_PCC,
     MCI_STATUS_S,
     MceRecord,
@@ -126,3 +127,18 @@ def test_error_requires_positive_errno() -> None:
 )
 def test_errno_names_follow_the_kernel_headers(value: int, name: str) -> None:
     assert Outcome.error(value).cell == f"err:{name}"
+
+
+def test_severity_rows_in_table_order() -> None:
+    """Rows of arch/x86/kernel/cpu/mce/severity.c the grading used to skip or reorder."""
+    srar = srar_record(0)
+    ripv_only = MceRecord(srar.mci_status, MCG_STATUS_RIPV, 0)
+    assert mce_severity(ripv_only, kernel_mode=True) is Severity.KEEP  # before "in kernel"
+    over = MceRecord(srar.mci_status | MCI_STATUS_OVER, srar.mcg_status, 0)
+    assert mce_severity(over, kernel_mode=False) is Severity.PANIC  # lost events
+    assert mce_severity(srar, kernel_mode=False, memory_failure=False) is Severity.PANIC
+    ucna_ar = MceRecord(srar.mci_status & ~MCI_STATUS_S, srar.mcg_status, 0)
+    assert mce_severity(ucna_ar, kernel_mode=False) is Severity.PANIC  # illegal combination
+    instr = srar_record(0, instruction_fetch=True)
+    assert mce_severity(instr, kernel_mode=True, mc_safe=True) is Severity.PANIC
+    assert mce_severity(instr, kernel_mode=False) is Severity.AR

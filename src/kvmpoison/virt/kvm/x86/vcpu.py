@@ -75,11 +75,11 @@ def kvm_machine_check(vm: Vm, pfn: int, rec: MceRecord) -> Outcome | None:
     table has no AR rows: an SRAR error is "Action required: unknown MCACOD",
     a panic.
     """
-    core = vm.core
-    if not core.kcfg.memory_failure:
-        raise Halt(Outcome.panic("Action required: unknown MCACOD (no CONFIG_MEMORY_FAILURE)",
-                                 rec))
-    if mce_severity(rec, kernel_mode=False) is not Severity.AR:
+    sev = mce_severity(rec, kernel_mode=False, memory_failure=vm.core.kcfg.memory_failure)
+    if sev is Severity.PANIC:
+        raise Halt(Outcome.panic("Fatal machine check on a VM exit (no CONFIG_MEMORY_FAILURE: "
+                                 "Action required: unknown MCACOD)", rec))
+    if sev is not Severity.AR:
         return None  # KEEP/AO/UCNA: logged, the guest goes on
     task = vm.vcpu_task
     before = len(task.pending)
