@@ -101,3 +101,14 @@ def test_memslot_delete_and_modify_follow_kvm_set_memory_region() -> None:
     assert vm.set_user_memory_region(0, 0, size - PAGE, hva) == -errno.EINVAL  # new size
     assert vm.set_user_memory_region(0, 1 << 32, size, hva) == 0  # KVM_MR_MOVE: zapped
     assert spte_present(vm, GPA, False) is None and vm.gfn_to_memslot(0x30) is None
+
+
+def test_hypercall_return_values() -> None:
+    from kvmpoison.virt.kvm.x86.hypercall import KVM_ENOSYS, kvm_emulate_hypercall
+
+    for design in ("baseline", "rfc-v2"):
+        vm = Machine(Config(design=design)).vm
+        assert [kvm_emulate_hypercall(vm, nr) for nr in (1, 5, 11)] == [0, 0, 0]
+        assert kvm_emulate_hypercall(vm, 2) == -KVM_ENOSYS  # KVM_HC_MMU_OP: long gone
+        expect_share = -KVM_ENOSYS if design == "baseline" else 0
+        assert kvm_emulate_hypercall(vm, 13, 0x20, 1) == expect_share
