@@ -10,7 +10,13 @@ from kvmpoison.arch.x86.pgtable import pte_pfn
 from kvmpoison.kconfig import RFC_BASE, KernelConfig, KernelVersion
 from kvmpoison.mm.gup import FOLL, get_user_pages
 from kvmpoison.mm.madvise import MADV_HWPOISON, MADV_SOFT_OFFLINE
-from kvmpoison.mm.memory_failure import memory_failure, soft_offline_page, unpoison_memory
+from kvmpoison.mm.memory_failure import (
+    MF_ACTION_REQUIRED,
+    MF_COUNT_INCREASED,
+    memory_failure,
+    soft_offline_page,
+    unpoison_memory,
+)
 from kvmpoison.mm.mmap import MAP_SHARED, PROT_NONE
 from kvmpoison.mm.mremap import MREMAP_FIXED, MREMAP_MAYMOVE
 from kvmpoison.mm.page import (
@@ -239,3 +245,47 @@ def test_madv_soft_offline_does_not_hard_poison() -> None:
     assert p.madvise(addr, PAGE, MADV_SOFT_OFFLINE).cell == "err:EBUSY"
     assert not PageHWPoison(k.core.pages[pfn]) and page_count(k.core.pages[pfn]) == refs
     assert p.load(addr, 1).data == bytes([5])
+
+
+def test_memory_failure_on_poisoned_page_v5_12_returns_0_and_sends_nothing() -> None:
+    k = boot(RFC_BASE)
+    p = proc(k)
+    addr = anon(p, 1, fill=1)
+    pfn = pte_pfn(p.mm.pgd.get(addr))
+    assert memory_failure(k.core, pfn, 0) == 0
+    assert memory_failure(k.core, pfn, MF_ACTION_REQUIRED, current_pid=p.pid) == 0
+    assert p.task.pending == [] and p.task.alive  # nothing: the consumer re-runs the access
+
+
+def test_memory_failure_on_poisoned_page_6_18_kills_the_accessing_process() -> None:
+    k = boot(V6_18_MF)
+    p, other = proc(k), proc(k, "other")
+    anon(p, 1, fill=0)  # a lower mapping that does not hold the page
+    addr = anon(p, 1, fill=1)
+    pfn = pte_pfn(p.mm.pgd.get(addr))
+    assert memory_failure(k.core, pfn, 0) == 0  # late kill: only a hwpoison entry
+    assert decode(p.mm.pgd.get(addr), k.kcfg).kind == "hwpoison"
+    assert memory_failure(k.core, pfn, 0, current_pid=p.pid) == -EHWPOISON
+    assert p.task.pending == []  # not action-required: no walk, no signal
+    assert memory_failure(k.core, pfn, MF_ACTION_REQUIRED, current_pid=other.pid) == 0
+    assert other.task.pending == []  # kill_accessing_process found no mapping of the pfn
+    assert memory_failure(k.core, pfn, MF_ACTION_REQUIRED) == -errno.EFAULT  # no current mm
+    assert memory_failure(k.core, pfn, MF_ACTION_REQUIRED, current_pid=p.pid) == -EHWPOISON
+    (info,) = p.task.pending
+    assert (info.signo, info.code, info.addr, info.addr_lsb) == \
+        (signal.SIGBUS, BusCode.BUS_MCEERR_AR, addr, 12)
+    assert not p.task.alive
+
+
+@pytest.mark.parametrize(("kcfg", "dropped"), [(RFC_BASE, 0), (V6_18_MF, 1)])
+def test_memory_failure_on_poisoned_page_count_increased(kcfg, dropped) -> None:  # type: ignore[no-untyped-def]
+    k = boot(kcfg)
+    p = proc(k)
+    addr = anon(p, 1, fill=1)
+    pfn = pte_pfn(p.mm.pgd.get(addr))
+    page = k.core.pages[pfn]
+    assert memory_failure(k.core, pfn, 0) == 0
+    before = page_count(page)
+    page.mem._refcount[pfn] += 1  # the caller's reference (madvise_inject_error's GUP)
+    memory_failure(k.core, pfn, MF_COUNT_INCREASED)
+    assert page_count(page) == before + 1 - dropped  # 6.18 puts it; v5.12 leaks it

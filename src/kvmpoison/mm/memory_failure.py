@@ -1,8 +1,9 @@
 """memory_failure() for real hardware memory errors, and unpoison_memory().
 
 Follows ``mm/memory-failure.c`` (v5.12 flow, with the v6.x differences the
-model honours: an already-poisoned page returns -EHWPOISON instead of 0,
-shmem keeps a poisoned page in its cache, ``TTU_HWPOISON`` replaces
+model honours: an already-poisoned page returns -EHWPOISON instead of 0 and,
+for an action-required error, ``kill_accessing_process`` signals the current
+task; shmem keeps a poisoned page in its cache, ``TTU_HWPOISON`` replaces
 ``TTU_IGNORE_HWPOISON``, and unpoison refuses with -EOPNOTSUPP once a real
 hardware error was seen). Kill policy: ``collect_procs`` gathers mappers
 for early kill (sysctl, or MF_ACTION_REQUIRED for the current task);
@@ -23,17 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvmpoison.arch.x86.pgtable import pte_pfn_array, pte_present_array
+from kvmpoison.arch.x86.pgtable import pte_none_array, pte_pfn_array, pte_present_array
 from kvmpoison.arch.x86.pgtable_64 import __swp_offset_array, __swp_type_array
-from kvmpoison.arch.x86.pgtable_types import (
-    _PAGE_SWP_EXCLUSIVE,
-    _PAGE_SWP_SOFT_DIRTY,
-    _PAGE_SWP_UFFD_WP,
-    PAGE_SHIFT,
-)
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
 from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.file import mapping_set_error
+from kvmpoison.mm.mm_types import MmStruct
 from kvmpoison.mm.page import (
     Page,
     PageAnon,
@@ -61,7 +58,6 @@ MF_ACTION_REQUIRED = 1 << 1
 MF_MUST_KILL = 1 << 2
 MF_SOFT_OFFLINE = 1 << 3
 MF_SW_SIMULATED = 1 << 5
-_SWP_FLAGS = _PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP | _PAGE_SWP_EXCLUSIVE  # beside the entry
 
 
 class MfResult(enum.Enum):
@@ -169,8 +165,60 @@ def _page_action(core: MmCore, page: Page) -> int:
                    MfResult.RECOVERED)
 
 
+def _find_pfn_in_mm(core: MmCore, mm: MmStruct, pfn: int) -> int | None:
+    """The lowest address whose PTE maps ``pfn`` or is a hwpoison entry for it.
+
+    ``hwpoison_pte_range``/``check_hwpoisoned_entry`` over every VMA
+    (``hwpoison_test_walk`` accepts VM_PFNMAP too), vectorised per chunk.
+    """
+    types = core.swap_types
+    for vma in sorted(mm.vmas, key=lambda v: v.vm_start):
+        for chunk in mm.pgd.chunks(vma.vm_start, vma.vm_end):
+            ptes = core.ptes.rows[chunk.rows, chunk.cols]
+            present = pte_present_array(ptes)
+            hit = present & (pte_pfn_array(ptes) == pfn)
+            if types.hwpoison is not None:
+                swap = ~present & ~pte_none_array(ptes)
+                kind = __swp_type_array(ptes).astype(np.int64)
+                off = __swp_offset_array(ptes).astype(np.int64)
+                hit |= swap & (kind == types.hwpoison) & (off == pfn)
+            if hit.any():
+                return int(chunk.addr[int(np.argmax(hit))])
+    return None
+
+
+def kill_accessing_process(core: MmCore, current_pid: int | None, pfn: int, flags: int) -> int:
+    """``mm/memory-failure.c:kill_accessing_process`` (since 5.14; 6.18 as read in 6.1.y).
+
+    An action-required error on a page that is already poisoned: walk the
+    current task's page tables for the page and send it SIGBUS
+    BUS_MCEERR_AR (``kill_proc``) at the first address found. -EHWPOISON
+    when a signal went out, 0 when the task does not map the page (the
+    6.1.y/6.18 return; 5.14-6.0 returned -EFAULT there), -EFAULT without an mm.
+    """
+    mm = next((m for m in core.mms.values() if current_pid is not None
+               and m.owner_pid == current_pid), None)
+    if mm is None:
+        return -errno.EFAULT
+    addr = _find_pfn_in_mm(core, mm, pfn)
+    if addr is None:
+        return 0
+    assert current_pid is not None
+    kill_procs(core, [(current_pid, addr)], True, False, flags | MF_ACTION_REQUIRED, current_pid)
+    return -EHWPOISON
+
+
 def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None = None) -> int:
-    """Handle a hardware error on ``pfn``: poison, unmap, kill, isolate. 0 or -errno."""
+    """Handle a hardware error on ``pfn``: poison, unmap, kill, isolate. 0 or -errno.
+
+    ``mm/memory-failure.c:memory_failure`` (v5.12 and 6.18). The int is the
+    kernel's: for a page that already has PG_hwpoison, v5.12 returns 0 and
+    does nothing else ("already hardware poisoned"); 6.18 returns -EHWPOISON,
+    or with MF_ACTION_REQUIRED what ``kill_accessing_process`` returns (it
+    sends the current task SIGBUS BUS_MCEERR_AR), and drops the reference of
+    MF_COUNT_INCREASED. ``current_pid`` is ``current``: the task that
+    consumed the poison, None for a kernel context.
+    """
     if not core.kcfg.memory_failure:
         return -errno.ENXIO
     if not 0 < pfn < core.pages.nr_pages:
@@ -179,12 +227,16 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
     if not flags & MF_SW_SIMULATED:
         core.hw_memory_failure = True
     if TestSetPageHWPoison(page):
-        _report(core, pfn, "already poisoned", MfResult.IGNORED)
         if core.kcfg.version < KernelVersion.V6_18:
-            return 0  # v5.12: "already hardware poisoned", return 0
+            _report(core, pfn, "already poisoned", MfResult.IGNORED)
+            return 0
+        res = -EHWPOISON
         if flags & MF_ACTION_REQUIRED:
-            return kill_accessing_process(core, current_pid, pfn, flags)
-        return -EHWPOISON
+            res = kill_accessing_process(core, current_pid, pfn, flags)
+        if flags & MF_COUNT_INCREASED:
+            put_page(page)
+        _report(core, pfn, "already poisoned", MfResult.FAILED)
+        return res
     core.num_poisoned_pages += 1
     if PageFlag(page, PG.reserved):
         return _report(core, pfn, "reserved kernel page", MfResult.IGNORED)
@@ -200,37 +252,6 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
         return _page_action(core, page)
     finally:
         unlock_page(page)
-
-
-def kill_accessing_process(core: MmCore, current_pid: int | None, pfn: int, flags: int) -> int:
-    """``kill_accessing_process`` (mm/memory-failure.c, from 5.14; return value as in 6.18).
-
-    Walks the current task's page tables for an entry mapping ``pfn``, present
-    or a hwpoison entry (``check_hwpoisoned_entry``), and sends the current task
-    SIGBUS ``BUS_MCEERR_AR`` at that address. -EHWPOISON if one was found, else
-    0 (6.18; 5.14-6.x before the 2025 fix returned -EFAULT, which the model does
-    not distinguish). Simplified: order-0 PTEs only, the first match wins.
-    """
-    mm = next((m for m in core.mms.values() if m.owner_pid == current_pid), None)
-    if mm is None:
-        return -errno.EFAULT  # "if (!p->mm) return -EFAULT"
-    hwpoison_type = core.swap_types.hwpoison
-    for vma in mm.vmas:
-        for chunk in mm.pgd.chunks(vma.vm_start, vma.vm_end):
-            ptes = core.ptes.rows[chunk.rows, chunk.cols]
-            found = pte_present_array(ptes) & (pte_pfn_array(ptes) == pfn)
-            if hwpoison_type is not None:
-                swap = ~pte_present_array(ptes) & (ptes != 0)
-                arch = ptes & np.uint64(~_SWP_FLAGS & 0xFFFF_FFFF_FFFF_FFFF)
-                found |= swap & (__swp_type_array(arch) == hwpoison_type) \
-                    & (__swp_offset_array(arch) == np.uint64(pfn))
-            if found.any():
-                addr = int(chunk.addr[np.argmax(found)])
-                if core.send_signal is not None:
-                    core.send_signal(current_pid or 0, SigInfo(
-                        signal.SIGBUS, BusCode.BUS_MCEERR_AR, addr, PAGE_SHIFT))
-                return -EHWPOISON
-    return 0
 
 
 def unpoison_memory(core: MmCore, pfn: int) -> int:
