@@ -5,7 +5,9 @@ Follows the guest side of the RFC series (RFCv2 02-05/13): at
 panics if that fails; DMA is forced through swiotlb bounce buffers, which
 ``__set_memory_enc_dec`` shares with KVM_HC_MEM_SHARE; the kvmclock page is
 shared too. Virtio I/O copies through the bounce buffers. There is no
-unshare ("TODO: Unsharing").
+unshare ("TODO: Unsharing"). Not modelled: 06/13 (sharing the real-mode
+trampoline) and the guest's own #MC handling (KVM never injects one; QEMU
+would, from its SIGBUS handler).
 """
 
 from __future__ import annotations

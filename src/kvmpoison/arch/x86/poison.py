@@ -54,7 +54,17 @@ def consume_poison(
     instruction_fetch: bool = False,
     mc_safe_errno: int = errno.EFAULT,
 ) -> Outcome:
-    """The outcome of ``ctx`` consuming the poisoned line at ``pa``."""
+    """The outcome of ``ctx`` consuming the poisoned line at ``pa``.
+
+    The record and its grading (``mce_severity``); then, as ``do_machine_check``
+    acts on it: a panic, an unbreakable shutdown, a FATAL TD, an EX_TYPE_*MCE_SAFE
+    copy's errno, or for a non-TD guest the raw VM exit that
+    ``virt/kvm/x86/vcpu.kvm_machine_check`` handles. Simplified: a host user
+    consumer gets SIGBUS BUS_MCEERR_AR straight from here, where the kernel
+    sends it from ``memory_failure``/``kill_me_maybe`` (and v5.12 sends nothing
+    for a page that is already poisoned but still mapped); the grading assumes
+    CONFIG_MEMORY_FAILURE (without it an SRAR error panics).
+    """
     seam_nr = ctx is Ctx.TD and policy.seam_nr
     rec = srar_record(pa, instruction_fetch=instruction_fetch, lmce=policy.lmce, seam_nr=seam_nr)
     broadcast = "" if policy.lmce else "; broadcast #MC: every running TD becomes FATAL"

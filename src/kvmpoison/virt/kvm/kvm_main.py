@@ -8,7 +8,9 @@ in ``hva_to_pfn_slow`` with a ``kvm_page_allowed`` owner check, and
 
 KVM holds no page reference for an SPTE: it drops the GUP reference once the
 SPTE is installed and relies on MMU notifiers to zap it when the host PTE
-goes away.
+goes away. Where the RFC returns early without ``put_page`` (an owner check
+that fails in ``hva_to_pfn_slow`` or ``copy_{from,to}_guest``, a refused
+``kvm_protect_pfn``), the model leaks the reference too.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ EPT_MAX_GFN = 1 << (ADDRESS_BITS - PAGE_SHIFT)  # a 4-level EPT maps 48-bit gues
 
 
 class PfnMap:
-    """``DEFINE_XARRAY(kvm_pfn_map)`` as an array indexed by pfn (-1: no entry).
+    """``DEFINE_XARRAY(kvm_pfn_map)`` (virt/kvm/mem_protected.c, RFCv2 13/13) as an array
+    indexed by pfn (-1: no entry); ``kvm->id`` is stored as its plain value, not
+    ``xa_mk_value(id)`` (equality is all the RFC uses).
 
     ``fail_stores`` is fault injection (as CONFIG_FAILSLAB would do): that many
     coming ``xa_store`` calls fail with -ENOMEM, storing nothing.
@@ -211,6 +215,7 @@ class Vm:
         return 0
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        """``gfn_to_memslot`` (``search_memslots``, v5.12): the slot covering ``gfn``."""
         for s in self.memslots:
             if s.covers(gfn):
                 return s
@@ -223,7 +228,8 @@ class Vm:
     # -- MMU notifier --------------------------------------------------------------------
 
     def invalidate_range(self, start: int, end: int) -> None:
-        """``kvm_mmu_notifier_invalidate_range_start``: zap SPTEs of the hva range."""
+        """``kvm_mmu_notifier_invalidate_range_start`` -> ``kvm_unmap_hva_range`` (v5.12):
+        zap the SPTEs of every memslot gfn whose hva is in [start, end)."""
         for s in self.memslots:
             lo = max(start, s.userspace_addr)
             hi = min(end, s.userspace_addr + (s.npages << PAGE_SHIFT))
@@ -291,10 +297,12 @@ class Vm:
     # -- KVM's own access to guest memory --------------------------------------------------
 
     def read_guest(self, gpa: int, size: int) -> bytes | int:
-        """``kvm_read_guest``: bytes, or -errno."""
+        """``kvm_read_guest`` (virt/kvm/kvm_main.c): bytes, or -errno; a gfn outside every
+        memslot is -EFAULT (``kvm_is_error_hva``)."""
         return self._guest_rw(gpa, size, None)
 
     def write_guest(self, gpa: int, data: bytes) -> int:
+        """``kvm_write_guest``: 0 or -errno (dirty logging is not modelled)."""
         got = self._guest_rw(gpa, len(data), data)
         return got if isinstance(got, int) else 0
 
@@ -380,7 +388,12 @@ def copy_guest_page_rfc(vm: Vm, hva: int, n: int, data: bytes | None) -> bytes |
 
 
 def kvm_send_hwpoison_signal(vm: Vm, hva: int) -> SigInfo:
-    """``send_sig_mceerr(BUS_MCEERR_AR, hva, PAGE_SHIFT, current)`` to the vCPU thread."""
+    """``kvm_send_hwpoison_signal`` (arch/x86/kvm/mmu/mmu.c, v5.12):
+    ``send_sig_mceerr(BUS_MCEERR_AR, hva, PAGE_SHIFT, current)`` to the vCPU thread.
+
+    Simplified: delivered with force semantics (the model has no blocked or
+    ignored signals; QEMU handles SIGBUS anyway).
+    """
     info = SigInfo(signal.SIGBUS, BusCode.BUS_MCEERR_AR, hva & ~(PAGE_SIZE - 1), PAGE_SHIFT)
     force_sig_info(vm.vcpu_task, info)
     return info

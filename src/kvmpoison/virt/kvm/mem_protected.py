@@ -211,7 +211,11 @@ def kvm_protect_range(vm: Vm, first_gfn: int, npages: int) -> int:
     itself protects page by page on each first EPT fault (``kvm_protect_pfn``).
     Same effect per page: PG_hwpoison set, every host PTE replaced with a
     hwpoison entry (holding a page reference), pfn -> kvm->id recorded.
-    Returns the number of pages newly protected.
+    Returns the number of pages newly protected. It differs from the per-page
+    path where that one would not run quietly: it skips the zero page and
+    pages that are not swap-backed (v2 signals the vCPU for those; v1 poisons
+    the zero page and hits VM_BUG_ON_PAGE for the others), and it counts no
+    ``mmu_lock`` takings.
     """
     slot = vm.gfn_to_memslot(first_gfn)
     if slot is None or not slot.covers(first_gfn + npages - 1):
