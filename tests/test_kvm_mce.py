@@ -105,3 +105,16 @@ def test_kill_me_now_when_memory_failure_fails() -> None:
     kill_me_maybe(m.vm, 0, 0x3)
     info = m.vmm.proc.task.pending[-1]
     assert info.signo == signal.SIGBUS and info.code == SI_KERNEL
+
+
+def test_without_memory_failure_a_user_consumer_panics_the_host() -> None:
+    """No CONFIG_MEMORY_FAILURE: the severity table has no AR rows (6.18 here: THIS_MACHINE)."""
+    kernel = KernelConfig(version=KernelVersion.V6_18, memory_failure=False)
+    m = Machine(Config(design="baseline", kernel=kernel,
+                       platform=PlatformConfig(mem_bytes=64 << 20,
+                                               integrity=IntegrityMode.OFF)))
+    hva = m.vmm.gpa_to_hva(GPA)
+    assert m.vmm.store(GPA, b"host data").kind is Kind.OK
+    pfn = m.vmm.proc.mm.pgd.get(hva) >> PAGE_SHIFT & ((1 << 40) - 1)
+    m.kernel.core.hw.inject_dram_error(pfn << PAGE_SHIFT)
+    assert m.vmm.load(GPA, 8).cell == "panic"

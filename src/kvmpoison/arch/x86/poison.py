@@ -43,6 +43,7 @@ class ConsumptionPolicy:
     seam_nr: bool = True  # MCG_CAP.SEAM_NR: the host can tell a TD consumed it
     lmce: bool = True  # local MCE; without it every logical CPU sees the #MC
     long_flow_shutdown: bool = False  # the core cannot continue (long microcode flow)
+    memory_failure: bool = True  # the host kernel's CONFIG_MEMORY_FAILURE (its AR rows)
 
 
 def consume_poison(
@@ -63,7 +64,7 @@ def consume_poison(
     consumer gets SIGBUS BUS_MCEERR_AR straight from here, where the kernel
     sends it from ``memory_failure``/``kill_me_maybe`` (and v5.12 sends nothing
     for a page that is already poisoned but still mapped); the grading assumes
-    CONFIG_MEMORY_FAILURE (without it an SRAR error panics).
+    CONFIG_MEMORY_FAILURE as ``policy`` says (without it an SRAR error panics).
     """
     seam_nr = ctx is Ctx.TD and policy.seam_nr
     rec = srar_record(pa, instruction_fetch=instruction_fetch, lmce=policy.lmce, seam_nr=seam_nr)
@@ -71,9 +72,12 @@ def consume_poison(
     if ctx is Ctx.SEAM_ROOT or policy.long_flow_shutdown:
         return Outcome.shutdown(rec, "unbreakable shutdown; TDX disabled platform-wide")
     kernel_mode = ctx in (Ctx.HOST_KERNEL, Ctx.HOST_KERNEL_MC_SAFE, Ctx.TD)
-    sev = mce_severity(rec, kernel_mode=kernel_mode, mc_safe=ctx is Ctx.HOST_KERNEL_MC_SAFE)
+    sev = mce_severity(rec, kernel_mode=kernel_mode, mc_safe=ctx is Ctx.HOST_KERNEL_MC_SAFE,
+                       memory_failure=policy.memory_failure)
     if sev is Severity.PANIC:
-        return Outcome.panic("Data load in unrecoverable area of kernel" + broadcast, rec)
+        why = ("Data load in unrecoverable area of kernel" if policy.memory_failure
+               else "Action required: unknown MCACOD (no CONFIG_MEMORY_FAILURE)")
+        return Outcome.panic(why + broadcast, rec)
     match ctx:
         case Ctx.TD:
             return Outcome.machine_check(
