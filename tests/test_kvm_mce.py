@@ -118,3 +118,17 @@ def test_without_memory_failure_a_user_consumer_panics_the_host() -> None:
     pfn = m.vmm.proc.mm.pgd.get(hva) >> PAGE_SHIFT & ((1 << 40) - 1)
     m.kernel.core.hw.inject_dram_error(pfn << PAGE_SHIFT)
     assert m.vmm.load(GPA, 8).cell == "panic"
+
+
+def test_a_broadcast_mc_makes_every_td_fatal() -> None:
+    """Integrity poison consumed by one TD: with LMCE only that TD is FATAL, without it all."""
+    from kvmpoison.machine import VmSpec
+
+    for lmce in (True, False):
+        m = Machine(Config(design="baseline", platform=PlatformConfig(
+            mem_bytes=64 << 20, integrity=IntegrityMode.CI, lmce=lmce)))
+        other = m.add_vm(VmSpec(name="other"))
+        assert m.guest.store(GPA, b"td data").kind is Kind.OK
+        assert m.vmm.store(GPA, b"host write").kind is Kind.OK  # breaks the TD's integrity
+        assert m.guest.load(GPA, 8).cell == "mce:td-fatal"
+        assert m.vm.td_fatal and other.vm.td_fatal is not lmce

@@ -136,7 +136,12 @@ def vcpu_access(vm: Vm, gpa: int, size: int, data: bytes | None, shared: bool) -
                 out.append(got.data)
                 break
             if got.mc_kind is McKind.TD_FATAL:
-                vm.td_fatal = True
+                # Without LMCE the #MC is broadcast to every logical CPU: every TD that
+                # runs takes it and the TDX module marks each FATAL (hardware model).
+                hit = [vm] if core.hw.cfg.lmce else [v for v in vm.kvm.vms
+                                                    if v.td_keyid is not None and not v.dead]
+                for td in hit:
+                    td.td_fatal = True
                 SetPageHWPoison(core.pages[pfn])  # the host's SEAM_NR handling
                 return got
             assert got.kind is Kind.MCE and got.mce is not None, got
