@@ -105,6 +105,7 @@ class GuestMemfd:
         return -errno.EINVAL
 
     def mmap(self, file: File, vma: Vma) -> int:
+        """``kvm_gmem_mmap`` (6.18): -ENODEV without GUEST_MEMFD_FLAG_MMAP, MAP_SHARED only."""
         if not self.flags & GUEST_MEMFD_FLAG_MMAP:
             return -errno.ENODEV
         if (vma.vm_flags & (VM.SHARED | VM.MAYSHARE)) != (VM.SHARED | VM.MAYSHARE):
@@ -149,7 +150,9 @@ class GuestMemfd:
 
 
 def kvm_gmem_create(core: MmCore, owner: object, size: int, flags: int) -> File | int:
-    """``KVM_CREATE_GUEST_MEMFD``: a new guest_memfd file, or -errno."""
+    """``KVM_CREATE_GUEST_MEMFD`` (``kvm_gmem_create``/``__kvm_gmem_create``, 6.18): a new
+    guest_memfd file, or -EINVAL for unknown flags or a size that is not a positive
+    multiple of the page size. Simplified: every flag is valid for every VM type."""
     if flags & ~GUEST_MEMFD_VALID_FLAGS:
         return -errno.EINVAL
     if size <= 0 or size & (PAGE_SIZE - 1):

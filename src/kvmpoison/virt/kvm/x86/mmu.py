@@ -54,6 +54,8 @@ def kvm_handle_bad_page(vm: Vm, hva: int, pfn: int) -> Outcome:
 
 
 def spte_present(vm: Vm, gpa: int, write: bool) -> EptEntry | None:
+    """The leaf SPTE of ``gpa`` if it allows the access (``is_shadow_present_pte``, and
+    W for a write); None is an EPT violation."""
     raw = vm.ept.get(gpa & ~(PAGE_SIZE - 1))
     if not raw:
         return None
@@ -64,6 +66,8 @@ def spte_present(vm: Vm, gpa: int, write: bool) -> EptEntry | None:
 
 
 def _td_add_page(vm: Vm, gfn: int, pfn: int) -> None:
+    """Stand-in for TDH.MEM.PAGE.ADD/AUG (TDX module, not in v5.12): the page's bytes are
+    rewritten under the TD's KeyID with MOVDIR64B so its lines become TD-owned."""
     if vm.td_keyid is None or gfn_is_shared(vm, gfn) or pfn in vm.td_pages:
         return
     hw = vm.core.hw
