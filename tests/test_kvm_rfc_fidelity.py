@@ -112,3 +112,20 @@ def test_hypercall_return_values() -> None:
         assert kvm_emulate_hypercall(vm, 2) == -KVM_ENOSYS  # KVM_HC_MMU_OP: long gone
         expect_share = -KVM_ENOSYS if design == "baseline" else 0
         assert kvm_emulate_hypercall(vm, 13, 0x20, 1) == expect_share
+
+
+def test_spte_values_are_make_spte_s() -> None:
+    """EPT with A/D: R|W|X, WB|IPAT, A (fault only), D (writable), host/MMU-writable bits."""
+    from kvmpoison.kconfig import KernelConfig, KernelVersion
+
+    m = Machine(Config(design="baseline"))
+    for i in range(2):
+        m.vmm.store(0x40 * PAGE + i * PAGE, b"\x01")
+    m.guest.load(0x41 * PAGE, 1)  # faults 0x41, prefetches 0x40
+    pfn41, pfn40 = (int(m.vm.ept.get(g * PAGE)) >> 12 & ((1 << 40) - 1) for g in (0x41, 0x40))
+    assert m.vm.ept.get(0x41 * PAGE) == pfn41 << 12 | 0xF77
+    assert m.vm.ept.get(0x40 * PAGE) == pfn40 << 12 | 0xE77  # speculative: no accessed bit
+    m = Machine(Config(design="baseline", kernel=KernelConfig(version=KernelVersion.V6_18)))
+    m.guest.store(GPA, b"x")
+    pfn = int(m.vm.ept.get(GPA)) >> 12 & ((1 << 40) - 1)
+    assert m.vm.ept.get(GPA) == pfn << 12 | 0xB77 | 3 << 57

@@ -106,13 +106,10 @@ def ept_leaf(
     memtype: MemType = MemType.WB,
     large: bool = False,
 ) -> int:
-    """A raw leaf entry for a guest-RAM mapping, after KVM's ``make_spte``.
+    """The hardware part of a leaf entry: pfn, R/W/X, memory type, large.
 
-    Simplified: R/W/X and the memory type only. KVM v5.12 also sets IPAT
-    (``vmx_get_mt_mask`` for RAM without non-coherent DMA), the accessed bit
-    on a non-prefetch fault, the dirty bit on a writable SPTE (with EPT A/D)
-    and its software bits (SPTE_HOST_WRITEABLE/SPTE_MMU_WRITEABLE); raw SPTE
-    values in a trace therefore differ from the kernel's, the mapping does not.
+    KVM's full SPTE (IPAT, A/D, its software bits) is built on top of this by
+    ``virt/kvm/x86/mmu.make_spte``.
     """
     flags = EptFlag.READ
     if writable:

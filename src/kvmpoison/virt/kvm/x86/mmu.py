@@ -27,7 +27,13 @@ from kvmpoison.arch.x86.pgtable_types import (
     PAGE_SHIFT,
     PAGE_SIZE,
 )
-from kvmpoison.arch.x86.vmx import EptEntry, ept_leaf
+from kvmpoison.arch.x86.vmx import (
+    VMX_EPT_ACCESS_BIT,
+    VMX_EPT_DIRTY_BIT,
+    VMX_EPT_IPAT_BIT,
+    EptEntry,
+    ept_leaf,
+)
 from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.page import get_page, put_page
 from kvmpoison.outcome import Outcome
@@ -41,6 +47,37 @@ from kvmpoison.virt.kvm.kvm_main import (
 from kvmpoison.virt.kvm.mem_protected import gfn_is_shared, kvm_protect_pfn
 
 PTE_PREFETCH_NUM = 8
+# Software bits of a leaf SPTE (arch/x86/kvm/mmu/spte.h): v5.12 has the writable
+# bits at PT_FIRST_AVAIL_BITS_SHIFT (10) and 11; 6.x moved them to 57/58 for EPT
+# and uses bit 11 as SPTE_MMU_PRESENT_MASK.
+SPTE_HOST_WRITEABLE_V5_12 = 1 << 10
+SPTE_MMU_WRITEABLE_V5_12 = 1 << 11
+SPTE_MMU_PRESENT_MASK = 1 << 11
+EPT_SPTE_HOST_WRITABLE = 1 << 57
+EPT_SPTE_MMU_WRITABLE = 1 << 58
+
+
+def make_spte(vm: Vm, pfn: int, writable: bool, prefetch: bool = False) -> int:
+    """A 4K guest-RAM leaf SPTE as ``make_spte`` (arch/x86/kvm/mmu/spte.c) builds it under EPT.
+
+    EPT with A/D bits and without execute-only (``kvm_mmu_set_ept_masks``): R|X, W
+    when writable; memtype WB with IPAT (``vmx_get_mt_mask``: RAM, no non-coherent
+    DMA); the accessed bit unless prefetched; the dirty bit on a writable SPTE;
+    host- and MMU-writable software bits (v5.12: bits 10/11; 6.x: 57/58, plus
+    SPTE_MMU_PRESENT_MASK). ``writable`` stands for ``host_writable`` and the
+    SPTE's write access alike (TDP maps with ACC_ALL).
+    """
+    modern = vm.core.kcfg.version >= KernelVersion.V6_18
+    spte = ept_leaf(pfn, writable=writable) | VMX_EPT_IPAT_BIT
+    if modern:
+        spte |= SPTE_MMU_PRESENT_MASK
+    if not prefetch:
+        spte |= VMX_EPT_ACCESS_BIT
+    if writable:
+        spte |= VMX_EPT_DIRTY_BIT
+        spte |= (EPT_SPTE_HOST_WRITABLE | EPT_SPTE_MMU_WRITABLE) if modern else \
+            (SPTE_HOST_WRITEABLE_V5_12 | SPTE_MMU_WRITEABLE_V5_12)
+    return spte
 
 
 def kvm_handle_bad_page(vm: Vm, hva: int, pfn: int) -> Outcome:
@@ -105,7 +142,7 @@ def direct_page_fault(vm: Vm, gpa: int, write: bool) -> Outcome | None:
         _td_add_page(vm, gfn, pfn)
         host_pte = vm.mm.pgd.get(hva)
         writable = write or (pte_present(host_pte) and bool(host_pte & _PAGE_RW))
-        vm.ept.set(gfn << PAGE_SHIFT, ept_leaf(pfn, writable=writable))
+        vm.ept.set(gfn << PAGE_SHIFT, make_spte(vm, pfn, writable))
         if not protected:
             direct_pte_prefetch(vm, gfn)
     finally:
@@ -161,6 +198,6 @@ def direct_pte_prefetch_many(vm: Vm, start: int, end: int) -> int:
         page = vm.core.pages[pfn]
         get_page(page)
         _td_add_page(vm, g, pfn)
-        vm.ept.set(g << PAGE_SHIFT, ept_leaf(pfn, writable=True))  # mmu_set_spte, ACC_ALL
+        vm.ept.set(g << PAGE_SHIFT, make_spte(vm, pfn, True, prefetch=True))  # mmu_set_spte
         put_page(page)
     return 0
