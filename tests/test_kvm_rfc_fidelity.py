@@ -129,3 +129,11 @@ def test_spte_values_are_make_spte_s() -> None:
     m.guest.store(GPA, b"x")
     pfn = int(m.vm.ept.get(GPA)) >> 12 & ((1 << 40) - 1)
     assert m.vm.ept.get(GPA) == pfn << 12 | 0xB77 | 3 << 57
+
+
+def test_a_guest_sharing_a_huge_range_stays_cheap() -> None:
+    """KVM_HC_MEM_SHARE with npages near 2^60: KVM walks memslot gfns only, the guest ranges."""
+    m = Machine(Config(design="rfc-v2"))
+    assert m.guest.share(0x100, 1 << 60) == 0
+    assert m.guest.store(0x100 * PAGE, b"shared").kind is Kind.OK
+    assert m.vmm.load(0x100 * PAGE, 6).data == b"shared"  # still mapped in the VMM

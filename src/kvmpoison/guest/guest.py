@@ -39,7 +39,7 @@ class GuestLayout:
 class Guest:
     vm: Vm
     layout: GuestLayout = field(default_factory=GuestLayout)
-    shared: set[int] = field(default_factory=set)  # gfns the guest accesses as shared
+    shared: list[tuple[int, int]] = field(default_factory=list)  # [gfn, end) used as shared
     log: list[str] = field(default_factory=list)
     panicked: str | None = None
 
@@ -49,8 +49,8 @@ class Guest:
     def share(self, gfn: int, npages: int) -> int:
         """``__set_memory_enc_dec(..., enc=false)``: KVM_HC_MEM_SHARE, then use the shared alias."""
         ret = self.hypercall(KVM_HC_MEM_SHARE, gfn, npages)
-        if ret == 0:
-            self.shared.update(range(gfn, gfn + npages))
+        if ret == 0 and npages:
+            self.shared.append((gfn, gfn + npages))  # ranges: a huge npages costs nothing
         self.log.append(f"KVM_HC_MEM_SHARE({gfn:#x}, {npages}) = {ret}")
         return ret
 
@@ -68,7 +68,7 @@ class Guest:
             # the host changes nothing, the guest uses the shared alias (KeyID 0).
             for gfn, n in ((self.layout.kvmclock, 1),
                            (self.layout.swiotlb, self.layout.swiotlb_pages)):
-                self.shared.update(range(gfn, gfn + n))
+                self.shared.append((gfn, gfn + n))
                 self.log.append(f"MapGPA({gfn:#x}, {n}) -> shared")
         # The host writes pvclock data into the (shared) kvmclock page.
         self.vm.write_guest(self.layout.kvmclock << PAGE_SHIFT, b"pvclock\0" + bytes(24))
@@ -86,7 +86,8 @@ class Guest:
         self.boot()
 
     def _shared(self, gpa: int) -> bool:
-        return (gpa >> PAGE_SHIFT) in self.shared
+        gfn = gpa >> PAGE_SHIFT
+        return any(lo <= gfn < hi for lo, hi in self.shared)
 
     def _run(self, gpa: int, size: int, data: bytes | None) -> Outcome:
         core = self.vm.core
