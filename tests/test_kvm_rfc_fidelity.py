@@ -3,12 +3,15 @@ KVM keeps, what KVM_HC_MEM_SHARE faults in, v1's zero page, unprotected reads, m
 
 import errno
 
+import pytest
+
 from kvmpoison.arch.x86.pgtable import pte_pfn, pte_present
 from kvmpoison.arch.x86.pgtable_types import _PAGE_RW
 from kvmpoison.config import Config
 from kvmpoison.machine import Machine, VmSpec
 from kvmpoison.mm.page import PageHWPoison, page_count
 from kvmpoison.outcome import Kind
+from kvmpoison.virt.kvm.kvm_main import Vm
 from kvmpoison.virt.kvm.mem_protected import kvm_share_memory
 from kvmpoison.virt.kvm.x86.mmu import spte_present
 
@@ -137,3 +140,23 @@ def test_a_guest_sharing_a_huge_range_stays_cheap() -> None:
     assert m.guest.share(0x100, 1 << 60) == 0
     assert m.guest.store(0x100 * PAGE, b"shared").kind is Kind.OK
     assert m.vmm.load(0x100 * PAGE, 6).data == b"shared"  # still mapped in the VMM
+
+
+def test_mem_share_walks_only_mapped_memslot_gfns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A memslot of 2^31-1 pages over unmapped hvas: sharing all of it costs the mapped part."""
+    m = Machine(Config(design="rfc-v2"))
+    vm = m.vm
+    npages = (1 << 31) - 1
+    assert vm.set_user_memory_region(1, 1 << 40, npages << 12, 1 << 44) == 0
+    calls: list[int] = []
+    real = Vm.hva_to_pfn
+
+    def spy(self: Vm, hva: int, write: bool) -> int:
+        calls.append(hva)
+        return real(self, hva, write)
+
+    monkeypatch.setattr(Vm, "hva_to_pfn", spy)
+    assert kvm_share_memory(vm, 1 << 28, npages) == 0
+    assert calls == []  # nothing of slot 1 is mapped in the VMM
+    assert kvm_share_memory(vm, 0x40, 2) == 0
+    assert calls == [m.vmm.gpa_to_hva(0x40 * PAGE), m.vmm.gpa_to_hva(0x41 * PAGE)]

@@ -156,9 +156,10 @@ def kvm_share_memory(vm: Vm, gfn: int, npages: int) -> int:
     shares nothing) joins ``shared_ranges``; then each gfn's page,
     ``gfn_to_page`` (a write fault: it allocates and breaks CoW), is shared
     (v2: ``kvm_share_pfn``; v1: ``ClearPageHWPoison`` under the page lock)
-    and put. Always 0. The model walks only gfns inside memslots: for the
-    others ``gfn_to_page`` gives KVM_ERR_PTR_BAD_PAGE and the kernel skips
-    them (a guest's huge ``npages`` is a long loop there, none here).
+    and put. Always 0. The model walks only gfns of memslots whose hva lies
+    in a VMA of the VMM (``_mapped_hvas``): for the others ``gfn_to_page`` gives
+    KVM_ERR_PTR_BAD_PAGE and the kernel skips them (a guest's huge
+    ``npages`` is a long loop there, none here).
     """
     gfn &= U64
     npages &= U64
@@ -166,21 +167,31 @@ def kvm_share_memory(vm: Vm, gfn: int, npages: int) -> int:
         return 0
     end = (gfn + npages) & U64
     __kvm_share_memory(vm, gfn, end)
-    for slot in sorted(vm.memslots, key=lambda s: s.base_gfn):
-        lo, hi = max(gfn, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
-        for g in range(lo, hi):
-            pfn = vm.hva_to_pfn(slot.gfn_to_hva(g), write=True)  # gfn_to_page
-            if is_error_pfn(pfn):
-                continue
-            page = vm.core.pages[pfn]
-            if vm.protection is Protection.RFC_V2:
-                kvm_share_pfn(vm, pfn)
-            else:
-                lock_page(page)
-                ClearPageHWPoison(page)  # v1: no owner to check
-                unlock_page(page)
-            put_page(page)
+    for hva in _mapped_hvas(vm, gfn, end):
+        pfn = vm.hva_to_pfn(hva, write=True)  # gfn_to_page
+        if is_error_pfn(pfn):
+            continue
+        page = vm.core.pages[pfn]
+        if vm.protection is Protection.RFC_V2:
+            kvm_share_pfn(vm, pfn)
+        else:
+            lock_page(page)
+            ClearPageHWPoison(page)  # v1: no owner to check
+            unlock_page(page)
+        put_page(page)
     return 0
+
+
+def _mapped_hvas(vm: Vm, start: int, end: int) -> list[int]:
+    """The hvas of gfns [start, end), in gfn order, that lie inside one of the VMM's VMAs."""
+    out: list[int] = []
+    for slot in sorted(vm.memslots, key=lambda s: s.base_gfn):
+        lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
+        for vma in sorted(vm.mm.vmas, key=lambda v: v.vm_start):
+            first = slot.base_gfn + ((vma.vm_start - slot.userspace_addr) >> PAGE_SHIFT)
+            last = slot.base_gfn + ((vma.vm_end - slot.userspace_addr) >> PAGE_SHIFT)
+            out.extend(slot.gfn_to_hva(g) for g in range(max(lo, first), min(hi, last)))
+    return out
 
 
 def kvm_unpoison_page_hook(kvm: Kvm) -> FreeHook:
