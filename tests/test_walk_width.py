@@ -51,3 +51,11 @@ def test_a_memslot_above_the_ept_range_deletes_cleanly() -> None:
     high = 1 << 50  # KVM accepts the slot; no SPTE can exist for it
     assert vm.set_user_memory_region(5, high, 4 * PAGE, hva) == 0
     assert vm.set_user_memory_region(5, high, 0, hva) == 0
+
+
+def test_a_guest_access_above_48_bits_is_refused_as_bad_input() -> None:
+    """A memslot KVM accepts above the EPT's reach: the guest cannot address it."""
+    m = Machine(Config(design="baseline"))
+    assert m.vm.set_user_memory_region(5, 1 << 50, 4 * PAGE, m.vmm.ram_hva) == 0
+    with pytest.raises(ValueError, match="48-bit"):
+        m.guest.load(1 << 50, 8)
