@@ -86,13 +86,14 @@ class LineState:
 class MemoryController:
     """Reads and writes physical memory under a KeyID, applying the integrity rules."""
 
+    kernel_memory_failure = True  # the booted kernel's CONFIG_MEMORY_FAILURE (set at boot)
+
     def __init__(self, cfg: PlatformConfig):
         self.cfg = cfg
         self.keys = KeyTable(cfg.seed, cfg.keyids)
         mac_key = hashlib.sha3_256(f"kvmpoison-mac-key/{cfg.seed}".encode()).digest()[:16]
         self.mac = LineMac(mac_key, cfg.mac_bits, cfg.mac_algo)
         self.mem = PhysicalMemory(cfg.mem_bytes, self.mac.nbytes)
-        self.kernel_memory_failure = True  # the booted kernel's CONFIG_MEMORY_FAILURE
 
     # -- helpers -------------------------------------------------------------
 
