@@ -148,6 +148,18 @@ def kvm_share_pfn(vm: Vm, pfn: int) -> None:
     unlock_page(page)
 
 
+def _mapped_hvas(vm: Vm, start: int, end: int) -> list[int]:
+    """The hvas of gfns [start, end), in gfn order, that lie inside one of the VMM's VMAs."""
+    out: list[int] = []
+    for slot in sorted(vm.memslots, key=lambda s: s.base_gfn):
+        lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
+        for vma in sorted(vm.mm.vmas, key=lambda v: v.vm_start):
+            first = slot.base_gfn + ((vma.vm_start - slot.userspace_addr) >> PAGE_SHIFT)
+            last = slot.base_gfn + ((vma.vm_end - slot.userspace_addr) >> PAGE_SHIFT)
+            out.extend(slot.gfn_to_hva(g) for g in range(max(lo, first), min(hi, last)))
+    return out
+
+
 def kvm_share_memory(vm: Vm, gfn: int, npages: int) -> int:
     """KVM_HC_MEM_SHARE(gfn, npages): ``kvm_share_memory`` (virt/kvm/kvm_main.c).
 
@@ -182,23 +194,8 @@ def kvm_share_memory(vm: Vm, gfn: int, npages: int) -> int:
     return 0
 
 
-def _mapped_hvas(vm: Vm, start: int, end: int) -> list[int]:
-    """The hvas of gfns [start, end), in gfn order, that lie inside one of the VMM's VMAs."""
-    out: list[int] = []
-    for slot in sorted(vm.memslots, key=lambda s: s.base_gfn):
-        lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
-        for vma in sorted(vm.mm.vmas, key=lambda v: v.vm_start):
-            first = slot.base_gfn + ((vma.vm_start - slot.userspace_addr) >> PAGE_SHIFT)
-            last = slot.base_gfn + ((vma.vm_end - slot.userspace_addr) >> PAGE_SHIFT)
-            out.extend(slot.gfn_to_hva(g) for g in range(max(lo, first), min(hi, last)))
-    return out
-
-
 def kvm_unpoison_page_hook(kvm: Kvm) -> FreeHook:
-    """The RFC v2 line in ``free_pages_prepare`` (mm/page_alloc.c) calling ``kvm_unpoison_page``
-    (virt/kvm/mem_protected.c): a freed PageHWPoison page whose pfn ``xa_erase`` finds in
-    ``kvm_pfn_map`` loses PG_hwpoison and goes back to the allocator. Vectorised over the
-    freed pfns."""
+    """The RFC v2 line in ``free_pages_prepare``: unpoison a freed protected page."""
 
     def kvm_unpoison_page(pfns: np.ndarray) -> None:
         mem = kvm.core.pages
