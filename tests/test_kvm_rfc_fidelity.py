@@ -160,3 +160,14 @@ def test_mem_share_walks_only_mapped_memslot_gfns(monkeypatch: pytest.MonkeyPatc
     assert calls == []  # nothing of slot 1 is mapped in the VMM
     assert kvm_share_memory(vm, 0x40, 2) == 0
     assert calls == [m.vmm.gpa_to_hva(0x40 * PAGE), m.vmm.gpa_to_hva(0x41 * PAGE)]
+
+
+def test_user_memslot_ids_per_version() -> None:
+    """v5.12: KVM_USER_MEM_SLOTS 509; 6.x: SHRT_MAX - KVM_INTERNAL_MEM_SLOTS (32764 on x86)."""
+    from kvmpoison.kconfig import KernelConfig, KernelVersion
+
+    for kernel, ok in ((None, False), (KernelConfig(version=KernelVersion.V6_18), True)):
+        m = Machine(Config(design="baseline", kernel=kernel))
+        got = m.vm.set_user_memory_region(509, 1 << 32, PAGE, m.vmm.ram_hva)
+        assert got == (0 if ok else -errno.EINVAL)
+        assert m.vm.set_user_memory_region(32764, 1 << 33, PAGE, m.vmm.ram_hva) == -errno.EINVAL

@@ -26,6 +26,7 @@ import numpy.typing as npt
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.arch.x86.vmx import VMX_EPT_RWX_MASK
+from kvmpoison.kconfig import KernelVersion
 from kvmpoison.kernel.task import Task, force_sig_info
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.gup import FOLL, get_user_pages
@@ -44,6 +45,7 @@ KVM_PFN_ERR_RO_FAULT = KVM_PFN_ERR_MASK + 2
 KVM_PFN_NOSLOT = 1 << 63
 KVM_NR_SHARED_RANGES = 32
 KVM_USER_MEM_SLOTS = 509  # arch/x86/include/asm/kvm_host.h (v5.12)
+KVM_USER_MEM_SLOTS_6 = 0x7FFF - 3  # 6.x kvm_host.h: SHRT_MAX - KVM_INTERNAL_MEM_SLOTS (x86: 3)
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 TASK_SIZE_MAX = TASK_SIZE - PAGE_SIZE  # arch/x86/include/asm/page_64_types.h, 4-level
 EPT_MAX_GFN = 1 << (ADDRESS_BITS - PAGE_SHIFT)  # a 4-level EPT maps 48-bit guest-physical addresses
@@ -185,7 +187,9 @@ class Vm:
         if not (0 <= slot < 1 << 32 and 0 <= gpa < 1 << 64 and 0 <= size < 1 << 64
                 and 0 <= hva < 1 << 64):
             return -errno.EINVAL  # the uapi fields are u32/u64
-        if (slot & 0xFFFF) >= KVM_USER_MEM_SLOTS or slot >> 16:
+        modern = self.core.kcfg.version >= KernelVersion.V6_18
+        if (slot & 0xFFFF) >= (KVM_USER_MEM_SLOTS_6 if modern else KVM_USER_MEM_SLOTS) \
+                or slot >> 16:
             return -errno.EINVAL
         if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1) or hva & (PAGE_SIZE - 1):
             return -errno.EINVAL
