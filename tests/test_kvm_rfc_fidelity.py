@@ -171,3 +171,5 @@ def test_user_memslot_ids_per_version() -> None:
         got = m.vm.set_user_memory_region(509, 1 << 32, PAGE, m.vmm.ram_hva)
         assert got == (0 if ok else -errno.EINVAL)
         assert m.vm.set_user_memory_region(32764, 1 << 33, PAGE, m.vmm.ram_hva) == -errno.EINVAL
+        beyond = m.vm.set_user_memory_region(5, 1 << 50, PAGE, m.vmm.ram_hva)  # > max gfn
+        assert beyond == (-errno.EINVAL if ok else 0)

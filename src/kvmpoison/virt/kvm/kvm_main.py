@@ -180,7 +180,9 @@ class Vm:
         if it does not exist); an existing slot may only move (new base gfn,
         same hva and size: KVM_MR_MOVE zaps the old range), anything else is
         -EINVAL, and the same values again change nothing (no zap); a new or
-        moved slot must not overlap another (-EEXIST). Simplified: only
+        moved slot must not overlap another (-EEXIST), and on 6.18 must end
+        below ``kvm_mmu_max_gfn()`` (host MAXPHYADDR; the model takes the 48 bits
+        of its 4-level EPT), where v5.12 accepts any gfn. Simplified: only
         address space 0 exists (no SMM slots) and no slot flags
         (LOG_DIRTY_PAGES, READONLY).
         """
@@ -213,6 +215,8 @@ class Vm:
                 return 0  # "Nothing to change"
         if any(base < s.base_gfn + s.npages and s.base_gfn < base + npages for s in others):
             return -errno.EEXIST
+        if modern and base + npages - 1 > EPT_MAX_GFN - 1:
+            return -errno.EINVAL  # 6.x kvm_arch_prepare_memory_region: beyond kvm_mmu_max_gfn()
         if old is not None:  # KVM_MR_MOVE: kvm_arch_flush_shadow_memslot(old)
             self.zap_gfn_range(old.base_gfn, old.base_gfn + old.npages)
         self.memslots = [*others, Memslot(slot, base, npages, hva)]
