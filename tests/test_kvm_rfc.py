@@ -180,12 +180,25 @@ def test_freed_protected_pages_unpoison_only_in_v2(design: str, back_in_buddy: b
 
 
 def test_prefetch_is_off_while_memory_is_protected() -> None:
+    """v5.12 prefetches a run the faulting SPTE ends (0x40..0x46 for a fault at 0x47)."""
     for design, prefetched in (("baseline", True), ("rfc-v2", False)):
         m = Machine(Config(design=design))
         for i in range(8):
             m.vmm.store(0x40 * PAGE + i * PAGE, b"\x01")  # present in the VMM
-        m.guest.load(0x40 * PAGE, 1)
-        assert (spte_present(m.vm, 0x41 * PAGE, False) is not None) is prefetched
+        m.guest.load(0x47 * PAGE, 1)
+        for gfn in range(0x40, 0x47):
+            assert (spte_present(m.vm, gfn * PAGE, False) is not None) is prefetched
+
+
+def test_v5_12_prefetch_drops_the_last_run_and_stops_at_a_gup_failure() -> None:
+    m = Machine(Config(design="baseline"))
+    for i in (0, 1, 3, 4, 5, 6, 7):  # 0x42 is not mapped in the VMM
+        m.vmm.store(0x40 * PAGE + i * PAGE, b"\x01")
+    m.guest.load(0x40 * PAGE, 1)  # first gfn of its block: the only run is the last one
+    assert [g for g in range(0x40, 0x48) if spte_present(m.vm, g * PAGE, False)] == [0x40]
+    m.guest.load(0x45 * PAGE, 1)  # run 0x41..0x44 ends at the fault; GUP-fast stops at 0x42
+    assert [g for g in range(0x40, 0x48) if spte_present(m.vm, g * PAGE, False)] == [0x40, 0x41,
+                                                                                      0x45]
 
 
 def test_fork_takes_and_munmap_drops_entry_references() -> None:

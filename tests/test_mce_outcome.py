@@ -7,6 +7,7 @@ from kvmpoison.arch.x86.mce import (
     MCG_STATUS_EIPV,
     MCG_STATUS_RIPV,
     MCI_STATUS_AR,
+    MCI_STATUS_OVER,
     MCI_STATUS_PCC,
     MCI_STATUS_S,
     MceRecord,
@@ -15,7 +16,7 @@ from kvmpoison.arch.x86.mce import (
     srar_record,
 )
 from kvmpoison.arch.x86.vmx import EptEntry, EptFlag, MemType, ept_leaf
-from kvmpoison.outcome import McKind, Outcome, is_cell
+from kvmpoison.outcome import LivelockOn, McKind, Outcome, is_cell
 from kvmpoison.uapi.errno import EHWPOISON
 from kvmpoison.uapi.siginfo import BusCode, SegvCode, SigInfo
 
@@ -95,6 +96,7 @@ def test_ept_entry_round_trip_and_layout() -> None:
         (Outcome.machine_check(srar_record(0), McKind.TD_FATAL), "mce:td-fatal"),
         (Outcome.shutdown(), "shutdown"),
         (Outcome.panic("x"), "panic"),
+        (Outcome.livelocked(LivelockOn.MCE, srar_record(0)), "livelock:mce"),
     ],
 )
 def test_cell_notation(outcome: Outcome, cell: str) -> None:
@@ -108,7 +110,8 @@ def test_errno_values_are_the_kernels() -> None:
     assert [c.value for c in BusCode] == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("text", ["oops", "err:ENOTANERRNO", "ret:x", "mce:weird", "ok:1", "sig:"])
+@pytest.mark.parametrize("text", ["oops", "err:ENOTANERRNO", "ret:x", "mce:weird", "ok:1", "sig:",
+                                  "livelock", "livelock:", "livelock:fault"])
 def test_non_cells_are_rejected(text: str) -> None:
     assert not is_cell(text)
 
@@ -124,3 +127,18 @@ def test_error_requires_positive_errno() -> None:
 )
 def test_errno_names_follow_the_kernel_headers(value: int, name: str) -> None:
     assert Outcome.error(value).cell == f"err:{name}"
+
+
+def test_severity_rows_in_table_order() -> None:
+    """Rows of arch/x86/kernel/cpu/mce/severity.c the grading used to skip or reorder."""
+    srar = srar_record(0)
+    ripv_only = MceRecord(srar.mci_status, MCG_STATUS_RIPV, 0)
+    assert mce_severity(ripv_only, kernel_mode=True) is Severity.KEEP  # before "in kernel"
+    over = MceRecord(srar.mci_status | MCI_STATUS_OVER, srar.mcg_status, 0)
+    assert mce_severity(over, kernel_mode=False) is Severity.PANIC  # lost events
+    assert mce_severity(srar, kernel_mode=False, memory_failure=False) is Severity.PANIC
+    ucna_ar = MceRecord(srar.mci_status & ~MCI_STATUS_S, srar.mcg_status, 0)
+    assert mce_severity(ucna_ar, kernel_mode=False) is Severity.PANIC  # illegal combination
+    instr = srar_record(0, instruction_fetch=True)
+    assert mce_severity(instr, kernel_mode=True, mc_safe=True) is Severity.PANIC
+    assert mce_severity(instr, kernel_mode=False) is Severity.AR

@@ -322,9 +322,9 @@ def test_readme_example_is_a_passing_scenario() -> None:
 def test_prefetch_maps_neighbours_only_when_memory_is_not_protected() -> None:
     """E28: the neighbour's own fault sets its SPTE under the RFC; baseline prefetched it."""
     sc = load(LIBRARY["e28-prefetch"])
-    store_neighbour = 2  # results index of the guest's store to 0x31000
+    store_neighbour = 2  # results index of the guest's store to 0x30000
     baseline = run_scenario(sc, "baseline").results[store_neighbour]
     rfc = run_scenario(sc, "rfc-v2").results[store_neighbour]
-    assert baseline.step.args["gpa"] == rfc.step.args["gpa"] == 0x31000
+    assert baseline.step.args["gpa"] == rfc.step.args["gpa"] == 0x30000
     assert "ept" not in baseline.changed  # already mapped by direct_pte_prefetch
     assert rfc.changed["ept"]["before"] == "0x0000000000000000"

@@ -2,7 +2,8 @@
 
 Modelled failures (an errno, a signal, a machine check, a shutdown) are data;
 only bugs in the model raise. ``Outcome.cell`` renders the canonical matrix
-cell of ``shared/design/MATRIX.md`` so that a model cell and a real-kernel
+cell (MATRIX.md notation, plus ``livelock:mce`` for a vCPU that takes the same
+machine check on every re-entry) so that a model cell and a real-kernel
 cell compare by string equality.
 """
 
@@ -25,6 +26,13 @@ class Kind(enum.Enum):
     MCE = "mce"  # a machine check was consumed
     SHUTDOWN = "shutdown"  # unbreakable shutdown of the whole machine
     PANIC = "panic"  # host kernel panic
+    LIVELOCK = "livelock"  # the consumer re-runs the same failing step forever
+
+
+class LivelockOn(enum.Enum):
+    """What a livelocked consumer keeps taking (the part after ``livelock:``)."""
+
+    MCE = "mce"  # a vCPU re-enters the guest and takes the same #MC again
 
 
 class McKind(enum.Enum):
@@ -42,6 +50,7 @@ class Outcome:
     siginfo: SigInfo | None = None
     mce: MceRecord | None = None
     mc_kind: McKind | None = None
+    livelock: LivelockOn | None = None
     detail: str = ""
 
     # Constructors: one per cell kind.
@@ -70,6 +79,12 @@ class Outcome:
     @classmethod
     def machine_check(cls, rec: MceRecord | None, mc_kind: McKind, detail: str = "") -> Outcome:
         return cls(Kind.MCE, mce=rec, mc_kind=mc_kind, detail=detail)
+
+    @classmethod
+    def livelocked(cls, on: LivelockOn, rec: MceRecord | None = None,
+                   detail: str = "") -> Outcome:
+        """The consumer never makes progress; the model saw it repeat a bounded number of times."""
+        return cls(Kind.LIVELOCK, mce=rec, livelock=on, detail=detail)
 
     @classmethod
     def shutdown(cls, rec: MceRecord | None = None, detail: str = "") -> Outcome:
@@ -104,6 +119,9 @@ class Outcome:
             case Kind.MCE:
                 assert self.mc_kind is not None
                 return f"mce:{self.mc_kind.value}"
+            case Kind.LIVELOCK:
+                assert self.livelock is not None
+                return f"livelock:{self.livelock.value}"
         raise AssertionError(self.kind)
 
     def __str__(self) -> str:
@@ -128,6 +146,8 @@ def is_cell(text: str) -> bool:
         return name.startswith("SIG") and code != ""
     if head == "mce":
         return rest in {k.value for k in McKind}
+    if head == "livelock":
+        return rest in {k.value for k in LivelockOn}
     return False
 
 

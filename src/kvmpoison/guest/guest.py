@@ -5,7 +5,9 @@ Follows the guest side of the RFC series (RFCv2 02-05/13): at
 panics if that fails; DMA is forced through swiotlb bounce buffers, which
 ``__set_memory_enc_dec`` shares with KVM_HC_MEM_SHARE; the kvmclock page is
 shared too. Virtio I/O copies through the bounce buffers. There is no
-unshare ("TODO: Unsharing").
+unshare ("TODO: Unsharing"). Not modelled: 06/13 (sharing the real-mode
+trampoline) and the guest's own #MC handling (KVM never injects one; QEMU
+would, from its SIGBUS handler).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class GuestLayout:
 class Guest:
     vm: Vm
     layout: GuestLayout = field(default_factory=GuestLayout)
-    shared: set[int] = field(default_factory=set)  # gfns the guest accesses as shared
+    shared: list[tuple[int, int]] = field(default_factory=list)  # [gfn, end) used as shared
     log: list[str] = field(default_factory=list)
     panicked: str | None = None
 
@@ -47,10 +49,8 @@ class Guest:
     def share(self, gfn: int, npages: int) -> int:
         """``__set_memory_enc_dec(..., enc=false)``: KVM_HC_MEM_SHARE, then use the shared alias."""
         ret = self.hypercall(KVM_HC_MEM_SHARE, gfn, npages)
-        if ret == 0:  # the guest's own gfns only: bounded by its memslots, not by npages
-            for s in self.vm.memslots:
-                self.shared.update(range(max(gfn, s.base_gfn),
-                                         min(gfn + npages, s.base_gfn + s.npages)))
+        if ret == 0 and npages:
+            self.shared.append((gfn, gfn + npages))  # ranges: a huge npages costs nothing
         self.log.append(f"KVM_HC_MEM_SHARE({gfn:#x}, {npages}) = {ret}")
         return ret
 
@@ -68,7 +68,7 @@ class Guest:
             # the host changes nothing, the guest uses the shared alias (KeyID 0).
             for gfn, n in ((self.layout.kvmclock, 1),
                            (self.layout.swiotlb, self.layout.swiotlb_pages)):
-                self.shared.update(range(gfn, gfn + n))
+                self.shared.append((gfn, gfn + n))
                 self.log.append(f"MapGPA({gfn:#x}, {n}) -> shared")
         # The host writes pvclock data into the (shared) kvmclock page.
         self.vm.write_guest(self.layout.kvmclock << PAGE_SHIFT, b"pvclock\0" + bytes(24))
@@ -86,7 +86,8 @@ class Guest:
         self.boot()
 
     def _shared(self, gpa: int) -> bool:
-        return (gpa >> PAGE_SHIFT) in self.shared
+        gfn = gpa >> PAGE_SHIFT
+        return any(lo <= gfn < hi for lo, hi in self.shared)
 
     def _run(self, gpa: int, size: int, data: bytes | None) -> Outcome:
         core = self.vm.core

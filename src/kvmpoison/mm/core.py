@@ -84,6 +84,7 @@ class MmCore:
     @classmethod
     def boot(cls, kcfg: KernelConfig, platform: PlatformConfig, nr_cpus: int = 2) -> MmCore:
         hw = MemoryController(platform)
+        hw.kernel_memory_failure = kcfg.memory_failure  # mce_severity's AR rows need it
         pages = PageArray(hw.mem.nr_frames, PageFlagBits.for_config(kcfg))
         buddy = BuddyAllocator(pages, reserved=1)  # pfn 0 is the shared zero page
         # Leaf tables for 64x the machine's memory fit before the store must grow.

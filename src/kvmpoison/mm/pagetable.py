@@ -30,12 +30,23 @@ from kvmpoison.mm.page_alloc import BuddyAllocator
 from kvmpoison.mm.page_flags import PG_PGTABLE_BIT
 
 PGDIR_SHIFT = 39
+ADDRESS_BITS = PGDIR_SHIFT + 9  # what a 4-level table translates: 48 bits (256 TiB)
 _PAGE_TABLE = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
 TASK_SIZE = 1 << 47
 _PGTABLE = np.uint32(1 << PG_PGTABLE_BIT)
 
 U64Array = npt.NDArray[np.uint64]
 IntArray = npt.NDArray[np.int64]
+
+
+class AddressWidthError(AssertionError):
+    """A walk beyond what a 4-level table translates: a bug of the caller, never wrapped."""
+
+
+def _check_width(start: int, end: int) -> None:
+    if start < 0 or end > 1 << ADDRESS_BITS:
+        raise AddressWidthError(f"page-table walk [{start:#x}, {end:#x}) is beyond the "
+                                f"{ADDRESS_BITS}-bit range a 4-level table translates")
 
 
 class PteStore:
@@ -120,6 +131,7 @@ class PageTables:
         return (addr >> shift) & (PTRS_PER_PTE - 1)
 
     def _pmd_table(self, addr: int, alloc: bool) -> _Table | None:
+        _check_width(addr, addr + 1)
         table = self.pgd
         for shift in (PGDIR_SHIFT, PUD_SHIFT):
             i = self._index(addr, shift)
@@ -175,8 +187,11 @@ class PageTables:
         """Leaf PTE slots of [start, end), one PUD-sized chunk at a time.
 
         Without ``alloc``, regions with no PUD or PMD table are skipped whole,
-        so a walk costs what is mapped, not the size of the range.
+        so a walk costs what is mapped, not the size of the range. A range
+        beyond ``ADDRESS_BITS`` raises :class:`AddressWidthError`: the table
+        index would wrap around the 512-entry PGD.
         """
+        _check_width(start, end)
         addr = start
         while addr < end:
             pud_end = min(((addr >> PUD_SHIFT) + 1) << PUD_SHIFT, end)

@@ -4,6 +4,11 @@ Guest RAM is a memfd (shmem) mapped MAP_SHARED, or private anonymous memory;
 slot 0 maps it at GPA 0. The device reads requests from, and writes replies
 to, the guest's swiotlb bounce buffers through the VMM's own mapping. As an
 attacker (or just a buggy VMM) it can touch any GPA through any host path.
+
+Simplified: QEMU's SIGBUS handler (``kvm_arch_on_sigbus_vcpu``) turns a
+BUS_MCEERR_AR at a guest-RAM address into a virtual #MC for the guest
+(KVM_X86_SET_MCE); the model's VMM only survives the signal, which is the
+outcome a scenario sees.
 """
 
 from __future__ import annotations

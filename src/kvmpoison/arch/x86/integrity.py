@@ -18,6 +18,7 @@ Module Base Architecture Spec ch. 16 (non-ACT platforms):
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
 import hashlib
@@ -84,6 +85,8 @@ class LineState:
 
 class MemoryController:
     """Reads and writes physical memory under a KeyID, applying the integrity rules."""
+
+    kernel_memory_failure = True  # the booted kernel's CONFIG_MEMORY_FAILURE (set at boot)
 
     def __init__(self, cfg: PlatformConfig):
         self.cfg = cfg
@@ -284,8 +287,11 @@ class MemoryController:
             return Outcome.ok(res.data)
         if vaddr is not None:
             vaddr += res.poisoned_pa - pa if res.poisoned_pa > pa else 0
+        policy = self.cfg.consumption
+        if not self.kernel_memory_failure:
+            policy = dataclasses.replace(policy, memory_failure=False)
         return consume_poison(
-            res.poisoned_pa, ctx, self.cfg.consumption, vaddr=vaddr, mc_safe_errno=mc_safe_errno
+            res.poisoned_pa, ctx, policy, vaddr=vaddr, mc_safe_errno=mc_safe_errno
         )
 
     # -- inspection ----------------------------------------------------------

@@ -91,30 +91,47 @@ def srar_record(
     return MceRecord(mci_status=status, mcg_status=mcg, addr=pa & ~0x3F)
 
 
-def mce_severity(rec: MceRecord, *, kernel_mode: bool, mc_safe: bool = False) -> Severity:
-    """Grade a record the way the Intel severity table does.
+def mce_severity(rec: MceRecord, *, kernel_mode: bool, mc_safe: bool = False,
+                 memory_failure: bool = True) -> Severity:
+    """Grade a record the way the Intel severity table does, row by row in its order.
 
-    ``kernel_mode`` is where the consumer ran; a consumption in SEAM non-root is
-    graded as a user-mode (guest) consumption when SEAM_NR is set, which is what
-    the SEAM_NR rows add. ``mc_safe`` marks an ``EX_TYPE_*MCE_SAFE`` copy.
+    ``severities[]`` and ``mce_severity_intel`` (arch/x86/kernel/cpu/mce/severity.c;
+    read in Debian's 6.1 tree, the same rows as v5.12 for these classes, plus
+    the SEAM_NR rows of 6.18). ``kernel_mode`` is where the consumer ran (a
+    guest's #MC counts as user mode: KVM fakes ``cs = 3``); ``mc_safe`` marks
+    an ``EX_TYPE_*MCE_SAFE`` copy (IN_KERNEL_RECOV); ``memory_failure`` is
+    CONFIG_MEMORY_FAILURE, without which the AR rows do not exist and an SRAR
+    error is "Action required: unknown MCACOD", a panic. A consumption in SEAM
+    non-root is AR when SEAM_NR is set. Simplified: no MCIP/EN/VAL rows, no
+    AO MCACOD rows (every SRAO is AO), no model-specific quirks.
     """
     status, mcg = rec.mci_status, rec.mcg_status
     if status & MCI_STATUS_PCC:
-        return Severity.PANIC
+        return Severity.PANIC  # "Processor context corrupt"
     if not mcg & (MCG_STATUS_RIPV | MCG_STATUS_EIPV):
-        return Severity.PANIC
+        return Severity.PANIC  # "Neither restart nor error IP"
+    if kernel_mode and not mcg & MCG_STATUS_RIPV:
+        return Severity.PANIC  # "In kernel and no restart IP"
     if not status & MCI_STATUS_UC:
         return Severity.KEEP
     if not status & MCI_STATUS_S:
-        return Severity.UCNA
+        # "Uncorrected no action required", or "Illegal combination (UCNA with AR=1)"
+        return Severity.PANIC if status & MCI_STATUS_AR else Severity.UCNA
     if not status & MCI_STATUS_AR:
         return Severity.AO
+    if status & MCI_STATUS_OVER:
+        return Severity.PANIC  # "Action required with lost events"
+    if not memory_failure:
+        return Severity.PANIC  # "Action required: unknown MCACOD"
+    addr = MCI_STATUS_ADDRV | MCI_STATUS_MISCV
+    if status & addr == addr and mcg & MCG_STATUS_RIPV and not mcg & MCG_STATUS_EIPV:
+        return Severity.KEEP  # "Action required but unaffected thread is continuable"
+    if rec.mcacod not in (MCACOD_DATA, MCACOD_INSTR):
+        return Severity.PANIC  # "Action required: unknown MCACOD"
     if rec.in_seam_nonroot:
-        return Severity.AR  # "Data load error in SEAM non-root mode"
-    if kernel_mode:
-        if not mcg & MCG_STATUS_RIPV:
-            return Severity.PANIC
-        return Severity.AR if mc_safe else Severity.PANIC
-    if mcg & MCG_STATUS_RIPV and not mcg & MCG_STATUS_EIPV:
-        return Severity.KEEP
-    return Severity.AR
+        return Severity.AR  # "Data load / Instruction fetch error in SEAM non-root mode"
+    if not kernel_mode:
+        return Severity.AR  # "... error in a user process"
+    if mc_safe and rec.mcacod == MCACOD_DATA:
+        return Severity.AR  # "data load in error recoverable area of kernel"
+    return Severity.PANIC  # "... in unrecoverable area of kernel" / "Instruction fetch error"

@@ -43,6 +43,7 @@ class ConsumptionPolicy:
     seam_nr: bool = True  # MCG_CAP.SEAM_NR: the host can tell a TD consumed it
     lmce: bool = True  # local MCE; without it every logical CPU sees the #MC
     long_flow_shutdown: bool = False  # the core cannot continue (long microcode flow)
+    memory_failure: bool = True  # the host kernel's CONFIG_MEMORY_FAILURE (its AR rows)
 
 
 def consume_poison(
@@ -54,16 +55,29 @@ def consume_poison(
     instruction_fetch: bool = False,
     mc_safe_errno: int = errno.EFAULT,
 ) -> Outcome:
-    """The outcome of ``ctx`` consuming the poisoned line at ``pa``."""
+    """The outcome of ``ctx`` consuming the poisoned line at ``pa``.
+
+    The record and its grading (``mce_severity``); then, as ``do_machine_check``
+    acts on it: a panic, an unbreakable shutdown, a FATAL TD, an EX_TYPE_*MCE_SAFE
+    copy's errno, or for a non-TD guest the raw VM exit that
+    ``virt/kvm/x86/vcpu.kvm_machine_check`` handles. Simplified: a host user
+    consumer gets SIGBUS BUS_MCEERR_AR straight from here, where the kernel
+    sends it from ``memory_failure``/``kill_me_maybe`` (and v5.12 sends nothing
+    for a page that is already poisoned but still mapped); the grading assumes
+    CONFIG_MEMORY_FAILURE as ``policy`` says (without it an SRAR error panics).
+    """
     seam_nr = ctx is Ctx.TD and policy.seam_nr
     rec = srar_record(pa, instruction_fetch=instruction_fetch, lmce=policy.lmce, seam_nr=seam_nr)
     broadcast = "" if policy.lmce else "; broadcast #MC: every running TD becomes FATAL"
     if ctx is Ctx.SEAM_ROOT or policy.long_flow_shutdown:
         return Outcome.shutdown(rec, "unbreakable shutdown; TDX disabled platform-wide")
     kernel_mode = ctx in (Ctx.HOST_KERNEL, Ctx.HOST_KERNEL_MC_SAFE, Ctx.TD)
-    sev = mce_severity(rec, kernel_mode=kernel_mode, mc_safe=ctx is Ctx.HOST_KERNEL_MC_SAFE)
+    sev = mce_severity(rec, kernel_mode=kernel_mode, mc_safe=ctx is Ctx.HOST_KERNEL_MC_SAFE,
+                       memory_failure=policy.memory_failure)
     if sev is Severity.PANIC:
-        return Outcome.panic("Data load in unrecoverable area of kernel" + broadcast, rec)
+        why = ("Data load in unrecoverable area of kernel" if policy.memory_failure
+               else "Action required: unknown MCACOD (no CONFIG_MEMORY_FAILURE)")
+        return Outcome.panic(why + broadcast, rec)
     match ctx:
         case Ctx.TD:
             return Outcome.machine_check(
@@ -80,5 +94,7 @@ def consume_poison(
         case Ctx.HOST_KERNEL_MC_SAFE:
             return Outcome.error(mc_safe_errno, "machine check in an MC-safe copy")
         case Ctx.GUEST:
-            return Outcome.machine_check(rec, McKind.RECOVERABLE, "#MC reflected into the guest")
+            # VMX non-root: the #MC is a VM exit (EXCEPTION_NMI, vector 18), never delivered
+            # to the guest; the host's handling is KVM's (virt/kvm/x86/vcpu.kvm_machine_check).
+            return Outcome.machine_check(rec, McKind.RECOVERABLE, "#MC VM exit of a non-TD guest")
     raise AssertionError(f"{ctx} graded {sev}")

@@ -1,7 +1,9 @@
 """CPUs and their TLBs. Flushes are explicit, so a missing flush is observable.
 
 Follows the contract of ``arch/x86/mm/tlb.c`` (``flush_tlb_mm_range``: every
-CPU that may cache the mm's translations drops those in the range). Each
+CPU that may cache the mm's translations drops those in the range).
+Simplified: no PCID/ASID generations, no lazy-TLB mode, no full-flush
+ceiling (``tlb_single_page_flush_ceiling``); every CPU is flushed. Each
 TLB caches whole leaf PTE values keyed by (mm, virtual page), with FIFO
 eviction at a fixed capacity; a range flush costs O(min(pages, capacity)).
 """

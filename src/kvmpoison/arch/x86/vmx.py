@@ -106,7 +106,11 @@ def ept_leaf(
     memtype: MemType = MemType.WB,
     large: bool = False,
 ) -> int:
-    """A raw leaf entry the way KVM's ``make_spte`` builds a guest-RAM mapping."""
+    """The hardware part of a leaf entry: pfn, R/W/X, memory type, large.
+
+    KVM's full SPTE (IPAT, A/D, its software bits) is built on top of this by
+    ``virt/kvm/x86/mmu.make_spte``.
+    """
     flags = EptFlag.READ
     if writable:
         flags |= EptFlag.WRITE

@@ -27,11 +27,10 @@ from kvmpoison.mm.filemap import (
     truncate_inode_pages_range,
 )
 from kvmpoison.mm.mm_types import VM, Vma, VmFault, VmFaultInfo
-from kvmpoison.mm.page import PageHWPoison, get_page
+from kvmpoison.mm.page import get_page
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.shmem import new_inode
 from kvmpoison.mm.uaccess import IovIter
-from kvmpoison.uapi.errno import EHWPOISON
 
 GUEST_MEMFD_FLAG_MMAP = 1 << 0
 GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
@@ -62,6 +61,10 @@ class GuestMemfd:
         return bool(self.flags & GUEST_MEMFD_FLAG_INIT_SHARED)
 
     def kvm_gmem_get_folio(self, inode: Inode, index: int) -> tuple[int | None, int]:
+        """``kvm_gmem_get_folio`` (virt/kvm/guest_memfd.c, 6.18): find or create the folio
+        (``__filemap_get_folio(FGP_LOCK | FGP_ACCESSED | FGP_CREAT)``), cleared and marked
+        up to date. No hwpoison check here: ``kvm_gmem_get_pfn`` (KVM's side) has it, a
+        user fault finds it in ``__do_fault``, and fallocate has none."""
         core = self.core
         mapping = inode.mapping
         assert mapping is not None
@@ -77,18 +80,17 @@ class GuestMemfd:
                 PG.uptodate, PG.unevictable))
             mapping.add_to_page_cache(page, index)
             pfn = page.pfn
-        if PageHWPoison(core.pages[pfn]):
-            return None, -EHWPOISON
         return pfn, 0
 
     def kvm_gmem_fault_user_mapping(self, vmf: VmFaultInfo) -> VmFault:
+        """``kvm_gmem_fault_user_mapping`` (virt/kvm/guest_memfd.c, 6.18): SIGBUS beyond
+        i_size or without INIT_SHARED, else the folio (a poisoned one too: ``__do_fault``
+        turns it into VM_FAULT_HWPOISON)."""
         inode = vmf.vma.vm_file.f_inode if vmf.vma.vm_file is not None else None
         assert inode is not None
         if vmf.pgoff >= inode.nr_pages or not self.shared:
             return VmFault.SIGBUS
         pfn, err = self.kvm_gmem_get_folio(inode, vmf.pgoff)
-        if err == -EHWPOISON:
-            return VmFault.HWPOISON
         if err or pfn is None:
             return VmFault.OOM if err == -errno.ENOMEM else VmFault.SIGBUS
         get_page(self.core.pages[pfn])
@@ -104,6 +106,7 @@ class GuestMemfd:
         return -errno.EINVAL
 
     def mmap(self, file: File, vma: Vma) -> int:
+        """``kvm_gmem_mmap`` (6.18): -ENODEV without GUEST_MEMFD_FLAG_MMAP, MAP_SHARED only."""
         if not self.flags & GUEST_MEMFD_FLAG_MMAP:
             return -errno.ENODEV
         if (vma.vm_flags & (VM.SHARED | VM.MAYSHARE)) != (VM.SHARED | VM.MAYSHARE):
@@ -113,6 +116,10 @@ class GuestMemfd:
         return 0
 
     def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
+        """``kvm_gmem_fallocate`` (6.18): KEEP_SIZE required, PUNCH_HOLE the only other
+        mode, page-aligned; ``kvm_gmem_allocate`` refuses beyond i_size (-EINVAL) and
+        fills every folio, poisoned ones included. Simplified: no invalidation of KVM's
+        mappings (the model binds no memslot to a guest_memfd)."""
         inode = file.f_inode
         if not mode & FALLOC_FL_KEEP_SIZE:
             return -errno.EOPNOTSUPP
@@ -144,7 +151,9 @@ class GuestMemfd:
 
 
 def kvm_gmem_create(core: MmCore, owner: object, size: int, flags: int) -> File | int:
-    """``KVM_CREATE_GUEST_MEMFD``: a new guest_memfd file, or -errno."""
+    """``KVM_CREATE_GUEST_MEMFD`` (``kvm_gmem_create``/``__kvm_gmem_create``, 6.18): a new
+    guest_memfd file, or -EINVAL for unknown flags or a size that is not a positive
+    multiple of the page size. Simplified: every flag is valid for every VM type."""
     if flags & ~GUEST_MEMFD_VALID_FLAGS:
         return -errno.EINVAL
     if size <= 0 or size & (PAGE_SIZE - 1):

@@ -8,7 +8,9 @@ in ``hva_to_pfn_slow`` with a ``kvm_page_allowed`` owner check, and
 
 KVM holds no page reference for an SPTE: it drops the GUP reference once the
 SPTE is installed and relies on MMU notifiers to zap it when the host PTE
-goes away.
+goes away. Where the RFC returns early without ``put_page`` (an owner check
+that fails in ``hva_to_pfn_slow`` or ``copy_{from,to}_guest``, a refused
+``kvm_protect_pfn``), the model leaks the reference too.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import numpy.typing as npt
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.arch.x86.vmx import VMX_EPT_RWX_MASK
+from kvmpoison.kconfig import KernelVersion
 from kvmpoison.kernel.task import Task, force_sig_info
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.gup import FOLL, get_user_pages
 from kvmpoison.mm.mm_types import MmStruct
 from kvmpoison.mm.page import Page, PageHWPoison, put_page
-from kvmpoison.mm.pagetable import TASK_SIZE, PageTables, PteStore
+from kvmpoison.mm.pagetable import ADDRESS_BITS, TASK_SIZE, PageTables, PteStore
 from kvmpoison.mm.uaccess import copy_from_user, copy_to_user
 from kvmpoison.outcome import Halt, Kind
 from kvmpoison.uapi.errno import EHWPOISON
@@ -42,12 +45,16 @@ KVM_PFN_ERR_RO_FAULT = KVM_PFN_ERR_MASK + 2
 KVM_PFN_NOSLOT = 1 << 63
 KVM_NR_SHARED_RANGES = 32
 KVM_USER_MEM_SLOTS = 509  # arch/x86/include/asm/kvm_host.h (v5.12)
+KVM_USER_MEM_SLOTS_6 = 0x7FFF - 3  # 6.x kvm_host.h: SHRT_MAX - KVM_INTERNAL_MEM_SLOTS (x86: 3)
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 TASK_SIZE_MAX = TASK_SIZE - PAGE_SIZE  # arch/x86/include/asm/page_64_types.h, 4-level
+EPT_MAX_GFN = 1 << (ADDRESS_BITS - PAGE_SHIFT)  # a 4-level EPT maps 48-bit guest-physical addresses
 
 
 class PfnMap:
-    """``DEFINE_XARRAY(kvm_pfn_map)`` as an array indexed by pfn (-1: no entry).
+    """``DEFINE_XARRAY(kvm_pfn_map)`` (virt/kvm/mem_protected.c, RFCv2 13/13) as an array
+    indexed by pfn (-1: no entry); ``kvm->id`` is stored as its plain value, not
+    ``xa_mk_value(id)`` (equality is all the RFC uses).
 
     ``fail_stores`` is fault injection (as CONFIG_FAILSLAB would do): that many
     coming ``xa_store`` calls fail with -ENOMEM, storing nothing.
@@ -169,12 +176,22 @@ class Vm:
         """``KVM_SET_USER_MEMORY_REGION``: 0 or -errno.
 
         The argument checks of ``__kvm_set_memory_region`` (virt/kvm/kvm_main.c,
-        v5.12). Simplified: only address space 0 exists (no SMM slots).
+        v5.12), then: size 0 deletes the slot (``kvm_delete_memslot``: -EINVAL
+        if it does not exist); an existing slot may only move (new base gfn,
+        same hva and size: KVM_MR_MOVE zaps the old range), anything else is
+        -EINVAL, and the same values again change nothing (no zap); a new or
+        moved slot must not overlap another (-EEXIST), and on 6.18 must end
+        below ``kvm_mmu_max_gfn()`` (host MAXPHYADDR; the model takes the 48 bits
+        of its 4-level EPT), where v5.12 accepts any gfn. Simplified: only
+        address space 0 exists (no SMM slots) and no slot flags
+        (LOG_DIRTY_PAGES, READONLY).
         """
         if not (0 <= slot < 1 << 32 and 0 <= gpa < 1 << 64 and 0 <= size < 1 << 64
                 and 0 <= hva < 1 << 64):
             return -errno.EINVAL  # the uapi fields are u32/u64
-        if (slot & 0xFFFF) >= KVM_USER_MEM_SLOTS or slot >> 16:
+        modern = self.core.kcfg.version >= KernelVersion.V6_18
+        if (slot & 0xFFFF) >= (KVM_USER_MEM_SLOTS_6 if modern else KVM_USER_MEM_SLOTS) \
+                or slot >> 16:
             return -errno.EINVAL
         if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1) or hva & (PAGE_SIZE - 1):
             return -errno.EINVAL
@@ -183,19 +200,30 @@ class Vm:
         if size >> PAGE_SHIFT > KVM_MEM_MAX_NR_PAGES:
             return -errno.EINVAL
         base, npages = gpa >> PAGE_SHIFT, size >> PAGE_SHIFT
+        old = next((s for s in self.memslots if s.slot == slot), None)
         others = [s for s in self.memslots if s.slot != slot]
-        if npages and any(base < s.base_gfn + s.npages and s.base_gfn < base + npages
-                          for s in others):
-            return -errno.EEXIST  # checked before the old slot goes
-        for s in self.memslots:
-            if s.slot == slot:
-                self.zap_gfn_range(s.base_gfn, s.base_gfn + s.npages)
-        self.memslots = others
-        if npages:
-            self.memslots.append(Memslot(slot, base, npages, hva))
+        if not npages:  # kvm_delete_memslot
+            if old is None:
+                return -errno.EINVAL
+            self.zap_gfn_range(old.base_gfn, old.base_gfn + old.npages)
+            self.memslots = others
+            return 0
+        if old is not None:  # modify an existing slot
+            if hva != old.userspace_addr or npages != old.npages:
+                return -errno.EINVAL
+            if base == old.base_gfn:
+                return 0  # "Nothing to change"
+        if any(base < s.base_gfn + s.npages and s.base_gfn < base + npages for s in others):
+            return -errno.EEXIST
+        if modern and base + npages - 1 > EPT_MAX_GFN - 1:
+            return -errno.EINVAL  # 6.x kvm_arch_prepare_memory_region: beyond kvm_mmu_max_gfn()
+        if old is not None:  # KVM_MR_MOVE: kvm_arch_flush_shadow_memslot(old)
+            self.zap_gfn_range(old.base_gfn, old.base_gfn + old.npages)
+        self.memslots = [*others, Memslot(slot, base, npages, hva)]
         return 0
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        """``gfn_to_memslot`` (``search_memslots``, v5.12): the slot covering ``gfn``."""
         for s in self.memslots:
             if s.covers(gfn):
                 return s
@@ -208,7 +236,8 @@ class Vm:
     # -- MMU notifier --------------------------------------------------------------------
 
     def invalidate_range(self, start: int, end: int) -> None:
-        """``kvm_mmu_notifier_invalidate_range_start``: zap SPTEs of the hva range."""
+        """``kvm_mmu_notifier_invalidate_range_start`` -> ``kvm_unmap_hva_range`` (v5.12):
+        zap the SPTEs of every memslot gfn whose hva is in [start, end)."""
         for s in self.memslots:
             lo = max(start, s.userspace_addr)
             hi = min(end, s.userspace_addr + (s.npages << PAGE_SHIFT))
@@ -218,10 +247,25 @@ class Vm:
                 self.zap_gfn_range(first, last)
 
     def release(self) -> None:
-        self.zap_gfn_range(0, 1 << 40)
+        """``kvm_destroy_vm`` -> ``kvm_arch_flush_shadow_all``: every SPTE goes."""
+        self.kvm_mmu_zap_all()
         self.dead = True
 
+    def kvm_mmu_zap_all(self) -> None:
+        """``kvm_mmu_zap_all`` (arch/x86/kvm/mmu/mmu.c, v5.12), as ``kvm_arch_flush_shadow_all``.
+
+        SPTEs exist only for gfns of memslots (deleting or moving a slot zaps
+        its range), so zapping every slot's range zaps everything. Simplified:
+        the EPT's table pages stay allocated (KVM frees its shadow pages).
+        """
+        for s in self.memslots:
+            self.zap_gfn_range(s.base_gfn, s.base_gfn + s.npages)
+
     def zap_gfn_range(self, first: int, last: int) -> None:
+        """Clear the SPTEs of gfns [first, last); gfns the 4-level EPT cannot map have none."""
+        last = min(last, EPT_MAX_GFN)
+        if last <= first:
+            return
         if last - first == 1:  # the common single-page invalidation
             if self.ept.get(first << PAGE_SHIFT):
                 self.ept.set(first << PAGE_SHIFT, 0)
@@ -233,20 +277,26 @@ class Vm:
     # -- hva_to_pfn ----------------------------------------------------------------------
 
     def hva_to_pfn(self, hva: int, write: bool) -> int:
-        """GUP the VMM's page (FOLL_HWPOISON); an error pfn on failure.
+        """``hva_to_pfn`` -> ``hva_to_pfn_slow`` (virt/kvm/kvm_main.c, v5.12 + RFCv2 13/13).
 
-        The returned page carries a GUP reference the caller drops.
+        GUP(FOLL_HWPOISON [|FOLL_WRITE]); RFC v2 adds FOLL_ALLOW_POISONED while
+        ``mem_protected`` and then returns -EHWPOISON when ``!kvm_page_allowed``
+        without ``put_page``: the GUP reference leaks, and the model keeps it.
+        -EHWPOISON gives KVM_PFN_ERR_HWPOISON, any other failure
+        KVM_PFN_ERR_FAULT. The returned page carries a GUP reference the caller
+        drops. Simplified: no GUP-fast first try, no VM_PFNMAP/VM_IO
+        (``hva_to_pfn_remapped``) and no async page faults.
         """
         flags = FOLL.HWPOISON | (FOLL.WRITE if write else FOLL(0))
-        if self.protection is Protection.RFC_V2 and self.mem_protected:
+        v2_protected = self.protection is Protection.RFC_V2 and self.mem_protected
+        if v2_protected:
             flags |= FOLL.ALLOW_POISONED
         pages: list[Page] = []
         npages = get_user_pages(self.mm, hva, 1, flags, pages)
         if npages == 1:
             page = pages[0]
-            if self.protection is Protection.RFC_V2 and not kvm_page_allowed(self, page):
-                put_page(page)
-                return KVM_PFN_ERR_HWPOISON
+            if v2_protected and not kvm_page_allowed(self, page):
+                return KVM_PFN_ERR_HWPOISON  # "return -EHWPOISON;" with the reference held
             return page.pfn
         if npages == -EHWPOISON:
             return KVM_PFN_ERR_HWPOISON
@@ -255,10 +305,12 @@ class Vm:
     # -- KVM's own access to guest memory --------------------------------------------------
 
     def read_guest(self, gpa: int, size: int) -> bytes | int:
-        """``kvm_read_guest``: bytes, or -errno."""
+        """``kvm_read_guest`` (virt/kvm/kvm_main.c): bytes, or -errno; a gfn outside every
+        memslot is -EFAULT (``kvm_is_error_hva``)."""
         return self._guest_rw(gpa, size, None)
 
     def write_guest(self, gpa: int, data: bytes) -> int:
+        """``kvm_write_guest``: 0 or -errno (dirty logging is not modelled)."""
         got = self._guest_rw(gpa, len(data), data)
         return got if isinstance(got, int) else 0
 
@@ -281,33 +333,54 @@ class Vm:
         return b"".join(out)
 
     def _copy_guest_page(self, hva: int, n: int, data: bytes | None) -> bytes | int:
+        """``__kvm_read_guest_page``/``__kvm_write_guest_page`` (virt/kvm/kvm_main.c).
+
+        v5.12: ``__copy_{from,to}_user`` on the VMM's mapping; any bytes left
+        give -EFAULT. On the RFC's kernels (v1 and v2) the read path returns
+        ``copy_from_guest()``, which for a VM without ``mem_protected`` is the
+        count of bytes ``__copy_from_user`` left: a positive value that
+        ``kvm_read_guest`` (``if (ret < 0)``) takes as success. The model
+        returns the bytes copied and zeros for the rest (the kernel leaves the
+        caller's buffer as it was there).
+        """
         if self.protection is Protection.NONE or not self.mem_protected:
-            # __copy_{from,to}_user on the VMM's mapping, from the vCPU thread.
             if data is None:
                 got, left = copy_from_user(self.mm, self.vcpu_task.cpu, hva, n)
-                return -errno.EFAULT if left else got
+                if left and self.protection is Protection.NONE:
+                    return -errno.EFAULT
+                return got[: n - left].ljust(n, b"\0")
             left = copy_to_user(self.mm, self.vcpu_task.cpu, hva, data)
             return -errno.EFAULT if left else b""
         return copy_guest_page_rfc(self, hva, n, data)
 
 
 def kvm_page_allowed(vm: Vm, page: Page) -> bool:
-    """RFC v2: a poisoned page is usable only by the VM that poisoned it."""
+    """``kvm_page_allowed`` (virt/kvm/mem_protected.c, RFCv2 13/13): a poisoned page is
+    usable only by the VM whose ``kvm->id`` ``kvm_pfn_map`` holds for it."""
     if not PageHWPoison(page):
         return True
     return vm.kvm.kvm_pfn_map.get(page.pfn) == vm.ident
 
 
 def copy_guest_page_rfc(vm: Vm, hva: int, n: int, data: bytes | None) -> bytes | int:
-    """``copy_from_guest``/``copy_to_guest``: GUP(FOLL_ALLOW_POISONED), owner check, kmap."""
-    flags = FOLL.ALLOW_POISONED | (FOLL.WRITE if data is not None else FOLL(0))
+    """``copy_from_guest``/``copy_to_guest`` (virt/kvm/kvm_main.c, RFC v1 7/7 and v2 13/13).
+
+    Per page: ``get_user_pages_unlocked`` (v2: FOLL_ALLOW_POISONED [|FOLL_WRITE];
+    v1: 0 or FOLL_WRITE, its GUP follows hwpoison entries anyway), v2's
+    ``kvm_page_allowed`` check (-EFAULT, returned before ``put_page``: the
+    reference leaks), ``kmap_atomic`` + ``memcpy``, ``put_page``. A poisoned
+    line under ``memcpy`` is a kernel-mode consumption: a panic.
+    """
+    flags = FOLL.ALLOW_POISONED if vm.protection is Protection.RFC_V2 else FOLL(0)
+    if data is not None:
+        flags |= FOLL.WRITE
     pages: list[Page] = []
     if get_user_pages(vm.mm, hva & ~(PAGE_SIZE - 1), 1, flags, pages) != 1:
         return -errno.EFAULT
     page = pages[0]
+    if vm.protection is Protection.RFC_V2 and not kvm_page_allowed(vm, page):
+        return -errno.EFAULT  # "return -EFAULT;" before put_page(): the reference leaks
     try:
-        if vm.protection is Protection.RFC_V2 and not kvm_page_allowed(vm, page):
-            return -errno.EFAULT
         pa = (page.pfn << PAGE_SHIFT) | (hva & (PAGE_SIZE - 1))
         hw = vm.core.hw
         if data is not None:
@@ -323,7 +396,12 @@ def copy_guest_page_rfc(vm: Vm, hva: int, n: int, data: bytes | None) -> bytes |
 
 
 def kvm_send_hwpoison_signal(vm: Vm, hva: int) -> SigInfo:
-    """``send_sig_mceerr(BUS_MCEERR_AR, hva, PAGE_SHIFT, current)`` to the vCPU thread."""
+    """``kvm_send_hwpoison_signal`` (arch/x86/kvm/mmu/mmu.c, v5.12):
+    ``send_sig_mceerr(BUS_MCEERR_AR, hva, PAGE_SHIFT, current)`` to the vCPU thread.
+
+    Simplified: delivered with force semantics (the model has no blocked or
+    ignored signals; QEMU handles SIGBUS anyway).
+    """
     info = SigInfo(signal.SIGBUS, BusCode.BUS_MCEERR_AR, hva & ~(PAGE_SIZE - 1), PAGE_SHIFT)
     force_sig_info(vm.vcpu_task, info)
     return info

@@ -13,8 +13,6 @@ entry, and v2 records pfn -> kvm->id in ``kvm_pfn_map``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 
 from kvmpoison.arch.x86.pgtable import pte_pfn_array, pte_present_array
@@ -49,29 +47,48 @@ from kvmpoison.virt.kvm.kvm_main import (
 KVM_HC_ENABLE_MEM_PROTECTED = 12
 KVM_HC_MEM_SHARE = 13
 KVM_FEATURE_MEM_PROTECTED = 16
+U64 = (1 << 64) - 1  # hypercall arguments are unsigned long
 
 
 def gfn_is_shared(vm: Vm, gfn: int) -> bool:
-    """Linear scan of ``shared_ranges`` under ``mmu_lock``."""
+    """``gfn_is_shared`` (virt/kvm/mem_protected.c, RFCv2 13/13; kvm_main.c in v1 7/7).
+
+    Linear scan of ``shared_ranges`` under ``mmu_lock``; the model counts the lock takings.
+    """
     vm.mmu_lock_faults += 1
     return any(lo <= gfn < hi for lo, hi in vm.shared_ranges)
 
 
 def kvm_protect_memory(vm: Vm) -> int:
-    """KVM_HC_ENABLE_MEM_PROTECTED: set ``mem_protected`` and zap every SPTE."""
+    """KVM_HC_ENABLE_MEM_PROTECTED (virt/kvm/kvm_main.c, RFCv2 13/13; same in v1 7/7).
+
+    ``mmap_write_lock_killable`` (-KVM_EINTR on a fatal signal: not modelled,
+    the VMM is never killed while it runs a hypercall), ``mem_protected = true``,
+    ``kvm_arch_flush_shadow_all`` (every SPTE of every memslot), 0.
+    """
     vm.mem_protected = True
-    vm.zap_gfn_range(0, 1 << 40)  # kvm_arch_flush_shadow_all
+    vm.kvm_mmu_zap_all()  # kvm_arch_flush_shadow_all
     return 0
 
 
 def kvm_protect_pfn(vm: Vm, gfn: int, pfn: int) -> bool:
-    """Make ``pfn`` private to ``vm``; False means "signal the vCPU" (RFC v2)."""
+    """Make ``pfn`` private to ``vm``; False means "signal the vCPU".
+
+    ``kvm_protect_pfn`` (virt/kvm/mem_protected.c, RFCv2 13/13): shared gfn or
+    the zero pfn: true; !PageSwapBacked: false; then under the page lock,
+    re-check shared, ``TestSetPageHWPoison`` + ``try_to_unmap(TTU_IGNORE_MLOCK)``
+    + ``xa_store`` (its failure ignored), or for a page already poisoned
+    whether ``kvm_pfn_map`` holds this VM's id. RFC v1 does this inline in
+    ``direct_page_fault`` (:func:`_kvm_protect_pfn_v1`).
+    """
     core = vm.core
-    if gfn_is_shared(vm, gfn) or pfn == core.zero_pfn:
+    if gfn_is_shared(vm, gfn):
         return True
     page = core.pages[pfn]
     if vm.protection is Protection.RFC_V1:
         return _kvm_protect_pfn_v1(vm, gfn, page)
+    if pfn == core.zero_pfn:
+        return True
     if not PageSwapBacked(page):
         return False  # only anon and shmem pages can be protected
     lock_page(page)
@@ -88,6 +105,13 @@ def kvm_protect_pfn(vm: Vm, gfn: int, pfn: int) -> bool:
 
 
 def _kvm_protect_pfn_v1(vm: Vm, gfn: int, page: Page) -> bool:
+    """RFCv1 7/7's block in ``direct_page_fault`` (arch/x86/kvm/mmu/mmu.c).
+
+    ``lock_page``, ``VM_BUG_ON_PAGE(!PageSwapBacked && !PageReserved)``,
+    re-check shared, ``TestSetPageHWPoison`` + ``try_to_unmap``. v1 has no
+    zero-pfn test: the shared zero page (PageReserved) is poisoned like any
+    other when a private gfn of anonymous guest RAM was only ever read.
+    """
     lock_page(page)
     try:
         if not PageSwapBacked(page) and not PageFlag(page, PG.reserved):
@@ -102,15 +126,20 @@ def _kvm_protect_pfn_v1(vm: Vm, gfn: int, page: Page) -> bool:
         unlock_page(page)
 
 
-def __kvm_share_memory(vm: Vm, gfn: int, npages: int) -> None:
+def __kvm_share_memory(vm: Vm, start: int, end: int) -> None:
+    """``__kvm_share_memory`` (virt/kvm/mem_protected.c, RFCv2 13/13; inline in v1's
+    ``kvm_share_memory``): WARN_ON_ONCE when all 32 ranges are used, then
+    ``add_range_with_merge`` + ``clean_sort_range`` under ``mmu_lock``."""
     if len(vm.shared_ranges) >= KVM_NR_SHARED_RANGES:
         vm.core.warn(f"__kvm_share_memory: all {KVM_NR_SHARED_RANGES} shared ranges in use "
-                     f"(gfn {gfn:#x}+{npages})")
-    add_range_with_merge(vm.shared_ranges, KVM_NR_SHARED_RANGES, gfn, gfn + npages)
+                     f"(gfn {start:#x}..{end:#x})")
+    add_range_with_merge(vm.shared_ranges, KVM_NR_SHARED_RANGES, start, end)
     clean_sort_range(vm.shared_ranges)
 
 
 def kvm_share_pfn(vm: Vm, pfn: int) -> None:
+    """``kvm_share_pfn`` (virt/kvm/mem_protected.c, RFCv2 13/13): under the page lock, if
+    ``kvm_pfn_map`` holds this VM's id, ``xa_erase`` and ``ClearPageHWPoison``."""
     page = vm.core.pages[pfn]
     lock_page(page)
     if vm.kvm.kvm_pfn_map.get(pfn) == vm.ident:
@@ -119,44 +148,48 @@ def kvm_share_pfn(vm: Vm, pfn: int) -> None:
     unlock_page(page)
 
 
-def _mapped_gfns(vm: Vm, start: int, end: int) -> Iterator[int]:
-    """The gfns of [start, end) that a memslot maps onto a VMA of the VMM, ascending.
-
-    The kernel's loop visits every gfn, but ``gfn_to_page`` fails without a
-    memslot or a VMA, so skipping those changes nothing and bounds the loop
-    by what exists (a guest may pass any npages).
-    """
-    spans = []
-    for slot in vm.memslots:
+def _mapped_hvas(vm: Vm, start: int, end: int) -> list[int]:
+    """The hvas of gfns [start, end), in gfn order, that lie inside one of the VMM's VMAs."""
+    out: list[int] = []
+    for slot in sorted(vm.memslots, key=lambda s: s.base_gfn):
         lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
-        for vma in vm.mm.vmas if lo < hi else ():
+        for vma in sorted(vm.mm.vmas, key=lambda v: v.vm_start):
             first = slot.base_gfn + ((vma.vm_start - slot.userspace_addr) >> PAGE_SHIFT)
             last = slot.base_gfn + ((vma.vm_end - slot.userspace_addr) >> PAGE_SHIFT)
-            if max(lo, first) < min(hi, last):
-                spans.append((max(lo, first), min(hi, last)))
-    for lo, hi in sorted(spans):
-        yield from range(lo, hi)
+            out.extend(slot.gfn_to_hva(g) for g in range(max(lo, first), min(hi, last)))
+    return out
 
 
 def kvm_share_memory(vm: Vm, gfn: int, npages: int) -> int:
-    """KVM_HC_MEM_SHARE(gfn, npages)."""
-    if vm.protection is Protection.RFC_V2:
-        __kvm_share_memory(vm, gfn, npages)
-    else:
-        add_range_with_merge(vm.shared_ranges, KVM_NR_SHARED_RANGES, gfn, gfn + npages)
-        clean_sort_range(vm.shared_ranges)
-    for g in _mapped_gfns(vm, gfn, gfn + npages):
-        hva = vm.gfn_to_hva(g)
-        if hva is None:
-            continue
-        pfn = vm.hva_to_pfn(hva, write=False)  # gfn_to_page
+    """KVM_HC_MEM_SHARE(gfn, npages): ``kvm_share_memory`` (virt/kvm/kvm_main.c).
+
+    RFCv2 13/13 and v1 7/7: 0 for ``npages == 0``; the range [gfn, gfn +
+    npages) (unsigned long arithmetic: a range that wraps adds nothing and
+    shares nothing) joins ``shared_ranges``; then each gfn's page,
+    ``gfn_to_page`` (a write fault: it allocates and breaks CoW), is shared
+    (v2: ``kvm_share_pfn``; v1: ``ClearPageHWPoison`` under the page lock)
+    and put. Always 0. The model walks only gfns of memslots whose hva lies
+    in a VMA of the VMM (``_mapped_hvas``): for the others ``gfn_to_page`` gives
+    KVM_ERR_PTR_BAD_PAGE and the kernel skips them (a guest's huge
+    ``npages`` is a long loop there, none here).
+    """
+    gfn &= U64
+    npages &= U64
+    if not npages:
+        return 0
+    end = (gfn + npages) & U64
+    __kvm_share_memory(vm, gfn, end)
+    for hva in _mapped_hvas(vm, gfn, end):
+        pfn = vm.hva_to_pfn(hva, write=True)  # gfn_to_page
         if is_error_pfn(pfn):
             continue
         page = vm.core.pages[pfn]
         if vm.protection is Protection.RFC_V2:
             kvm_share_pfn(vm, pfn)
         else:
+            lock_page(page)
             ClearPageHWPoison(page)  # v1: no owner to check
+            unlock_page(page)
         put_page(page)
     return 0
 
@@ -186,7 +219,11 @@ def kvm_protect_range(vm: Vm, first_gfn: int, npages: int) -> int:
     itself protects page by page on each first EPT fault (``kvm_protect_pfn``).
     Same effect per page: PG_hwpoison set, every host PTE replaced with a
     hwpoison entry (holding a page reference), pfn -> kvm->id recorded.
-    Returns the number of pages newly protected.
+    Returns the number of pages newly protected. It differs from the per-page
+    path where that one would not run quietly: it skips the zero page and
+    pages that are not swap-backed (v2 signals the vCPU for those; v1 poisons
+    the zero page and hits VM_BUG_ON_PAGE for the others), and it counts no
+    ``mmu_lock`` takings.
     """
     slot = vm.gfn_to_memslot(first_gfn)
     if slot is None or not slot.covers(first_gfn + npages - 1):

@@ -3,22 +3,104 @@
 The access walks the VM's EPT, takes EPT violations through
 ``direct_page_fault``, and reaches memory under the TD's private KeyID (or
 KeyID 0 for a shared gfn, or for a VM that is not a TD). Consumed poison
-ends as the hardware and the host decide (``consume_poison``): for a TD, a
-recoverable #MC that makes the TD fatal; the host marks the page HWPoison.
+ends as the hardware and the host decide:
+
+* a TD (SEAM non-root, ``MCG_STATUS_SEAM_NR``): the TDX module marks the TD
+  FATAL and the host marks the page HWPoison (hardware model, TDX spec ch. 16);
+* any other guest: a machine-check VM exit, handled by :func:`kvm_machine_check`
+  as the host kernel does. KVM never injects the #MC into the guest.
+
+Simplified: one vCPU whose thread is the VMM task; a VM entry retries the
+whole access; loads only (no instruction fetch); no guest page-table walk.
 """
 
 from __future__ import annotations
 
 import errno
+import signal
 
+from kvmpoison.arch.x86.mce import MCG_STATUS_RIPV, MceRecord, Severity, mce_severity
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.kconfig import KernelVersion
+from kvmpoison.kernel.task import force_sig_info
+from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, MF_MUST_KILL, memory_failure
 from kvmpoison.mm.page import SetPageHWPoison
-from kvmpoison.outcome import Halt, Kind, McKind, Outcome
-from kvmpoison.virt.kvm.kvm_main import Vm
+from kvmpoison.outcome import Halt, Kind, LivelockOn, McKind, Outcome
+from kvmpoison.uapi.errno import EHWPOISON
+from kvmpoison.uapi.siginfo import SI_KERNEL, SigInfo
+from kvmpoison.virt.kvm.kvm_main import EPT_MAX_GFN, Vm
 from kvmpoison.virt.kvm.x86.mmu import direct_page_fault, spte_present
 
 MAX_RETRIES = 4
+MCE_REENTRY_LIMIT = 3
+"""VM entries that took the same #MC again before the model calls the vCPU
+livelocked. The kernel has no such bound: it re-enters the guest forever."""
+
+
+def kill_me_maybe(vm: Vm, pfn: int, mcg_status: int) -> None:
+    """``kill_me_maybe`` (arch/x86/kernel/cpu/mce/core.c), task work of the vCPU thread.
+
+    v5.12: ``memory_failure(pfn, MF_ACTION_REQUIRED)``; on 0, which v5.12 also
+    returns for a page that is already poisoned, it returns and sends nothing.
+    On any other value ``kill_me_now``: SIGBUS with ``SI_KERNEL`` (the model
+    takes ``mce_vaddr`` as unset; only a kernel copy-in recovery sets it).
+    6.18: 0, -EHWPOISON (``kill_accessing_process`` already signalled the
+    task) and -EOPNOTSUPP (hwpoison filter) return quietly; anything else is
+    ``kill_me_now``. Not modelled: ``set_mce_nospec`` (a direct-map change).
+    """
+    core = vm.core
+    flags = MF_ACTION_REQUIRED | (0 if mcg_status & MCG_STATUS_RIPV else MF_MUST_KILL)
+    ret = memory_failure(core, pfn, flags, current_pid=vm.vcpu_task.pid)
+    if ret == 0:
+        return
+    if core.kcfg.version >= KernelVersion.V6_18 and ret in (-EHWPOISON, -errno.EOPNOTSUPP):
+        return
+    core.dmesg.append("Memory error not recovered")
+    force_sig_info(vm.vcpu_task, SigInfo(signal.SIGBUS, SI_KERNEL))  # kill_me_now
+
+
+def kvm_machine_check(vm: Vm, pfn: int, rec: MceRecord) -> Outcome | None:
+    """A machine-check VM exit of a non-TD guest; None means KVM re-enters the guest.
+
+    ``handle_exception_nmi_irqoff`` (arch/x86/kvm/vmx/vmx.c, v5.12 and 6.x)
+    calls ``kvm_machine_check()``, which runs ``do_machine_check`` with
+    ``regs.cs = 3`` ("Fake ring 3 no matter what the guest ran on"); then
+    ``handle_exception_nmi`` returns 1 and KVM re-enters the guest.
+    ``do_machine_check`` (arch/x86/kernel/cpu/mce/core.c) grades the error as
+    a user-mode one and queues ``kill_me_maybe`` as task work, which runs
+    before the next VM entry (``xfer_to_guest_mode_handle_work``). A signal
+    it leaves pending makes KVM_RUN return -EINTR instead of entering: the
+    VMM then takes that signal. Without CONFIG_MEMORY_FAILURE the severity
+    table has no AR rows: an SRAR error is "Action required: unknown MCACOD",
+    a panic.
+    """
+    sev = mce_severity(rec, kernel_mode=False, memory_failure=vm.core.kcfg.memory_failure)
+    if sev is Severity.PANIC:
+        raise Halt(Outcome.panic("Fatal machine check on a VM exit (no CONFIG_MEMORY_FAILURE: "
+                                 "Action required: unknown MCACOD)", rec))
+    if sev is not Severity.AR:
+        return None  # KEEP/AO/UCNA: logged, the guest goes on
+    task = vm.vcpu_task
+    before = len(task.pending)
+    kill_me_maybe(vm, pfn, rec.mcg_status)
+    if len(task.pending) > before:
+        return Outcome.signal(task.pending[before], rec,
+                              "#MC VM exit: the host's machine-check handler signalled the "
+                              "vCPU thread; KVM_RUN returns -EINTR")
+    return None
+
+
+def _translate(vm: Vm, addr: int, write: bool) -> tuple[int, Outcome | None]:
+    """The host pfn the EPT maps ``addr`` to, taking EPT violations as needed."""
+    for _ in range(MAX_RETRIES):
+        entry = spte_present(vm, addr, write)
+        if entry is not None:
+            return entry.pfn, None
+        failed = direct_page_fault(vm, addr, write)
+        if failed is not None:
+            return -1, failed
+    raise AssertionError(f"EPT fault at {addr:#x} did not resolve")
 
 
 def vcpu_access(vm: Vm, gpa: int, size: int, data: bytes | None, shared: bool) -> Outcome:
@@ -30,6 +112,11 @@ def vcpu_access(vm: Vm, gpa: int, size: int, data: bytes | None, shared: bool) -
         if vm.vcpu_task.exit_signal is not None:
             return Outcome.signal(vm.vcpu_task.exit_signal, detail="the VMM is dead")
         return Outcome.error(errno.ESRCH, "the VMM is gone")
+    if gpa < 0 or size < 0 or gpa + size > EPT_MAX_GFN << PAGE_SHIFT:
+        # A 4-level EPT translates 48 bits; KVM gives the guest no MAXPHYADDR beyond
+        # them, so such an access is the guest's own #PF, never a VM exit.
+        raise ValueError(f"gpa {gpa:#x}+{size:#x} is beyond the 48-bit guest-physical "
+                         "address space: the guest cannot issue this access")
     core = vm.core
     out: list[bytes] = []
     done = 0
@@ -37,29 +124,39 @@ def vcpu_access(vm: Vm, gpa: int, size: int, data: bytes | None, shared: bool) -
         addr = gpa + done
         n = min(PAGE_SIZE - (addr & (PAGE_SIZE - 1)), size - done)
         write = data is not None
-        for _ in range(MAX_RETRIES):
-            entry = spte_present(vm, addr, write)
-            if entry is not None:
-                break
-            failed = direct_page_fault(vm, addr, write)
+        keyid = 0 if shared or vm.td_keyid is None else vm.td_keyid
+        for _entry in range(MCE_REENTRY_LIMIT + 1):  # the first entry, then re-entries
+            pfn, failed = _translate(vm, addr, write)
             if failed is not None:
                 return failed
-        else:
-            raise AssertionError(f"EPT fault at {addr:#x} did not resolve")
-        pa = (entry.pfn << PAGE_SHIFT) | (addr & (PAGE_SIZE - 1))
-        keyid = 0 if shared or vm.td_keyid is None else vm.td_keyid
-        if data is not None:
-            core.hw.write(pa, data[done : done + n], keyid)
-        else:
+            pa = (pfn << PAGE_SHIFT) | (addr & (PAGE_SIZE - 1))
+            if data is not None:
+                core.hw.write(pa, data[done : done + n], keyid)
+                break
             got = core.hw.load(pa, n, keyid, Ctx.TD if vm.td_keyid is not None else Ctx.GUEST)
             if got.kind is Kind.PANIC or got.kind is Kind.SHUTDOWN:
                 raise Halt(got)
-            if got.kind is not Kind.OK:
-                if got.mc_kind is McKind.TD_FATAL:
-                    vm.td_fatal = True
-                    SetPageHWPoison(core.pages[entry.pfn])  # the host's SEAM_NR handling
+            if got.kind is Kind.OK:
+                assert got.data is not None
+                out.append(got.data)
+                break
+            if got.mc_kind is McKind.TD_FATAL:
+                # Without LMCE the #MC is broadcast to every logical CPU: every TD that
+                # runs takes it and the TDX module marks each FATAL (hardware model).
+                hit = [vm] if core.hw.cfg.lmce else [v for v in vm.kvm.vms
+                                                    if v.td_keyid is not None and not v.dead]
+                for td in hit:
+                    td.td_fatal = True
+                SetPageHWPoison(core.pages[pfn])  # the host's SEAM_NR handling
                 return got
-            assert got.data is not None
-            out.append(got.data)
+            assert got.kind is Kind.MCE and got.mce is not None, got
+            stopped = kvm_machine_check(vm, pfn, got.mce)
+            if stopped is not None:
+                return stopped
+        else:
+            return Outcome.livelocked(
+                LivelockOn.MCE, got.mce,
+                f"the vCPU took the same #MC at pa {pa:#x} on {MCE_REENTRY_LIMIT + 1} entries: "
+                "memory_failure() handled nothing and KVM re-enters the guest forever")
         done += n
     return Outcome.ok(b"".join(out) if data is None else None)
