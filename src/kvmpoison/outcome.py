@@ -12,8 +12,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from kvmpoison.arch.x86.mce import MceRecord
 from kvmpoison.uapi.errno import errno_name, errno_value
+from kvmpoison.uapi.mce import MceRecord
 from kvmpoison.uapi.siginfo import SigInfo
 
 

@@ -10,13 +10,15 @@ it ignores the table rows for other error classes.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+from kvmpoison.uapi.mce import MCACOD_MASK, MCG_STATUS_SEAM_NR, MceRecord
+
+__all__ = ["MCACOD_MASK", "MCG_STATUS_SEAM_NR", "MceRecord"]  # re-exported beside the grading
 
 MCG_STATUS_RIPV = 1 << 0  # restart IP valid
 MCG_STATUS_EIPV = 1 << 1  # IP points at the faulting instruction
 MCG_STATUS_MCIP = 1 << 2  # machine check in progress
 MCG_STATUS_LMCES = 1 << 3  # local machine check signalled
-MCG_STATUS_SEAM_NR = 1 << 12  # the #MC happened in SEAM non-root (a TD)
 MCG_CAP_SEAM_NR = 1 << 12
 
 MCI_STATUS_VAL = 1 << 63
@@ -28,7 +30,6 @@ MCI_STATUS_ADDRV = 1 << 58
 MCI_STATUS_PCC = 1 << 57
 MCI_STATUS_S = 1 << 56
 MCI_STATUS_AR = 1 << 55
-MCACOD_MASK = 0xFFFF
 MCACOD_DATA = 0x0134  # data load
 MCACOD_INSTR = 0x0150  # instruction fetch
 
@@ -44,29 +45,6 @@ class Severity(enum.Enum):
     AO = "ao"  # action optional
     AR = "ar"  # action required: kill or recover the consumer
     PANIC = "panic"
-
-
-@dataclass(frozen=True, slots=True)
-class MceRecord:
-    """One bank's status as ``do_machine_check`` sees it."""
-
-    mci_status: int
-    mcg_status: int
-    addr: int  # MCi_ADDR: the physical address of the poisoned line
-
-    @property
-    def mcacod(self) -> int:
-        return self.mci_status & MCACOD_MASK
-
-    @property
-    def in_seam_nonroot(self) -> bool:
-        return bool(self.mcg_status & MCG_STATUS_SEAM_NR)
-
-    def __repr__(self) -> str:
-        return (
-            f"MceRecord(mci_status={self.mci_status:#018x}, "
-            f"mcg_status={self.mcg_status:#x}, addr={self.addr:#x})"
-        )
 
 
 def srar_record(

@@ -13,7 +13,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import kvmpoison
 from kvmpoison.backends.vmkernel import initramfs, package, qemu
 from kvmpoison.backends.vmkernel.cache import KernelFiles, cache_root, cached_kernels
 from kvmpoison.backends.vmkernel.errors import VmKernelUnavailableError
@@ -45,7 +44,7 @@ def prepare() -> KernelFiles:
 
 def source_dir() -> Path:
     """The directory whose ``kvmpoison`` package the guest imports (this very copy)."""
-    return Path(kvmpoison.__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[3]  # src/, above the package
 
 
 def run_cells(cells: list[tuple[str, str]], accel: str = "auto",
