@@ -149,7 +149,8 @@ def test_bad_designs_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: P
     ("vmm:vm0", "fork_child_load", "gpa = 0", -1), ("host", "kvm_read", 'vm = "vm0"\ngpa = 0', -8),
     ("host", "kernel_read", 'vm = "vm0"\ngpa = 0', -8),
     ("vmm:vm0", "pagecache_read", "gpa = 0", -8), ("vmm:vm0", "mprotect", "gpa = 0\nprot = 1", -8),
-    ("vmm:vm0", "madvise", 'gpa = 0\nadvice = "dontneed"', -8), ("vmm:vm0", "ftruncate", "", -8)])
+    ("vmm:vm0", "madvise", 'gpa = 0\nadvice = "dontneed"', -8),
+    ("vmm:vm0", "ftruncate", "", 1 << 63), ("vmm:vm0", "punch_hole", "gpa = 0", -(1 << 63) - 1)])
 def test_bad_sizes_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, actor: str,
                                 op: str, extra: str, size: int) -> None:
     touch = '[[step]]\nactor = "guest:vm0"\nop = "store"\ngpa = 0\ndata = "abc"\n'
@@ -157,6 +158,13 @@ def test_bad_sizes_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Pa
                          f"size = {size}\n")
     line = one_error_line(*cli(capsys, "run", path))
     assert "step 2" in line and f"size {size}" in line
+
+
+@pytest.mark.parametrize(("op", "extra"), [("ftruncate", ""), ("punch_hole", "gpa = 0\n")])
+def test_negative_file_lengths_reach_the_call(op: str, extra: str) -> None:
+    """ftruncate and fallocate take a signed loff_t: the kernel answers -EINVAL, not the loader."""
+    sc = load_text(f'[[step]]\nactor = "vmm:vm0"\nop = "{op}"\n{extra}size = -8\n', "x.toml")
+    assert run_scenario(sc, "baseline").results[0].outcome.cell == "err:EINVAL"
 
 
 @pytest.mark.timeout(60, method="thread")

@@ -285,16 +285,17 @@ SCENARIO_MAX_BYTES = 1 << 20
 def read_scenario_file(path: Path) -> str:
     """The file's text: a regular file of at most SCENARIO_MAX_BYTES, in UTF-8.
 
-    Devices and FIFOs are refused before they are opened for reading (``/dev/zero``
-    never ends; a FIFO blocks until a writer comes), and the read is capped.
+    Devices and FIFOs are refused before anything is read (``/dev/zero`` never
+    ends). The open is non-blocking, so a FIFO without a writer cannot hang it,
+    and the read is capped.
     """
     source = str(path)
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
             raise ScenarioError(source, "not a regular file")
-        with path.open("rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):  # swapped after the stat
-                raise ScenarioError(source, "not a regular file")
+        with os.fdopen(fd, "rb") as fh:
             raw = fh.read(SCENARIO_MAX_BYTES + 1)
     except OSError as exc:
         raise ScenarioError(short_path(source), f"cannot read: {exc.strerror}") from None

@@ -96,6 +96,14 @@ def _access_size(args: dict[str, Any], default: int = 8) -> int:
     return size
 
 
+def _loff_t(args: dict[str, Any], key: str, default: int | None = None) -> int:
+    """A file offset or length (``loff_t``): signed 64-bit, so a negative one reaches the call."""
+    value = _int(args, key, default)
+    if not -(1 << 63) <= value < 1 << 63:
+        raise OpError(f"{key} {value} must be from -2^63 to 2^63-1 (it is a signed 64-bit loff_t)")
+    return value
+
+
 def _u64(args: dict[str, Any], key: str, default: int | None = None) -> int:
     """A syscall length or hypercall argument: a size_t/u64, so never negative."""
     value = _int(args, key, default)
@@ -204,11 +212,12 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
             if vmm.ram_fd is None:
                 raise OpError("anonymous guest RAM has no file to punch")
             mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-            return vmm.proc.fallocate(vmm.ram_fd, mode, _gpa(inst, a), _u64(a, "size", PAGE_SIZE))
+            return vmm.proc.fallocate(vmm.ram_fd, mode, _gpa(inst, a),
+                                      _loff_t(a, "size", PAGE_SIZE))
         case "ftruncate":
             if vmm.ram_fd is None:
                 raise OpError("anonymous guest RAM has no file to truncate")
-            return vmm.proc.ftruncate(vmm.ram_fd, _u64(a, "size"))
+            return vmm.proc.ftruncate(vmm.ram_fd, _loff_t(a, "size"))
         case "munmap":
             return vmm.proc.munmap(hva_of(ctx, inst, a), _u64(a, "size", PAGE_SIZE))
         case "mprotect":
