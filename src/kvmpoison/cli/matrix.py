@@ -7,13 +7,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.cli.errors import CliError, Format
+from kvmpoison.config import DEFAULT_INTEGRITY
 from kvmpoison.designs import DESIGNS
 from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.matrix import protocol
 from kvmpoison.matrix.designs import PAGE_STATES, run_design_matrix
 from kvmpoison.matrix.designs import PATHS as DESIGN_PATHS
 from kvmpoison.matrix.model import run_matrix
+from kvmpoison.report.progress import progress
 from kvmpoison.report.table import render_json, render_md, render_rich
 
 
@@ -39,10 +42,13 @@ def matrix(
         "--memory-failure/--no-memory-failure",
         help="CONFIG_MEMORY_FAILURE (off on this machine's kernel).")] = False,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
+    integrity: Annotated[IntegrityMode, typer.Option(
+        help="Host memory integrity for every design, with --designs (TDX Ci by default).")]
+    = DEFAULT_INTEGRITY,
 ) -> None:
     """Run the MATRIX.md access matrix on the model (per backing, or per design)."""
     if designs is not None:
-        _design_matrix(designs, states, paths, fmt)
+        _design_matrix(designs, states, paths, fmt, integrity)
         return
     try:
         version = KernelVersion.parse(kernel)
@@ -51,7 +57,9 @@ def matrix(
     cols = _pick(backings, protocol.BACKINGS, "backing")
     rows = _pick(paths, protocol.PATHS, "path")
     kcfg = KernelConfig(version=version, memory_failure=memory_failure)
-    grid = {(c.path, c.backing): c.cell for c in run_matrix(kcfg, rows, cols)}
+    with progress(len(rows) * len(cols), "matrix") as tick:
+        cells = run_matrix(kcfg, rows, cols, lambda _cell: tick())
+    grid = {(c.path, c.backing): c.cell for c in cells}
     title = f"model, kernel {version.value}, MEMORY_FAILURE={'y' if memory_failure else 'n'}"
     if fmt is Format.JSON:
         print(render_json({"source": "model", "kernel": version.value,
@@ -62,18 +70,20 @@ def matrix(
         render_rich(title, rows, cols, grid, Console())
 
 
-def _design_matrix(designs: str, states: str | None, paths: str | None, fmt: Format) -> None:
+def _design_matrix(designs: str, states: str | None, paths: str | None, fmt: Format,
+                   integrity: IntegrityMode) -> None:
     chosen = _pick(designs, tuple(DESIGNS), "design")
     cols_states = _pick(states, PAGE_STATES, "page state")
     rows = _pick(paths, DESIGN_PATHS, "path")
-    cells = run_design_matrix(chosen, cols_states, rows)
+    with progress(len(rows) * len(chosen) * len(cols_states), "design matrix") as tick:
+        cells = run_design_matrix(chosen, cols_states, rows, integrity, tick)
     cols = [f"{d}/{s}" for d in chosen for s in cols_states]
     grid = {(c.path, c.column): c.cell for c in cells}
-    title = "model, VMM view: design / page state"
+    title = f"model, VMM view: design / page state, integrity {integrity.value}"
     if fmt is Format.JSON:
-        print(render_json({"source": "model", "view": "vmm", "designs": list(chosen)}, rows,
-                          cols, grid))
+        print(render_json({"source": "model", "view": "vmm", "designs": list(chosen),
+                           "integrity": integrity.value}, rows, cols, grid))
     elif fmt is Format.MD:
         print(render_md(title, rows, cols, grid))
     else:
-        render_rich(title, rows, cols, grid, Console(width=max(200, 30 + 26 * len(cols))))
+        render_rich(title, rows, cols, grid, Console())

@@ -12,6 +12,7 @@ import gzip
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvmpoison.backends.kvm.probes import LOCAL_KVM_BACKINGS, run_probe
@@ -78,7 +79,7 @@ def kvm_usable() -> bool:
     return True
 
 
-def compare() -> Comparison:
+def compare(progress: Callable[[], None] | None = None) -> Comparison:
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         raise OracleUnavailableError(f"the probes need Linux on x86-64, not {platform.system()} "
                                 f"{platform.machine()}")
@@ -103,5 +104,7 @@ def compare() -> Comparison:
                 raise OracleUnavailableError(f"probe {path}/{backing} failed: {live.detail}")
             model = run_cell(kcfg, path, backing).cell
             result.cells.append((path, backing, live.cell, model))
+            if progress is not None:
+                progress()
     result.seconds = time.perf_counter() - t0
     return result

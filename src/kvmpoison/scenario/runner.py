@@ -11,9 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmpoison.arch.x86.integrity import PlatformConfig
+from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
-from kvmpoison.config import Config
+from kvmpoison.config import DEFAULT_INTEGRITY, Config
 from kvmpoison.designs import design as get_design
 from kvmpoison.machine import Machine, VmSpec
 from kvmpoison.matrix.designs import backing_pfn
@@ -48,7 +48,9 @@ class ScenarioRun:
         return all(r.ok for r in self.results)
 
 
-def build_machine(sc: Scenario, design_name: str) -> Machine:
+def build_machine(sc: Scenario, design_name: str,
+                  integrity: IntegrityMode | None = None) -> Machine:
+    """``integrity`` (the CLI's ``--integrity``) overrides ``[machine] integrity``."""
     d = get_design(design_name)
     spec = sc.machine
     kcfg = d.kernel
@@ -57,8 +59,8 @@ def build_machine(sc: Scenario, design_name: str) -> Machine:
     overrides: dict[str, Any] = dict(spec.config)
     kcfg = dataclasses.replace(kcfg, **overrides)
     platform = PlatformConfig(mem_bytes=spec.memory,
-                              integrity=spec.integrity if spec.integrity is not None
-                              else d.integrity, mac_bits=spec.mac_bits, seed=spec.seed,
+                              integrity=integrity or spec.integrity or DEFAULT_INTEGRITY,
+                              mac_bits=spec.mac_bits, seed=spec.seed,
                               seam_nr=spec.seam_nr)
     config = Config(design=design_name, kernel=kcfg, platform=platform, seed=spec.seed)
     vms = [VmSpec(v.name, v.memory, v.backing, v.share_ram_with) for v in sc.vms]
@@ -117,9 +119,10 @@ def _check_data(ctx: RunCtx, step: Step, design: str, out: Outcome) -> bool | No
     return out.data == expected
 
 
-def run_scenario(sc: Scenario, design: str) -> ScenarioRun:
+def run_scenario(sc: Scenario, design: str,
+                 integrity: IntegrityMode | None = None) -> ScenarioRun:
     try:
-        m = build_machine(sc, design)
+        m = build_machine(sc, design, integrity)
     except (ValueError, RuntimeError) as exc:
         raise ScenarioError(sc.source, f"cannot build the machine on {design}: {exc}") from None
     ctx = RunCtx(m)
