@@ -8,6 +8,7 @@ VMM's PTE and the VM's EPT entry.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,12 +120,15 @@ def _check_data(ctx: RunCtx, step: Step, design: str, out: Outcome) -> bool | No
     return out.data == expected
 
 
-def run_scenario(sc: Scenario, design: str,
-                 integrity: IntegrityMode | None = None) -> ScenarioRun:
+def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = None,
+                 observe: Callable[[Machine], None] | None = None) -> ScenarioRun:
+    """``observe`` sees the machine before the first step and after every step."""
     try:
         m = build_machine(sc, design, integrity)
     except (ValueError, RuntimeError) as exc:
         raise ScenarioError(sc.source, f"cannot build the machine on {design}: {exc}") from None
+    if observe is not None:
+        observe(m)
     ctx = RunCtx(m)
     results = []
     for step in sc.steps:
@@ -152,6 +156,8 @@ def run_scenario(sc: Scenario, design: str,
         met = None if expected is None else out.cell == expected
         results.append(StepResult(step, out, expected, met, _check_data(ctx, step, design, out),
                                   _diff(before, _page_state(ctx, step))))
+        if observe is not None:
+            observe(m)
     return ScenarioRun(sc, design, results)
 
 
