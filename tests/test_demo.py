@@ -4,9 +4,11 @@ import json
 
 import pytest
 
+from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.cli.main import main
 from kvmpoison.demo import SECRET, SECRET_GPA, run_story
 from kvmpoison.designs import DESIGNS
+from kvmpoison.outcome import Outcome
 
 RFC = ("rfc-v1", "rfc-v2")
 
@@ -51,10 +53,16 @@ def test_baseline_keeps_the_page_mapped_and_the_td_dies(stories: dict[str, list]
     assert stories["baseline"][-1].outcome.cell == "mce:td-fatal"
 
 
+def _gup(steps: list) -> Outcome:
+    return next(s for s in steps if "process_vm_readv" in s.action).outcome
+
+
 def test_rfc_v2_closes_gup_and_rfc_v1_does_not(stories: dict[str, list]) -> None:
-    gup = {d: next(s for s in steps if "process_vm_readv" in s.action).outcome.cell
-           for d, steps in stories.items()}
-    assert gup["rfc-v2"] == "err:EFAULT" and gup["rfc-v1"] == "ret:8"
+    gup = {d: _gup(steps) for d, steps in stories.items()}
+    assert gup["rfc-v2"].cell == "err:EFAULT" and gup["rfc-v1"].cell == "ret:8"
+    assert gup["rfc-v1"].data == bytes(8)  # TDX hands the host zeros
+    plain = _gup(run_story("rfc-v1", integrity=IntegrityMode.OFF))
+    assert plain.cell == "ret:8" and plain.data == SECRET[:8]  # the v1 hole, on plain KVM
 
 
 def test_the_default_demo_shows_every_design(capsys: pytest.CaptureFixture[str]) -> None:

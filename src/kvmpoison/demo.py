@@ -15,6 +15,7 @@ Every design runs the same numbered steps on the same hardware
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -132,14 +133,24 @@ def run_story(design: str, seed: int = 0,
     attacker = m.process("attacker")
     buf = attacker.mmap(0, PAGE_SIZE, 3, 0x22).value or 0
     attacker.store(buf, bytes(PAGE_SIZE))
+    out = attacker.process_vm_readv(vmm.proc, buf, vmm.gpa_to_hva(SECRET_GPA), 8)
     step("attacker", "process_vm_readv of the private page (GUP)",
-         attacker.process_vm_readv(vmm.proc, buf, vmm.gpa_to_hva(SECRET_GPA), 8))
+         _with_copy(out, attacker.load(buf, 8)))
+    scratch = vmm.scratch()
+    out = (vmm.pread_ram(SECRET_GPA, scratch, 8) if vmm.ram_fd is not None
+           else Outcome.error(9, "anonymous guest RAM has no page cache"))
     step("vmm", "pread the guest-RAM memfd (page cache)",
-         vmm.pread_ram(SECRET_GPA, vmm.scratch(), 8) if vmm.ram_fd is not None
-         else Outcome.error(9, "anonymous guest RAM has no page cache"))
+         _with_copy(out, vmm.proc.load(scratch, 8)))
     step("guest", "load the secret back", _guarded(m, lambda: g.load(SECRET_GPA, len(SECRET))),
          page=True)
     return steps
+
+
+def _with_copy(out: Outcome, copied: Outcome) -> Outcome:
+    """A call that moved bytes into a buffer, shown with those bytes."""
+    if out.cell.startswith("ret:") and out.value and copied.data is not None:
+        return dataclasses.replace(out, data=copied.data[: out.value])
+    return out
 
 
 def _guarded(m: Machine, run: Callable[[], Outcome]) -> Outcome:

@@ -30,17 +30,28 @@ INTEGRITY_TEXT = {
     IntegrityMode.OFF: "a host without memory integrity (plain KVM, as the RFC ran)",
 }
 
-ENDING = {
-    "baseline": "Baseline: the page stays mapped in the VMM (step 3: a present PTE), so the "
-                "VMM's write of step 9 goes through; the TD's next read (step 12) fails the "
-                "integrity check: a #MC kills the TD. On TDX the host reads zeros, never the "
-                "secret.",
-    "rfc-v1": "rfc-v1: protection turns the VMM's PTE into a hwpoison entry (step 3) while "
-              "the EPT keeps mapping the frame; the VMM gets SIGBUS, the page cache -EIO, and "
-              "the guest keeps its data. But GUP still follows the entry (step 10).",
-    "rfc-v2": "rfc-v2: as rfc-v1, and GUP needs FOLL_ALLOW_POISONED, which only KVM passes: "
-              "process_vm_readv gets -EFAULT (step 10).",
-}
+def ending(design: str, integrity: IntegrityMode) -> str:
+    """What the story showed, by design and hardware."""
+    tdx = integrity is not IntegrityMode.OFF
+    if design == "baseline":
+        if tdx:
+            return ("Baseline: the page stays mapped in the VMM (step 3: a present PTE, no "
+                    "PG_hwpoison), so the VMM's write of step 9 goes through; the TD's next "
+                    "read (step 12) fails the integrity check and a #MC kills the TD. On TDX "
+                    "the host reads zeros (steps 8, 10, 11), never the secret.")
+        return ("Baseline without memory integrity: the page stays mapped in the VMM (step 3), "
+                "so the host reads the secret (step 8) and the VMM's write of step 9 lands in "
+                "guest memory: the host (steps 10, 11) and the guest (step 12) read it back.")
+    if design == "rfc-v1":
+        return ("rfc-v1: protection turns the VMM's PTE into a hwpoison entry (step 3) while "
+                "the EPT keeps mapping the frame; the VMM gets SIGBUS, the page cache -EIO, "
+                "and the guest keeps its data. But GUP still follows the entry: "
+                "process_vm_readv succeeds (step 10)"
+                + (", though TDX hands it zeros." if tdx else " and reads the secret."))
+    if design == "rfc-v2":
+        return ("rfc-v2: as rfc-v1, and GUP needs FOLL_ALLOW_POISONED, which only KVM passes: "
+                "process_vm_readv gets -EFAULT (step 10).")
+    return ""
 
 
 def _decoded(d: Decoding) -> str:
@@ -97,7 +108,8 @@ def _steps_table(steps: list[Step], header: bool) -> Table:
     return table
 
 
-def _print_story(console: Console, design: str, steps: list[Step]) -> None:
+def _print_story(console: Console, design: str, steps: list[Step],
+                 integrity: IntegrityMode) -> None:
     console.rule(f"[bold]design {design}[/bold]", align="left")
     console.print(Text(DESIGNS[design].summary, style="italic"))
     chunk: list[Step] = []
@@ -110,11 +122,12 @@ def _print_story(console: Console, design: str, steps: list[Step]) -> None:
             console.print(_page_block(s.page))
     if chunk:
         console.print(_steps_table(chunk, first))
-    if design in ENDING:
-        console.print(Padding(Text(ENDING[design]), (1, 0, 0, 0)))
+    text = ending(design, integrity)
+    if text:
+        console.print(Padding(Text(text), (1, 0, 0, 0)))
 
 
-def _md_story(design: str, steps: list[Step]) -> str:
+def _md_story(design: str, steps: list[Step], integrity: IntegrityMode) -> str:
     out = [f"### {design}", "", DESIGNS[design].summary, ""]
     out.append(md_table(["#", "actor", "action", "outcome"],
                         ([str(s.number), s.actor, s.action,
@@ -132,8 +145,9 @@ def _md_story(design: str, steps: list[Step]) -> str:
                          f"`{_decoded(v.ept)}`" if v.ept else "none"])
     out.append(md_table(["after step", "VMM PTE", "PG_hwpoison", "refcount", "mapcount", "EPT"],
                         rows))
-    if design in ENDING:
-        out += ["", ENDING[design]]
+    text = ending(design, integrity)
+    if text:
+        out += ["", text]
     return "\n".join(out) + "\n"
 
 
@@ -170,7 +184,7 @@ def demo(
     if fmt is Format.MD:
         print(f"## kvmpoison demo\n\nHardware: {INTEGRITY_TEXT[integrity]}.\n")
         for d, steps in stories.items():
-            print(_md_story(d, steps))
+            print(_md_story(d, steps, integrity))
         print(render_md(title, SUMMARY_ROWS, cols, grid))
         return
     console = Console(width=min(Console().width, WIDTH))
@@ -179,6 +193,6 @@ def demo(
                   "The guest's secret lives in guest page 0x30; its state is shown after "
                   "steps 2, 3 and 12.")
     for d, steps in stories.items():
-        _print_story(console, d, steps)
+        _print_story(console, d, steps, integrity)
     console.print()
     render_rich(title, SUMMARY_ROWS, cols, grid, console)
