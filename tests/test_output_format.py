@@ -131,3 +131,28 @@ def test_json_and_stderr_stay_clean_off_a_terminal(capsys: pytest.CaptureFixture
     rc, out, err = cli(capsys, "matrix", "--designs", "rfc-v2", "--paths", "load",
                        "--format", "json")
     assert rc == 0 and out.lstrip().startswith("{") and err == ""
+
+
+def _fake_comparison() -> object:
+    from kvmpoison.kconfig import KernelConfig, KernelVersion
+    from kvmpoison.report.oracle import Comparison
+
+    result = Comparison("6.18.0-test", KernelConfig(version=KernelVersion.V6_18), True,
+                        ("memfd",))
+    result.cells = [("load", "memfd", "sig:SIGBUS:BUS_ADRERR", LONG),
+                    ("store", "memfd", "ok", "ok")]
+    return result
+
+
+def test_oracle_md_and_table_show_a_disagreement_whole(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvmpoison.cli.oracle as oracle_cli
+
+    monkeypatch.setattr(oracle_cli, "compare", lambda progress=None: _fake_comparison())
+    rc, out, _ = cli(capsys, "oracle", "--format", "md")
+    assert rc == 1 and not BOX.search(out)
+    assert f"| load | memfd | `sig:SIGBUS:BUS_ADRERR` | `{LONG}` |" in out
+    assert "Agreement: 1/2 cells" in out
+    rc, out, _ = cli(capsys, "oracle")
+    assert rc == 1 and width(out) <= 80 and "…" not in out
+    assert "BUS_ADRERR" in out and "BUS_MCEERR_AR" in out

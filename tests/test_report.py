@@ -25,6 +25,7 @@ CASES = ("e01-v1-gup-reads-private", "e30-kvm-emulated-access", MAP)
 def report_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("report")
     rc = main(["report", "--out", str(out), "--paths", "load,process_vm_readv,ptrace_peek",
+               "--states", "shared,private,hwpoisoned",
                "--maps", MAP, "--cases", ",".join(CASES), "--no-oracle"])
     assert rc == 0
     return out
