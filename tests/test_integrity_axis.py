@@ -118,3 +118,12 @@ def test_bad_integrity_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]
     rc, _, err = cli(capsys, *cmd, "--integrity", "full")
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and "--integrity" in lines[0]
+
+
+def test_scenario_integrity_value_is_checked() -> None:
+    from kvmpoison.scenario.loader import ScenarioError
+
+    assert load_text(SCENARIO.replace('"li"', '"CI"'), "ci.toml").machine.integrity is (
+        IntegrityMode.CI)
+    with pytest.raises(ScenarioError, match=r"integrity mode 'full' \(known: off, li, ci\)"):
+        load_text(SCENARIO.replace('"li"', '"full"'), "bad.toml")
