@@ -111,6 +111,11 @@ def test_demo_integrity_option(capsys: pytest.CaptureFixture[str]) -> None:
     assert last["cell"] == "ok" and last["data"].startswith("VMM!")
 
 
+def test_matrix_integrity_without_designs_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = cli(capsys, "matrix", "--integrity", "off")
+    assert rc == 2 and out == "" and "--integrity goes with --designs" in err
+
+
 @pytest.mark.parametrize("cmd", [["demo"], ["matrix", "--designs", "rfc-v2"],
                                  ["run", "e30-kvm-emulated-access"]])
 def test_bad_integrity_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str],

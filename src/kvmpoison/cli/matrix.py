@@ -42,14 +42,17 @@ def matrix(
         "--memory-failure/--no-memory-failure",
         help="CONFIG_MEMORY_FAILURE (off on this machine's kernel).")] = False,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
-    integrity: Annotated[IntegrityMode, typer.Option(
+    integrity: Annotated[IntegrityMode | None, typer.Option(
         help="Host memory integrity for every design, with --designs (TDX Ci by default).")]
-    = DEFAULT_INTEGRITY,
+    = None,
 ) -> None:
     """Run the MATRIX.md access matrix on the model (per backing, or per design)."""
     if designs is not None:
-        _design_matrix(designs, states, paths, fmt, integrity)
+        _design_matrix(designs, states, paths, fmt, integrity or DEFAULT_INTEGRITY)
         return
+    if integrity is not None:
+        raise CliError("--integrity goes with --designs: the per-backing matrix models this "
+                       "machine's kernel, a host without TDX")
     try:
         version = KernelVersion.parse(kernel)
     except ValueError as exc:
