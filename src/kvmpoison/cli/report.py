@@ -38,7 +38,7 @@ def report(
     states: Annotated[str | None, typer.Option(help="Matrix page states (default: all).")]
     = None,
     maps: Annotated[str | None, typer.Option(
-        help=f"Scenarios to draw GPA maps of (default: {','.join(DEFAULT_MAPS)}).")] = None,
+        help=f"Scenarios to draw GPA maps of (default: {', '.join(DEFAULT_MAPS)}).")] = None,
     cases: Annotated[str | None, typer.Option(
         help="Scenarios for the E-case table (default: every shipped one).")] = None,
     oracle: Annotated[bool, typer.Option(
