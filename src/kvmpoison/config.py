@@ -30,8 +30,11 @@ class Config:
 
     ``kernel=None`` takes the design's kernel (v5.12 for the RFC's designs);
     ``platform=None`` a 64 MiB host in ``integrity`` mode. The integrity mode
-    is the hardware's, so it is the same for every design: TDX Ci by default
-    (:data:`DEFAULT_INTEGRITY`). A given ``platform`` carries its own mode.
+    is the hardware's, so it is the same for every design. The default is Ci,
+    what a TDX host gives: Intel documents TDX memory as AES-XTS encrypted
+    with a 28-bit MAC and a TD-ownership bit per line (:data:`DEFAULT_INTEGRITY`);
+    ``off`` is plain KVM, the setting the RFC itself was posted for. A given
+    ``platform`` carries its own mode.
     """
 
     design: str = "rfc-v2"
