@@ -156,3 +156,4 @@ def test_oracle_md_and_table_show_a_disagreement_whole(capsys: pytest.CaptureFix
     rc, out, _ = cli(capsys, "oracle")
     assert rc == 1 and width(out) <= 80 and "…" not in out
     assert "BUS_ADRERR" in out and "BUS_MCEERR_AR" in out
+    assert "sig:SIG:CODE = the access raised signal SIG" in " ".join(out.split())

@@ -13,7 +13,7 @@ from kvmpoison.cli.errors import Format
 from kvmpoison.matrix.protocol import BACKINGS, PATHS
 from kvmpoison.report.oracle import OracleUnavailableError, compare
 from kvmpoison.report.progress import progress
-from kvmpoison.report.table import break_at, md_cell, md_table
+from kvmpoison.report.table import break_at, legend, md_cell, md_table
 
 
 def oracle(
@@ -50,6 +50,8 @@ def oracle(
                                   ([p, b, md_cell(live), md_cell(model)]
                                    for p, b, live, model in result.disagreements)))
         print(f"\nAgreement: {result.agreed}/{total} cells in {result.seconds:.1f} s.")
+        if result.disagreements:
+            print(f"\nCells: {legend(c for d in result.disagreements for c in d[2:])}.")
     else:
         console = Console()
         console.print(f"kernel {result.kernel} (modelled as {result.kcfg.version.value}, "
@@ -64,6 +66,8 @@ def oracle(
             for p, b, live, model in result.disagreements:
                 table.add_row(p, b, break_at(live, 13), break_at(model, 13))
             console.print(table)
+            cells = [c for _, _, live, model in result.disagreements for c in (live, model)]
+            console.print(f"[dim]cells: {legend(cells)}[/dim]", highlight=False)
         console.print(f"agreement: {result.agreed}/{total} cells in {result.seconds:.1f} s")
     if result.disagreements:
         raise typer.Exit(1)
