@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from kvmpoison.arch.x86.mac import LineMac, MacAlgo
 from kvmpoison.arch.x86.mktme import LINE_SIZE, TWEAK_SIZE
+from kvmpoison.report.progress import progress
 
 U8 = npt.NDArray[np.uint8]
 Bools = npt.NDArray[np.bool_]
@@ -41,13 +42,16 @@ def chunks(total_lines: int, seed: int = 1) -> Iterator[tuple[U8, U8, Bools]]:
         done += n
 
 
-def timed(fn: Callable[[U8, U8, Bools], object], total_lines: int) -> float:
-    """Seconds spent in fn(chunk) over all chunks (data generation excluded)."""
+def timed(fn: Callable[[U8, U8, Bools], object], total_lines: int,
+          tick: Callable[[], None] | None = None) -> float:
+    """Seconds spent in fn(chunk) over all chunks (data generation and the bar excluded)."""
     spent = 0.0
     for ct, tweak, td in chunks(total_lines):
         t0 = time.perf_counter()
         fn(ct, tweak, td)
         spent += time.perf_counter() - t0
+        if tick is not None:
+            tick()
     return spent
 
 
@@ -82,11 +86,15 @@ def main() -> None:
     faithful = LineMac(key, args.mac_bits, MacAlgo.HMAC_SHA3_256)
     stand_in = LineMac(key, min(args.mac_bits, 64), MacAlgo.MIX64)
 
-    rows = {
-        "hashlib sha3_256 per line": timed(hashlib_baseline, total),
-        f"HMAC-SHA3-256/{args.mac_bits} (faithful, default)": timed(faithful.compute, total),
-        f"mix64/{min(args.mac_bits, 64)} (stand-in)": timed(stand_in.compute, total),
-    }
+    # A bar on stderr (only on a terminal): three passes over the data.
+    nchunks = -(-total // CHUNK_LINES)
+    with progress(3 * nchunks, "MAC lines") as tick:
+        rows = {
+            "hashlib sha3_256 per line": timed(hashlib_baseline, total, tick),
+            f"HMAC-SHA3-256/{args.mac_bits} (faithful, default)":
+                timed(faithful.compute, total, tick),
+            f"mix64/{min(args.mac_bits, 64)} (stand-in)": timed(stand_in.compute, total, tick),
+        }
     bw = copy_bandwidth()
     base = rows["hashlib sha3_256 per line"]
     print(f"{total:,} lines ({args.gib:g} GiB), mac_bits={args.mac_bits}")

@@ -341,7 +341,7 @@ def test_oracle_with_every_cell_compared_exits_0(capsys: pytest.CaptureFixture[s
 
 def test_oracle_unavailable_goes_to_stderr(capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    def unavailable() -> None:
+    def unavailable(_tick: object = None) -> None:
         raise report_oracle.OracleUnavailableError("the probes need Linux on x86-64")
 
     monkeypatch.setattr("kvmpoison.cli.oracle.compare", unavailable)

@@ -24,9 +24,9 @@ V6_18 = KernelConfig(version=KernelVersion.V6_18)
 
 
 def _poisoned(design: str, kernel: KernelConfig | None = None, handled: bool = True,
-              integrity: IntegrityMode | None = None) -> tuple[Machine, int]:
-    platform = None if integrity is None else PlatformConfig(mem_bytes=64 << 20,
-                                                             integrity=integrity)
+              integrity: IntegrityMode = IntegrityMode.OFF) -> tuple[Machine, int]:
+    """A guest page with a real DRAM error; a non-TD guest unless ``integrity`` says."""
+    platform = PlatformConfig(mem_bytes=64 << 20, integrity=integrity)
     m = Machine(Config(design=design, kernel=kernel, platform=platform))
     assert m.guest.store(GPA, b"guest data").kind is Kind.OK
     pfn = int(m.vm.ept.get(GPA)) >> PAGE_SHIFT & ((1 << 40) - 1)

@@ -73,7 +73,7 @@ def test_page_cache_access_gets_eio() -> None:
 
 
 def test_kvm_still_maps_the_page_and_the_guest_reads_its_data() -> None:
-    m = machine()
+    m = machine(integrity=IntegrityMode.OFF)  # plain KVM: TDX hides the plaintext
     m.vmm.store(GPA, b"VMM was here")  # refused with SIGBUS
     assert m.guest.load(GPA, len(SECRET)).data == SECRET
     entry = spte_present(m.vm, GPA, write=False)
@@ -99,7 +99,7 @@ def test_baseline_hazard_is_a_machine_check_or_worse() -> None:
 @pytest.mark.parametrize(("design", "read", "proc_mem"),
                          [("rfc-v1", "ret:8", "ret:8"), ("rfc-v2", "err:EFAULT", "err:EIO")])
 def test_v1_hole_lets_gup_users_read_private_data(design: str, read: str, proc_mem: str) -> None:
-    m = machine(design)
+    m = machine(design, integrity=IntegrityMode.OFF)  # plain KVM: TDX hides the plaintext
     attacker = m.process("attacker")
     buf = ok(attacker.mmap(0, PAGE, 3, 0x22))
     attacker.store(buf, bytes(8))
@@ -144,7 +144,8 @@ def test_non_swap_backed_pages_are_refused() -> None:
 
 
 def test_33rd_shared_range_warns_and_the_page_is_poisoned_again() -> None:
-    m = Machine(Config(design="rfc-v2", vm_mem=8 << 20))
+    # plain KVM: on TDX a private-to-shared conversion does not keep the data
+    m = Machine(Config(design="rfc-v2", vm_mem=8 << 20, integrity=IntegrityMode.OFF))
     base = 0x100
     for i in range(31):  # 30 more ranges: kvmclock+swiotlb already use one
         m.guest.share(base + 2 * i, 1)
@@ -161,7 +162,7 @@ def test_33rd_shared_range_warns_and_the_page_is_poisoned_again() -> None:
 
 
 def test_share_reinstates_the_present_pte() -> None:
-    m = machine()
+    m = machine(integrity=IntegrityMode.OFF)  # plain KVM: TDX hides the plaintext
     assert m.vmm.load(GPA, 1).cell == "sig:SIGBUS:BUS_MCEERR_AR"
     m.guest.share(GPA // PAGE, 1)
     assert m.vmm.load(GPA, len(SECRET)).data == SECRET  # do_swap_page restores the PTE

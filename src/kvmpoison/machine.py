@@ -48,7 +48,7 @@ class Machine:
         self.design: Design = design(config.design)
         kcfg = config.kernel if config.kernel is not None else self.design.kernel
         self.platform = config.platform or PlatformConfig(mem_bytes=DEFAULT_HOST_MEM,
-                                                          integrity=self.design.integrity,
+                                                          integrity=config.integrity,
                                                           seed=config.seed)
         self.kernel = Kernel.boot(kcfg, self.platform, config.seed)
         kvm_gmem_init(self.kernel)

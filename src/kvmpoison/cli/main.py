@@ -10,6 +10,7 @@ import typer
 
 from kvmpoison.cli import demo, matrix, oracle, pte, run
 from kvmpoison.cli.errors import CliError
+from kvmpoison.cli.report import report as report_command
 
 app = typer.Typer(
     name="kvmpoison",
@@ -22,6 +23,7 @@ app.command("demo")(demo.demo)
 app.command("matrix")(matrix.matrix)
 app.command("oracle")(oracle.oracle)
 app.command("run")(run.run)
+app.command("report")(report_command)
 app.add_typer(pte.app, name="pte")
 
 

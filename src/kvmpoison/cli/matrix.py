@@ -8,13 +8,16 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.cli.errors import CliError, Format
+from kvmpoison.config import DEFAULT_INTEGRITY
 from kvmpoison.designs import DESIGNS
 from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.matrix import protocol
 from kvmpoison.matrix.designs import PAGE_STATES, run_design_matrix
 from kvmpoison.matrix.designs import PATHS as DESIGN_PATHS
 from kvmpoison.matrix.model import SetupError, run_cell, run_matrix
+from kvmpoison.report.progress import progress
 from kvmpoison.report.table import render_json, render_md, render_rich
 
 
@@ -43,6 +46,9 @@ def matrix(
         help="CONFIG_MEMORY_FAILURE [default: off, as on this machine's kernel] "
              "(without --designs).")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
+    integrity: Annotated[IntegrityMode | None, typer.Option(
+        help="Host memory integrity for every design, with --designs (TDX Ci by default).")]
+    = None,
 ) -> None:
     """Run the access matrix on the model: per backing, or per design and page state.
 
@@ -56,10 +62,13 @@ def matrix(
             verb = "apply" if len(ignored) > 1 else "applies"
             raise CliError(f"{', '.join(ignored)} only {verb} without --designs: each design "
                            "brings its own kernel configuration and runs on guest RAM")
-        _design_matrix(designs, states, paths, fmt)
+        _design_matrix(designs, states, paths, fmt, integrity or DEFAULT_INTEGRITY)
         return
     if states is not None:
         raise CliError("--states only applies with --designs (the page states of guest RAM)")
+    if integrity is not None:
+        raise CliError("--integrity goes with --designs: the per-backing matrix models this "
+                       "machine's kernel, a host without TDX")
     try:
         version = KernelVersion.parse(kernel or "6.18")
     except ValueError as exc:
@@ -75,9 +84,11 @@ def matrix(
                                   "backing") if backings is not None else known, rows[0],
                       explicit=backings is not None)
     try:
-        grid = {(c.path, c.backing): c.cell for c in run_matrix(kcfg, rows, cols)}
+        with progress(len(rows) * len(cols), "matrix") as tick:
+            cells = run_matrix(kcfg, rows, cols, lambda _cell: tick())
     except SetupError as exc:
         raise CliError(f"the model cannot build a cell's set-up: {exc}") from None
+    grid = {(c.path, c.backing): c.cell for c in cells}
     title = f"model, kernel {version.value}, MEMORY_FAILURE={'y' if mf else 'n'}"
     if fmt is Format.JSON:
         print(render_json({"source": "model", "kernel": version.value,
@@ -111,18 +122,20 @@ def _available(kcfg: KernelConfig, backings: tuple[str, ...], path: str,
     return tuple(kept)
 
 
-def _design_matrix(designs: str, states: str | None, paths: str | None, fmt: Format) -> None:
+def _design_matrix(designs: str, states: str | None, paths: str | None, fmt: Format,
+                   integrity: IntegrityMode) -> None:
     chosen = _pick(designs, tuple(DESIGNS), "design")
     cols_states = _pick(states, PAGE_STATES, "page state")
     rows = _pick(paths, DESIGN_PATHS, "path")
-    cells = run_design_matrix(chosen, cols_states, rows)
+    with progress(len(rows) * len(chosen) * len(cols_states), "design matrix") as tick:
+        cells = run_design_matrix(chosen, cols_states, rows, integrity, tick)
     cols = [f"{d}/{s}" for d in chosen for s in cols_states]
     grid = {(c.path, c.column): c.cell for c in cells}
-    title = "model, VMM view: design / page state"
+    title = f"model, VMM view: design / page state, integrity {integrity.value}"
     if fmt is Format.JSON:
-        print(render_json({"source": "model", "view": "vmm", "designs": list(chosen)}, rows,
-                          cols, grid))
+        print(render_json({"source": "model", "view": "vmm", "designs": list(chosen),
+                           "integrity": integrity.value}, rows, cols, grid))
     elif fmt is Format.MD:
         print(render_md(title, rows, cols, grid))
     else:
-        render_rich(title, rows, cols, grid, Console(width=max(200, 30 + 26 * len(cols))))
+        render_rich(title, rows, cols, grid, Console())

@@ -12,7 +12,10 @@ from rich.table import Table
 
 from kvmpoison.cli.errors import Format
 from kvmpoison.cli.oracle_vm import oracle_vm
+from kvmpoison.matrix.protocol import BACKINGS, PATHS
 from kvmpoison.report.oracle import OracleUnavailableError, compare
+from kvmpoison.report.progress import progress
+from kvmpoison.report.table import break_at, legend, md_cell, md_table
 
 
 def oracle(
@@ -34,7 +37,8 @@ def oracle(
         oracle_vm(kernel, accel, fmt)
         return
     try:
-        result = compare()
+        with progress(len(PATHS) * len(BACKINGS), "oracle") as tick:
+            result = compare(tick)
     except OracleUnavailableError as exc:
         print(f"kvmpoison: error: oracle unavailable: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
@@ -49,6 +53,19 @@ def oracle(
             "disagreements": [{"path": p, "backing": b, "live": live, "model": model}
                               for p, b, live, model in result.disagreements],
         }, indent=2))
+    elif fmt is Format.MD:
+        print(f"### oracle: kernel {result.kernel}\n\nModelled as {result.kcfg.version.value}, "
+              f"CONFIG_MEMORY_FAILURE={'y' if result.kcfg.memory_failure else 'n'}, /dev/kvm "
+              f"{'usable' if result.kvm_available else 'not usable'}.\n")
+        for note in result.notes:
+            print(f"- note: {note}")
+        if result.disagreements:
+            print("\n" + md_table(["path", "backing", "live", "model"],
+                                  ([p, b, md_cell(live), md_cell(model)]
+                                   for p, b, live, model in result.disagreements)))
+        print(f"\nAgreement: {result.agreed}/{total} cells in {result.seconds:.1f} s.")
+        if result.disagreements:
+            print(f"\nCells: {legend(c for d in result.disagreements for c in d[2:])}.")
     else:
         console = Console()
         console.print(f"kernel {result.kernel} (modelled as {result.kcfg.version.value}, "
@@ -59,10 +76,12 @@ def oracle(
         if result.disagreements:
             table = Table(title="disagreements")
             for col in ("path", "backing", "live", "model"):
-                table.add_column(col)
-            for row in result.disagreements:
-                table.add_row(*row)
+                table.add_column(col, overflow="fold")
+            for p, b, live, model in result.disagreements:
+                table.add_row(p, b, break_at(live, 13), break_at(model, 13))
             console.print(table)
+            cells = [c for _, _, live, model in result.disagreements for c in (live, model)]
+            console.print(f"[dim]cells: {legend(cells)}[/dim]", highlight=False)
         console.print(f"agreement: {result.agreed}/{total} cells in {result.seconds:.1f} s")
     if result.disagreements:
         raise typer.Exit(1)

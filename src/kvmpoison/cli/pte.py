@@ -14,6 +14,7 @@ from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
 from kvmpoison.cli.errors import CliError, Format, parse_int
 from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.mm import ptdump
+from kvmpoison.report.table import md_table
 
 app = typer.Typer(
     help="Decode and encode x86-64 PTE/PMD/EPT values bit-exactly.", no_args_is_help=True
@@ -57,9 +58,8 @@ def _show(dec: ptdump.Decoding, fmt: Format, out: Console) -> None:
         out.print_json(json.dumps(dec.as_dict()))
         return
     if fmt is Format.MD:
-        print(f"`{dec.raw:#018x}` ({dec.kind})\n\n| field | value | bits |\n|---|---|---|")
-        for f in dec.fields:
-            print(f"| {f.name} | {f.value} | {f.bits} |")
+        print(f"`{dec.raw:#018x}` ({dec.kind})\n")
+        print(md_table(["field", "value", "bits"], ([f.name, f.value, f.bits] for f in dec.fields)))
         return
     table = Table(title=f"{dec.raw:#018x}: {dec.kind}")
     for col in ("field", "value", "bits"):

@@ -10,9 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.cli.errors import CliError, Format
 from kvmpoison.designs import DESIGNS
-from kvmpoison.report.table import style_of
+from kvmpoison.report.progress import progress
+from kvmpoison.report.table import break_at, legend, md_cell, md_table, styled
 from kvmpoison.scenario.library import shipped, title_of
 from kvmpoison.scenario.loader import Scenario, ScenarioError, load, short_path
 from kvmpoison.scenario.runner import ScenarioRun, run_scenario, trace_records
@@ -36,16 +38,28 @@ def _resolve(item: str) -> Path:
 def _print_run(console: Console, run: ScenarioRun) -> None:
     table = Table(title=f"{run.scenario.name} on {run.design}", title_justify="left")
     for col in ("#", "actor", "op", "outcome", "expected", ""):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in run.results:
         cell = r.outcome.cell
-        shown = f"[{style_of(cell)}]{cell}[/]" if style_of(cell) else cell
+        shown = styled(break_at(cell, 13), cell)  # cells break after a ':', never cut
         if r.outcome.data:
             shown += f" {r.outcome.data[:24]!r}"
         mark = "" if r.met is None and r.data_met is None else ("ok" if r.ok else "FAIL")
-        table.add_row(str(r.step.index), r.step.actor, r.step.op, shown, r.expected or "",
+        table.add_row(str(r.step.index), r.step.actor, r.step.op, shown,
+                      break_at(r.expected or "", 13),
                       f"[green]{mark}[/]" if mark == "ok" else f"[red]{mark}[/]")
     console.print(table)
+
+
+def _md_run(run: ScenarioRun) -> str:
+    rows = []
+    for r in run.results:
+        mark = "" if r.met is None and r.data_met is None else ("ok" if r.ok else "FAIL")
+        data = f" `{r.outcome.data[:24]!r}`" if r.outcome.data else ""
+        rows.append([str(r.step.index), r.step.actor, r.step.op,
+                     md_cell(r.outcome.cell) + data, md_cell(r.expected or ""), mark])
+    return (f"### {run.scenario.name} on {run.design}\n\n"
+            + md_table(["#", "actor", "op", "outcome", "expected", ""], rows) + "\n")
 
 
 def run(
@@ -59,6 +73,9 @@ def run(
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
     list_: Annotated[bool, typer.Option("--list", help="List the shipped scenarios.")] = False,
     all_: Annotated[bool, typer.Option("--all", help="Run every shipped scenario.")] = False,
+    integrity: Annotated[IntegrityMode | None, typer.Option(
+        help="Host memory integrity for every run, over [machine] integrity (default: the "
+             "scenario's, else TDX Ci).")] = None,
 ) -> None:
     """Run scenarios; exit 1 if any expectation fails, 2 on bad input."""
     if list_:
@@ -77,9 +94,14 @@ def run(
         raise CliError("give --design or --all-designs, not both")
     try:
         scenarios: list[Scenario] = [load(_resolve(f)) for f in files]
-        runs = [run_scenario(sc, d) for sc in scenarios
+        todo = [(sc, d) for sc in scenarios
                 for d in ((design,) if design else tuple(DESIGNS) if all_designs
                           else sc.designs)]
+        with progress(len(todo), "scenarios") as tick:
+            runs = []
+            for sc, d in todo:
+                runs.append(run_scenario(sc, d, integrity))
+                tick()
     except ScenarioError as exc:
         raise CliError(str(exc)) from None
     if trace is not None:
@@ -94,6 +116,14 @@ def run(
     if fmt is Format.JSON:
         print(json.dumps([{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
                            "steps": trace_records(r)} for r in runs], indent=2))
+    elif fmt is Format.MD:
+        for r in runs:
+            print(_md_run(r))
+        cells = [x.outcome.cell for r in runs for x in r.results]
+        failed = [f"{r.scenario.name}/{r.design}" for r in runs if not r.passed]
+        print(f"{len(runs) - len(failed)}/{len(runs)} scenario runs met every expectation"
+              + (f"; failed: {', '.join(failed)}" if failed else "")
+              + f".\n\nCells: {legend(cells)}.")
     else:
         console = Console()
         for r in runs:
@@ -101,5 +131,7 @@ def run(
         failed = [f"{r.scenario.name}/{r.design}" for r in runs if not r.passed]
         console.print(f"{len(runs) - len(failed)}/{len(runs)} scenario runs met every "
                       "expectation" + (f"; failed: {', '.join(failed)}" if failed else ""))
+        console.print(f"[dim]cells: {legend(x.outcome.cell for r in runs for x in r.results)}"
+                      "[/dim]", highlight=False)
     if any(not r.passed for r in runs):
         raise typer.Exit(1)

@@ -2,7 +2,9 @@
 
 A design picks the modelled kernel, how KVM protects guest memory, and which
 mm hook points the RFC's patches fill in. mm, arch and hardware code are
-shared by every design.
+shared by every design, and so is the hardware itself: the memory-integrity
+mode is a machine setting (:attr:`kvmpoison.config.Config.integrity`), never a
+design's, so that designs differ only where the RFC's patches differ.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.kconfig import RFC_BASE, KernelConfig
 from kvmpoison.mm.core import FollowPoisoned, MmHooks
 from kvmpoison.virt.kvm.kvm_main import Protection
@@ -24,8 +25,6 @@ class Design:
     protection: Protection
     hooks: Callable[[], MmHooks]
     unpoison_on_free: bool = False
-    # The RFC kept TDX out of the picture (pure KVM); the baseline shows the TDX hazard.
-    integrity: IntegrityMode = IntegrityMode.OFF
 
 
 def _rfc_hooks(follow: FollowPoisoned, check_pte: bool) -> Callable[[], MmHooks]:
@@ -40,8 +39,7 @@ DESIGNS: dict[str, Design] = {
     d.name: d
     for d in (
         Design("baseline", "upstream v5.12 KVM on a TDX-style host: guest memory stays "
-               "mapped in the VMM", RFC_BASE, Protection.NONE, MmHooks,
-               integrity=IntegrityMode.CI),
+               "mapped in the VMM", RFC_BASE, Protection.NONE, MmHooks),
         Design("rfc-v1", "RFCv1 7/7: poisoned pages, GUP flag check commented out, no owner map",
                RFC_BASE, Protection.RFC_V1, _rfc_hooks(FollowPoisoned.ALWAYS, check_pte=True)),
         Design("rfc-v2", "RFCv2 13/13: poisoned pages, FOLL_ALLOW_POISONED, owner map, "

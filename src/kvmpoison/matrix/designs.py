@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
-from kvmpoison.config import Config
+from kvmpoison.config import DEFAULT_INTEGRITY, Config
 from kvmpoison.machine import Machine
 from kvmpoison.matrix import protocol as proto
 from kvmpoison.matrix.model import Probe, run_path
@@ -201,5 +202,18 @@ def run_design_cell(design: str, state: str, path: str,
 
 
 def run_design_matrix(designs: tuple[str, ...], states: tuple[str, ...] = PAGE_STATES,
-                      paths: tuple[str, ...] = PATHS) -> list[DesignCell]:
-    return [run_design_cell(d, s, p) for p in paths for d in designs for s in states]
+                      paths: tuple[str, ...] = PATHS,
+                      integrity: IntegrityMode = DEFAULT_INTEGRITY,
+                      progress: Callable[[], None] | None = None) -> list[DesignCell]:
+    """Every cell, each on a fresh machine of the same hardware (``integrity``) for all designs."""
+    def config(d: str) -> Config:
+        return Config(design=d, integrity=integrity)
+
+    cells = []
+    for p in paths:
+        for d in designs:
+            for s in states:
+                cells.append(run_design_cell(d, s, p, config))
+                if progress is not None:
+                    progress()
+    return cells

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvmpoison.backends.kvm.host import kvm_status
@@ -44,7 +45,7 @@ class Comparison:
         return len(self.cells) - len(self.disagreements)
 
 
-def compare() -> Comparison:
+def compare(progress: Callable[[], None] | None = None) -> Comparison:
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         raise OracleUnavailableError(f"the probes need Linux on x86-64, not {platform.system()} "
                                 f"{platform.machine()}")
@@ -69,5 +70,7 @@ def compare() -> Comparison:
                 raise OracleUnavailableError(f"probe {path}/{backing} failed: {live.detail}")
             model = run_cell(kcfg, path, backing).cell
             result.cells.append((path, backing, live.cell, model))
+            if progress is not None:
+                progress()
     result.seconds = time.perf_counter() - t0
     return result

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmpoison.arch.x86.integrity import IntegrityMode
+from kvmpoison.config import parse_integrity
 from kvmpoison.designs import DESIGNS
 from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.outcome import is_cell
@@ -151,7 +152,7 @@ def _machine(doc: dict[str, Any], source: str) -> MachineSpec:
         return MachineSpec(
             kernel=KernelVersion.parse(str(m["kernel"])) if "kernel" in m else None,
             config={name: m[name] for name in CONFIG_SWITCHES if name in m},
-            integrity=IntegrityMode(m["integrity"]) if "integrity" in m else None,
+            integrity=parse_integrity(str(m["integrity"])) if "integrity" in m else None,
             mac_bits=_machine_int(m, "mac_bits", 28, 1, 256),
             memory=parse_size(m.get("memory", 64 << 20), "machine.memory", MACHINE_MEMORY_MIN,
                               MACHINE_MEMORY_MAX),

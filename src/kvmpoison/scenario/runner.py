@@ -8,12 +8,13 @@ VMM's PTE and the VM's EPT entry.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmpoison.arch.x86.integrity import PlatformConfig
+from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
-from kvmpoison.config import Config
+from kvmpoison.config import DEFAULT_INTEGRITY, Config
 from kvmpoison.designs import design as get_design
 from kvmpoison.machine import Machine, VmSpec
 from kvmpoison.matrix.designs import backing_pfn
@@ -48,7 +49,9 @@ class ScenarioRun:
         return all(r.ok for r in self.results)
 
 
-def build_machine(sc: Scenario, design_name: str) -> Machine:
+def build_machine(sc: Scenario, design_name: str,
+                  integrity: IntegrityMode | None = None) -> Machine:
+    """``integrity`` (the CLI's ``--integrity``) overrides ``[machine] integrity``."""
     d = get_design(design_name)
     spec = sc.machine
     kcfg = d.kernel
@@ -57,8 +60,8 @@ def build_machine(sc: Scenario, design_name: str) -> Machine:
     overrides: dict[str, Any] = dict(spec.config)
     kcfg = dataclasses.replace(kcfg, **overrides)
     platform = PlatformConfig(mem_bytes=spec.memory,
-                              integrity=spec.integrity if spec.integrity is not None
-                              else d.integrity, mac_bits=spec.mac_bits, seed=spec.seed,
+                              integrity=integrity or spec.integrity or DEFAULT_INTEGRITY,
+                              mac_bits=spec.mac_bits, seed=spec.seed,
                               seam_nr=spec.seam_nr)
     config = Config(design=design_name, kernel=kcfg, platform=platform, seed=spec.seed)
     vms = [VmSpec(v.name, v.memory, v.backing, v.share_ram_with) for v in sc.vms]
@@ -117,11 +120,15 @@ def _check_data(ctx: RunCtx, step: Step, design: str, out: Outcome) -> bool | No
     return out.data == expected
 
 
-def run_scenario(sc: Scenario, design: str) -> ScenarioRun:
+def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = None,
+                 observe: Callable[[Machine], None] | None = None) -> ScenarioRun:
+    """``observe`` sees the machine before the first step and after every step."""
     try:
-        m = build_machine(sc, design)
+        m = build_machine(sc, design, integrity)
     except (ValueError, RuntimeError, MemoryError) as exc:
         raise ScenarioError(sc.source, f"cannot build the machine on {design}: {exc}") from None
+    if observe is not None:
+        observe(m)
     ctx = RunCtx(m)
     results = []
     for step in sc.steps:
@@ -152,6 +159,8 @@ def run_scenario(sc: Scenario, design: str) -> ScenarioRun:
         met = None if expected is None else out.cell == expected
         results.append(StepResult(step, out, expected, met, _check_data(ctx, step, design, out),
                                   _diff(before, _page_state(ctx, step))))
+        if observe is not None:
+            observe(m)
     return ScenarioRun(sc, design, results)
 
 
