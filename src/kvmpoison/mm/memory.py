@@ -12,6 +12,7 @@ Scalar functions handle one fault as the kernel does. ``zap_page_range``,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -40,7 +41,9 @@ from kvmpoison.arch.x86.pgtable_types import (
     _PAGE_SWP_UFFD_WP,
     PAGE_SHIFT,
     PAGE_SIZE,
+    max_physmem_bits,
 )
+from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.mm_types import (
     VM,
@@ -445,20 +448,113 @@ def _swp_entry_fields(core: MmCore, ptes: npt.NDArray[np.uint64]) -> tuple[IntAr
     return (__swp_type_array(clean).astype(np.int64), __swp_offset_array(clean).astype(np.int64))
 
 
-def zap_page_range(vma: Vma, start: int, end: int, keep_markers: bool = False) -> int:
-    """``unmap_page_range``/``zap_pte_range`` over [start, end), vectorised.
+@dataclass(frozen=True, slots=True)
+class ZapDetails:
+    """``struct zap_details``: what a zap with details leaves behind.
 
-    Present pages lose their mapping (dirty file pages get PG_dirty); the
-    mapping's page references are dropped, freeing pages that reach zero.
-    hwpoison entries are cleared (dropping the RFC's page reference when the
-    hook says they hold one); PTE markers are cleared unless ``keep_markers``
-    (the zap-with-details of truncation). Returns the pages unmapped.
+    ``even_cows`` is v5.12's ``check_mapping == NULL`` and v5.18+'s ``even_cows``
+    (``unmap_mapping_pages(..., even_cows)``); ``drop_markers`` is
+    ``zap_flags & ZAP_FLAG_DROP_MARKER`` (v5.19+, set only by ``unmap_vmas``).
+    A zap without details (``None``: MADV_DONTNEED, v5.12's munmap/exit) is
+    the kernel's ``details == NULL``.
+    """
+
+    even_cows: bool = False
+    drop_markers: bool = False
+
+
+def should_zap_cows(details: ZapDetails | None) -> bool:
+    """mm/memory.c ``should_zap_cows`` (v5.18+): zap private COW pages and swap entries?"""
+    return details is None or details.even_cows
+
+
+def zap_drop_markers(details: ZapDetails | None) -> bool:
+    """mm/memory.c ``zap_drop_markers`` (v6.x; ``zap_drop_file_uffd_wp`` in v5.19-6.1)."""
+    return details is not None and details.drop_markers
+
+
+def unmap_vmas(vma: Vma, start: int, end: int) -> int:
+    """mm/memory.c ``unmap_vmas`` for one VMA (munmap, exit): zap everything.
+
+    v5.12 passes no details; v6.18 passes ``ZAP_FLAG_DROP_MARKER`` and
+    ``even_cows``, which also removes guard and uffd-wp markers.
+    """
+    details = None
+    if vma.vm_mm.core.kcfg.version >= KernelVersion.V6_18:
+        details = ZapDetails(even_cows=True, drop_markers=True)
+    return zap_page_range(vma, start, end, details)
+
+
+def _nonpresent_kept(core: MmCore, vma: Vma, stypes: IntArray, soffs: IntArray,
+                     details: ZapDetails | None) -> npt.NDArray[np.bool_]:
+    """Which non-present entries ``zap_pte_range`` leaves in place.
+
+    v5.12 (mm/memory.c ``zap_pte_range``): with any details every swap-type
+    entry is skipped (``if (unlikely(details)) continue;``): swap, migration
+    and hwpoison entries survive truncate and hole-punch alike. v5.18
+    (Peter Xu, "mm: don't skip swap entry even if zap_details specified")
+    decides per type; v6.18 ``zap_nonpresent_ptes``: swap, hwpoison and
+    poison-marker entries go only when ``should_zap_cows`` (so a hole-punch,
+    ``even_cows == false``, still keeps them); uffd-wp markers stay in file
+    VMAs and guard markers everywhere unless ``zap_drop_markers``.
+    """
+    if details is None:
+        keep = np.zeros(len(stypes), dtype=bool)
+    elif core.kcfg.version < KernelVersion.V6_18:
+        return np.ones(len(stypes), dtype=bool)
+    else:
+        keep = np.zeros(len(stypes), dtype=bool)
+    types = core.swap_types
+    cows = should_zap_cows(details)
+    if not cows:
+        keep |= stypes < types.max_swapfiles
+        if types.hwpoison is not None:
+            keep |= stypes == types.hwpoison
+        mem = core.pages
+        for kind in (types.migration_read, types.migration_read_exclusive,
+                     types.migration_write, types.device_write, types.device_read,
+                     types.device_exclusive):
+            if kind is None:
+                continue
+            sel = np.flatnonzero(stypes == kind)
+            if len(sel):  # should_zap_folio: only anon folios stay
+                pfns = soffs[sel] & ((1 << (max_physmem_bits(core.kcfg.x86_5level)
+                                           - PAGE_SHIFT)) - 1)
+                pfns = np.clip(pfns, 0, mem.nr_pages - 1)
+                keep[sel] = (mem.mapping[pfns] & 1) != 0
+    if types.pte_marker is not None:
+        sel = np.flatnonzero(stypes == types.pte_marker)
+        if len(sel):
+            marker = soffs[sel]
+            uffd = (marker & int(PteMarker.UFFD_WP)) != 0
+            guard = ~uffd & ((marker & int(PteMarker.GUARD)) != 0)
+            poison = ~uffd & ~guard & ((marker & int(PteMarker.POISONED)) != 0)
+            drop = zap_drop_markers(details)
+            keep[sel] = ((uffd & (not vma_is_anonymous(vma)) & (not drop))
+                         | (guard & (not drop)) | (poison & (not cows)))
+    return keep
+
+
+def zap_page_range(vma: Vma, start: int, end: int, details: ZapDetails | None = None) -> int:
+    """mm/memory.c ``unmap_page_range`` -> ``zap_pte_range`` over [start, end), vectorised.
+
+    v5.12, with RFC patch 10 (``put_page`` of a zapped hwpoison entry's page
+    when the design's entries hold a reference), and v6.18's
+    ``zap_present_ptes``/``zap_nonpresent_ptes`` rules. Present pages lose
+    their mapping (dirty file pages get PG_dirty) and the mapping's reference,
+    freeing pages that reach zero; with details that do not ``even_cows``
+    (v5.12: ``check_mapping`` set) anonymous COW pages stay mapped.
+    Non-present entries follow :func:`_nonpresent_kept`. The mmu notifier
+    covers the whole range either way. Not modelled: the uffd-wp marker that
+    v6.x installs over a zapped file PTE of a uffd-wp VMA, swap-cache pages,
+    ``MM_SWAPENTS``. Returns the pages unmapped.
     """
     mm = vma.vm_mm
     core = mm.core
     store = core.ptes.rows
     mem = core.pages
     types = core.swap_types
+    cows = should_zap_cows(details)
     unmapped = 0
     for chunk in mm.pgd.chunks(start, end):
         ptes = store[chunk.rows, chunk.cols]
@@ -467,6 +563,12 @@ def zap_page_range(vma: Vma, start: int, end: int, keep_markers: bool = False) -
             continue
         present = pte_present_array(ptes) & live
         normal = present & ((ptes & np.uint64(_PAGE_SPECIAL)) == 0)
+        clear = live.copy()
+        if not cows and normal.any():  # should_zap_page: private COW copies stay
+            idx = np.flatnonzero(normal)
+            anon_cow = (mem.mapping[pte_pfn_array(ptes[idx])] & 1) != 0
+            normal[idx[anon_cow]] = False
+            clear[idx[anon_cow]] = False
         pfns = pte_pfn_array(ptes[normal])
         if len(pfns):
             dirty = (ptes[normal] & np.uint64(_PAGE_DIRTY)) != 0
@@ -479,18 +581,15 @@ def zap_page_range(vma: Vma, start: int, end: int, keep_markers: bool = False) -
             mm.rss_file -= int((~anon & ~shmem).sum())
             unmapped += len(pfns)
         swap = live & ~present
-        clear = live.copy()
         if swap.any():
-            stypes, soffs = _swp_entry_fields(core, ptes[swap])
-            if keep_markers and types.pte_marker is not None:
-                markers = stypes == types.pte_marker
-                idx = np.flatnonzero(swap)[markers]
-                clear[idx] = False
+            idx = np.flatnonzero(swap)
+            stypes, soffs = _swp_entry_fields(core, ptes[idx])
+            kept = _nonpresent_kept(core, vma, stypes, soffs, details)
+            clear[idx[kept]] = False
+            gone_t, gone_o = stypes[~kept], soffs[~kept]
             if types.hwpoison is not None and core.hooks.hwpoison_entry_holds_ref:
-                poisoned = soffs[stypes == types.hwpoison]
-                _put_pages_bulk(core, poisoned)
-            real = stypes < types.max_swapfiles
-            for off in soffs[real & (stypes == 0)]:  # free the swap slots
+                _put_pages_bulk(core, gone_o[gone_t == types.hwpoison])
+            for off in gone_o[gone_t == 0]:  # free_swap_and_cache: the slot goes
                 core.swap_space.pop(int(off), None)
         store[chunk.rows[clear], chunk.cols[clear]] = 0
         _put_pages_bulk(core, pfns)

@@ -180,7 +180,8 @@ class Shmem:
             if not mode & FALLOC_FL_KEEP_SIZE:
                 return -errno.EOPNOTSUPP
             first = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT
-            truncate_inode_pages_range(self.core, mapping, first, (offset + length) >> PAGE_SHIFT)
+            truncate_inode_pages_range(self.core, mapping, first, (offset + length) >> PAGE_SHIFT,
+                                       even_cows=False)
             return 0
         end = offset + length
         for index in range(offset >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT):
