@@ -18,13 +18,13 @@ import errno
 
 from kvmpoison.arch.x86.pgtable import pte_none, pte_pfn, pte_present, pte_protnone
 from kvmpoison.arch.x86.pgtable_types import (
-    _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_RW,
     PAGE_SHIFT,
     PAGE_SIZE,
 )
 from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import FollowPoisoned
 from kvmpoison.mm.fault import find_vma, vma_lookup
 from kvmpoison.mm.memory import faultin_anon_bulk, handle_mm_fault, vm_normal_page
@@ -37,8 +37,20 @@ from kvmpoison.mm.mm_types import (
     vma_is_accessible,
     vma_is_anonymous,
 )
-from kvmpoison.mm.page import Page, get_page, put_page
-from kvmpoison.mm.swapops import hwpoison_entry_to_pfn, is_hwpoison_entry, pte_to_swp_entry
+from kvmpoison.mm.page import (
+    Page,
+    PageHWPoison,
+    SetPageDirty,
+    compound_head,
+    compound_order,
+    put_page,
+)
+from kvmpoison.mm.swapops import (
+    hwpoison_entry_to_pfn,
+    is_hwpoison_entry,
+    pte_to_swp_entry,
+    swp_entry_t,
+)
 from kvmpoison.outcome import Halt, Kind
 from kvmpoison.uapi.errno import EHWPOISON
 
@@ -117,31 +129,103 @@ def can_follow_write_pte(pte: int, gup_flags: FOLL) -> bool:
     return bool(gup_flags & FOLL.FORCE and gup_flags & FOLL.COW and pte & _PAGE_DIRTY)
 
 
-def _grab(page: Page, gup_flags: FOLL) -> None:
+def _v6_zero_page(head: Page) -> bool:
+    """v6.5+ ``is_zero_folio`` under FOLL_PIN: the shared zero page (pfn 0 here) is not pinned."""
+    return head.pfn == 0 and head.mem.bits.version >= KernelVersion.V6_18
+
+
+def folio_has_pincount(page: Page) -> bool:
+    """Whether a pin counts in the compound pincount instead of GUP_PIN_COUNTING_BIAS.
+
+    v5.12 ``hpage_pincount_available``: compound order > 1; v6.18
+    ``folio_has_pincount`` (64-bit): any large folio.
+    """
+    order = compound_order(compound_head(page))
+    if page.mem.bits.version >= KernelVersion.V6_18:
+        return order >= 1
+    return order > 1
+
+
+def try_grab_page(page: Page, gup_flags: FOLL) -> bool:
+    """mm/gup.c ``try_grab_page`` (v5.12) / ``try_grab_folio`` (v6.18).
+
+    FOLL_GET takes one reference; FOLL_PIN takes GUP_PIN_COUNTING_BIAS
+    references, or one plus a pincount on a compound page with a pincount
+    field (the model keeps no separate pincount). A page with no reference is
+    a WARN and a failure (-ENOMEM). v6.18 never pins the shared zero page.
+    """
+    head = compound_head(page)
+    mem = head.mem
+    if not gup_flags & (FOLL.GET | FOLL.PIN):
+        return True
+    if mem._refcount[head.pfn] <= 0:
+        return False  # WARN_ON_ONCE(page_ref_count(page) <= 0)
+    if gup_flags & FOLL.GET:
+        mem._refcount[head.pfn] += 1
+    elif not _v6_zero_page(head):
+        mem._refcount[head.pfn] += 1 if folio_has_pincount(head) else GUP_PIN_COUNTING_BIAS
+    return True
+
+
+def put_compound_head(page: Page, refs: int, gup_flags: FOLL) -> None:
+    """v5.12 ``put_compound_head`` / v6.18 ``gup_put_folio``: drop what a grab took.
+
+    The kernel subtracts ``refs - 1`` and then ``put_page``s, so a page freed
+    by the last reference goes back to the allocator. A count that goes
+    negative (a pin released on a bare ``get_page`` reference) is what the
+    kernel does without CONFIG_DEBUG_VM: the page is never freed.
+    """
+    head = compound_head(page)
+    mem = head.mem
     if gup_flags & FOLL.PIN:
-        page.mem._refcount[page.pfn] += GUP_PIN_COUNTING_BIAS
-    elif gup_flags & FOLL.GET:
-        get_page(page)
+        if _v6_zero_page(head):
+            return
+        if not folio_has_pincount(head):
+            refs *= GUP_PIN_COUNTING_BIAS
+    mem._refcount[head.pfn] -= refs - 1
+    put_page(head)
+
+
+def _follow_hwpoison_entry(vma: Vma, entry: swp_entry_t, gup_flags: FOLL) -> Page | None:
+    """The RFC's ``follow_page_pte`` branch for a hwpoison entry (v1 7/7, v2 08/13).
+
+    v2 follows only with FOLL_ALLOW_POISONED; v1's flag test is commented out
+    but it still requires ``PageHWPoison(page)`` (an unpoisoned page's entry
+    faults, and ``do_swap_page`` restores the PTE). Either way it is a bare
+    ``get_page`` and ``goto out``: one reference whatever FOLL_GET/FOLL_PIN
+    say, and no FOLL_TOUCH.
+    """
+    core = vma.vm_mm.core
+    mode = core.hooks.follow_poisoned
+    if mode is FollowPoisoned.NEVER or not is_hwpoison_entry(entry, core.swap_types):
+        return None
+    page = core.pages[hwpoison_entry_to_pfn(entry)]
+    if mode is FollowPoisoned.WITH_FLAG and not gup_flags & FOLL.ALLOW_POISONED:
+        return None
+    if mode is FollowPoisoned.ALWAYS and not PageHWPoison(page):
+        return None
+    head = compound_head(page)
+    head.mem._refcount[head.pfn] += 1  # get_page (VM_BUG_ON only with CONFIG_DEBUG_VM)
+    return page
 
 
 def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | None:
-    """The page mapped at ``address`` (referenced per FOLL_GET/PIN), None to fault, or -errno."""
+    """mm/gup.c ``follow_page_pte`` (v5.12 with the RFC's patch 08).
+
+    The page mapped at ``address`` (referenced per FOLL_GET/PIN through
+    :func:`try_grab_page`), None to fault, or -errno. FOLL_TOUCH marks the
+    page dirty for a write through a clean PTE (``set_page_dirty``) and
+    leaves the PTE alone (``mark_page_accessed`` is not modelled). Only the
+    shared zero page is special here; v6.18's ``can_follow_write_pte``
+    (PageAnonExclusive instead of FOLL_COW) is not modelled.
+    """
     mm = vma.vm_mm
     core = mm.core
     pte = mm.pgd.get(address)
     if pte_none(pte):
         return None
     if not pte_present(pte):
-        entry = pte_to_swp_entry(pte, core.kcfg)
-        mode = core.hooks.follow_poisoned
-        if is_hwpoison_entry(entry, core.swap_types) and (
-            mode is FollowPoisoned.ALWAYS
-            or (mode is FollowPoisoned.WITH_FLAG and gup_flags & FOLL.ALLOW_POISONED)
-        ):
-            page = core.pages[hwpoison_entry_to_pfn(entry)]
-            _grab(page, gup_flags)
-            return page
-        return None
+        return _follow_hwpoison_entry(vma, pte_to_swp_entry(pte, core.kcfg), gup_flags)
     if pte_protnone(pte) and gup_flags & FOLL.NUMA:
         return None
     if gup_flags & FOLL.WRITE and not can_follow_write_pte(pte, gup_flags):
@@ -150,9 +234,10 @@ def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | Non
     if normal is None and gup_flags & FOLL.DUMP:
         return -errno.EFAULT  # the zero page is a hole in a core dump
     page = normal if normal is not None else core.pages[pte_pfn(pte)]
-    _grab(page, gup_flags)
-    if gup_flags & FOLL.TOUCH:
-        mm.pgd.set(address, pte | _PAGE_ACCESSED | (_PAGE_DIRTY if gup_flags & FOLL.WRITE else 0))
+    if not try_grab_page(page, gup_flags):
+        return -errno.ENOMEM
+    if gup_flags & FOLL.TOUCH and gup_flags & FOLL.WRITE and not pte & _PAGE_DIRTY:
+        SetPageDirty(page)
     return page
 
 
@@ -230,10 +315,8 @@ def __get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
 
 
 def unpin_or_put(page: Page, gup_flags: FOLL) -> None:
-    if gup_flags & FOLL.PIN:
-        page.mem._refcount[page.pfn] -= GUP_PIN_COUNTING_BIAS
-    else:
-        put_page(page)
+    """Release what :func:`try_grab_page` took (``unpin_user_page`` or ``put_page``)."""
+    put_compound_head(page, 1, gup_flags & FOLL.PIN)
 
 
 def get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
@@ -262,8 +345,17 @@ def pin_user_pages_fast(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL
 
 
 def unpin_user_pages(pages: list[Page]) -> None:
+    """mm/gup.c ``unpin_user_pages``: ``put_compound_head(page, 1, FOLL_PIN)`` each."""
     for page in pages:
-        page.mem._refcount[page.pfn] -= GUP_PIN_COUNTING_BIAS
+        put_compound_head(page, 1, FOLL.PIN)
+
+
+def unpin_user_pages_dirty_lock(pages: list[Page], make_dirty: bool) -> None:
+    """mm/gup.c ``unpin_user_pages_dirty_lock``: mark each page dirty, then unpin it."""
+    for page in pages:
+        if make_dirty:
+            SetPageDirty(page)  # set_page_dirty_lock
+        put_compound_head(page, 1, FOLL.PIN)
 
 
 def put_pages(pages: list[Page]) -> None:

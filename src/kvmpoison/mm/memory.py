@@ -427,10 +427,10 @@ def _put_pages_bulk(core: MmCore, pfns: IntArray) -> None:
         return
     mem = core.pages
     heads = pfns & ~((np.int64(1) << mem.order[pfns].astype(np.int64)) - 1)
-    add_counts(mem._refcount, heads, -1)
     uniq = sorted_unique(heads)
-    if (mem._refcount[uniq] < 0).any():
+    if (mem._refcount[uniq] == 0).any():
         raise AssertionError("put_page on a free page")
+    add_counts(mem._refcount, heads, -1)
     dead = uniq[mem._refcount[uniq] == 0]
     if len(dead):
         compound = mem.order[dead] != 0  # read before freeing rewrites ``order``
