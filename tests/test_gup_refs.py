@@ -136,3 +136,17 @@ def test_process_vm_writev_marks_the_remote_page_dirty() -> None:
     local = anon(p, 1, fill=1)
     assert p.process_vm_writev(q, local, remote, 8).cell == "ret:8"
     assert PageDirty(page)  # unpin_user_pages_dirty_lock(..., vm_write)
+
+
+def test_check_pte_matches_present_ptes_of_the_page_only() -> None:
+    from kvmpoison.mm.rmap import page_vma_mapped
+
+    m, hva = _protected("rfc-v1")  # v1's check_pte change sits in the PVMW_MIGRATION branch
+    vma = m.vmm.proc.mm.vmas[0]
+    pfn = m.vmm.proc.task.fds[m.vmm.ram_fd].f_mapping.lookup(GPA // PAGE)
+    assert not page_vma_mapped(m.kernel.core.pages[pfn], vma, hva)  # a hwpoison entry
+    other = m.vmm.gpa_to_hva(0x10 * PAGE)  # a shared page, present in the VMM
+    assert m.vmm.load(0x10 * PAGE, 1).kind is Kind.OK
+    shared = m.vmm.proc.task.fds[m.vmm.ram_fd].f_mapping.lookup(0x10)
+    assert page_vma_mapped(m.kernel.core.pages[shared], vma, other)
+    assert not page_vma_mapped(m.kernel.core.pages[pfn], vma, other)

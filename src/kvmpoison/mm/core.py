@@ -44,7 +44,6 @@ class MmHooks:
     shmem_getpage_fails_poisoned: bool = False  # patch 09
     hwpoison_entry_holds_ref: bool = False  # patch 10
     do_swap_page_restores_unpoisoned: bool = False  # patch 11
-    check_pte_sees_hwpoison: bool = False  # v1's page_vma_mapped change
 
 
 SignalSender = Callable[[int, SigInfo], None]  # (pid, siginfo)

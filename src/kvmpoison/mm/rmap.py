@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from kvmpoison.arch.x86.pgtable import (
-    pte_none,
     pte_pfn,
     pte_pfn_array,
     pte_present,
@@ -46,10 +45,7 @@ from kvmpoison.mm.page import (
 )
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.swapops import (
-    hwpoison_entry_to_pfn,
-    is_hwpoison_entry,
     make_hwpoison_entry,
-    pte_to_swp_entry,
     swp_entry_to_pte,
 )
 
@@ -168,17 +164,16 @@ def rmap_walk(page: Page) -> Iterator[tuple[Vma, int]]:
 
 
 def page_vma_mapped(page: Page, vma: Vma, addr: int) -> bool:
-    """``check_pte``: a present PTE of this pfn (or, with the v1 hook, its hwpoison entry)."""
-    mm = vma.vm_mm
-    pte = mm.pgd.get(addr)
-    if pte_none(pte):
-        return False
-    if pte_present(pte):
-        return pte_pfn(pte) == page.pfn
-    if not mm.core.hooks.check_pte_sees_hwpoison:
-        return False
-    entry = pte_to_swp_entry(pte, mm.core.kcfg)
-    return is_hwpoison_entry(entry, mm.core.swap_types) and hwpoison_entry_to_pfn(entry) == page.pfn
+    """mm/page_vma_mapped.c ``check_pte`` (v5.12) for a walk without PVMW_MIGRATION.
+
+    True when the PTE at ``addr`` is present and maps ``page`` (device-private
+    entries, the other match, are not modelled). RFCv1 7/7 also let a
+    hwpoison entry match, but only in the PVMW_MIGRATION branch, which only
+    ``remove_migration_pte`` walks; migration is not modelled, so that change
+    has no effect here (RFCv2 dropped it).
+    """
+    pte = vma.vm_mm.pgd.get(addr)
+    return pte_present(pte) and pte_pfn(pte) == page.pfn
 
 
 _TTU_BIT_0X20 = int(TTU.IGNORE_HWPOISON)
@@ -226,10 +221,7 @@ def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
 def try_to_unmap(page: Page, flags: TTU) -> bool:
     """Unmap ``page`` from every mm; True when nothing maps it any more."""
     for vma, addr in rmap_walk(page):
-        pte = vma.vm_mm.pgd.get(addr)
-        # page_vma_mapped, for the present PTEs try_to_unmap_one can act on
-        mapped = pte_present(pte) and pte_pfn(pte) == page.pfn
-        if mapped and not try_to_unmap_one(page, vma, addr, flags, pte):
+        if page_vma_mapped(page, vma, addr) and not try_to_unmap_one(page, vma, addr, flags):
             break
     return not page_mapped(page)
 
