@@ -8,7 +8,9 @@ the exception-table fixup, which the caller sees as "not copied".
 
 Translations are looked up in the CPU's TLB first and filled on a
 successful walk, so a PTE change without a flush is visible to later
-accesses from that CPU.
+accesses from that CPU. The walk sets the PTE's Accessed bit, and Dirty on
+a write, as the x86 page walker does; a write through a cached clean
+translation walks again to set Dirty.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ import bisect
 import signal
 
 from kvmpoison.arch.x86.pgtable import pte_present, pte_protnone
-from kvmpoison.arch.x86.pgtable_types import _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, PAGE_SHIFT
+from kvmpoison.arch.x86.pgtable_types import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_RW,
+    _PAGE_USER,
+    PAGE_SHIFT,
+)
 from kvmpoison.arch.x86.tlb import Cpu
 from kvmpoison.mm.memory import handle_mm_fault
 from kvmpoison.mm.mm_types import VM, FaultFlag, MmStruct, Vma, VmFault, vma_is_accessible
@@ -96,9 +105,14 @@ def translate(mm: MmStruct, cpu: Cpu | None, address: int, write: bool,
     """
     for _ in range(MAX_FAULT_RETRIES):
         pte = cpu.tlb.lookup(mm.ident, address) if cpu is not None else None
-        if pte is None or not pte_allows(pte, write):
+        if pte is None or not pte_allows(pte, write) or (write and not pte & _PAGE_DIRTY):
             pte = mm.pgd.get(address)
             if pte_allows(pte, write):
+                # The page walker sets Accessed, and Dirty on a write (SDM 4.8).
+                ad = _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+                if pte & ad != ad:
+                    pte |= ad
+                    mm.pgd.set(address, pte)
                 if cpu is not None:
                     cpu.tlb.fill(mm.ident, address, pte)
             else:
