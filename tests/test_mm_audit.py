@@ -27,3 +27,15 @@ def test_the_page_walker_sets_accessed_and_dirty() -> None:
     assert p.mm.pgd.get(addr) & _PAGE_DIRTY
     assert p.munmap(addr, PAGE).cell == "ret:0"
     assert PageDirty(page)  # zap_pte_range moves the PTE's Dirty to the page
+
+
+def test_a_walk_beyond_4_level_paging_does_not_wrap_onto_the_low_tables() -> None:
+    from kvmpoison.mm.pagetable import TABLE_SPAN
+
+    k = boot()
+    p = proc(k)
+    addr = ok(p.mmap(0, PAGE, RW, SHARED | 0x20))
+    assert p.store(addr, b"x").kind is Kind.OK
+    seen = [int(a) for c in p.mm.pgd.chunks(0, 16 * TABLE_SPAN) for a in c.addr]
+    assert seen.count(addr) == 1 and max(seen) < TABLE_SPAN
+    assert p.mm.pgd.get(addr + TABLE_SPAN) == 0  # not an alias of addr

@@ -30,6 +30,7 @@ from kvmpoison.mm.page_alloc import BuddyAllocator
 from kvmpoison.mm.page_flags import PG_PGTABLE_BIT
 
 PGDIR_SHIFT = 39
+TABLE_SPAN = 1 << (PGDIR_SHIFT + 9)  # what 4-level tables translate: 2^48 bytes
 _PAGE_TABLE = _PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED | _PAGE_DIRTY
 TASK_SIZE = 1 << 47
 _PGTABLE = np.uint32(1 << PG_PGTABLE_BIT)
@@ -135,7 +136,15 @@ class PageTables:
         return table
 
     def pte_slot(self, addr: int, alloc: bool = False) -> tuple[int, int] | None:
-        """(row, column) of the PTE for ``addr``; ``alloc`` builds missing tables."""
+        """(row, column) of the PTE for ``addr``; ``alloc`` builds missing tables.
+
+        An address the four levels cannot translate (at or above 2^48) has no slot;
+        building one for it is a bug in the caller.
+        """
+        if not 0 <= addr < TABLE_SPAN:
+            if alloc:
+                raise ValueError(f"address {addr:#x} is beyond 4-level paging")
+            return None
         cached = self._rows.get(addr >> PMD_SHIFT)
         if cached is not None:
             return cached, (addr >> PAGE_SHIFT) & (PTRS_PER_PTE - 1)
@@ -175,9 +184,12 @@ class PageTables:
         """Leaf PTE slots of [start, end), one PUD-sized chunk at a time.
 
         Without ``alloc``, regions with no PUD or PMD table are skipped whole,
-        so a walk costs what is mapped, not the size of the range.
+        so a walk costs what is mapped, not the size of the range. The range is
+        clipped to what four levels translate: pgd_index() of a higher address
+        would wrap onto the low tables and walk them again.
         """
-        addr = start
+        addr = max(start, 0)
+        end = min(end, TABLE_SPAN)
         while addr < end:
             pud_end = min(((addr >> PUD_SHIFT) + 1) << PUD_SHIFT, end)
             if not alloc:
