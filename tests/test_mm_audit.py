@@ -39,3 +39,37 @@ def test_a_walk_beyond_4_level_paging_does_not_wrap_onto_the_low_tables() -> Non
     seen = [int(a) for c in p.mm.pgd.chunks(0, 16 * TABLE_SPAN) for a in c.addr]
     assert seen.count(addr) == 1 and max(seen) < TABLE_SPAN
     assert p.mm.pgd.get(addr + TABLE_SPAN) == 0  # not an alias of addr
+
+
+def test_fork_shares_a_swap_slot_and_both_sides_swap_it_in() -> None:
+    from helpers import anon
+    from kvmpoison.mm.madvise import MADV_PAGEOUT
+
+    k = boot()
+    p = proc(k)
+    addr = anon(p, 1, fill=0x5A)
+    assert p.madvise(addr, PAGE, MADV_PAGEOUT).cell == "ret:0"
+    child = p.fork()  # copy_nonpresent_pte: swap_duplicate
+    assert child.load(addr, 4).data == b"\x5a" * 4
+    assert p.load(addr, 4).data == b"\x5a" * 4  # the slot outlived the child's swapin
+    assert not k.core.swap_space  # the last reference freed it
+
+
+def test_fork_copies_a_pinned_page_into_the_child() -> None:
+    from helpers import anon
+    from kvmpoison.arch.x86.pgtable import pte_pfn
+    from kvmpoison.mm.gup import FOLL, pin_user_pages, unpin_user_pages
+
+    k = boot()
+    p = proc(k)
+    addr = anon(p, 1, fill=0x11)
+    pages: list = []
+    assert pin_user_pages(p.mm, addr, 1, FOLL.WRITE, pages) == 1
+    pinned = pages[0].pfn
+    child = p.fork()
+    assert pte_pfn(child.mm.pgd.get(addr)) != pinned  # copy_present_page
+    assert child.load(addr, 1).data == b"\x11"
+    assert p.store(addr, b"\x22").kind is Kind.OK  # no COW break in the parent
+    assert pte_pfn(p.mm.pgd.get(addr)) == pinned
+    assert child.load(addr, 1).data == b"\x11"
+    unpin_user_pages(pages)

@@ -348,13 +348,14 @@ def handle_pte_marker(vmf: VmFaultInfo) -> VmFault:
 def swapin(vmf: VmFaultInfo, offset: int) -> VmFault:
     """Read a page back from the swap device and map it."""
     core = vmf.vma.vm_mm.core
-    data = core.swap_space.pop(offset, None)
+    data = core.swap_space.get(offset)
     if data is None:
         return VmFault.SIGBUS  # SWAPIN_ERROR
     page = core.buddy.alloc_pages(0)
     if page is None:
         return VmFault.OOM
     core.hw.write(page.pfn << PAGE_SHIFT, data, 0)
+    core.swap_free(offset)  # a fork's other entries keep the slot
     _map_new_anon(vmf, page, bool(vmf.flags & FaultFlag.WRITE))
     return VmFault(0)
 
@@ -589,8 +590,8 @@ def zap_page_range(vma: Vma, start: int, end: int, details: ZapDetails | None = 
             gone_t, gone_o = stypes[~kept], soffs[~kept]
             if types.hwpoison is not None and core.hooks.hwpoison_entry_holds_ref:
                 _put_pages_bulk(core, gone_o[gone_t == types.hwpoison])
-            for off in gone_o[gone_t == 0]:  # free_swap_and_cache: the slot goes
-                core.swap_space.pop(int(off), None)
+            for off in gone_o[gone_t < types.max_swapfiles]:  # free_swap_and_cache
+                core.swap_free(int(off))
         store[chunk.rows[clear], chunk.cols[clear]] = 0
         _put_pages_bulk(core, pfns)
     core.flush_tlb_range(mm, start, end)
@@ -607,8 +608,47 @@ def vma_needs_copy(dst: Vma, src: Vma) -> bool:
     return src.anon_vma is not None
 
 
+def _maybe_dma_pinned(core: MmCore, pfns: IntArray) -> npt.NDArray[np.bool_]:
+    """``page_maybe_dma_pinned`` (refcount >= GUP_PIN_COUNTING_BIAS); v6.x anon folios only."""
+    mem = core.pages
+    heads = pfns & ~((np.int64(1) << mem.order[pfns].astype(np.int64)) - 1)
+    pinned = mem._refcount[heads] >= 1024  # GUP_PIN_COUNTING_BIAS
+    if core.kcfg.version >= KernelVersion.V6_18:
+        pinned &= (mem.mapping[heads] & 1) != 0  # folio_try_dup_anon_rmap_ptes
+    return np.asarray(pinned, dtype=np.bool_)
+
+
+def _copy_present_page(dst: Vma, addr: int, pfn: int) -> bool:
+    """mm/memory.c ``copy_present_page`` (v5.9+): a page the parent may have pinned for
+    DMA is copied into the child at fork, so the parent keeps the pinned page mapped
+    writable (no COW that would move the parent off it). False when no page is free
+    (the kernel fails fork with -ENOMEM; the model falls back to sharing).
+    """
+    core = dst.vm_mm.core
+    new = core.buddy.alloc_pages(0)
+    if new is None:
+        return False
+    core.copy_page(new.pfn, pfn)
+    page_add_new_anon_rmap(new, dst, addr)
+    core.pages.flags[new.pfn] |= _anon_flags(core, True)
+    dst.vm_mm.rss_anon += 1
+    dst.vm_mm.pgd.set(addr, _mk_anon_pte(dst, new.pfn, True))
+    return True
+
+
 def copy_page_range(dst: Vma, src: Vma) -> None:
-    """Copy the parent's PTEs to the child; private anon pages become COW."""
+    """mm/memory.c ``copy_page_range`` (v5.12, with RFC patch 10; v6.18 marker rules).
+
+    Copy the parent's PTEs to the child; private pages become COW (both sides
+    write-protected) except a pinned page, which the child gets a copy of
+    (``copy_present_page``). hwpoison entries are copied (taking the RFC's
+    reference when the design's entries hold one), swap entries share their
+    slot (``swap_duplicate``), and v6.18 keeps only poison and guard markers
+    (``copy_pte_marker``; uffd-wp markers need a uffd-wp child VMA, not
+    modelled). Simplified: the child's PTEs keep the parent's Accessed and
+    Dirty bits (the kernel makes them old, and clean in shared mappings);
+    ``mm->has_pinned`` is not consulted.
+    """
     if not vma_needs_copy(dst, src):
         return
     src_mm, dst_mm = src.vm_mm, dst.vm_mm
@@ -633,6 +673,13 @@ def copy_page_range(dst: Vma, src: Vma) -> None:
         new = ptes.copy()
         present = pte_present_array(ptes) & live
         normal = present & ((ptes & np.uint64(_PAGE_SPECIAL)) == 0)
+        if cow and normal.any():
+            idx = np.flatnonzero(normal)
+            pinned = idx[_maybe_dma_pinned(core, pte_pfn_array(ptes[idx]))]
+            for i in pinned:
+                if _copy_present_page(dst, int(chunk.addr[i]), int(pte_pfn(int(ptes[i])))):
+                    normal[i] = False
+                    live[i] = False  # the child's PTE is already set
         pfns = pte_pfn_array(ptes[normal])
         if len(pfns):
             anon = (mem.mapping[pfns] & 1) != 0
@@ -661,6 +708,8 @@ def copy_page_range(dst: Vma, src: Vma) -> None:
             if types.hwpoison is not None and core.hooks.hwpoison_entry_holds_ref:
                 poisoned = soffs[stypes == types.hwpoison]
                 np.add.at(mem._refcount, poisoned, 1)
+            for off in soffs[stypes < types.max_swapfiles]:  # swap_duplicate
+                core.swap_duplicate(int(off))
         store[rows[live], chunk.cols[live]] = new[live]
     if cow:
         core.flush_tlb_range(src_mm, src.vm_start, src.vm_end)
