@@ -73,3 +73,21 @@ def test_fork_copies_a_pinned_page_into_the_child() -> None:
     assert pte_pfn(p.mm.pgd.get(addr)) == pinned
     assert child.load(addr, 1).data == b"\x11"
     unpin_user_pages(pages)
+
+
+def test_mlock_over_a_hole_locks_up_to_it_and_munlock_makes_pages_evictable() -> None:
+    from helpers import anon
+    from kvmpoison.mm.mm_types import VM
+
+    k = boot()
+    p = proc(k)
+    addr = anon(p, 3, fill=1)
+    assert p.munmap(addr + 2 * PAGE, PAGE).cell == "ret:0"
+    assert p.mlock(addr, 3 * PAGE).cell == "err:ENOMEM"
+    assert p.mm.vmas[0].vm_flags & VM.LOCKED  # apply_vma_lock_flags got that far
+    assert p.mlock(addr, 2 * PAGE).cell == "ret:0"
+    pfn = p.mm.pgd.get(addr) >> 12 & ((1 << 40) - 1)
+    mem = k.core.pages
+    assert mem.flags[pfn] & mem.mask(PG.unevictable)
+    assert p.munlock(addr, 2 * PAGE).cell == "ret:0"
+    assert not mem.flags[pfn] & (mem.mask(PG.unevictable) | mem.mask(PG.mlocked))
