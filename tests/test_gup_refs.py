@@ -150,3 +150,28 @@ def test_check_pte_matches_present_ptes_of_the_page_only() -> None:
     shared = m.vmm.proc.task.fds[m.vmm.ram_fd].f_mapping.lookup(0x10)
     assert page_vma_mapped(m.kernel.core.pages[shared], vma, other)
     assert not page_vma_mapped(m.kernel.core.pages[pfn], vma, other)
+
+
+def test_core_dump_does_not_fault_in_anonymous_holes() -> None:
+    from kvmpoison.mm.gup import get_dump_page
+
+    k = boot()
+    p = proc(k)
+    addr = anon(p, 1)
+    assert get_dump_page(p.mm, addr) is None  # no_page_table: -EFAULT under FOLL_DUMP
+    assert p.mm.pgd.get(addr) == 0  # nothing was mapped by the dump
+
+
+def test_access_remote_vm_write_dirties_the_page() -> None:
+    from kvmpoison.mm.gup import access_remote_vm
+
+    k = boot()
+    p = proc(k)
+    fd = ok(p.memfd_create("m"))
+    assert p.ftruncate(fd, PAGE).cell == "ret:0"
+    addr = ok(p.mmap(0, PAGE, RW, SHARED, fd))
+    assert p.store(addr, b"x").kind is Kind.OK  # a dirty PTE: FOLL_TOUCH leaves the page
+    page = k.core.pages[p.task.fds[fd].f_mapping.lookup(0)]
+    k.core.pages.flags[page.pfn] &= ~k.core.pages.mask(PG.dirty) & 0xFFFF_FFFF
+    assert access_remote_vm(p.mm, addr, b"poke", FOLL.FORCE) == 4
+    assert PageDirty(page)

@@ -223,6 +223,9 @@ def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | Non
     core = mm.core
     pte = mm.pgd.get(address)
     if pte_none(pte):
+        # no_page_table: a core dump does not fault in holes of anonymous memory
+        if gup_flags & FOLL.DUMP and (vma_is_anonymous(vma) or vma.vm_ops is None):
+            return -errno.EFAULT
         return None
     if not pte_present(pte):
         return _follow_hwpoison_entry(vma, pte_to_swp_entry(pte, core.kcfg), gup_flags)
@@ -364,11 +367,13 @@ def put_pages(pages: list[Page]) -> None:
 
 
 def access_remote_vm(mm: MmStruct, addr: int, data: bytes | int, gup_flags: FOLL) -> bytes | int:
-    """``__access_remote_vm``: read ``data`` bytes (an int) or write ``data`` (bytes).
+    """mm/memory.c ``__access_remote_vm`` (v5.12): read ``data`` bytes (an int) or write ``data``.
 
     Returns the bytes read, or the number of bytes written; a page GUP cannot
-    get ends the transfer. The kernel touches the page through its own
-    mapping (kmap), so consumed poison there is not MC-safe.
+    get ends the transfer (``vm_ops->access`` for VM_IO/VM_PFNMAP is not
+    modelled). A write marks the page dirty (``set_page_dirty_lock``). The
+    kernel touches the page through its own mapping (kmap), so consumed
+    poison there is not MC-safe.
     """
     write = isinstance(data, bytes)
     total = len(data) if isinstance(data, bytes) else data
@@ -385,6 +390,7 @@ def access_remote_vm(mm: MmStruct, addr: int, data: bytes | int, gup_flags: FOLL
         pa = (page.pfn << PAGE_SHIFT) | offset
         if isinstance(data, bytes):
             mm.core.hw.write(pa, data[done : done + n], 0)
+            SetPageDirty(page)  # set_page_dirty_lock
         else:
             got = mm.core.hw.load(pa, n, 0, Ctx.HOST_KERNEL)
             if got.kind is not Kind.OK:
