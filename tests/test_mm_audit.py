@@ -91,3 +91,22 @@ def test_mlock_over_a_hole_locks_up_to_it_and_munlock_makes_pages_evictable() ->
     assert mem.flags[pfn] & mem.mask(PG.unevictable)
     assert p.munlock(addr, 2 * PAGE).cell == "ret:0"
     assert not mem.flags[pfn] & (mem.mask(PG.unevictable) | mem.mask(PG.mlocked))
+
+
+def test_hwpoison_unmap_of_a_shmem_page_counts_it_as_shmem() -> None:
+    from kvmpoison.mm.page import SetPageHWPoison, lock_page, unlock_page
+    from kvmpoison.mm.rmap import TTU, try_to_unmap
+
+    k = boot()
+    p = proc(k)
+    fd = ok(p.memfd_create("m"))
+    assert p.ftruncate(fd, PAGE).cell == "ret:0"
+    addr = ok(p.mmap(0, PAGE, RW, SHARED, fd))
+    assert p.store(addr, b"x").kind is Kind.OK
+    assert (p.mm.rss_shmem, p.mm.rss_file) == (1, 0)
+    page = k.core.pages[p.task.fds[fd].f_mapping.lookup(0)]
+    lock_page(page)
+    SetPageHWPoison(page)
+    assert try_to_unmap(page, TTU.IGNORE_MLOCK)
+    unlock_page(page)
+    assert (p.mm.rss_shmem, p.mm.rss_file) == (0, 0)  # mm_counter_file: MM_SHMEMPAGES

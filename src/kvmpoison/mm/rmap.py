@@ -35,6 +35,7 @@ from kvmpoison.mm.page import (
     PageArray,
     PageHWPoison,
     PageKsm,
+    PageSwapBacked,
     SetPageDirty,
     compound_head,
     get_page,
@@ -209,8 +210,10 @@ def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
         rows[slot] = swp_entry_to_pte(entry)  # set_pte_at
         if core.hooks.hwpoison_entry_holds_ref:
             get_page(page)
-    if anon:
+    if anon:  # dec_mm_counter(mm, mm_counter(page))
         mm.rss_anon -= 1
+    elif PageSwapBacked(page):
+        mm.rss_shmem -= 1
     else:
         mm.rss_file -= 1
     page_remove_rmap(page)
@@ -270,8 +273,10 @@ def try_to_unmap_pages_hwpoison(mem: PageArray, pfns: np.ndarray, vmas: list[Vma
             if not holds_ref:
                 np.subtract.at(mem._refcount, hit_pfns, 1)
             anon = (mem.mapping[hit_pfns] & 1) != 0
+            shmem = ~anon & ((mem.flags[hit_pfns] & np.uint32(mem.mask(PG.swapbacked))) != 0)
             mm.rss_anon -= int(anon.sum())
-            mm.rss_file -= int((~anon).sum())
+            mm.rss_shmem -= int(shmem.sum())
+            mm.rss_file -= int((~anon & ~shmem).sum())
             replaced += int(hit.sum())
         core.flush_tlb_range(mm, lo, hi)
     return replaced
