@@ -110,3 +110,17 @@ def test_hwpoison_unmap_of_a_shmem_page_counts_it_as_shmem() -> None:
     assert try_to_unmap(page, TTU.IGNORE_MLOCK)
     unlock_page(page)
     assert (p.mm.rss_shmem, p.mm.rss_file) == (0, 0)  # mm_counter_file: MM_SHMEMPAGES
+
+
+def test_a_store_to_a_shared_file_mapping_reaches_the_disk_at_fsync() -> None:
+    from kvmpoison.mm.file import O_RDWR
+
+    k = boot()
+    p = proc(k)
+    inode = k.create_file("/data", bytes(PAGE))
+    fd = ok(p.open("/data", O_RDWR))
+    addr = ok(p.mmap(0, PAGE, RW, SHARED, fd))
+    assert p.load(addr, 1).kind is Kind.OK  # read fault: write-notify maps it read-only
+    assert p.store(addr, b"hello").kind is Kind.OK  # do_wp_page: wp_page_shared dirties it
+    assert p.fsync(fd).cell == "ret:0"
+    assert inode.disk[0][:5] == b"hello"
