@@ -37,12 +37,13 @@ MAX_FAULT_RETRIES = 3
 
 
 def find_vma(mm: MmStruct, addr: int) -> Vma | None:
-    """The first VMA with ``vm_end > addr`` (it may start above ``addr``)."""
+    """mm/mmap.c ``find_vma`` (v5.12): the first VMA with ``vm_end > addr``."""
     i = bisect.bisect_right([v.vm_end for v in mm.vmas], addr)
     return mm.vmas[i] if i < len(mm.vmas) else None
 
 
 def vma_lookup(mm: MmStruct, addr: int) -> Vma | None:
+    """include/linux/mm.h ``vma_lookup`` (v5.14; v5.12 open-codes it): the VMA holding ``addr``."""
     vma = find_vma(mm, addr)
     return vma if vma is not None and vma.vm_start <= addr else None
 
@@ -54,6 +55,7 @@ def pte_allows(pte: int, write: bool) -> bool:
 
 
 def access_error(write: bool, protection: bool, vma: Vma) -> bool:
+    """arch/x86/mm/fault.c ``access_error`` (v5.12), without protection keys."""
     if write:
         return not vma.vm_flags & VM.WRITE
     if protection:
@@ -62,7 +64,10 @@ def access_error(write: bool, protection: bool, vma: Vma) -> bool:
 
 
 def mm_fault_error(fault: VmFault, address: int, memory_failure: bool) -> Outcome:
-    """The signal a user-mode fault ends with (``mm_fault_error``/``do_sigbus``)."""
+    """arch/x86/mm/fault.c ``mm_fault_error``/``do_sigbus`` (v5.12): the signal a
+    user-mode fault ends with. Simplified: VM_FAULT_OOM kills the faulting
+    task (the kernel runs the OOM killer and retries).
+    """
     if fault & VmFault.OOM:
         return Outcome.signal(SigInfo(signal.SIGKILL, 0, address), detail="pagefault_out_of_memory")
     if fault & (VmFault.HWPOISON | VmFault.HWPOISON_LARGE) and memory_failure:
@@ -75,10 +80,11 @@ def mm_fault_error(fault: VmFault, address: int, memory_failure: bool) -> Outcom
 
 def do_user_addr_fault(mm: MmStruct, address: int, write: bool, user_mode: bool,
                        protection: bool) -> Outcome | None:
-    """Handle one fault; None when resolved (retry the access), else how it ends.
+    """arch/x86/mm/fault.c ``do_user_addr_fault`` (v5.12): handle one fault; None
+    when resolved (retry the access), else how it ends.
 
     For a kernel-mode fault the returned Outcome only says that the fixup ran;
-    no signal is sent.
+    no signal is sent. Not modelled: VM_GROWSDOWN stack expansion.
     """
     vma = find_vma(mm, address)
     if vma is None or vma.vm_start > address:

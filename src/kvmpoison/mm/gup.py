@@ -4,7 +4,10 @@ Follows ``mm/gup.c`` and ``mm/memory.c`` (v5.12, with the v6.18 additions
 noted): ``__get_user_pages`` walks with ``follow_page_pte`` and faults with
 ``faultin_page``, stopping at the first failure and returning the count so
 far or the error (``i ? i : ret``). ``vm_fault_to_errno`` gives -EHWPOISON
-only to callers passing FOLL_HWPOISON. The RFC adds FOLL_ALLOW_POISONED.
+only to callers passing FOLL_HWPOISON. References follow ``try_grab_page``
+(v5.12) / ``try_grab_folio`` (v6.18): FOLL_GET one, FOLL_PIN
+GUP_PIN_COUNTING_BIAS. The RFC adds FOLL_ALLOW_POISONED, whose hwpoison
+branch takes a bare ``get_page`` whatever the caller asked for.
 
 ``get_user_pages_fast`` is modelled by the slow path: GUP-fast only
 succeeds where the slow path would, and bails out on the same PTEs.
@@ -87,10 +90,15 @@ def vma_is_secretmem(vma: Vma) -> bool:
 
 
 def is_cow_mapping(flags: VM) -> bool:
+    """include/linux/mm.h ``is_cow_mapping`` (v5.12)."""
     return (flags & (VM.SHARED | VM.MAYWRITE)) == VM.MAYWRITE
 
 
 def check_vma_flags(vma: Vma, gup_flags: FOLL) -> int:
+    """mm/gup.c ``check_vma_flags`` (v5.12, plus v5.14's secretmem refusal).
+
+    Not modelled: FOLL_LONGTERM on fsdax, protection keys.
+    """
     flags = vma.vm_flags
     if flags & (VM.IO | VM.PFNMAP):
         return -errno.EFAULT
@@ -113,6 +121,7 @@ def check_vma_flags(vma: Vma, gup_flags: FOLL) -> int:
 
 
 def vm_fault_to_errno(fault: VmFault, gup_flags: FOLL) -> int:
+    """include/linux/mm.h ``vm_fault_to_errno`` (v5.12): -EHWPOISON only for FOLL_HWPOISON."""
     if fault & VmFault.OOM:
         return -errno.ENOMEM
     if fault & (VmFault.HWPOISON | VmFault.HWPOISON_LARGE):
@@ -123,7 +132,10 @@ def vm_fault_to_errno(fault: VmFault, gup_flags: FOLL) -> int:
 
 
 def can_follow_write_pte(pte: int, gup_flags: FOLL) -> bool:
-    """Writable, or FOLL_FORCE after the COW cycle left a dirty private copy."""
+    """mm/gup.c ``can_follow_write_pte`` (v5.12): writable, or FOLL_FORCE after the COW
+    cycle left a dirty private copy (FOLL_COW). v6.2+'s PageAnonExclusive rule
+    is not modelled.
+    """
     if pte & _PAGE_RW:
         return True
     return bool(gup_flags & FOLL.FORCE and gup_flags & FOLL.COW and pte & _PAGE_DIRTY)
@@ -245,7 +257,7 @@ def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | Non
 
 
 def faultin_page(vma: Vma, address: int, gup_flags: FOLL) -> tuple[int, FOLL]:
-    """Fault the page in; returns (0 or -errno, updated flags)."""
+    """mm/gup.c ``faultin_page`` (v5.12): fault the page in; returns (0 or -errno, flags)."""
     fault_flags = FaultFlag(0)
     if gup_flags & FOLL.WRITE:
         fault_flags |= FaultFlag.WRITE
@@ -274,6 +286,10 @@ def _bulk_populate(vma: Vma, start: int, end: int, gup_flags: FOLL) -> int:
 
 def __get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                      pages: list[Page] | None) -> int:
+    """mm/gup.c ``__get_user_pages`` (v5.12): follow or fault each page, stopping at
+    the first failure; returns ``i ? i : ret``. MADV_POPULATE's errno
+    mapping is v5.14+. Not modelled: stack expansion (``find_extend_vma``).
+    """
     if not gup_flags & FOLL.FORCE:
         gup_flags |= FOLL.NUMA
     i = 0
@@ -324,26 +340,33 @@ def unpin_or_put(page: Page, gup_flags: FOLL) -> None:
 
 def get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                    pages: list[Page] | None = None) -> int:
+    """mm/gup.c ``get_user_pages`` (v5.12): FOLL_GET | FOLL_TOUCH."""
     return __get_user_pages(mm, start, nr_pages, gup_flags | FOLL.GET | FOLL.TOUCH, pages)
 
 
 def get_user_pages_remote(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                           pages: list[Page] | None = None) -> int:
+    """mm/gup.c ``get_user_pages_remote`` (v5.12): adds FOLL_REMOTE."""
     return get_user_pages(mm, start, nr_pages, gup_flags | FOLL.REMOTE, pages)
 
 
 def get_user_pages_fast(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                         pages: list[Page] | None = None) -> int:
+    """mm/gup.c ``get_user_pages_fast`` (v5.12), modelled by the slow path: GUP-fast
+    bails to it on every PTE it cannot take (non-present, special).
+    """
     return get_user_pages(mm, start, nr_pages, gup_flags, pages)
 
 
 def pin_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                    pages: list[Page] | None = None) -> int:
+    """mm/gup.c ``pin_user_pages`` (v5.12): FOLL_PIN | FOLL_TOUCH."""
     return __get_user_pages(mm, start, nr_pages, gup_flags | FOLL.PIN | FOLL.TOUCH, pages)
 
 
 def pin_user_pages_fast(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                         pages: list[Page] | None = None) -> int:
+    """mm/gup.c ``pin_user_pages_fast`` (v5.12), by the slow path."""
     return pin_user_pages(mm, start, nr_pages, gup_flags, pages)
 
 
@@ -362,6 +385,7 @@ def unpin_user_pages_dirty_lock(pages: list[Page], make_dirty: bool) -> None:
 
 
 def put_pages(pages: list[Page]) -> None:
+    """``put_page`` on each page (release of FOLL_GET references)."""
     for page in pages:
         put_page(page)
 

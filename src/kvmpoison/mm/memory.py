@@ -3,8 +3,11 @@
 Follows ``mm/memory.c``: ``handle_mm_fault`` -> ``handle_pte_fault`` ->
 ``do_anonymous_page`` / ``do_fault`` / ``do_swap_page`` / ``do_wp_page``
 (v5.12, with the v6.18 differences: PTE markers and ``handle_pte_marker``,
-and the poison/guard marker copy rules of ``copy_nonpresent_pte``).
-THP and hugetlb faults are not modelled; every page is order-0.
+the poison/guard marker copy rules of ``copy_nonpresent_pte``, and the
+per-type ``zap_details`` rules of ``zap_nonpresent_ptes`` that replaced
+v5.12's "a zap with details keeps every swap-type entry" in v5.18), and
+the RFC's patches 10 and 11. THP and hugetlb faults are not modelled;
+every page is order-0. Each function names what it simplifies.
 
 Scalar functions handle one fault as the kernel does. ``zap_page_range``,
 ``copy_page_range`` and ``faultin_anon_bulk`` are vectorised over PTE chunks.
@@ -115,13 +118,16 @@ def _map_new_anon(vmf: VmFaultInfo, page: Page, write: bool) -> None:
 
 
 def vm_normal_page(vma: Vma, pte: int) -> Page | None:
-    """The page a present PTE maps, or None for special mappings (the zero page)."""
+    """mm/memory.c ``vm_normal_page`` (v5.12): the page a present PTE maps, or None for
+    special mappings. Simplified: only the shared zero page is special here.
+    """
     if pte & _PAGE_SPECIAL:
         return None
     return vma.vm_mm.core.pages[pte_pfn(pte)]
 
 
 def mm_counter_add(mm: MmStruct, page: Page, n: int) -> None:
+    """``add_mm_counter(mm, mm_counter(page), n)`` (include/linux/mm.h, v5.12)."""
     if PageAnon(page):
         mm.rss_anon += n
     elif page.mem.flags[page.pfn] & page.mem.mask(PG.swapbacked):
@@ -134,13 +140,18 @@ def mm_counter_add(mm: MmStruct, page: Page, n: int) -> None:
 
 
 def handle_mm_fault(vma: Vma, address: int, flags: FaultFlag) -> VmFault:
-    """Resolve one fault at ``address``; returns the ``vm_fault_t`` bits (0 on success)."""
+    """mm/memory.c ``handle_mm_fault`` (v5.12; 6.18 the same for order-0 pages).
+
+    Resolves one fault at ``address``; returns the ``vm_fault_t`` bits (0 on
+    success). The PUD/PMD levels (THP, hugetlb) are not modelled.
+    """
     address &= ~(PAGE_SIZE - 1)
     vmf = VmFaultInfo(vma=vma, address=address, flags=flags, pgoff=vma.linear_page_index(address))
     return handle_pte_fault(vmf)
 
 
 def handle_pte_fault(vmf: VmFaultInfo) -> VmFault:
+    """mm/memory.c ``handle_pte_fault`` (v5.12): dispatch on the PTE's state."""
     mm = vmf.vma.vm_mm
     pte = mm.pgd.get(vmf.address)
     vmf.orig_pte = pte
@@ -160,6 +171,7 @@ def handle_pte_fault(vmf: VmFaultInfo) -> VmFault:
 
 
 def maybe_mkwrite(pte: int, vma: Vma) -> int:
+    """include/linux/mm.h ``maybe_mkwrite`` (v5.12)."""
     return pte | _PAGE_RW if vma.vm_flags & VM.WRITE else pte
 
 
@@ -171,6 +183,12 @@ def _mk_anon_pte(vma: Vma, pfn: int, write: bool) -> int:
 
 
 def do_anonymous_page(vmf: VmFaultInfo) -> VmFault:
+    """mm/memory.c ``do_anonymous_page`` (v5.12; 6.18 the same here).
+
+    A read maps the shared zero page, a write a new zeroed page. Simplified:
+    a userfaultfd MISSING range has no monitor, so the fault is SIGBUS (what
+    UFFD_FEATURE_SIGBUS gives; the kernel would otherwise block).
+    """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     core = mm.core
     if vma.vm_flags & VM.SHARED:
@@ -193,6 +211,10 @@ def do_anonymous_page(vmf: VmFaultInfo) -> VmFault:
 
 
 def __do_fault(vmf: VmFaultInfo) -> VmFault:
+    """mm/memory.c ``__do_fault`` (v5.12): call ``->fault``; a PageHWPoison page is
+    dropped and the fault is VM_FAULT_HWPOISON. Not modelled: v5.18+'s
+    eviction of a clean poisoned page-cache page (``mapping_evict_folio``).
+    """
     ops = vmf.vma.vm_ops
     assert ops is not None
     ret = ops.fault(vmf)
@@ -209,7 +231,10 @@ def __do_fault(vmf: VmFaultInfo) -> VmFault:
 
 
 def finish_fault(vmf: VmFaultInfo, write: bool) -> VmFault:
-    """Map the page ``->fault`` returned; its reference becomes the mapping's."""
+    """mm/memory.c ``finish_fault``/``do_set_pte`` (v5.12): map the page ``->fault``
+    returned; its reference becomes the mapping's. A write marks it dirty
+    (``fault_dirty_shared_page``).
+    """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     assert vmf.page is not None
     page = mm.core.pages[vmf.page]
@@ -224,6 +249,10 @@ def finish_fault(vmf: VmFaultInfo, write: bool) -> VmFault:
 
 
 def do_fault(vmf: VmFaultInfo) -> VmFault:
+    """mm/memory.c ``do_fault`` (v5.12): read, COW or shared fault of a file VMA.
+
+    Simplified: no fault-around (``do_fault_around``) on a read fault.
+    """
     vma = vmf.vma
     if vma.vm_ops is None:
         return VmFault.SIGBUS
@@ -238,7 +267,10 @@ def do_fault(vmf: VmFaultInfo) -> VmFault:
 
 
 def do_cow_fault(vmf: VmFaultInfo) -> VmFault:
-    """Private write to a file page: copy it into a new anonymous page."""
+    """mm/memory.c ``do_cow_fault`` (v5.12): a private write to a file page copies it
+    into a new anonymous page. Simplified: the copy is allocated after
+    ``->fault``, not before.
+    """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     core = mm.core
     assert vmf.page is not None
@@ -255,7 +287,10 @@ def do_cow_fault(vmf: VmFaultInfo) -> VmFault:
 
 
 def do_wp_page(vmf: VmFaultInfo) -> VmFault:
-    """Write to a present read-only PTE: reuse, share-write, or copy (COW)."""
+    """mm/memory.c ``do_wp_page`` (v5.12): reuse (``wp_page_reuse``), share-write
+    (``wp_page_shared``) or copy (``wp_page_copy``) on a write to a present
+    read-only PTE. v6.18's PageAnonExclusive reuse rule is not modelled.
+    """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     core = mm.core
     pte = vmf.orig_pte
@@ -287,13 +322,22 @@ def do_wp_page(vmf: VmFaultInfo) -> VmFault:
 
 
 def do_numa_page(vmf: VmFaultInfo) -> VmFault:
-    """A NUMA-hinting (PROT_NONE) PTE in an accessible VMA: restore its protection."""
+    """mm/memory.c ``do_numa_page`` (v5.12): restore the protection of a NUMA-hinting
+    (PROT_NONE) PTE in an accessible VMA. No NUMA migration is modelled.
+    """
     mm = vmf.vma.vm_mm
     mm.pgd.set(vmf.address, pte_modify(vmf.orig_pte, vmf.vma.vm_page_prot) | _PAGE_ACCESSED)
     return VmFault(0)
 
 
 def do_swap_page(vmf: VmFaultInfo) -> VmFault:
+    """mm/memory.c ``do_swap_page`` (v5.12, with the RFC's hwpoison branch).
+
+    Migration entries retry, hwpoison entries are VM_FAULT_HWPOISON (or, with
+    RFCv1 7/7 / RFCv2 11/13, become a present PTE again once unpoisoned),
+    v6.x PTE markers go to ``handle_pte_marker``, real swap entries to
+    :func:`swapin`; anything else is ``print_bad_pte`` and SIGBUS.
+    """
     mm = vmf.vma.vm_mm
     core = mm.core
     entry = pte_to_swp_entry(vmf.orig_pte, core.kcfg)
@@ -312,7 +356,10 @@ def do_swap_page(vmf: VmFaultInfo) -> VmFault:
 
 
 def _restore_unpoisoned(vmf: VmFaultInfo, page: Page) -> VmFault:
-    """RFC patch 11: a hwpoison entry whose page got unpoisoned becomes a present PTE."""
+    """RFCv2 11/13 (and RFCv1 7/7) in ``do_swap_page``: a hwpoison entry whose page
+    got unpoisoned becomes a present PTE; the entry's page reference becomes
+    the PTE's (no ``get_page``).
+    """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     lock_page(page)
     try:
@@ -331,7 +378,9 @@ def _restore_unpoisoned(vmf: VmFaultInfo, page: Page) -> VmFault:
 
 
 def handle_pte_marker(vmf: VmFaultInfo) -> VmFault:
-    """v6.18: POISONED beats UFFD_WP; GUARD is always fatal."""
+    """mm/memory.c ``handle_pte_marker`` (v6.18): POISONED beats UFFD_WP; GUARD is
+    always fatal (SIGSEGV). A uffd-wp marker is handled as a missing PTE.
+    """
     marker = pte_marker_get(pte_to_swp_entry(vmf.orig_pte, vmf.vma.vm_mm.core.kcfg))
     if not marker:
         return VmFault.SIGBUS
@@ -346,7 +395,11 @@ def handle_pte_marker(vmf: VmFaultInfo) -> VmFault:
 
 
 def swapin(vmf: VmFaultInfo, offset: int) -> VmFault:
-    """Read a page back from the swap device and map it."""
+    """The swap-entry half of ``do_swap_page`` (v5.12): read the slot into a new
+    page, map it (writable and dirty on a write fault) and ``swap_free`` the
+    slot. Simplified: no swap cache, so a slot shared by fork is read into a
+    separate page per process; a slot with no data is a read error (SIGBUS).
+    """
     core = vmf.vma.vm_mm.core
     data = core.swap_space.get(offset)
     if data is None:

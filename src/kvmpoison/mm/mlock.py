@@ -19,6 +19,7 @@ from kvmpoison.mm.page_flags import PG
 
 
 def __mlock_posix_error_return(retval: int) -> int:
+    """mm/mlock.c ``__mlock_posix_error_return`` (v5.12)."""
     if retval == -errno.EFAULT:
         return -errno.ENOMEM
     if retval == -errno.ENOMEM:
@@ -27,6 +28,7 @@ def __mlock_posix_error_return(retval: int) -> int:
 
 
 def _mark_mlocked(mm: MmStruct, start: int, end: int) -> None:
+    """FOLL_MLOCK's ``mlock_vma_page`` (mm/gup.c follow_page_pte, v5.12) on the populated pages."""
     mem = mm.core.pages
     bits = np.uint32(mem.bits.mask(PG.mlocked, PG.unevictable))
     for chunk in mm.pgd.chunks(start, end):

@@ -23,6 +23,12 @@ PVM_MAX_PP_ARRAY_COUNT = 16
 
 def process_vm_rw(local: MmStruct, cpu: Cpu | None, remote: MmStruct, local_addr: int,
                   remote_addr: int, length: int, vm_write: bool) -> int:
+    """mm/process_vm_access.c ``process_vm_rw_core``/``process_vm_rw_single_vec`` (v5.12).
+
+    Pins up to 16 remote pages at a time, copies, and unpins with
+    ``unpin_user_pages_dirty_lock(pages, vm_write)``; returns bytes moved or
+    -EFAULT when nothing moved.
+    """
     it = IovIter(local, cpu, local_addr, length)
     total = 0
     addr = remote_addr

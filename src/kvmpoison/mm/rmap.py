@@ -80,6 +80,7 @@ class AnonVma:
 
 
 def anon_vma_prepare(vma: Vma) -> AnonVma:
+    """mm/rmap.c ``__anon_vma_prepare`` (v5.12): give the VMA its anon_vma."""
     if vma.anon_vma is None:
         av = AnonVma(vmas=[vma])
         vma.anon_vma = av
@@ -88,7 +89,9 @@ def anon_vma_prepare(vma: Vma) -> AnonVma:
 
 
 def anon_vma_fork(child: Vma, parent: Vma) -> None:
-    """Link the child VMA into every anon_vma of the parent and give it its own."""
+    """mm/rmap.c ``anon_vma_fork`` (v5.12): link the child VMA into every anon_vma
+    of the parent and give it its own. Simplified: no anon_vma reuse by degree.
+    """
     for av in parent.anon_vma_chain:
         av.vmas.append(child)
         child.anon_vma_chain.append(av)
@@ -99,6 +102,7 @@ def anon_vma_fork(child: Vma, parent: Vma) -> None:
 
 
 def unlink_anon_vmas(vma: Vma) -> None:
+    """mm/rmap.c ``unlink_anon_vmas`` (v5.12)."""
     for av in vma.anon_vma_chain:
         if vma in av.vmas:
             av.vmas.remove(vma)
@@ -110,6 +114,7 @@ def mapping_encode(mem: PageArray, obj: Any, anon: bool) -> int:
 
 
 def page_add_new_anon_rmap(page: Page, vma: Vma, address: int) -> None:
+    """mm/rmap.c ``page_add_new_anon_rmap`` (v5.12, order-0): mapping, index, mapcount 0."""
     av = anon_vma_prepare(vma)
     mem = page.mem
     mem.mapping[page.pfn] = mapping_encode(mem, av, True)
@@ -118,11 +123,14 @@ def page_add_new_anon_rmap(page: Page, vma: Vma, address: int) -> None:
 
 
 def page_add_rmap(page: Page) -> None:
-    """``page_add_anon_rmap`` / ``page_add_file_rmap`` for an already-mapped-somewhere page."""
+    """mm/rmap.c ``page_add_anon_rmap``/``page_add_file_rmap`` (v5.12, order-0) for a
+    page already set up: one more mapping.
+    """
     page.mem._mapcount[page.pfn] += 1
 
 
 def page_remove_rmap(page: Page) -> None:
+    """mm/rmap.c ``page_remove_rmap`` (v5.12, order-0)."""
     mem = page.mem
     if mem._mapcount[page.pfn] < 0:
         raise AssertionError(f"page_remove_rmap: {page} is not mapped")
@@ -138,6 +146,7 @@ def _rmap_vmas(page: Page) -> list[Vma]:
 
 
 def vma_address(page: Page, vma: Vma) -> int | None:
+    """mm/internal.h ``vma_address`` (v5.12): where ``page`` sits in ``vma``, or None."""
     head = compound_head(page)
     index = int(head.mem.index[head.pfn]) + (page.pfn - head.pfn)
     addr = vma.vm_start + ((index - vma.vm_pgoff) << PAGE_SHIFT)
@@ -190,6 +199,13 @@ def _installs_hwpoison(mm: MmStruct, page: Page, flags: int) -> bool:
 
 def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
                      pteval: int | None = None) -> bool:
+    """mm/rmap.c ``try_to_unmap_one`` (v5.12 with RFCv2 10/13; v6.18's TTU_HWPOISON).
+
+    Clears the PTE (moving Dirty to the page); a PageHWPoison page gets a
+    hwpoison entry instead (with the RFC's ``get_page`` when the design's
+    entries hold a reference). An mlocked VMA stops the walk unless
+    TTU_IGNORE_MLOCK. Not modelled: swap and migration entries.
+    """
     mm = vma.vm_mm
     core = mm.core
     if not int(flags) & _TTU_IGNORE_MLOCK and vma.vm_flags & VM.LOCKED:
@@ -222,7 +238,9 @@ def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
 
 
 def try_to_unmap(page: Page, flags: TTU) -> bool:
-    """Unmap ``page`` from every mm; True when nothing maps it any more."""
+    """mm/rmap.c ``try_to_unmap`` (v5.12): unmap ``page`` from every mm; True when
+    nothing maps it any more.
+    """
     for vma, addr in rmap_walk(page):
         if page_vma_mapped(page, vma, addr) and not try_to_unmap_one(page, vma, addr, flags):
             break

@@ -34,6 +34,10 @@ class UffdCtx:
 
 
 def userfaultfd_register(ctx: UffdCtx, start: int, length: int, mode: int) -> int:
+    """fs/userfaultfd.c ``userfaultfd_register`` (v5.12 modes; MINOR is v5.13+).
+
+    Simplified: the VMA compatibility checks and features are not modelled.
+    """
     mm = ctx.mm
     if start & (PAGE_SIZE - 1) or length & (PAGE_SIZE - 1) or not length:
         return -errno.EINVAL
@@ -52,7 +56,9 @@ def userfaultfd_register(ctx: UffdCtx, start: int, length: int, mode: int) -> in
 
 
 def mfill_atomic_poison(ctx: UffdCtx, start: int, length: int) -> int:
-    """UFFDIO_POISON: returns pages poisoned (``updated``) or -errno."""
+    """mm/userfaultfd.c ``mfill_atomic_poison`` (v6.6+; UFFDIO_POISON): returns bytes
+    poisoned or -errno.
+    """
     mm = ctx.mm
     core = mm.core
     if start & (PAGE_SIZE - 1) or length & (PAGE_SIZE - 1) or not length:
