@@ -124,3 +124,28 @@ def test_a_store_to_a_shared_file_mapping_reaches_the_disk_at_fsync() -> None:
     assert p.store(addr, b"hello").kind is Kind.OK  # do_wp_page: wp_page_shared dirties it
     assert p.fsync(fd).cell == "ret:0"
     assert inode.disk[0][:5] == b"hello"
+
+
+def test_v6_18_refaults_a_clean_poisoned_page_cache_page_from_disk() -> None:
+    import dataclasses
+
+    from kvmpoison.kconfig import RFC_BASE, KernelVersion
+    from kvmpoison.mm.file import O_RDWR
+    from kvmpoison.mm.page import SetPageHWPoison
+
+    for version, cell in ((KernelVersion.V5_12, "sig:SIGBUS:BUS_MCEERR_AR"),
+                          (KernelVersion.V6_18, "ok")):
+        k = boot(dataclasses.replace(RFC_BASE, version=version))
+        p = proc(k)
+        k.create_file("/data", b"on disk".ljust(PAGE, b"\0"))
+        fd = ok(p.open("/data", O_RDWR))
+        buf = ok(p.mmap(0, PAGE, RW, 0x22))  # MAP_PRIVATE | MAP_ANONYMOUS
+        assert p.pread(fd, buf, 8, 0).cell == "ret:8"  # the page is now cached, clean
+        pfn = p.task.fds[fd].f_mapping.lookup(0)
+        SetPageHWPoison(k.core.pages[pfn])
+        addr = ok(p.mmap(0, PAGE, RW, SHARED, fd))
+        out = p.load(addr, 7)
+        assert out.cell == cell
+        if version is KernelVersion.V6_18:
+            assert out.data == b"on disk"  # mapping_evict_folio, then a fresh read
+            assert p.task.fds[fd].f_mapping.lookup(0) != pfn

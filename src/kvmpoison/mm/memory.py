@@ -61,6 +61,7 @@ from kvmpoison.mm.mm_types import (
 from kvmpoison.mm.page import (
     Page,
     PageAnon,
+    PageDirty,
     PageHWPoison,
     PageKsm,
     SetPageDirty,
@@ -68,6 +69,8 @@ from kvmpoison.mm.page import (
     lock_page,
     page_count,
     page_mapcount,
+    page_mapped,
+    page_mapping,
     put_page,
     unlock_page,
 )
@@ -211,9 +214,13 @@ def do_anonymous_page(vmf: VmFaultInfo) -> VmFault:
 
 
 def __do_fault(vmf: VmFaultInfo) -> VmFault:
-    """mm/memory.c ``__do_fault`` (v5.12): call ``->fault``; a PageHWPoison page is
-    dropped and the fault is VM_FAULT_HWPOISON. Not modelled: v5.18+'s
-    eviction of a clean poisoned page-cache page (``mapping_evict_folio``).
+    """mm/memory.c ``__do_fault`` (v5.12; v5.18+ for the eviction): call ``->fault``.
+
+    A PageHWPoison page is dropped and the fault is VM_FAULT_HWPOISON. From
+    v5.18 ("mm: invalidate hwpoison page cache page in fault path", so 6.18)
+    the page is first unmapped everywhere and, if ``mapping_evict_folio``
+    can drop it from the page cache (clean, no extra references), the fault
+    is VM_FAULT_NOPAGE: the retry reads a fresh page.
     """
     ops = vmf.vma.vm_ops
     assert ops is not None
@@ -222,12 +229,41 @@ def __do_fault(vmf: VmFaultInfo) -> VmFault:
               | VmFault.NOPAGE | VmFault.RETRY):
         return ret
     assert vmf.page is not None
-    page = vmf.vma.vm_mm.core.pages[vmf.page]
+    core = vmf.vma.vm_mm.core
+    page = core.pages[vmf.page]
     if PageHWPoison(page):
+        poisonret = VmFault.HWPOISON
+        mapping = page_mapping(page)
+        if core.kcfg.version >= KernelVersion.V6_18 and mapping is not None:
+            index = int(core.pages.index[page.pfn])
+            if page_mapped(page):
+                _unmap_mapping_page(mapping, index)
+            if mapping_evict_folio(mapping, page, index):
+                poisonret = VmFault.NOPAGE
         put_page(page)
         vmf.page = None
-        return VmFault.HWPOISON
+        return poisonret
     return ret
+
+
+def _unmap_mapping_page(mapping: object, index: int) -> None:
+    """``unmap_mapping_pages(mapping, index, 1, false)`` (mm/memory.c, v5.18+)."""
+    for vma in list(getattr(mapping, "i_mmap", [])):
+        if vma.vm_pgoff <= index < vma.vm_pgoff + vma.npages:
+            addr = vma.vm_start + ((index - vma.vm_pgoff) << PAGE_SHIFT)
+            zap_page_range(vma, addr, addr + PAGE_SIZE, ZapDetails(even_cows=False))
+
+
+def mapping_evict_folio(mapping: object, page: Page, index: int) -> bool:
+    """mm/truncate.c ``mapping_evict_folio`` (6.x): drop a clean, otherwise unused page
+    from the page cache; the caller keeps its own reference."""
+    if PageDirty(page) or page_count(page) > 2:  # the cache's and the caller's
+        return False
+    delete = getattr(mapping, "delete_from_page_cache", None)
+    if delete is None or delete(index) != page.pfn:
+        return False
+    put_page(page)  # the page cache's reference
+    return True
 
 
 def finish_fault(vmf: VmFaultInfo, write: bool) -> VmFault:
