@@ -149,3 +149,29 @@ def test_v6_18_refaults_a_clean_poisoned_page_cache_page_from_disk() -> None:
         if version is KernelVersion.V6_18:
             assert out.data == b"on disk"  # mapping_evict_folio, then a fresh read
             assert p.task.fds[fd].f_mapping.lookup(0) != pfn
+
+
+def test_uffdio_register_refuses_what_vma_can_userfault_refuses() -> None:
+    import dataclasses
+
+    from helpers import anon
+    from kvmpoison.kconfig import RFC_BASE, KernelVersion
+    from kvmpoison.mm.file import O_RDWR
+
+    MISSING, WP, MINOR = 1, 2, 4
+    for version in (KernelVersion.V5_12, KernelVersion.V6_18):
+        k = boot(dataclasses.replace(RFC_BASE, version=version))
+        p = proc(k)
+        k.create_file("/data", bytes(PAGE))
+        file_map = ok(p.mmap(0, PAGE, RW, SHARED, ok(p.open("/data", O_RDWR))))
+        fd = ok(p.memfd_create("m"))
+        assert p.ftruncate(fd, PAGE).cell == "ret:0"
+        shmem = ok(p.mmap(0, PAGE, RW, SHARED, fd))
+        a = anon(p, 1)
+        ctx, other = p.userfaultfd(), p.userfaultfd()
+        assert p.uffdio_register(ctx, file_map, PAGE, MISSING).cell == "err:EINVAL"
+        modern = version is KernelVersion.V6_18
+        assert p.uffdio_register(ctx, shmem, PAGE, WP).cell == ("ret:0" if modern else "err:EINVAL")
+        assert p.uffdio_register(ctx, a, PAGE, MINOR).cell == "err:EINVAL"
+        assert p.uffdio_register(ctx, a, PAGE, MISSING).cell == "ret:0"
+        assert p.uffdio_register(other, a, PAGE, MISSING).cell == "err:EBUSY"

@@ -16,7 +16,8 @@ import numpy as np
 
 from kvmpoison.arch.x86.pgtable import pte_none_array
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
-from kvmpoison.mm.mm_types import VM, MmStruct
+from kvmpoison.kconfig import KernelVersion
+from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.mmap import range_is_mapped, vmas_in_range
 from kvmpoison.mm.swapops import PteMarker, make_pte_marker_entry, swp_entry_to_pte
 
@@ -33,10 +34,29 @@ class UffdCtx:
     features: int = 0
 
 
-def userfaultfd_register(ctx: UffdCtx, start: int, length: int, mode: int) -> int:
-    """fs/userfaultfd.c ``userfaultfd_register`` (v5.12 modes; MINOR is v5.13+).
+def vma_can_userfault(vma: Vma, mode: int) -> bool:
+    """fs/userfaultfd.c/``include/linux/userfaultfd_k.h`` ``vma_can_userfault``.
 
-    Simplified: the VMA compatibility checks and features are not modelled.
+    v5.12: anonymous memory and shmem (hugetlb is not modelled); WP on
+    anonymous memory only; no MINOR mode (v5.13). v6.18: MINOR on shmem
+    only, WP also on shmem (PTE markers).
+    """
+    shmem = vma.vm_file is not None and vma.vm_file.f_inode.kind == "shmem"
+    anon = vma.vm_file is None and vma.vm_ops is None
+    modern = vma.vm_mm.core.kcfg.version >= KernelVersion.V6_18
+    if mode & UFFDIO_REGISTER_MODE_MINOR and not (modern and shmem):
+        return False
+    if mode & UFFDIO_REGISTER_MODE_WP and not (anon or (modern and shmem)):
+        return False
+    return anon or shmem
+
+
+def userfaultfd_register(ctx: UffdCtx, start: int, length: int, mode: int) -> int:
+    """fs/userfaultfd.c ``userfaultfd_register`` (v5.12; MINOR mode v5.13+).
+
+    -EINVAL for a bad range or mode, a hole, or a VMA ``vma_can_userfault``
+    refuses; -EPERM without VM_MAYWRITE; -EBUSY when another context holds
+    the VMA. Features (UFFD_FEATURE_*) are not modelled.
     """
     mm = ctx.mm
     if start & (PAGE_SIZE - 1) or length & (PAGE_SIZE - 1) or not length:
@@ -46,6 +66,13 @@ def userfaultfd_register(ctx: UffdCtx, start: int, length: int, mode: int) -> in
         return -errno.EINVAL
     if not range_is_mapped(mm, start, start + length):
         return -errno.EINVAL
+    for vma in vmas_in_range(mm, start, start + length, split=False):
+        if not vma_can_userfault(vma, mode):
+            return -errno.EINVAL
+        if not vma.vm_flags & VM.MAYWRITE:
+            return -errno.EPERM
+        if vma.uffd_ctx is not None and vma.uffd_ctx is not ctx:
+            return -errno.EBUSY
     for vma in vmas_in_range(mm, start, start + length, split=True):
         if mode & UFFDIO_REGISTER_MODE_MISSING:
             vma.vm_flags |= VM.UFFD_MISSING
