@@ -175,3 +175,19 @@ def test_uffdio_register_refuses_what_vma_can_userfault_refuses() -> None:
         assert p.uffdio_register(ctx, a, PAGE, MINOR).cell == "err:EINVAL"
         assert p.uffdio_register(ctx, a, PAGE, MISSING).cell == "ret:0"
         assert p.uffdio_register(other, a, PAGE, MISSING).cell == "err:EBUSY"
+
+
+def test_uffdio_poison_needs_one_vma_for_the_whole_range() -> None:
+    import dataclasses
+
+    from helpers import anon
+    from kvmpoison.kconfig import RFC_BASE, KernelVersion
+
+    k = boot(dataclasses.replace(RFC_BASE, version=KernelVersion.V6_18))
+    p = proc(k)
+    a = anon(p, 2)
+    assert p.mprotect(a + PAGE, PAGE, 1).cell == "ret:0"  # two VMAs
+    ctx = p.userfaultfd()
+    assert p.uffdio_register(ctx, a, 2 * PAGE, 1).cell == "ret:0"
+    assert p.uffdio_poison(ctx, a, 2 * PAGE).cell == "err:ENOENT"
+    assert p.mm.pgd.get(a) == 0  # nothing poisoned

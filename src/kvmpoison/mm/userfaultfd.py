@@ -93,8 +93,9 @@ def mfill_atomic_poison(ctx: UffdCtx, start: int, length: int) -> int:
     if core.swap_types.pte_marker is None:
         return -errno.EINVAL  # no such ioctl before v6.6
     vmas = vmas_in_range(mm, start, start + length, split=False)
-    if not vmas or not range_is_mapped(mm, start, start + length) or any(
-            v.uffd_ctx is not ctx for v in vmas):
+    # uffd_mfill_lock/validate_dst_vma: one registered VMA must hold the whole range
+    if len(vmas) != 1 or not range_is_mapped(mm, start, start + length) \
+            or vmas[0].uffd_ctx is not ctx:
         return -errno.ENOENT
     marker = np.uint64(swp_entry_to_pte(make_pte_marker_entry(PteMarker.POISONED,
                                                               core.swap_types)))
