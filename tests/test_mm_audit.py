@@ -191,3 +191,15 @@ def test_uffdio_poison_needs_one_vma_for_the_whole_range() -> None:
     assert p.uffdio_register(ctx, a, 2 * PAGE, 1).cell == "ret:0"
     assert p.uffdio_poison(ctx, a, 2 * PAGE).cell == "err:ENOENT"
     assert p.mm.pgd.get(a) == 0  # nothing poisoned
+
+
+def test_fork_counts_shmem_pages_of_a_private_mapping_as_shmem() -> None:
+    k = boot()
+    p = proc(k)
+    fd = ok(p.memfd_create("m"))
+    assert p.ftruncate(fd, 2 * PAGE).cell == "ret:0"
+    addr = ok(p.mmap(0, 2 * PAGE, RW, 0x02, fd))  # MAP_PRIVATE of a shmem file
+    assert p.load(addr, 1).kind is Kind.OK  # the shmem page, read-only
+    assert p.store(addr + PAGE, b"x").kind is Kind.OK  # a COW copy: the VMA gets an anon_vma
+    child = p.fork()
+    assert (child.mm.rss_anon, child.mm.rss_shmem, child.mm.rss_file) == (1, 1, 0)

@@ -775,8 +775,10 @@ def copy_page_range(dst: Vma, src: Vma) -> None:
             add_counts(mem._mapcount, pfns, 1)
             heads = pfns & ~((np.int64(1) << mem.order[pfns].astype(np.int64)) - 1)
             add_counts(mem._refcount, heads, 1)
-            dst_mm.rss_anon += int(anon.sum())
-            dst_mm.rss_file += int((~anon).sum())
+            shmem = ~anon & ((mem.flags[pfns] & np.uint32(mem.mask(PG.swapbacked))) != 0)
+            dst_mm.rss_anon += int(anon.sum())  # rss[mm_counter(page)]++
+            dst_mm.rss_shmem += int(shmem.sum())
+            dst_mm.rss_file += int((~anon & ~shmem).sum())
             if cow:
                 idx = np.flatnonzero(normal)[anon]
                 wp = ptes[idx] & np.uint64(~_PAGE_RW & 0xFFFF_FFFF_FFFF_FFFF)
