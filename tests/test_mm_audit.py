@@ -203,3 +203,21 @@ def test_fork_counts_shmem_pages_of_a_private_mapping_as_shmem() -> None:
     assert p.store(addr + PAGE, b"x").kind is Kind.OK  # a COW copy: the VMA gets an anon_vma
     child = p.fork()
     assert (child.mm.rss_anon, child.mm.rss_shmem, child.mm.rss_file) == (1, 1, 0)
+
+
+def test_a_read_fault_maps_the_cached_neighbours_fault_around() -> None:
+    from helpers import anon
+
+    k = boot()
+    p = proc(k)
+    fd = ok(p.memfd_create("m"))
+    buf = anon(p, 4, fill=7)
+    assert p.write(fd, buf, 4 * PAGE).cell == f"ret:{4 * PAGE}"  # four cached pages
+    addr = ok(p.mmap(0, 8 * PAGE, RW, SHARED, fd))
+    page2 = k.core.pages[p.task.fds[fd].f_mapping.lookup(2)]
+    before = int(k.core.pages._refcount[page2.pfn])
+    assert p.load(addr, 1).kind is Kind.OK
+    assert all(p.mm.pgd.get(addr + i * PAGE) for i in range(4))  # filemap_map_pages
+    assert p.mm.pgd.get(addr + 4 * PAGE) == 0  # beyond EOF: not mapped
+    assert p.mm.rss_shmem == 4
+    assert int(k.core.pages._refcount[page2.pfn]) == before + 1

@@ -293,6 +293,8 @@ def do_fault(vmf: VmFaultInfo) -> VmFault:
     if vma.vm_ops is None:
         return VmFault.SIGBUS
     write = bool(vmf.flags & FaultFlag.WRITE)
+    if not write and do_fault_around(vmf):
+        return VmFault.NOPAGE
     ret = __do_fault(vmf)
     if ret & (VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.OOM | VmFault.HWPOISON
               | VmFault.NOPAGE | VmFault.RETRY):
@@ -300,6 +302,55 @@ def do_fault(vmf: VmFaultInfo) -> VmFault:
     if write and not vma.vm_flags & VM.SHARED:
         return do_cow_fault(vmf)
     return finish_fault(vmf, write)
+
+
+FAULT_AROUND_PAGES = 16  # fault_around_bytes = 64 KiB
+
+
+def do_fault_around(vmf: VmFaultInfo) -> bool:
+    """mm/memory.c ``do_fault_around`` + mm/filemap.c ``filemap_map_pages`` (v5.12).
+
+    On a read fault of a shmem or regular-file VMA (the ``->map_pages``
+    users), map the cached pages of the 64 KiB-aligned window around the
+    address, within the VMA, the PTE table and EOF: each gets a reference, a
+    mapcount and a PTE from ``vm_page_prot``. Pages that are not uptodate,
+    locked or PageHWPoison, and PTEs that are not none, are skipped. True
+    when the faulting address itself got mapped (VM_FAULT_NOPAGE).
+    """
+    vma = vmf.vma
+    file = vma.vm_file
+    if file is None or file.f_inode.kind not in ("shmem", "file") or vma.uffd_ctx is not None:
+        return False
+    mapping = file.f_mapping
+    if mapping is None:
+        return False
+    mm = vma.vm_mm
+    mem = mm.core.pages
+    nr = FAULT_AROUND_PAGES
+    start = max(vmf.address & ~(nr * PAGE_SIZE - 1), vma.vm_start)
+    end = min(start + nr * PAGE_SIZE, vma.vm_end,
+              ((vmf.address >> 21) + 1) << 21)  # within one PTE table
+    first = vma.linear_page_index(start)
+    count = min((end - start) >> PAGE_SHIFT, file.f_inode.nr_pages - first)
+    if count <= 0:
+        return False
+    pfns = mapping.lookup_range(first, count)
+    skip = np.uint32(mem.mask(PG.locked) | mem.mask(PG.hwpoison))
+    need = np.uint32(mem.mask(PG.uptodate))
+    mapped_self = False
+    for i in np.flatnonzero(pfns >= 0):
+        pfn = int(pfns[i])
+        addr = start + (int(i) << PAGE_SHIFT)
+        flags = mem.flags[pfn]
+        if flags & skip or not flags & need or not pte_none(mm.pgd.get(addr)):
+            continue
+        page = mem[pfn]
+        get_page(page)
+        page_add_rmap(page)
+        mm_counter_add(mm, page, 1)
+        mm.pgd.set(addr, pfn_pte(pfn, vma.vm_page_prot))
+        mapped_self |= addr == vmf.address
+    return mapped_self
 
 
 def do_cow_fault(vmf: VmFaultInfo) -> VmFault:
