@@ -221,3 +221,22 @@ def test_a_read_fault_maps_the_cached_neighbours_fault_around() -> None:
     assert p.mm.pgd.get(addr + 4 * PAGE) == 0  # beyond EOF: not mapped
     assert p.mm.rss_shmem == 4
     assert int(k.core.pages._refcount[page2.pfn]) == before + 1
+
+
+def test_fault_around_is_off_only_for_v6_18_uffd_wp() -> None:
+    import dataclasses
+
+    from helpers import anon
+    from kvmpoison.kconfig import RFC_BASE, KernelVersion
+
+    for version, mode, around in ((KernelVersion.V6_18, 2, False),  # MODE_WP
+                                  (KernelVersion.V5_12, 1, True)):  # MODE_MISSING
+        k = boot(dataclasses.replace(RFC_BASE, version=version))
+        p = proc(k)
+        fd = ok(p.memfd_create("m"))
+        buf = anon(p, 4, fill=7)
+        assert p.write(fd, buf, 4 * PAGE).cell == f"ret:{4 * PAGE}"
+        addr = ok(p.mmap(0, 4 * PAGE, RW, SHARED, fd))
+        assert p.uffdio_register(p.userfaultfd(), addr, 4 * PAGE, mode).cell == "ret:0"
+        assert p.load(addr, 1).kind is Kind.OK
+        assert bool(p.mm.pgd.get(addr + PAGE)) is around  # uffd_disable_fault_around

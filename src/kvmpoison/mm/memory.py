@@ -319,8 +319,10 @@ def do_fault_around(vmf: VmFaultInfo) -> bool:
     """
     vma = vmf.vma
     file = vma.vm_file
-    if file is None or file.f_inode.kind not in ("shmem", "file") or vma.uffd_ctx is not None:
+    if file is None or file.f_inode.kind not in ("shmem", "file"):
         return False
+    if vma.vm_flags & VM.UFFD_WP and vma.vm_mm.core.kcfg.version >= KernelVersion.V6_18:
+        return False  # uffd_disable_fault_around (v5.12: only for MINOR, not modelled)
     mapping = file.f_mapping
     if mapping is None:
         return False
