@@ -240,3 +240,18 @@ def test_fault_around_is_off_only_for_v6_18_uffd_wp() -> None:
         assert p.uffdio_register(p.userfaultfd(), addr, 4 * PAGE, mode).cell == "ret:0"
         assert p.load(addr, 1).kind is Kind.OK
         assert bool(p.mm.pgd.get(addr + PAGE)) is around  # uffd_disable_fault_around
+
+
+def test_fork_gives_the_child_old_ptes() -> None:
+    from helpers import anon
+
+    k = boot()
+    p = proc(k)
+    addr = anon(p, 1, fill=3)
+    assert p.mm.pgd.get(addr) & _PAGE_ACCESSED
+    child = p.fork()
+    pte = child.mm.pgd.get(addr)
+    assert pte and not pte & _PAGE_ACCESSED  # pte_mkold
+    assert pte & _PAGE_DIRTY  # a private mapping keeps Dirty
+    assert child.load(addr, 1).data == b"\x03"
+    assert child.mm.pgd.get(addr) & _PAGE_ACCESSED  # the walk sets it again

@@ -787,9 +787,8 @@ def copy_page_range(dst: Vma, src: Vma) -> None:
     reference when the design's entries hold one), swap entries share their
     slot (``swap_duplicate``), and v6.18 keeps only poison and guard markers
     (``copy_pte_marker``; uffd-wp markers need a uffd-wp child VMA, not
-    modelled). Simplified: the child's PTEs keep the parent's Accessed and
-    Dirty bits (the kernel makes them old, and clean in shared mappings);
-    ``mm->has_pinned`` is not consulted.
+    modelled). The child's PTEs are old, and clean in a shared mapping.
+    Simplified: ``mm->has_pinned`` is not consulted.
     """
     if not vma_needs_copy(dst, src):
         return
@@ -837,6 +836,9 @@ def copy_page_range(dst: Vma, src: Vma) -> None:
                 wp = ptes[idx] & np.uint64(~_PAGE_RW & 0xFFFF_FFFF_FFFF_FFFF)
                 new[idx] = wp
                 store[chunk.rows[idx], chunk.cols[idx]] = wp  # parent loses write too
+        # copy_present_pte: the child's PTE is old, and clean in a shared mapping
+        young = np.uint64(_PAGE_ACCESSED | (0 if cow else _PAGE_DIRTY))
+        new[present] &= ~young
         swap = live & ~present
         if swap.any():
             idx = np.flatnonzero(swap)
