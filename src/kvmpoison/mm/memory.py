@@ -16,7 +16,7 @@ Scalar functions handle one fault as the kernel does. ``zap_page_range``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -95,6 +95,9 @@ from kvmpoison.mm.swapops import (
     swp_entry_to_pte,
     swp_offset,
 )
+
+if TYPE_CHECKING:
+    from kvmpoison.mm.file import AddressSpace
 
 IntArray = npt.NDArray[np.int64]
 
@@ -246,22 +249,22 @@ def __do_fault(vmf: VmFaultInfo) -> VmFault:
     return ret
 
 
-def _unmap_mapping_page(mapping: object, index: int) -> None:
+def _unmap_mapping_page(mapping: AddressSpace, index: int) -> None:
     """``unmap_mapping_pages(mapping, index, 1, false)`` (mm/memory.c, v5.18+)."""
-    for vma in list(getattr(mapping, "i_mmap", [])):
+    for vma in list(mapping.i_mmap):
         if vma.vm_pgoff <= index < vma.vm_pgoff + vma.npages:
             addr = vma.vm_start + ((index - vma.vm_pgoff) << PAGE_SHIFT)
             zap_page_range(vma, addr, addr + PAGE_SIZE, ZapDetails(even_cows=False))
 
 
-def mapping_evict_folio(mapping: object, page: Page, index: int) -> bool:
+def mapping_evict_folio(mapping: AddressSpace, page: Page, index: int) -> bool:
     """mm/truncate.c ``mapping_evict_folio`` (6.x): drop a clean, otherwise unused page
     from the page cache; the caller keeps its own reference."""
     if PageDirty(page) or page_count(page) > 2:  # the cache's and the caller's
         return False
-    delete = getattr(mapping, "delete_from_page_cache", None)
-    if delete is None or delete(index) != page.pfn:
+    if mapping.lookup(index) != page.pfn:
         return False
+    mapping.delete_from_page_cache(index)
     put_page(page)  # the page cache's reference
     return True
 
