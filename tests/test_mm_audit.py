@@ -255,3 +255,21 @@ def test_fork_gives_the_child_old_ptes() -> None:
     assert pte & _PAGE_DIRTY  # a private mapping keeps Dirty
     assert child.load(addr, 1).data == b"\x03"
     assert child.mm.pgd.get(addr) & _PAGE_ACCESSED  # the walk sets it again
+
+
+def test_cow_fault_allocates_its_copy_before_reading_the_file() -> None:
+    from kvmpoison.mm.file import O_RDWR
+
+    k = boot()
+    p = proc(k)
+    k.create_file("/data", b"file".ljust(PAGE, b"\0"))
+    fd = ok(p.open("/data", O_RDWR))
+    addr = ok(p.mmap(0, PAGE, RW, 0x02, fd))  # MAP_PRIVATE
+    assert p.mm.pgd.get(addr) == 0
+    p.mm.pgd.set(addr, 0)  # build the page table while memory is left
+    held = k.core.buddy.alloc_pages_bulk(k.core.buddy.nr_free - 1)  # one page left
+    out = p.store(addr, b"x")
+    assert out.cell == "sig:SIGKILL:0"  # VM_FAULT_OOM
+    assert p.task.fds[fd].f_mapping.lookup(0) is None  # the copy took it: ->fault failed
+    assert k.core.buddy.nr_free == 1  # and the copy went back
+    assert len(held)

@@ -287,10 +287,13 @@ def finish_fault(vmf: VmFaultInfo, write: bool) -> VmFault:
     return VmFault(0)
 
 
-def do_fault(vmf: VmFaultInfo) -> VmFault:
-    """mm/memory.c ``do_fault`` (v5.12): read, COW or shared fault of a file VMA.
+_FAULT_STOP = (VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.OOM | VmFault.HWPOISON
+               | VmFault.NOPAGE | VmFault.RETRY)
 
-    Simplified: no fault-around (``do_fault_around``) on a read fault.
+
+def do_fault(vmf: VmFaultInfo) -> VmFault:
+    """mm/memory.c ``do_fault`` (v5.12): read (with fault-around), COW or shared fault
+    of a file VMA.
     """
     vma = vmf.vma
     if vma.vm_ops is None:
@@ -298,12 +301,11 @@ def do_fault(vmf: VmFaultInfo) -> VmFault:
     write = bool(vmf.flags & FaultFlag.WRITE)
     if not write and do_fault_around(vmf):
         return VmFault.NOPAGE
-    ret = __do_fault(vmf)
-    if ret & (VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.OOM | VmFault.HWPOISON
-              | VmFault.NOPAGE | VmFault.RETRY):
-        return ret
     if write and not vma.vm_flags & VM.SHARED:
         return do_cow_fault(vmf)
+    ret = __do_fault(vmf)
+    if ret & _FAULT_STOP:
+        return ret
     return finish_fault(vmf, write)
 
 
@@ -360,18 +362,20 @@ def do_fault_around(vmf: VmFaultInfo) -> bool:
 
 def do_cow_fault(vmf: VmFaultInfo) -> VmFault:
     """mm/memory.c ``do_cow_fault`` (v5.12): a private write to a file page copies it
-    into a new anonymous page. Simplified: the copy is allocated after
-    ``->fault``, not before.
+    into a new anonymous page, allocated before ``->fault`` runs.
     """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     core = mm.core
-    assert vmf.page is not None
-    src = core.pages[vmf.page]
     anon_vma_prepare(vma)
     new = core.buddy.alloc_pages(0)
     if new is None:
-        put_page(src)
         return VmFault.OOM
+    ret = __do_fault(vmf)
+    if ret & _FAULT_STOP:
+        put_page(new)
+        return ret
+    assert vmf.page is not None
+    src = core.pages[vmf.page]
     core.copy_page(new.pfn, src.pfn)
     put_page(src)
     _map_new_anon(vmf, new, True)
