@@ -43,3 +43,11 @@ def anon(p: Process, pages: int = 1, fill: int | None = None) -> int:
     if fill is not None:
         ok(p.store(addr, bytes([fill]) * pages * PAGE))
     return addr
+
+
+def cached(p: Process, fd: int | None, index: int) -> int | None:
+    """The pfn the page cache of ``p``'s file ``fd`` holds at ``index``, or None."""
+    assert fd is not None
+    mapping = p.task.fds[fd].f_mapping
+    assert mapping is not None
+    return mapping.lookup(index)

@@ -25,4 +25,9 @@ def test_poisoned_guest_memfd_folio() -> None:
     assert p.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, PAGE).cell == "ret:0"  # no hwpoison check
     addr = p.mmap(0, PAGE, 3, MAP_SHARED, fd).value
     assert addr is not None
-    assert p.load(addr, 8).cell == "sig:SIGBUS:BUS_MCEERR_AR"
+    # __do_fault (6.x) sees PageHWPoison after ->fault; the folio is clean (guest_memfd
+    # ignores dirty flags) and unreferenced, so mapping_evict_folio drops it and the
+    # retried fault gets a fresh, zeroed folio instead of VM_FAULT_HWPOISON.
+    out = p.load(addr, 8)
+    assert out.cell == "ok" and out.data == bytes(8)
+    assert mapping.lookup(0) not in (None, pfn)

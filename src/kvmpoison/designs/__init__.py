@@ -27,11 +27,10 @@ class Design:
     unpoison_on_free: bool = False
 
 
-def _rfc_hooks(follow: FollowPoisoned, check_pte: bool) -> Callable[[], MmHooks]:
+def _rfc_hooks(follow: FollowPoisoned) -> Callable[[], MmHooks]:
     def make() -> MmHooks:
         return MmHooks(follow_poisoned=follow, shmem_getpage_fails_poisoned=True,
-                       hwpoison_entry_holds_ref=True, do_swap_page_restores_unpoisoned=True,
-                       check_pte_sees_hwpoison=check_pte)
+                       hwpoison_entry_holds_ref=True, do_swap_page_restores_unpoisoned=True)
     return make
 
 
@@ -41,10 +40,10 @@ DESIGNS: dict[str, Design] = {
         Design("baseline", "upstream v5.12 KVM on a TDX-style host: guest memory stays "
                "mapped in the VMM", RFC_BASE, Protection.NONE, MmHooks),
         Design("rfc-v1", "RFCv1 7/7: poisoned pages, GUP flag check commented out, no owner map",
-               RFC_BASE, Protection.RFC_V1, _rfc_hooks(FollowPoisoned.ALWAYS, check_pte=True)),
+               RFC_BASE, Protection.RFC_V1, _rfc_hooks(FollowPoisoned.ALWAYS)),
         Design("rfc-v2", "RFCv2 13/13: poisoned pages, FOLL_ALLOW_POISONED, owner map, "
                "unpoison on free", RFC_BASE, Protection.RFC_V2,
-               _rfc_hooks(FollowPoisoned.WITH_FLAG, check_pte=False), unpoison_on_free=True),
+               _rfc_hooks(FollowPoisoned.WITH_FLAG), unpoison_on_free=True),
     )
 }
 

@@ -170,8 +170,8 @@ def error_then_free(m: Machine, gpa: int, vmm: Vmm | None = None,
     pfn = _real_memory_error(m, gpa, vmm, vm)
     if vmm.ram_fd is not None:
         vmm.proc.fallocate(vmm.ram_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, gpa, PAGE_SIZE)
-    else:
-        vmm.proc.munmap(vmm.gpa_to_hva(gpa), PAGE_SIZE)
+    # A hole-punch keeps hwpoison entries (zap with details), so the VMM unmaps the page too.
+    vmm.proc.munmap(vmm.gpa_to_hva(gpa), PAGE_SIZE)
     core = m.kernel.core
     if core.pages._refcount[pfn] or core.pages.flags[pfn] & core.pages.mask(PG.hwpoison):
         return Outcome.ok(detail="the poisoned frame stays out of the allocator")

@@ -44,7 +44,6 @@ class MmHooks:
     shmem_getpage_fails_poisoned: bool = False  # patch 09
     hwpoison_entry_holds_ref: bool = False  # patch 10
     do_swap_page_restores_unpoisoned: bool = False  # patch 11
-    check_pte_sees_hwpoison: bool = False  # v1's page_vma_mapped change
 
 
 SignalSender = Callable[[int, SigInfo], None]  # (pid, siginfo)
@@ -70,6 +69,7 @@ class MmCore:
     mms: dict[int, MmStruct] = field(default_factory=dict)
     sysctl_memory_failure_early_kill: bool = False
     swap_space: dict[int, bytes] = field(default_factory=dict)  # swap offset -> data
+    swap_map: dict[int, int] = field(default_factory=dict)  # offset -> entries beyond the first
     next_swap_offset: int = 1
     mf_reports: list[object] = field(default_factory=list)  # memory_failure's action_result log
     hw_memory_failure: bool = False  # a real (not software-injected) error was handled
@@ -116,6 +116,19 @@ class MmCore:
         data = self.hw.read(src << PAGE_SHIFT, 1 << PAGE_SHIFT, 0).data
         if any(data) or self.hw.mem.get(dst) is not None:
             self.hw.write(dst << PAGE_SHIFT, data, 0)
+
+    def swap_duplicate(self, offset: int) -> None:
+        """mm/swapfile.c ``swap_duplicate``: one more PTE refers to the slot (fork)."""
+        self.swap_map[offset] = self.swap_map.get(offset, 0) + 1
+
+    def swap_free(self, offset: int) -> None:
+        """``swap_free``/``free_swap_and_cache``: drop one reference; the last frees the slot."""
+        extra = self.swap_map.get(offset, 0)
+        if extra:
+            self.swap_map[offset] = extra - 1
+        else:
+            self.swap_map.pop(offset, None)
+            self.swap_space.pop(offset, None)
 
     def rss_pages(self) -> int:
         return int(np.count_nonzero(self.pages._refcount > 0))

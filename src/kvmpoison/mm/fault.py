@@ -8,7 +8,9 @@ the exception-table fixup, which the caller sees as "not copied".
 
 Translations are looked up in the CPU's TLB first and filled on a
 successful walk, so a PTE change without a flush is visible to later
-accesses from that CPU.
+accesses from that CPU. The walk sets the PTE's Accessed bit, and Dirty on
+a write, as the x86 page walker does; a write through a cached clean
+translation walks again to set Dirty.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ import bisect
 import signal
 
 from kvmpoison.arch.x86.pgtable import pte_present, pte_protnone
-from kvmpoison.arch.x86.pgtable_types import _PAGE_PRESENT, _PAGE_RW, _PAGE_USER, PAGE_SHIFT
+from kvmpoison.arch.x86.pgtable_types import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_RW,
+    _PAGE_USER,
+    PAGE_SHIFT,
+)
 from kvmpoison.arch.x86.tlb import Cpu
 from kvmpoison.mm.memory import handle_mm_fault
 from kvmpoison.mm.mm_types import VM, FaultFlag, MmStruct, Vma, VmFault, vma_is_accessible
@@ -28,12 +37,13 @@ MAX_FAULT_RETRIES = 3
 
 
 def find_vma(mm: MmStruct, addr: int) -> Vma | None:
-    """The first VMA with ``vm_end > addr`` (it may start above ``addr``)."""
+    """mm/mmap.c ``find_vma`` (v5.12): the first VMA with ``vm_end > addr``."""
     i = bisect.bisect_right([v.vm_end for v in mm.vmas], addr)
     return mm.vmas[i] if i < len(mm.vmas) else None
 
 
 def vma_lookup(mm: MmStruct, addr: int) -> Vma | None:
+    """include/linux/mm.h ``vma_lookup`` (v5.14; v5.12 open-codes it): the VMA holding ``addr``."""
     vma = find_vma(mm, addr)
     return vma if vma is not None and vma.vm_start <= addr else None
 
@@ -45,6 +55,7 @@ def pte_allows(pte: int, write: bool) -> bool:
 
 
 def access_error(write: bool, protection: bool, vma: Vma) -> bool:
+    """arch/x86/mm/fault.c ``access_error`` (v5.12), without protection keys."""
     if write:
         return not vma.vm_flags & VM.WRITE
     if protection:
@@ -53,7 +64,10 @@ def access_error(write: bool, protection: bool, vma: Vma) -> bool:
 
 
 def mm_fault_error(fault: VmFault, address: int, memory_failure: bool) -> Outcome:
-    """The signal a user-mode fault ends with (``mm_fault_error``/``do_sigbus``)."""
+    """arch/x86/mm/fault.c ``mm_fault_error``/``do_sigbus`` (v5.12): the signal a
+    user-mode fault ends with. Simplified: VM_FAULT_OOM kills the faulting
+    task (the kernel runs the OOM killer and retries).
+    """
     if fault & VmFault.OOM:
         return Outcome.signal(SigInfo(signal.SIGKILL, 0, address), detail="pagefault_out_of_memory")
     if fault & (VmFault.HWPOISON | VmFault.HWPOISON_LARGE) and memory_failure:
@@ -66,10 +80,11 @@ def mm_fault_error(fault: VmFault, address: int, memory_failure: bool) -> Outcom
 
 def do_user_addr_fault(mm: MmStruct, address: int, write: bool, user_mode: bool,
                        protection: bool) -> Outcome | None:
-    """Handle one fault; None when resolved (retry the access), else how it ends.
+    """arch/x86/mm/fault.c ``do_user_addr_fault`` (v5.12): handle one fault; None
+    when resolved (retry the access), else how it ends.
 
     For a kernel-mode fault the returned Outcome only says that the fixup ran;
-    no signal is sent.
+    no signal is sent. Not modelled: VM_GROWSDOWN stack expansion.
     """
     vma = find_vma(mm, address)
     if vma is None or vma.vm_start > address:
@@ -96,9 +111,14 @@ def translate(mm: MmStruct, cpu: Cpu | None, address: int, write: bool,
     """
     for _ in range(MAX_FAULT_RETRIES):
         pte = cpu.tlb.lookup(mm.ident, address) if cpu is not None else None
-        if pte is None or not pte_allows(pte, write):
+        if pte is None or not pte_allows(pte, write) or (write and not pte & _PAGE_DIRTY):
             pte = mm.pgd.get(address)
             if pte_allows(pte, write):
+                # The page walker sets Accessed, and Dirty on a write (SDM 4.8).
+                ad = _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+                if pte & ad != ad:
+                    pte |= ad
+                    mm.pgd.set(address, pte)
                 if cpu is not None:
                     cpu.tlb.fill(mm.ident, address, pte)
             else:

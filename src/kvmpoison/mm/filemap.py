@@ -30,7 +30,7 @@ from kvmpoison.mm.file import (
     file_check_and_advance_wb_err,
 )
 from kvmpoison.mm.gup import FOLL, get_user_pages_fast, put_pages
-from kvmpoison.mm.memory import zap_page_range
+from kvmpoison.mm.memory import ZapDetails, zap_page_range
 from kvmpoison.mm.mm_types import Vma, VmFault, VmFaultInfo
 from kvmpoison.mm.page import Page, get_page, put_page
 from kvmpoison.mm.page_flags import PG
@@ -107,19 +107,23 @@ def generic_perform_write(core: MmCore, inode: Inode, pos: int, src: IovIter,
 
 def unmap_mapping_range(mapping: AddressSpace, first: int, last: int,
                         even_cows: bool = True) -> None:
-    """Zap every user mapping of page offsets [first, last) (truncate: markers kept)."""
+    """Zap every user mapping of page offsets [first, last) with ``zap_details``.
+
+    ``even_cows`` as in mm/memory.c ``unmap_mapping_pages``: 1 for truncate,
+    0 for a hole-punch (private COW copies and, v5.18+, swap-type entries stay).
+    """
     for vma in list(mapping.i_mmap):
         lo = max(first, vma.vm_pgoff)
         hi = min(last, vma.vm_pgoff + vma.npages)
         if lo < hi:
             start = vma.vm_start + ((lo - vma.vm_pgoff) << PAGE_SHIFT)
             end = vma.vm_start + ((hi - vma.vm_pgoff) << PAGE_SHIFT)
-            zap_page_range(vma, start, end, keep_markers=True, even_cows=even_cows)
+            zap_page_range(vma, start, end, ZapDetails(even_cows=even_cows))
 
 
 def truncate_inode_pages_range(core: MmCore, mapping: AddressSpace, first: int, last: int,
                                even_cows: bool = True) -> None:
-    """Unmap and drop the cached pages of offsets [first, last)."""
+    """Unmap (``even_cows``: truncate 1, hole-punch 0) and drop the cached pages [first, last)."""
     unmap_mapping_range(mapping, first, last, even_cows)
     idx = mapping.cached_indices()
     idx = idx[(idx >= first) & (idx < last)]

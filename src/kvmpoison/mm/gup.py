@@ -4,7 +4,10 @@ Follows ``mm/gup.c`` and ``mm/memory.c`` (v5.12, with the v6.18 additions
 noted): ``__get_user_pages`` walks with ``follow_page_pte`` and faults with
 ``faultin_page``, stopping at the first failure and returning the count so
 far or the error (``i ? i : ret``). ``vm_fault_to_errno`` gives -EHWPOISON
-only to callers passing FOLL_HWPOISON. The RFC adds FOLL_ALLOW_POISONED.
+only to callers passing FOLL_HWPOISON. References follow ``try_grab_page``
+(v5.12) / ``try_grab_folio`` (v6.18): FOLL_GET one, FOLL_PIN
+GUP_PIN_COUNTING_BIAS. The RFC adds FOLL_ALLOW_POISONED, whose hwpoison
+branch takes a bare ``get_page`` whatever the caller asked for.
 
 ``get_user_pages_fast`` is modelled by the slow path: GUP-fast only
 succeeds where the slow path would, and bails out on the same PTEs.
@@ -18,13 +21,13 @@ import errno
 
 from kvmpoison.arch.x86.pgtable import pte_none, pte_pfn, pte_present, pte_protnone
 from kvmpoison.arch.x86.pgtable_types import (
-    _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_RW,
     PAGE_SHIFT,
     PAGE_SIZE,
 )
 from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import FollowPoisoned
 from kvmpoison.mm.fault import find_vma, vma_lookup
 from kvmpoison.mm.memory import faultin_anon_bulk, handle_mm_fault, vm_normal_page
@@ -37,8 +40,20 @@ from kvmpoison.mm.mm_types import (
     vma_is_accessible,
     vma_is_anonymous,
 )
-from kvmpoison.mm.page import Page, get_page, put_page
-from kvmpoison.mm.swapops import hwpoison_entry_to_pfn, is_hwpoison_entry, pte_to_swp_entry
+from kvmpoison.mm.page import (
+    Page,
+    PageHWPoison,
+    SetPageDirty,
+    compound_head,
+    compound_order,
+    put_page,
+)
+from kvmpoison.mm.swapops import (
+    hwpoison_entry_to_pfn,
+    is_hwpoison_entry,
+    pte_to_swp_entry,
+    swp_entry_t,
+)
 from kvmpoison.outcome import Halt, Kind
 from kvmpoison.uapi.errno import EHWPOISON
 
@@ -75,10 +90,15 @@ def vma_is_secretmem(vma: Vma) -> bool:
 
 
 def is_cow_mapping(flags: VM) -> bool:
+    """include/linux/mm.h ``is_cow_mapping`` (v5.12)."""
     return (flags & (VM.SHARED | VM.MAYWRITE)) == VM.MAYWRITE
 
 
 def check_vma_flags(vma: Vma, gup_flags: FOLL) -> int:
+    """mm/gup.c ``check_vma_flags`` (v5.12, plus v5.14's secretmem refusal).
+
+    Not modelled: FOLL_LONGTERM on fsdax, protection keys.
+    """
     flags = vma.vm_flags
     if flags & (VM.IO | VM.PFNMAP):
         return -errno.EFAULT
@@ -101,6 +121,7 @@ def check_vma_flags(vma: Vma, gup_flags: FOLL) -> int:
 
 
 def vm_fault_to_errno(fault: VmFault, gup_flags: FOLL) -> int:
+    """include/linux/mm.h ``vm_fault_to_errno`` (v5.12): -EHWPOISON only for FOLL_HWPOISON."""
     if fault & VmFault.OOM:
         return -errno.ENOMEM
     if fault & (VmFault.HWPOISON | VmFault.HWPOISON_LARGE):
@@ -111,37 +132,115 @@ def vm_fault_to_errno(fault: VmFault, gup_flags: FOLL) -> int:
 
 
 def can_follow_write_pte(pte: int, gup_flags: FOLL) -> bool:
-    """Writable, or FOLL_FORCE after the COW cycle left a dirty private copy."""
+    """mm/gup.c ``can_follow_write_pte`` (v5.12): writable, or FOLL_FORCE after the COW
+    cycle left a dirty private copy (FOLL_COW). v6.2+'s PageAnonExclusive rule
+    is not modelled.
+    """
     if pte & _PAGE_RW:
         return True
     return bool(gup_flags & FOLL.FORCE and gup_flags & FOLL.COW and pte & _PAGE_DIRTY)
 
 
-def _grab(page: Page, gup_flags: FOLL) -> None:
+def _v6_zero_page(head: Page) -> bool:
+    """v6.5+ ``is_zero_folio`` under FOLL_PIN: the shared zero page (pfn 0 here) is not pinned."""
+    return head.pfn == 0 and head.mem.bits.version >= KernelVersion.V6_18
+
+
+def folio_has_pincount(page: Page) -> bool:
+    """Whether a pin counts in the compound pincount instead of GUP_PIN_COUNTING_BIAS.
+
+    v5.12 ``hpage_pincount_available``: compound order > 1; v6.18
+    ``folio_has_pincount`` (64-bit): any large folio.
+    """
+    order = compound_order(compound_head(page))
+    if page.mem.bits.version >= KernelVersion.V6_18:
+        return order >= 1
+    return order > 1
+
+
+def try_grab_page(page: Page, gup_flags: FOLL) -> bool:
+    """mm/gup.c ``try_grab_page`` (v5.12) / ``try_grab_folio`` (v6.18).
+
+    FOLL_GET takes one reference; FOLL_PIN takes GUP_PIN_COUNTING_BIAS
+    references, or one plus a pincount on a compound page with a pincount
+    field (the model keeps no separate pincount). A page with no reference is
+    a WARN and a failure (-ENOMEM). v6.18 never pins the shared zero page.
+    """
+    head = compound_head(page)
+    mem = head.mem
+    if not gup_flags & (FOLL.GET | FOLL.PIN):
+        return True
+    if mem._refcount[head.pfn] <= 0:
+        return False  # WARN_ON_ONCE(page_ref_count(page) <= 0)
+    if gup_flags & FOLL.GET:
+        mem._refcount[head.pfn] += 1
+    elif not _v6_zero_page(head):
+        mem._refcount[head.pfn] += 1 if folio_has_pincount(head) else GUP_PIN_COUNTING_BIAS
+    return True
+
+
+def put_compound_head(page: Page, refs: int, gup_flags: FOLL) -> None:
+    """v5.12 ``put_compound_head`` / v6.18 ``gup_put_folio``: drop what a grab took.
+
+    The kernel subtracts ``refs - 1`` and then ``put_page``s, so a page freed
+    by the last reference goes back to the allocator. A count that goes
+    negative (a pin released on a bare ``get_page`` reference) is what the
+    kernel does without CONFIG_DEBUG_VM: the page is never freed.
+    """
+    head = compound_head(page)
+    mem = head.mem
     if gup_flags & FOLL.PIN:
-        page.mem._refcount[page.pfn] += GUP_PIN_COUNTING_BIAS
-    elif gup_flags & FOLL.GET:
-        get_page(page)
+        if _v6_zero_page(head):
+            return
+        if not folio_has_pincount(head):
+            refs *= GUP_PIN_COUNTING_BIAS
+    mem._refcount[head.pfn] -= refs - 1
+    put_page(head)
+
+
+def _follow_hwpoison_entry(vma: Vma, entry: swp_entry_t, gup_flags: FOLL) -> Page | None:
+    """The RFC's ``follow_page_pte`` branch for a hwpoison entry (v1 7/7, v2 08/13).
+
+    v2 follows only with FOLL_ALLOW_POISONED; v1's flag test is commented out
+    but it still requires ``PageHWPoison(page)`` (an unpoisoned page's entry
+    faults, and ``do_swap_page`` restores the PTE). Either way it is a bare
+    ``get_page`` and ``goto out``: one reference whatever FOLL_GET/FOLL_PIN
+    say, and no FOLL_TOUCH.
+    """
+    core = vma.vm_mm.core
+    mode = core.hooks.follow_poisoned
+    if mode is FollowPoisoned.NEVER or not is_hwpoison_entry(entry, core.swap_types):
+        return None
+    page = core.pages[hwpoison_entry_to_pfn(entry)]
+    if mode is FollowPoisoned.WITH_FLAG and not gup_flags & FOLL.ALLOW_POISONED:
+        return None
+    if mode is FollowPoisoned.ALWAYS and not PageHWPoison(page):
+        return None
+    head = compound_head(page)
+    head.mem._refcount[head.pfn] += 1  # get_page (VM_BUG_ON only with CONFIG_DEBUG_VM)
+    return page
 
 
 def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | None:
-    """The page mapped at ``address`` (referenced per FOLL_GET/PIN), None to fault, or -errno."""
+    """mm/gup.c ``follow_page_pte`` (v5.12 with the RFC's patch 08).
+
+    The page mapped at ``address`` (referenced per FOLL_GET/PIN through
+    :func:`try_grab_page`), None to fault, or -errno. FOLL_TOUCH marks the
+    page dirty for a write through a clean PTE (``set_page_dirty``) and
+    leaves the PTE alone (``mark_page_accessed`` is not modelled). Only the
+    shared zero page is special here; v6.18's ``can_follow_write_pte``
+    (PageAnonExclusive instead of FOLL_COW) is not modelled.
+    """
     mm = vma.vm_mm
     core = mm.core
     pte = mm.pgd.get(address)
     if pte_none(pte):
+        # no_page_table: a core dump does not fault in holes of anonymous memory
+        if gup_flags & FOLL.DUMP and (vma_is_anonymous(vma) or vma.vm_ops is None):
+            return -errno.EFAULT
         return None
     if not pte_present(pte):
-        entry = pte_to_swp_entry(pte, core.kcfg)
-        mode = core.hooks.follow_poisoned
-        if is_hwpoison_entry(entry, core.swap_types) and (
-            mode is FollowPoisoned.ALWAYS
-            or (mode is FollowPoisoned.WITH_FLAG and gup_flags & FOLL.ALLOW_POISONED)
-        ):
-            page = core.pages[hwpoison_entry_to_pfn(entry)]
-            _grab(page, gup_flags)
-            return page
-        return None
+        return _follow_hwpoison_entry(vma, pte_to_swp_entry(pte, core.kcfg), gup_flags)
     if pte_protnone(pte) and gup_flags & FOLL.NUMA:
         return None
     if gup_flags & FOLL.WRITE and not can_follow_write_pte(pte, gup_flags):
@@ -150,14 +249,15 @@ def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | Non
     if normal is None and gup_flags & FOLL.DUMP:
         return -errno.EFAULT  # the zero page is a hole in a core dump
     page = normal if normal is not None else core.pages[pte_pfn(pte)]
-    _grab(page, gup_flags)
-    if gup_flags & FOLL.TOUCH:
-        mm.pgd.set(address, pte | _PAGE_ACCESSED | (_PAGE_DIRTY if gup_flags & FOLL.WRITE else 0))
+    if not try_grab_page(page, gup_flags):
+        return -errno.ENOMEM
+    if gup_flags & FOLL.TOUCH and gup_flags & FOLL.WRITE and not pte & _PAGE_DIRTY:
+        SetPageDirty(page)
     return page
 
 
 def faultin_page(vma: Vma, address: int, gup_flags: FOLL) -> tuple[int, FOLL]:
-    """Fault the page in; returns (0 or -errno, updated flags)."""
+    """mm/gup.c ``faultin_page`` (v5.12): fault the page in; returns (0 or -errno, flags)."""
     fault_flags = FaultFlag(0)
     if gup_flags & FOLL.WRITE:
         fault_flags |= FaultFlag.WRITE
@@ -186,6 +286,10 @@ def _bulk_populate(vma: Vma, start: int, end: int, gup_flags: FOLL) -> int:
 
 def __get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                      pages: list[Page] | None) -> int:
+    """mm/gup.c ``__get_user_pages`` (v5.12): follow or fault each page, stopping at
+    the first failure; returns ``i ? i : ret``. MADV_POPULATE's errno
+    mapping is v5.14+. Not modelled: stack expansion (``find_extend_vma``).
+    """
     if not gup_flags & FOLL.FORCE:
         gup_flags |= FOLL.NUMA
     i = 0
@@ -230,53 +334,70 @@ def __get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
 
 
 def unpin_or_put(page: Page, gup_flags: FOLL) -> None:
-    if gup_flags & FOLL.PIN:
-        page.mem._refcount[page.pfn] -= GUP_PIN_COUNTING_BIAS
-    else:
-        put_page(page)
+    """Release what :func:`try_grab_page` took (``unpin_user_page`` or ``put_page``)."""
+    put_compound_head(page, 1, gup_flags & FOLL.PIN)
 
 
 def get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                    pages: list[Page] | None = None) -> int:
+    """mm/gup.c ``get_user_pages`` (v5.12): FOLL_GET | FOLL_TOUCH."""
     return __get_user_pages(mm, start, nr_pages, gup_flags | FOLL.GET | FOLL.TOUCH, pages)
 
 
 def get_user_pages_remote(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                           pages: list[Page] | None = None) -> int:
+    """mm/gup.c ``get_user_pages_remote`` (v5.12): adds FOLL_REMOTE."""
     return get_user_pages(mm, start, nr_pages, gup_flags | FOLL.REMOTE, pages)
 
 
 def get_user_pages_fast(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                         pages: list[Page] | None = None) -> int:
+    """mm/gup.c ``get_user_pages_fast`` (v5.12), modelled by the slow path: GUP-fast
+    bails to it on every PTE it cannot take (non-present, special).
+    """
     return get_user_pages(mm, start, nr_pages, gup_flags, pages)
 
 
 def pin_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                    pages: list[Page] | None = None) -> int:
+    """mm/gup.c ``pin_user_pages`` (v5.12): FOLL_PIN | FOLL_TOUCH."""
     return __get_user_pages(mm, start, nr_pages, gup_flags | FOLL.PIN | FOLL.TOUCH, pages)
 
 
 def pin_user_pages_fast(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                         pages: list[Page] | None = None) -> int:
+    """mm/gup.c ``pin_user_pages_fast`` (v5.12), by the slow path."""
     return pin_user_pages(mm, start, nr_pages, gup_flags, pages)
 
 
 def unpin_user_pages(pages: list[Page]) -> None:
+    """mm/gup.c ``unpin_user_pages``: ``put_compound_head(page, 1, FOLL_PIN)`` each."""
     for page in pages:
-        page.mem._refcount[page.pfn] -= GUP_PIN_COUNTING_BIAS
+        put_compound_head(page, 1, FOLL.PIN)
+
+
+def unpin_user_pages_dirty_lock(pages: list[Page], make_dirty: bool) -> None:
+    """mm/gup.c ``unpin_user_pages_dirty_lock``: mark each page dirty, then unpin it."""
+    for page in pages:
+        if make_dirty:
+            SetPageDirty(page)  # set_page_dirty_lock
+        put_compound_head(page, 1, FOLL.PIN)
 
 
 def put_pages(pages: list[Page]) -> None:
+    """``put_page`` on each page (release of FOLL_GET references)."""
     for page in pages:
         put_page(page)
 
 
 def access_remote_vm(mm: MmStruct, addr: int, data: bytes | int, gup_flags: FOLL) -> bytes | int:
-    """``__access_remote_vm``: read ``data`` bytes (an int) or write ``data`` (bytes).
+    """mm/memory.c ``__access_remote_vm`` (v5.12): read ``data`` bytes (an int) or write ``data``.
 
     Returns the bytes read, or the number of bytes written; a page GUP cannot
-    get ends the transfer. The kernel touches the page through its own
-    mapping (kmap), so consumed poison there is not MC-safe.
+    get ends the transfer (``vm_ops->access`` for VM_IO/VM_PFNMAP is not
+    modelled). A write marks the page dirty (``set_page_dirty_lock``). The
+    kernel touches the page through its own mapping (kmap), so consumed
+    poison there is not MC-safe.
     """
     write = isinstance(data, bytes)
     total = len(data) if isinstance(data, bytes) else data
@@ -293,6 +414,7 @@ def access_remote_vm(mm: MmStruct, addr: int, data: bytes | int, gup_flags: FOLL
         pa = (page.pfn << PAGE_SHIFT) | offset
         if isinstance(data, bytes):
             mm.core.hw.write(pa, data[done : done + n], 0)
+            SetPageDirty(page)  # set_page_dirty_lock
         else:
             got = mm.core.hw.load(pa, n, 0, Ctx.HOST_KERNEL)
             if got.kind is not Kind.OK:

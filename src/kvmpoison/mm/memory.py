@@ -3,8 +3,11 @@
 Follows ``mm/memory.c``: ``handle_mm_fault`` -> ``handle_pte_fault`` ->
 ``do_anonymous_page`` / ``do_fault`` / ``do_swap_page`` / ``do_wp_page``
 (v5.12, with the v6.18 differences: PTE markers and ``handle_pte_marker``,
-and the poison/guard marker copy rules of ``copy_nonpresent_pte``).
-THP and hugetlb faults are not modelled; every page is order-0.
+the poison/guard marker copy rules of ``copy_nonpresent_pte``, and the
+per-type ``zap_details`` rules of ``zap_nonpresent_ptes`` that replaced
+v5.12's "a zap with details keeps every swap-type entry" in v5.18), and
+the RFC's patches 10 and 11. THP and hugetlb faults are not modelled;
+every page is order-0. Each function names what it simplifies.
 
 Scalar functions handle one fault as the kernel does. ``zap_page_range``,
 ``copy_page_range`` and ``faultin_anon_bulk`` are vectorised over PTE chunks.
@@ -12,7 +15,8 @@ Scalar functions handle one fault as the kernel does. ``zap_page_range``,
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +44,7 @@ from kvmpoison.arch.x86.pgtable_types import (
     _PAGE_SWP_UFFD_WP,
     PAGE_SHIFT,
     PAGE_SIZE,
+    max_physmem_bits,
 )
 from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
@@ -56,6 +61,7 @@ from kvmpoison.mm.mm_types import (
 from kvmpoison.mm.page import (
     Page,
     PageAnon,
+    PageDirty,
     PageHWPoison,
     PageKsm,
     SetPageDirty,
@@ -63,6 +69,8 @@ from kvmpoison.mm.page import (
     lock_page,
     page_count,
     page_mapcount,
+    page_mapped,
+    page_mapping,
     put_page,
     unlock_page,
 )
@@ -87,6 +95,9 @@ from kvmpoison.mm.swapops import (
     swp_entry_to_pte,
     swp_offset,
 )
+
+if TYPE_CHECKING:
+    from kvmpoison.mm.file import AddressSpace
 
 IntArray = npt.NDArray[np.int64]
 
@@ -113,13 +124,16 @@ def _map_new_anon(vmf: VmFaultInfo, page: Page, write: bool) -> None:
 
 
 def vm_normal_page(vma: Vma, pte: int) -> Page | None:
-    """The page a present PTE maps, or None for special mappings (the zero page)."""
+    """mm/memory.c ``vm_normal_page`` (v5.12): the page a present PTE maps, or None for
+    special mappings. Simplified: only the shared zero page is special here.
+    """
     if pte & _PAGE_SPECIAL:
         return None
     return vma.vm_mm.core.pages[pte_pfn(pte)]
 
 
 def mm_counter_add(mm: MmStruct, page: Page, n: int) -> None:
+    """``add_mm_counter(mm, mm_counter(page), n)`` (include/linux/mm.h, v5.12)."""
     if PageAnon(page):
         mm.rss_anon += n
     elif page.mem.flags[page.pfn] & page.mem.mask(PG.swapbacked):
@@ -132,13 +146,18 @@ def mm_counter_add(mm: MmStruct, page: Page, n: int) -> None:
 
 
 def handle_mm_fault(vma: Vma, address: int, flags: FaultFlag) -> VmFault:
-    """Resolve one fault at ``address``; returns the ``vm_fault_t`` bits (0 on success)."""
+    """mm/memory.c ``handle_mm_fault`` (v5.12; 6.18 the same for order-0 pages).
+
+    Resolves one fault at ``address``; returns the ``vm_fault_t`` bits (0 on
+    success). The PUD/PMD levels (THP, hugetlb) are not modelled.
+    """
     address &= ~(PAGE_SIZE - 1)
     vmf = VmFaultInfo(vma=vma, address=address, flags=flags, pgoff=vma.linear_page_index(address))
     return handle_pte_fault(vmf)
 
 
 def handle_pte_fault(vmf: VmFaultInfo) -> VmFault:
+    """mm/memory.c ``handle_pte_fault`` (v5.12): dispatch on the PTE's state."""
     mm = vmf.vma.vm_mm
     pte = mm.pgd.get(vmf.address)
     vmf.orig_pte = pte
@@ -158,6 +177,7 @@ def handle_pte_fault(vmf: VmFaultInfo) -> VmFault:
 
 
 def maybe_mkwrite(pte: int, vma: Vma) -> int:
+    """include/linux/mm.h ``maybe_mkwrite`` (v5.12)."""
     return pte | _PAGE_RW if vma.vm_flags & VM.WRITE else pte
 
 
@@ -169,6 +189,12 @@ def _mk_anon_pte(vma: Vma, pfn: int, write: bool) -> int:
 
 
 def do_anonymous_page(vmf: VmFaultInfo) -> VmFault:
+    """mm/memory.c ``do_anonymous_page`` (v5.12; 6.18 the same here).
+
+    A read maps the shared zero page, a write a new zeroed page. Simplified:
+    a userfaultfd MISSING range has no monitor, so the fault is SIGBUS (what
+    UFFD_FEATURE_SIGBUS gives; the kernel would otherwise block).
+    """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     core = mm.core
     if vma.vm_flags & VM.SHARED:
@@ -191,6 +217,14 @@ def do_anonymous_page(vmf: VmFaultInfo) -> VmFault:
 
 
 def __do_fault(vmf: VmFaultInfo) -> VmFault:
+    """mm/memory.c ``__do_fault`` (v5.12; v5.18+ for the eviction): call ``->fault``.
+
+    A PageHWPoison page is dropped and the fault is VM_FAULT_HWPOISON. From
+    v5.18 ("mm: invalidate hwpoison page cache page in fault path", so 6.18)
+    the page is first unmapped everywhere and, if ``mapping_evict_folio``
+    can drop it from the page cache (clean, no extra references), the fault
+    is VM_FAULT_NOPAGE: the retry reads a fresh page.
+    """
     ops = vmf.vma.vm_ops
     assert ops is not None
     ret = ops.fault(vmf)
@@ -198,16 +232,48 @@ def __do_fault(vmf: VmFaultInfo) -> VmFault:
               | VmFault.NOPAGE | VmFault.RETRY):
         return ret
     assert vmf.page is not None
-    page = vmf.vma.vm_mm.core.pages[vmf.page]
+    core = vmf.vma.vm_mm.core
+    page = core.pages[vmf.page]
     if PageHWPoison(page):
+        poisonret = VmFault.HWPOISON
+        mapping = page_mapping(page)
+        if core.kcfg.version >= KernelVersion.V6_18 and mapping is not None:
+            index = int(core.pages.index[page.pfn])
+            if page_mapped(page):
+                _unmap_mapping_page(mapping, index)
+            if mapping_evict_folio(mapping, page, index):
+                poisonret = VmFault.NOPAGE
         put_page(page)
         vmf.page = None
-        return VmFault.HWPOISON
+        return poisonret
     return ret
 
 
+def _unmap_mapping_page(mapping: AddressSpace, index: int) -> None:
+    """``unmap_mapping_pages(mapping, index, 1, false)`` (mm/memory.c, v5.18+)."""
+    for vma in list(mapping.i_mmap):
+        if vma.vm_pgoff <= index < vma.vm_pgoff + vma.npages:
+            addr = vma.vm_start + ((index - vma.vm_pgoff) << PAGE_SHIFT)
+            zap_page_range(vma, addr, addr + PAGE_SIZE, ZapDetails(even_cows=False))
+
+
+def mapping_evict_folio(mapping: AddressSpace, page: Page, index: int) -> bool:
+    """mm/truncate.c ``mapping_evict_folio`` (6.x): drop a clean, otherwise unused page
+    from the page cache; the caller keeps its own reference."""
+    if PageDirty(page) or page_count(page) > 2:  # the cache's and the caller's
+        return False
+    if mapping.lookup(index) != page.pfn:
+        return False
+    mapping.delete_from_page_cache(index)
+    put_page(page)  # the page cache's reference
+    return True
+
+
 def finish_fault(vmf: VmFaultInfo, write: bool) -> VmFault:
-    """Map the page ``->fault`` returned; its reference becomes the mapping's."""
+    """mm/memory.c ``finish_fault``/``do_set_pte`` (v5.12): map the page ``->fault``
+    returned; its reference becomes the mapping's. A write marks it dirty
+    (``fault_dirty_shared_page``).
+    """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     assert vmf.page is not None
     page = mm.core.pages[vmf.page]
@@ -221,31 +287,95 @@ def finish_fault(vmf: VmFaultInfo, write: bool) -> VmFault:
     return VmFault(0)
 
 
+_FAULT_STOP = (VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.OOM | VmFault.HWPOISON
+               | VmFault.NOPAGE | VmFault.RETRY)
+
+
 def do_fault(vmf: VmFaultInfo) -> VmFault:
+    """mm/memory.c ``do_fault`` (v5.12): read (with fault-around), COW or shared fault
+    of a file VMA.
+    """
     vma = vmf.vma
     if vma.vm_ops is None:
         return VmFault.SIGBUS
     write = bool(vmf.flags & FaultFlag.WRITE)
-    ret = __do_fault(vmf)
-    if ret & (VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.OOM | VmFault.HWPOISON
-              | VmFault.NOPAGE | VmFault.RETRY):
-        return ret
+    if not write and do_fault_around(vmf):
+        return VmFault.NOPAGE
     if write and not vma.vm_flags & VM.SHARED:
         return do_cow_fault(vmf)
+    ret = __do_fault(vmf)
+    if ret & _FAULT_STOP:
+        return ret
     return finish_fault(vmf, write)
 
 
+FAULT_AROUND_PAGES = 16  # fault_around_bytes = 64 KiB
+
+
+def do_fault_around(vmf: VmFaultInfo) -> bool:
+    """mm/memory.c ``do_fault_around`` + mm/filemap.c ``filemap_map_pages`` (v5.12).
+
+    On a read fault of a shmem or regular-file VMA (the ``->map_pages``
+    users), map the cached pages of the 64 KiB-aligned window around the
+    address, within the VMA, the PTE table and EOF: each gets a reference, a
+    mapcount and a PTE from ``vm_page_prot``. Pages that are not uptodate,
+    locked or PageHWPoison, and PTEs that are not none, are skipped. True
+    when the faulting address itself got mapped (VM_FAULT_NOPAGE).
+    """
+    vma = vmf.vma
+    file = vma.vm_file
+    if file is None or file.f_inode.kind not in ("shmem", "file"):
+        return False
+    if vma.vm_flags & VM.UFFD_WP and vma.vm_mm.core.kcfg.version >= KernelVersion.V6_18:
+        return False  # uffd_disable_fault_around (v5.12: only for MINOR, not modelled)
+    mapping = file.f_mapping
+    if mapping is None:
+        return False
+    mm = vma.vm_mm
+    mem = mm.core.pages
+    nr = FAULT_AROUND_PAGES
+    start = max(vmf.address & ~(nr * PAGE_SIZE - 1), vma.vm_start)
+    end = min(start + nr * PAGE_SIZE, vma.vm_end,
+              ((vmf.address >> 21) + 1) << 21)  # within one PTE table
+    first = vma.linear_page_index(start)
+    count = min((end - start) >> PAGE_SHIFT, file.f_inode.nr_pages - first)
+    if count <= 0:
+        return False
+    pfns = mapping.lookup_range(first, count)
+    skip = np.uint32(mem.mask(PG.locked) | mem.mask(PG.hwpoison))
+    need = np.uint32(mem.mask(PG.uptodate))
+    mapped_self = False
+    for i in np.flatnonzero(pfns >= 0):
+        pfn = int(pfns[i])
+        addr = start + (int(i) << PAGE_SHIFT)
+        flags = mem.flags[pfn]
+        if flags & skip or not flags & need or not pte_none(mm.pgd.get(addr)):
+            continue
+        page = mem[pfn]
+        get_page(page)
+        page_add_rmap(page)
+        mm_counter_add(mm, page, 1)
+        mm.pgd.set(addr, pfn_pte(pfn, vma.vm_page_prot))
+        mapped_self |= addr == vmf.address
+    return mapped_self
+
+
 def do_cow_fault(vmf: VmFaultInfo) -> VmFault:
-    """Private write to a file page: copy it into a new anonymous page."""
+    """mm/memory.c ``do_cow_fault`` (v5.12): a private write to a file page copies it
+    into a new anonymous page, allocated before ``->fault`` runs.
+    """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     core = mm.core
-    assert vmf.page is not None
-    src = core.pages[vmf.page]
     anon_vma_prepare(vma)
     new = core.buddy.alloc_pages(0)
     if new is None:
-        put_page(src)
         return VmFault.OOM
+    ret = __do_fault(vmf)
+    if ret & _FAULT_STOP:
+        put_page(new)
+        return ret
+    assert vmf.page is not None
+    src = core.pages[vmf.page]
     core.copy_page(new.pfn, src.pfn)
     put_page(src)
     _map_new_anon(vmf, new, True)
@@ -253,7 +383,10 @@ def do_cow_fault(vmf: VmFaultInfo) -> VmFault:
 
 
 def do_wp_page(vmf: VmFaultInfo) -> VmFault:
-    """Write to a present read-only PTE: reuse, share-write, or copy (COW)."""
+    """mm/memory.c ``do_wp_page`` (v5.12): reuse (``wp_page_reuse``), share-write
+    (``wp_page_shared``) or copy (``wp_page_copy``) on a write to a present
+    read-only PTE. v6.18's PageAnonExclusive reuse rule is not modelled.
+    """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     core = mm.core
     pte = vmf.orig_pte
@@ -285,13 +418,22 @@ def do_wp_page(vmf: VmFaultInfo) -> VmFault:
 
 
 def do_numa_page(vmf: VmFaultInfo) -> VmFault:
-    """A NUMA-hinting (PROT_NONE) PTE in an accessible VMA: restore its protection."""
+    """mm/memory.c ``do_numa_page`` (v5.12): restore the protection of a NUMA-hinting
+    (PROT_NONE) PTE in an accessible VMA. No NUMA migration is modelled.
+    """
     mm = vmf.vma.vm_mm
     mm.pgd.set(vmf.address, pte_modify(vmf.orig_pte, vmf.vma.vm_page_prot) | _PAGE_ACCESSED)
     return VmFault(0)
 
 
 def do_swap_page(vmf: VmFaultInfo) -> VmFault:
+    """mm/memory.c ``do_swap_page`` (v5.12, with the RFC's hwpoison branch).
+
+    Migration entries retry, hwpoison entries are VM_FAULT_HWPOISON (or, with
+    RFCv1 7/7 / RFCv2 11/13, become a present PTE again once unpoisoned),
+    v6.x PTE markers go to ``handle_pte_marker``, real swap entries to
+    :func:`swapin`; anything else is ``print_bad_pte`` and SIGBUS.
+    """
     mm = vmf.vma.vm_mm
     core = mm.core
     entry = pte_to_swp_entry(vmf.orig_pte, core.kcfg)
@@ -310,7 +452,10 @@ def do_swap_page(vmf: VmFaultInfo) -> VmFault:
 
 
 def _restore_unpoisoned(vmf: VmFaultInfo, page: Page) -> VmFault:
-    """RFC patch 11: a hwpoison entry whose page got unpoisoned becomes a present PTE."""
+    """RFCv2 11/13 (and RFCv1 7/7) in ``do_swap_page``: a hwpoison entry whose page
+    got unpoisoned becomes a present PTE; the entry's page reference becomes
+    the PTE's (no ``get_page``).
+    """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     lock_page(page)
     try:
@@ -329,7 +474,9 @@ def _restore_unpoisoned(vmf: VmFaultInfo, page: Page) -> VmFault:
 
 
 def handle_pte_marker(vmf: VmFaultInfo) -> VmFault:
-    """v6.18: POISONED beats UFFD_WP; GUARD is always fatal."""
+    """mm/memory.c ``handle_pte_marker`` (v6.18): POISONED beats UFFD_WP; GUARD is
+    always fatal (SIGSEGV). A uffd-wp marker is handled as a missing PTE.
+    """
     marker = pte_marker_get(pte_to_swp_entry(vmf.orig_pte, vmf.vma.vm_mm.core.kcfg))
     if not marker:
         return VmFault.SIGBUS
@@ -344,15 +491,20 @@ def handle_pte_marker(vmf: VmFaultInfo) -> VmFault:
 
 
 def swapin(vmf: VmFaultInfo, offset: int) -> VmFault:
-    """Read a page back from the swap device and map it."""
+    """The swap-entry half of ``do_swap_page`` (v5.12): read the slot into a new
+    page, map it (writable and dirty on a write fault) and ``swap_free`` the
+    slot. Simplified: no swap cache, so a slot shared by fork is read into a
+    separate page per process; a slot with no data is a read error (SIGBUS).
+    """
     core = vmf.vma.vm_mm.core
-    data = core.swap_space.pop(offset, None)
+    data = core.swap_space.get(offset)
     if data is None:
         return VmFault.SIGBUS  # SWAPIN_ERROR
     page = core.buddy.alloc_pages(0)
     if page is None:
         return VmFault.OOM
     core.hw.write(page.pfn << PAGE_SHIFT, data, 0)
+    core.swap_free(offset)  # a fork's other entries keep the slot
     _map_new_anon(vmf, page, bool(vmf.flags & FaultFlag.WRITE))
     return VmFault(0)
 
@@ -425,10 +577,10 @@ def _put_pages_bulk(core: MmCore, pfns: IntArray) -> None:
         return
     mem = core.pages
     heads = pfns & ~((np.int64(1) << mem.order[pfns].astype(np.int64)) - 1)
-    add_counts(mem._refcount, heads, -1)
     uniq = sorted_unique(heads)
-    if (mem._refcount[uniq] < 0).any():
+    if (mem._refcount[uniq] == 0).any():
         raise AssertionError("put_page on a free page")
+    add_counts(mem._refcount, heads, -1)
     dead = uniq[mem._refcount[uniq] == 0]
     if len(dead):
         compound = mem.order[dead] != 0  # read before freeing rewrites ``order``
@@ -446,25 +598,113 @@ def _swp_entry_fields(core: MmCore, ptes: npt.NDArray[np.uint64]) -> tuple[IntAr
     return (__swp_type_array(clean).astype(np.int64), __swp_offset_array(clean).astype(np.int64))
 
 
-def zap_page_range(vma: Vma, start: int, end: int, keep_markers: bool = False,
-                   even_cows: bool = True) -> int:
-    """``unmap_page_range``/``zap_pte_range`` over [start, end), vectorised.
+@dataclass(frozen=True, slots=True)
+class ZapDetails:
+    """``struct zap_details``: what a zap with details leaves behind.
 
-    Present pages lose their mapping (dirty file pages get PG_dirty); the
-    mapping's page references are dropped, freeing pages that reach zero.
-    hwpoison entries are cleared (dropping the RFC's page reference when the
-    hook says they hold one); PTE markers are cleared unless ``keep_markers``
-    (the zap-with-details of truncation). Returns the pages unmapped.
+    ``even_cows`` is v5.12's ``check_mapping == NULL`` and v5.18+'s ``even_cows``
+    (``unmap_mapping_pages(..., even_cows)``); ``drop_markers`` is
+    ``zap_flags & ZAP_FLAG_DROP_MARKER`` (v5.19+, set only by ``unmap_vmas``).
+    A zap without details (``None``: MADV_DONTNEED, v5.12's munmap/exit) is
+    the kernel's ``details == NULL``.
+    """
 
-    ``even_cows=False`` is a ``zap_details`` whose ``even_cows`` is false (a
-    hole punch, which spares private COW copies): from v6.1 (``zap_pte_range``,
-    ``should_zap_cows``, v6.1.192) such a zap also leaves hwpoison entries.
+    even_cows: bool = False
+    drop_markers: bool = False
+
+
+def should_zap_cows(details: ZapDetails | None) -> bool:
+    """mm/memory.c ``should_zap_cows`` (v5.18+): zap private COW pages and swap entries?"""
+    return details is None or details.even_cows
+
+
+def zap_drop_markers(details: ZapDetails | None) -> bool:
+    """mm/memory.c ``zap_drop_markers`` (v6.x; ``zap_drop_file_uffd_wp`` in v5.19-6.1)."""
+    return details is not None and details.drop_markers
+
+
+def unmap_vmas(vma: Vma, start: int, end: int) -> int:
+    """mm/memory.c ``unmap_vmas`` for one VMA (munmap, exit): zap everything.
+
+    v5.12 passes no details; 6.1 and 6.18 pass ``ZAP_FLAG_DROP_MARKER`` and
+    ``even_cows``, which also removes guard and uffd-wp markers.
+    """
+    details = None
+    if vma.vm_mm.core.kcfg.version >= KernelVersion.V6_1:  # 5.19: ZAP_FLAG_DROP_MARKER
+        details = ZapDetails(even_cows=True, drop_markers=True)
+    return zap_page_range(vma, start, end, details)
+
+
+def _nonpresent_kept(core: MmCore, vma: Vma, stypes: IntArray, soffs: IntArray,
+                     details: ZapDetails | None) -> npt.NDArray[np.bool_]:
+    """Which non-present entries ``zap_pte_range`` leaves in place.
+
+    v5.12 (mm/memory.c ``zap_pte_range``): with any details every swap-type
+    entry is skipped (``if (unlikely(details)) continue;``): swap, migration
+    and hwpoison entries survive truncate and hole-punch alike. v5.18
+    (Peter Xu, "mm: don't skip swap entry even if zap_details specified")
+    decides per type; v6.18 ``zap_nonpresent_ptes``: swap, hwpoison and
+    poison-marker entries go only when ``should_zap_cows`` (so a hole-punch,
+    ``even_cows == false``, still keeps them); uffd-wp markers stay in file
+    VMAs and guard markers everywhere unless ``zap_drop_markers``.
+    """
+    if details is None:
+        keep = np.zeros(len(stypes), dtype=bool)
+    elif core.kcfg.version < KernelVersion.V6_1:  # before 5.18
+        return np.ones(len(stypes), dtype=bool)
+    else:
+        keep = np.zeros(len(stypes), dtype=bool)
+    types = core.swap_types
+    cows = should_zap_cows(details)
+    if not cows:
+        keep |= stypes < types.max_swapfiles
+        if types.hwpoison is not None:
+            keep |= stypes == types.hwpoison
+        mem = core.pages
+        for kind in (types.migration_read, types.migration_read_exclusive,
+                     types.migration_write, types.device_write, types.device_read,
+                     types.device_exclusive):
+            if kind is None:
+                continue
+            sel = np.flatnonzero(stypes == kind)
+            if len(sel):  # should_zap_folio: only anon folios stay
+                pfns = soffs[sel] & ((1 << (max_physmem_bits(core.kcfg.x86_5level)
+                                           - PAGE_SHIFT)) - 1)
+                pfns = np.clip(pfns, 0, mem.nr_pages - 1)
+                keep[sel] = (mem.mapping[pfns] & 1) != 0
+    if types.pte_marker is not None:
+        sel = np.flatnonzero(stypes == types.pte_marker)
+        if len(sel):
+            marker = soffs[sel]
+            uffd = (marker & int(PteMarker.UFFD_WP)) != 0
+            guard = ~uffd & ((marker & int(PteMarker.GUARD)) != 0)
+            poison = ~uffd & ~guard & ((marker & int(PteMarker.POISONED)) != 0)
+            drop = zap_drop_markers(details)
+            keep[sel] = ((uffd & (not vma_is_anonymous(vma)) & (not drop))
+                         | (guard & (not drop)) | (poison & (not cows)))
+    return keep
+
+
+def zap_page_range(vma: Vma, start: int, end: int, details: ZapDetails | None = None) -> int:
+    """mm/memory.c ``unmap_page_range`` -> ``zap_pte_range`` over [start, end), vectorised.
+
+    v5.12, with RFC patch 10 (``put_page`` of a zapped hwpoison entry's page
+    when the design's entries hold a reference), and v6.18's
+    ``zap_present_ptes``/``zap_nonpresent_ptes`` rules. Present pages lose
+    their mapping (dirty file pages get PG_dirty) and the mapping's reference,
+    freeing pages that reach zero; with details that do not ``even_cows``
+    (v5.12: ``check_mapping`` set) anonymous COW pages stay mapped.
+    Non-present entries follow :func:`_nonpresent_kept`. The mmu notifier
+    covers the whole range either way. Not modelled: the uffd-wp marker that
+    v6.x installs over a zapped file PTE of a uffd-wp VMA, swap-cache pages,
+    ``MM_SWAPENTS``. Returns the pages unmapped.
     """
     mm = vma.vm_mm
     core = mm.core
     store = core.ptes.rows
     mem = core.pages
     types = core.swap_types
+    cows = should_zap_cows(details)
     unmapped = 0
     for chunk in mm.pgd.chunks(start, end):
         ptes = store[chunk.rows, chunk.cols]
@@ -473,6 +713,12 @@ def zap_page_range(vma: Vma, start: int, end: int, keep_markers: bool = False,
             continue
         present = pte_present_array(ptes) & live
         normal = present & ((ptes & np.uint64(_PAGE_SPECIAL)) == 0)
+        clear = live.copy()
+        if not cows and normal.any():  # should_zap_page: private COW copies stay
+            idx = np.flatnonzero(normal)
+            anon_cow = (mem.mapping[pte_pfn_array(ptes[idx])] & 1) != 0
+            normal[idx[anon_cow]] = False
+            clear[idx[anon_cow]] = False
         pfns = pte_pfn_array(ptes[normal])
         if len(pfns):
             dirty = (ptes[normal] & np.uint64(_PAGE_DIRTY)) != 0
@@ -485,23 +731,16 @@ def zap_page_range(vma: Vma, start: int, end: int, keep_markers: bool = False,
             mm.rss_file -= int((~anon & ~shmem).sum())
             unmapped += len(pfns)
         swap = live & ~present
-        clear = live.copy()
         if swap.any():
-            stypes, soffs = _swp_entry_fields(core, ptes[swap])
-            if keep_markers and types.pte_marker is not None:
-                markers = stypes == types.pte_marker
-                idx = np.flatnonzero(swap)[markers]
-                clear[idx] = False
-            if not even_cows and types.hwpoison is not None and \
-                    core.kcfg.version >= KernelVersion.V6_1:
-                clear[np.flatnonzero(swap)[stypes == types.hwpoison]] = False
-                stypes = np.where(stypes == types.hwpoison, -1, stypes)  # kept: no ref dropped
+            idx = np.flatnonzero(swap)
+            stypes, soffs = _swp_entry_fields(core, ptes[idx])
+            kept = _nonpresent_kept(core, vma, stypes, soffs, details)
+            clear[idx[kept]] = False
+            gone_t, gone_o = stypes[~kept], soffs[~kept]
             if types.hwpoison is not None and core.hooks.hwpoison_entry_holds_ref:
-                poisoned = soffs[stypes == types.hwpoison]
-                _put_pages_bulk(core, poisoned)
-            real = stypes < types.max_swapfiles
-            for off in soffs[real & (stypes == 0)]:  # free the swap slots
-                core.swap_space.pop(int(off), None)
+                _put_pages_bulk(core, gone_o[gone_t == types.hwpoison])
+            for off in gone_o[gone_t < types.max_swapfiles]:  # free_swap_and_cache
+                core.swap_free(int(off))
         store[chunk.rows[clear], chunk.cols[clear]] = 0
         _put_pages_bulk(core, pfns)
     core.flush_tlb_range(mm, start, end)
@@ -518,8 +757,46 @@ def vma_needs_copy(dst: Vma, src: Vma) -> bool:
     return src.anon_vma is not None
 
 
+def _maybe_dma_pinned(core: MmCore, pfns: IntArray) -> npt.NDArray[np.bool_]:
+    """``page_maybe_dma_pinned`` (refcount >= GUP_PIN_COUNTING_BIAS); v6.x anon folios only."""
+    mem = core.pages
+    heads = pfns & ~((np.int64(1) << mem.order[pfns].astype(np.int64)) - 1)
+    pinned = mem._refcount[heads] >= 1024  # GUP_PIN_COUNTING_BIAS
+    if core.kcfg.version >= KernelVersion.V6_18:
+        pinned &= (mem.mapping[heads] & 1) != 0  # folio_try_dup_anon_rmap_ptes
+    return np.asarray(pinned, dtype=np.bool_)
+
+
+def _copy_present_page(dst: Vma, addr: int, pfn: int) -> bool:
+    """mm/memory.c ``copy_present_page`` (v5.9+): a page the parent may have pinned for
+    DMA is copied into the child at fork, so the parent keeps the pinned page mapped
+    writable (no COW that would move the parent off it). False when no page is free
+    (the kernel fails fork with -ENOMEM; the model falls back to sharing).
+    """
+    core = dst.vm_mm.core
+    new = core.buddy.alloc_pages(0)
+    if new is None:
+        return False
+    core.copy_page(new.pfn, pfn)
+    page_add_new_anon_rmap(new, dst, addr)
+    core.pages.flags[new.pfn] |= _anon_flags(core, True)
+    dst.vm_mm.rss_anon += 1
+    dst.vm_mm.pgd.set(addr, _mk_anon_pte(dst, new.pfn, True))
+    return True
+
+
 def copy_page_range(dst: Vma, src: Vma) -> None:
-    """Copy the parent's PTEs to the child; private anon pages become COW."""
+    """mm/memory.c ``copy_page_range`` (v5.12, with RFC patch 10; v6.18 marker rules).
+
+    Copy the parent's PTEs to the child; private pages become COW (both sides
+    write-protected) except a pinned page, which the child gets a copy of
+    (``copy_present_page``). hwpoison entries are copied (taking the RFC's
+    reference when the design's entries hold one), swap entries share their
+    slot (``swap_duplicate``), and v6.18 keeps only poison and guard markers
+    (``copy_pte_marker``; uffd-wp markers need a uffd-wp child VMA, not
+    modelled). The child's PTEs are old, and clean in a shared mapping.
+    Simplified: ``mm->has_pinned`` is not consulted.
+    """
     if not vma_needs_copy(dst, src):
         return
     src_mm, dst_mm = src.vm_mm, dst.vm_mm
@@ -544,19 +821,31 @@ def copy_page_range(dst: Vma, src: Vma) -> None:
         new = ptes.copy()
         present = pte_present_array(ptes) & live
         normal = present & ((ptes & np.uint64(_PAGE_SPECIAL)) == 0)
+        if cow and normal.any():
+            idx = np.flatnonzero(normal)
+            pinned = idx[_maybe_dma_pinned(core, pte_pfn_array(ptes[idx]))]
+            for i in pinned:
+                if _copy_present_page(dst, int(chunk.addr[i]), int(pte_pfn(int(ptes[i])))):
+                    normal[i] = False
+                    live[i] = False  # the child's PTE is already set
         pfns = pte_pfn_array(ptes[normal])
         if len(pfns):
             anon = (mem.mapping[pfns] & 1) != 0
             add_counts(mem._mapcount, pfns, 1)
             heads = pfns & ~((np.int64(1) << mem.order[pfns].astype(np.int64)) - 1)
             add_counts(mem._refcount, heads, 1)
-            dst_mm.rss_anon += int(anon.sum())
-            dst_mm.rss_file += int((~anon).sum())
+            shmem = ~anon & ((mem.flags[pfns] & np.uint32(mem.mask(PG.swapbacked))) != 0)
+            dst_mm.rss_anon += int(anon.sum())  # rss[mm_counter(page)]++
+            dst_mm.rss_shmem += int(shmem.sum())
+            dst_mm.rss_file += int((~anon & ~shmem).sum())
             if cow:
                 idx = np.flatnonzero(normal)[anon]
                 wp = ptes[idx] & np.uint64(~_PAGE_RW & 0xFFFF_FFFF_FFFF_FFFF)
                 new[idx] = wp
                 store[chunk.rows[idx], chunk.cols[idx]] = wp  # parent loses write too
+        # copy_present_pte: the child's PTE is old, and clean in a shared mapping
+        young = np.uint64(_PAGE_ACCESSED | (0 if cow else _PAGE_DIRTY))
+        new[present] &= ~young
         swap = live & ~present
         if swap.any():
             idx = np.flatnonzero(swap)
@@ -572,6 +861,8 @@ def copy_page_range(dst: Vma, src: Vma) -> None:
             if types.hwpoison is not None and core.hooks.hwpoison_entry_holds_ref:
                 poisoned = soffs[stypes == types.hwpoison]
                 np.add.at(mem._refcount, poisoned, 1)
+            for off in soffs[stypes < types.max_swapfiles]:  # swap_duplicate
+                core.swap_duplicate(int(off))
         store[rows[live], chunk.cols[live]] = new[live]
     if cow:
         core.flush_tlb_range(src_mm, src.vm_start, src.vm_end)

@@ -21,6 +21,9 @@ from kvmpoison.mm.mmap import page_align, range_is_mapped, vmas_in_range
 
 
 def _mincore_vma(vma: Vma, start: int, end: int) -> npt.NDArray[np.uint8]:
+    """mm/mincore.c ``mincore_pte_range``/``__mincore_unmapped_range`` (v5.12; 6.18's
+    ``pte_none_mostly`` and ``mincore_swap``) for one VMA.
+    """
     mm = vma.vm_mm
     core = mm.core
     types = core.swap_types
@@ -47,7 +50,10 @@ def _mincore_vma(vma: Vma, start: int, end: int) -> npt.NDArray[np.uint8]:
 
 
 def do_mincore(mm: MmStruct, start: int, length: int) -> npt.NDArray[np.uint8] | int:
-    """The residency vector, or -errno."""
+    """mm/mincore.c ``do_mincore`` (v5.12): the residency vector, or -errno.
+
+    Not modelled: ``can_do_mincore`` (a file the caller cannot write reports 1s).
+    """
     if start & (PAGE_SIZE - 1):
         return -errno.EINVAL
     end = start + page_align(length)

@@ -14,11 +14,12 @@ import numpy as np
 from kvmpoison.arch.x86.pgtable import pte_pfn_array, pte_present_array
 from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SIZE
 from kvmpoison.mm.mm_types import VM, MmStruct
-from kvmpoison.mm.mmap import __mm_populate, page_align, range_is_mapped, vmas_in_range
+from kvmpoison.mm.mmap import __mm_populate, page_align, vmas_in_range
 from kvmpoison.mm.page_flags import PG
 
 
 def __mlock_posix_error_return(retval: int) -> int:
+    """mm/mlock.c ``__mlock_posix_error_return`` (v5.12)."""
     if retval == -errno.EFAULT:
         return -errno.ENOMEM
     if retval == -errno.ENOMEM:
@@ -27,6 +28,7 @@ def __mlock_posix_error_return(retval: int) -> int:
 
 
 def _mark_mlocked(mm: MmStruct, start: int, end: int) -> None:
+    """FOLL_MLOCK's ``mlock_vma_page`` (mm/gup.c follow_page_pte, v5.12) on the populated pages."""
     mem = mm.core.pages
     bits = np.uint32(mem.bits.mask(PG.mlocked, PG.unevictable))
     for chunk in mm.pgd.chunks(start, end):
@@ -35,23 +37,40 @@ def _mark_mlocked(mm: MmStruct, start: int, end: int) -> None:
         mem.flags[pte_pfn_array(ptes[normal])] |= bits
 
 
-def _lock_range(mm: MmStruct, start: int, length: int) -> tuple[int, int] | None:
-    """[start, end) widened to pages, or None if a page of it is unmapped (-ENOMEM)."""
+def _lock_range(mm: MmStruct, start: int, length: int) -> tuple[int, int, int]:
+    """(start, end, hole): [start, end) widened to pages, and where its first hole starts.
+
+    ``apply_vma_lock_flags`` changes the VMAs up to a hole before it returns
+    -ENOMEM, so the caller applies the change to [start, hole) either way.
+    """
     length = page_align(length + (start & (PAGE_SIZE - 1)))
     start &= ~(PAGE_SIZE - 1)
     end = start + length
-    return (start, end) if range_is_mapped(mm, start, end) else None
+    addr = start
+    for vma in sorted(mm.vmas, key=lambda v: v.vm_start):
+        if vma.vm_end <= addr:
+            continue
+        if vma.vm_start > addr:
+            break
+        addr = min(vma.vm_end, end)
+        if addr >= end:
+            break
+    return start, end, addr
 
 
 def do_mlock(mm: MmStruct, start: int, length: int) -> int:
-    span = _lock_range(mm, start, length)
-    if span is None:
-        return -errno.ENOMEM
-    start, end = span
-    for vma in vmas_in_range(mm, start, end, split=True):
-        if not vma.vm_flags & VM.LOCKED:
-            vma.vm_flags |= VM.LOCKED
-            mm.locked_vm += vma.npages
+    """mm/mlock.c ``do_mlock`` (v5.12; v6.18 the same): lock, then ``__mm_populate``.
+
+    Simplified: RLIMIT_MEMLOCK is not checked (the model runs with CAP_IPC_LOCK).
+    """
+    start, end, hole = _lock_range(mm, start, length)
+    if hole > start:
+        for vma in vmas_in_range(mm, start, hole, split=True):
+            if not vma.vm_flags & VM.LOCKED:
+                vma.vm_flags |= VM.LOCKED
+                mm.locked_vm += vma.npages
+    if hole < end:
+        return -errno.ENOMEM  # the VMAs before the hole stay locked, unpopulated
     ret = __mm_populate(mm, start, end - start, ignore_errors=False)
     if ret:
         return __mlock_posix_error_return(ret)
@@ -60,18 +79,23 @@ def do_mlock(mm: MmStruct, start: int, length: int) -> int:
 
 
 def do_munlock(mm: MmStruct, start: int, length: int) -> int:
-    span = _lock_range(mm, start, length)
-    if span is None:
-        return -errno.ENOMEM
-    start, end = span
-    for vma in vmas_in_range(mm, start, end, split=True):
-        if vma.vm_flags & VM.LOCKED:
-            vma.vm_flags &= ~VM.LOCKED
-            mm.locked_vm -= vma.npages
-    mem = mm.core.pages
-    clear = np.uint32(~mem.bits.mask(PG.mlocked) & 0xFFFF_FFFF)
-    for chunk in mm.pgd.chunks(start, end):
-        ptes = mm.core.ptes.rows[chunk.rows, chunk.cols]
-        normal = pte_present_array(ptes) & ((ptes & np.uint64(_PAGE_SPECIAL)) == 0)
-        mem.flags[pte_pfn_array(ptes[normal])] &= clear
-    return 0
+    """mm/mlock.c ``munlock`` -> ``apply_vma_lock_flags(start, len, 0)``.
+
+    ``munlock_vma_pages_range`` puts each page back on an evictable LRU:
+    PG_mlocked and PG_unevictable are both cleared. Simplified: a page also
+    mapped by another VM_LOCKED VMA loses them too (``try_to_munlock`` would
+    keep it mlocked).
+    """
+    start, end, hole = _lock_range(mm, start, length)
+    if hole > start:
+        for vma in vmas_in_range(mm, start, hole, split=True):
+            if vma.vm_flags & VM.LOCKED:
+                vma.vm_flags &= ~VM.LOCKED
+                mm.locked_vm -= vma.npages
+        mem = mm.core.pages
+        clear = np.uint32(~mem.bits.mask(PG.mlocked, PG.unevictable) & 0xFFFF_FFFF)
+        for chunk in mm.pgd.chunks(start, hole):
+            ptes = mm.core.ptes.rows[chunk.rows, chunk.cols]
+            normal = pte_present_array(ptes) & ((ptes & np.uint64(_PAGE_SPECIAL)) == 0)
+            mem.flags[pte_pfn_array(ptes[normal])] &= clear
+    return -errno.ENOMEM if hole < end else 0

@@ -139,7 +139,11 @@ class Vma:
 
     @property
     def vm_page_prot(self) -> int:
-        return vm_get_page_prot(self.vm_flags)
+        """``vma_set_page_prot``: with write-notify a shared writable mapping maps read-only."""
+        prot = vm_get_page_prot(self.vm_flags)
+        if vma_wants_writenotify(self):
+            prot &= ~_PAGE_RW
+        return prot
 
     @property
     def npages(self) -> int:
@@ -151,6 +155,20 @@ class Vma:
     def __repr__(self) -> str:
         name = f" {self.vm_file.name}" if self.vm_file is not None else ""
         return f"Vma({self.vm_start:#x}-{self.vm_end:#x} {self.vm_flags!r}{name})"
+
+
+def vma_wants_writenotify(vma: Vma) -> bool:
+    """mm/mmap.c ``vma_wants_writenotify`` (v5.12; v6.18 the same for these cases).
+
+    A shared writable mapping of a file whose mapping does writeback (a
+    regular file on a block filesystem: ``page_mkwrite``) takes a write fault
+    on the first store, so the page is marked dirty for writeback. shmem has
+    neither, so it maps writable at once. Soft-dirty tracking (after
+    clear_refs) is not modelled.
+    """
+    if vma.vm_flags & (VM.WRITE | VM.SHARED) != VM.WRITE | VM.SHARED:
+        return False
+    return vma.vm_file is not None and vma.vm_file.f_inode.kind == "file"
 
 
 def vma_is_anonymous(vma: Vma) -> bool:

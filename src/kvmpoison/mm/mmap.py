@@ -15,7 +15,7 @@ from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.mm.fault import find_vma
 from kvmpoison.mm.file import O_ACCMODE, O_RDONLY, O_WRONLY, File
 from kvmpoison.mm.gup import FOLL, __get_user_pages
-from kvmpoison.mm.memory import copy_page_range, zap_page_range
+from kvmpoison.mm.memory import copy_page_range, unmap_vmas
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma, vma_is_accessible
 from kvmpoison.mm.pagetable import TASK_SIZE
 from kvmpoison.mm.rmap import anon_vma_fork, unlink_anon_vmas
@@ -175,7 +175,7 @@ def do_munmap(mm: MmStruct, start: int, length: int) -> int:
         return -errno.EINVAL
     end = start + length
     for vma in vmas_in_range(mm, start, end, split=True):
-        zap_page_range(vma, vma.vm_start, vma.vm_end)
+        unmap_vmas(vma, vma.vm_start, vma.vm_end)
         _remove_vma(mm, vma)
     free_pgtables(mm, start, end)
     return 0
@@ -322,7 +322,7 @@ def exit_mmap(mm: MmStruct) -> None:
     for notifier in list(mm.mmu_notifiers):
         notifier.release()
     for vma in list(mm.vmas):
-        zap_page_range(vma, vma.vm_start, vma.vm_end)
+        unmap_vmas(vma, vma.vm_start, vma.vm_end)
         _remove_vma(mm, vma)
     mm.pgd.destroy()
     mm.core.mms.pop(mm.ident, None)

@@ -284,10 +284,15 @@ def get_page(page: Page) -> None:
 
 
 def put_page(page: Page) -> None:
-    """Drop a reference; the last one frees the page through the allocator."""
+    """Drop a reference; the last one frees the page through the allocator.
+
+    A count already below zero (an RFC pin released on a bare ``get_page``)
+    only goes further down, as without CONFIG_DEBUG_VM; a free page (zero)
+    is a model bug.
+    """
     head = compound_head(page)
     mem = head.mem
-    if mem._refcount[head.pfn] <= 0:
+    if mem._refcount[head.pfn] == 0:
         raise AssertionError(f"put_page on free {page}")
     mem._refcount[head.pfn] -= 1
     if mem._refcount[head.pfn] == 0 and mem.release is not None:

@@ -61,10 +61,11 @@ PG_PGTABLE_BIT = 31
 @dataclass(frozen=True, slots=True)
 class PageFlagBits:
     bit: dict[PG, int]
+    version: KernelVersion = KernelVersion.V5_12  # for page-level rules that moved (pincount)
 
     @classmethod
     def for_config(cls, cfg: KernelConfig) -> PageFlagBits:
-        return cls(dict(_V6_18 if cfg.version >= KernelVersion.V6_18 else _V5_12))
+        return cls(dict(_V6_18 if cfg.version >= KernelVersion.V6_18 else _V5_12), cfg.version)
 
     def mask(self, *flags: PG) -> int:
         out = 0

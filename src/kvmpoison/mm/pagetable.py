@@ -147,7 +147,11 @@ class PageTables:
         return table
 
     def pte_slot(self, addr: int, alloc: bool = False) -> tuple[int, int] | None:
-        """(row, column) of the PTE for ``addr``; ``alloc`` builds missing tables."""
+        """(row, column) of the PTE for ``addr``; ``alloc`` builds missing tables.
+
+        An address the four levels cannot translate (at or above 2^48) raises
+        :class:`AddressWidthError`: asking for it is a bug in the caller.
+        """
         cached = self._rows.get(addr >> PMD_SHIFT)
         if cached is not None:
             return cached, (addr >> PAGE_SHIFT) & (PTRS_PER_PTE - 1)

@@ -13,7 +13,7 @@ import errno
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.tlb import Cpu
 from kvmpoison.mm.filemap import kernel_read_page
-from kvmpoison.mm.gup import FOLL, pin_user_pages, unpin_user_pages
+from kvmpoison.mm.gup import FOLL, pin_user_pages, unpin_user_pages_dirty_lock
 from kvmpoison.mm.mm_types import MmStruct
 from kvmpoison.mm.page import Page
 from kvmpoison.mm.uaccess import IovIter
@@ -23,6 +23,12 @@ PVM_MAX_PP_ARRAY_COUNT = 16
 
 def process_vm_rw(local: MmStruct, cpu: Cpu | None, remote: MmStruct, local_addr: int,
                   remote_addr: int, length: int, vm_write: bool) -> int:
+    """mm/process_vm_access.c ``process_vm_rw_core``/``process_vm_rw_single_vec`` (v5.12).
+
+    Pins up to 16 remote pages at a time, copies, and unpins with
+    ``unpin_user_pages_dirty_lock(pages, vm_write)``; returns bytes moved or
+    -EFAULT when nothing moved.
+    """
     it = IovIter(local, cpu, local_addr, length)
     total = 0
     addr = remote_addr
@@ -47,7 +53,7 @@ def process_vm_rw(local: MmStruct, cpu: Cpu | None, remote: MmStruct, local_addr
             total += len(data)
             addr += len(data)
             if len(data) < n:
-                unpin_user_pages(pages)
+                unpin_user_pages_dirty_lock(pages, vm_write)
                 return total or -errno.EFAULT
-        unpin_user_pages(pages)
+        unpin_user_pages_dirty_lock(pages, vm_write)
     return total

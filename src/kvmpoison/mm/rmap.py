@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from kvmpoison.arch.x86.pgtable import (
-    pte_none,
     pte_pfn,
     pte_pfn_array,
     pte_present,
@@ -36,6 +35,7 @@ from kvmpoison.mm.page import (
     PageArray,
     PageHWPoison,
     PageKsm,
+    PageSwapBacked,
     SetPageDirty,
     compound_head,
     get_page,
@@ -46,10 +46,7 @@ from kvmpoison.mm.page import (
 )
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.swapops import (
-    hwpoison_entry_to_pfn,
-    is_hwpoison_entry,
     make_hwpoison_entry,
-    pte_to_swp_entry,
     swp_entry_to_pte,
 )
 
@@ -83,6 +80,7 @@ class AnonVma:
 
 
 def anon_vma_prepare(vma: Vma) -> AnonVma:
+    """mm/rmap.c ``__anon_vma_prepare`` (v5.12): give the VMA its anon_vma."""
     if vma.anon_vma is None:
         av = AnonVma(vmas=[vma])
         vma.anon_vma = av
@@ -91,7 +89,9 @@ def anon_vma_prepare(vma: Vma) -> AnonVma:
 
 
 def anon_vma_fork(child: Vma, parent: Vma) -> None:
-    """Link the child VMA into every anon_vma of the parent and give it its own."""
+    """mm/rmap.c ``anon_vma_fork`` (v5.12): link the child VMA into every anon_vma
+    of the parent and give it its own. Simplified: no anon_vma reuse by degree.
+    """
     for av in parent.anon_vma_chain:
         av.vmas.append(child)
         child.anon_vma_chain.append(av)
@@ -102,6 +102,7 @@ def anon_vma_fork(child: Vma, parent: Vma) -> None:
 
 
 def unlink_anon_vmas(vma: Vma) -> None:
+    """mm/rmap.c ``unlink_anon_vmas`` (v5.12)."""
     for av in vma.anon_vma_chain:
         if vma in av.vmas:
             av.vmas.remove(vma)
@@ -113,6 +114,7 @@ def mapping_encode(mem: PageArray, obj: Any, anon: bool) -> int:
 
 
 def page_add_new_anon_rmap(page: Page, vma: Vma, address: int) -> None:
+    """mm/rmap.c ``page_add_new_anon_rmap`` (v5.12, order-0): mapping, index, mapcount 0."""
     av = anon_vma_prepare(vma)
     mem = page.mem
     mem.mapping[page.pfn] = mapping_encode(mem, av, True)
@@ -121,11 +123,14 @@ def page_add_new_anon_rmap(page: Page, vma: Vma, address: int) -> None:
 
 
 def page_add_rmap(page: Page) -> None:
-    """``page_add_anon_rmap`` / ``page_add_file_rmap`` for an already-mapped-somewhere page."""
+    """mm/rmap.c ``page_add_anon_rmap``/``page_add_file_rmap`` (v5.12, order-0) for a
+    page already set up: one more mapping.
+    """
     page.mem._mapcount[page.pfn] += 1
 
 
 def page_remove_rmap(page: Page) -> None:
+    """mm/rmap.c ``page_remove_rmap`` (v5.12, order-0)."""
     mem = page.mem
     if mem._mapcount[page.pfn] < 0:
         raise AssertionError(f"page_remove_rmap: {page} is not mapped")
@@ -141,6 +146,7 @@ def _rmap_vmas(page: Page) -> list[Vma]:
 
 
 def vma_address(page: Page, vma: Vma) -> int | None:
+    """mm/internal.h ``vma_address`` (v5.12): where ``page`` sits in ``vma``, or None."""
     head = compound_head(page)
     index = int(head.mem.index[head.pfn]) + (page.pfn - head.pfn)
     addr = vma.vm_start + ((index - vma.vm_pgoff) << PAGE_SHIFT)
@@ -168,17 +174,16 @@ def rmap_walk(page: Page) -> Iterator[tuple[Vma, int]]:
 
 
 def page_vma_mapped(page: Page, vma: Vma, addr: int) -> bool:
-    """``check_pte``: a present PTE of this pfn (or, with the v1 hook, its hwpoison entry)."""
-    mm = vma.vm_mm
-    pte = mm.pgd.get(addr)
-    if pte_none(pte):
-        return False
-    if pte_present(pte):
-        return pte_pfn(pte) == page.pfn
-    if not mm.core.hooks.check_pte_sees_hwpoison:
-        return False
-    entry = pte_to_swp_entry(pte, mm.core.kcfg)
-    return is_hwpoison_entry(entry, mm.core.swap_types) and hwpoison_entry_to_pfn(entry) == page.pfn
+    """mm/page_vma_mapped.c ``check_pte`` (v5.12) for a walk without PVMW_MIGRATION.
+
+    True when the PTE at ``addr`` is present and maps ``page`` (device-private
+    entries, the other match, are not modelled). RFCv1 7/7 also let a
+    hwpoison entry match, but only in the PVMW_MIGRATION branch, which only
+    ``remove_migration_pte`` walks; migration is not modelled, so that change
+    has no effect here (RFCv2 dropped it).
+    """
+    pte = vma.vm_mm.pgd.get(addr)
+    return pte_present(pte) and pte_pfn(pte) == page.pfn
 
 
 _TTU_BIT_0X20 = int(TTU.IGNORE_HWPOISON)
@@ -194,6 +199,13 @@ def _installs_hwpoison(mm: MmStruct, page: Page, flags: int) -> bool:
 
 def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
                      pteval: int | None = None) -> bool:
+    """mm/rmap.c ``try_to_unmap_one`` (v5.12 with RFCv2 10/13; v6.18's TTU_HWPOISON).
+
+    Clears the PTE (moving Dirty to the page); a PageHWPoison page gets a
+    hwpoison entry instead (with the RFC's ``get_page`` when the design's
+    entries hold a reference). An mlocked VMA stops the walk unless
+    TTU_IGNORE_MLOCK. Not modelled: swap and migration entries.
+    """
     mm = vma.vm_mm
     core = mm.core
     if not int(flags) & _TTU_IGNORE_MLOCK and vma.vm_flags & VM.LOCKED:
@@ -214,8 +226,10 @@ def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
         rows[slot] = swp_entry_to_pte(entry)  # set_pte_at
         if core.hooks.hwpoison_entry_holds_ref:
             get_page(page)
-    if anon:
+    if anon:  # dec_mm_counter(mm, mm_counter(page))
         mm.rss_anon -= 1
+    elif PageSwapBacked(page):
+        mm.rss_shmem -= 1
     else:
         mm.rss_file -= 1
     page_remove_rmap(page)
@@ -224,12 +238,11 @@ def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
 
 
 def try_to_unmap(page: Page, flags: TTU) -> bool:
-    """Unmap ``page`` from every mm; True when nothing maps it any more."""
+    """mm/rmap.c ``try_to_unmap`` (v5.12): unmap ``page`` from every mm; True when
+    nothing maps it any more.
+    """
     for vma, addr in rmap_walk(page):
-        pte = vma.vm_mm.pgd.get(addr)
-        # page_vma_mapped, for the present PTEs try_to_unmap_one can act on
-        mapped = pte_present(pte) and pte_pfn(pte) == page.pfn
-        if mapped and not try_to_unmap_one(page, vma, addr, flags, pte):
+        if page_vma_mapped(page, vma, addr) and not try_to_unmap_one(page, vma, addr, flags):
             break
     return not page_mapped(page)
 
@@ -278,8 +291,10 @@ def try_to_unmap_pages_hwpoison(mem: PageArray, pfns: np.ndarray, vmas: list[Vma
             if not holds_ref:
                 np.subtract.at(mem._refcount, hit_pfns, 1)
             anon = (mem.mapping[hit_pfns] & 1) != 0
+            shmem = ~anon & ((mem.flags[hit_pfns] & np.uint32(mem.mask(PG.swapbacked))) != 0)
             mm.rss_anon -= int(anon.sum())
-            mm.rss_file -= int((~anon).sum())
+            mm.rss_shmem -= int(shmem.sum())
+            mm.rss_file -= int((~anon & ~shmem).sum())
             replaced += int(hit.sum())
         core.flush_tlb_range(mm, lo, hi)
     return replaced

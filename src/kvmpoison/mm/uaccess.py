@@ -30,7 +30,7 @@ def _pieces(addr: int, size: int) -> list[tuple[int, int]]:
 
 
 def copy_to_user(mm: MmStruct, cpu: Cpu | None, addr: int, data: bytes) -> int:
-    """Returns the number of bytes that could not be copied."""
+    """``copy_to_user`` (include/linux/uaccess.h, v5.12): returns the bytes not copied."""
     done = 0
     for vaddr, n in _pieces(addr, len(data)):
         pfn, failed = translate(mm, cpu, vaddr, write=True, user_mode=False)
@@ -43,7 +43,9 @@ def copy_to_user(mm: MmStruct, cpu: Cpu | None, addr: int, data: bytes) -> int:
 
 
 def copy_from_user(mm: MmStruct, cpu: Cpu | None, addr: int, size: int) -> tuple[bytes, int]:
-    """(bytes copied, bytes not copied)."""
+    """``copy_from_user`` (v5.12): (bytes copied, bytes not copied); consumed poison
+    in user memory is an MC-safe copyin and just fails the copy.
+    """
     parts: list[bytes] = []
     done = 0
     for vaddr, n in _pieces(addr, size):
@@ -61,7 +63,7 @@ def copy_from_user(mm: MmStruct, cpu: Cpu | None, addr: int, size: int) -> tuple
 
 
 def get_user(mm: MmStruct, cpu: Cpu | None, addr: int, size: int = 4) -> int | None:
-    """The value at ``addr`` (little-endian), or None where the kernel gets -EFAULT."""
+    """``get_user`` (v5.12): the value at ``addr`` (little-endian), or None for -EFAULT."""
     data, left = copy_from_user(mm, cpu, addr, size)
     return None if left else int.from_bytes(data, "little")
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from kvmpoison.arch.x86.pgtable import pte_none_array
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
-from kvmpoison.mm.mm_types import VM, MmStruct
+from kvmpoison.kconfig import KernelVersion
+from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.mmap import range_is_mapped, vmas_in_range
 from kvmpoison.mm.swapops import PteMarker, make_pte_marker_entry, swp_entry_to_pte
 
@@ -33,7 +34,30 @@ class UffdCtx:
     features: int = 0
 
 
+def vma_can_userfault(vma: Vma, mode: int) -> bool:
+    """fs/userfaultfd.c/``include/linux/userfaultfd_k.h`` ``vma_can_userfault``.
+
+    v5.12: anonymous memory and shmem (hugetlb is not modelled); WP on
+    anonymous memory only; no MINOR mode (v5.13). v6.18: MINOR on shmem
+    only, WP also on shmem (PTE markers).
+    """
+    shmem = vma.vm_file is not None and vma.vm_file.f_inode.kind == "shmem"
+    anon = vma.vm_file is None and vma.vm_ops is None
+    modern = vma.vm_mm.core.kcfg.version >= KernelVersion.V6_18
+    if mode & UFFDIO_REGISTER_MODE_MINOR and not (modern and shmem):
+        return False
+    if mode & UFFDIO_REGISTER_MODE_WP and not (anon or (modern and shmem)):
+        return False
+    return anon or shmem
+
+
 def userfaultfd_register(ctx: UffdCtx, start: int, length: int, mode: int) -> int:
+    """fs/userfaultfd.c ``userfaultfd_register`` (v5.12; MINOR mode v5.13+).
+
+    -EINVAL for a bad range or mode, a hole, or a VMA ``vma_can_userfault``
+    refuses; -EPERM without VM_MAYWRITE; -EBUSY when another context holds
+    the VMA. Features (UFFD_FEATURE_*) are not modelled.
+    """
     mm = ctx.mm
     if start & (PAGE_SIZE - 1) or length & (PAGE_SIZE - 1) or not length:
         return -errno.EINVAL
@@ -42,6 +66,13 @@ def userfaultfd_register(ctx: UffdCtx, start: int, length: int, mode: int) -> in
         return -errno.EINVAL
     if not range_is_mapped(mm, start, start + length):
         return -errno.EINVAL
+    for vma in vmas_in_range(mm, start, start + length, split=False):
+        if not vma_can_userfault(vma, mode):
+            return -errno.EINVAL
+        if not vma.vm_flags & VM.MAYWRITE:
+            return -errno.EPERM
+        if vma.uffd_ctx is not None and vma.uffd_ctx is not ctx:
+            return -errno.EBUSY
     for vma in vmas_in_range(mm, start, start + length, split=True):
         if mode & UFFDIO_REGISTER_MODE_MISSING:
             vma.vm_flags |= VM.UFFD_MISSING
@@ -52,7 +83,9 @@ def userfaultfd_register(ctx: UffdCtx, start: int, length: int, mode: int) -> in
 
 
 def mfill_atomic_poison(ctx: UffdCtx, start: int, length: int) -> int:
-    """UFFDIO_POISON: returns pages poisoned (``updated``) or -errno."""
+    """mm/userfaultfd.c ``mfill_atomic_poison`` (v6.6+; UFFDIO_POISON): returns bytes
+    poisoned or -errno.
+    """
     mm = ctx.mm
     core = mm.core
     if start & (PAGE_SIZE - 1) or length & (PAGE_SIZE - 1) or not length:
@@ -60,8 +93,9 @@ def mfill_atomic_poison(ctx: UffdCtx, start: int, length: int) -> int:
     if core.swap_types.pte_marker is None or not core.kcfg.has_uffdio_poison:
         return -errno.EINVAL  # no such ioctl before v6.6 (userfaultfd_ioctl's default)
     vmas = vmas_in_range(mm, start, start + length, split=False)
-    if not vmas or not range_is_mapped(mm, start, start + length) or any(
-            v.uffd_ctx is not ctx for v in vmas):
+    # uffd_mfill_lock/validate_dst_vma: one registered VMA must hold the whole range
+    if len(vmas) != 1 or not range_is_mapped(mm, start, start + length) \
+            or vmas[0].uffd_ctx is not ctx:
         return -errno.ENOENT
     marker = np.uint64(swp_entry_to_pte(make_pte_marker_entry(PteMarker.POISONED,
                                                               core.swap_types)))
