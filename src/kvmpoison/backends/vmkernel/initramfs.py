@@ -45,6 +45,14 @@ for word in $(cat /proc/cmdline); do
         kvmpoison.python=*) python="${word#kvmpoison.python=}" ;;
     esac
 done
+# The runner needs only the probes: a bare package object skips kvmpoison/__init__.py
+# (the model and numpy), a third of the runner's start-up under TCG.
+BOOTSTRAP='import runpy, sys, types
+pkg = types.ModuleType("kvmpoison")
+pkg.__path__ = [sys.argv[1] + "/kvmpoison"]
+sys.modules["kvmpoison"] = pkg
+sys.argv = sys.argv[1:]
+runpy.run_module("kvmpoison.backends.vmkernel.guest", run_name="__main__", alter_sys=True)'
 mkdir -p /host
 if mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 @MOUNT_TAG@ /host; then
     mount -t proc proc /host/proc
@@ -60,8 +68,8 @@ if mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 @MOUNT_TAG@ /hos
     fi
     echo "KVMPOISON-STAGE chroot $(cut -d' ' -f1 /proc/uptime)"
     chroot /host /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp \
-        PYTHONPATH="$src" PYTHONDONTWRITEBYTECODE=1 KVMPOISON_IN_VM_GUEST=1 \
-        "$python" -m kvmpoison.backends.vmkernel.guest "$job"
+        PYTHONDONTWRITEBYTECODE=1 KVMPOISON_IN_VM_GUEST=1 \
+        "$python" -c "$BOOTSTRAP" "$src" "$job"
     rc=$?
     echo "KVMPOISON-STAGE done $(cut -d' ' -f1 /proc/uptime) rc=$rc"
 else
