@@ -110,6 +110,7 @@ def test_6_1_refuses_what_came_later_with_einval(backing: str, step: str) -> Non
 
 
 def test_the_pagemap_swap_type_follows_the_build() -> None:
-    """6.18 has no SWP_SWAPIN_ERROR type: its SWP_HWPOISON is one higher than 6.1's."""
-    v6_18 = KernelConfig(version=KernelVersion.V6_18, device_private=False)
-    assert run_cell(v6_18, "pagemap", "hwpoison_anon").cell == "pagemap:swap:type=27:offset=pfn"
+    """With DEVICE_PRIVATE, 6.1's four device types move SWP_HWPOISON down to 22."""
+    with_device = KernelConfig(version=KernelVersion.V6_1, device_private=True)
+    assert run_cell(with_device, "pagemap", "hwpoison_anon").cell == \
+        "pagemap:swap:type=22:offset=pfn"
