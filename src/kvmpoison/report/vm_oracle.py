@@ -76,7 +76,7 @@ def compare_vm(kernel: str = "debian-6.1", accel: str = "auto") -> VmComparison:
     if not run.info.get("hwpoison_inject"):
         result.notes.append("hwpoison_inject did not load: the unpoison cells were not compared")
     if run.info.get("tmp_fs") != "ext4":
-        result.notes.append(f"the guest's /tmp is {run.info.get('tmp_fs')}, not ext4: "
+        result.notes.append(f"the guest's scratch is {run.info.get('tmp_fs')}, not ext4: "
                             "O_DIRECT cells may differ")
     t0 = time.perf_counter()
     for path, backing in vm_cells():
