@@ -43,6 +43,14 @@ def test_swap_types_of_6_1_with_device_private() -> None:
     assert SwapTypes.for_config(KernelConfig(version=KernelVersion.V6_18)).swapin_error is None
 
 
+@pytest.mark.parametrize("backing", ["anon_prot_none", "file_beyond_eof", "hwpoison_anon"])
+def test_6_1_writes_a_straddling_buffer_short(backing: str) -> None:
+    """generic_perform_write (mm/filemap.c, v6.1.192) fails a chunk only when
+    ``fault_in_iov_iter_readable(i, bytes) == bytes``: the 16 readable bytes are
+    written (the live 6.1 guest returns 16); v5.12 faulted the whole chunk in first."""
+    assert run_cell(DEBIAN_6_1, "pwrite_buf_to_file_straddle", backing).cell == "ret:16"
+
+
 def test_the_pagemap_cell_follows_the_build() -> None:
     """With DEVICE_PRIVATE, 6.1's four device types move SWP_HWPOISON down to 22."""
     with_device = KernelConfig(version=KernelVersion.V6_1, device_private=True)
