@@ -51,6 +51,16 @@ def test_6_1_writes_a_straddling_buffer_short(backing: str) -> None:
     assert run_cell(DEBIAN_6_1, "pwrite_buf_to_file_straddle", backing).cell == "ret:16"
 
 
+def test_debian_6_1_secretmem_vmas_are_not_vm_locked() -> None:
+    """Debian's 6.1.192 secretmem_mmap sets VM_DONTDUMP only (the pages are charged to the
+    locked limit per folio instead): MADV_DONTNEED is allowed (madvise_dontneed_free_valid_vma
+    forbids VM_LOCKED), as the live guest shows; 6.18 keeps VM_LOCKED and refuses it."""
+    assert run_cell(DEBIAN_6_1, "dontneed_load", "memfd_secret").cell == "ok"
+    assert run_cell(DEBIAN_6_1, "mlock", "memfd_secret").cell == "err:ENOMEM"
+    v6_18 = KernelConfig(version=KernelVersion.V6_18, memory_failure=False)
+    assert run_cell(v6_18, "dontneed_load", "memfd_secret").cell == "err:EINVAL"
+
+
 def test_the_pagemap_cell_follows_the_build() -> None:
     """With DEVICE_PRIVATE, 6.1's four device types move SWP_HWPOISON down to 22."""
     with_device = KernelConfig(version=KernelVersion.V6_1, device_private=True)

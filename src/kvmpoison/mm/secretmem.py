@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.file import O_CLOEXEC, File, Inode
 from kvmpoison.mm.mm_types import VM, Vma, VmFault, VmFaultInfo
@@ -50,7 +51,10 @@ class Secretmem:
     def mmap(self, file: File, vma: Vma) -> int:
         if not vma.vm_flags & VM.SHARED:
             return -errno.EINVAL
-        vma.vm_flags |= VM.LOCKED | VM.DONTDUMP
+        # Debian's 6.1.192 ("mm/secretmem: properly account locked pages") charges the
+        # pages to the locked limit itself and leaves VM_LOCKED off: MADV_DONTNEED works.
+        locked = VM(0) if self.core.kcfg.version == KernelVersion.V6_1 else VM.LOCKED
+        vma.vm_flags |= locked | VM.DONTDUMP
         vma.vm_ops = SecretmemVmOps(self, file.f_inode)
         return 0
 
