@@ -43,6 +43,31 @@ def test_swap_types_of_6_1_with_device_private() -> None:
     assert SwapTypes.for_config(KernelConfig(version=KernelVersion.V6_18)).swapin_error is None
 
 
+@pytest.mark.parametrize("backing", ["anon_prot_none", "file_beyond_eof", "hwpoison_anon"])
+def test_6_1_writes_a_straddling_buffer_short(backing: str) -> None:
+    """generic_perform_write (mm/filemap.c, v6.1.192) fails a chunk only when
+    ``fault_in_iov_iter_readable(i, bytes) == bytes``: the 16 readable bytes are
+    written (the live 6.1 guest returns 16); v5.12 faulted the whole chunk in first."""
+    assert run_cell(DEBIAN_6_1, "pwrite_buf_to_file_straddle", backing).cell == "ret:16"
+
+
+def test_debian_6_1_secretmem_vmas_are_not_vm_locked() -> None:
+    """Debian's 6.1.192 secretmem_mmap sets VM_DONTDUMP only (the pages are charged to the
+    locked limit per folio instead): MADV_DONTNEED is allowed (madvise_dontneed_free_valid_vma
+    forbids VM_LOCKED), as the live guest shows; 6.18 keeps VM_LOCKED and refuses it."""
+    assert run_cell(DEBIAN_6_1, "dontneed_load", "memfd_secret").cell == "ok"
+    assert run_cell(DEBIAN_6_1, "mlock", "memfd_secret").cell == "err:ENOMEM"
+    v6_18 = KernelConfig(version=KernelVersion.V6_18, memory_failure=False)
+    assert run_cell(v6_18, "dontneed_load", "memfd_secret").cell == "err:EINVAL"
+
+
+def test_the_pagemap_cell_follows_the_build() -> None:
+    """With DEVICE_PRIVATE, 6.1's four device types move SWP_HWPOISON down to 22."""
+    with_device = KernelConfig(version=KernelVersion.V6_1, device_private=True)
+    assert run_cell(with_device, "pagemap", "hwpoison_anon").cell == \
+        "pagemap:swap:type=22:offset=pfn"
+
+
 def test_6_1_has_populate_but_neither_guard_pages_nor_uffdio_poison() -> None:
     assert DEBIAN_6_1.has_madv_populate and DEBIAN_6_1.has_pte_markers
     assert not DEBIAN_6_1.has_guard_pages and not DEBIAN_6_1.has_uffdio_poison

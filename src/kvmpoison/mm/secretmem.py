@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.file import O_CLOEXEC, File, Inode
 from kvmpoison.mm.mm_types import VM, Vma, VmFault, VmFaultInfo
@@ -51,7 +52,10 @@ class Secretmem:
         """``secretmem_mmap``: shared only (VM_SHARED or VM_MAYSHARE), then locked."""
         if not vma.vm_flags & (VM.SHARED | VM.MAYSHARE):
             return -errno.EINVAL
-        vma.vm_flags |= VM.LOCKED | VM.DONTDUMP
+        # Debian's 6.1.192 ("mm/secretmem: properly account locked pages") charges the
+        # pages to the locked limit itself and leaves VM_LOCKED off: MADV_DONTNEED works.
+        locked = VM(0) if self.core.kcfg.version == KernelVersion.V6_1 else VM.LOCKED
+        vma.vm_flags |= locked | VM.DONTDUMP
         vma.vm_ops = SecretmemVmOps(self, file.f_inode)
         return 0
 

@@ -23,6 +23,7 @@ KERNELS = ("debian-6.1",)
 # (v6.6) and MADV_GUARD_INSTALL (v6.13): those columns cannot be refereed here.
 VM_BACKINGS = ("anon", "anon_prot_none", "memfd_secret", "file_beyond_eof", *HWPOISON_BACKINGS)
 UNPOISON_PATHS = ("unpoison", "unpoison_load")
+EVERY_BACKING_PATHS = ("load_siginfo", "pagemap", "fork_child_load", "dontneed_load")
 
 
 @dataclass
@@ -48,11 +49,11 @@ def kconfig_from_text(text: str, version: KernelVersion) -> KernelConfig:
 def vm_cells() -> list[tuple[str, str]]:
     """Every MATRIX path on every refereed backing, then the hwpoison probes.
 
-    ``load_siginfo`` (si_addr, si_addr_lsb) and ``pagemap`` are cheap and meaningful on
-    every backing.
+    ``load_siginfo`` (si_addr, si_addr_lsb), ``pagemap``, a fork child's load and
+    MADV_DONTNEED-then-load are meaningful on every backing: the others get them too.
     """
     cells = [(path, backing) for path in PATHS for backing in VM_BACKINGS]
-    cells += [(path, b) for path in ("load_siginfo", "pagemap") for b in VM_BACKINGS
+    cells += [(path, b) for path in EVERY_BACKING_PATHS for b in VM_BACKINGS
               if b not in HWPOISON_BACKINGS]
     cells += [(path, backing) for backing in HWPOISON_BACKINGS
               for path in HWPOISON_PATHS_FOR[backing]]
@@ -76,7 +77,7 @@ def compare_vm(kernel: str = "debian-6.1", accel: str = "auto") -> VmComparison:
     if not run.info.get("hwpoison_inject"):
         result.notes.append("hwpoison_inject did not load: the unpoison cells were not compared")
     if run.info.get("tmp_fs") != "ext4":
-        result.notes.append(f"the guest's /tmp is {run.info.get('tmp_fs')}, not ext4: "
+        result.notes.append(f"the guest's scratch is {run.info.get('tmp_fs')}, not ext4: "
                             "O_DIRECT cells may differ")
     t0 = time.perf_counter()
     for path, backing in vm_cells():

@@ -19,6 +19,7 @@ import os
 import platform
 import signal
 import sys
+import tempfile
 import time
 from types import FrameType
 
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> int:
         job = json.load(fh)
     emit(MARK_INFO, {"release": platform.release(),
                      "hwpoison_inject": os.path.exists(UNPOISON_PFN),
-                     "tmp_fs": _fs_type("/tmp")})
+                     "tmp_fs": _fs_type(tempfile.gettempdir())})
     signal.signal(signal.SIGALRM, _alarm)
     t0 = time.perf_counter()
     for path, backing in job["cells"]:
