@@ -83,7 +83,7 @@ def generic_perform_write(core: MmCore, inode: Inode, pos: int, src: IovIter,
     ext4 pages accept it in ``write_end``), failing only when nothing moves.
     """
     total = 0
-    check_first = core.kcfg.version < KernelVersion.V6_18
+    check_first = core.kcfg.version < KernelVersion.V6_1
     while src.count:
         index, offset = pos >> PAGE_SHIFT, pos & (PAGE_SIZE - 1)
         n = min(PAGE_SIZE - offset, src.count)

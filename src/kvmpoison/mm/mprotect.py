@@ -39,7 +39,7 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
     shared_write = bool(vma.vm_flags & VM.WRITE and vma.vm_flags & VM.SHARED)
     changed = 0
     mem = core.pages
-    modern = core.kcfg.version >= KernelVersion.V6_18
+    modern = core.kcfg.version >= KernelVersion.V6_1
     for chunk in mm.pgd.chunks(start, end):
         store = core.ptes.rows
         ptes = store[chunk.rows, chunk.cols]

@@ -33,6 +33,6 @@ def getrandom(rng: random.Random, mm: MmStruct, cpu: Cpu | None, addr: int, coun
     count = min(count, 0x7FFF_FFFF)
     it = IovIter(mm, cpu, addr, count)
     copied = it.copy_to_iter(rng.randbytes(count))
-    if copied < count and mm.core.kcfg.version < KernelVersion.V6_18:
+    if copied < count and mm.core.kcfg.version < KernelVersion.V6_1:
         return -errno.EFAULT
     return copied if copied or not count else -errno.EFAULT
