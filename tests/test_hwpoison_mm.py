@@ -3,6 +3,7 @@
 import errno
 import signal
 
+import numpy as np
 import pytest
 
 from helpers import PAGE, RW, anon, boot, ok, proc
@@ -300,3 +301,18 @@ def test_madv_hwpoison_kills_its_caller_early_from_6_x(kcfg, killed) -> None:  #
     sigs = [(i.signo, i.code, i.addr) for i in p.task.pending]
     assert sigs == ([(signal.SIGBUS, BusCode.BUS_MCEERR_AR, addr)] if killed else [])
     assert p.task.alive is not killed
+
+
+@pytest.mark.parametrize("kcfg", [RFC_BASE, V6_18_MF])
+def test_free_page_taken_off_buddy_with_a_reference_and_given_back_by_unpoison(kcfg) -> None:  # type: ignore[no-untyped-def]
+    k = boot(kcfg)
+    page = k.core.buddy.alloc_pages(0)
+    assert page is not None
+    pfn = page.pfn
+    k.core.pages._refcount[pfn] = 0
+    k.core.buddy.free_pages_bulk(np.array([pfn], dtype=np.int64))
+    free = k.core.buddy.nr_free
+    assert memory_failure(k.core, pfn, 0x20) == 0  # MF_SW_SIMULATED: unpoison stays allowed
+    assert page_count(page) == 1 and k.core.buddy.nr_free == free - 1  # page_ref_inc
+    assert unpoison_memory(k.core, pfn) == 0
+    assert not PageHWPoison(page) and page_count(page) == 0 and k.core.buddy.nr_free == free

@@ -83,7 +83,11 @@ def _report(core: MmCore, pfn: int, kind: str, result: MfResult) -> int:
 
 
 def _take_off_buddy(core: MmCore, page: Page) -> bool:
-    """A free page: pull its buddy block apart so the poisoned page never returns."""
+    """``take_page_off_buddy`` + ``page_ref_inc`` (v5.10+, so v5.12 and 6.18).
+
+    A free page: pull its buddy block apart so the poisoned page never
+    returns; the poisoned page keeps one reference (unpoison gives it back).
+    """
     mem = core.pages
     for order in range(11):
         head = page.pfn & ~((1 << order) - 1)
@@ -95,6 +99,7 @@ def _take_off_buddy(core: MmCore, page: Page) -> bool:
             mem._refcount[np.array(rest, dtype=np.int64)] = 0
             core.buddy.free_pages_bulk(np.array(rest, dtype=np.int64))
             mem.flags[page.pfn] |= np.uint32(mem.mask(PG.hwpoison))
+            mem._refcount[page.pfn] = 1  # page_ref_inc
             return True
     return False
 
@@ -248,9 +253,10 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
     core.num_poisoned_pages += 1
     if PageFlag(page, PG.reserved):
         return _report(core, pfn, "reserved kernel page", MfResult.IGNORED)
-    if page_count(page) == 0:
-        kind = "free buddy page" if _take_off_buddy(core, page) else "free page"
-        return _report(core, pfn, kind, MfResult.DELAYED)
+    if page_count(page) == 0:  # get_hwpoison_page found no user
+        if _take_off_buddy(core, page):
+            return _report(core, pfn, "free buddy page", MfResult.RECOVERED)
+        return _report(core, pfn, "high-order kernel page", MfResult.IGNORED)  # -EBUSY
     if not flags & MF_COUNT_INCREASED:
         get_page(page)  # get_hwpoison_page: kept while the page stays poisoned
     lock_page(page)
