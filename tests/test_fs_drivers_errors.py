@@ -34,3 +34,18 @@ def test_add_range_with_merge_merges_touching_ranges() -> None:
     for lo, hi in ((20, 30), (0, 10), (10, 20), (40, 50)):
         add_range_with_merge(ranges, 32, lo, hi)
     assert clean_sort_range(ranges) == 2 and ranges == [(0, 30), (40, 50)]
+
+
+def test_file_syscall_check_order() -> None:
+    k = boot()
+    p = proc(k)
+    k.create_file("/ro", b"x" * 8)
+    fd = ok(p.open("/ro", 0))  # O_RDONLY
+    buf = anon(p, 1)
+    assert p.pread(fd, buf, 8, -1).cell == "err:EINVAL"
+    assert p.pread(99, buf, 8, -1).cell == "err:EINVAL"  # before the fd lookup
+    assert p.ftruncate(99, -1).cell == "err:EINVAL"
+    assert p.ftruncate(fd, 0).cell == "err:EINVAL"  # not open for writing
+    assert p.fallocate(fd, 0, 0, 8).cell == "err:EBADF"
+    assert p.fallocate(fd, 0, -1, 8).cell == "err:EINVAL"
+    assert k.files["/ro"].i_size == 8

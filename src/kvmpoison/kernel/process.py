@@ -202,15 +202,22 @@ class Process:
         return self.install(r), self.install(w)
 
     def _rw(self, fd: int, addr: int, count: int, pos: int | None, write: bool) -> Outcome:
+        """ksys_read/write and ksys_pread64/pwrite64 + vfs_read/vfs_write (v5.12, 6.18).
+
+        Order of checks: a negative pread/pwrite offset (-EINVAL), the fd
+        (-EBADF), FMODE_PREAD (-ESPIPE), the access mode (-EBADF).
+        """
         def body() -> Outcome:
+            if pos is not None and pos < 0:
+                return Outcome.error(errno.EINVAL)
             file = self._file(fd)
             if file is None:
                 return Outcome.error(errno.EBADF)
+            if pos is not None and not file.fmode_pread:
+                return Outcome.error(errno.ESPIPE)
             acc = file.f_flags & O_ACCMODE
             if (write and acc == O_RDONLY) or (not write and acc == O_WRONLY):
                 return Outcome.error(errno.EBADF)
-            if pos is not None and not file.fmode_pread:
-                return Outcome.error(errno.ESPIPE)
             it = IovIter(self.mm, self.task.cpu, addr, count)
             at = file.f_pos if pos is None else pos
             op = file.f_op.write_iter if write else file.f_op.read_iter
@@ -233,14 +240,26 @@ class Process:
         return self._rw(fd, addr, count, pos, write=True)
 
     def ftruncate(self, fd: int, size: int) -> Outcome:
+        """``do_sys_ftruncate`` (v5.12, 6.18): -EINVAL for a negative length, then
+        -EBADF, then -EINVAL for a file not open for writing."""
+        if size < 0:
+            return Outcome.error(errno.EINVAL)
         file = self._file(fd)
         if file is None:
             return Outcome.error(errno.EBADF)
+        if file.f_flags & O_ACCMODE == O_RDONLY:
+            return Outcome.error(errno.EINVAL)
         return self._guard(lambda: _ret(file.f_op.setattr_size(file, size)))
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> Outcome:
+        """``vfs_fallocate`` (v5.12, 6.18): argument checks, then -EBADF without
+        FMODE_WRITE, then the file's own ->fallocate."""
         file = self._file(fd)
         if file is None:
+            return Outcome.error(errno.EBADF)
+        if offset < 0 or length <= 0:
+            return Outcome.error(errno.EINVAL)
+        if file.f_flags & O_ACCMODE == O_RDONLY:
             return Outcome.error(errno.EBADF)
         return self._guard(lambda: _ret(file.f_op.fallocate(file, mode, offset, length)))
 
