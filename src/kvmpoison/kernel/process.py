@@ -2,7 +2,11 @@
 
 Every method returns an :class:`~kvmpoison.outcome.Outcome`: ``ok``/``sig``
 for a CPU access, ``ret``/``err`` for a syscall. A host panic or shutdown
-anywhere below ends as that Outcome too, and halts the kernel.
+anywhere below ends as that Outcome too, and halts the kernel. Each syscall
+method is the kernel's syscall entry (``SYSCALL_DEFINE*``, v5.12 and 6.18)
+down to the file, mm or driver function it calls; argument checks the entry
+makes itself are here, in the kernel's order. KVM's ioctls arrive through
+hooks virt/kvm registers on the :class:`Kernel` at boot.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class Process:
     # -- CPU accesses ---------------------------------------------------------------
 
     def _access(self, addr: int, size: int, data: bytes | None) -> Outcome:
+        """A user load or store, page by page: the CPU walk and ``do_user_addr_fault``."""
         mm, cpu = self.mm, self.task.cpu
         parts: list[bytes] = []
         end = addr + size
@@ -102,7 +107,15 @@ class Process:
         return Outcome.ok(b"".join(parts) if data is None else None)
 
     def _consumed_poison(self, pfn: int, got: Outcome) -> Outcome:
-        """do_machine_check -> memory_failure(MF_ACTION_REQUIRED) for a user consumer."""
+        """do_machine_check -> kill_me_maybe -> memory_failure(MF_ACTION_REQUIRED), user mode.
+
+        ``arch/x86/kernel/cpu/mce/core.c`` (v5.12, 6.18). Simplified: the
+        arch layer's SIGBUS BUS_MCEERR_AR is always delivered after
+        memory_failure, where ``kill_me_maybe`` sends nothing more when
+        memory_failure returned 0 (the task re-runs the access; with v5.12's
+        0 for an already-poisoned page that is a #MC loop) or -EHWPOISON,
+        and 6.18 sends a plain SIGBUS (SI_KERNEL) for any other error.
+        """
         if got.kind is Kind.SIG and self.kernel.kcfg.memory_failure:
             memory_failure(self.mm.core, pfn, MF_ACTION_REQUIRED, current_pid=self.pid)
         if got.siginfo is not None:

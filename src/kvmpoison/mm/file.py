@@ -72,6 +72,7 @@ class AddressSpace:
         return self.pages[first : first + nr]
 
     def find_get_page(self, index: int) -> Page | None:
+        """``find_get_page``: the cached page at ``index`` with a reference, or None."""
         pfn = self.lookup(index)
         if pfn is None:
             return None
@@ -171,6 +172,9 @@ class File:
 
 
 def file_check_and_advance_wb_err(file: File) -> int:
+    """``mm/filemap.c:file_check_and_advance_wb_err`` (v5.12, 6.18): -EIO once per
+    file for each writeback error it has not seen (errseq).
+    """
     mapping = file.f_mapping
     if mapping is None or mapping.wb_err == file.f_wb_err:
         return 0

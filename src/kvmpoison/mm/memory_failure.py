@@ -78,6 +78,7 @@ class MfReport:
 
 
 def _report(core: MmCore, pfn: int, kind: str, result: MfResult) -> int:
+    """``action_result`` (v5.12, 6.18): log the outcome; 0 for Recovered/Delayed, else -EBUSY."""
     core.mf_reports.append(MfReport(pfn, kind, result))
     return 0 if result in (MfResult.RECOVERED, MfResult.DELAYED) else -errno.EBUSY
 
@@ -106,7 +107,10 @@ def _take_off_buddy(core: MmCore, page: Page) -> bool:
 
 def collect_procs(core: MmCore, page: Page, force_early: bool,
                   current_pid: int | None) -> list[tuple[int, int]]:
-    """(pid, page-aligned address) of each process to kill early."""
+    """``mm/memory-failure.c:collect_procs`` (v5.12, 6.18): (pid, address) of each process
+    mapping the page that is killed early: all with the early-kill sysctl, else only
+    the current task for an action-required error (``task_early_kill``). No
+    PR_MCE_KILL per-task policy."""
     out = []
     for vma, addr in rmap_walk(page):
         pid = vma.vm_mm.owner_pid
@@ -118,6 +122,11 @@ def collect_procs(core: MmCore, page: Page, force_early: bool,
 
 def kill_procs(core: MmCore, tokill: list[tuple[int, int]], forcekill: bool, fail: bool,
                flags: int, current_pid: int | None) -> None:
+    """``mm/memory-failure.c:kill_procs`` (v5.12, 6.18): with ``forcekill`` (a dirty page
+    or MF_MUST_KILL), SIGKILL when unmapping failed, else ``kill_proc``: BUS_MCEERR_AR
+    to the current task on an action-required error, BUS_MCEERR_AO to the others.
+    Simplified: the AO signal is forced like the AR one (no ignored SIGBUS).
+    """
     if not forcekill or core.send_signal is None:
         return
     for pid, addr in tokill:
@@ -157,7 +166,13 @@ def hwpoison_user_mappings(core: MmCore, page: Page, flags: int,
 
 
 def _page_action(core: MmCore, page: Page) -> int:
-    """identify_page_state + page_action for an LRU page that is no longer mapped."""
+    """``identify_page_state`` + ``page_action`` (v5.12, 6.18) for an LRU page no longer mapped.
+
+    Anonymous: Recovered. Page cache: a dirty page sets AS_EIO/wb_err; the page
+    leaves the cache (``truncate_error_page``) except shmem from 5.16 (the model's
+    6.18), which keeps it. Simplified: no ``has_extra_refcount`` check, swap cache
+    and huge pages are not modelled.
+    """
     pfn = page.pfn
     if PageAnon(page):
         return _report(core, pfn, "dirty LRU page" if PageDirty(page) else "clean LRU page",
@@ -269,7 +284,10 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
 
 
 def unpoison_memory(core: MmCore, pfn: int) -> int:
-    """The debugfs ``hwpoison/unpoison-pfn`` (CONFIG_HWPOISON_INJECT). 0 or -errno.
+    """``mm/memory-failure.c:unpoison_memory`` via debugfs ``hwpoison/unpoison-pfn``.
+
+    v5.12 refuses quietly (0); 6.18 refuses with -EBUSY, and with -EOPNOTSUPP
+    once a real hardware error was handled. 0 or -errno.
 
     It never rewrites page tables: hwpoison entries that still point at the
     page stay behind (the RFC's patch 11 turns them back into PTEs on fault).

@@ -31,7 +31,11 @@ from kvmpoison.mm.mmap import (
 
 
 def change_protection(vma: Vma, start: int, end: int) -> int:
-    """Rewrite present PTEs of [start, end) to ``vma.vm_page_prot``; returns pages changed."""
+    """``mm/mprotect.c:change_pte_range`` (v5.12; 6.18's write upgrade): rewrite the
+    present PTEs of [start, end) to ``vma.vm_page_prot``; returns pages changed.
+
+    Non-present entries (swap, hwpoison, markers) are left as they are.
+    """
     mm = vma.vm_mm
     core = mm.core
     newprot = vma.vm_page_prot
@@ -113,6 +117,10 @@ def do_mprotect(mm: MmStruct, start: int, length: int, prot: int) -> int:
 
 
 def mprotect_fixup(mm: MmStruct, vma: Vma, start: int, end: int, newflags: VM) -> None:
+    """``mm/mprotect.c:mprotect_fixup`` (v5.12): split the VMA to [start, end), set the
+    flags, rewrite the PTEs; a private VM_LOCKED VMA turned writable is populated
+    to break COW at once. Simplified: no VMA merging, no commit accounting.
+    """
     oldflags = vma.vm_flags
     if newflags == oldflags:
         return

@@ -43,6 +43,10 @@ MREMAP_DONTUNMAP = 4
 
 
 def move_page_tables(old: Vma, old_addr: int, new: Vma, new_addr: int, length: int) -> None:
+    """``mm/mremap.c:move_page_tables``/``move_ptes`` (v5.12): every PTE moves as is
+    (swap, hwpoison and marker entries included), soft-dirty set with
+    CONFIG_MEM_SOFT_DIRTY. Simplified: PTE by PTE, no PMD-level moves.
+    """
     mm = old.vm_mm
     core = mm.core
     soft_dirty = core.kcfg.mem_soft_dirty
