@@ -47,6 +47,9 @@ from kvmpoison.mm.uaccess import IovIter
 MFD_CLOEXEC = 0x1
 MFD_ALLOW_SEALING = 0x2
 MFD_HUGETLB = 0x4
+MFD_NOEXEC_SEAL = 0x8  # v6.3+
+MFD_EXEC = 0x10  # v6.3+
+MFD_NAME_MAX_LEN = 255 - len("memfd:")
 
 SGP_READ, SGP_CACHE, SGP_WRITE = 0, 1, 2
 
@@ -267,10 +270,20 @@ class Shmem:
 
 
 def memfd_create(core: MmCore, name: str, flags: int) -> File | int:
-    """``mm/memfd.c:memfd_create`` (v5.12, 6.18): a shmem file. MFD_HUGETLB is -EINVAL
-    (hugetlbfs is not modelled); seals are not modelled.
+    """``mm/memfd.c:memfd_create`` (v5.12, 6.18): a shmem file.
+
+    6.18 also takes MFD_NOEXEC_SEAL and MFD_EXEC (not both); a name longer than
+    MFD_NAME_MAX_LEN is -EINVAL. Simplified: MFD_HUGETLB is -EINVAL (hugetlbfs is
+    not modelled; the kernel creates the file), seals are not modelled.
     """
-    if flags & ~(MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB):
+    valid = MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB
+    if core.kcfg.version >= KernelVersion.V6_18:
+        valid |= MFD_NOEXEC_SEAL | MFD_EXEC
+    if flags & ~valid:
+        return -errno.EINVAL
+    if flags & MFD_EXEC and flags & MFD_NOEXEC_SEAL:
+        return -errno.EINVAL
+    if len(name.encode()) > MFD_NAME_MAX_LEN:
         return -errno.EINVAL
     if flags & MFD_HUGETLB:
         return -errno.EINVAL  # hugetlbfs is not modelled (the pool here is empty anyway)
