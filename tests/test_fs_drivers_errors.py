@@ -8,7 +8,7 @@ from helpers import ANON, PAGE, RW, anon, boot, ok, proc
 from kvmpoison.drivers.char.random import GRND_INSECURE, GRND_RANDOM
 from kvmpoison.kconfig import RFC_BASE, THIS_MACHINE, KernelConfig
 from kvmpoison.kernel.range import add_range_with_merge, clean_sort_range
-from kvmpoison.mm.file import O_RDWR
+from kvmpoison.mm.file import O_APPEND, O_CREAT, O_EXCL, O_RDWR, O_TRUNC
 from kvmpoison.mm.mmap import MAP_FIXED
 
 
@@ -49,3 +49,18 @@ def test_file_syscall_check_order() -> None:
     assert p.fallocate(fd, 0, 0, 8).cell == "err:EBADF"
     assert p.fallocate(fd, 0, -1, 8).cell == "err:EINVAL"
     assert k.files["/ro"].i_size == 8
+
+
+def test_open_creat_excl_trunc_and_append() -> None:
+    k = boot()
+    p = proc(k)
+    buf = anon(p, 1, fill=7)
+    assert p.open("/new", O_RDWR).cell == "err:ENOENT"
+    fd = ok(p.open("/new", O_RDWR | O_CREAT))
+    assert p.write(fd, buf, 10).cell == "ret:10"
+    assert p.open("/new", O_RDWR | O_CREAT | O_EXCL).cell == "err:EEXIST"
+    app = ok(p.open("/new", O_RDWR | O_APPEND))
+    assert p.pwrite(app, buf, 5, 0).cell == "ret:5"  # appends despite the offset
+    assert k.files["/new"].i_size == 15
+    ok(p.open("/new", O_RDWR | O_TRUNC))
+    assert k.files["/new"].i_size == 0

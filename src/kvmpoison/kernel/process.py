@@ -26,7 +26,18 @@ from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.kernel.ptrace import generic_ptrace_peekdata, generic_ptrace_pokedata
 from kvmpoison.kernel.task import Task, force_sig_info
 from kvmpoison.mm.fault import translate
-from kvmpoison.mm.file import O_ACCMODE, O_RDONLY, O_WRONLY, File, Inode, filemap_sample_wb_err
+from kvmpoison.mm.file import (
+    O_ACCMODE,
+    O_APPEND,
+    O_CREAT,
+    O_EXCL,
+    O_RDONLY,
+    O_TRUNC,
+    O_WRONLY,
+    File,
+    Inode,
+    filemap_sample_wb_err,
+)
 from kvmpoison.mm.filemap import RegularFile
 from kvmpoison.mm.madvise import do_madvise
 from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, memory_failure
@@ -177,11 +188,24 @@ class Process:
         return self.task.fds.get(fd)
 
     def open(self, path: str, flags: int) -> Outcome:
+        """``do_sys_open`` on the model's one directory of regular files (v5.12, 6.18).
+
+        O_CREAT creates a missing file (O_EXCL: -EEXIST for an existing one);
+        O_TRUNC empties it (``handle_truncate``). No permissions, no directories.
+        """
         inode = self.kernel.files.get(path)
+        if inode is not None and flags & O_CREAT and flags & O_EXCL:
+            return Outcome.error(errno.EEXIST)
         if inode is None:
-            return Outcome.error(errno.ENOENT)
+            if not flags & O_CREAT:
+                return Outcome.error(errno.ENOENT)
+            inode = self.kernel.create_file(path)
         file = File(name=path, f_inode=inode, f_op=RegularFile(self.kernel.core), f_flags=flags,
                     f_wb_err=filemap_sample_wb_err(inode.mapping))
+        if flags & O_TRUNC and inode.i_size:
+            truncated = self._guard(lambda: _ret(file.f_op.setattr_size(file, 0)))
+            if not truncated.succeeded:
+                return truncated
         return Outcome.ret(self.task.alloc_fd(file))
 
     def install(self, file: File) -> int:
@@ -233,10 +257,12 @@ class Process:
                 return Outcome.error(errno.EBADF)
             it = IovIter(self.mm, self.task.cpu, addr, count)
             at = file.f_pos if pos is None else pos
+            if write and file.f_flags & O_APPEND and file.fmode_pread:
+                at = file.f_inode.i_size  # IOCB_APPEND: pwrite appends too on Linux
             op = file.f_op.write_iter if write else file.f_op.read_iter
             ret = op(file, at, it)
             if ret > 0 and pos is None:
-                file.f_pos += ret
+                file.f_pos = at + ret
             return _ret(ret)
         return self._guard(body)
 
