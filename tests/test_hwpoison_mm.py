@@ -316,3 +316,15 @@ def test_free_page_taken_off_buddy_with_a_reference_and_given_back_by_unpoison(k
     assert page_count(page) == 1 and k.core.buddy.nr_free == free - 1  # page_ref_inc
     assert unpoison_memory(k.core, pfn) == 0
     assert not PageHWPoison(page) and page_count(page) == 0 and k.core.buddy.nr_free == free
+
+
+@pytest.mark.parametrize(("kcfg", "ret"), [(RFC_BASE, 0), (V6_18_MF, -16)])
+def test_pinned_page_cache_page_is_still_referenced_from_5_16(kcfg, ret) -> None:  # type: ignore[no-untyped-def]
+    k = boot(kcfg)
+    p = proc(k)
+    _fd, (addr,) = shared_memfd(k, p, pages=1)
+    ok(p.store(addr, b"\x01"))
+    pins: list[Page] = []
+    assert get_user_pages(p.mm, addr, 1, FOLL(0), pins) == 1  # an extra reference
+    pfn = pte_pfn(p.mm.pgd.get(addr))
+    assert memory_failure(k.core, pfn, 0) == ret  # 6.18: has_extra_refcount -> -EBUSY

@@ -170,8 +170,10 @@ def _page_action(core: MmCore, page: Page) -> int:
 
     Anonymous: Recovered. Page cache: a dirty page sets AS_EIO/wb_err; the page
     leaves the cache (``truncate_error_page``) except shmem from 5.16 (the model's
-    6.18), which keeps it. Simplified: no ``has_extra_refcount`` check, swap cache
-    and huge pages are not modelled.
+    6.18), which keeps it. From 5.16 ``has_extra_refcount`` fails a page-cache page
+    still referenced beyond memory_failure's own reference (and the cache's, for a
+    kept shmem page): MF_FAILED, -EBUSY. Simplified: swap cache, huge pages and
+    guest_memfd's ``error_remove_folio`` (6.18 keeps the folio) are not modelled.
     """
     pfn = page.pfn
     if PageAnon(page):
@@ -189,8 +191,10 @@ def _page_action(core: MmCore, page: Page) -> int:
         index = int(core.pages.index[pfn])
         if mapping.delete_from_page_cache(index) is not None:
             put_page(page)
-    return _report(core, pfn, "dirty LRU page" if dirty else "clean LRU page",
-                   MfResult.RECOVERED)
+    result = MfResult.RECOVERED
+    if core.kcfg.version >= KernelVersion.V6_18 and page_count(page) - 1 - int(keep) > 0:
+        result = MfResult.FAILED  # "still referenced by N users"
+    return _report(core, pfn, "dirty LRU page" if dirty else "clean LRU page", result)
 
 
 def _find_pfn_in_mm(core: MmCore, mm: MmStruct, pfn: int) -> int | None:
