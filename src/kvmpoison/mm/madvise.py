@@ -138,7 +138,7 @@ def madvise_free_single_vma(vma: Vma, start: int, end: int) -> int:
     mm = vma.vm_mm
     core = mm.core
     types = core.swap_types
-    modern = core.kcfg.version >= KernelVersion.V6_18
+    modern = core.kcfg.version.tuple >= (6, 1)  # the 6.1 tree clears poisoned entries
     store = core.ptes.rows
     for chunk in mm.pgd.chunks(start, end):
         ptes = store[chunk.rows, chunk.cols]

@@ -192,7 +192,7 @@ def _page_action(core: MmCore, page: Page) -> int:
         if mapping.delete_from_page_cache(index) is not None:
             put_page(page)
     result = MfResult.RECOVERED
-    if core.kcfg.version >= KernelVersion.V6_18 and page_count(page) - 1 - int(keep) > 0:
+    if core.kcfg.version.tuple >= (5, 16) and page_count(page) - 1 - int(keep) > 0:
         result = MfResult.FAILED  # "still referenced by N users"
     return _report(core, pfn, "dirty LRU page" if dirty else "clean LRU page", result)
 

@@ -15,8 +15,7 @@ import errno
 import numpy as np
 
 from kvmpoison.arch.x86.pgtable import pte_modify_array, pte_pfn_array, pte_present_array
-from kvmpoison.arch.x86.pgtable_types import _PAGE_RW, _PAGE_SPECIAL, PAGE_SIZE
-from kvmpoison.kconfig import KernelVersion
+from kvmpoison.arch.x86.pgtable_types import _PAGE_DIRTY, _PAGE_RW, _PAGE_SPECIAL, PAGE_SIZE
 from kvmpoison.mm.fault import find_vma
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.mmap import (
@@ -43,7 +42,7 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
     shared_write = bool(vma.vm_flags & VM.WRITE and vma.vm_flags & VM.SHARED)
     changed = 0
     mem = core.pages
-    modern = core.kcfg.version >= KernelVersion.V6_18
+    version = core.kcfg.version.tuple
     for chunk in mm.pgd.chunks(start, end):
         store = core.ptes.rows
         ptes = store[chunk.rows, chunk.cols]
@@ -52,12 +51,15 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
             continue
         old = ptes[present]
         new = pte_modify_array(old, newprot)
-        if private_write and modern:
+        if private_write and version >= (6, 1):
             # 6.x MM_CP_TRY_CHANGE_WRITABLE: an exclusive anonymous page (PageAnonExclusive,
-            # approximated as mapped once) is made writable at once; v5.12 waits for the fault.
+            # approximated as mapped once) is made writable at once; v5.12 waits for the
+            # fault. The 6.1 tree also requires pte_dirty; 6.18 does not.
             normal = (old & np.uint64(_PAGE_SPECIAL)) == 0
             pfns = pte_pfn_array(old)
             exclusive = normal & ((mem.mapping[pfns] & 1) != 0) & (mem._mapcount[pfns] == 0)
+            if version < (6, 18):
+                exclusive &= (old & np.uint64(_PAGE_DIRTY)) != 0
             new = np.where(exclusive, new | np.uint64(_PAGE_RW), new)
         elif not shared_write:
             new &= np.uint64(~_PAGE_RW & 0xFFFF_FFFF_FFFF_FFFF)

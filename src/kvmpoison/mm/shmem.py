@@ -277,7 +277,7 @@ def memfd_create(core: MmCore, name: str, flags: int) -> File | int:
     not modelled; the kernel creates the file), seals are not modelled.
     """
     valid = MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB
-    if core.kcfg.version >= KernelVersion.V6_18:
+    if core.kcfg.version.tuple >= (6, 3):
         valid |= MFD_NOEXEC_SEAL | MFD_EXEC
     if flags & ~valid:
         return -errno.EINVAL
