@@ -110,12 +110,7 @@ def generic_perform_write(core: MmCore, inode: Inode, pos: int, src: IovIter,
 
 
 def unmap_mapping_range(mapping: AddressSpace, first: int, last: int) -> None:
-    """``mm/memory.c:unmap_mapping_range`` over page offsets [first, last) (v5.12).
-
-    Zaps every user mapping of the range (truncation's zap_details: PTE
-    markers are kept). Simplified: private COWed pages are zapped as well,
-    where shmem punch-hole passes ``even_cows = 0`` and keeps them.
-    """
+    """Zap every user mapping of page offsets [first, last) (truncate: markers kept)."""
     for vma in list(mapping.i_mmap):
         lo = max(first, vma.vm_pgoff)
         hi = min(last, vma.vm_pgoff + vma.npages)
@@ -126,11 +121,7 @@ def unmap_mapping_range(mapping: AddressSpace, first: int, last: int) -> None:
 
 
 def truncate_inode_pages_range(core: MmCore, mapping: AddressSpace, first: int, last: int) -> None:
-    """``mm/truncate.c:truncate_inode_pages_range`` for whole pages [first, last) (v5.12).
-
-    Unmaps, then drops each cached page and the cache's reference. Callers
-    zero the partial edge pages (:func:`partial_page_ranges`).
-    """
+    """Unmap and drop the cached pages of offsets [first, last)."""
     unmap_mapping_range(mapping, first, last)
     idx = mapping.cached_indices()
     idx = idx[(idx >= first) & (idx < last)]
