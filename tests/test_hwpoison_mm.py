@@ -328,3 +328,26 @@ def test_pinned_page_cache_page_is_still_referenced_from_5_16(kcfg, ret) -> None
     assert get_user_pages(p.mm, addr, 1, FOLL(0), pins) == 1  # an extra reference
     pfn = pte_pfn(p.mm.pgd.get(addr))
     assert memory_failure(k.core, pfn, 0) == ret  # 6.18: has_extra_refcount -> -EBUSY
+
+
+def test_user_consumption_of_a_dirty_page_gets_one_sigbus() -> None:
+    k = boot(RFC_BASE)
+    p = proc(k)
+    addr = anon(p, 1, fill=1)
+    pfn = pte_pfn(p.mm.pgd.get(addr))
+    k.core.hw.inject_dram_error(pfn << 12)
+    assert p.load(addr, 8).cell == "sig:SIGBUS:BUS_MCEERR_AR"
+    assert len(p.task.pending) == 1  # memory_failure's kill_proc; kill_me_maybe adds nothing
+
+
+@pytest.mark.parametrize("kcfg", [RFC_BASE, V6_18_MF])
+def test_user_consumption_of_a_clean_file_page_refaults_from_disk(kcfg) -> None:  # type: ignore[no-untyped-def]
+    k = boot(kcfg)
+    k.create_file("/f", b"\x05" * PAGE)
+    p = proc(k)
+    fd = ok(p.open("/f", 0))
+    addr = ok(p.mmap(0, PAGE, 0x1, MAP_SHARED, fd))
+    assert p.load(addr, 1).data == b"\x05"
+    k.core.hw.inject_dram_error(pte_pfn(p.mm.pgd.get(addr)) << 12)
+    out = p.load(addr, 1)  # the clean page is dropped; the re-run reads the file again
+    assert out.data == b"\x05" and p.task.pending == [] and p.task.alive

@@ -12,9 +12,11 @@ hooks virt/kvm registers on the :class:`Kernel` at boot.
 from __future__ import annotations
 
 import errno
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvmpoison.arch.x86.mce import MCG_STATUS_RIPV
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.drivers.char.random import getrandom
@@ -40,7 +42,7 @@ from kvmpoison.mm.file import (
 )
 from kvmpoison.mm.filemap import RegularFile
 from kvmpoison.mm.madvise import do_madvise
-from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, memory_failure
+from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, MF_MUST_KILL, memory_failure
 from kvmpoison.mm.mincore import do_mincore
 from kvmpoison.mm.mlock import do_mlock, do_munlock
 from kvmpoison.mm.mm_types import MmStruct
@@ -53,6 +55,8 @@ from kvmpoison.mm.shmem import memfd_create
 from kvmpoison.mm.uaccess import IovIter
 from kvmpoison.mm.userfaultfd import UffdCtx, mfill_atomic_poison, userfaultfd_register
 from kvmpoison.outcome import Halt, Kind, Outcome
+from kvmpoison.uapi.errno import EHWPOISON
+from kvmpoison.uapi.siginfo import SI_KERNEL, SigInfo
 
 
 def _ret(value: int, data: bytes | None = None) -> Outcome:
@@ -98,6 +102,7 @@ class Process:
         parts: list[bytes] = []
         end = addr + size
         vaddr = addr
+        rerun = True  # one re-run after a #MC that kill_me_maybe answered with nothing
         while vaddr < end:
             n = min(PAGE_SIZE - (vaddr & (PAGE_SIZE - 1)), end - vaddr)
             pfn, failed = translate(mm, cpu, vaddr, write=data is not None, user_mode=True)
@@ -111,26 +116,50 @@ class Process:
             else:
                 got = mm.core.hw.load(pa, n, 0, Ctx.HOST_USER, vaddr=vaddr)
                 if got.kind is not Kind.OK:
-                    return self._consumed_poison(pfn, got)
+                    out = self._consumed_poison(pfn, got, rerun)
+                    if out is None:  # nothing was sent: the task re-runs the load
+                        rerun = False
+                        continue
+                    return out
                 assert got.data is not None
                 parts.append(got.data)
             vaddr += n
         return Outcome.ok(b"".join(parts) if data is None else None)
 
-    def _consumed_poison(self, pfn: int, got: Outcome) -> Outcome:
-        """do_machine_check -> kill_me_maybe -> memory_failure(MF_ACTION_REQUIRED), user mode.
+    def _consumed_poison(self, pfn: int, got: Outcome, rerun: bool) -> Outcome | None:
+        """A user-mode #MC: ``do_machine_check`` queues ``kill_me_maybe`` (user mode).
 
-        ``arch/x86/kernel/cpu/mce/core.c`` (v5.12, 6.18). Simplified: the
-        arch layer's SIGBUS BUS_MCEERR_AR is always delivered after
-        memory_failure, where ``kill_me_maybe`` sends nothing more when
-        memory_failure returned 0 (the task re-runs the access; with v5.12's
-        0 for an already-poisoned page that is a #MC loop) or -EHWPOISON,
-        and 6.18 sends a plain SIGBUS (SI_KERNEL) for any other error.
+        ``arch/x86/kernel/cpu/mce/core.c`` (v5.12, 6.18): ``memory_failure(pfn,
+        MF_ACTION_REQUIRED)`` (MF_MUST_KILL without RIPV). On 0, and from 5.14 on
+        -EHWPOISON or -EOPNOTSUPP, nothing more is sent; on any other value
+        ``kill_me_now``: SIGBUS with SI_KERNEL (``mce_vaddr`` taken as unset, as the
+        vCPU path does). The first signal the task got is the outcome. When nothing
+        was sent the task returns to the instruction: None asks the caller to re-run
+        the access once. Simplified: a second #MC on the re-run (v5.12's 0 for a page
+        that is already poisoned and still mapped: the kernel loops forever) ends with
+        the arch layer's SIGBUS BUS_MCEERR_AR. Without CONFIG_MEMORY_FAILURE the arch
+        layer's outcome stands as it is.
         """
-        if got.kind is Kind.SIG and self.kernel.kcfg.memory_failure:
-            memory_failure(self.mm.core, pfn, MF_ACTION_REQUIRED, current_pid=self.pid)
-        if got.siginfo is not None:
-            force_sig_info(self.task, got.siginfo)
+        task = self.task
+        if got.kind is not Kind.SIG or got.siginfo is None or not self.kernel.kcfg.memory_failure:
+            if got.siginfo is not None:
+                force_sig_info(task, got.siginfo)
+            return got
+        core = self.mm.core
+        before = len(task.pending)
+        ripv = got.mce is None or bool(got.mce.mcg_status & MCG_STATUS_RIPV)
+        flags = MF_ACTION_REQUIRED | (0 if ripv else MF_MUST_KILL)
+        ret = memory_failure(core, pfn, flags, current_pid=self.pid)
+        quiet = ret == 0 or (core.kcfg.version.tuple >= (5, 14)
+                             and ret in (-EHWPOISON, -errno.EOPNOTSUPP))
+        if not quiet:
+            core.dmesg.append("mce: Memory error not recovered")
+            force_sig_info(task, SigInfo(signal.SIGBUS, SI_KERNEL))  # kill_me_now
+        if len(task.pending) > before:
+            return Outcome.signal(task.pending[before], got.mce, got.detail)
+        if rerun:
+            return None
+        force_sig_info(task, got.siginfo)
         return got
 
     def load(self, addr: int, size: int = 8) -> Outcome:
