@@ -3,6 +3,7 @@
 import errno
 import signal
 
+import numpy as np
 import pytest
 
 from helpers import PAGE, RW, anon, boot, ok, proc
@@ -301,3 +302,53 @@ def test_madv_hwpoison_kills_its_caller_early_from_6_x(kcfg, killed) -> None:  #
     sigs = [(i.signo, i.code, i.addr) for i in p.task.pending]
     assert sigs == ([(signal.SIGBUS, BusCode.BUS_MCEERR_AR, addr)] if killed else [])
     assert p.task.alive is not killed
+
+
+@pytest.mark.parametrize("kcfg", [RFC_BASE, V6_18_MF])
+def test_free_page_taken_off_buddy_with_a_reference_and_given_back_by_unpoison(kcfg) -> None:  # type: ignore[no-untyped-def]
+    k = boot(kcfg)
+    page = k.core.buddy.alloc_pages(0)
+    assert page is not None
+    pfn = page.pfn
+    k.core.pages._refcount[pfn] = 0
+    k.core.buddy.free_pages_bulk(np.array([pfn], dtype=np.int64))
+    free = k.core.buddy.nr_free
+    assert memory_failure(k.core, pfn, 0x20) == 0  # MF_SW_SIMULATED: unpoison stays allowed
+    assert page_count(page) == 1 and k.core.buddy.nr_free == free - 1  # page_ref_inc
+    assert unpoison_memory(k.core, pfn) == 0
+    assert not PageHWPoison(page) and page_count(page) == 0 and k.core.buddy.nr_free == free
+
+
+@pytest.mark.parametrize(("kcfg", "ret"), [(RFC_BASE, 0), (V6_18_MF, -16)])
+def test_pinned_page_cache_page_is_still_referenced_from_5_16(kcfg, ret) -> None:  # type: ignore[no-untyped-def]
+    k = boot(kcfg)
+    p = proc(k)
+    _fd, (addr,) = shared_memfd(k, p, pages=1)
+    ok(p.store(addr, b"\x01"))
+    pins: list[Page] = []
+    assert get_user_pages(p.mm, addr, 1, FOLL(0), pins) == 1  # an extra reference
+    pfn = pte_pfn(p.mm.pgd.get(addr))
+    assert memory_failure(k.core, pfn, 0) == ret  # 6.18: has_extra_refcount -> -EBUSY
+
+
+def test_user_consumption_of_a_dirty_page_gets_one_sigbus() -> None:
+    k = boot(RFC_BASE)
+    p = proc(k)
+    addr = anon(p, 1, fill=1)
+    pfn = pte_pfn(p.mm.pgd.get(addr))
+    k.core.hw.inject_dram_error(pfn << 12)
+    assert p.load(addr, 8).cell == "sig:SIGBUS:BUS_MCEERR_AR"
+    assert len(p.task.pending) == 1  # memory_failure's kill_proc; kill_me_maybe adds nothing
+
+
+@pytest.mark.parametrize("kcfg", [RFC_BASE, V6_18_MF])
+def test_user_consumption_of_a_clean_file_page_refaults_from_disk(kcfg) -> None:  # type: ignore[no-untyped-def]
+    k = boot(kcfg)
+    k.create_file("/f", b"\x05" * PAGE)
+    p = proc(k)
+    fd = ok(p.open("/f", 0))
+    addr = ok(p.mmap(0, PAGE, 0x1, MAP_SHARED, fd))
+    assert p.load(addr, 1).data == b"\x05"
+    k.core.hw.inject_dram_error(pte_pfn(p.mm.pgd.get(addr)) << 12)
+    out = p.load(addr, 1)  # the clean page is dropped; the re-run reads the file again
+    assert out.data == b"\x05" and p.task.pending == [] and p.task.alive

@@ -76,3 +76,12 @@ def test_shmem_io_and_fallocate_on_poisoned_page(kcfg: KernelConfig, patch_09: b
     if falloc == "ret:0":
         assert p.task.fds[fd].f_inode.i_size == 2 * PAGE
     assert PageHWPoison(p.kernel.core.pages[pfn])
+
+
+def test_memfd_create_flags_and_name_per_version() -> None:
+    old, new = proc(boot(RFC_BASE)), proc(boot(THIS_MACHINE))
+    assert old.memfd_create("x", 0x8).cell == "err:EINVAL"  # MFD_NOEXEC_SEAL is v6.3+
+    assert new.memfd_create("x", 0x8).succeeded
+    assert new.memfd_create("x", 0x18).cell == "err:EINVAL"  # EXEC and NOEXEC_SEAL
+    assert new.memfd_create("n" * 249).succeeded
+    assert new.memfd_create("n" * 250).cell == "err:EINVAL"

@@ -97,6 +97,9 @@ class Pipe:
 
 
 def pipe_read(pipe: Pipe, to: IovIter) -> int:
+    """``fs/pipe.c:pipe_read`` (v5.12, 6.18) with O_NONBLOCK semantics: buffer by buffer;
+    a buffer whose copy faults stays and ends the call (-EFAULT if nothing moved).
+    """
     if not to.count:
         return 0
     if not pipe.bufs:
@@ -114,6 +117,10 @@ def pipe_read(pipe: Pipe, to: IovIter) -> int:
 
 
 def pipe_write(pipe: Pipe, src: IovIter) -> int:
+    """``fs/pipe.c:pipe_write`` (v5.12, 6.18) with O_NONBLOCK semantics: merge the sub-page
+    remainder into the last buffer, then fill page buffers; a faulting chunk is
+    dropped and ends the call (-EFAULT if nothing moved); a full ring is -EAGAIN.
+    """
     if not src.count:
         return 0
     ret = 0
@@ -171,6 +178,7 @@ class PipeEnd:
 
 
 def do_pipe2(ino: int) -> tuple[File, File]:
+    """``fs/pipe.c:do_pipe2``: the read and write ends of a new pipe (no FMODE_PREAD)."""
     pipe = Pipe()
     inode = Inode(ino=ino, kind="pipe")
     return (File(name="pipe:[r]", f_inode=inode, f_op=PipeEnd(pipe, True), fmode_pread=False,

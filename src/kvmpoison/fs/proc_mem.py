@@ -28,6 +28,7 @@ class ProcMem:
         self.target = target
 
     def _rw(self, pos: int, it: IovIter, write: bool) -> int:
+        """``fs/proc/base.c:mem_rw`` (v5.12, 6.18); see the module docstring."""
         copied = 0
         addr = pos
         while it.count:

@@ -24,6 +24,10 @@ FUTEX_PRIVATE_FLAG = 128
 
 
 def get_futex_key(mm: MmStruct, addr: int, private: bool, write: bool) -> int:
+    """``kernel/futex.c:get_futex_key`` (v5.12; kernel/futex/core.c in 6.18): -EINVAL
+    unless 4-byte aligned; a private key needs no page; a shared one pins the
+    page with GUP (FOLL_WRITE, then read-only for FUTEX_READ callers).
+    """
     if addr % 4:
         return -errno.EINVAL
     if private:
@@ -37,6 +41,10 @@ def get_futex_key(mm: MmStruct, addr: int, private: bool, write: bool) -> int:
 
 
 def futex_wait(mm: MmStruct, cpu: Cpu | None, addr: int, val: int, private: bool) -> int:
+    """``futex_wait`` (v5.12, 6.18): key, then ``get_user`` of the word (-EFAULT), -EAGAIN
+    (EWOULDBLOCK) on a mismatch. The model never sleeps: a matching word returns
+    -ETIMEDOUT, as a wait with an expired timeout does.
+    """
     err = get_futex_key(mm, addr, private, write=False)
     if err:
         return err
@@ -49,5 +57,6 @@ def futex_wait(mm: MmStruct, cpu: Cpu | None, addr: int, val: int, private: bool
 
 
 def futex_wake(mm: MmStruct, addr: int, nr: int, private: bool) -> int:
+    """``futex_wake`` (v5.12, 6.18): the key's errors, else the number woken (always 0)."""
     err = get_futex_key(mm, addr, private, write=False)
     return err if err else 0

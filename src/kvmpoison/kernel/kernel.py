@@ -84,6 +84,7 @@ class Kernel:
         return child
 
     def exit(self, task: Task) -> None:
+        """``do_exit`` for a single-threaded task: ``exit_mmap``, close every fd, mark dead."""
         if task.mm is not None:
             exit_mmap(task.mm)
             task.mm = None
@@ -91,6 +92,7 @@ class Kernel:
         task.alive = False
 
     def send_signal(self, pid: int, info: SigInfo) -> None:
+        """Deliver ``info`` to ``pid`` (mm's signal hook: memory_failure's kill_proc)."""
         task = self.tasks.get(pid)
         if task is not None:
             force_sig_info(task, info)

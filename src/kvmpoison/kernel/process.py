@@ -2,15 +2,21 @@
 
 Every method returns an :class:`~kvmpoison.outcome.Outcome`: ``ok``/``sig``
 for a CPU access, ``ret``/``err`` for a syscall. A host panic or shutdown
-anywhere below ends as that Outcome too, and halts the kernel.
+anywhere below ends as that Outcome too, and halts the kernel. Each syscall
+method is the kernel's syscall entry (``SYSCALL_DEFINE*``, v5.12 and 6.18)
+down to the file, mm or driver function it calls; argument checks the entry
+makes itself are here, in the kernel's order. KVM's ioctls arrive through
+hooks virt/kvm registers on the :class:`Kernel` at boot.
 """
 
 from __future__ import annotations
 
 import errno
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvmpoison.arch.x86.mce import MCG_STATUS_RIPV
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.drivers.char.random import getrandom
@@ -22,10 +28,21 @@ from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.kernel.ptrace import generic_ptrace_peekdata, generic_ptrace_pokedata
 from kvmpoison.kernel.task import Task, force_sig_info
 from kvmpoison.mm.fault import translate
-from kvmpoison.mm.file import O_ACCMODE, O_RDONLY, O_WRONLY, File, Inode, filemap_sample_wb_err
+from kvmpoison.mm.file import (
+    O_ACCMODE,
+    O_APPEND,
+    O_CREAT,
+    O_EXCL,
+    O_RDONLY,
+    O_TRUNC,
+    O_WRONLY,
+    File,
+    Inode,
+    filemap_sample_wb_err,
+)
 from kvmpoison.mm.filemap import RegularFile
 from kvmpoison.mm.madvise import do_madvise
-from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, memory_failure
+from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, MF_MUST_KILL, memory_failure
 from kvmpoison.mm.mincore import do_mincore
 from kvmpoison.mm.mlock import do_mlock, do_munlock
 from kvmpoison.mm.mm_types import MmStruct
@@ -38,6 +55,8 @@ from kvmpoison.mm.shmem import memfd_create
 from kvmpoison.mm.uaccess import IovIter
 from kvmpoison.mm.userfaultfd import UffdCtx, mfill_atomic_poison, userfaultfd_register
 from kvmpoison.outcome import Halt, Kind, Outcome
+from kvmpoison.uapi.errno import EHWPOISON
+from kvmpoison.uapi.siginfo import SI_KERNEL, SigInfo
 
 
 def _ret(value: int, data: bytes | None = None) -> Outcome:
@@ -78,10 +97,12 @@ class Process:
     # -- CPU accesses ---------------------------------------------------------------
 
     def _access(self, addr: int, size: int, data: bytes | None) -> Outcome:
+        """A user load or store, page by page: the CPU walk and ``do_user_addr_fault``."""
         mm, cpu = self.mm, self.task.cpu
         parts: list[bytes] = []
         end = addr + size
         vaddr = addr
+        rerun = True  # one re-run after a #MC that kill_me_maybe answered with nothing
         while vaddr < end:
             n = min(PAGE_SIZE - (vaddr & (PAGE_SIZE - 1)), end - vaddr)
             pfn, failed = translate(mm, cpu, vaddr, write=data is not None, user_mode=True)
@@ -95,18 +116,50 @@ class Process:
             else:
                 got = mm.core.hw.load(pa, n, 0, Ctx.HOST_USER, vaddr=vaddr)
                 if got.kind is not Kind.OK:
-                    return self._consumed_poison(pfn, got)
+                    out = self._consumed_poison(pfn, got, rerun)
+                    if out is None:  # nothing was sent: the task re-runs the load
+                        rerun = False
+                        continue
+                    return out
                 assert got.data is not None
                 parts.append(got.data)
             vaddr += n
         return Outcome.ok(b"".join(parts) if data is None else None)
 
-    def _consumed_poison(self, pfn: int, got: Outcome) -> Outcome:
-        """do_machine_check -> memory_failure(MF_ACTION_REQUIRED) for a user consumer."""
-        if got.kind is Kind.SIG and self.kernel.kcfg.memory_failure:
-            memory_failure(self.mm.core, pfn, MF_ACTION_REQUIRED, current_pid=self.pid)
-        if got.siginfo is not None:
-            force_sig_info(self.task, got.siginfo)
+    def _consumed_poison(self, pfn: int, got: Outcome, rerun: bool) -> Outcome | None:
+        """A user-mode #MC: ``do_machine_check`` queues ``kill_me_maybe`` (user mode).
+
+        ``arch/x86/kernel/cpu/mce/core.c`` (v5.12, 6.18): ``memory_failure(pfn,
+        MF_ACTION_REQUIRED)`` (MF_MUST_KILL without RIPV). On 0, and from 5.14 on
+        -EHWPOISON or -EOPNOTSUPP, nothing more is sent; on any other value
+        ``kill_me_now``: SIGBUS with SI_KERNEL (``mce_vaddr`` taken as unset, as the
+        vCPU path does). The first signal the task got is the outcome. When nothing
+        was sent the task returns to the instruction: None asks the caller to re-run
+        the access once. Simplified: a second #MC on the re-run (v5.12's 0 for a page
+        that is already poisoned and still mapped: the kernel loops forever) ends with
+        the arch layer's SIGBUS BUS_MCEERR_AR. Without CONFIG_MEMORY_FAILURE the arch
+        layer's outcome stands as it is.
+        """
+        task = self.task
+        if got.kind is not Kind.SIG or got.siginfo is None or not self.kernel.kcfg.memory_failure:
+            if got.siginfo is not None:
+                force_sig_info(task, got.siginfo)
+            return got
+        core = self.mm.core
+        before = len(task.pending)
+        ripv = got.mce is None or bool(got.mce.mcg_status & MCG_STATUS_RIPV)
+        flags = MF_ACTION_REQUIRED | (0 if ripv else MF_MUST_KILL)
+        ret = memory_failure(core, pfn, flags, current_pid=self.pid)
+        quiet = ret == 0 or (core.kcfg.version.tuple >= (5, 14)
+                             and ret in (-EHWPOISON, -errno.EOPNOTSUPP))
+        if not quiet:
+            core.dmesg.append("mce: Memory error not recovered")
+            force_sig_info(task, SigInfo(signal.SIGBUS, SI_KERNEL))  # kill_me_now
+        if len(task.pending) > before:
+            return Outcome.signal(task.pending[before], got.mce, got.detail)
+        if rerun:
+            return None
+        force_sig_info(task, got.siginfo)
         return got
 
     def load(self, addr: int, size: int = 8) -> Outcome:
@@ -164,11 +217,24 @@ class Process:
         return self.task.fds.get(fd)
 
     def open(self, path: str, flags: int) -> Outcome:
+        """``do_sys_open`` on the model's one directory of regular files (v5.12, 6.18).
+
+        O_CREAT creates a missing file (O_EXCL: -EEXIST for an existing one);
+        O_TRUNC empties it (``handle_truncate``). No permissions, no directories.
+        """
         inode = self.kernel.files.get(path)
+        if inode is not None and flags & O_CREAT and flags & O_EXCL:
+            return Outcome.error(errno.EEXIST)
         if inode is None:
-            return Outcome.error(errno.ENOENT)
+            if not flags & O_CREAT:
+                return Outcome.error(errno.ENOENT)
+            inode = self.kernel.create_file(path)
         file = File(name=path, f_inode=inode, f_op=RegularFile(self.kernel.core), f_flags=flags,
                     f_wb_err=filemap_sample_wb_err(inode.mapping))
+        if flags & O_TRUNC and inode.i_size:
+            truncated = self._guard(lambda: _ret(file.f_op.setattr_size(file, 0)))
+            if not truncated.succeeded:
+                return truncated
         return Outcome.ret(self.task.alloc_fd(file))
 
     def install(self, file: File) -> int:
@@ -202,21 +268,30 @@ class Process:
         return self.install(r), self.install(w)
 
     def _rw(self, fd: int, addr: int, count: int, pos: int | None, write: bool) -> Outcome:
+        """ksys_read/write and ksys_pread64/pwrite64 + vfs_read/vfs_write (v5.12, 6.18).
+
+        Order of checks: a negative pread/pwrite offset (-EINVAL), the fd
+        (-EBADF), FMODE_PREAD (-ESPIPE), the access mode (-EBADF).
+        """
         def body() -> Outcome:
+            if pos is not None and pos < 0:
+                return Outcome.error(errno.EINVAL)
             file = self._file(fd)
             if file is None:
                 return Outcome.error(errno.EBADF)
+            if pos is not None and not file.fmode_pread:
+                return Outcome.error(errno.ESPIPE)
             acc = file.f_flags & O_ACCMODE
             if (write and acc == O_RDONLY) or (not write and acc == O_WRONLY):
                 return Outcome.error(errno.EBADF)
-            if pos is not None and not file.fmode_pread:
-                return Outcome.error(errno.ESPIPE)
             it = IovIter(self.mm, self.task.cpu, addr, count)
             at = file.f_pos if pos is None else pos
+            if write and file.f_flags & O_APPEND and file.fmode_pread:
+                at = file.f_inode.i_size  # IOCB_APPEND: pwrite appends too on Linux
             op = file.f_op.write_iter if write else file.f_op.read_iter
             ret = op(file, at, it)
             if ret > 0 and pos is None:
-                file.f_pos += ret
+                file.f_pos = at + ret
             return _ret(ret)
         return self._guard(body)
 
@@ -233,14 +308,26 @@ class Process:
         return self._rw(fd, addr, count, pos, write=True)
 
     def ftruncate(self, fd: int, size: int) -> Outcome:
+        """``do_sys_ftruncate`` (v5.12, 6.18): -EINVAL for a negative length, then
+        -EBADF, then -EINVAL for a file not open for writing."""
+        if size < 0:
+            return Outcome.error(errno.EINVAL)
         file = self._file(fd)
         if file is None:
             return Outcome.error(errno.EBADF)
+        if file.f_flags & O_ACCMODE == O_RDONLY:
+            return Outcome.error(errno.EINVAL)
         return self._guard(lambda: _ret(file.f_op.setattr_size(file, size)))
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> Outcome:
+        """``vfs_fallocate`` (v5.12, 6.18): argument checks, then -EBADF without
+        FMODE_WRITE, then the file's own ->fallocate."""
         file = self._file(fd)
         if file is None:
+            return Outcome.error(errno.EBADF)
+        if offset < 0 or length <= 0:
+            return Outcome.error(errno.EINVAL)
+        if file.f_flags & O_ACCMODE == O_RDONLY:
             return Outcome.error(errno.EBADF)
         return self._guard(lambda: _ret(file.f_op.fallocate(file, mode, offset, length)))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 
 def add_range(ranges: list[tuple[int, int]], az: int, start: int, end: int) -> int:
+    """``kernel/range.c:add_range`` (v5.12): append [start, end); silently dropped when full."""
     if start >= end:
         return len(ranges)
     if len(ranges) >= az:  # out of slots: the range is lost without an error
@@ -18,6 +19,10 @@ def add_range(ranges: list[tuple[int, int]], az: int, start: int, end: int) -> i
 
 
 def add_range_with_merge(ranges: list[tuple[int, int]], az: int, start: int, end: int) -> int:
+    """``kernel/range.c:add_range_with_merge`` (v5.12): fold every range that overlaps
+    or touches [start, end) into it (the kernel memmoves the rest down and rechecks
+    the same slot), then ``add_range`` the result.
+    """
     if start >= end:
         return len(ranges)
     i = 0
@@ -37,5 +42,6 @@ def add_range_with_merge(ranges: list[tuple[int, int]], az: int, start: int, end
 
 
 def clean_sort_range(ranges: list[tuple[int, int]]) -> int:
+    """``kernel/range.c:clean_sort_range`` (v5.12): drop empty ranges, sort by start."""
     ranges[:] = sorted(r for r in ranges if r[0] < r[1])
     return len(ranges)

@@ -28,6 +28,7 @@ O_RDONLY = 0o0
 O_WRONLY = 0o1
 O_RDWR = 0o2
 O_CREAT = 0o100
+O_EXCL = 0o200
 O_TRUNC = 0o1000
 O_APPEND = 0o2000
 O_NONBLOCK = 0o4000
@@ -72,6 +73,7 @@ class AddressSpace:
         return self.pages[first : first + nr]
 
     def find_get_page(self, index: int) -> Page | None:
+        """``find_get_page``: the cached page at ``index`` with a reference, or None."""
         pfn = self.lookup(index)
         if pfn is None:
             return None
@@ -171,6 +173,9 @@ class File:
 
 
 def file_check_and_advance_wb_err(file: File) -> int:
+    """``mm/filemap.c:file_check_and_advance_wb_err`` (v5.12, 6.18): -EIO once per
+    file for each writeback error it has not seen (errseq).
+    """
     mapping = file.f_mapping
     if mapping is None or mapping.wb_err == file.f_wb_err:
         return 0

@@ -20,7 +20,6 @@ import numpy as np
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.file import (
     O_DIRECT,
@@ -48,6 +47,11 @@ PageGetter = Callable[[int], tuple[int | None, int]]
 
 
 def kernel_read_page(core: MmCore, pfn: int, offset: int, size: int) -> bytes:
+    """The kernel reading page-cache data through its direct map (KeyID 0).
+
+    Consumed poison there is not machine-check safe in ``copy_page_to_iter``:
+    the host halts.
+    """
     got = core.hw.load((pfn << PAGE_SHIFT) + offset, size, 0, Ctx.HOST_KERNEL)
     if got.kind is not Kind.OK:
         raise Halt(got)
@@ -83,7 +87,7 @@ def generic_perform_write(core: MmCore, inode: Inode, pos: int, src: IovIter,
     ext4 pages accept it in ``write_end``), failing only when nothing moves.
     """
     total = 0
-    check_first = core.kcfg.version < KernelVersion.V6_1
+    check_first = core.kcfg.version.tuple < (5, 16)  # 5.16: fault in only if nothing is readable
     while src.count:
         index, offset = pos >> PAGE_SHIFT, pos & (PAGE_SIZE - 1)
         n = min(PAGE_SIZE - offset, src.count)
@@ -198,17 +202,23 @@ class RegularFile:
         return get
 
     def read_iter(self, file: File, pos: int, to: IovIter) -> int:
+        """``ext4_file_read_iter``: O_DIRECT via iomap (pinned pages), else ``filemap_read``."""
         if file.f_flags & O_DIRECT:
             return self._direct_read(file, pos, to)
         return filemap_read(self.core, file.f_inode, pos, to, self._get(file.f_inode, False))
 
     def write_iter(self, file: File, pos: int, src: IovIter) -> int:
+        """``ext4_file_write_iter``: O_DIRECT, else ``generic_perform_write``."""
         if file.f_flags & O_DIRECT:
             return self._direct_write(file, pos, src)
         return generic_perform_write(self.core, file.f_inode, pos, src,
                                      self._get(file.f_inode, True))
 
     def _direct_pin(self, it: IovIter, write_to_user: bool) -> list[Page] | int:
+        """``iov_iter_get_pages`` for direct I/O: 512-byte alignment (-EINVAL), then GUP
+        (FOLL_WRITE when the device writes to user memory); any page GUP refuses
+        fails the whole call.
+        """
         if it.addr % 512 or it.count % 512:
             return -errno.EINVAL
         pages: list[Page] = []
@@ -237,6 +247,7 @@ class RegularFile:
         return n
 
     def _direct_write(self, file: File, pos: int, src: IovIter) -> int:
+        """iomap direct write: pin the user pages, read them by DMA, store to disk."""
         if pos % 512:
             return -errno.EINVAL
         pages = self._direct_pin(src, write_to_user=False)
@@ -285,6 +296,9 @@ class RegularFile:
         return 0
 
     def filemap_fault(self, inode: Inode, vmf: VmFaultInfo) -> VmFault:
+        """``mm/filemap.c:filemap_fault`` (v5.12, 6.18): SIGBUS at or past EOF; the page is
+        read from disk into the cache when missing.
+        """
         if vmf.pgoff >= inode.nr_pages:
             return VmFault.SIGBUS  # beyond EOF
         pfn, err = self._get(inode, True)(vmf.pgoff)
@@ -295,6 +309,11 @@ class RegularFile:
         return VmFault(0)
 
     def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
+        """``ext4_fallocate`` (v5.12, 6.18) after ``vfs_fallocate``'s checks.
+
+        Simplified: only allocation (KEEP_SIZE or not) and PUNCH_HOLE; COLLAPSE,
+        ZERO and INSERT_RANGE are -EOPNOTSUPP here.
+        """
         inode = file.f_inode
         if offset < 0 or length <= 0:
             return -errno.EINVAL
@@ -316,6 +335,9 @@ class RegularFile:
         return 0
 
     def setattr_size(self, file: File, size: int) -> int:
+        """``ext4_setattr`` for ATTR_SIZE: drop cached pages and blocks past the new size
+        and zero the tail of the last block and page.
+        """
         inode = file.f_inode
         if size < 0:
             return -errno.EINVAL

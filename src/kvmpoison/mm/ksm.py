@@ -79,7 +79,8 @@ def ksm_madvise(vma: Vma, start: int, end: int, merge: bool) -> int:
 
 
 def break_ksm(vma: Vma, addr: int) -> VmFault:
-    """Write-fault a KSM page at ``addr`` so the mapping gets its own copy."""
+    """``mm/ksm.c:break_ksm`` (v5.12): write-fault a KSM page at ``addr`` so the mapping
+    gets its own copy; nothing to do for a non-present entry (hwpoison included)."""
     pte = vma.vm_mm.pgd.get(addr)
     if not pte_present(pte):
         return VmFault(0)
@@ -90,6 +91,9 @@ def break_ksm(vma: Vma, addr: int) -> VmFault:
 
 
 def write_protect_page(vma: Vma, addr: int, page: Page) -> None:
+    """``mm/ksm.c:write_protect_page`` (v5.12): make the PTE read-only and clean,
+    moving its dirty bit to the page.
+    """
     mm = vma.vm_mm
     pte = mm.pgd.get(addr)
     if pte & _PAGE_DIRTY:
@@ -99,7 +103,7 @@ def write_protect_page(vma: Vma, addr: int, page: Page) -> None:
 
 
 def replace_page(vma: Vma, addr: int, page: Page, kpage: Page) -> None:
-    """Point the PTE at ``kpage`` read-only and drop ``page``."""
+    """``mm/ksm.c:replace_page`` (v5.12): point the PTE at ``kpage`` read-only, drop ``page``."""
     mm = vma.vm_mm
     old = mm.pgd.get(addr)
     get_page(kpage)
@@ -113,6 +117,7 @@ def replace_page(vma: Vma, addr: int, page: Page, kpage: Page) -> None:
 
 
 def _stable_node(core: MmCore, kpage: Page, vma: Vma, addr: int) -> StableNode:
+    """The page's ``stable_node`` (``stable_tree_insert`` for a new KSM page)."""
     mem = core.pages
     if PageKsm(kpage):
         node = mem.registry.decode(int(mem.mapping[kpage.pfn]))
@@ -143,7 +148,8 @@ def _candidates(core: MmCore, vma: Vma) -> Iterator[tuple[int, Page]]:
 
 
 def ksm_do_scan(core: MmCore) -> int:
-    """One full ksmd pass; returns how many mappings now share a KSM page they did not."""
+    """One full ``ksm_do_scan`` pass of ksmd (v5.12, simplified as the module says);
+    returns how many mappings now share a KSM page they did not."""
     groups: dict[bytes, list[tuple[Vma, int, Page]]] = {}
     for mm in list(core.mms.values()):
         for vma in list(mm.vmas):

@@ -55,6 +55,10 @@ MADV_GUARD_REMOVE = 103
 
 
 def madvise_behavior_valid(mm: MmStruct, behavior: int) -> bool:
+    """``mm/madvise.c:madvise_behavior_valid`` (v5.12; 6.18 adds POPULATE_READ/WRITE and
+    GUARD_INSTALL/REMOVE). MADV_HWPOISON/SOFT_OFFLINE only with CONFIG_MEMORY_FAILURE.
+    Simplified: 6.18's MADV_COLLAPSE is refused (-EINVAL).
+    """
     cfg = mm.core.kcfg
     valid = {MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_DONTNEED,
              MADV_FREE, MADV_REMOVE, MADV_DONTFORK, MADV_DOFORK, MADV_MERGEABLE,
@@ -70,6 +74,7 @@ def madvise_behavior_valid(mm: MmStruct, behavior: int) -> bool:
 
 
 def _vma_flag_change(mm: MmStruct, start: int, end: int, behavior: int) -> int:
+    """The VMA-flag advices of ``madvise_behavior``/``madvise_update_vma`` (v5.12, 6.18)."""
     for vma in vmas_in_range(mm, start, end, split=True):
         match behavior:
             case 10:  # DONTFORK
@@ -102,6 +107,7 @@ def _vma_flag_change(mm: MmStruct, start: int, end: int, behavior: int) -> int:
 
 
 def madvise_populate(mm: MmStruct, start: int, end: int, write: bool) -> int:
+    """``mm/madvise.c:madvise_populate`` (6.18, with 6.9's error mapping)."""
     flags = FOLL.TOUCH | FOLL.MADV_POPULATE | FOLL.HWPOISON | (FOLL.WRITE if write else FOLL(0))
     addr = start
     while addr < end:
@@ -132,7 +138,7 @@ def madvise_free_single_vma(vma: Vma, start: int, end: int) -> int:
     mm = vma.vm_mm
     core = mm.core
     types = core.swap_types
-    modern = core.kcfg.version >= KernelVersion.V6_1
+    modern = core.kcfg.version.tuple >= (6, 1)  # the 6.1 tree clears poisoned entries
     store = core.ptes.rows
     for chunk in mm.pgd.chunks(start, end):
         ptes = store[chunk.rows, chunk.cols]
@@ -294,6 +300,11 @@ def madvise_inject_error(mm: MmStruct, start: int, end: int, behavior: int) -> i
 
 
 def do_madvise(mm: MmStruct, start: int, length: int, behavior: int) -> int:
+    """``mm/madvise.c:do_madvise`` (v5.12, 6.18): -EINVAL for a bad advice or start,
+    VMA by VMA over the range, -ENOMEM at the end if part of it was unmapped.
+    Simplified: VMAs are split for flag changes even when nothing changes
+    (invisible but in the VMA count).
+    """
     if start & (PAGE_SIZE - 1):
         return -errno.EINVAL
     if not madvise_behavior_valid(mm, behavior):

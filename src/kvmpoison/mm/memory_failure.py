@@ -78,12 +78,17 @@ class MfReport:
 
 
 def _report(core: MmCore, pfn: int, kind: str, result: MfResult) -> int:
+    """``action_result`` (v5.12, 6.18): log the outcome; 0 for Recovered/Delayed, else -EBUSY."""
     core.mf_reports.append(MfReport(pfn, kind, result))
     return 0 if result in (MfResult.RECOVERED, MfResult.DELAYED) else -errno.EBUSY
 
 
 def _take_off_buddy(core: MmCore, page: Page) -> bool:
-    """A free page: pull its buddy block apart so the poisoned page never returns."""
+    """``take_page_off_buddy`` + ``page_ref_inc`` (v5.10+, so v5.12 and 6.18).
+
+    A free page: pull its buddy block apart so the poisoned page never
+    returns; the poisoned page keeps one reference (unpoison gives it back).
+    """
     mem = core.pages
     for order in range(11):
         head = page.pfn & ~((1 << order) - 1)
@@ -95,13 +100,17 @@ def _take_off_buddy(core: MmCore, page: Page) -> bool:
             mem._refcount[np.array(rest, dtype=np.int64)] = 0
             core.buddy.free_pages_bulk(np.array(rest, dtype=np.int64))
             mem.flags[page.pfn] |= np.uint32(mem.mask(PG.hwpoison))
+            mem._refcount[page.pfn] = 1  # page_ref_inc
             return True
     return False
 
 
 def collect_procs(core: MmCore, page: Page, force_early: bool,
                   current_pid: int | None) -> list[tuple[int, int]]:
-    """(pid, page-aligned address) of each process to kill early."""
+    """``mm/memory-failure.c:collect_procs`` (v5.12, 6.18): (pid, address) of each process
+    mapping the page that is killed early: all with the early-kill sysctl, else only
+    the current task for an action-required error (``task_early_kill``). No
+    PR_MCE_KILL per-task policy."""
     out = []
     for vma, addr in rmap_walk(page):
         pid = vma.vm_mm.owner_pid
@@ -113,6 +122,11 @@ def collect_procs(core: MmCore, page: Page, force_early: bool,
 
 def kill_procs(core: MmCore, tokill: list[tuple[int, int]], forcekill: bool, fail: bool,
                flags: int, current_pid: int | None) -> None:
+    """``mm/memory-failure.c:kill_procs`` (v5.12, 6.18): with ``forcekill`` (a dirty page
+    or MF_MUST_KILL), SIGKILL when unmapping failed, else ``kill_proc``: BUS_MCEERR_AR
+    to the current task on an action-required error, BUS_MCEERR_AO to the others.
+    Simplified: the AO signal is forced like the AR one (no ignored SIGBUS).
+    """
     if not forcekill or core.send_signal is None:
         return
     for pid, addr in tokill:
@@ -152,7 +166,15 @@ def hwpoison_user_mappings(core: MmCore, page: Page, flags: int,
 
 
 def _page_action(core: MmCore, page: Page) -> int:
-    """identify_page_state + page_action for an LRU page that is no longer mapped."""
+    """``identify_page_state`` + ``page_action`` (v5.12, 6.18) for an LRU page no longer mapped.
+
+    Anonymous: Recovered. Page cache: a dirty page sets AS_EIO/wb_err; the page
+    leaves the cache (``truncate_error_page``) except shmem from 5.16 (the model's
+    6.18), which keeps it. From 5.16 ``has_extra_refcount`` fails a page-cache page
+    still referenced beyond memory_failure's own reference (and the cache's, for a
+    kept shmem page): MF_FAILED, -EBUSY. Simplified: swap cache, huge pages and
+    guest_memfd's ``error_remove_folio`` (6.18 keeps the folio) are not modelled.
+    """
     pfn = page.pfn
     if PageAnon(page):
         return _report(core, pfn, "dirty LRU page" if PageDirty(page) else "clean LRU page",
@@ -169,8 +191,10 @@ def _page_action(core: MmCore, page: Page) -> int:
         index = int(core.pages.index[pfn])
         if mapping.delete_from_page_cache(index) is not None:
             put_page(page)
-    return _report(core, pfn, "dirty LRU page" if dirty else "clean LRU page",
-                   MfResult.RECOVERED)
+    result = MfResult.RECOVERED
+    if core.kcfg.version.tuple >= (5, 16) and page_count(page) - 1 - int(keep) > 0:
+        result = MfResult.FAILED  # "still referenced by N users"
+    return _report(core, pfn, "dirty LRU page" if dirty else "clean LRU page", result)
 
 
 def _find_pfn_in_mm(core: MmCore, mm: MmStruct, pfn: int) -> int | None:
@@ -248,9 +272,10 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
     core.num_poisoned_pages += 1
     if PageFlag(page, PG.reserved):
         return _report(core, pfn, "reserved kernel page", MfResult.IGNORED)
-    if page_count(page) == 0:
-        kind = "free buddy page" if _take_off_buddy(core, page) else "free page"
-        return _report(core, pfn, kind, MfResult.DELAYED)
+    if page_count(page) == 0:  # get_hwpoison_page found no user
+        if _take_off_buddy(core, page):
+            return _report(core, pfn, "free buddy page", MfResult.RECOVERED)
+        return _report(core, pfn, "high-order kernel page", MfResult.IGNORED)  # -EBUSY
     if not flags & MF_COUNT_INCREASED:
         get_page(page)  # get_hwpoison_page: kept while the page stays poisoned
     lock_page(page)
@@ -263,7 +288,10 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
 
 
 def unpoison_memory(core: MmCore, pfn: int) -> int:
-    """The debugfs ``hwpoison/unpoison-pfn`` (CONFIG_HWPOISON_INJECT). 0 or -errno.
+    """``mm/memory-failure.c:unpoison_memory`` via debugfs ``hwpoison/unpoison-pfn``.
+
+    v5.12 refuses quietly (0); 6.18 refuses with -EBUSY, and with -EOPNOTSUPP
+    once a real hardware error was handled. 0 or -errno.
 
     It never rewrites page tables: hwpoison entries that still point at the
     page stay behind (the RFC's patch 11 turns them back into PTEs on fault).

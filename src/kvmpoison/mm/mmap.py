@@ -57,6 +57,7 @@ def page_align(n: int) -> int:
 
 
 def calc_vm_prot_bits(prot: int) -> VM:
+    """``include/linux/mman.h:calc_vm_prot_bits`` (no pkeys): PROT_* to VM_*."""
     out = VM(0)
     if prot & PROT_READ:
         out |= VM.READ
@@ -112,7 +113,7 @@ def get_unmapped_area(mm: MmStruct, length: int, hint: int = 0) -> int:
 
 
 def split_vma(mm: MmStruct, vma: Vma, addr: int) -> Vma:
-    """Split ``vma`` at ``addr``; returns the new upper part [addr, vm_end)."""
+    """``mm/mmap.c:__split_vma`` (v5.12): split ``vma`` at ``addr``; returns the upper part."""
     assert vma.vm_start < addr < vma.vm_end and not addr & (PAGE_SIZE - 1)
     new = Vma(vm_mm=mm, vm_start=addr, vm_end=vma.vm_end, vm_flags=vma.vm_flags,
               vm_pgoff=vma.vm_pgoff + ((addr - vma.vm_start) >> PAGE_SHIFT),
@@ -140,6 +141,7 @@ def vmas_in_range(mm: MmStruct, start: int, end: int, split: bool) -> list[Vma]:
 
 
 def range_is_mapped(mm: MmStruct, start: int, end: int) -> bool:
+    """Whether VMAs cover [start, end) without a hole."""
     addr = start
     for vma in sorted(mm.vmas, key=lambda v: v.vm_start):
         if vma.vm_end <= addr:
@@ -168,6 +170,9 @@ def free_pgtables(mm: MmStruct, start: int, end: int) -> None:
 
 
 def do_munmap(mm: MmStruct, start: int, length: int) -> int:
+    """``mm/mmap.c:__do_munmap`` (v5.12, 6.18): -EINVAL for a misaligned start, a range
+    past TASK_SIZE or a zero length; splits the edge VMAs, zaps and frees the range.
+    """
     if start & (PAGE_SIZE - 1) or start >= TASK_SIZE or length > TASK_SIZE - start:
         return -errno.EINVAL
     length = page_align(length)
@@ -269,6 +274,9 @@ def do_mmap(mm: MmStruct, addr: int, length: int, prot: int, flags: int, file: F
 
 
 def populate_vma_page_range(vma: Vma, start: int, end: int) -> int:
+    """``mm/gup.c:populate_vma_page_range`` (v5.12): fault the range in with GUP,
+    writing only to break COW of private writable VMAs, FOLL_FORCE unless PROT_NONE.
+    """
     gup_flags = FOLL.TOUCH | FOLL.POPULATE | FOLL.MLOCK
     if vma.vm_flags & VM.LOCKONFAULT:
         gup_flags &= ~FOLL.POPULATE
@@ -280,6 +288,9 @@ def populate_vma_page_range(vma: Vma, start: int, end: int) -> int:
 
 
 def __mm_populate(mm: MmStruct, start: int, length: int, ignore_errors: bool) -> int:
+    """``mm/gup.c:__mm_populate`` (v5.12): populate each VMA of the range, skipping
+    VM_IO/VM_PFNMAP; errors are ignored for mmap/mlock (``ignore_errors``).
+    """
     end = start + length
     addr = start
     while addr < end:
@@ -302,7 +313,11 @@ def __mm_populate(mm: MmStruct, start: int, length: int, ignore_errors: bool) ->
 
 
 def dup_mmap(child: MmStruct, parent: MmStruct) -> None:
-    """fork: copy every VMA (but VM_DONTCOPY ones) and its page tables."""
+    """``kernel/fork.c:dup_mmap`` (v5.12): copy every VMA but VM_DONTCOPY ones.
+
+    The child's VMAs lose VM_LOCKED/VM_LOCKONFAULT and the uffd flags;
+    VM_WIPEONFORK VMAs start empty; the rest get ``copy_page_range``.
+    """
     for vma in sorted(parent.vmas, key=lambda v: v.vm_start):
         if vma.vm_flags & VM.DONTCOPY:
             continue
@@ -319,6 +334,9 @@ def dup_mmap(child: MmStruct, parent: MmStruct) -> None:
 
 
 def exit_mmap(mm: MmStruct) -> None:
+    """``mm/mmap.c:exit_mmap`` (v5.12): release the notifiers, zap and remove every VMA,
+    free the page tables.
+    """
     for notifier in list(mm.mmu_notifiers):
         notifier.release()
     for vma in list(mm.vmas):

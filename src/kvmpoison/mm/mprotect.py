@@ -15,8 +15,7 @@ import errno
 import numpy as np
 
 from kvmpoison.arch.x86.pgtable import pte_modify_array, pte_pfn_array, pte_present_array
-from kvmpoison.arch.x86.pgtable_types import _PAGE_RW, _PAGE_SPECIAL, PAGE_SIZE
-from kvmpoison.kconfig import KernelVersion
+from kvmpoison.arch.x86.pgtable_types import _PAGE_DIRTY, _PAGE_RW, _PAGE_SPECIAL, PAGE_SIZE
 from kvmpoison.mm.fault import find_vma
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.mmap import (
@@ -31,7 +30,11 @@ from kvmpoison.mm.mmap import (
 
 
 def change_protection(vma: Vma, start: int, end: int) -> int:
-    """Rewrite present PTEs of [start, end) to ``vma.vm_page_prot``; returns pages changed."""
+    """``mm/mprotect.c:change_pte_range`` (v5.12; 6.18's write upgrade): rewrite the
+    present PTEs of [start, end) to ``vma.vm_page_prot``; returns pages changed.
+
+    Non-present entries (swap, hwpoison, markers) are left as they are.
+    """
     mm = vma.vm_mm
     core = mm.core
     newprot = vma.vm_page_prot
@@ -39,7 +42,7 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
     shared_write = bool(vma.vm_flags & VM.WRITE and vma.vm_flags & VM.SHARED)
     changed = 0
     mem = core.pages
-    modern = core.kcfg.version >= KernelVersion.V6_1
+    version = core.kcfg.version.tuple
     for chunk in mm.pgd.chunks(start, end):
         store = core.ptes.rows
         ptes = store[chunk.rows, chunk.cols]
@@ -48,12 +51,15 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
             continue
         old = ptes[present]
         new = pte_modify_array(old, newprot)
-        if private_write and modern:
+        if private_write and version >= (6, 1):
             # 6.x MM_CP_TRY_CHANGE_WRITABLE: an exclusive anonymous page (PageAnonExclusive,
-            # approximated as mapped once) is made writable at once; v5.12 waits for the fault.
+            # approximated as mapped once) is made writable at once; v5.12 waits for the
+            # fault. The 6.1 tree also requires pte_dirty; 6.18 does not.
             normal = (old & np.uint64(_PAGE_SPECIAL)) == 0
             pfns = pte_pfn_array(old)
             exclusive = normal & ((mem.mapping[pfns] & 1) != 0) & (mem._mapcount[pfns] == 0)
+            if version < (6, 18):
+                exclusive &= (old & np.uint64(_PAGE_DIRTY)) != 0
             new = np.where(exclusive, new | np.uint64(_PAGE_RW), new)
         elif not shared_write:
             new &= np.uint64(~_PAGE_RW & 0xFFFF_FFFF_FFFF_FFFF)
@@ -113,6 +119,10 @@ def do_mprotect(mm: MmStruct, start: int, length: int, prot: int) -> int:
 
 
 def mprotect_fixup(mm: MmStruct, vma: Vma, start: int, end: int, newflags: VM) -> None:
+    """``mm/mprotect.c:mprotect_fixup`` (v5.12): split the VMA to [start, end), set the
+    flags, rewrite the PTEs; a private VM_LOCKED VMA turned writable is populated
+    to break COW at once. Simplified: no VMA merging, no commit accounting.
+    """
     oldflags = vma.vm_flags
     if newflags == oldflags:
         return

@@ -43,9 +43,11 @@ class Secretmem:
         self.direct_map_invalid: set[int] = set()  # pfns removed from the direct map
 
     def read_iter(self, file: File, pos: int, to: IovIter) -> int:
+        """No ->read_iter: ``vfs_read`` answers -EINVAL."""
         return -errno.EINVAL
 
     def write_iter(self, file: File, pos: int, src: IovIter) -> int:
+        """No ->write_iter: ``vfs_write`` answers -EINVAL."""
         return -errno.EINVAL
 
     def mmap(self, file: File, vma: Vma) -> int:
@@ -60,6 +62,9 @@ class Secretmem:
         return 0
 
     def secretmem_fault(self, inode: Inode, vmf: VmFaultInfo) -> VmFault:
+        """``mm/secretmem.c:secretmem_fault`` (6.18): SIGBUS past i_size; a new page is
+        zeroed, removed from the direct map and cached.
+        """
         core = self.core
         if vmf.pgoff >= inode.nr_pages:
             return VmFault.SIGBUS
@@ -81,6 +86,7 @@ class Secretmem:
         return VmFault(0)
 
     def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
+        """No ->fallocate: ``vfs_fallocate`` answers -EOPNOTSUPP."""
         return -errno.EOPNOTSUPP
 
     def setattr_size(self, file: File, size: int) -> int:
@@ -95,6 +101,7 @@ class Secretmem:
 
 
 def memfd_secret(core: MmCore, flags: int) -> File | int:
+    """``SYSCALL_DEFINE1(memfd_secret)`` (v5.14+, 6.18): only O_CLOEXEC is a valid flag."""
     if flags & ~O_CLOEXEC:
         return -errno.EINVAL
     return File(name="secretmem", f_inode=new_inode(core, "secretmem"), f_op=Secretmem(core),

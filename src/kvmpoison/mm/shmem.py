@@ -47,6 +47,9 @@ from kvmpoison.mm.uaccess import IovIter
 MFD_CLOEXEC = 0x1
 MFD_ALLOW_SEALING = 0x2
 MFD_HUGETLB = 0x4
+MFD_NOEXEC_SEAL = 0x8  # v6.3+
+MFD_EXEC = 0x10  # v6.3+
+MFD_NAME_MAX_LEN = 255 - len("memfd:")
 
 SGP_READ, SGP_CACHE, SGP_WRITE = 0, 1, 2
 
@@ -144,6 +147,9 @@ class Shmem:
         return 0
 
     def shmem_fault(self, inode: Inode, vmf: VmFaultInfo) -> VmFault:
+        """``mm/shmem.c:shmem_fault`` (v5.12, 6.18): SIGBUS beyond EOF, ``vmf_error`` of the
+        getter's errno, else the page with a reference for ``__do_fault`` to check and map.
+        """
         if vmf.pgoff >= inode.nr_pages:
             return VmFault.SIGBUS
         pfn, err = self.shmem_getpage_gfp(inode, vmf.pgoff, SGP_CACHE)
@@ -155,7 +161,10 @@ class Shmem:
         return VmFault(0)
 
     def populate_bulk(self, inode: Inode, vma: Vma, start: int, end: int, write: bool) -> int:
-        """Vectorised shmem_fault + finish_fault over the none PTEs of [start, end)."""
+        """Vectorised ``shmem_fault`` + ``finish_fault`` over the none PTEs of [start, end).
+
+        Stops at a PG_hwpoison page, so the per-page fault (``__do_fault``) decides.
+        """
         core = self.core
         mm = vma.vm_mm
         mapping = inode.mapping
@@ -200,6 +209,13 @@ class Shmem:
         return end
 
     def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
+        """``mm/shmem.c:shmem_fallocate`` (v5.12, 6.18) after ``vfs_fallocate``'s checks.
+
+        Punch-hole unmaps and drops the whole pages and zeroes the partial ones;
+        allocation gets each page with the getter (no poison check but the RFC's).
+        Simplified: a failed allocation keeps the pages it added (the kernel undoes
+        the !uptodate ones), no seals, no ``inode_newsize_ok``.
+        """
         inode = file.f_inode
         if offset < 0 or length <= 0:
             return -errno.EINVAL
@@ -225,6 +241,9 @@ class Shmem:
         return 0
 
     def setattr_size(self, file: File, size: int) -> int:
+        """``mm/shmem.c:shmem_setattr`` for ATTR_SIZE (v5.12, 6.18): i_size first, then
+        unmap and drop the pages past it and zero the tail of the last one.
+        """
         inode = file.f_inode
         if size < 0:
             return -errno.EINVAL
@@ -247,11 +266,25 @@ class Shmem:
             self.core.pages.flags[pfn] |= np.uint32(self.core.pages.mask(PG.dirty))
 
     def fsync(self, file: File) -> int:
+        """``noop_fsync``: shmem has no backing store."""
         return 0
 
 
 def memfd_create(core: MmCore, name: str, flags: int) -> File | int:
-    if flags & ~(MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB):
+    """``mm/memfd.c:memfd_create`` (v5.12, 6.18): a shmem file.
+
+    6.18 also takes MFD_NOEXEC_SEAL and MFD_EXEC (not both); a name longer than
+    MFD_NAME_MAX_LEN is -EINVAL. Simplified: MFD_HUGETLB is -EINVAL (hugetlbfs is
+    not modelled; the kernel creates the file), seals are not modelled.
+    """
+    valid = MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB
+    if core.kcfg.version.tuple >= (6, 3):
+        valid |= MFD_NOEXEC_SEAL | MFD_EXEC
+    if flags & ~valid:
+        return -errno.EINVAL
+    if flags & MFD_EXEC and flags & MFD_NOEXEC_SEAL:
+        return -errno.EINVAL
+    if len(name.encode()) > MFD_NAME_MAX_LEN:
         return -errno.EINVAL
     if flags & MFD_HUGETLB:
         return -errno.EINVAL  # hugetlbfs is not modelled (the pool here is empty anyway)
