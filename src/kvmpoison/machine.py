@@ -122,3 +122,8 @@ class Machine:
     @property
     def halted(self) -> bool:
         return self.kernel.halted is not None
+
+    def copy(self) -> Machine:
+        """An independent copy of this machine: every layer's state, nothing shared."""
+        import copy
+        return copy.deepcopy(self)

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from kvmpoison.cli import demo, matrix, oracle, pte, run
+from kvmpoison.cli import bench, demo, matrix, oracle, pte, run
 from kvmpoison.cli.errors import CliError
 
 app = typer.Typer(
@@ -16,6 +16,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("bench")(bench.bench)
 app.command("demo")(demo.demo)
 app.command("matrix")(matrix.matrix)
 app.command("oracle")(oracle.oracle)

@@ -55,6 +55,9 @@ class LineMac:
         self._outer = hashlib.sha3_256(bytes(b ^ 0x5C for b in block))
         self._mix_key = np.uint64(int.from_bytes(hashlib.sha3_256(key).digest()[:8], "little"))
 
+    def __deepcopy__(self, memo: dict[int, object]) -> LineMac:
+        return self  # immutable after __init__ (the hash states are only ever copied)
+
     def compute(self, ct: U8Array, tweak: U8Array, td: npt.NDArray[np.bool_]) -> U8Array:
         """MACs of n lines, shape (n, nbytes), left-aligned (top ``mac_bits`` bits kept)."""
         n = ct.shape[0]
