@@ -28,6 +28,7 @@ U64Array = npt.NDArray[np.uint64]
 _GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
 _MIX1 = np.uint64(0xBF58_476D_1CE4_E5B9)
 _MIX2 = np.uint64(0x94D0_49BB_1331_11EB)
+_WORD_OFFSETS = np.arange(LINE_WORDS, dtype=np.uint64) * np.uint64(8)
 
 
 def mix64(x: U64Array) -> U64Array:
@@ -81,9 +82,15 @@ class KeyTable:
         self.space.check(keyid)
         self._generation[keyid] = self._generation.get(keyid, 0) + 1
 
-    def keys(self, keyid: int) -> tuple[int, int]:
-        """(encryption key, tweak key) of ``keyid``, as 64-bit stand-in keys."""
-        gen = self._generation.get(keyid, 0)
+    def generation(self, keyid: int) -> int:
+        """How many times ``keyid`` has been (re)programmed."""
+        return self._generation.get(keyid, 0)
+
+    def keys(self, keyid: int, gen: int | None = None) -> tuple[int, int]:
+        """(encryption key, tweak key) of ``keyid`` (at generation ``gen``, default the
+        current one), as 64-bit stand-in keys."""
+        if gen is None:
+            gen = self._generation.get(keyid, 0)
         cached = self._cache.get((keyid, gen))
         if cached is None:
             digest = hashlib.blake2b(
@@ -93,17 +100,18 @@ class KeyTable:
             self._cache[(keyid, gen)] = cached
         return cached
 
-    def keystream(self, keyid: int, line_pas: U64Array) -> npt.NDArray[np.uint8]:
+    def keystream(self, keyid: int, line_pas: U64Array,
+                  gen: int | None = None) -> npt.NDArray[np.uint8]:
         """Keystream bytes, shape (n, 64), for the lines at ``line_pas`` under ``keyid``."""
-        enc_key, _ = self.keys(keyid)
-        words = np.arange(LINE_WORDS, dtype=np.uint64)
-        counters = line_pas.astype(np.uint64)[:, None] + words[None, :] * np.uint64(8)
+        enc_key, _ = self.keys(keyid, gen)
+        counters = line_pas.astype(np.uint64)[:, None] + _WORD_OFFSETS[None, :]
         ks = mix64(counters ^ np.uint64(enc_key))
         return ks.view(np.uint8).reshape(len(line_pas), LINE_SIZE)
 
-    def tweak(self, keyid: int, line_pas: U64Array) -> npt.NDArray[np.uint8]:
+    def tweak(self, keyid: int, line_pas: U64Array,
+              gen: int | None = None) -> npt.NDArray[np.uint8]:
         """The 128-bit MAC tweak per line, shape (n, 16): PA under the KeyID's tweak key."""
-        _, tweak_key = self.keys(keyid)
+        _, tweak_key = self.keys(keyid, gen)
         base = line_pas.astype(np.uint64) ^ np.uint64(tweak_key)
         lo = mix64(base)
         hi = mix64(lo ^ np.uint64(tweak_key))
