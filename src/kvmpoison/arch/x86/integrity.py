@@ -101,7 +101,9 @@ class MemoryController:
         self.mem = PhysicalMemory(cfg.mem_bytes, self.mac.nbytes)
         # Keystream and tweaks of recently written pages, by (KeyID, generation, pfn):
         # the one-line write path XORs and MACs with them without numpy.
-        self._page_keys: dict[tuple[int, int, int], tuple[int, bytes]] = {}
+        self._page_keys: dict[tuple[int, int, int], tuple[list[int], list[bytes]]] = {}
+        self._nr_keyids = cfg.keyids.nr_keyids
+        self._private_keyids = frozenset(cfg.keyids.private_range)
 
     # -- helpers -------------------------------------------------------------
 
@@ -189,7 +191,8 @@ class MemoryController:
     def write(self, pa: int, data: bytes, keyid: int, how: WriteHow = WriteHow.CACHED) -> None:
         """Store ``data`` at ``pa`` under ``keyid``. Writes are never checked."""
         self.mem.check_range(pa, len(data))
-        self.cfg.keyids.check(keyid)
+        if not 0 <= keyid < self._nr_keyids:
+            self.cfg.keyids.check(keyid)
         if how is WriteHow.MOVDIR64B and (pa % LINE_SIZE or len(data) % LINE_SIZE):
             raise ValueError("MOVDIR64B stores whole, 64-byte-aligned lines")
         if len(data) == LINE_SIZE and not pa % LINE_SIZE and self._write_one_line(pa, data, keyid):
@@ -200,48 +203,49 @@ class MemoryController:
             self._write_frame(pfn, off, buf[done : done + n], keyid, how)
             done += n
 
-    def _page_keys_of(self, keyid: int, pfn: int) -> tuple[int, bytes]:
-        """(keystream of the page as one integer, the 64 tweaks) under ``keyid`` now."""
+    def _page_keys_of(self, keyid: int, pfn: int) -> tuple[list[int], list[bytes]]:
+        """Per line of the page: the keystream as an integer, and the MAC tweak, under
+        ``keyid``'s current key (cached for the last 256 pages written this way)."""
         gen = self.keys.generation(keyid)
         key = (keyid, gen, pfn)
         got = self._page_keys.get(key)
         if got is None:
             lines = np.arange(LINES_PER_PAGE)
             pas = self._line_pas(pfn, lines)
-            ks = self.keys.keystream(keyid, pas, gen)
-            tweak = self.keys.tweak(keyid, pas, gen)
-            got = (int.from_bytes(ks.tobytes(), "little"), tweak.tobytes())
+            ks = self.keys.keystream(keyid, pas, gen).tobytes()
+            tw = self.keys.tweak(keyid, pas, gen).tobytes()
+            got = ([int.from_bytes(ks[i : i + LINE_SIZE], "little")
+                    for i in range(0, PAGE_SIZE, LINE_SIZE)],
+                   [tw[i : i + TWEAK_SIZE] for i in range(0, len(tw), TWEAK_SIZE)])
             if len(self._page_keys) >= 256:
                 self._page_keys.pop(next(iter(self._page_keys)))
             self._page_keys[key] = got
         return got
 
     def _write_one_line(self, pa: int, data: bytes, keyid: int) -> bool:
-        """One whole, aligned line into a stored frame: the same result as the general
-        path, with Python ints and bytes instead of numpy. False: not handled here."""
+        """One whole, aligned line into a stored frame: the general path's result, with
+        Python ints, bytes and memoryviews instead of numpy. False: not handled here."""
         mem = self.mem
         pfn = pa >> PAGE_SHIFT
         slot = int(mem.slot_of[pfn]) - 1
         if slot < 0 or self.cfg.integrity is IntegrityMode.OFF:
             return False
-        private = self.cfg.keyids.is_private(keyid)
-        line = (pa & (PAGE_SIZE - 1)) >> 6
-        if not private and mem.flags[slot, line] & LINE_TD:
+        private = keyid in self._private_keyids
+        at = (slot << 6) | ((pa & (PAGE_SIZE - 1)) >> 6)  # line index over all slots
+        flags = mem.flags_mv
+        if not private and flags[at] & LINE_TD:
             return False  # an intruder to record: the general path does it
         ks, tweaks = self._page_keys_of(keyid, pfn)
-        shift = line * LINE_SIZE * 8
-        ct = (int.from_bytes(data, "little") ^ (ks >> shift)) & ((1 << 512) - 1)
-        ct_bytes = ct.to_bytes(LINE_SIZE, "little")
-        mem.ct[slot, line] = np.frombuffer(ct_bytes, dtype=np.uint8)
-        mem.writer[slot, line] = keyid
-        with_mac = private and self.cfg.integrity is IntegrityMode.CI
-        if with_mac:
-            t = line * TWEAK_SIZE
-            mem.mac[slot, line] = np.frombuffer(
-                self.mac_line(ct_bytes + tweaks[t : t + TWEAK_SIZE] + b"\x01"), dtype=np.uint8)
-            mem.flags[slot, line] = LINE_TD | LINE_HAS_MAC
+        line = at & (LINES_PER_PAGE - 1)
+        ct = (int.from_bytes(data, "little") ^ ks[line]).to_bytes(LINE_SIZE, "little")
+        mem.ct_mv[at << 6 : (at + 1) << 6] = ct
+        mem.writer_mv[at] = keyid
+        if private and self.cfg.integrity is IntegrityMode.CI:
+            nb = mem.mac_nbytes
+            mem.mac_mv[at * nb : (at + 1) * nb] = self.mac_line(ct + tweaks[line] + b"\x01")
+            flags[at] = LINE_TD | LINE_HAS_MAC
         else:
-            mem.flags[slot, line] = LINE_TD if private else 0
+            flags[at] = LINE_TD if private else 0
         return True
 
     def mac_line(self, msg: bytes) -> bytes:

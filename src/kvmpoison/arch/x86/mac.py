@@ -88,16 +88,16 @@ class LineMac:
         msgs[:, LINE_SIZE : LINE_SIZE + TWEAK_SIZE] = tweak
         msgs[:, -1] = td
         view = memoryview(msgs.tobytes())
-        inner, outer = self._inner, self._outer
-        digests = bytearray()
+        copy_inner, copy_outer = self._inner.copy, self._outer.copy
+        digests = []
         # A plain loop beats map()-batching here: each copy is one C call either way.
         for i in range(0, n * MAC_INPUT_SIZE, MAC_INPUT_SIZE):
-            h = inner.copy()
+            h = copy_inner()
             h.update(view[i : i + MAC_INPUT_SIZE])
-            o = outer.copy()
+            o = copy_outer()
             o.update(h.digest())
-            digests += o.digest()
-        return np.frombuffer(digests, dtype=np.uint8).reshape(n, 32)
+            digests.append(o.digest())
+        return np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(n, 32)
 
     def _mix64(
         self, ct: U8Array, tweak: U8Array, td: npt.NDArray[np.bool_]

@@ -77,11 +77,20 @@ class PhysicalMemory:
         self.mac: npt.NDArray[np.uint8] = lazy_zeros((n, LINES_PER_PAGE, mac_nbytes), np.uint8)
         self.flags: npt.NDArray[np.uint8] = lazy_zeros((n, LINES_PER_PAGE), np.uint8)
         self.writer: npt.NDArray[np.int16] = lazy_zeros((n, LINES_PER_PAGE), np.int16)
+        self._views()
         self._top = 0  # slots [0, _top) have been handed out at least once
         self._free: list[int] = []
         # Rare per-line state, by pfn.
         self.hw_poison: dict[int, npt.NDArray[np.bool_]] = {}
         self.intruder: dict[int, npt.NDArray[np.int16]] = {}
+
+    def _views(self) -> None:
+        """Flat memoryviews of the slot arrays: the one-line paths index them as bytes
+        (``writer_mv`` as int16), which costs far less than numpy scalar indexing."""
+        self.ct_mv = self.ct.reshape(-1).data.cast("B")
+        self.mac_mv = self.mac.reshape(-1).data.cast("B")
+        self.flags_mv = self.flags.reshape(-1).data.cast("B")
+        self.writer_mv = self.writer.reshape(-1).data.cast("B").cast("h")
 
     def check_range(self, pa: int, size: int) -> None:
         if size < 0 or pa < 0 or pa + size > self.mem_bytes:
@@ -184,6 +193,7 @@ class PhysicalMemory:
         new.writer = lazy_zeros((n, LINES_PER_PAGE), np.int16)
         for name in ("ct", "mac", "flags", "writer"):
             getattr(new, name)[:top] = getattr(self, name)[:top]
+        new._views()
         new._top = top
         new._free = list(self._free)
         new.hw_poison = {p: a.copy() for p, a in self.hw_poison.items()}
