@@ -26,6 +26,7 @@ from kvmpoison.arch.x86.pgtable_types import (
     PTRS_PER_PTE,
     PUD_SHIFT,
 )
+from kvmpoison.arch.x86.physmem import lazy_zeros
 from kvmpoison.mm.page_alloc import BuddyAllocator
 from kvmpoison.mm.page_flags import PG_PGTABLE_BIT
 
@@ -42,18 +43,31 @@ class PteStore:
     """Every leaf page-table page of the machine, one ``uint64[512]`` row each."""
 
     def __init__(self, capacity: int = 64) -> None:
-        # np.zeros is calloc: rows never used cost no memory, so reserve generously.
-        self.rows: U64Array = np.zeros((capacity, PTRS_PER_PTE), dtype=np.uint64)
+        # An anonymous mapping: rows never used cost no memory, so reserve generously.
+        self.rows: U64Array = lazy_zeros((capacity, PTRS_PER_PTE), np.uint64)
         self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._high = 0  # rows at or above this were never handed out (still zero)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> PteStore:
+        """A copy sharing nothing; only rows ever handed out are copied (the rest is calloc)."""
+        new = PteStore.__new__(PteStore)
+        memo[id(self)] = new
+        new.rows = lazy_zeros(self.rows.shape, np.uint64)
+        new.rows[: self._high] = self.rows[: self._high]
+        new._free = list(self._free)
+        new._high = self._high
+        return new
 
     def alloc_row(self) -> int:
         if not self._free:
             old = len(self.rows)
-            grown = np.zeros((old * 2, PTRS_PER_PTE), dtype=np.uint64)
+            grown = lazy_zeros((old * 2, PTRS_PER_PTE), np.uint64)
             grown[:old] = self.rows
             self.rows = grown
             self._free = list(range(2 * old - 1, old - 1, -1))
-        return self._free.pop()
+        row = self._free.pop()
+        self._high = max(self._high, row + 1)
+        return row
 
     def free_row(self, row: int) -> None:
         self.rows[row] = 0
@@ -73,6 +87,15 @@ class _Table:
         self.pfn = pfn
         self.entries: U64Array = np.zeros(PTRS_PER_PTE, dtype=np.uint64)
         self.children: list[_Table | int | None] = [None] * PTRS_PER_PTE
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _Table:
+        new = _Table.__new__(_Table)
+        memo[id(self)] = new
+        new.pfn = self.pfn
+        new.entries = self.entries.copy()
+        new.children = [c.__deepcopy__(memo) if isinstance(c, _Table) else c
+                        for c in self.children]
+        return new
 
 
 @dataclass(frozen=True, slots=True)
