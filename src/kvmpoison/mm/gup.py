@@ -78,34 +78,46 @@ def is_cow_mapping(flags: VM) -> bool:
     return (flags & (VM.SHARED | VM.MAYWRITE)) == VM.MAYWRITE
 
 
+# Plain-int masks for the hot checks below (IntFlag arithmetic builds enum objects).
+_VM_IO_PFNMAP = int(VM.IO | VM.PFNMAP)
+_VM_WRITE, _VM_READ, _VM_MAYREAD = int(VM.WRITE), int(VM.READ), int(VM.MAYREAD)
+_FOLL_ANON, _FOLL_WRITE, _FOLL_FORCE = int(FOLL.ANON), int(FOLL.WRITE), int(FOLL.FORCE)
+_FOLL_HWPOISON = int(FOLL.HWPOISON)
+_FAULT_OOM = int(VmFault.OOM)
+_FAULT_HWPOISON = int(VmFault.HWPOISON | VmFault.HWPOISON_LARGE)
+_FAULT_SIGBUS_SEGV = int(VmFault.SIGBUS | VmFault.SIGSEGV)
+
+
 def check_vma_flags(vma: Vma, gup_flags: FOLL) -> int:
-    flags = vma.vm_flags
-    if flags & (VM.IO | VM.PFNMAP):
+    flags = int(vma.vm_flags)
+    foll = int(gup_flags)
+    if flags & _VM_IO_PFNMAP:
         return -errno.EFAULT
-    if gup_flags & FOLL.ANON and not vma_is_anonymous(vma):
+    if foll & _FOLL_ANON and not vma_is_anonymous(vma):
         return -errno.EFAULT
     if vma_is_secretmem(vma):
         return -errno.EFAULT  # v5.14+: secret memory is never pinned
-    if gup_flags & FOLL.WRITE:
-        if not flags & VM.WRITE:
-            if not gup_flags & FOLL.FORCE:
+    if foll & _FOLL_WRITE:
+        if not flags & _VM_WRITE:
+            if not foll & _FOLL_FORCE:
                 return -errno.EFAULT
-            if not is_cow_mapping(flags):
+            if not is_cow_mapping(vma.vm_flags):
                 return -errno.EFAULT
-    elif not flags & VM.READ:
-        if not gup_flags & FOLL.FORCE:
+    elif not flags & _VM_READ:
+        if not foll & _FOLL_FORCE:
             return -errno.EFAULT
-        if not flags & VM.MAYREAD:
+        if not flags & _VM_MAYREAD:
             return -errno.EFAULT
     return 0
 
 
 def vm_fault_to_errno(fault: VmFault, gup_flags: FOLL) -> int:
-    if fault & VmFault.OOM:
+    f = int(fault)
+    if f & _FAULT_OOM:
         return -errno.ENOMEM
-    if fault & (VmFault.HWPOISON | VmFault.HWPOISON_LARGE):
-        return -EHWPOISON if gup_flags & FOLL.HWPOISON else -errno.EFAULT
-    if fault & (VmFault.SIGBUS | VmFault.SIGSEGV):
+    if f & _FAULT_HWPOISON:
+        return -EHWPOISON if int(gup_flags) & _FOLL_HWPOISON else -errno.EFAULT
+    if f & _FAULT_SIGBUS_SEGV:
         return -errno.EFAULT
     return 0
 
