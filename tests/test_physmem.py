@@ -129,3 +129,21 @@ def test_clear_frames_clears_only_the_named_frames_as_a_zero_write_would() -> No
     assert bulk.line_state(2 * PAGE).intruder == 0  # KeyID 0 wrote over TD lines
     assert list(bulk.mem.allocated_pfns_in(np.arange(256, dtype=np.int64))) == [1]
     assert_same_memory(bulk, one_by_one, range(1, 10))
+
+
+def _mix64_reference(x: int) -> int:
+    m = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+@settings(max_examples=50, deadline=2000)
+@given(st.lists(st.integers(0, (1 << 64) - 1), min_size=1, max_size=20))
+def test_mix64_is_splitmix64_for_arrays_and_scalars(xs: list[int]) -> None:
+    from kvmpoison.arch.x86.mktme import mix64
+
+    got = mix64(np.array(xs, dtype=np.uint64))
+    assert [int(v) for v in got] == [_mix64_reference(x) for x in xs]
+    assert int(mix64(np.uint64(xs[0]))) == _mix64_reference(xs[0])

@@ -90,6 +90,9 @@ class LineState:
     intruder: int | None  # last shared KeyID that wrote while the line was TD-owned
 
 
+_ALL_LINES = np.arange(LINES_PER_PAGE)
+
+
 class MemoryController:
     """Reads and writes physical memory under a KeyID, applying the integrity rules."""
 
@@ -99,11 +102,15 @@ class MemoryController:
         mac_key = hashlib.sha3_256(f"kvmpoison-mac-key/{cfg.seed}".encode()).digest()[:16]
         self.mac = LineMac(mac_key, cfg.mac_bits, cfg.mac_algo)
         self.mem = PhysicalMemory(cfg.mem_bytes, self.mac.nbytes)
-        # Keystream and tweaks of recently written pages, by (KeyID, generation, pfn):
-        # the one-line write path XORs and MACs with them without numpy.
-        self._page_keys: dict[tuple[int, int, int], tuple[list[int], list[bytes]]] = {}
+        # Keystream and tweaks of recently used pages, by (KeyID, generation, pfn).
+        self._page_keys_cache: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
+        self._line_keys: dict[tuple[int, int, int], tuple[list[int], list[bytes]]] = {}
+        self._generations = self.keys._generation  # read directly on the one-line path
+        self._line_limit = cfg.mem_bytes - LINE_SIZE + 1  # a line starting below fits
+        self._mode = cfg.integrity
         self._nr_keyids = cfg.keyids.nr_keyids
         self._private_keyids = frozenset(cfg.keyids.private_range)
+        self._hmac = self.mac.hmac_states()
 
     # -- helpers -------------------------------------------------------------
 
@@ -113,19 +120,38 @@ class MemoryController:
     def _line_pas(self, pfn: int, lines: npt.NDArray[np.intp]) -> npt.NDArray[np.uint64]:
         return np.uint64(pfn << PAGE_SHIFT) + lines.astype(np.uint64) * np.uint64(LINE_SIZE)
 
+    def _page_keys(self, keyid: int, gen: int | None, pfn: int) -> tuple[bytes, bytes]:
+        """The page's keystream (64 lines of 64 bytes) and MAC tweaks (64 of 16 bytes)
+        under ``keyid`` at key generation ``gen`` (default: current), cached for the
+        last 256 pages: a hot page is encrypted and MACed without recomputing them."""
+        if gen is None:
+            gen = self.keys.generation(keyid)
+        key = (keyid, gen, pfn)
+        got = self._page_keys_cache.get(key)
+        if got is None:
+            pas = self._line_pas(pfn, _ALL_LINES)
+            got = (self.keys.keystream(keyid, pas, gen).tobytes(),
+                   self.keys.tweak(keyid, pas, gen).tobytes())
+            if len(self._page_keys_cache) >= 256:
+                self._page_keys_cache.pop(next(iter(self._page_keys_cache)))
+            self._page_keys_cache[key] = got
+        return got
+
     def _crypt(
         self, pfn: int, lines: npt.NDArray[np.intp], keyid: int, data: npt.NDArray[np.uint8],
         gen: int | None = None,
     ) -> npt.NDArray[np.uint8]:
         if self.cfg.integrity is IntegrityMode.OFF:
             return data.copy()
-        return data ^ self.keys.keystream(keyid, self._line_pas(pfn, lines), gen)
+        ks = np.frombuffer(self._page_keys(keyid, gen, pfn)[0], dtype=np.uint8)
+        return data ^ ks.reshape(LINES_PER_PAGE, LINE_SIZE)[lines]
 
     def _macs(
         self, pfn: int, lines: npt.NDArray[np.intp], keyid: int, ct: npt.NDArray[np.uint8],
         gen: int | None = None,
     ) -> npt.NDArray[np.uint8]:
-        tweak = self.keys.tweak(keyid, self._line_pas(pfn, lines), gen)
+        tw = np.frombuffer(self._page_keys(keyid, gen, pfn)[1], dtype=np.uint8)
+        tweak = tw.reshape(LINES_PER_PAGE, TWEAK_SIZE)[lines]
         return self.mac.compute(ct, tweak, np.ones(len(lines), dtype=bool))
 
     def _zero_flags(self, keyid: int) -> int:
@@ -190,59 +216,61 @@ class MemoryController:
 
     def write(self, pa: int, data: bytes, keyid: int, how: WriteHow = WriteHow.CACHED) -> None:
         """Store ``data`` at ``pa`` under ``keyid``. Writes are never checked."""
+        if (len(data) == LINE_SIZE and not pa % LINE_SIZE and 0 <= pa < self._line_limit
+                and 0 <= keyid < self._nr_keyids and self._write_one_line(pa, data, keyid)):
+            return
         self.mem.check_range(pa, len(data))
-        if not 0 <= keyid < self._nr_keyids:
-            self.cfg.keyids.check(keyid)
+        self.cfg.keyids.check(keyid)
         if how is WriteHow.MOVDIR64B and (pa % LINE_SIZE or len(data) % LINE_SIZE):
             raise ValueError("MOVDIR64B stores whole, 64-byte-aligned lines")
-        if len(data) == LINE_SIZE and not pa % LINE_SIZE and self._write_one_line(pa, data, keyid):
-            return
         buf = np.frombuffer(data, dtype=np.uint8)
         done = 0
         for pfn, off, n in self._chunks(pa, len(data)):
             self._write_frame(pfn, off, buf[done : done + n], keyid, how)
             done += n
 
-    def _page_keys_of(self, keyid: int, pfn: int) -> tuple[list[int], list[bytes]]:
-        """Per line of the page: the keystream as an integer, and the MAC tweak, under
-        ``keyid``'s current key (cached for the last 256 pages written this way)."""
-        gen = self.keys.generation(keyid)
-        key = (keyid, gen, pfn)
-        got = self._page_keys.get(key)
-        if got is None:
-            lines = np.arange(LINES_PER_PAGE)
-            pas = self._line_pas(pfn, lines)
-            ks = self.keys.keystream(keyid, pas, gen).tobytes()
-            tw = self.keys.tweak(keyid, pas, gen).tobytes()
-            got = ([int.from_bytes(ks[i : i + LINE_SIZE], "little")
-                    for i in range(0, PAGE_SIZE, LINE_SIZE)],
-                   [tw[i : i + TWEAK_SIZE] for i in range(0, len(tw), TWEAK_SIZE)])
-            if len(self._page_keys) >= 256:
-                self._page_keys.pop(next(iter(self._page_keys)))
-            self._page_keys[key] = got
-        return got
-
     def _write_one_line(self, pa: int, data: bytes, keyid: int) -> bool:
         """One whole, aligned line into a stored frame: the general path's result, with
         Python ints, bytes and memoryviews instead of numpy. False: not handled here."""
         mem = self.mem
         pfn = pa >> PAGE_SHIFT
-        slot = int(mem.slot_of[pfn]) - 1
-        if slot < 0 or self.cfg.integrity is IntegrityMode.OFF:
+        slot = mem.slot_mv[pfn] - 1
+        if slot < 0 or self._mode is IntegrityMode.OFF:
             return False
         private = keyid in self._private_keyids
         at = (slot << 6) | ((pa & (PAGE_SIZE - 1)) >> 6)  # line index over all slots
         flags = mem.flags_mv
         if not private and flags[at] & LINE_TD:
             return False  # an intruder to record: the general path does it
-        ks, tweaks = self._page_keys_of(keyid, pfn)
+        key = (keyid, self._generations.get(keyid, 0), pfn)
+        entry = self._line_keys.get(key)
+        if entry is None:  # per line: the keystream as an integer, and the MAC tweak
+            ks, tw = self._page_keys(keyid, None, pfn)
+            entry = ([int.from_bytes(ks[i : i + LINE_SIZE], "little")
+                      for i in range(0, PAGE_SIZE, LINE_SIZE)],
+                     [tw[i : i + TWEAK_SIZE] for i in range(0, len(tw), TWEAK_SIZE)])
+            if len(self._line_keys) >= 256:
+                self._line_keys.pop(next(iter(self._line_keys)))
+            self._line_keys[key] = entry
         line = at & (LINES_PER_PAGE - 1)
-        ct = (int.from_bytes(data, "little") ^ ks[line]).to_bytes(LINE_SIZE, "little")
+        ct = (int.from_bytes(data, "little") ^ entry[0][line]).to_bytes(LINE_SIZE, "little")
         mem.ct_mv[at << 6 : (at + 1) << 6] = ct
         mem.writer_mv[at] = keyid
-        if private and self.cfg.integrity is IntegrityMode.CI:
+        if private and self._mode is IntegrityMode.CI:
             nb = mem.mac_nbytes
-            mem.mac_mv[at * nb : (at + 1) * nb] = self.mac_line(ct + tweaks[line] + b"\x01")
+            end = (at + 1) * nb
+            msg = ct + entry[1][line] + b"\x01"
+            if self._hmac is not None:  # the MAC inline: HMAC-SHA3-256 from keyed states
+                copy_inner, copy_outer, mask = self._hmac
+                h = copy_inner()
+                h.update(msg)
+                o = copy_outer()
+                o.update(h.digest())
+                digest = o.digest()
+                mem.mac_mv[end - nb : end] = digest[:nb]
+                mem.mac_mv[end - 1] = digest[nb - 1] & mask
+            else:
+                mem.mac_mv[end - nb : end] = self.mac_line(msg)
             flags[at] = LINE_TD | LINE_HAS_MAC
         else:
             flags[at] = LINE_TD if private else 0

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -59,6 +61,13 @@ class LineMac:
 
     def __deepcopy__(self, memo: dict[int, object]) -> LineMac:
         return self  # immutable after __init__ (the hash states are only ever copied)
+
+    def hmac_states(self) -> tuple[Callable[[], Any], Callable[[], Any], int] | None:
+        """(copy of the keyed inner state, of the outer state, mask of the last MAC byte)
+        for callers that inline :meth:`mac_line`; None for the mix64 stand-in."""
+        if self.algo is not MacAlgo.HMAC_SHA3_256:
+            return None
+        return self._inner.copy, self._outer.copy, self._last_mask
 
     def mac_line(self, msg: bytes) -> bytes:
         """The truncated HMAC-SHA3-256 of one ``ct || tweak || td`` message (the scalar path:

@@ -31,13 +31,25 @@ _MIX2 = np.uint64(0x94D0_49BB_1331_11EB)
 _WORD_OFFSETS = np.arange(LINE_WORDS, dtype=np.uint64) * np.uint64(8)
 
 
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
 def mix64(x: U64Array) -> U64Array:
-    """splitmix64's finaliser: a fast bijective 64-bit mixer (vectorised)."""
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        return z ^ (z >> np.uint64(31))
+    """splitmix64's finaliser: a fast bijective 64-bit mixer (vectorised).
+
+    Array integer arithmetic wraps without warnings; a 0-d input is made an array
+    so scalar overflow warnings cannot fire either.
+    """
+    arr = np.asarray(x, dtype=np.uint64)
+    if arr.ndim == 0:
+        return mix64(arr.reshape(1)).reshape(())
+    z = arr + _GOLDEN
+    z ^= z >> _S30
+    z *= _MIX1
+    z ^= z >> _S27
+    z *= _MIX2
+    z ^= z >> _S31
+    return z
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +125,7 @@ class KeyTable:
         """The 128-bit MAC tweak per line, shape (n, 16): PA under the KeyID's tweak key."""
         _, tweak_key = self.keys(keyid, gen)
         base = line_pas.astype(np.uint64) ^ np.uint64(tweak_key)
-        lo = mix64(base)
-        hi = mix64(lo ^ np.uint64(tweak_key))
-        return np.stack([lo, hi], axis=1).view(np.uint8).reshape(len(line_pas), TWEAK_SIZE)
+        out = np.empty((len(line_pas), 2), dtype=np.uint64)
+        out[:, 0] = lo = mix64(base)
+        out[:, 1] = mix64(lo ^ np.uint64(tweak_key))
+        return out.view(np.uint8).reshape(len(line_pas), TWEAK_SIZE)

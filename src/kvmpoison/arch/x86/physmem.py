@@ -87,6 +87,7 @@ class PhysicalMemory:
     def _views(self) -> None:
         """Flat memoryviews of the slot arrays: the one-line paths index them as bytes
         (``writer_mv`` as int16), which costs far less than numpy scalar indexing."""
+        self.slot_mv = self.slot_of.data.cast("B").cast("i")
         self.ct_mv = self.ct.reshape(-1).data.cast("B")
         self.mac_mv = self.mac.reshape(-1).data.cast("B")
         self.flags_mv = self.flags.reshape(-1).data.cast("B")
