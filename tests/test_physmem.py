@@ -147,3 +147,14 @@ def test_mix64_is_splitmix64_for_arrays_and_scalars(xs: list[int]) -> None:
     got = mix64(np.array(xs, dtype=np.uint64))
     assert [int(v) for v in got] == [_mix64_reference(x) for x in xs]
     assert int(mix64(np.uint64(xs[0]))) == _mix64_reference(xs[0])
+
+
+def test_keyids_beyond_one_byte_are_recorded_whole() -> None:
+    from kvmpoison.arch.x86.mktme import KeyIdSpace
+
+    wide = KeyIdSpace(nr_mktme_keyids=15, nr_tdx_keyids=300)
+    for mc in (controller(keyids=wide), general_only(controller(keyids=wide))):
+        mc.write(PAGE, b"\x01" * PAGE, 300)
+        mc.write(PAGE + 64, b"\x02" * 64, 250)  # the one-line path (where it applies)
+        assert mc.line_state(PAGE).writer == 300 and mc.line_state(PAGE + 64).writer == 250
+        assert mc.read(PAGE + 64, 64, 250).data == b"\x02" * 64

@@ -101,7 +101,7 @@ class MemoryController:
         self.keys = KeyTable(cfg.seed, cfg.keyids)
         mac_key = hashlib.sha3_256(f"kvmpoison-mac-key/{cfg.seed}".encode()).digest()[:16]
         self.mac = LineMac(mac_key, cfg.mac_bits, cfg.mac_algo)
-        self.mem = PhysicalMemory(cfg.mem_bytes, self.mac.nbytes)
+        self.mem = PhysicalMemory(cfg.mem_bytes, self.mac.nbytes, cfg.keyids.nr_keyids)
         # Keystream and tweaks of recently used pages, by (KeyID, generation, pfn).
         self._page_keys_cache: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
         self._line_keys: dict[tuple[int, int, int], tuple[list[int], list[bytes]]] = {}

@@ -13,9 +13,9 @@ A frame is in one of two forms:
   0: never-touched memory. A full-page write of zeros puts a frame back in
   this form, so an all-zero page under any KeyID stores nothing.
 * **stored form**: a slot in the slot arrays (``ct``, ``mac``, ``flags``,
-  ``writer``), 4.4 KiB per frame with 28-bit MACs. The arrays are anonymous
-  ``MAP_NORESERVE`` mappings as large as memory, so host RAM is only spent on
-  slots handed out (they are handed out densely, lowest first).
+  ``writer``), 4480 bytes per frame with 28-bit MACs and one-byte KeyIDs. The
+  arrays are anonymous ``MAP_NORESERVE`` mappings as large as memory, so host
+  RAM is only spent on slots handed out (densely, lowest first).
 
 Rare state lives in dicts keyed by pfn: real DRAM errors (``hw_poison``) and
 intruders. Both survive a change of form.
@@ -61,12 +61,15 @@ def lazy_zeros(shape: tuple[int, ...], dtype: type[np.generic]) -> npt.NDArray[A
 class PhysicalMemory:
     """The DRAM of one machine, ``mem_bytes`` long."""
 
-    def __init__(self, mem_bytes: int, mac_nbytes: int):
+    def __init__(self, mem_bytes: int, mac_nbytes: int, nr_keyids: int = 128):
         if mem_bytes <= 0 or mem_bytes % PAGE_SIZE:
             raise ValueError(f"memory size must be a positive multiple of {PAGE_SIZE}")
         self.mem_bytes = mem_bytes
         self.nr_frames = n = mem_bytes >> PAGE_SHIFT
         self.mac_nbytes = mac_nbytes
+        # The writer KeyID per line: one byte while every KeyID fits in one.
+        self.writer_dtype: type[np.signedinteger[Any]] = np.int8 if nr_keyids <= 128 \
+            else np.int16
         # Per pfn: slot + 1 of a stored frame (0: zero form), and the zero form's state.
         self.slot_of: npt.NDArray[np.int32] = np.zeros(n, dtype=np.int32)
         self.zstate: npt.NDArray[np.uint16] = np.zeros(n, dtype=np.uint16)
@@ -76,7 +79,8 @@ class PhysicalMemory:
         self.ct: npt.NDArray[np.uint8] = lazy_zeros((n, LINES_PER_PAGE, LINE_SIZE), np.uint8)
         self.mac: npt.NDArray[np.uint8] = lazy_zeros((n, LINES_PER_PAGE, mac_nbytes), np.uint8)
         self.flags: npt.NDArray[np.uint8] = lazy_zeros((n, LINES_PER_PAGE), np.uint8)
-        self.writer: npt.NDArray[np.int16] = lazy_zeros((n, LINES_PER_PAGE), np.int16)
+        self.writer: npt.NDArray[np.signedinteger[Any]] = lazy_zeros((n, LINES_PER_PAGE),
+                                                                     self.writer_dtype)
         self._views()
         self._top = 0  # slots [0, _top) have been handed out at least once
         self._free: list[int] = []
@@ -85,13 +89,14 @@ class PhysicalMemory:
         self.intruder: dict[int, npt.NDArray[np.int16]] = {}
 
     def _views(self) -> None:
-        """Flat memoryviews of the slot arrays: the one-line paths index them as bytes
-        (``writer_mv`` as int16), which costs far less than numpy scalar indexing."""
+        """Flat memoryviews of the per-pfn and slot arrays, in their element types: the
+        one-line paths index them far more cheaply than numpy scalar indexing."""
         self.slot_mv = self.slot_of.data.cast("B").cast("i")
         self.ct_mv = self.ct.reshape(-1).data.cast("B")
         self.mac_mv = self.mac.reshape(-1).data.cast("B")
         self.flags_mv = self.flags.reshape(-1).data.cast("B")
-        self.writer_mv = self.writer.reshape(-1).data.cast("B").cast("h")
+        self.writer_mv = self.writer.reshape(-1).data.cast("B").cast(
+            "b" if self.writer.itemsize == 1 else "h")
 
     def check_range(self, pa: int, size: int) -> None:
         if size < 0 or pa < 0 or pa + size > self.mem_bytes:
@@ -183,6 +188,7 @@ class PhysicalMemory:
         memo[id(self)] = new
         new.mem_bytes, new.nr_frames, new.mac_nbytes = self.mem_bytes, self.nr_frames, \
             self.mac_nbytes
+        new.writer_dtype = self.writer_dtype
         new.slot_of = self.slot_of.copy()
         new.zstate = self.zstate.copy()
         new.zero_states = list(self.zero_states)
@@ -191,7 +197,7 @@ class PhysicalMemory:
         new.ct = lazy_zeros((n, LINES_PER_PAGE, LINE_SIZE), np.uint8)
         new.mac = lazy_zeros((n, LINES_PER_PAGE, self.mac_nbytes), np.uint8)
         new.flags = lazy_zeros((n, LINES_PER_PAGE), np.uint8)
-        new.writer = lazy_zeros((n, LINES_PER_PAGE), np.int16)
+        new.writer = lazy_zeros((n, LINES_PER_PAGE), self.writer_dtype)
         for name in ("ct", "mac", "flags", "writer"):
             getattr(new, name)[:top] = getattr(self, name)[:top]
         new._views()
