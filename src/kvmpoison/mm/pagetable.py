@@ -93,8 +93,11 @@ class _Table:
         memo[id(self)] = new
         new.pfn = self.pfn
         new.entries = self.entries.copy()
-        new.children = [c.__deepcopy__(memo) if isinstance(c, _Table) else c
-                        for c in self.children]
+        new.children = list(self.children)
+        for i in np.flatnonzero(self.entries).tolist():  # only present entries hold tables
+            child = new.children[i]
+            if isinstance(child, _Table):
+                new.children[i] = child.__deepcopy__(memo)
         return new
 
 
