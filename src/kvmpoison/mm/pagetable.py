@@ -227,12 +227,18 @@ class PageTables:
                     self.pte_slot((start & ~((1 << PUD_SHIFT) - 1)) | (i << PMD_SHIFT), alloc)
         rows = np.array([-1 if r is None else r for r in pmd.children[first : last + 1]],
                         dtype=np.int64)
-        pages = np.arange(start >> PAGE_SHIFT, end >> PAGE_SHIFT, dtype=np.int64)
-        pmd_of_page = (pages >> (PMD_SHIFT - PAGE_SHIFT)) & (PTRS_PER_PTE - 1)
-        page_rows = rows[pmd_of_page - first]
-        have = page_rows >= 0
-        pages = pages[have]
-        return PteChunk(pages << PAGE_SHIFT, page_rows[have], pages & (PTRS_PER_PTE - 1))
+        # Only the PMD ranges that have a PTE table: the cost is what is mapped, and no
+        # temporary spans the whole (up to 1 GiB) range.
+        present = np.flatnonzero(rows >= 0)
+        pud_page = (start >> PUD_SHIFT) << (PUD_SHIFT - PAGE_SHIFT)
+        pmd_no = first + present
+        lo = np.maximum(pud_page + pmd_no * PTRS_PER_PTE, start >> PAGE_SHIFT)
+        hi = np.minimum(pud_page + (pmd_no + 1) * PTRS_PER_PTE, end >> PAGE_SHIFT)
+        counts = hi - lo
+        starts = np.cumsum(counts) - counts
+        pages = np.repeat(lo - starts, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+        page_rows = np.repeat(rows[present], counts)
+        return PteChunk(pages << PAGE_SHIFT, page_rows, pages & (PTRS_PER_PTE - 1))
 
     def free_empty_tables(self, start: int, end: int) -> int:
         """``free_pgd_range``: free the empty leaf tables of the PMD ranges [start, end) touches.

@@ -22,6 +22,7 @@ import enum
 import errno
 import hashlib
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -91,6 +92,15 @@ class LineState:
 
 
 _ALL_LINES = np.arange(LINES_PER_PAGE)
+_V = TypeVar("_V")
+
+
+class _KeyCache(dict[tuple[int, int, int], _V]):
+    """Key material by (KeyID, key generation, pfn): a pure function of its key, so a
+    copied machine starts with an empty cache instead of copying it."""
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _KeyCache[_V]:
+        return _KeyCache()
 
 
 class MemoryController:
@@ -103,8 +113,8 @@ class MemoryController:
         self.mac = LineMac(mac_key, cfg.mac_bits, cfg.mac_algo)
         self.mem = PhysicalMemory(cfg.mem_bytes, self.mac.nbytes, cfg.keyids.nr_keyids)
         # Keystream and tweaks of recently used pages, by (KeyID, generation, pfn).
-        self._page_keys_cache: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
-        self._line_keys: dict[tuple[int, int, int], tuple[list[int], list[bytes]]] = {}
+        self._page_keys_cache: _KeyCache[tuple[bytes, bytes]] = _KeyCache()
+        self._line_keys: _KeyCache[tuple[list[int], list[bytes]]] = _KeyCache()
         self._generations = self.keys._generation  # read directly on the one-line path
         self._line_limit = cfg.mem_bytes - LINE_SIZE + 1  # a line starting below fits
         self._mode = cfg.integrity
@@ -289,13 +299,14 @@ class MemoryController:
         self, pfn: int, off: int, buf: npt.NDArray[np.uint8], keyid: int, how: WriteHow
     ) -> None:
         mem = self.mem
-        if off == 0 and len(buf) == PAGE_SIZE and not buf.any():
+        zeros = not buf.any()
+        if zeros and keyid == 0 and mem.slot_of[pfn] == 0 and mem.zstate[pfn] == 0:
+            return  # zeros under KeyID 0 onto an untouched frame change nothing
+        if zeros and off == 0 and len(buf) == PAGE_SIZE:
             # A page of zeros: the frame goes to zero form (nothing stored).
-            self._note_intruder(pfn, np.arange(LINES_PER_PAGE), keyid, self._private(keyid))
+            self._note_intruder(pfn, _ALL_LINES, keyid, self._private(keyid))
             mem.to_zero_form(pfn, (keyid, self.keys.generation(keyid)))
             return
-        if mem.slot_of[pfn] == 0 and mem.zstate[pfn] == 0 and keyid == 0 and not buf.any():
-            return  # zeros under KeyID 0 onto an untouched frame change nothing
         first, last = off // LINE_SIZE, (off + len(buf) - 1) // LINE_SIZE
         head, tail = off % LINE_SIZE, (off + len(buf)) % LINE_SIZE
         full_lo = first + (1 if head else 0)
