@@ -83,6 +83,9 @@ _VM_IO_PFNMAP = int(VM.IO | VM.PFNMAP)
 _VM_WRITE, _VM_READ, _VM_MAYREAD = int(VM.WRITE), int(VM.READ), int(VM.MAYREAD)
 _FOLL_ANON, _FOLL_WRITE, _FOLL_FORCE = int(FOLL.ANON), int(FOLL.WRITE), int(FOLL.FORCE)
 _FOLL_HWPOISON = int(FOLL.HWPOISON)
+_FOLL_PIN, _FOLL_GET, _FOLL_TOUCH = int(FOLL.PIN), int(FOLL.GET), int(FOLL.TOUCH)
+_FOLL_ALLOW_POISONED, _FOLL_NUMA, _FOLL_DUMP = (int(FOLL.ALLOW_POISONED), int(FOLL.NUMA),
+                                                 int(FOLL.DUMP))
 _FAULT_OOM = int(VmFault.OOM)
 _FAULT_HWPOISON = int(VmFault.HWPOISON | VmFault.HWPOISON_LARGE)
 _FAULT_SIGBUS_SEGV = int(VmFault.SIGBUS | VmFault.SIGSEGV)
@@ -130,9 +133,10 @@ def can_follow_write_pte(pte: int, gup_flags: FOLL) -> bool:
 
 
 def _grab(page: Page, gup_flags: FOLL) -> None:
-    if gup_flags & FOLL.PIN:
+    foll = int(gup_flags)
+    if foll & _FOLL_PIN:
         page.mem._refcount[page.pfn] += GUP_PIN_COUNTING_BIAS
-    elif gup_flags & FOLL.GET:
+    elif foll & _FOLL_GET:
         get_page(page)
 
 
@@ -140,6 +144,7 @@ def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | Non
     """The page mapped at ``address`` (referenced per FOLL_GET/PIN), None to fault, or -errno."""
     mm = vma.vm_mm
     core = mm.core
+    foll = int(gup_flags)
     pte = mm.pgd.get(address)
     if pte_none(pte):
         return None
@@ -148,23 +153,23 @@ def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | Non
         mode = core.hooks.follow_poisoned
         if is_hwpoison_entry(entry, core.swap_types) and (
             mode is FollowPoisoned.ALWAYS
-            or (mode is FollowPoisoned.WITH_FLAG and gup_flags & FOLL.ALLOW_POISONED)
+            or (mode is FollowPoisoned.WITH_FLAG and foll & _FOLL_ALLOW_POISONED)
         ):
             page = core.pages[hwpoison_entry_to_pfn(entry)]
             _grab(page, gup_flags)
             return page
         return None
-    if pte_protnone(pte) and gup_flags & FOLL.NUMA:
+    if pte_protnone(pte) and foll & _FOLL_NUMA:
         return None
-    if gup_flags & FOLL.WRITE and not can_follow_write_pte(pte, gup_flags):
+    if foll & _FOLL_WRITE and not can_follow_write_pte(pte, gup_flags):
         return None
     normal = vm_normal_page(vma, pte)
-    if normal is None and gup_flags & FOLL.DUMP:
+    if normal is None and foll & _FOLL_DUMP:
         return -errno.EFAULT  # the zero page is a hole in a core dump
     page = normal if normal is not None else core.pages[pte_pfn(pte)]
     _grab(page, gup_flags)
-    if gup_flags & FOLL.TOUCH:
-        mm.pgd.set(address, pte | _PAGE_ACCESSED | (_PAGE_DIRTY if gup_flags & FOLL.WRITE else 0))
+    if foll & _FOLL_TOUCH:
+        mm.pgd.set(address, pte | _PAGE_ACCESSED | (_PAGE_DIRTY if foll & _FOLL_WRITE else 0))
     return page
 
 

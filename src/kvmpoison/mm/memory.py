@@ -189,12 +189,16 @@ def do_anonymous_page(vmf: VmFaultInfo) -> VmFault:
     return VmFault(0)
 
 
+# What ends a fault without a page to map (a plain int: IntFlag arithmetic is slow here).
+_VM_FAULT_NO_MAP = int(VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.OOM | VmFault.HWPOISON
+                       | VmFault.NOPAGE | VmFault.RETRY)
+
+
 def __do_fault(vmf: VmFaultInfo) -> VmFault:
     ops = vmf.vma.vm_ops
     assert ops is not None
     ret = ops.fault(vmf)
-    if ret & (VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.OOM | VmFault.HWPOISON
-              | VmFault.NOPAGE | VmFault.RETRY):
+    if int(ret) & _VM_FAULT_NO_MAP:
         return ret
     assert vmf.page is not None
     page = vmf.vma.vm_mm.core.pages[vmf.page]
@@ -226,8 +230,7 @@ def do_fault(vmf: VmFaultInfo) -> VmFault:
         return VmFault.SIGBUS
     write = bool(vmf.flags & FaultFlag.WRITE)
     ret = __do_fault(vmf)
-    if ret & (VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.OOM | VmFault.HWPOISON
-              | VmFault.NOPAGE | VmFault.RETRY):
+    if int(ret) & _VM_FAULT_NO_MAP:
         return ret
     if write and not vma.vm_flags & VM.SHARED:
         return do_cow_fault(vmf)
