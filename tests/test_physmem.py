@@ -158,3 +158,14 @@ def test_keyids_beyond_one_byte_are_recorded_whole() -> None:
         mc.write(PAGE + 64, b"\x02" * 64, 250)  # the one-line path (where it applies)
         assert mc.line_state(PAGE).writer == 300 and mc.line_state(PAGE + 64).writer == 250
         assert mc.read(PAGE + 64, 64, 250).data == b"\x02" * 64
+
+
+@settings(max_examples=30, deadline=2000)
+@given(keyid=st.sampled_from(KEYIDS), pfn=st.integers(0, (1 << 40) - 1),
+       gen=st.integers(0, 3))
+def test_page_keys_are_the_lines_keystream_and_tweaks(keyid: int, pfn: int, gen: int) -> None:
+    keys = controller().keys
+    pas = np.uint64(pfn << 12) + np.arange(64, dtype=np.uint64) * np.uint64(64)
+    ks, tw = keys.page_keys(keyid, pfn << 12, gen)
+    assert ks == keys.keystream(keyid, pas, gen).tobytes()
+    assert tw == keys.tweak(keyid, pas, gen).tobytes()

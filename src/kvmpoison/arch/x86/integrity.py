@@ -114,7 +114,7 @@ class MemoryController:
         self.mem = PhysicalMemory(cfg.mem_bytes, self.mac.nbytes, cfg.keyids.nr_keyids)
         # Keystream and tweaks of recently used pages, by (KeyID, generation, pfn).
         self._page_keys_cache: _KeyCache[tuple[bytes, bytes]] = _KeyCache()
-        self._line_keys: _KeyCache[tuple[list[int], list[bytes]]] = _KeyCache()
+        self._line_keys: _KeyCache[tuple[list[int | None], list[bytes], bytes]] = _KeyCache()
         self._generations = self.keys._generation  # read directly on the one-line path
         self._line_limit = cfg.mem_bytes - LINE_SIZE + 1  # a line starting below fits
         self._mode = cfg.integrity
@@ -139,9 +139,7 @@ class MemoryController:
         key = (keyid, gen, pfn)
         got = self._page_keys_cache.get(key)
         if got is None:
-            pas = self._line_pas(pfn, _ALL_LINES)
-            got = (self.keys.keystream(keyid, pas, gen).tobytes(),
-                   self.keys.tweak(keyid, pas, gen).tobytes())
+            got = self.keys.page_keys(keyid, pfn << PAGE_SHIFT, gen)
             if len(self._page_keys_cache) >= 256:
                 self._page_keys_cache.pop(next(iter(self._page_keys_cache)))
             self._page_keys_cache[key] = got
@@ -254,16 +252,19 @@ class MemoryController:
             return False  # an intruder to record: the general path does it
         key = (keyid, self._generations.get(keyid, 0), pfn)
         entry = self._line_keys.get(key)
-        if entry is None:  # per line: the keystream as an integer, and the MAC tweak
+        if entry is None:  # per line: the keystream as an integer (made on first use), tweak
             ks, tw = self._page_keys(keyid, None, pfn)
-            entry = ([int.from_bytes(ks[i : i + LINE_SIZE], "little")
-                      for i in range(0, PAGE_SIZE, LINE_SIZE)],
-                     [tw[i : i + TWEAK_SIZE] for i in range(0, len(tw), TWEAK_SIZE)])
+            entry = ([None] * LINES_PER_PAGE,
+                     [tw[i : i + TWEAK_SIZE] for i in range(0, len(tw), TWEAK_SIZE)], ks)
             if len(self._line_keys) >= 256:
                 self._line_keys.pop(next(iter(self._line_keys)))
             self._line_keys[key] = entry
         line = at & (LINES_PER_PAGE - 1)
-        ct = (int.from_bytes(data, "little") ^ entry[0][line]).to_bytes(LINE_SIZE, "little")
+        ks_line = entry[0][line]
+        if ks_line is None:
+            o = line * LINE_SIZE
+            ks_line = entry[0][line] = int.from_bytes(entry[2][o : o + LINE_SIZE], "little")
+        ct = (int.from_bytes(data, "little") ^ ks_line).to_bytes(LINE_SIZE, "little")
         mem.ct_mv[at << 6 : (at + 1) << 6] = ct
         mem.writer_mv[at] = keyid
         if private and self._mode is IntegrityMode.CI:

@@ -96,13 +96,13 @@ class LineMac:
         msgs[:, :LINE_SIZE] = ct
         msgs[:, LINE_SIZE : LINE_SIZE + TWEAK_SIZE] = tweak
         msgs[:, -1] = td
-        view = memoryview(msgs.tobytes())
         copy_inner, copy_outer = self._inner.copy, self._outer.copy
         digests = []
-        # A plain loop beats map()-batching here: each copy is one C call either way.
-        for i in range(0, n * MAC_INPUT_SIZE, MAC_INPUT_SIZE):
+        # One bytes object per message, made by numpy in C (a void view, so no trailing
+        # NULs are stripped): cheaper than slicing a buffer per line.
+        for msg in msgs.view(f"V{MAC_INPUT_SIZE}").ravel().tolist():
             h = copy_inner()
-            h.update(view[i : i + MAC_INPUT_SIZE])
+            h.update(msg)
             o = copy_outer()
             o.update(h.digest())
             digests.append(o.digest())

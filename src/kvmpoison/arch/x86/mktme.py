@@ -29,6 +29,10 @@ _GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
 _MIX1 = np.uint64(0xBF58_476D_1CE4_E5B9)
 _MIX2 = np.uint64(0x94D0_49BB_1331_11EB)
 _WORD_OFFSETS = np.arange(LINE_WORDS, dtype=np.uint64) * np.uint64(8)
+_PAGE_LINES = 64  # lines of a 4 KiB page
+_PAGE_WORDS = _PAGE_LINES * LINE_WORDS
+_PAGE_WORD_OFFSETS = np.arange(_PAGE_WORDS, dtype=np.uint64) * np.uint64(8)
+_PAGE_LINE_OFFSETS = np.arange(_PAGE_LINES, dtype=np.uint64) * np.uint64(LINE_SIZE)
 
 
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
@@ -119,6 +123,22 @@ class KeyTable:
         counters = line_pas.astype(np.uint64)[:, None] + _WORD_OFFSETS[None, :]
         ks = mix64(counters ^ np.uint64(enc_key))
         return ks.view(np.uint8).reshape(len(line_pas), LINE_SIZE)
+
+    def page_keys(self, keyid: int, page_pa: int, gen: int | None = None) -> tuple[bytes, bytes]:
+        """:meth:`keystream` and :meth:`tweak` of the 64 lines of the page at ``page_pa``,
+        as bytes (4096 and 1024), computed together: one mixing pass covers the keystream
+        words and the tweaks' first half."""
+        enc_key, tweak_key = self.keys(keyid, gen)
+        tk = np.uint64(tweak_key)
+        x = np.empty(_PAGE_WORDS + _PAGE_LINES, dtype=np.uint64)
+        np.bitwise_xor(np.uint64(page_pa) + _PAGE_WORD_OFFSETS, np.uint64(enc_key),
+                       out=x[:_PAGE_WORDS])
+        np.bitwise_xor(np.uint64(page_pa) + _PAGE_LINE_OFFSETS, tk, out=x[_PAGE_WORDS:])
+        x = mix64(x)
+        tweak = np.empty((_PAGE_LINES, 2), dtype=np.uint64)
+        tweak[:, 0] = lo = x[_PAGE_WORDS:]
+        tweak[:, 1] = mix64(lo ^ tk)
+        return x[:_PAGE_WORDS].tobytes(), tweak.tobytes()
 
     def tweak(self, keyid: int, line_pas: U64Array,
               gen: int | None = None) -> npt.NDArray[np.uint8]:
