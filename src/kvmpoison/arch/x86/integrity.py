@@ -117,7 +117,8 @@ class MemoryController:
         self._line_keys: _KeyCache[tuple[list[int | None], list[bytes], bytes]] = _KeyCache()
         self._generations = self.keys._generation  # read directly on the one-line path
         self._line_limit = cfg.mem_bytes - LINE_SIZE + 1  # a line starting below fits
-        self._mode = cfg.integrity
+        self._plain = cfg.integrity is IntegrityMode.OFF
+        self._ci = cfg.integrity is IntegrityMode.CI
         self._nr_keyids = cfg.keyids.nr_keyids
         self._private_keyids = frozenset(cfg.keyids.private_range)
         self._hmac = self.mac.hmac_states()
@@ -243,7 +244,7 @@ class MemoryController:
         mem = self.mem
         pfn = pa >> PAGE_SHIFT
         slot = mem.slot_mv[pfn] - 1
-        if slot < 0 or self._mode is IntegrityMode.OFF:
+        if slot < 0 or self._plain:
             return False
         private = keyid in self._private_keyids
         at = (slot << 6) | ((pa & (PAGE_SIZE - 1)) >> 6)  # line index over all slots
@@ -267,7 +268,7 @@ class MemoryController:
         ct = (int.from_bytes(data, "little") ^ ks_line).to_bytes(LINE_SIZE, "little")
         mem.ct_mv[at << 6 : (at + 1) << 6] = ct
         mem.writer_mv[at] = keyid
-        if private and self._mode is IntegrityMode.CI:
+        if private and self._ci:
             nb = mem.mac_nbytes
             end = (at + 1) * nb
             msg = ct + entry[1][line] + b"\x01"
