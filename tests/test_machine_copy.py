@@ -136,3 +136,15 @@ def test_copy_and_original_evolve_independently() -> None:
     mutate_every_layer(m)
     assert fingerprint(c) == after_copy  # ... nor the copy the original's
     assert fingerprint(m) == after_copy  # and both ran the same steps to the same state
+
+
+def test_restore_goes_back_to_a_snapshot_again_and_again() -> None:
+    m = booted()
+    snap = m.snapshot()
+    before = fingerprint(m)
+    for _ in range(2):
+        mutate_every_layer(m)
+        assert fingerprint(m) != before
+        m.restore(snap)
+        assert fingerprint(m) == before
+    assert fingerprint(snap) == before  # restoring did not consume the snapshot
