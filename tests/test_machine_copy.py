@@ -148,3 +148,12 @@ def test_restore_goes_back_to_a_snapshot_again_and_again() -> None:
         m.restore(snap)
         assert fingerprint(m) == before
     assert fingerprint(snap) == before  # restoring did not consume the snapshot
+
+
+def test_copy_has_its_own_random_state_at_the_same_point() -> None:
+    m = booted()
+    m.kernel.rng.random()
+    c = m.copy()
+    assert c.kernel.rng is not m.kernel.rng
+    first = [m.kernel.rng.random() for _ in range(3)]
+    assert [c.kernel.rng.random() for _ in range(3)] == first  # same point, advanced alone

@@ -7,6 +7,7 @@ steps give the same trace.
 from __future__ import annotations
 
 import copy
+import random
 from dataclasses import dataclass
 
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
@@ -130,7 +131,13 @@ class Machine:
         A deep copy; the big arrays copy only what is in use (frame slots handed
         out, page-table rows ever used), and key caches start empty.
         """
-        return copy.deepcopy(self)
+        memo: dict[int, object] = {}
+        # random.Random deep-copies its 625-word state one int at a time; copy it whole.
+        rng = self.kernel.rng
+        twin = random.Random()
+        twin.setstate(rng.getstate())
+        memo[id(rng)] = twin
+        return copy.deepcopy(self, memo)
 
     def snapshot(self) -> Machine:
         """The state to :meth:`restore` later (a copy: the machine runs on unchanged)."""
