@@ -169,3 +169,11 @@ def test_page_keys_are_the_lines_keystream_and_tweaks(keyid: int, pfn: int, gen:
     ks, tw = keys.page_keys(keyid, pfn << 12, gen)
     assert ks == keys.keystream(keyid, pas, gen).tobytes()
     assert tw == keys.tweak(keyid, pas, gen).tobytes()
+
+
+def test_never_touched_memory_reads_zero_under_keyid_0_after_a_rekey_too() -> None:
+    mc = controller()
+    mc.keys.program_key(0)
+    assert mc.read(2 * PAGE, 64, 0).data == bytes(64)
+    mc.write(2 * PAGE + 8, b"\xff", 0)  # a partial write stores the frame under the new key
+    assert mc.read(2 * PAGE, 16, 0).data == bytes(8) + b"\xff" + bytes(7)

@@ -176,7 +176,9 @@ class MemoryController:
         slot = int(mem.slot_of[pfn]) - 1
         if slot >= 0:
             return slot
-        keyid, gen = mem.zero_state(pfn)
+        keyid, gen_at_write = mem.zero_state(pfn)
+        # Never-touched memory takes KeyID 0's current key when first stored.
+        gen = None if mem.zstate[pfn] == 0 else gen_at_write
         slot = mem.new_slot(pfn)
         everything = np.arange(LINES_PER_PAGE)
         ct = self._crypt(pfn, everything, keyid, np.zeros((LINES_PER_PAGE, LINE_SIZE),
@@ -402,7 +404,10 @@ class MemoryController:
             return False
         if self.cfg.integrity is IntegrityMode.OFF:
             return True
-        state: ZeroState = mem.zero_states[int(mem.zstate[pfn])]
+        index = int(mem.zstate[pfn])
+        if index == 0:  # never touched: zeros under KeyID 0, whatever its key generation
+            return keyid == 0
+        state: ZeroState = mem.zero_states[index]
         return state == (keyid, self.keys.generation(keyid))
 
     def _read_lines_masked(

@@ -9,8 +9,9 @@ A frame is in one of two forms:
 * **zero form** (no storage): every line holds the encryption of zeros under
   one KeyID and key generation, with that KeyID as writer, TD = (KeyID is
   private), a valid MAC where integrity wants one, and no integrity poison.
-  ``zstate[pfn]`` names the (KeyID, generation) pair; 0 is KeyID 0, generation
-  0: never-touched memory. A full-page write of zeros puts a frame back in
+  ``zstate[pfn]`` names the (KeyID, generation) pair; 0 is never-touched memory
+  (KeyID 0, read as zeros under any generation of its key, as before frames had
+  forms). A full-page write of zeros puts a frame back in
   this form, so an all-zero page under any KeyID stores nothing.
 * **stored form**: a slot in the slot arrays (``ct``, ``mac``, ``flags``,
   ``writer``), 4480 bytes per frame with 28-bit MACs and one-byte KeyIDs. The
