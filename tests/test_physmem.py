@@ -177,3 +177,24 @@ def test_never_touched_memory_reads_zero_under_keyid_0_after_a_rekey_too() -> No
     assert mc.read(2 * PAGE, 64, 0).data == bytes(64)
     mc.write(2 * PAGE + 8, b"\xff", 0)  # a partial write stores the frame under the new key
     assert mc.read(2 * PAGE, 16, 0).data == bytes(8) + b"\xff" + bytes(7)
+
+
+def test_without_a_lazy_reservation_slots_grow_and_keep_their_data(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    from kvmpoison.arch.x86 import physmem
+
+    def refuse(shape, dtype):  # type: ignore[no-untyped-def]
+        raise OSError(12, "Cannot allocate memory")  # as under strict overcommit
+
+    monkeypatch.setattr(physmem, "lazy_zeros", refuse)
+    mc = MemoryController(PlatformConfig(mem_bytes=4 << 20))  # 1024 frames
+    assert mc.mem._cap == 256
+    for pfn in range(300):  # past the first 256 slots: the arrays double
+        mc.write(pfn * PAGE, bytes([pfn % 251]) * 64, TD)
+    assert mc.mem._cap == 512 and mc.mem.nr_allocated == 300
+    twin = copy.deepcopy(mc)
+    for pfn in (0, 100, 255, 256, 299):
+        want = bytes([pfn % 251]) * 64
+        assert mc.read(pfn * PAGE, 64, TD).data == want
+        assert twin.read(pfn * PAGE, 64, TD).data == want

@@ -62,6 +62,12 @@ def lazy_zeros(shape: tuple[int, ...], dtype: type[np.generic]) -> npt.NDArray[A
 class PhysicalMemory:
     """The DRAM of one machine, ``mem_bytes`` long."""
 
+    # The slot arrays (see the module docstring), made by _reserve_slots.
+    ct: npt.NDArray[np.uint8]
+    mac: npt.NDArray[np.uint8]
+    flags: npt.NDArray[np.uint8]
+    writer: npt.NDArray[np.signedinteger[Any]]
+
     def __init__(self, mem_bytes: int, mac_nbytes: int, nr_keyids: int = 128):
         if mem_bytes <= 0 or mem_bytes % PAGE_SIZE:
             raise ValueError(f"memory size must be a positive multiple of {PAGE_SIZE}")
@@ -77,17 +83,38 @@ class PhysicalMemory:
         self.zero_states: list[ZeroState] = [(0, 0)]
         self._zero_index: dict[ZeroState, int] = {(0, 0): 0}
         # Slot arrays.
-        self.ct: npt.NDArray[np.uint8] = lazy_zeros((n, LINES_PER_PAGE, LINE_SIZE), np.uint8)
-        self.mac: npt.NDArray[np.uint8] = lazy_zeros((n, LINES_PER_PAGE, mac_nbytes), np.uint8)
-        self.flags: npt.NDArray[np.uint8] = lazy_zeros((n, LINES_PER_PAGE), np.uint8)
-        self.writer: npt.NDArray[np.signedinteger[Any]] = lazy_zeros((n, LINES_PER_PAGE),
-                                                                     self.writer_dtype)
-        self._views()
+        self._reserve_slots(0)
         self._top = 0  # slots [0, _top) have been handed out at least once
         self._free: list[int] = []
         # Rare per-line state, by pfn.
         self.hw_poison: dict[int, npt.NDArray[np.bool_]] = {}
         self.intruder: dict[int, npt.NDArray[np.int16]] = {}
+
+    def _reserve_slots(self, top: int) -> None:
+        """(Re)make the slot arrays, keeping slots [0, top): a lazy reservation as large
+        as memory, or where the host refuses one (strict overcommit), plain arrays that
+        grow by doubling (:meth:`new_slot`)."""
+        n = self.nr_frames
+        shapes: dict[str, tuple[tuple[int, ...], type[np.generic]]] = {
+            "ct": ((LINES_PER_PAGE, LINE_SIZE), np.uint8),
+            "mac": ((LINES_PER_PAGE, self.mac_nbytes), np.uint8),
+            "flags": ((LINES_PER_PAGE,), np.uint8),
+            "writer": ((LINES_PER_PAGE,), self.writer_dtype),
+        }
+        old = {name: getattr(self, name) for name in shapes if hasattr(self, name)}
+        try:
+            made = {name: lazy_zeros((n, *shape), dtype) for name, (shape, dtype) in shapes.items()}
+            self._cap = n
+        except OSError:
+            cap = min(n, max(256, 2 * top, 2 * getattr(self, "_cap", 0)))
+            made = {name: np.zeros((cap, *shape), dtype=dtype)
+                    for name, (shape, dtype) in shapes.items()}
+            self._cap = cap
+        for name, arr in made.items():
+            if name in old:
+                arr[:top] = old[name][:top]
+            setattr(self, name, arr)
+        self._views()
 
     def _views(self) -> None:
         """Flat memoryviews of the per-pfn and slot arrays, in their element types: the
@@ -121,6 +148,8 @@ class PhysicalMemory:
             slot = self._free.pop()
         else:
             slot = self._top
+            if slot >= self._cap:
+                self._reserve_slots(slot)
             self._top += 1
         self.slot_of[pfn] = slot + 1
         return slot
@@ -194,14 +223,11 @@ class PhysicalMemory:
         new.zstate = self.zstate.copy()
         new.zero_states = list(self.zero_states)
         new._zero_index = dict(self._zero_index)
-        n, top = self.nr_frames, self._top
-        new.ct = lazy_zeros((n, LINES_PER_PAGE, LINE_SIZE), np.uint8)
-        new.mac = lazy_zeros((n, LINES_PER_PAGE, self.mac_nbytes), np.uint8)
-        new.flags = lazy_zeros((n, LINES_PER_PAGE), np.uint8)
-        new.writer = lazy_zeros((n, LINES_PER_PAGE), self.writer_dtype)
+        top = self._top
+        new._cap = self._cap
+        new._reserve_slots(0)
         for name in ("ct", "mac", "flags", "writer"):
             getattr(new, name)[:top] = getattr(self, name)[:top]
-        new._views()
         new._top = top
         new._free = list(self._free)
         new.hw_poison = {p: a.copy() for p, a in self.hw_poison.items()}
