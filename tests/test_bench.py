@@ -36,3 +36,16 @@ def test_bench_quick_json_has_every_row_with_positive_ratios(
 def test_bench_rejects_unknown_format(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--format", "xml"]) == 2
     assert "xml" in capsys.readouterr().err
+
+
+def test_bench_failure_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmpoison.backends.kvm import timing
+
+    def refused(size: int) -> dict[str, float]:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(timing, "anon_bulk", refused)
+    assert main(["bench", "--quick", "--format", "json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Operation not permitted" in err[0]

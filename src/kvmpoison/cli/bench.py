@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kvmpoison.cli.errors import CliError
 from kvmpoison.report.bench import Row, as_json, tasks
 
 
@@ -42,7 +43,10 @@ def bench(
         task = progress.add_task("bench", total=len(steps))
         for what, run in steps:
             progress.update(task, description=what)
-            rows.extend(run())
+            try:
+                rows.extend(run())
+            except (OSError, RuntimeError) as exc:  # the kernel side refused, or a child died
+                raise CliError(f"bench: {what}: {exc}") from None
             progress.advance(task)
     if fmt is BenchFormat.JSON:
         print(json.dumps(as_json(rows, quick), indent=2))
