@@ -95,6 +95,13 @@ _ALL_LINES = np.arange(LINES_PER_PAGE)
 _V = TypeVar("_V")
 
 
+class _LineKeys(dict[int, tuple[list[int | None], list[bytes], bytes, int, int]]):
+    """The one-line path's key material by pfn; not copied with a machine (as below)."""
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _LineKeys:
+        return _LineKeys()
+
+
 class _KeyCache(dict[tuple[int, int, int], _V]):
     """Key material by (KeyID, key generation, pfn): a pure function of its key, so a
     copied machine starts with an empty cache instead of copying it."""
@@ -114,7 +121,8 @@ class MemoryController:
         self.mem = PhysicalMemory(cfg.mem_bytes, self.mac.nbytes, cfg.keyids.nr_keyids)
         # Keystream and tweaks of recently used pages, by (KeyID, generation, pfn).
         self._page_keys_cache: _KeyCache[tuple[bytes, bytes]] = _KeyCache()
-        self._line_keys: _KeyCache[tuple[list[int | None], list[bytes], bytes]] = _KeyCache()
+        # Per pfn: keystream ints per line (made on first use), tweaks, keystream, KeyID, gen.
+        self._line_keys: _LineKeys = _LineKeys()
         self._generations = self.keys._generation  # read directly on the one-line path
         self._line_limit = cfg.mem_bytes - LINE_SIZE + 1  # a line starting below fits
         self._plain = cfg.integrity is IntegrityMode.OFF
@@ -253,15 +261,18 @@ class MemoryController:
         flags = mem.flags_mv
         if not private and flags[at] & LINE_TD:
             return False  # an intruder to record: the general path does it
-        key = (keyid, self._generations.get(keyid, 0), pfn)
-        entry = self._line_keys.get(key)
-        if entry is None:  # per line: the keystream as an integer (made on first use), tweak
+        # Keyed by pfn alone (an int: no tuple for the garbage collector to count), for the
+        # KeyID and key generation the entry names.
+        gen = self._generations.get(keyid, 0)
+        entry = self._line_keys.get(pfn)
+        if entry is None or entry[3] != keyid or entry[4] != gen:
             ks, tw = self._page_keys(keyid, None, pfn)
             entry = ([None] * LINES_PER_PAGE,
-                     [tw[i : i + TWEAK_SIZE] for i in range(0, len(tw), TWEAK_SIZE)], ks)
+                     [tw[i : i + TWEAK_SIZE] for i in range(0, len(tw), TWEAK_SIZE)], ks,
+                     keyid, gen)
             if len(self._line_keys) >= 256:
                 self._line_keys.pop(next(iter(self._line_keys)))
-            self._line_keys[key] = entry
+            self._line_keys[pfn] = entry
         line = at & (LINES_PER_PAGE - 1)
         ks_line = entry[0][line]
         if ks_line is None:
