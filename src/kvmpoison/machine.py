@@ -6,6 +6,8 @@ steps give the same trace.
 
 from __future__ import annotations
 
+import copy
+import random
 from dataclasses import dataclass
 
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
@@ -124,3 +126,27 @@ class Machine:
     @property
     def halted(self) -> bool:
         return self.kernel.halted is not None
+
+    def copy(self) -> Machine:
+        """An independent copy of this machine: every layer's state, nothing shared.
+
+        A deep copy; the big arrays copy only what is in use (frame slots handed
+        out, page-table rows ever used), and key caches start empty.
+        """
+        memo: dict[int, object] = {}
+        # random.Random deep-copies its 625-word state one int at a time; copy it whole.
+        rng = self.kernel.rng
+        twin = random.Random()
+        twin.setstate(rng.getstate())
+        memo[id(rng)] = twin
+        return copy.deepcopy(self, memo)
+
+    def snapshot(self) -> Machine:
+        """The state to :meth:`restore` later (a copy: the machine runs on unchanged)."""
+        return self.copy()
+
+    def restore(self, snapshot: Machine) -> None:
+        """Go back to ``snapshot`` (which stays reusable). Every layer is replaced, so
+        references taken into this machine before (``m.vmm``, a process) go stale."""
+        self.__dict__.clear()
+        self.__dict__.update(snapshot.copy().__dict__)

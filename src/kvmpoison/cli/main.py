@@ -8,7 +8,7 @@ from typing import Any, TextIO, cast
 
 import typer
 
-from kvmpoison.cli import demo, matrix, oracle, pte, run
+from kvmpoison.cli import bench, demo, matrix, oracle, pte, run
 from kvmpoison.cli.errors import CliError
 from kvmpoison.cli.report import report as report_command
 
@@ -19,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command("bench")(bench.bench)
 app.command("demo")(demo.demo)
 app.command("matrix")(matrix.matrix)
 app.command("oracle")(oracle.oracle)

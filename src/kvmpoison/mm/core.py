@@ -107,14 +107,13 @@ class MmCore:
             notifier.invalidate_range(start, end)
 
     def clear_pages(self, pfns: PfnArray) -> None:
-        """``clear_page`` for each pfn: only frames that ever held data cost anything."""
-        hw = self.hw
-        for pfn in hw.mem.allocated_pfns_in(pfns):
-            hw.write(pfn << PAGE_SHIFT, bytes(1 << PAGE_SHIFT), 0)
+        """``clear_page`` for each pfn: only frames that ever held data cost anything
+        (a per-pfn lookup, not a scan of the frames in use)."""
+        self.hw.clear_frames(pfns)
 
     def copy_page(self, dst: int, src: int) -> None:
         data = self.hw.read(src << PAGE_SHIFT, 1 << PAGE_SHIFT, 0).data
-        if any(data) or self.hw.mem.get(dst) is not None:
+        if any(data) or self.hw.mem.holds(dst):
             self.hw.write(dst << PAGE_SHIFT, data, 0)
 
     def swap_duplicate(self, offset: int) -> None:

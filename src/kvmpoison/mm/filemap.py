@@ -29,9 +29,9 @@ from kvmpoison.mm.file import (
     file_check_and_advance_wb_err,
 )
 from kvmpoison.mm.gup import FOLL, get_user_pages_fast, put_pages
-from kvmpoison.mm.memory import ZapDetails, zap_page_range
+from kvmpoison.mm.memory import ZapDetails, _put_pages_bulk, zap_page_range
 from kvmpoison.mm.mm_types import Vma, VmFault, VmFaultInfo
-from kvmpoison.mm.page import Page, get_page, put_page
+from kvmpoison.mm.page import Page, get_page
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.uaccess import IovIter, copy_from_user, efault_or
 from kvmpoison.outcome import Halt, Kind
@@ -127,14 +127,23 @@ def unmap_mapping_range(mapping: AddressSpace, first: int, last: int,
 
 def truncate_inode_pages_range(core: MmCore, mapping: AddressSpace, first: int, last: int,
                                even_cows: bool = True) -> None:
-    """Unmap (``even_cows``: truncate 1, hole-punch 0) and drop the cached pages [first, last)."""
+    """Unmap (``even_cows``: truncate 1, hole-punch 0) and drop the cached pages [first, last).
+
+    The model does in bulk what ``truncate_inode_pages_range`` (mm/truncate.c,
+    v5.12) does per pagevec: delete each page from the cache
+    (``delete_from_page_cache``) and drop the cache's reference; pages whose last
+    reference that was are freed together, as ``release_pages`` frees a batch.
+    """
     unmap_mapping_range(mapping, first, last, even_cows)
     idx = mapping.cached_indices()
     idx = idx[(idx >= first) & (idx < last)]
-    for index in idx:
-        pfn = mapping.delete_from_page_cache(int(index))
-        if pfn is not None:
-            put_page(core.pages[pfn])
+    if not len(idx):
+        return
+    pfns = mapping.pages[idx].copy()
+    mapping.pages[idx] = -1
+    core.pages.mapping[pfns] = 0
+    mapping.nrpages -= len(pfns)
+    _put_pages_bulk(core, pfns)
 
 
 def partial_page_ranges(lstart: int, lend: int) -> list[tuple[int, int, int]]:

@@ -94,39 +94,54 @@ def is_cow_mapping(flags: VM) -> bool:
     return (flags & (VM.SHARED | VM.MAYWRITE)) == VM.MAYWRITE
 
 
+# Plain-int masks for the hot checks below (IntFlag arithmetic builds enum objects).
+_VM_IO_PFNMAP = int(VM.IO | VM.PFNMAP)
+_VM_WRITE, _VM_READ, _VM_MAYREAD = int(VM.WRITE), int(VM.READ), int(VM.MAYREAD)
+_FOLL_ANON, _FOLL_WRITE, _FOLL_FORCE = int(FOLL.ANON), int(FOLL.WRITE), int(FOLL.FORCE)
+_FOLL_HWPOISON = int(FOLL.HWPOISON)
+_FOLL_PIN, _FOLL_GET, _FOLL_TOUCH = int(FOLL.PIN), int(FOLL.GET), int(FOLL.TOUCH)
+_FOLL_ALLOW_POISONED, _FOLL_NUMA, _FOLL_DUMP = (int(FOLL.ALLOW_POISONED), int(FOLL.NUMA),
+                                                 int(FOLL.DUMP))
+_FAULT_OOM = int(VmFault.OOM)
+_FAULT_HWPOISON = int(VmFault.HWPOISON | VmFault.HWPOISON_LARGE)
+_FAULT_SIGBUS_SEGV = int(VmFault.SIGBUS | VmFault.SIGSEGV)
+
+
 def check_vma_flags(vma: Vma, gup_flags: FOLL) -> int:
     """mm/gup.c ``check_vma_flags`` (v5.12, plus v5.14's secretmem refusal).
 
     Not modelled: FOLL_LONGTERM on fsdax, protection keys.
     """
-    flags = vma.vm_flags
-    if flags & (VM.IO | VM.PFNMAP):
+    flags = int(vma.vm_flags)
+    foll = int(gup_flags)
+    if flags & _VM_IO_PFNMAP:
         return -errno.EFAULT
-    if gup_flags & FOLL.ANON and not vma_is_anonymous(vma):
+    if foll & _FOLL_ANON and not vma_is_anonymous(vma):
         return -errno.EFAULT
     if vma_is_secretmem(vma):
         return -errno.EFAULT  # v5.14+: secret memory is never pinned
-    if gup_flags & FOLL.WRITE:
-        if not flags & VM.WRITE:
-            if not gup_flags & FOLL.FORCE:
+    if foll & _FOLL_WRITE:
+        if not flags & _VM_WRITE:
+            if not foll & _FOLL_FORCE:
                 return -errno.EFAULT
-            if not is_cow_mapping(flags):
+            if not is_cow_mapping(vma.vm_flags):
                 return -errno.EFAULT
-    elif not flags & VM.READ:
-        if not gup_flags & FOLL.FORCE:
+    elif not flags & _VM_READ:
+        if not foll & _FOLL_FORCE:
             return -errno.EFAULT
-        if not flags & VM.MAYREAD:
+        if not flags & _VM_MAYREAD:
             return -errno.EFAULT
     return 0
 
 
 def vm_fault_to_errno(fault: VmFault, gup_flags: FOLL) -> int:
     """include/linux/mm.h ``vm_fault_to_errno`` (v5.12): -EHWPOISON only for FOLL_HWPOISON."""
-    if fault & VmFault.OOM:
+    f = int(fault)
+    if f & _FAULT_OOM:
         return -errno.ENOMEM
-    if fault & (VmFault.HWPOISON | VmFault.HWPOISON_LARGE):
-        return -EHWPOISON if gup_flags & FOLL.HWPOISON else -errno.EFAULT
-    if fault & (VmFault.SIGBUS | VmFault.SIGSEGV):
+    if f & _FAULT_HWPOISON:
+        return -EHWPOISON if int(gup_flags) & _FOLL_HWPOISON else -errno.EFAULT
+    if f & _FAULT_SIGBUS_SEGV:
         return -errno.EFAULT
     return 0
 
@@ -233,6 +248,7 @@ def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | Non
     """
     mm = vma.vm_mm
     core = mm.core
+    foll = int(gup_flags)
     pte = mm.pgd.get(address)
     if pte_none(pte):
         # no_page_table: a core dump does not fault in holes of anonymous memory
@@ -243,10 +259,10 @@ def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | Non
         return _follow_hwpoison_entry(vma, pte_to_swp_entry(pte, core.kcfg), gup_flags)
     if pte_protnone(pte) and gup_flags & FOLL.NUMA:
         return None
-    if gup_flags & FOLL.WRITE and not can_follow_write_pte(pte, gup_flags):
+    if foll & _FOLL_WRITE and not can_follow_write_pte(pte, gup_flags):
         return None
     normal = vm_normal_page(vma, pte)
-    if normal is None and gup_flags & FOLL.DUMP:
+    if normal is None and foll & _FOLL_DUMP:
         return -errno.EFAULT  # the zero page is a hole in a core dump
     page = normal if normal is not None else core.pages[pte_pfn(pte)]
     if not try_grab_page(page, gup_flags):

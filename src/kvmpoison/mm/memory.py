@@ -216,20 +216,25 @@ def do_anonymous_page(vmf: VmFaultInfo) -> VmFault:
     return VmFault(0)
 
 
+# What ends a fault without a page to map (a plain int: IntFlag arithmetic is slow here).
+_VM_FAULT_NO_MAP = int(VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.OOM | VmFault.HWPOISON
+                       | VmFault.NOPAGE | VmFault.RETRY)
+
+
 def __do_fault(vmf: VmFaultInfo) -> VmFault:
     """mm/memory.c ``__do_fault`` (v5.12; v5.18+ for the eviction): call ``->fault``.
 
     A PageHWPoison page is dropped and the fault is VM_FAULT_HWPOISON. From
     v5.18 ("mm: invalidate hwpoison page cache page in fault path", so 6.18)
     the page is first unmapped everywhere and, if ``mapping_evict_folio``
+    (6.1: ``invalidate_inode_page``)
     can drop it from the page cache (clean, no extra references), the fault
     is VM_FAULT_NOPAGE: the retry reads a fresh page.
     """
     ops = vmf.vma.vm_ops
     assert ops is not None
     ret = ops.fault(vmf)
-    if ret & (VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.OOM | VmFault.HWPOISON
-              | VmFault.NOPAGE | VmFault.RETRY):
+    if int(ret) & _VM_FAULT_NO_MAP:
         return ret
     assert vmf.page is not None
     core = vmf.vma.vm_mm.core
@@ -237,7 +242,7 @@ def __do_fault(vmf: VmFaultInfo) -> VmFault:
     if PageHWPoison(page):
         poisonret = VmFault.HWPOISON
         mapping = page_mapping(page)
-        if core.kcfg.version >= KernelVersion.V6_18 and mapping is not None:
+        if core.kcfg.version >= KernelVersion.V6_1 and mapping is not None:  # 5.18
             index = int(core.pages.index[page.pfn])
             if page_mapped(page):
                 _unmap_mapping_page(mapping, index)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import signal
 from dataclasses import dataclass
 
@@ -348,5 +349,6 @@ def soft_offline_page(core: MmCore, pfn: int, flags: int) -> int:
 def wire_memory_failure(core: MmCore) -> None:
     """Let madvise(MADV_HWPOISON/SOFT_OFFLINE) reach this file (it sits above madvise)."""
     if core.kcfg.memory_failure:
-        core.memory_failure = lambda pfn, flags, pid: memory_failure(core, pfn, flags, pid)
-        core.soft_offline_page = lambda pfn, flags: soft_offline_page(core, pfn, flags)
+        # Partials, not closures: a copied machine's core gets its own bound core.
+        core.memory_failure = functools.partial(memory_failure, core)
+        core.soft_offline_page = functools.partial(soft_offline_page, core)

@@ -105,15 +105,20 @@ class FaultFlag(enum.IntFlag):
 
 def vm_get_page_prot(vm_flags: VM) -> int:
     """``protection_map[]`` for x86-64: private writable maps read-only (COW on write)."""
-    acc = vm_flags & VM_ACCESS_FLAGS
-    if not acc:
+    flags = int(vm_flags)  # plain ints: this runs on every fault and mprotect
+    if not flags & _VM_ACCESS:
         return PAGE_NONE
     prot = _PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED
-    if vm_flags & VM.WRITE and vm_flags & VM.SHARED:
+    if flags & _VM_WRITE_SHARED == _VM_WRITE_SHARED:
         prot |= _PAGE_RW
-    if not vm_flags & VM.EXEC:
+    if not flags & _VM_EXEC:
         prot |= _PAGE_NX
     return prot
+
+
+_VM_ACCESS = int(VM_ACCESS_FLAGS)
+_VM_WRITE_SHARED = int(VM.WRITE | VM.SHARED)
+_VM_EXEC = int(VM.EXEC)
 
 
 class VmOperations(Protocol):

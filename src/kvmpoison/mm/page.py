@@ -15,6 +15,7 @@ order; the model keeps no per-tail ``compound_head`` pointer.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,15 @@ class MappingRegistry:
 
     def decode(self, value: int) -> Any:
         return self._objects.get(int(value) >> _MAPPING_SHIFT)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> MappingRegistry:
+        """A copy whose id lookup names the copied objects (ids are per object)."""
+        new = MappingRegistry()
+        memo[id(self)] = new
+        new._objects = {ident: copy.deepcopy(obj, memo) for ident, obj in self._objects.items()}
+        new._ids = {id(obj): ident for ident, obj in new._objects.items()}
+        new._next = self._next
+        return new
 
 
 class PageArray:

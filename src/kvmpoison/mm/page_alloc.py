@@ -98,6 +98,17 @@ class BuddyAllocator:
     def _pop(self, order: int, count: int) -> PfnArray:
         """Up to ``count`` valid free heads of ``order``, taken off its area."""
         area = self.areas[order]
+        if count == 1:  # one block (every alloc_pages): scalar checks, no array temporaries
+            flags, orders = self.mem.flags, self.mem.order
+            while area.top:
+                area.top -= 1
+                pfn = int(area.stack[area.top])
+                if flags[pfn] & _BUDDY and orders[pfn] == order:
+                    flags[pfn] = 0
+                    orders[pfn] = 0
+                    self.nr_free -= 1 << order
+                    return np.array([pfn], dtype=np.int64)
+            return np.empty(0, dtype=np.int64)
         got: list[PfnArray] = []
         have = 0
         while have < count and area.top:

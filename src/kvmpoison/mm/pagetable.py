@@ -26,6 +26,7 @@ from kvmpoison.arch.x86.pgtable_types import (
     PTRS_PER_PTE,
     PUD_SHIFT,
 )
+from kvmpoison.arch.x86.physmem import lazy_zeros
 from kvmpoison.mm.page_alloc import BuddyAllocator
 from kvmpoison.mm.page_flags import PG_PGTABLE_BIT
 
@@ -53,18 +54,31 @@ class PteStore:
     """Every leaf page-table page of the machine, one ``uint64[512]`` row each."""
 
     def __init__(self, capacity: int = 64) -> None:
-        # np.zeros is calloc: rows never used cost no memory, so reserve generously.
-        self.rows: U64Array = np.zeros((capacity, PTRS_PER_PTE), dtype=np.uint64)
+        # An anonymous mapping: rows never used cost no memory, so reserve generously.
+        self.rows: U64Array = lazy_zeros((capacity, PTRS_PER_PTE), np.uint64)
         self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._high = 0  # rows at or above this were never handed out (still zero)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> PteStore:
+        """A copy sharing nothing; only rows ever handed out are copied (the rest is calloc)."""
+        new = PteStore.__new__(PteStore)
+        memo[id(self)] = new
+        new.rows = lazy_zeros(self.rows.shape, np.uint64)
+        new.rows[: self._high] = self.rows[: self._high]
+        new._free = list(self._free)
+        new._high = self._high
+        return new
 
     def alloc_row(self) -> int:
         if not self._free:
             old = len(self.rows)
-            grown = np.zeros((old * 2, PTRS_PER_PTE), dtype=np.uint64)
+            grown = lazy_zeros((old * 2, PTRS_PER_PTE), np.uint64)
             grown[:old] = self.rows
             self.rows = grown
             self._free = list(range(2 * old - 1, old - 1, -1))
-        return self._free.pop()
+        row = self._free.pop()
+        self._high = max(self._high, row + 1)
+        return row
 
     def free_row(self, row: int) -> None:
         self.rows[row] = 0
@@ -84,6 +98,18 @@ class _Table:
         self.pfn = pfn
         self.entries: U64Array = np.zeros(PTRS_PER_PTE, dtype=np.uint64)
         self.children: list[_Table | int | None] = [None] * PTRS_PER_PTE
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _Table:
+        new = _Table.__new__(_Table)
+        memo[id(self)] = new
+        new.pfn = self.pfn
+        new.entries = self.entries.copy()
+        new.children = list(self.children)
+        for i in np.flatnonzero(self.entries).tolist():  # only present entries hold tables
+            child = new.children[i]
+            if isinstance(child, _Table):
+                new.children[i] = child.__deepcopy__(memo)
+        return new
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,12 +246,18 @@ class PageTables:
                     self.pte_slot((start & ~((1 << PUD_SHIFT) - 1)) | (i << PMD_SHIFT), alloc)
         rows = np.array([-1 if r is None else r for r in pmd.children[first : last + 1]],
                         dtype=np.int64)
-        pages = np.arange(start >> PAGE_SHIFT, end >> PAGE_SHIFT, dtype=np.int64)
-        pmd_of_page = (pages >> (PMD_SHIFT - PAGE_SHIFT)) & (PTRS_PER_PTE - 1)
-        page_rows = rows[pmd_of_page - first]
-        have = page_rows >= 0
-        pages = pages[have]
-        return PteChunk(pages << PAGE_SHIFT, page_rows[have], pages & (PTRS_PER_PTE - 1))
+        # Only the PMD ranges that have a PTE table: the cost is what is mapped, and no
+        # temporary spans the whole (up to 1 GiB) range.
+        present = np.flatnonzero(rows >= 0)
+        pud_page = (start >> PUD_SHIFT) << (PUD_SHIFT - PAGE_SHIFT)
+        pmd_no = first + present
+        lo = np.maximum(pud_page + pmd_no * PTRS_PER_PTE, start >> PAGE_SHIFT)
+        hi = np.minimum(pud_page + (pmd_no + 1) * PTRS_PER_PTE, end >> PAGE_SHIFT)
+        counts = hi - lo
+        starts = np.cumsum(counts) - counts
+        pages = np.repeat(lo - starts, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+        page_rows = np.repeat(rows[present], counts)
+        return PteChunk(pages << PAGE_SHIFT, page_rows, pages & (PTRS_PER_PTE - 1))
 
     def free_empty_tables(self, start: int, end: int) -> int:
         """``free_pgd_range``: free the empty leaf tables of the PMD ranges [start, end) touches.

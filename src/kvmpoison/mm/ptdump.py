@@ -72,10 +72,13 @@ class Decoding:
         }
 
 
+_PTE_FLAGS = [(int(flag), flag) for flag in PteFlag]  # plain ints: this runs per trace step
+
+
 def _flag_names(raw: int, level: str, cfg: KernelConfig) -> list[str]:
     names = []
-    for flag in PteFlag:
-        if not raw & flag:
+    for value, flag in _PTE_FLAGS:
+        if not raw & value:
             continue
         name = flag.name or ""
         if flag is PteFlag.PSE and level == "pte":

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -53,7 +55,31 @@ class LineMac:
         block = key.ljust(_SHA3_256_BLOCK, b"\0")
         self._inner = hashlib.sha3_256(bytes(b ^ 0x36 for b in block))
         self._outer = hashlib.sha3_256(bytes(b ^ 0x5C for b in block))
+        spare = self.nbytes * 8 - mac_bits
+        self._last_mask = (0xFF << spare) & 0xFF
         self._mix_key = np.uint64(int.from_bytes(hashlib.sha3_256(key).digest()[:8], "little"))
+
+    def __deepcopy__(self, memo: dict[int, object]) -> LineMac:
+        return self  # immutable after __init__ (the hash states are only ever copied)
+
+    def hmac_states(self) -> tuple[Callable[[], Any], Callable[[], Any], int] | None:
+        """(copy of the keyed inner state, of the outer state, mask of the last MAC byte)
+        for callers that inline :meth:`mac_line`; None for the mix64 stand-in."""
+        if self.algo is not MacAlgo.HMAC_SHA3_256:
+            return None
+        return self._inner.copy, self._outer.copy, self._last_mask
+
+    def mac_line(self, msg: bytes) -> bytes:
+        """The truncated HMAC-SHA3-256 of one ``ct || tweak || td`` message (the scalar path:
+        two hashlib state copies, no numpy), bit-identical to :meth:`compute`."""
+        h = self._inner.copy()
+        h.update(msg)
+        o = self._outer.copy()
+        o.update(h.digest())
+        mac = o.digest()[: self.nbytes]
+        if self._last_mask != 0xFF:
+            mac = mac[:-1] + bytes((mac[-1] & self._last_mask,))
+        return mac
 
     def compute(self, ct: U8Array, tweak: U8Array, td: npt.NDArray[np.bool_]) -> U8Array:
         """MACs of n lines, shape (n, nbytes), left-aligned (top ``mac_bits`` bits kept)."""
@@ -70,17 +96,17 @@ class LineMac:
         msgs[:, :LINE_SIZE] = ct
         msgs[:, LINE_SIZE : LINE_SIZE + TWEAK_SIZE] = tweak
         msgs[:, -1] = td
-        view = memoryview(msgs.tobytes())
-        inner, outer = self._inner, self._outer
-        digests = bytearray()
-        # A plain loop beats map()-batching here: each copy is one C call either way.
-        for i in range(0, n * MAC_INPUT_SIZE, MAC_INPUT_SIZE):
-            h = inner.copy()
-            h.update(view[i : i + MAC_INPUT_SIZE])
-            o = outer.copy()
+        copy_inner, copy_outer = self._inner.copy, self._outer.copy
+        digests = []
+        # One bytes object per message, made by numpy in C (a void view, so no trailing
+        # NULs are stripped): cheaper than slicing a buffer per line.
+        for msg in msgs.view(f"V{MAC_INPUT_SIZE}").ravel().tolist():
+            h = copy_inner()
+            h.update(msg)
+            o = copy_outer()
             o.update(h.digest())
-            digests += o.digest()
-        return np.frombuffer(digests, dtype=np.uint8).reshape(n, 32)
+            digests.append(o.digest())
+        return np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(n, 32)
 
     def _mix64(
         self, ct: U8Array, tweak: U8Array, td: npt.NDArray[np.bool_]

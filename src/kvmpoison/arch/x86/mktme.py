@@ -28,15 +28,32 @@ U64Array = npt.NDArray[np.uint64]
 _GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
 _MIX1 = np.uint64(0xBF58_476D_1CE4_E5B9)
 _MIX2 = np.uint64(0x94D0_49BB_1331_11EB)
+_WORD_OFFSETS = np.arange(LINE_WORDS, dtype=np.uint64) * np.uint64(8)
+_PAGE_LINES = 64  # lines of a 4 KiB page
+_PAGE_WORDS = _PAGE_LINES * LINE_WORDS
+_PAGE_WORD_OFFSETS = np.arange(_PAGE_WORDS, dtype=np.uint64) * np.uint64(8)
+_PAGE_LINE_OFFSETS = np.arange(_PAGE_LINES, dtype=np.uint64) * np.uint64(LINE_SIZE)
+
+
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
 
 def mix64(x: U64Array) -> U64Array:
-    """splitmix64's finaliser: a fast bijective 64-bit mixer (vectorised)."""
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        return z ^ (z >> np.uint64(31))
+    """splitmix64's finaliser: a fast bijective 64-bit mixer (vectorised).
+
+    Array integer arithmetic wraps without warnings; a 0-d input is made an array
+    so scalar overflow warnings cannot fire either.
+    """
+    arr = np.asarray(x, dtype=np.uint64)
+    if arr.ndim == 0:
+        return mix64(arr.reshape(1)).reshape(())
+    z = arr + _GOLDEN
+    z ^= z >> _S30
+    z *= _MIX1
+    z ^= z >> _S27
+    z *= _MIX2
+    z ^= z >> _S31
+    return z
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +98,15 @@ class KeyTable:
         self.space.check(keyid)
         self._generation[keyid] = self._generation.get(keyid, 0) + 1
 
-    def keys(self, keyid: int) -> tuple[int, int]:
-        """(encryption key, tweak key) of ``keyid``, as 64-bit stand-in keys."""
-        gen = self._generation.get(keyid, 0)
+    def generation(self, keyid: int) -> int:
+        """How many times ``keyid`` has been (re)programmed."""
+        return self._generation.get(keyid, 0)
+
+    def keys(self, keyid: int, gen: int | None = None) -> tuple[int, int]:
+        """(encryption key, tweak key) of ``keyid`` (at generation ``gen``, default the
+        current one), as 64-bit stand-in keys."""
+        if gen is None:
+            gen = self._generation.get(keyid, 0)
         cached = self._cache.get((keyid, gen))
         if cached is None:
             digest = hashlib.blake2b(
@@ -93,18 +116,36 @@ class KeyTable:
             self._cache[(keyid, gen)] = cached
         return cached
 
-    def keystream(self, keyid: int, line_pas: U64Array) -> npt.NDArray[np.uint8]:
+    def keystream(self, keyid: int, line_pas: U64Array,
+                  gen: int | None = None) -> npt.NDArray[np.uint8]:
         """Keystream bytes, shape (n, 64), for the lines at ``line_pas`` under ``keyid``."""
-        enc_key, _ = self.keys(keyid)
-        words = np.arange(LINE_WORDS, dtype=np.uint64)
-        counters = line_pas.astype(np.uint64)[:, None] + words[None, :] * np.uint64(8)
+        enc_key, _ = self.keys(keyid, gen)
+        counters = line_pas.astype(np.uint64)[:, None] + _WORD_OFFSETS[None, :]
         ks = mix64(counters ^ np.uint64(enc_key))
         return ks.view(np.uint8).reshape(len(line_pas), LINE_SIZE)
 
-    def tweak(self, keyid: int, line_pas: U64Array) -> npt.NDArray[np.uint8]:
+    def page_keys(self, keyid: int, page_pa: int, gen: int | None = None) -> tuple[bytes, bytes]:
+        """:meth:`keystream` and :meth:`tweak` of the 64 lines of the page at ``page_pa``,
+        as bytes (4096 and 1024), computed together: one mixing pass covers the keystream
+        words and the tweaks' first half."""
+        enc_key, tweak_key = self.keys(keyid, gen)
+        tk = np.uint64(tweak_key)
+        x = np.empty(_PAGE_WORDS + _PAGE_LINES, dtype=np.uint64)
+        np.bitwise_xor(np.uint64(page_pa) + _PAGE_WORD_OFFSETS, np.uint64(enc_key),
+                       out=x[:_PAGE_WORDS])
+        np.bitwise_xor(np.uint64(page_pa) + _PAGE_LINE_OFFSETS, tk, out=x[_PAGE_WORDS:])
+        x = mix64(x)
+        tweak = np.empty((_PAGE_LINES, 2), dtype=np.uint64)
+        tweak[:, 0] = lo = x[_PAGE_WORDS:]
+        tweak[:, 1] = mix64(lo ^ tk)
+        return x[:_PAGE_WORDS].tobytes(), tweak.tobytes()
+
+    def tweak(self, keyid: int, line_pas: U64Array,
+              gen: int | None = None) -> npt.NDArray[np.uint8]:
         """The 128-bit MAC tweak per line, shape (n, 16): PA under the KeyID's tweak key."""
-        _, tweak_key = self.keys(keyid)
+        _, tweak_key = self.keys(keyid, gen)
         base = line_pas.astype(np.uint64) ^ np.uint64(tweak_key)
-        lo = mix64(base)
-        hi = mix64(lo ^ np.uint64(tweak_key))
-        return np.stack([lo, hi], axis=1).view(np.uint8).reshape(len(line_pas), TWEAK_SIZE)
+        out = np.empty((len(line_pas), 2), dtype=np.uint64)
+        out[:, 0] = lo = mix64(base)
+        out[:, 1] = mix64(lo ^ np.uint64(tweak_key))
+        return out.view(np.uint8).reshape(len(line_pas), TWEAK_SIZE)

@@ -24,6 +24,15 @@ class Tlb:
         self._per_asid: Counter[int] = Counter()  # entries held per address space
         self.flushes = 0
 
+    def __deepcopy__(self, memo: dict[int, object]) -> Tlb:
+        """Keys and values are ints and tuples of ints: shallow copies share nothing mutable."""
+        new = Tlb(self.capacity)
+        memo[id(self)] = new
+        new._entries = OrderedDict(self._entries)
+        new._per_asid = Counter(self._per_asid)
+        new.flushes = self.flushes
+        return new
+
     def lookup(self, asid: int, vaddr: int) -> int | None:
         return self._entries.get((asid, vaddr >> PAGE_SHIFT))
 

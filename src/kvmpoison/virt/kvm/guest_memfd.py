@@ -13,6 +13,7 @@ order-0 and unevictable.
 from __future__ import annotations
 
 import errno
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,5 +169,5 @@ def kvm_gmem_create(core: MmCore, owner: object, size: int, flags: int) -> File 
 
 def kvm_gmem_init(kernel: Kernel) -> None:
     """Register ``KVM_CREATE_GUEST_MEMFD`` with the kernel at boot (kernel/ never imports virt/)."""
-    kernel.kvm_create_guest_memfd = lambda vm, size, flags: kvm_gmem_create(kernel.core, vm,
-                                                                            size, flags)
+    # A partial, not a closure: a copied machine's kernel gets its own bound core.
+    kernel.kvm_create_guest_memfd = functools.partial(kvm_gmem_create, kernel.core)

@@ -194,17 +194,27 @@ def kvm_share_memory(vm: Vm, gfn: int, npages: int) -> int:
     return 0
 
 
-def kvm_unpoison_page_hook(kvm: Kvm) -> FreeHook:
-    """The RFC v2 line in ``free_pages_prepare``: unpoison a freed protected page."""
+class _KvmUnpoisonPage:
+    """``kvm_unpoison_page`` bound to one Kvm (an object, not a closure, so a copied
+    machine's hook reaches the copy's Kvm)."""
 
-    def kvm_unpoison_page(pfns: np.ndarray) -> None:
+    __slots__ = ("kvm",)
+
+    def __init__(self, kvm: Kvm):
+        self.kvm = kvm
+
+    def __call__(self, pfns: np.ndarray) -> None:
+        kvm = self.kvm
         mem = kvm.core.pages
         poisoned = pfns[(mem.flags[pfns] & np.uint32(mem.mask(PG.hwpoison))) != 0]
         owned = poisoned[kvm.kvm_pfn_map.owner[poisoned] != kvm.kvm_pfn_map.NONE]
         kvm.kvm_pfn_map.owner[owned] = kvm.kvm_pfn_map.NONE  # xa_erase found an entry
         mem.flags[owned] &= np.uint32(~mem.mask(PG.hwpoison) & 0xFFFF_FFFF)
 
-    return kvm_unpoison_page
+
+def kvm_unpoison_page_hook(kvm: Kvm) -> FreeHook:
+    """The RFC v2 line in ``free_pages_prepare``: unpoison a freed protected page."""
+    return _KvmUnpoisonPage(kvm)
 
 
 __all__ = ["KVM_FEATURE_MEM_PROTECTED", "KVM_HC_ENABLE_MEM_PROTECTED", "KVM_HC_MEM_SHARE",
