@@ -1,6 +1,6 @@
 """kvmpoison: an executable, bit-faithful model of "KVM: unmap guest memory using poisoned pages".
 
-See ``shared/design/ARCHITECTURE.md`` for the layers. The public surface is
+See docs/architecture.md for the layers. The public surface is
 re-exported here.
 """
 

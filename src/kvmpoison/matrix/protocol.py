@@ -1,4 +1,4 @@
-"""The access-matrix protocol of ``shared/design/MATRIX.md``: path ids, backing ids, set-up.
+"""The access-matrix protocol of docs/matrix.md: path ids, backing ids, set-up.
 
 Only names and the set-up's constants live here, so the model runner and
 the real-kernel probes describe the same experiment.

@@ -1,7 +1,6 @@
 """The real kernel's access matrix on this project's machines (6.18, MEMORY_FAILURE off).
 
-Transcribed from ``shared/research/real_kernel_oracle.md`` §A2 (measured with
-the same set-up as ``shared/design/MATRIX.md``). ``kvmpoison oracle`` measures
+Measured on this project's machines with the set-up of docs/matrix.md. ``kvmpoison oracle`` measures
 it live; this copy lets the model be held to it where /dev/kvm is absent.
 """
 

@@ -1,6 +1,6 @@
 """The memory controller of a TDX platform: TD bit, MAC and poison per 64-byte line.
 
-Access rules follow ``shared/research/hardware_model.md`` §5.3, from the TDX
+Access rules (docs/hardware.md) follow the TDX
 Module Base Architecture Spec ch. 16 (non-ACT platforms):
 
 * Writes are never checked. A full-line write sets TD = (KeyID is private),

@@ -2,8 +2,8 @@
 
 The hardware produces an SRAR machine-check record (or, in SEAM root, an
 unbreakable shutdown); Linux grades it (``mce_severity``) and acts. Sources:
-TDX Module Base Architecture Spec ch. 16 (16.5.1, 16.6) as summarised in
-``shared/research/hardware_model.md`` §1.5, and ``arch/x86/kernel/cpu/mce``
+TDX Module Base Architecture Spec ch. 16 (16.5.1, 16.6), summarised in
+docs/hardware.md, and ``arch/x86/kernel/cpu/mce``
 (v6.18) for the host's reaction.
 """
 

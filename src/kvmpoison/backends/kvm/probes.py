@@ -1,7 +1,7 @@
 """Live probes of the real kernel: one MATRIX.md path x backing per forked child.
 
 The child (the target) calls PTRACE_TRACEME, builds the set-up of
-``shared/design/MATRIX.md``, and runs a local path; a fault stops it, and the
+docs/matrix.md, and runs a local path; a fault stops it, and the
 parent, its tracer, reads the siginfo with PTRACE_GETSIGINFO, so no C
 compiler or signal handler is needed. For a remote path the child stops
 itself and the parent runs process_vm_*, /proc/PID/mem or PEEK/POKEDATA on it.

@@ -2,7 +2,7 @@
 
 Follows ``virt/kvm/guest_memfd.c`` as of v6.18 (``GUEST_MEMFD_FLAG_MMAP`` =
 1, ``GUEST_MEMFD_FLAG_INIT_SHARED`` = 2) and the file ABI measured on this
-project's machines (``shared/research/real_kernel_oracle.md`` §A3): size
+project's machines (the ``gmem_*`` columns of docs/matrix.md): size
 fixed at creation, read/write -EINVAL, pread/pwrite -ESPIPE, ftruncate
 -EINVAL, fallocate only with KEEP_SIZE, mmap only with the MMAP flag, only
 MAP_SHARED, never executable (the mount is noexec). Without INIT_SHARED
