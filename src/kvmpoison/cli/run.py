@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from kvmpoison.report.table import style_of
 from kvmpoison.scenario.library import shipped, title_of
 from kvmpoison.scenario.loader import Scenario, ScenarioError, load, short_path
 from kvmpoison.scenario.runner import ScenarioRun, run_scenario, trace_records
+
+if TYPE_CHECKING:
+    from kvmpoison.report.scenario_live import LiveRun
 
 
 def _resolve(item: str) -> Path:
@@ -59,6 +62,9 @@ def run(
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
     list_: Annotated[bool, typer.Option("--list", help="List the shipped scenarios.")] = False,
     all_: Annotated[bool, typer.Option("--all", help="Run every shipped scenario.")] = False,
+    live: Annotated[bool, typer.Option(
+        "--live", help="Also run each scenario on this machine's kernel (/dev/kvm) and compare "
+        "every step's cell with the model's.")] = False,
 ) -> None:
     """Run scenarios; exit 1 if any expectation fails, 2 on bad input."""
     if list_:
@@ -82,6 +88,7 @@ def run(
                           else sc.designs)]
     except ScenarioError as exc:
         raise CliError(str(exc)) from None
+    lives = _referee_all(scenarios) if live else []
     if trace is not None:
         try:
             with trace.open("w") as fh:
@@ -92,8 +99,11 @@ def run(
             raise CliError(f"{short_path(str(trace))}: cannot write the trace: "
                            f"{exc.strerror}") from None
     if fmt is Format.JSON:
-        print(json.dumps([{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
-                           "steps": trace_records(r)} for r in runs], indent=2))
+        doc: object = [{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
+                        "steps": trace_records(r)} for r in runs]
+        if live:  # one document: the runs, then the live referee's
+            doc = {"runs": doc, **_live_json(lives)}
+        print(json.dumps(doc, indent=2))
     else:
         console = Console()
         for r in runs:
@@ -101,5 +111,52 @@ def run(
         failed = [f"{r.scenario.name}/{r.design}" for r in runs if not r.passed]
         console.print(f"{len(runs) - len(failed)}/{len(runs)} scenario runs met every "
                       "expectation" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    if any(not r.passed for r in runs):
+    if live and fmt is not Format.JSON:
+        _print_live(lives)
+    disagree = sum(len(r.disagreements) for r in lives)
+    if any(not r.passed for r in runs) or disagree:
         raise typer.Exit(1)
+
+
+def _referee_all(scenarios: list[Scenario]) -> list[LiveRun]:
+    from kvmpoison.backends.kvm.host import kvm_status
+    from kvmpoison.report.scenario_live import referee
+
+    problem = kvm_status()
+    if problem is not None:
+        raise CliError(f"--live needs /dev/kvm, which is {problem}")
+    try:
+        return [referee(sc) for sc in scenarios]
+    except ScenarioError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _live_json(lives: list[LiveRun]) -> dict[str, object]:
+    from kvmpoison.report.scenario_live import records
+
+    return {"live": [{"scenario": r.scenario.name, "design": r.design, "kernel": r.kernel,
+                      "steps": records(r)} for r in lives],
+            "refereed": sum(r.refereed for r in lives),
+            "not_refereed": sum(r.not_refereed for r in lives),
+            "disagreements": sum(len(r.disagreements) for r in lives)}
+
+
+def _print_live(lives: list[LiveRun]) -> None:
+    """``--live``: each step's model and live cells, and the counts."""
+    refereed = sum(r.refereed for r in lives)
+    not_refereed = sum(r.not_refereed for r in lives)
+    disagree = sum(len(r.disagreements) for r in lives)
+    console = Console()
+    for r in lives:
+        table = Table(title=f"{r.scenario.name}: model ({r.design}, {r.kernel}) against this "
+                      "kernel", title_justify="left")
+        for col in ("#", "actor", "op", "model", "live", "verdict"):
+            table.add_column(col)
+        for s in r.steps:
+            style = {"agree": "green", "DISAGREE": "red"}.get(s.verdict, "yellow")
+            verdict = f"[{style}]{s.verdict}[/]" + (f": {s.reason}" if s.reason else "")
+            table.add_row(str(s.step.index), s.step.actor, s.step.op, s.model, s.live or "",
+                          verdict)
+        console.print(table)
+    console.print(f"live: {refereed} steps refereed ({refereed - disagree} agree, {disagree} "
+                  f"disagree), {not_refereed} not refereed, over {len(lives)} scenarios")
