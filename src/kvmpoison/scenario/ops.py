@@ -82,6 +82,8 @@ class RunCtx:
             raise OpError(f"no VM named {name!r}") from None
         if inst.vmm.proc.task.mm is None:
             raise OpError(f"{name}'s VMM has exited: its VM and vCPUs are gone")
+        if not inst.vmm.proc.task.alive:  # killed by a signal it does not handle (SIGSEGV)
+            raise OpError(f"{name}'s VMM was killed by a signal: {inst.vmm.proc.task}")
         return inst
 
 
