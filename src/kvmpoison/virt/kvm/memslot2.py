@@ -4,8 +4,10 @@ A thin layer over :meth:`Vm.set_user_memory_region` (the v1 argument checks
 and slot bookkeeping) that adds what ``struct kvm_userspace_memory_region2``
 brings in v6.18: the slot flags check (``check_memory_region_flags``), the
 guest_memfd offset check and the immutability of guest_memfd slots
-(``__kvm_set_memory_region``), and ``kvm_gmem_bind`` (virt/kvm/guest_memfd.c).
-Every errno below was also measured on this project's 6.18 machine.
+(``__kvm_set_memory_region``), and ``kvm_gmem_bind`` (virt/kvm/guest_memfd.c),
+read in the kvm tree that has ``kvm_arch_nr_memslot_as_ids`` and, for the
+bind, ``KVM_MEMSLOT_GMEM_ONLY`` (the 6.18 code). Every errno below was also
+measured on this project's 6.18 machine.
 
 Simplified: the bindings are only recorded (which offsets of which guest_memfd
 belong to which slot); no guest fault is served from the guest_memfd here
@@ -100,8 +102,9 @@ def set_user_memory_region2(vm: Vm, file_of: dict[int, File], slot: int, flags: 
     if gmem and (gmem_offset & (PAGE_SIZE - 1) or gmem_offset + size >= 1 << 64):
         return -errno.EINVAL
     old = next((s for s in vm.memslots if s.slot == slot), None)
-    # "Private memslots are immutable, they can only be deleted", and a slot keeps its
-    # KVM_MEM_GUEST_MEMFD flag.
+    # "Private memslots are immutable, they can only be deleted". Dropping the flag from a
+    # guest_memfd slot (a KVM_MR_FLAGS_ONLY change) is -EINVAL too on the 6.18 machine,
+    # from past __kvm_set_memory_region; the model refuses it here.
     if old is not None and size and (gmem or slot in _GMEM_SLOTS.get(vm, {})):
         return -errno.EINVAL
     err = vm.set_user_memory_region(slot, gpa, size, hva)
