@@ -12,6 +12,7 @@ from kvmpoison.backends.kvm.guests import run_program
 from kvmpoison.backends.kvm.ioctl import _IOC
 from kvmpoison.backends.kvm.system import EHWPOISON, Hlt, Io, MemoryFault, Mmio, decode_exit
 from kvmpoison.cli.main import main
+from kvmpoison.matrix import protocol
 
 
 @pytest.mark.parametrize(
@@ -123,6 +124,10 @@ def test_oracle_agrees_with_the_model_on_every_cell(capsys: pytest.CaptureFixtur
     assert doc["disagreements"] == []
     assert rc == 0 and doc["cells"] == doc["agreed"] == 256
     assert doc["seconds"] < 60
+    every = doc["every_cell"]
+    assert len(every) == 256 and all(c["live"] == c["model"] for c in every)
+    assert {(c["path"], c["backing"]) for c in every} == {
+        (p, b) for p in protocol.PATHS for b in protocol.BACKINGS}
 
 
 def test_backend_imports_nothing_from_the_model() -> None:

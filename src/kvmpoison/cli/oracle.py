@@ -48,6 +48,8 @@ def oracle(
             "seconds": round(result.seconds, 2), "notes": result.notes,
             "disagreements": [{"path": p, "backing": b, "live": live, "model": model}
                               for p, b, live, model in result.disagreements],
+            "every_cell": [{"path": p, "backing": b, "live": live, "model": model}
+                           for p, b, live, model in result.cells],
         }, indent=2))
     else:
         console = Console()
