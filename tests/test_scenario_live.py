@@ -160,3 +160,16 @@ def test_guest_stores_on_a_real_vcpu_reach_the_vmm() -> None:
     run = referee(sc)
     assert verdicts(run) == ["agree"] * 4
     assert [s.live for s in run.steps] == ["ok"] * 4
+
+
+@pytest.mark.kvm
+def test_a_broken_live_run_is_an_error_not_a_partial_result() -> None:
+    from kvmpoison.backends.kvm.live import LiveError, run_live
+
+    vm = {"name": "vm0", "memory": 1 << 20, "backing": "memfd", "share_ram_with": None}
+    ok = {"index": 1, "kind": "vmm", "who": "vm0", "op": "store", "save": None,
+          "args": {"gpa": 0, "data": "41"}}
+    assert run_live([vm], [ok]) == {1: {"cell": "ok"}}
+    broken = {**ok, "index": 2, "args": {"gpa": None, "data": "41"}}
+    with pytest.raises(LiveError, match="TypeError"):
+        run_live([vm], [ok, broken])

@@ -295,7 +295,7 @@ def _child_main(vms: list[dict[str, Any]], steps: list[dict[str, Any]], out: int
         for s in steps:
             try:
                 rec = child.step(s)
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, OverflowError, ctypes.ArgumentError) as exc:
                 rec = {"error": f"{type(exc).__name__}: {exc}"}
             if s.get("save") and "value" in rec:
                 child.refs[s["save"]] = int(rec.pop("value"))
@@ -334,6 +334,7 @@ def run_live(vms: list[dict[str, Any]], steps: list[dict[str, Any]]) -> dict[int
     faults: list[str] = []
     remotes: list[str] = []
     problem = ""
+    status = 0
     with os.fdopen(r) as reader:
         first = json.loads(reader.readline() or "{}")
         copy_addr = int(first.get("copy", 0))
@@ -375,4 +376,7 @@ def run_live(vms: list[dict[str, Any]], steps: list[dict[str, Any]]) -> dict[int
         out[int(rec.pop("i"))] = rec
     if problem:
         raise LiveError(problem)
+    if os.WIFSIGNALED(status):
+        raise LiveError(f"the live child was killed by signal {os.WTERMSIG(status)} "
+                        f"after {len(out)} of {len(steps)} steps")
     return out
