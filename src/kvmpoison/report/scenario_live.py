@@ -169,7 +169,7 @@ def live_step(step: Step, swap: bool = True) -> tuple[dict[str, Any] | None, str
         else:  # a remote MATRIX path
             args = {"vm": str(a["target"]).removeprefix("vmm:"), **_addr(a)}
     elif op in FILE_OPS:
-        args = {k: _value(v) if k in REF_ARGS or k == "slot" else v
+        args = {k: _value(v) if k in REF_ARGS else v
                 for k, v in call_args(op, a).items()}
     elif op == "load":
         args = {**_addr(a), "size": _access_size(a)}

@@ -374,7 +374,10 @@ def call_args(op: str, a: dict[str, Any]) -> dict[str, Any]:
         case "ftruncate":
             out["size"] = _loff_t(a, "size")
         case "set_user_memory_region2":
-            out.update(slot=_ref_or(a, "slot", 0, (1 << 32) - 1), gpa=_u64(a, "gpa"),
+            slot = _int(a, "slot")
+            if not 0 <= slot < 1 << 32:
+                raise OpError(f"slot {slot} must be from 0 to 2^32-1 (a u32)")
+            out.update(slot=slot, gpa=_u64(a, "gpa"),
                        size=_u64(a, "size"), hva=_ref_or(a, "hva", 0, U64_MAX, 0),
                        guest_memfd=_ref_or(a, "guest_memfd", 0, (1 << 32) - 1, 0),
                        guest_memfd_offset=_u64(a, "guest_memfd_offset", 0),
@@ -440,7 +443,7 @@ def _file_op(ctx: RunCtx, inst: Instance, op: str, a: dict[str, Any]) -> Outcome
             return proc.ftruncate(fd, c["size"])
         case "set_user_memory_region2":
             err = set_user_memory_region2(
-                inst.vm, proc.task.fds, ref_int(ctx.refs, c, "slot"), c["flags"], c["gpa"],
+                inst.vm, proc.task.fds, c["slot"], c["flags"], c["gpa"],
                 c["size"], ref_int(ctx.refs, c, "hva"), ref_int(ctx.refs, c, "guest_memfd"),
                 c["guest_memfd_offset"])
             return Outcome.error(-err) if err else Outcome.ret(0)

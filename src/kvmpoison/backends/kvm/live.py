@@ -263,7 +263,7 @@ class _Child:
                 return {"cell": _cell(libc.ftruncate(target, int(a["size"])))}
             case "set_user_memory_region2":
                 region = uapi.kvm_userspace_memory_region2(
-                    slot=self.value(a["slot"]), flags=int(a["flags"]),
+                    slot=int(a["slot"]), flags=int(a["flags"]),
                     guest_phys_addr=int(a["gpa"]),
                     memory_size=int(a["size"]), userspace_addr=self.value(a["hva"]),
                     guest_memfd_offset=int(a["guest_memfd_offset"]),
