@@ -60,11 +60,11 @@ def run(
     = False,
     trace: Annotated[Path | None, typer.Option(help="Write one JSON line per step here.")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
-    list_: Annotated[bool, typer.Option("--list", help="List the shipped scenarios.")] = False,
-    all_: Annotated[bool, typer.Option("--all", help="Run every shipped scenario.")] = False,
     live: Annotated[bool, typer.Option(
         "--live", help="Also run each scenario on this machine's kernel (/dev/kvm) and compare "
-        "every step's cell with the model's.")] = False,
+        "every step's cell with the model's; exit 1 on a disagreement.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the shipped scenarios.")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="Run every shipped scenario.")] = False,
 ) -> None:
     """Run scenarios; exit 1 if any expectation fails, 2 on bad input."""
     if list_:
@@ -88,7 +88,8 @@ def run(
                           else sc.designs)]
     except ScenarioError as exc:
         raise CliError(str(exc)) from None
-    lives = _referee_all(scenarios) if live else []
+    lives = _referee_all(scenarios) if live else None
+
     if trace is not None:
         try:
             with trace.open("w") as fh:
@@ -98,12 +99,12 @@ def run(
         except OSError as exc:
             raise CliError(f"{short_path(str(trace))}: cannot write the trace: "
                            f"{exc.strerror}") from None
+    if lives is not None:
+        _finish_live(runs, lives, fmt)  # its own output, and the exit status
+
     if fmt is Format.JSON:
-        doc: object = [{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
-                        "steps": trace_records(r)} for r in runs]
-        if live:  # one document: the runs, then the live referee's
-            doc = {"runs": doc, **_live_json(lives)}
-        print(json.dumps(doc, indent=2))
+        print(json.dumps([{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
+                           "steps": trace_records(r)} for r in runs], indent=2))
     else:
         console = Console()
         for r in runs:
@@ -111,14 +112,12 @@ def run(
         failed = [f"{r.scenario.name}/{r.design}" for r in runs if not r.passed]
         console.print(f"{len(runs) - len(failed)}/{len(runs)} scenario runs met every "
                       "expectation" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    if live and fmt is not Format.JSON:
-        _print_live(lives)
-    disagree = sum(len(r.disagreements) for r in lives)
-    if any(not r.passed for r in runs) or disagree:
+    if any(not r.passed for r in runs):
         raise typer.Exit(1)
 
 
 def _referee_all(scenarios: list[Scenario]) -> list[LiveRun]:
+    """``--live``: referee every scenario on the running kernel."""
     from kvmpoison.backends.kvm.host import kvm_status
     from kvmpoison.report.scenario_live import referee
 
@@ -131,32 +130,41 @@ def _referee_all(scenarios: list[Scenario]) -> list[LiveRun]:
         raise CliError(str(exc)) from None
 
 
-def _live_json(lives: list[LiveRun]) -> dict[str, object]:
+def _finish_live(runs: list[ScenarioRun], lives: list[LiveRun], fmt: Format) -> None:
+    """Print the runs and the live referee's verdicts; exit 1 on a failed expectation or a
+    disagreement. JSON is one document: ``runs``, ``live`` and the counts."""
     from kvmpoison.report.scenario_live import records
 
-    return {"live": [{"scenario": r.scenario.name, "design": r.design, "kernel": r.kernel,
-                      "steps": records(r)} for r in lives],
-            "refereed": sum(r.refereed for r in lives),
-            "not_refereed": sum(r.not_refereed for r in lives),
-            "disagreements": sum(len(r.disagreements) for r in lives)}
-
-
-def _print_live(lives: list[LiveRun]) -> None:
-    """``--live``: each step's model and live cells, and the counts."""
     refereed = sum(r.refereed for r in lives)
     not_refereed = sum(r.not_refereed for r in lives)
     disagree = sum(len(r.disagreements) for r in lives)
-    console = Console()
-    for r in lives:
-        table = Table(title=f"{r.scenario.name}: model ({r.design}, {r.kernel}) against this "
-                      "kernel", title_justify="left")
-        for col in ("#", "actor", "op", "model", "live", "verdict"):
-            table.add_column(col)
-        for s in r.steps:
-            style = {"agree": "green", "DISAGREE": "red"}.get(s.verdict, "yellow")
-            verdict = f"[{style}]{s.verdict}[/]" + (f": {s.reason}" if s.reason else "")
-            table.add_row(str(s.step.index), s.step.actor, s.step.op, s.model, s.live or "",
-                          verdict)
-        console.print(table)
-    console.print(f"live: {refereed} steps refereed ({refereed - disagree} agree, {disagree} "
-                  f"disagree), {not_refereed} not refereed, over {len(lives)} scenarios")
+    failed = [f"{r.scenario.name}/{r.design}" for r in runs if not r.passed]
+    if fmt is Format.JSON:
+        print(json.dumps({
+            "runs": [{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
+                      "steps": trace_records(r)} for r in runs],
+            "live": [{"scenario": r.scenario.name, "design": r.design, "kernel": r.kernel,
+                      "steps": records(r)} for r in lives],
+            "refereed": refereed, "not_refereed": not_refereed, "disagreements": disagree},
+            indent=2))
+    else:
+        console = Console()
+        for run_ in runs:
+            _print_run(console, run_)
+        console.print(f"{len(runs) - len(failed)}/{len(runs)} scenario runs met every "
+                      "expectation" + (f"; failed: {', '.join(failed)}" if failed else ""))
+        for r in lives:
+            table = Table(title=f"{r.scenario.name}: model ({r.design}, {r.kernel}) against "
+                          "this kernel", title_justify="left")
+            for col in ("#", "actor", "op", "model", "live", "verdict"):
+                table.add_column(col)
+            for s in r.steps:
+                style = {"agree": "green", "DISAGREE": "red"}.get(s.verdict, "yellow")
+                verdict = f"[{style}]{s.verdict}[/]" + (f": {s.reason}" if s.reason else "")
+                table.add_row(str(s.step.index), s.step.actor, s.step.op, s.model, s.live or "",
+                              verdict)
+            console.print(table)
+        console.print(f"live: {refereed} steps refereed ({refereed - disagree} agree, "
+                      f"{disagree} disagree), {not_refereed} not refereed, over {len(lives)} "
+                      "scenarios")
+    raise typer.Exit(1 if failed or disagree else 0)
