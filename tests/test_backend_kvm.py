@@ -12,6 +12,7 @@ from kvmpoison.backends.kvm.guests import run_program
 from kvmpoison.backends.kvm.ioctl import _IOC
 from kvmpoison.backends.kvm.system import EHWPOISON, Hlt, Io, MemoryFault, Mmio, decode_exit
 from kvmpoison.cli.main import main
+from kvmpoison.matrix import protocol
 
 
 @pytest.mark.parametrize(
@@ -118,11 +119,17 @@ def test_private_gmem_shows_up_as_an_mmio_exit_on_this_host() -> None:
 
 @pytest.mark.kvm
 def test_oracle_agrees_with_the_model_on_every_cell(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["oracle", "--format", "json"])
+    rc = main(["oracle", "--format", "json", "--scenarios"])
     doc = json.loads(capsys.readouterr().out)
     assert doc["disagreements"] == []
     assert rc == 0 and doc["cells"] == doc["agreed"] == 256
     assert doc["seconds"] < 60
+    every = doc["every_cell"]
+    assert len(every) == 256 and all(c["live"] == c["model"] for c in every)
+    assert {(c["path"], c["backing"]) for c in every} == {
+        (p, b) for p in protocol.PATHS for b in protocol.BACKINGS}
+    scen = doc["scenarios"]  # --scenarios: the shipped library refereed step by step
+    assert scen["disagreements"] == [] and scen["refereed"] >= 100 and scen["not_refereed"] > 0
 
 
 def test_backend_imports_nothing_from_the_model() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from kvmpoison.report.oracle import OracleUnavailableError, compare
 from kvmpoison.report.progress import progress
 from kvmpoison.report.table import break_at, legend, md_cell, md_table
 
+if TYPE_CHECKING:
+    from kvmpoison.report.scenario_live import LiveRun
+
 
 def oracle(
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
@@ -25,9 +28,15 @@ def oracle(
     accel: Annotated[str, typer.Option(
         help="QEMU accelerator with --kernel: auto (KVM only if hardware-assisted), tcg, kvm.")
     ] = "auto",
+    scenarios: Annotated[bool, typer.Option(
+        "--scenarios", help="Also run every shipped scenario live (kvmpoison run --all --live) "
+        "and count its refereed steps; exit 1 on a disagreement.")] = False,
 ) -> None:
     """Probe the running kernel (or, with --kernel, one booted under QEMU) live and compare
     every cell with the model's.
+
+    With --scenarios, every shipped scenario is also refereed step by step on this kernel
+    (as ``kvmpoison run --all --live``).
 
     Exit status: 0 every cell compared and agreed, 1 any disagreement, 2 the probes
     cannot run here, 3 all compared cells agreed but some could not be compared
@@ -42,6 +51,7 @@ def oracle(
     except OracleUnavailableError as exc:
         print(f"kvmpoison: error: oracle unavailable: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
+    lives = _scenario_lives() if scenarios else None
     total = len(result.cells)
     if fmt is Format.JSON:
         print(json.dumps({
@@ -52,6 +62,9 @@ def oracle(
             "seconds": round(result.seconds, 2), "notes": result.notes,
             "disagreements": [{"path": p, "backing": b, "live": live, "model": model}
                               for p, b, live, model in result.disagreements],
+            "every_cell": [{"path": p, "backing": b, "live": live, "model": model}
+                           for p, b, live, model in result.cells],
+            **({"scenarios": _scenarios_doc(lives)} if lives is not None else {}),
         }, indent=2))
     elif fmt is Format.MD:
         print(f"### oracle: kernel {result.kernel}\n\nModelled as {result.kcfg.version.value}, "
@@ -83,9 +96,55 @@ def oracle(
             cells = [c for _, _, live, model in result.disagreements for c in (live, model)]
             console.print(f"[dim]cells: {legend(cells)}[/dim]", highlight=False)
         console.print(f"agreement: {result.agreed}/{total} cells in {result.seconds:.1f} s")
+    if lives is not None:
+        _report_scenarios(lives, fmt)
+
     if result.disagreements:
         raise typer.Exit(1)
     if result.skipped:
         print(f"kvmpoison: {result.skipped} cells were not compared: /dev/kvm "
               f"{result.kvm_problem}", file=sys.stderr)
         raise typer.Exit(3)
+
+
+def _scenario_lives() -> list[LiveRun]:
+    """``--scenarios``: every shipped scenario, refereed step by step on this kernel."""
+    from kvmpoison.backends.kvm.host import kvm_status
+    from kvmpoison.report.scenario_live import referee
+    from kvmpoison.scenario.library import shipped
+    from kvmpoison.scenario.loader import ScenarioError, load
+
+    problem = kvm_status()
+    if problem is not None:
+        print(f"kvmpoison: error: --scenarios needs /dev/kvm, which is {problem}",
+              file=sys.stderr)
+        raise typer.Exit(2)
+    try:
+        return [referee(load(path)) for path in shipped().values()]
+    except ScenarioError as exc:
+        print(f"kvmpoison: error: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
+def _scenarios_doc(lives: list[LiveRun]) -> dict[str, object]:
+    return {"count": len(lives), "refereed": sum(r.refereed for r in lives),
+            "not_refereed": sum(r.not_refereed for r in lives),
+            "disagreements": [{"scenario": r.scenario.name, "step": s.step.index,
+                               "op": s.step.op, "model": s.model, "live": s.live,
+                               "reason": s.reason} for r in lives for s in r.disagreements]}
+
+
+def _report_scenarios(lives: list[LiveRun], fmt: Format) -> None:
+    """The scenarios' counts (JSON has them already); exit 1 on a disagreement."""
+    doc = _scenarios_doc(lives)
+    bad = doc["disagreements"]
+    assert isinstance(bad, list)
+    if fmt is not Format.JSON:
+        print(f"scenarios: {doc['refereed']} steps refereed live, {len(bad)} disagreeing, "
+              f"{doc['not_refereed']} not refereed, over {doc['count']} shipped scenarios "
+              "(kvmpoison run --all --live shows each step)")
+        for d in bad:
+            print(f"  DISAGREE {d['scenario']} step {d['step']} {d['op']}: model {d['model']}, "
+                  f"live {d['live']}")
+    if bad:
+        raise typer.Exit(1)

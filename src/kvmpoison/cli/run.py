@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from kvmpoison.report.table import break_at, legend, md_cell, md_table, styled
 from kvmpoison.scenario.library import shipped, title_of
 from kvmpoison.scenario.loader import Scenario, ScenarioError, load, short_path
 from kvmpoison.scenario.runner import ScenarioRun, run_scenario, trace_records
+
+if TYPE_CHECKING:
+    from kvmpoison.report.scenario_live import LiveRun
 
 
 def _resolve(item: str) -> Path:
@@ -71,6 +74,9 @@ def run(
     = False,
     trace: Annotated[Path | None, typer.Option(help="Write one JSON line per step here.")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Output format.")] = Format.TABLE,
+    live: Annotated[bool, typer.Option(
+        "--live", help="Also run each scenario on this machine's kernel (/dev/kvm) and compare "
+        "every step's cell with the model's; exit 1 on a disagreement.")] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the shipped scenarios.")] = False,
     all_: Annotated[bool, typer.Option("--all", help="Run every shipped scenario.")] = False,
     integrity: Annotated[IntegrityMode | None, typer.Option(
@@ -104,6 +110,8 @@ def run(
                 tick()
     except ScenarioError as exc:
         raise CliError(str(exc)) from None
+    lives = _referee_all(scenarios) if live else None
+
     if trace is not None:
         try:
             with trace.open("w") as fh:
@@ -113,6 +121,9 @@ def run(
         except OSError as exc:
             raise CliError(f"{short_path(str(trace))}: cannot write the trace: "
                            f"{exc.strerror}") from None
+    if lives is not None:
+        _finish_live(runs, lives, fmt)  # its own output, and the exit status
+
     if fmt is Format.JSON:
         print(json.dumps([{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
                            "steps": trace_records(r)} for r in runs], indent=2))
@@ -135,3 +146,57 @@ def run(
                       "[/dim]", highlight=False)
     if any(not r.passed for r in runs):
         raise typer.Exit(1)
+
+
+def _referee_all(scenarios: list[Scenario]) -> list[LiveRun]:
+    """``--live``: referee every scenario on the running kernel."""
+    from kvmpoison.backends.kvm.host import kvm_status
+    from kvmpoison.report.scenario_live import referee
+
+    problem = kvm_status()
+    if problem is not None:
+        raise CliError(f"--live needs /dev/kvm, which is {problem}")
+    try:
+        return [referee(sc) for sc in scenarios]
+    except ScenarioError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _finish_live(runs: list[ScenarioRun], lives: list[LiveRun], fmt: Format) -> None:
+    """Print the runs and the live referee's verdicts; exit 1 on a failed expectation or a
+    disagreement. JSON is one document: ``runs``, ``live`` and the counts."""
+    from kvmpoison.report.scenario_live import records
+
+    refereed = sum(r.refereed for r in lives)
+    not_refereed = sum(r.not_refereed for r in lives)
+    disagree = sum(len(r.disagreements) for r in lives)
+    failed = [f"{r.scenario.name}/{r.design}" for r in runs if not r.passed]
+    if fmt is Format.JSON:
+        print(json.dumps({
+            "runs": [{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
+                      "steps": trace_records(r)} for r in runs],
+            "live": [{"scenario": r.scenario.name, "design": r.design, "kernel": r.kernel,
+                      "steps": records(r)} for r in lives],
+            "refereed": refereed, "not_refereed": not_refereed, "disagreements": disagree},
+            indent=2))
+    else:
+        console = Console()
+        for run_ in runs:
+            _print_run(console, run_)
+        console.print(f"{len(runs) - len(failed)}/{len(runs)} scenario runs met every "
+                      "expectation" + (f"; failed: {', '.join(failed)}" if failed else ""))
+        for r in lives:
+            table = Table(title=f"{r.scenario.name}: model ({r.design}, {r.kernel}) against "
+                          "this kernel", title_justify="left")
+            for col in ("#", "actor", "op", "model", "live", "verdict"):
+                table.add_column(col)
+            for s in r.steps:
+                style = {"agree": "green", "DISAGREE": "red"}.get(s.verdict, "yellow")
+                verdict = f"[{style}]{s.verdict}[/]" + (f": {s.reason}" if s.reason else "")
+                table.add_row(str(s.step.index), s.step.actor, s.step.op, s.model, s.live or "",
+                              verdict)
+            console.print(table)
+        console.print(f"live: {refereed} steps refereed ({refereed - disagree} agree, "
+                      f"{disagree} disagree), {not_refereed} not refereed, over {len(lives)} "
+                      "scenarios")
+    raise typer.Exit(1 if failed or disagree else 0)

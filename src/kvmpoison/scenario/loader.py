@@ -19,7 +19,7 @@ from kvmpoison.config import parse_integrity
 from kvmpoison.designs import DESIGNS
 from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.outcome import is_cell
-from kvmpoison.scenario.ops import ACTOR_KINDS, OPS
+from kvmpoison.scenario.ops import ACTOR_KINDS, OPS, REF_ARGS, SAVES_REF, OpError, parse_ref
 from kvmpoison.scenario.units import (
     MACHINE_MEMORY_MAX,
     MACHINE_MEMORY_MIN,
@@ -201,6 +201,7 @@ def _steps(doc: dict[str, Any], source: str, vms: tuple[VmDecl, ...]) -> tuple[S
     names |= {str(s.get("name")) for s in raw if isinstance(s, dict) and s.get("op") == "new_vm"}
     steps = []
     saved: set[str] = set()
+    refs: set[str] = set()  # fds and addresses saved by guest_memfd_create and mmap
     for i, s in enumerate(raw, 1):
         if not isinstance(s, dict):
             raise ScenarioError(source, "a [[step]] must be a table", i)
@@ -236,8 +237,20 @@ def _steps(doc: dict[str, Any], source: str, vms: tuple[VmDecl, ...]) -> tuple[S
         expect_data = _per_design(s.get("expect_data"), "expect_data", source, i, cells=False)
         for want in expect_data.values():
             _check_data_ref(want, saved, source, i)
+        for key in REF_ARGS:
+            if isinstance(args.get(key), str):
+                try:
+                    ref, _ = parse_ref(args[key])
+                except OpError as exc:
+                    raise ScenarioError(source, str(exc), i) from None
+                if ref not in refs:
+                    raise ScenarioError(source, f"{key} {args[key]!r} names no fd or address an "
+                                        f"earlier step saved ({', '.join(SAVES_REF)} save one)",
+                                        i)
         if save is not None:
             saved.add(save)
+            if op in SAVES_REF:
+                refs.add(save)
         steps.append(Step(i, actor, op, args,
                           _per_design(s.get("expect"), "expect", source, i, cells=True),
                           expect_data, save))

@@ -21,7 +21,12 @@ from kvmpoison.matrix import protocol as proto
 from kvmpoison.matrix.designs import backing_pfn, error_then_free, make_probe
 from kvmpoison.matrix.model import run_path
 from kvmpoison.mm.fault import vma_lookup
-from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from kvmpoison.mm.filemap import (
+    FALLOC_FL_COLLAPSE_RANGE,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+)
 from kvmpoison.mm.gup import FOLL, get_dump_page, pin_user_pages
 from kvmpoison.mm.ksm import ksm_do_scan
 from kvmpoison.mm.madvise import (
@@ -33,14 +38,28 @@ from kvmpoison.mm.madvise import (
     MADV_UNMERGEABLE,
 )
 from kvmpoison.mm.memory_failure import memory_failure, soft_offline_page, unpoison_memory
+from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED, PROT_READ, PROT_WRITE
 from kvmpoison.mm.page import Page, put_page
 from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.units import VM_MEMORY_MAX, parse_size
+from kvmpoison.virt.kvm.guest_memfd import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
+from kvmpoison.virt.kvm.memslot2 import KVM_MEM_GUEST_MEMFD, set_user_memory_region2
 
 ACTOR_KINDS = ("guest", "vmm", "host", "hw")
 ADVICE = {"dontneed": MADV_DONTNEED, "dontfork": MADV_DONTFORK, "pageout": MADV_PAGEOUT,
           "hwpoison": MADV_HWPOISON, "mergeable": MADV_MERGEABLE,
           "unmergeable": MADV_UNMERGEABLE}
+
+
+GMEM_FLAGS = {"MMAP": GUEST_MEMFD_FLAG_MMAP, "INIT_SHARED": GUEST_MEMFD_FLAG_INIT_SHARED}
+FALLOC_MODES = {"KEEP_SIZE": FALLOC_FL_KEEP_SIZE, "PUNCH_HOLE": FALLOC_FL_PUNCH_HOLE,
+                "ZERO_RANGE": FALLOC_FL_ZERO_RANGE, "COLLAPSE_RANGE": FALLOC_FL_COLLAPSE_RANGE}
+MEMSLOT_FLAGS = {"GUEST_MEMFD": KVM_MEM_GUEST_MEMFD}
+WHENCE = {"SET": 0, "CUR": 1, "END": 2}
+# Ops whose fd/address result a step's ``save`` keeps for later steps as "$name".
+SAVES_REF = ("guest_memfd_create", "mmap")
+# Arguments that may name a saved value ("$name" or "$name+0x1000").
+REF_ARGS = ("fd", "hva", "guest_memfd")
 
 
 class OpError(Exception):
@@ -51,6 +70,8 @@ class OpError(Exception):
 class RunCtx:
     machine: Machine
     values: dict[str, bytes] = field(default_factory=dict)
+    refs: dict[str, int] = field(default_factory=dict)  # saved fds and addresses ("$name")
+    bufs: dict[str, int] = field(default_factory=dict)  # per VMM: the buffer read/write use
     pins: dict[tuple[str, int], Page] = field(default_factory=dict)
 
     def inst(self, name: str) -> Instance:
@@ -61,6 +82,8 @@ class RunCtx:
             raise OpError(f"no VM named {name!r}") from None
         if inst.vmm.proc.task.mm is None:
             raise OpError(f"{name}'s VMM has exited: its VM and vCPUs are gone")
+        if not inst.vmm.proc.task.alive:  # killed by a signal it does not handle (SIGSEGV)
+            raise OpError(f"{name}'s VMM was killed by a signal: {inst.vmm.proc.task}")
         return inst
 
 
@@ -112,6 +135,48 @@ def _u64(args: dict[str, Any], key: str, default: int | None = None) -> int:
     return value
 
 
+def parse_ref(text: str) -> tuple[str, int]:
+    """``$name``, ``$name+0x2000`` or ``$name-16``: the saved name and the offset."""
+    body = text[1:] if text.startswith("$") else ""
+    cut = max(body.find("+"), body.find("-"))
+    name, off = (body[:cut], body[cut:]) if cut > 0 else (body, "")
+    if not name.isidentifier():
+        raise OpError(f"{text!r} is not a reference to a saved value ($name or $name+0x1000)")
+    try:
+        offset = int(off, 0) if off else 0
+    except ValueError:
+        raise OpError(f"{text!r}: the offset after the name is not an integer") from None
+    return name, offset
+
+
+def ref_int(refs: dict[str, int], args: dict[str, Any], key: str,
+            default: int | None = None) -> int:
+    """An integer argument, or ``"$name+off"`` naming a value an earlier step saved."""
+    value = args.get(key, default)
+    if isinstance(value, str):
+        name, offset = parse_ref(value)
+        if name not in refs:
+            raise OpError(f"{key} {value!r}: no earlier step saved an fd or address as {name!r}")
+        return refs[name] + offset
+    return _int(args, key, default)
+
+
+def flag_bits(args: dict[str, Any], key: str, names: dict[str, int], bits: int) -> int:
+    """A flags argument: a list of names from ``names``, or an integer of ``bits`` bits."""
+    value = args.get(key, 0)
+    if isinstance(value, list):
+        out = 0
+        for item in value:
+            if item not in names:
+                raise OpError(f"{key}: unknown flag {item!r} (known: {', '.join(names)})")
+            out |= names[item]
+        return out
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << bits:
+        raise OpError(f"{key} must be a list of {', '.join(names)} or an integer from 0 to "
+                      f"2^{bits}-1, not {value!r}")
+    return value
+
+
 def hva_of(ctx: RunCtx, inst: Instance, args: dict[str, Any]) -> int:
     """The VMM address a step names: ``gpa`` through the memslot, or a raw ``hva``."""
     if "gpa" in args:
@@ -120,7 +185,7 @@ def hva_of(ctx: RunCtx, inst: Instance, args: dict[str, Any]) -> int:
             raise OpError(f"gpa {gpa:#x} is outside guest RAM (0..{inst.vmm.ram_size:#x})")
         return inst.vmm.gpa_to_hva(gpa)
     if "hva" in args:
-        hva = _int(args, "hva")
+        hva = ref_int(ctx.refs, args, "hva")
         mm = inst.vmm.proc.task.mm
         if mm is None or vma_lookup(mm, hva) is None:
             raise OpError(f"hva {hva:#x} is outside every mapping of the VMM")
@@ -192,6 +257,8 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
             return vmm.proc.store(hva_of(ctx, inst, a), data_arg(a) or bytes([0x44]) * 8)
     if op in proto.LOCAL_PATHS:
         return run_path(make_probe(m, vmm, hva_of(ctx, inst, a)), op)
+    if op in FILE_OPS:
+        return _file_op(ctx, inst, op, a)
     match op:
         case "fork_child_load":
             return vmm.proc.fork().load(hva_of(ctx, inst, a), _access_size(a))
@@ -214,10 +281,6 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
             mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
             return vmm.proc.fallocate(vmm.ram_fd, mode, _gpa(inst, a),
                                       _loff_t(a, "size", PAGE_SIZE))
-        case "ftruncate":
-            if vmm.ram_fd is None:
-                raise OpError("anonymous guest RAM has no file to truncate")
-            return vmm.proc.ftruncate(vmm.ram_fd, _loff_t(a, "size"))
         case "munmap":
             return vmm.proc.munmap(hva_of(ctx, inst, a), _u64(a, "size", PAGE_SIZE))
         case "mprotect":
@@ -253,6 +316,145 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
                 return Outcome.ok()
             return Outcome.ok(hw.read(pa, _access_size(a), 0).data)
     raise AssertionError(op)
+
+
+# -- files and memslots ---------------------------------------------------------------------
+
+FD_MIN, FD_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def _ref_or(args: dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> Any:
+    """``"$name..."`` as written (checked for syntax), or an integer from ``lo`` to ``hi``."""
+    value = args.get(key, default)
+    if isinstance(value, str):
+        parse_ref(value)
+        return value
+    number = _int(args, key, default)
+    if not lo <= number <= hi:
+        raise OpError(f"{key} {number} must be from {lo} to {hi}")
+    return number
+
+
+def call_args(op: str, a: dict[str, Any]) -> dict[str, Any]:
+    """The checked arguments of a file or memslot op, names turned into numbers.
+
+    Saved values stay ``"$name+off"`` strings: the model and the live kernel each
+    resolve them against their own fds and addresses.
+    """
+    out: dict[str, Any] = {}
+    if op not in ("set_user_memory_region2", "guest_memfd_create") and \
+            (op != "ftruncate" or "fd" in a):
+        out["fd"] = _ref_or(a, "fd", FD_MIN, FD_MAX)
+    match op:
+        case "guest_memfd_create":
+            out.update(size=_u64(a, "size"), flags=flag_bits(a, "flags", GMEM_FLAGS, 64))
+        case "mmap":
+            shared = a.get("shared", True)
+            if not isinstance(shared, bool):
+                raise OpError(f"shared must be true or false, not {shared!r}")
+            out.update(size=_u64(a, "size"), offset=_loff_t(a, "offset", 0), shared=shared)
+        case "fallocate":
+            out.update(mode=flag_bits(a, "mode", FALLOC_MODES, 31), offset=_loff_t(a, "offset"),
+                       len=_loff_t(a, "len"))
+        case "read" | "write" | "pread" | "pwrite":
+            size = _int(a, "size")
+            if not 0 <= size <= ACCESS_MAX:
+                raise OpError(f"size {size} must be from 0 to {ACCESS_MAX} bytes")
+            out["size"] = size
+            if op.startswith("p"):
+                out["offset"] = _loff_t(a, "offset")
+            if op.endswith("write"):
+                data = data_arg(a) or bytes([0x44])
+                out["data"] = (data * (size // len(data) + 1))[:size].hex()
+        case "lseek":
+            whence = a.get("whence", "SET")
+            out.update(offset=_loff_t(a, "offset"), whence=WHENCE[whence]
+                       if isinstance(whence, str) and whence in WHENCE
+                       else flag_bits(a, "whence", WHENCE, 31))
+        case "ftruncate":
+            out["size"] = _loff_t(a, "size")
+        case "set_user_memory_region2":
+            slot = _int(a, "slot")
+            if not 0 <= slot < 1 << 32:
+                raise OpError(f"slot {slot} must be from 0 to 2^32-1 (a u32)")
+            out.update(slot=slot, gpa=_u64(a, "gpa"),
+                       size=_u64(a, "size"), hva=_ref_or(a, "hva", 0, U64_MAX, 0),
+                       guest_memfd=_ref_or(a, "guest_memfd", 0, (1 << 32) - 1, 0),
+                       guest_memfd_offset=_u64(a, "guest_memfd_offset", 0),
+                       flags=flag_bits(a, "flags", MEMSLOT_FLAGS, 32))
+    return out
+
+
+def _buffer(ctx: RunCtx, inst: Instance) -> int:
+    """The VMM's read/write buffer: ACCESS_MAX bytes of anonymous memory, mapped once."""
+    buf = ctx.bufs.get(inst.spec.name)
+    if buf is None:
+        out = inst.vmm.proc.mmap(0, ACCESS_MAX, PROT_READ | PROT_WRITE,
+                                 MAP_PRIVATE | MAP_ANONYMOUS)
+        if not out.succeeded or out.value is None:
+            raise OpError(f"no room for a {ACCESS_MAX}-byte buffer in the VMM: {out.cell}")
+        buf = ctx.bufs[inst.spec.name] = out.value
+    return buf
+
+
+def _file_op(ctx: RunCtx, inst: Instance, op: str, a: dict[str, Any]) -> Outcome:
+    """The calls of ``call_args``, made by the VMM process of ``inst``."""
+    c = call_args(op, a)
+    proc = inst.vmm.proc
+    fd = ref_int(ctx.refs, c, "fd") if "fd" in c else None
+    match op:
+        case "guest_memfd_create":
+            size = c["size"] - (1 << 64) if c["size"] >= 1 << 63 else c["size"]  # a loff_t
+            if size > VM_MEMORY_MAX:
+                raise OpError(f"size {size} of a guest_memfd is beyond the model's "
+                              f"{VM_MEMORY_MAX} bytes")
+            out = proc.guest_memfd(inst.vm, size, c["flags"])
+        case "mmap":
+            assert fd is not None
+            flags = MAP_SHARED if c["shared"] else MAP_PRIVATE
+            out = proc.mmap(0, c["size"], PROT_READ | PROT_WRITE, flags, fd, c["offset"])
+        case "fallocate":
+            assert fd is not None
+            return proc.fallocate(fd, c["mode"], c["offset"], c["len"])
+        case "read" | "pread":
+            assert fd is not None
+            buf = _buffer(ctx, inst)
+            got = proc.read(fd, buf, c["size"]) if op == "read" else \
+                proc.pread(fd, buf, c["size"], c["offset"])
+            if got.kind is Kind.RET and got.value:
+                return Outcome.ret(got.value, proc.load(buf, got.value).data)
+            return got
+        case "write" | "pwrite":
+            assert fd is not None
+            buf = _buffer(ctx, inst)
+            data = bytes.fromhex(c["data"])
+            if data:
+                proc.store(buf, data)
+            return proc.write(fd, buf, c["size"]) if op == "write" else \
+                proc.pwrite(fd, buf, c["size"], c["offset"])
+        case "lseek":
+            assert fd is not None
+            return proc.lseek(fd, c["offset"], c["whence"])
+        case "ftruncate":
+            if fd is None:
+                if inst.vmm.ram_fd is None:
+                    raise OpError("anonymous guest RAM has no file to truncate")
+                fd = inst.vmm.ram_fd
+            return proc.ftruncate(fd, c["size"])
+        case "set_user_memory_region2":
+            err = set_user_memory_region2(
+                inst.vm, proc.task.fds, c["slot"], c["flags"], c["gpa"],
+                c["size"], ref_int(ctx.refs, c, "hva"), ref_int(ctx.refs, c, "guest_memfd"),
+                c["guest_memfd_offset"])
+            return Outcome.error(-err) if err else Outcome.ret(0)
+        case _:
+            raise AssertionError(op)
+    # guest_memfd_create and mmap: "ok", and the fd or address is the value a save keeps.
+    return Outcome(Kind.OK, value=out.value) if out.kind is Kind.RET else out
+
+
+FILE_OPS = ("guest_memfd_create", "mmap", "fallocate", "read", "write", "pread", "pwrite",
+            "lseek", "ftruncate", "set_user_memory_region2")
 
 
 # -- host ----------------------------------------------------------------------------------
@@ -375,7 +577,17 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("vmm", "pagecache_read"): OpSpec(("gpa",), ("size",), _vmm),
     ("vmm", "pagecache_write"): OpSpec(("gpa",), ("data",), _vmm),
     ("vmm", "punch_hole"): OpSpec(("gpa",), ("size",), _vmm),
-    ("vmm", "ftruncate"): OpSpec(("size",), (), _vmm),
+    ("vmm", "ftruncate"): OpSpec(("size",), ("fd",), _vmm),
+    ("vmm", "guest_memfd_create"): OpSpec(("size",), ("flags",), _vmm),
+    ("vmm", "mmap"): OpSpec(("fd", "size"), ("offset", "shared"), _vmm),
+    ("vmm", "fallocate"): OpSpec(("fd", "mode", "offset", "len"), (), _vmm),
+    ("vmm", "read"): OpSpec(("fd", "size"), (), _vmm),
+    ("vmm", "write"): OpSpec(("fd", "size"), ("data",), _vmm),
+    ("vmm", "pread"): OpSpec(("fd", "size", "offset"), (), _vmm),
+    ("vmm", "pwrite"): OpSpec(("fd", "size", "offset"), ("data",), _vmm),
+    ("vmm", "lseek"): OpSpec(("fd", "offset"), ("whence",), _vmm),
+    ("vmm", "set_user_memory_region2"): OpSpec(
+        ("slot", "gpa", "size"), ("hva", "guest_memfd", "guest_memfd_offset", "flags"), _vmm),
     ("vmm", "munmap"): OpSpec((), (*_ADDR, "size"), _vmm),
     ("vmm", "mprotect"): OpSpec(("prot",), (*_ADDR, "size"), _vmm),
     ("vmm", "madvise"): OpSpec(("advice",), (*_ADDR, "size"), _vmm),

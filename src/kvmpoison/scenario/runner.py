@@ -19,9 +19,9 @@ from kvmpoison.designs import design as get_design
 from kvmpoison.machine import Machine, VmSpec
 from kvmpoison.matrix.designs import backing_pfn
 from kvmpoison.mm.ptdump import decode
-from kvmpoison.outcome import Halt, Outcome
+from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.loader import Scenario, ScenarioError, Step
-from kvmpoison.scenario.ops import OPS, OpError, RunCtx, data_arg
+from kvmpoison.scenario.ops import OPS, SAVES_REF, OpError, RunCtx, data_arg
 
 
 @dataclass
@@ -149,7 +149,10 @@ def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = No
             except Halt as halt:
                 core.halted = halt.outcome
                 out = halt.outcome
-        if step.save:
+        if step.save and step.op in SAVES_REF:  # an fd or an address, for "$name" later
+            if out.kind is Kind.OK and out.value is not None:
+                ctx.refs[step.save] = out.value
+        elif step.save:
             # A load saves what it read; a store saves what it wrote.
             if out.data is not None:
                 ctx.values[step.save] = out.data

@@ -104,8 +104,7 @@ UFFDIO_POISON = _IOWR(UFFDIO, 0x08, uffdio_poison)
 
 
 def _err(ret: int) -> str:
-    err = ctypes.get_errno() if ret < 0 else 0
-    return f"err:{errno.errorcode.get(err, str(err)) if err != 133 else 'EHWPOISON'}"
+    return f"err:{_name(ctypes.get_errno() if ret < 0 else 0)}"
 
 
 def _cell(ret: int) -> str:

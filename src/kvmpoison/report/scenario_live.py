@@ -1,0 +1,273 @@
+"""A scenario refereed by the running kernel (``kvmpoison run --live``).
+
+The model runs the scenario on the referee design configured like the running
+kernel (version from ``uname``, CONFIG_* switches from its config, as the
+oracle does); :func:`kvmpoison.backends.kvm.live.run_live` runs the same steps
+on /dev/kvm; each step's cells are compared.
+
+A step is *not refereed* when it has no live counterpart (the RFC's hypercalls,
+injected hardware faults, host actions the tool must not do on a real host),
+when the live kernel could not serve it (an MMIO exit of the emulator), or when
+an earlier step that changed state was not run live, since from there on the
+two sides no longer start from the same state. Such steps are counted, never
+taken as agreement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmpoison.arch.x86.integrity import IntegrityMode
+from kvmpoison.arch.x86.pgtable_types import PAGE_SIZE
+from kvmpoison.backends.kvm.live import LiveError, run_live
+from kvmpoison.kconfig import KernelConfig, host_kernel_config
+from kvmpoison.matrix import protocol as proto
+from kvmpoison.mm.madvise import MADV_HWPOISON, MADV_PAGEOUT
+from kvmpoison.outcome import Kind
+from kvmpoison.scenario.loader import CONFIG_SWITCHES, Scenario, ScenarioError, Step
+from kvmpoison.scenario.ops import (
+    ADVICE,
+    FILE_OPS,
+    REF_ARGS,
+    OpError,
+    _access_size,
+    _int,
+    _u64,
+    call_args,
+    data_arg,
+    parse_ref,
+)
+from kvmpoison.scenario.runner import ScenarioRun, run_scenario
+from kvmpoison.scenario.units import VM_MEMORY_MAX, parse_size
+
+REFEREE_DESIGN = "baseline"  # the unmodified upstream kernel: what /dev/kvm runs
+MADV_SOFT_OFFLINE = 101
+
+# Steps with no live counterpart, and why.
+_HOST_MEMORY = "would change host memory state (a page out of service); never on a real host"
+NOT_LIVE: dict[tuple[str, str], str] = {
+    ("guest", "share"): "an RFC hypercall (KVM_HC_MEM_SHARE): upstream KVM has none",
+    ("guest", "hypercall"): "an RFC hypercall: the live vCPU runs no RFC guest",
+    ("guest", "reboot"): "a guest reboot of the RFC's guest model",
+    ("vmm", "exit"): "the live VMMs are one process that runs the rest of the scenario",
+    ("vmm", "vfio_pin"): "needs a VFIO device",
+    ("vmm", "dma_read"): "needs a VFIO device",
+    ("vmm", "dma_write"): "needs a VFIO device",
+    ("host", "memory_failure"): f"memory_failure {_HOST_MEMORY}",
+    ("host", "soft_offline"): f"soft_offline {_HOST_MEMORY}",
+    ("host", "unpoison"): "unpoison needs a page this tool poisoned",
+    ("host", "real_memory_error_then_free"): f"an injected memory error {_HOST_MEMORY}",
+    ("host", "ksmd"): "ksmd is the host's own thread: the tool does not drive its scans",
+    ("host", "fail_xa_store"): "fault injection into the RFC's kvm_pfn_map",
+    ("host", "kvm_read"): "KVM's own access to guest memory has no ioctl of its own",
+    ("host", "kvm_write"): "KVM's own access to guest memory has no ioctl of its own",
+    ("host", "kernel_read"): "a host kernel access through the direct map",
+    ("host", "kernel_write"): "a host kernel write through the direct map",
+    ("host", "core_dump_page"): "the live run takes no core dump",
+    ("hw", "inject_dram_error"): "an injected hardware fault",
+    ("hw", "tamper"): "an injected hardware fault",
+    ("hw", "seam_read"): "the TDX module is not on this host",
+}
+# Of those, the ones that change nothing the later steps see.
+READS_ONLY = {("host", "kvm_read"), ("host", "kernel_read"), ("host", "core_dump_page"),
+              ("hw", "seam_read"), ("guest", "load")}
+
+
+@dataclass
+class RefereedStep:
+    step: Step
+    model: str
+    live: str | None  # None: not refereed
+    verdict: str  # "agree", "DISAGREE" or "not refereed"
+    reason: str = ""
+
+
+@dataclass
+class LiveRun:
+    scenario: Scenario
+    design: str
+    kernel: str
+    steps: list[RefereedStep] = field(default_factory=list)
+
+    def count(self, verdict: str) -> int:
+        return sum(1 for s in self.steps if s.verdict == verdict)
+
+    @property
+    def refereed(self) -> int:
+        return self.count("agree") + self.count("DISAGREE")
+
+    @property
+    def not_refereed(self) -> int:
+        return self.count("not refereed")
+
+    @property
+    def disagreements(self) -> list[RefereedStep]:
+        return [s for s in self.steps if s.verdict == "DISAGREE"]
+
+
+def referee_scenario(sc: Scenario, kcfg: KernelConfig) -> Scenario:
+    """The scenario with [machine] set like this host: the running kernel's version and
+    switches, and no TDX (plain memory: the VMM reads what the guest wrote)."""
+    machine = dataclasses.replace(sc.machine, kernel=kcfg.version, integrity=IntegrityMode.OFF,
+                                  config={n: getattr(kcfg, n) for n in CONFIG_SWITCHES})
+    return dataclasses.replace(sc, machine=machine)
+
+
+def _value(v: Any) -> Any:
+    """A saved-value reference for the live side: ``{"ref": name, "off": n}``."""
+    if isinstance(v, str):
+        name, off = parse_ref(v)
+        return {"ref": name, "off": off}
+    return v
+
+
+def _addr(a: dict[str, Any]) -> dict[str, Any]:
+    if "gpa" in a:
+        return {"gpa": _int(a, "gpa")}
+    if "hva" in a:
+        return {"hva": _value(a["hva"])}
+    raise OpError("the step needs a gpa or an hva")
+
+
+def host_has_swap(path: str = "/proc/swaps") -> bool:
+    """Whether a swap device is active (a line beyond the header of /proc/swaps)."""
+    try:
+        with open(path) as fh:
+            return len([line for line in fh if line.strip()]) > 1
+    except OSError:
+        return False
+
+
+def live_step(step: Step, swap: bool = True) -> tuple[dict[str, Any] | None, str]:
+    """The plain-dict step for the live side, or None and why it has no live counterpart."""
+    kind, _, who = step.actor.partition(":")
+    op, a = step.op, step.args
+    reason = NOT_LIVE.get((kind, op))
+    if reason is not None:
+        return None, reason
+    args: dict[str, Any]
+    if kind == "guest":
+        args = {"gpa": _int(a, "gpa")}
+        if op == "load":
+            args["size"] = _access_size(a)
+        else:
+            args["data"] = data_arg(a).hex()
+    elif kind == "host":
+        if op == "new_vm":
+            if a.get("fork_of") is not None:
+                return None, "a forked VMM: the live run forks no VMM"
+            args = {"name": str(a["name"]), "memory": parse_size(a.get("memory", 4 << 20),
+                                                                 "memory", hi=VM_MEMORY_MAX),
+                    "backing": str(a.get("backing", "memfd")),
+                    "share_ram_with": a.get("share_ram_with")}
+        elif op == "set_memory_region":
+            args = {k: (_value(a[k]) if k == "hva" else _int(a, k)) for k in
+                    ("slot", "guest_phys_addr", "size", "alias_gpa", "hva") if k in a}
+            args["vm"] = str(a["vm"]).removeprefix("vmm:")
+        else:  # a remote MATRIX path
+            args = {"vm": str(a["target"]).removeprefix("vmm:"), **_addr(a)}
+    elif op in FILE_OPS:
+        args = {k: _value(v) if k in REF_ARGS else v
+                for k, v in call_args(op, a).items()}
+    elif op == "load":
+        args = {**_addr(a), "size": _access_size(a)}
+    elif op == "store":
+        args = {**_addr(a), "data": (data_arg(a) or bytes([0x44]) * 8).hex()}
+    elif op in proto.LOCAL_PATHS:
+        args = {**_addr(a), "path": op}
+        op = "path"
+    elif op == "fork_child_load":
+        if _access_size(a) != proto.TRANSFER:
+            return None, f"the live fork child loads {proto.TRANSFER} bytes"
+        args = _addr(a)
+    elif op in ("munmap", "mprotect", "madvise"):
+        args = {**_addr(a), "size": _u64(a, "size", PAGE_SIZE)}
+        if op == "mprotect":
+            args["prot"] = _int(a, "prot")
+        if op == "madvise":
+            advice = a.get("advice")
+            code = ADVICE.get(advice) if isinstance(advice, str) else advice
+            if code in (MADV_HWPOISON, MADV_SOFT_OFFLINE):
+                return None, f"MADV_HWPOISON/MADV_SOFT_OFFLINE {_HOST_MEMORY}"
+            if code == MADV_PAGEOUT and not swap:
+                return None, "this host has no swap: MADV_PAGEOUT leaves anonymous pages resident"
+            args["advice"] = _int({"advice": code}, "advice")
+    elif op in ("pagecache_read", "punch_hole"):
+        args = {"gpa": _int(a, "gpa"), "size": _access_size(a) if op == "pagecache_read"
+                else _int(a, "size", PAGE_SIZE)}
+    elif op == "pagecache_write":
+        args = {"gpa": _int(a, "gpa"), "data": (data_arg(a) or bytes(8)).hex()}
+    else:
+        return None, f"no live counterpart for {kind}:{op}"
+    return {"index": step.index, "kind": kind, "who": who, "op": op, "args": args,
+            "save": step.save}, ""
+
+
+def _compare(model_cell: str, model_data: bytes | None, live: dict[str, Any]) -> tuple[str, str]:
+    if live["cell"] != model_cell:
+        return "DISAGREE", ""
+    if model_data is not None and "data" in live and bytes.fromhex(live["data"]) != model_data:
+        return "DISAGREE", f"same cell, different data: live {live['data'][:32]}"
+    return "agree", ""
+
+
+def referee(sc: Scenario, kcfg: KernelConfig | None = None) -> LiveRun:
+    """Run ``sc`` on the model (the referee design, configured like this kernel) and live."""
+    kcfg = kcfg or host_kernel_config().config
+    run = LiveRun(sc, REFEREE_DESIGN, kcfg.version.value)
+    try:
+        model: ScenarioRun | None = run_scenario(referee_scenario(sc, kcfg), REFEREE_DESIGN)
+    except ScenarioError as exc:
+        model, model_problem = None, f"the model cannot run it as this kernel: {exc}"
+    plans: dict[int, tuple[dict[str, Any] | None, str]] = {}
+    swap = host_has_swap()
+    for step in sc.steps:
+        try:
+            plans[step.index] = live_step(step, swap)
+        except (OpError, ValueError) as exc:
+            raise ScenarioError(sc.source, str(exc), step.index) from None
+    if model is None:
+        run.steps = [RefereedStep(s, "", None, "not refereed", model_problem) for s in sc.steps]
+        return run
+    vms = [{"name": v.name, "memory": v.memory, "backing": v.backing,
+            "share_ram_with": v.share_ram_with} for v in sc.vms]
+    sent = [p for p, _ in plans.values() if p is not None]
+    try:
+        live = run_live(vms, sent)
+    except LiveError as exc:
+        raise ScenarioError(sc.source, f"--live: {exc}") from None
+    tainted = ""
+    for res in model.results:
+        step = res.step
+        key = (step.actor.partition(":")[0], step.op)
+        plan, why = plans[step.index]
+        got = live.get(step.index)
+        cell = res.outcome.cell
+        if tainted:
+            run.steps.append(RefereedStep(step, cell, None, "not refereed", tainted))
+            continue
+        if res.outcome.kind in (Kind.SHUTDOWN, Kind.PANIC):
+            tainted = f"the modelled host stopped at step {step.index} ({cell})"
+            run.steps.append(RefereedStep(step, cell, None, "not refereed", tainted))
+            continue
+        if plan is None or got is None or "skip" in got:
+            reason = why if plan is None else (got or {}).get("skip", "the live run ended early")
+            run.steps.append(RefereedStep(step, cell, None, "not refereed", reason))
+            if key not in READS_ONLY:
+                tainted = (f"follows step {step.index}, which changed state the live kernel "
+                           "did not see")
+            continue
+        if "error" in got:
+            run.steps.append(RefereedStep(step, cell, "error", "DISAGREE", got["error"]))
+            continue
+        verdict, note = _compare(cell, res.outcome.data, got)
+        run.steps.append(RefereedStep(step, cell, got["cell"], verdict, note))
+    return run
+
+
+def records(run: LiveRun) -> list[dict[str, Any]]:
+    return [{"step": s.step.index, "actor": s.step.actor, "op": s.step.op, "model": s.model,
+             "live": s.live, "verdict": s.verdict, **({"reason": s.reason} if s.reason else {})}
+            for s in run.steps]
