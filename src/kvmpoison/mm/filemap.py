@@ -20,7 +20,6 @@ import numpy as np
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.file import (
     O_DIRECT,
@@ -83,7 +82,7 @@ def generic_perform_write(core: MmCore, inode: Inode, pos: int, src: IovIter,
     ext4 pages accept it in ``write_end``), failing only when nothing moves.
     """
     total = 0
-    check_first = core.kcfg.version < KernelVersion.V6_18
+    check_first = not core.kcfg.since(5, 16)  # 6.1: fault_in_iov_iter_readable() == bytes
     while src.count:
         index, offset = pos >> PAGE_SHIFT, pos & (PAGE_SIZE - 1)
         n = min(PAGE_SIZE - offset, src.count)

@@ -14,7 +14,6 @@ import numpy as np
 from kvmpoison.arch.x86.pgtable import pte_none_array, pte_pfn_array, pte_present_array
 from kvmpoison.arch.x86.pgtable_64 import __swp_entry_array, __swp_offset_array, __swp_type_array
 from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT, PAGE_SIZE
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.file import O_ACCMODE, O_RDONLY
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.gup import FOLL, __get_user_pages, get_user_pages_fast
@@ -132,7 +131,7 @@ def madvise_free_single_vma(vma: Vma, start: int, end: int) -> int:
     mm = vma.vm_mm
     core = mm.core
     types = core.swap_types
-    modern = core.kcfg.version >= KernelVersion.V6_18
+    modern = core.kcfg.since(6, 0)  # hwpoison entries freed: in 6.1's madvise_free_pte_range
     store = core.ptes.rows
     for chunk in mm.pgd.chunks(start, end):
         ptes = store[chunk.rows, chunk.cols]
@@ -277,10 +276,10 @@ def madvise_inject_error(mm: MmStruct, start: int, end: int, behavior: int) -> i
             if err:
                 return err
             continue
-        if mm.core.kcfg.version >= KernelVersion.V6_18:
+        if mm.core.kcfg.since(6, 18):  # after 6.1 (release not pinned)
             # MF_ACTION_REQUIRED | MF_COUNT_INCREASED | MF_SW_SIMULATED: GUP's ref is kept
             flags = 0x2 | 0x1 | 0x20
-        elif mm.core.kcfg.version >= KernelVersion.V6_1:
+        elif mm.core.kcfg.since(6, 0):
             flags = 0x1 | 0x20  # v6.1: MF_COUNT_INCREASED | MF_SW_SIMULATED, no AR signal
         else:
             put_page(page)

@@ -27,7 +27,6 @@ import numpy as np
 from kvmpoison.arch.x86.pgtable import pte_none_array, pte_pfn_array, pte_present_array
 from kvmpoison.arch.x86.pgtable_64 import __swp_offset_array, __swp_type_array
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.file import mapping_set_error
 from kvmpoison.mm.mm_types import MmStruct
@@ -135,7 +134,7 @@ def hwpoison_user_mappings(core: MmCore, page: Page, flags: int,
     if PageKsm(page):
         core.dmesg.append(f"Memory failure: {page.pfn:#x}: can't handle KSM pages.")
         return False  # nobody is collected or killed; the page stays mapped
-    modern = core.kcfg.version >= KernelVersion.V6_1
+    modern = core.kcfg.since(6, 0)  # TTU_HWPOISON replaced TTU_IGNORE_HWPOISON
     ttu = TTU.IGNORE_MLOCK | (TTU.SYNC | TTU_HWPOISON if modern else TTU(0))
     kill = True
     mapping = page_mapping(page)
@@ -164,7 +163,7 @@ def _page_action(core: MmCore, page: Page) -> int:
     if dirty:
         mapping_set_error(mapping, -errno.EIO)
     kind = getattr(mapping.host, "kind", "")
-    keep = kind == "shmem" and core.kcfg.version >= KernelVersion.V6_1
+    keep = kind == "shmem" and core.kcfg.since(5, 16)
     if not keep:  # truncate_error_page: the page leaves the page cache
         index = int(core.pages.index[pfn])
         if mapping.delete_from_page_cache(index) is not None:
@@ -235,7 +234,7 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
     if not flags & MF_SW_SIMULATED:
         core.hw_memory_failure = True
     if TestSetPageHWPoison(page):
-        if core.kcfg.version < KernelVersion.V6_1:
+        if not core.kcfg.since(5, 14):
             _report(core, pfn, "already poisoned", MfResult.IGNORED)
             return 0
         res = -EHWPOISON
@@ -271,7 +270,7 @@ def unpoison_memory(core: MmCore, pfn: int) -> int:
     if not 0 < pfn < core.pages.nr_pages:
         return -errno.ENXIO
     page = core.pages[pfn]
-    modern = core.kcfg.version >= KernelVersion.V6_1
+    modern = core.kcfg.since(6, 0)  # -EBUSY refusals, off after a hardware error
     if modern and core.hw_memory_failure:
         return -errno.EOPNOTSUPP
     if not PageHWPoison(page):

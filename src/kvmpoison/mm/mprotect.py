@@ -15,8 +15,7 @@ import errno
 import numpy as np
 
 from kvmpoison.arch.x86.pgtable import pte_modify_array, pte_pfn_array, pte_present_array
-from kvmpoison.arch.x86.pgtable_types import _PAGE_RW, _PAGE_SPECIAL, PAGE_SIZE
-from kvmpoison.kconfig import KernelVersion
+from kvmpoison.arch.x86.pgtable_types import _PAGE_DIRTY, _PAGE_RW, _PAGE_SPECIAL, PAGE_SIZE
 from kvmpoison.mm.fault import find_vma
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.mmap import (
@@ -39,7 +38,7 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
     shared_write = bool(vma.vm_flags & VM.WRITE and vma.vm_flags & VM.SHARED)
     changed = 0
     mem = core.pages
-    modern = core.kcfg.version >= KernelVersion.V6_18
+    modern = core.kcfg.since(6, 0)  # MM_CP_TRY_CHANGE_WRITABLE (in 6.1)
     for chunk in mm.pgd.chunks(start, end):
         store = core.ptes.rows
         ptes = store[chunk.rows, chunk.cols]
@@ -54,6 +53,8 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
             normal = (old & np.uint64(_PAGE_SPECIAL)) == 0
             pfns = pte_pfn_array(old)
             exclusive = normal & ((mem.mapping[pfns] & 1) != 0) & (mem._mapcount[pfns] == 0)
+            if not core.kcfg.since(6, 2):  # 6.1 can_change_pte_writable: a dirty PTE only
+                exclusive &= (old & np.uint64(_PAGE_DIRTY)) != 0
             new = np.where(exclusive, new | np.uint64(_PAGE_RW), new)
         elif not shared_write:
             new &= np.uint64(~_PAGE_RW & 0xFFFF_FFFF_FFFF_FFFF)

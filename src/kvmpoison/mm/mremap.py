@@ -21,7 +21,6 @@ from kvmpoison.arch.x86.pgtable_types import (
     PAGE_SHIFT,
     PAGE_SIZE,
 )
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.fault import find_vma
 from kvmpoison.mm.ksm import break_ksm
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma, VmFault
@@ -113,7 +112,7 @@ def vma_to_resize(mm: MmStruct, addr: int, old_len: int, new_len: int,
     if not old_len and not vma.vm_flags & (VM.SHARED | VM.MAYSHARE):
         return -errno.EINVAL  # "attempted to duplicate a private mapping"
     if flags & MREMAP_DONTUNMAP:
-        if mm.core.kcfg.version < KernelVersion.V6_18:
+        if not mm.core.kcfg.since(5, 13):
             if vma.vm_ops is not None or vma.vm_flags & VM.SHARED:
                 return -errno.EINVAL  # v5.12: private anonymous VMAs only
         elif vma.vm_flags & (VM.DONTEXPAND | VM.PFNMAP):

@@ -9,7 +9,6 @@ import errno
 import random
 
 from kvmpoison.arch.x86.tlb import Cpu
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.mm_types import MmStruct
 from kvmpoison.mm.uaccess import IovIter
 
@@ -33,6 +32,6 @@ def getrandom(rng: random.Random, mm: MmStruct, cpu: Cpu | None, addr: int, coun
     count = min(count, 0x7FFF_FFFF)
     it = IovIter(mm, cpu, addr, count)
     copied = it.copy_to_iter(rng.randbytes(count))
-    if copied < count and mm.core.kcfg.version < KernelVersion.V6_18:
+    if copied < count and not mm.core.kcfg.since(5, 18):
         return -errno.EFAULT
     return copied if copied or not count else -errno.EFAULT

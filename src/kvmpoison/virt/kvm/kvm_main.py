@@ -26,7 +26,6 @@ import numpy.typing as npt
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.arch.x86.vmx import VMX_EPT_RWX_MASK
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.kernel.task import Task, force_sig_info
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.gup import FOLL, get_user_pages
@@ -189,7 +188,7 @@ class Vm:
         if not (0 <= slot < 1 << 32 and 0 <= gpa < 1 << 64 and 0 <= size < 1 << 64
                 and 0 <= hva < 1 << 64):
             return -errno.EINVAL  # the uapi fields are u32/u64
-        modern = self.core.kcfg.version >= KernelVersion.V6_18
+        modern = self.core.kcfg.since(5, 15)  # 6.1: KVM_USER_MEM_SLOTS is SHRT_MAX - 3
         if (slot & 0xFFFF) >= (KVM_USER_MEM_SLOTS_6 if modern else KVM_USER_MEM_SLOTS) \
                 or slot >> 16:
             return -errno.EINVAL
@@ -215,7 +214,7 @@ class Vm:
                 return 0  # "Nothing to change"
         if any(base < s.base_gfn + s.npages and s.base_gfn < base + npages for s in others):
             return -errno.EEXIST
-        if modern and base + npages - 1 > EPT_MAX_GFN - 1:
+        if self.core.kcfg.since(5, 19) and base + npages - 1 > EPT_MAX_GFN - 1:
             return -errno.EINVAL  # 6.x kvm_arch_prepare_memory_region: beyond kvm_mmu_max_gfn()
         if old is not None:  # KVM_MR_MOVE: kvm_arch_flush_shadow_memslot(old)
             self.zap_gfn_range(old.base_gfn, old.base_gfn + old.npages)

@@ -22,7 +22,6 @@ import signal
 from kvmpoison.arch.x86.mce import MCG_STATUS_RIPV, MceRecord, Severity, mce_severity
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.kernel.task import force_sig_info
 from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, MF_MUST_KILL, memory_failure
 from kvmpoison.mm.page import SetPageHWPoison
@@ -54,7 +53,7 @@ def kill_me_maybe(vm: Vm, pfn: int, mcg_status: int) -> None:
     ret = memory_failure(core, pfn, flags, current_pid=vm.vcpu_task.pid)
     if ret == 0:
         return
-    if core.kcfg.version >= KernelVersion.V6_18 and ret in (-EHWPOISON, -errno.EOPNOTSUPP):
+    if core.kcfg.since(5, 14) and ret in (-EHWPOISON, -errno.EOPNOTSUPP):
         return
     core.dmesg.append("Memory error not recovered")
     force_sig_info(vm.vcpu_task, SigInfo(signal.SIGBUS, SI_KERNEL))  # kill_me_now
