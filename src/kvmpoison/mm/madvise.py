@@ -131,7 +131,7 @@ def madvise_free_single_vma(vma: Vma, start: int, end: int) -> int:
     mm = vma.vm_mm
     core = mm.core
     types = core.swap_types
-    modern = core.kcfg.since(6, 0)  # hwpoison entries freed: in 6.1's madvise_free_pte_range
+    modern = core.kcfg.since(5, 19)  # hwpoison entries freed: in 6.1's madvise_free_pte_range
     store = core.ptes.rows
     for chunk in mm.pgd.chunks(start, end):
         ptes = store[chunk.rows, chunk.cols]
