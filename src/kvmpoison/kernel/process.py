@@ -19,13 +19,13 @@ from kvmpoison.fs.proc_mem import ProcMem
 from kvmpoison.fs.splice import vmsplice_to_pipe, vmsplice_to_user
 from kvmpoison.kernel import futex
 from kvmpoison.kernel.kernel import Kernel
+from kvmpoison.kernel.mce import MCE_REENTRY_LIMIT, kill_me_maybe
 from kvmpoison.kernel.ptrace import generic_ptrace_peekdata, generic_ptrace_pokedata
 from kvmpoison.kernel.task import Task, force_sig_info
 from kvmpoison.mm.fault import translate
 from kvmpoison.mm.file import O_ACCMODE, O_RDONLY, O_WRONLY, File, Inode, filemap_sample_wb_err
 from kvmpoison.mm.filemap import RegularFile
 from kvmpoison.mm.madvise import do_madvise
-from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, memory_failure
 from kvmpoison.mm.mincore import do_mincore
 from kvmpoison.mm.mlock import do_mlock, do_munlock
 from kvmpoison.mm.mm_types import MmStruct
@@ -37,7 +37,7 @@ from kvmpoison.mm.secretmem import memfd_secret
 from kvmpoison.mm.shmem import memfd_create
 from kvmpoison.mm.uaccess import IovIter
 from kvmpoison.mm.userfaultfd import UffdCtx, mfill_atomic_poison, userfaultfd_register
-from kvmpoison.outcome import Halt, Kind, Outcome
+from kvmpoison.outcome import Halt, Kind, LivelockOn, Outcome
 
 
 def _ret(value: int, data: bytes | None = None) -> Outcome:
@@ -84,30 +84,52 @@ class Process:
         vaddr = addr
         while vaddr < end:
             n = min(PAGE_SIZE - (vaddr & (PAGE_SIZE - 1)), end - vaddr)
-            pfn, failed = translate(mm, cpu, vaddr, write=data is not None, user_mode=True)
-            if failed is not None:
-                assert failed.siginfo is not None
-                force_sig_info(self.task, failed.siginfo)
-                return failed
-            pa = (pfn << PAGE_SHIFT) | (vaddr & (PAGE_SIZE - 1))
-            if data is not None:
-                mm.core.hw.write(pa, data[vaddr - addr : vaddr - addr + n], 0)
-            else:
+            for _entry in range(MCE_REENTRY_LIMIT + 1):  # the first run, then re-executions
+                pfn, failed = translate(mm, cpu, vaddr, write=data is not None, user_mode=True)
+                if failed is not None:
+                    assert failed.siginfo is not None
+                    force_sig_info(self.task, failed.siginfo)
+                    return failed
+                pa = (pfn << PAGE_SHIFT) | (vaddr & (PAGE_SIZE - 1))
+                if data is not None:
+                    mm.core.hw.write(pa, data[vaddr - addr : vaddr - addr + n], 0)
+                    break
                 got = mm.core.hw.load(pa, n, 0, Ctx.HOST_USER, vaddr=vaddr)
-                if got.kind is not Kind.OK:
-                    return self._consumed_poison(pfn, got)
-                assert got.data is not None
-                parts.append(got.data)
+                if got.kind is Kind.OK:
+                    assert got.data is not None
+                    parts.append(got.data)
+                    break
+                stopped = self._consumed_poison(got)
+                if stopped is not None:
+                    return stopped
+            else:
+                return Outcome.livelocked(
+                    LivelockOn.MCE, got.mce,
+                    f"the task took the same #MC at pa {pa:#x} on {MCE_REENTRY_LIMIT + 1} "
+                    "returns to user mode: memory_failure() handled nothing and sent no signal")
             vaddr += n
         return Outcome.ok(b"".join(parts) if data is None else None)
 
-    def _consumed_poison(self, pfn: int, got: Outcome) -> Outcome:
-        """do_machine_check -> memory_failure(MF_ACTION_REQUIRED) for a user consumer."""
-        if got.kind is Kind.SIG and self.kernel.kcfg.memory_failure:
-            memory_failure(self.mm.core, pfn, MF_ACTION_REQUIRED, current_pid=self.pid)
-        if got.siginfo is not None:
-            force_sig_info(self.task, got.siginfo)
-        return got
+    def _consumed_poison(self, got: Outcome) -> Outcome | None:
+        """What a user-mode consumption ends with; None: the task re-executes the load.
+
+        ``do_machine_check`` (arch/x86/kernel/cpu/mce/core.c): a panic or an
+        unbreakable shutdown halts the machine (``Halt``); an AR error queues
+        ``kill_me_maybe`` (``kernel/mce.py``), and the task returns to user mode
+        and re-executes the instruction unless that left it a signal.
+        """
+        if got.kind is Kind.PANIC or got.kind is Kind.SHUTDOWN:
+            raise Halt(got)
+        if got.kind is not Kind.MCE:
+            return got  # an MC-safe copy's errno; a user load never takes that path
+        assert got.mce is not None
+        task = self.task
+        before = len(task.pending)
+        kill_me_maybe(self.kernel.core, task, got.mce.addr >> PAGE_SHIFT, got.mce.mcg_status)
+        if len(task.pending) > before:
+            return Outcome.signal(task.pending[before], got.mce,
+                                  "#MC in user mode: kill_me_maybe() -> memory_failure()")
+        return None
 
     def load(self, addr: int, size: int = 8) -> Outcome:
         return self._guard(lambda: self._access(addr, size, None))
