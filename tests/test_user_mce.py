@@ -1,6 +1,6 @@
 """A host user task consuming poison: do_machine_check -> kill_me_maybe -> memory_failure(AR).
 
-arch/x86/kernel/cpu/mce/core.c (v5.12; 6.1.192's kill_me_maybe, the same from v5.14) and
+arch/x86/kernel/cpu/mce/core.c (v5.12; 6.1.192's kill_me_maybe, the same from v5.13) and
 mm/memory-failure.c (memory_failure, kill_accessing_process): the signal, if any, comes
 from memory_failure's kill_procs or kill_accessing_process; without one the task
 re-executes the load.
@@ -62,7 +62,7 @@ def test_first_consumption_unmaps_and_signals_once(kcfg: KernelConfig) -> None:
 def test_already_poisoned_page_still_mapped(kcfg: KernelConfig, cell: str) -> None:
     """PG_hwpoison set but the PTE still maps the page (as the SEAM_NR path leaves it).
     v5.12: memory_failure() returns 0 ("already hardware poisoned"), nothing is sent and the
-    task takes the same #MC on every return to user mode. From v5.14 (6.1, 6.18):
+    task takes the same #MC on every return to user mode. From v5.13 (6.1, 6.18):
     kill_accessing_process() finds the PTE and sends BUS_MCEERR_AR; -EHWPOISON is quiet."""
     k, p, addr, pfn = _mapped_error(kcfg)
     SetPageHWPoison(k.core.pages[pfn])

@@ -37,7 +37,7 @@ def kill_me_maybe(core: MmCore, task: Task, pfn: int, mcg_status: int) -> None:
     ``memory_failure(pfn, MF_ACTION_REQUIRED)``, with MF_MUST_KILL when
     MCG_STATUS.RIPV is clear. v5.12: 0 returns quietly (also for a page that is
     already poisoned: nothing is sent, and a task that still maps the page takes
-    the same #MC again); any other value is ``kill_me_now``. From v5.14 (6.1:
+    the same #MC again); any other value is ``kill_me_now``. From v5.13 (6.1:
     the same code) -EHWPOISON, which ``kill_accessing_process`` returns after it
     sent BUS_MCEERR_AR to a task that maps the pfn, and -EOPNOTSUPP (hwpoison
     filter) return quietly too. Not modelled: ``set_mce_nospec`` (a direct-map
@@ -47,6 +47,6 @@ def kill_me_maybe(core: MmCore, task: Task, pfn: int, mcg_status: int) -> None:
     ret = memory_failure(core, pfn, flags, current_pid=task.pid)
     if ret == 0:
         return
-    if core.kcfg.since(5, 14) and ret in (-EHWPOISON, -errno.EOPNOTSUPP):
+    if core.kcfg.since(5, 13) and ret in (-EHWPOISON, -errno.EOPNOTSUPP):
         return
     kill_me_now(core, task)

@@ -195,13 +195,13 @@ def _find_pfn_in_mm(core: MmCore, mm: MmStruct, pfn: int) -> int | None:
 
 
 def kill_accessing_process(core: MmCore, current_pid: int | None, pfn: int, flags: int) -> int:
-    """``mm/memory-failure.c:kill_accessing_process`` (since 5.14; 6.18 as read in 6.1.y).
+    """``mm/memory-failure.c:kill_accessing_process`` (since 5.13; 6.18 as read in 6.1.y).
 
     An action-required error on a page that is already poisoned: walk the
     current task's page tables for the page and send it SIGBUS
     BUS_MCEERR_AR (``kill_proc``) at the first address found. -EHWPOISON
     when a signal went out, 0 when the task does not map the page (the
-    6.1.y/6.18 return; 5.14-6.0 returned -EFAULT there), -EFAULT without an mm.
+    6.1.y/6.18 return; 5.13-6.0 returned -EFAULT there), -EFAULT without an mm.
     """
     mm = next((m for m in core.mms.values() if current_pid is not None
                and m.owner_pid == current_pid), None)
@@ -220,7 +220,7 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
 
     ``mm/memory-failure.c:memory_failure`` (v5.12 and 6.18). The int is the
     kernel's: for a page that already has PG_hwpoison, v5.12 returns 0 and
-    does nothing else ("already hardware poisoned"); 6.18 returns -EHWPOISON,
+    does nothing else ("already hardware poisoned"); v5.13+ returns -EHWPOISON,
     or with MF_ACTION_REQUIRED what ``kill_accessing_process`` returns (it
     sends the current task SIGBUS BUS_MCEERR_AR), and drops the reference of
     MF_COUNT_INCREASED. ``current_pid`` is ``current``: the task that
@@ -234,7 +234,7 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
     if not flags & MF_SW_SIMULATED:
         core.hw_memory_failure = True
     if TestSetPageHWPoison(page):
-        if not core.kcfg.since(5, 14):
+        if not core.kcfg.since(5, 13):
             _report(core, pfn, "already poisoned", MfResult.IGNORED)
             return 0
         res = -EHWPOISON

@@ -37,7 +37,7 @@ def kill_me_maybe(vm: Vm, pfn: int, mcg_status: int) -> None:
     """``kill_me_maybe`` as task work of the vCPU thread (``kernel/mce.py`` models it).
 
     v5.12 returns quietly on 0, which it also returns for a page that is already
-    poisoned; from v5.14 (6.1, 6.18) -EHWPOISON and -EOPNOTSUPP return quietly
+    poisoned; from v5.13 (6.1, 6.18) -EHWPOISON and -EOPNOTSUPP return quietly
     too; anything else is ``kill_me_now`` (SIGBUS, SI_KERNEL).
     """
     task_kill_me_maybe(vm.core, vm.vcpu_task, pfn, mcg_status)
