@@ -21,8 +21,8 @@ from kvmpoison.uapi.errno import EHWPOISON
 from kvmpoison.uapi.siginfo import SI_KERNEL, SigInfo
 
 MCE_REENTRY_LIMIT = 3
-"""Returns to user mode that took the same #MC again before the model calls the task
-livelocked. The kernel has no such bound."""
+"""Re-executions (a task's returns to user mode, a vCPU's VM entries) that took the same
+#MC again before the model calls the consumer livelocked. The kernel has no such bound."""
 
 
 def kill_me_now(core: MmCore, task: Task) -> None:

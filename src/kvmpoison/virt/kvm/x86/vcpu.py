@@ -21,6 +21,7 @@ import errno
 from kvmpoison.arch.x86.mce import MceRecord, Severity, mce_severity
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.kernel.mce import MCE_REENTRY_LIMIT
 from kvmpoison.kernel.mce import kill_me_maybe as task_kill_me_maybe
 from kvmpoison.mm.page import SetPageHWPoison
 from kvmpoison.outcome import Halt, Kind, LivelockOn, McKind, Outcome
@@ -28,9 +29,6 @@ from kvmpoison.virt.kvm.kvm_main import EPT_MAX_GFN, Vm
 from kvmpoison.virt.kvm.x86.mmu import direct_page_fault, spte_present
 
 MAX_RETRIES = 4
-MCE_REENTRY_LIMIT = 3
-"""VM entries that took the same #MC again before the model calls the vCPU
-livelocked. The kernel has no such bound: it re-enters the guest forever."""
 
 
 def kill_me_maybe(vm: Vm, pfn: int, mcg_status: int) -> None:
