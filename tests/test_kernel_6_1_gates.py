@@ -36,10 +36,16 @@ def per_version(v5_12: object, v6_1: object, v6_18: object) -> list[tuple[Kernel
     return [(V5_12, v5_12), (V6_1, v6_1), (V6_18, v6_18)]
 
 
-def test_since_compares_with_the_release_that_introduced_a_change() -> None:
-    assert [c.since(5, 14) for c in (V5_12, V6_1, V6_18)] == [False, True, True]
-    assert [c.since(6, 2) for c in (V5_12, V6_1, V6_18)] == [False, False, True]
-    assert V6_1.since(6, 1) and not V6_1.since(6, 2) and V5_12.since(5, 12)
+@pytest.mark.parametrize(("kcfg", "features"), per_version(
+    (False, False, False, False, False, False),
+    (True, True, True, True, False, False),  # 6.1.192: swap.h, pgtable.h, mman-common.h
+    (True, True, False, True, True, True)))
+def test_feature_properties_per_version(kcfg: KernelConfig, features: tuple[bool, ...]) -> None:
+    """PTE markers and _PAGE_SWP_EXCLUSIVE (5.19), SWP_SWAPIN_ERROR (5.19-6.1),
+    MADV_POPULATE (5.14), MADV_GUARD_* (6.13), UFFDIO_POISON (6.6)."""
+    got = (kcfg.has_pte_markers, kcfg.has_swp_exclusive, kcfg.has_swapin_error,
+           kcfg.has_madv_populate, kcfg.has_guard_pages, kcfg.has_uffdio_poison)
+    assert got == features
 
 
 @pytest.mark.parametrize(("kcfg", "after"), per_version("sig:SIGBUS:BUS_MCEERR_AR", "ok", "ok"))

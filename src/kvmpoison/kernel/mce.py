@@ -47,6 +47,6 @@ def kill_me_maybe(core: MmCore, task: Task, pfn: int, mcg_status: int) -> None:
     ret = memory_failure(core, pfn, flags, current_pid=task.pid)
     if ret == 0:
         return
-    if core.kcfg.since(5, 13) and ret in (-EHWPOISON, -errno.EOPNOTSUPP):
+    if core.kcfg.version.tuple >= (5, 13) and ret in (-EHWPOISON, -errno.EOPNOTSUPP):
         return
     kill_me_now(core, task)

@@ -82,7 +82,7 @@ def generic_perform_write(core: MmCore, inode: Inode, pos: int, src: IovIter,
     ext4 pages accept it in ``write_end``), failing only when nothing moves.
     """
     total = 0
-    check_first = not core.kcfg.since(5, 17)  # 6.1: fault_in_iov_iter_readable() == bytes
+    check_first = core.kcfg.version.tuple < (5, 16)  # 5.16: fault in only if nothing is readable
     while src.count:
         index, offset = pos >> PAGE_SHIFT, pos & (PAGE_SIZE - 1)
         n = min(PAGE_SIZE - offset, src.count)

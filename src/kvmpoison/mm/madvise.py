@@ -14,6 +14,7 @@ import numpy as np
 from kvmpoison.arch.x86.pgtable import pte_none_array, pte_pfn_array, pte_present_array
 from kvmpoison.arch.x86.pgtable_64 import __swp_entry_array, __swp_offset_array, __swp_type_array
 from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.file import O_ACCMODE, O_RDONLY
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.gup import FOLL, __get_user_pages, get_user_pages_fast
@@ -54,6 +55,10 @@ MADV_GUARD_REMOVE = 103
 
 
 def madvise_behavior_valid(mm: MmStruct, behavior: int) -> bool:
+    """``mm/madvise.c:madvise_behavior_valid`` (v5.12; 6.18 adds POPULATE_READ/WRITE and
+    GUARD_INSTALL/REMOVE). MADV_HWPOISON/SOFT_OFFLINE only with CONFIG_MEMORY_FAILURE.
+    Simplified: 6.18's MADV_COLLAPSE is refused (-EINVAL).
+    """
     cfg = mm.core.kcfg
     valid = {MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_DONTNEED,
              MADV_FREE, MADV_REMOVE, MADV_DONTFORK, MADV_DOFORK, MADV_MERGEABLE,
@@ -69,6 +74,7 @@ def madvise_behavior_valid(mm: MmStruct, behavior: int) -> bool:
 
 
 def _vma_flag_change(mm: MmStruct, start: int, end: int, behavior: int) -> int:
+    """The VMA-flag advices of ``madvise_behavior``/``madvise_update_vma`` (v5.12, 6.18)."""
     for vma in vmas_in_range(mm, start, end, split=True):
         match behavior:
             case 10:  # DONTFORK
@@ -101,6 +107,7 @@ def _vma_flag_change(mm: MmStruct, start: int, end: int, behavior: int) -> int:
 
 
 def madvise_populate(mm: MmStruct, start: int, end: int, write: bool) -> int:
+    """``mm/madvise.c:madvise_populate`` (6.18, with 6.9's error mapping)."""
     flags = FOLL.TOUCH | FOLL.MADV_POPULATE | FOLL.HWPOISON | (FOLL.WRITE if write else FOLL(0))
     addr = start
     while addr < end:
@@ -131,7 +138,7 @@ def madvise_free_single_vma(vma: Vma, start: int, end: int) -> int:
     mm = vma.vm_mm
     core = mm.core
     types = core.swap_types
-    modern = core.kcfg.since(5, 19)  # hwpoison entries freed: in 6.1's madvise_free_pte_range
+    modern = core.kcfg.version.tuple >= (6, 1)  # the 6.1 tree clears poisoned entries
     store = core.ptes.rows
     for chunk in mm.pgd.chunks(start, end):
         ptes = store[chunk.rows, chunk.cols]
@@ -276,10 +283,10 @@ def madvise_inject_error(mm: MmStruct, start: int, end: int, behavior: int) -> i
             if err:
                 return err
             continue
-        if mm.core.kcfg.since(6, 18):  # after 6.1 (release not pinned)
+        if mm.core.kcfg.version >= KernelVersion.V6_18:
             # MF_ACTION_REQUIRED | MF_COUNT_INCREASED | MF_SW_SIMULATED: GUP's ref is kept
             flags = 0x2 | 0x1 | 0x20
-        elif mm.core.kcfg.since(6, 0):
+        elif mm.core.kcfg.version >= KernelVersion.V6_1:
             flags = 0x1 | 0x20  # v6.1: MF_COUNT_INCREASED | MF_SW_SIMULATED, no AR signal
         else:
             put_page(page)
@@ -293,6 +300,11 @@ def madvise_inject_error(mm: MmStruct, start: int, end: int, behavior: int) -> i
 
 
 def do_madvise(mm: MmStruct, start: int, length: int, behavior: int) -> int:
+    """``mm/madvise.c:do_madvise`` (v5.12, 6.18): -EINVAL for a bad advice or start,
+    VMA by VMA over the range, -ENOMEM at the end if part of it was unmapped.
+    Simplified: VMAs are split for flag changes even when nothing changes
+    (invisible but in the VMA count).
+    """
     if start & (PAGE_SIZE - 1):
         return -errno.EINVAL
     if not madvise_behavior_valid(mm, behavior):

@@ -41,6 +41,7 @@ from kvmpoison.arch.x86.pgtable_types import (
     PAGE_SHIFT,
     PAGE_SIZE,
 )
+from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.mm_types import (
     VM,
@@ -492,7 +493,7 @@ def zap_page_range(vma: Vma, start: int, end: int, keep_markers: bool = False,
                 idx = np.flatnonzero(swap)[markers]
                 clear[idx] = False
             if not even_cows and types.hwpoison is not None and \
-                    core.kcfg.since(5, 18):
+                    core.kcfg.version >= KernelVersion.V6_1:
                 clear[np.flatnonzero(swap)[stypes == types.hwpoison]] = False
                 stypes = np.where(stypes == types.hwpoison, -1, stypes)  # kept: no ref dropped
             if types.hwpoison is not None and core.hooks.hwpoison_entry_holds_ref:

@@ -134,7 +134,7 @@ def hwpoison_user_mappings(core: MmCore, page: Page, flags: int,
     if PageKsm(page):
         core.dmesg.append(f"Memory failure: {page.pfn:#x}: can't handle KSM pages.")
         return False  # nobody is collected or killed; the page stays mapped
-    modern = core.kcfg.since(6, 0)  # TTU_HWPOISON replaced TTU_IGNORE_HWPOISON
+    modern = core.kcfg.version.tuple >= (6, 0)  # TTU_HWPOISON, not TTU_IGNORE_HWPOISON
     ttu = TTU.IGNORE_MLOCK | (TTU.SYNC | TTU_HWPOISON if modern else TTU(0))
     kill = True
     mapping = page_mapping(page)
@@ -163,7 +163,7 @@ def _page_action(core: MmCore, page: Page) -> int:
     if dirty:
         mapping_set_error(mapping, -errno.EIO)
     kind = getattr(mapping.host, "kind", "")
-    keep = kind == "shmem" and core.kcfg.since(5, 16)
+    keep = kind == "shmem" and core.kcfg.version.tuple >= (5, 16)
     if not keep:  # truncate_error_page: the page leaves the page cache
         index = int(core.pages.index[pfn])
         if mapping.delete_from_page_cache(index) is not None:
@@ -234,7 +234,7 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
     if not flags & MF_SW_SIMULATED:
         core.hw_memory_failure = True
     if TestSetPageHWPoison(page):
-        if not core.kcfg.since(5, 13):
+        if core.kcfg.version.tuple < (5, 13):
             _report(core, pfn, "already poisoned", MfResult.IGNORED)
             return 0
         res = -EHWPOISON
@@ -270,7 +270,7 @@ def unpoison_memory(core: MmCore, pfn: int) -> int:
     if not 0 < pfn < core.pages.nr_pages:
         return -errno.ENXIO
     page = core.pages[pfn]
-    modern = core.kcfg.since(6, 0)  # -EBUSY refusals, off after a hardware error
+    modern = core.kcfg.version.tuple >= (6, 0)  # -EBUSY refusals; off after a HW error
     if modern and core.hw_memory_failure:
         return -errno.EOPNOTSUPP
     if not PageHWPoison(page):

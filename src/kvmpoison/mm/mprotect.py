@@ -30,7 +30,11 @@ from kvmpoison.mm.mmap import (
 
 
 def change_protection(vma: Vma, start: int, end: int) -> int:
-    """Rewrite present PTEs of [start, end) to ``vma.vm_page_prot``; returns pages changed."""
+    """``mm/mprotect.c:change_pte_range`` (v5.12; 6.18's write upgrade): rewrite the
+    present PTEs of [start, end) to ``vma.vm_page_prot``; returns pages changed.
+
+    Non-present entries (swap, hwpoison, markers) are left as they are.
+    """
     mm = vma.vm_mm
     core = mm.core
     newprot = vma.vm_page_prot
@@ -38,7 +42,7 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
     shared_write = bool(vma.vm_flags & VM.WRITE and vma.vm_flags & VM.SHARED)
     changed = 0
     mem = core.pages
-    modern = core.kcfg.since(6, 0)  # MM_CP_TRY_CHANGE_WRITABLE (in 6.1)
+    version = core.kcfg.version.tuple
     for chunk in mm.pgd.chunks(start, end):
         store = core.ptes.rows
         ptes = store[chunk.rows, chunk.cols]
@@ -47,13 +51,14 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
             continue
         old = ptes[present]
         new = pte_modify_array(old, newprot)
-        if private_write and modern:
+        if private_write and version >= (6, 1):
             # 6.x MM_CP_TRY_CHANGE_WRITABLE: an exclusive anonymous page (PageAnonExclusive,
-            # approximated as mapped once) is made writable at once; v5.12 waits for the fault.
+            # approximated as mapped once) is made writable at once; v5.12 waits for the
+            # fault. The 6.1 tree also requires pte_dirty; 6.18 does not.
             normal = (old & np.uint64(_PAGE_SPECIAL)) == 0
             pfns = pte_pfn_array(old)
             exclusive = normal & ((mem.mapping[pfns] & 1) != 0) & (mem._mapcount[pfns] == 0)
-            if not core.kcfg.since(6, 2):  # 6.1 can_change_pte_writable: a dirty PTE only
+            if version < (6, 18):
                 exclusive &= (old & np.uint64(_PAGE_DIRTY)) != 0
             new = np.where(exclusive, new | np.uint64(_PAGE_RW), new)
         elif not shared_write:
@@ -114,6 +119,10 @@ def do_mprotect(mm: MmStruct, start: int, length: int, prot: int) -> int:
 
 
 def mprotect_fixup(mm: MmStruct, vma: Vma, start: int, end: int, newflags: VM) -> None:
+    """``mm/mprotect.c:mprotect_fixup`` (v5.12): split the VMA to [start, end), set the
+    flags, rewrite the PTEs; a private VM_LOCKED VMA turned writable is populated
+    to break COW at once. Simplified: no VMA merging, no commit accounting.
+    """
     oldflags = vma.vm_flags
     if newflags == oldflags:
         return

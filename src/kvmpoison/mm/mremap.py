@@ -42,6 +42,10 @@ MREMAP_DONTUNMAP = 4
 
 
 def move_page_tables(old: Vma, old_addr: int, new: Vma, new_addr: int, length: int) -> None:
+    """``mm/mremap.c:move_page_tables``/``move_ptes`` (v5.12): every PTE moves as is
+    (swap, hwpoison and marker entries included), soft-dirty set with
+    CONFIG_MEM_SOFT_DIRTY. Simplified: PTE by PTE, no PMD-level moves.
+    """
     mm = old.vm_mm
     core = mm.core
     soft_dirty = core.kcfg.mem_soft_dirty
@@ -112,7 +116,7 @@ def vma_to_resize(mm: MmStruct, addr: int, old_len: int, new_len: int,
     if not old_len and not vma.vm_flags & (VM.SHARED | VM.MAYSHARE):
         return -errno.EINVAL  # "attempted to duplicate a private mapping"
     if flags & MREMAP_DONTUNMAP:
-        if not mm.core.kcfg.since(5, 13):
+        if mm.core.kcfg.version.tuple < (5, 13):
             if vma.vm_ops is not None or vma.vm_flags & VM.SHARED:
                 return -errno.EINVAL  # v5.12: private anonymous VMAs only
         elif vma.vm_flags & (VM.DONTEXPAND | VM.PFNMAP):

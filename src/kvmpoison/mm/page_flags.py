@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from kvmpoison.kconfig import KernelConfig
+from kvmpoison.kconfig import KernelConfig, KernelVersion
 
 
 class PG(enum.Enum):
@@ -64,7 +64,7 @@ class PageFlagBits:
 
     @classmethod
     def for_config(cls, cfg: KernelConfig) -> PageFlagBits:
-        return cls(dict(_V6_18 if cfg.since(6, 18) else _V5_12))  # after 6.1 (not pinned)
+        return cls(dict(_V6_18 if cfg.version >= KernelVersion.V6_18 else _V5_12))
 
     def mask(self, *flags: PG) -> int:
         out = 0

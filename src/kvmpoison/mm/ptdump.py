@@ -82,9 +82,9 @@ def _flag_names(raw: int, level: str, cfg: KernelConfig) -> list[str]:
             name = "PAT"
         elif flag is PteFlag.PAT_LARGE and level == "pte":
             continue  # a 4K PTE's bit 12 is part of the PFN
-        elif flag is PteFlag.DEVMAP and cfg.since(6, 18):  # DEVMAP gone after 6.1
+        elif flag is PteFlag.DEVMAP and cfg.version.tuple >= (6, 18):  # DEVMAP gone after 6.1
             name = "SOFTW4"
-        elif flag is PteFlag.SAVED_DIRTY and not cfg.since(6, 6):
+        elif flag is PteFlag.SAVED_DIRTY and cfg.version.tuple < (6, 6):
             name = "SOFTW5"
         names.append(name)
     return names

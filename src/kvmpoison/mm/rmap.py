@@ -186,7 +186,7 @@ _TTU_BIT_0X20 = int(TTU.IGNORE_HWPOISON)
 def _installs_hwpoison(mm: MmStruct, page: Page, flags: int) -> bool:
     if not PageHWPoison(page):
         return False
-    if mm.core.kcfg.since(6, 0):  # TTU_HWPOISON in 6.1 too
+    if mm.core.kcfg.version.tuple >= (6, 0):  # TTU_HWPOISON in 6.1 too
         return bool(flags & _TTU_BIT_0X20)  # TTU_HWPOISON
     return not flags & _TTU_BIT_0X20  # TTU_IGNORE_HWPOISON
 

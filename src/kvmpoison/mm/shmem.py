@@ -88,7 +88,7 @@ class Shmem:
         (``mm: shmem: don't truncate page if memory failure happens``: the page
         stays in the cache, so its readers and writers must check.)
         """
-        return self.core.kcfg.since(5, 16)
+        return self.core.kcfg.version.tuple >= (5, 16)
 
     def shmem_getpage_gfp(self, inode: Inode, index: int, sgp: int) -> tuple[int | None, int]:
         """(pfn or None for a hole on read, 0 or -errno).

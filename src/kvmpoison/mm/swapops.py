@@ -74,8 +74,8 @@ class SwapTypes:
 
     @classmethod
     def for_config(cls, cfg: KernelConfig) -> SwapTypes:
-        modern = cfg.since(5, 19)  # SWP_MIGRATION_READ_EXCLUSIVE
-        v6_1 = cfg.since(5, 14) and not cfg.since(6, 3)  # SWP_DEVICE_EXCLUSIVE_WRITE/READ
+        modern = cfg.version.tuple >= (5, 19)  # SWP_MIGRATION_READ_EXCLUSIVE
+        v6_1 = (5, 14) <= cfg.version.tuple < (6, 3)  # SWP_DEVICE_EXCLUSIVE_WRITE/READ
         device_num = (4 if v6_1 else 3 if modern else 2) if cfg.device_private else 0
         migration_num = (3 if modern else 2) if cfg.migration else 0
         hwpoison_num = 1 if cfg.memory_failure else 0

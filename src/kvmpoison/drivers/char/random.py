@@ -32,6 +32,6 @@ def getrandom(rng: random.Random, mm: MmStruct, cpu: Cpu | None, addr: int, coun
     count = min(count, 0x7FFF_FFFF)
     it = IovIter(mm, cpu, addr, count)
     copied = it.copy_to_iter(rng.randbytes(count))
-    if copied < count and not mm.core.kcfg.since(5, 19):  # 1b388e7765f2 (read_iter)
+    if copied < count and mm.core.kcfg.version.tuple < (5, 18):  # 5.18: random.c rewrite
         return -errno.EFAULT
     return copied if copied or not count else -errno.EFAULT

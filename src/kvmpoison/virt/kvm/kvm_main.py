@@ -188,7 +188,7 @@ class Vm:
         if not (0 <= slot < 1 << 32 and 0 <= gpa < 1 << 64 and 0 <= size < 1 << 64
                 and 0 <= hva < 1 << 64):
             return -errno.EINVAL  # the uapi fields are u32/u64
-        modern = self.core.kcfg.since(5, 12)  # 4fc096a99e01, in the KVM pull for 5.12
+        modern = self.core.kcfg.version.tuple >= (5, 12)  # 4fc096a99e01 (KVM, 5.12)
         if (slot & 0xFFFF) >= (KVM_USER_MEM_SLOTS_6 if modern else KVM_USER_MEM_SLOTS) \
                 or slot >> 16:
             return -errno.EINVAL
@@ -214,7 +214,7 @@ class Vm:
                 return 0  # "Nothing to change"
         if any(base < s.base_gfn + s.npages and s.base_gfn < base + npages for s in others):
             return -errno.EEXIST
-        if self.core.kcfg.since(5, 19) and base + npages - 1 > EPT_MAX_GFN - 1:  # in 6.1
+        if self.core.kcfg.version.tuple >= (5, 19) and base + npages > EPT_MAX_GFN:  # 6.1 too
             return -errno.EINVAL  # 6.x kvm_arch_prepare_memory_region: beyond kvm_mmu_max_gfn()
         if old is not None:  # KVM_MR_MOVE: kvm_arch_flush_shadow_memslot(old)
             self.zap_gfn_range(old.base_gfn, old.base_gfn + old.npages)
