@@ -10,13 +10,13 @@ from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
 from kvmpoison.config import Config
 from kvmpoison.kconfig import KernelConfig, KernelVersion
+from kvmpoison.kernel.mce import MCE_REENTRY_LIMIT
 from kvmpoison.machine import Machine
 from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, memory_failure
 from kvmpoison.mm.page import PageHWPoison
 from kvmpoison.outcome import Kind, LivelockOn
 from kvmpoison.uapi.errno import EHWPOISON
 from kvmpoison.uapi.siginfo import SI_KERNEL, BusCode
-from kvmpoison.virt.kvm.x86.vcpu import MCE_REENTRY_LIMIT
 
 PAGE = 4096
 GPA = 0x30 * PAGE

@@ -78,32 +78,32 @@ class KernelConfig:
     @property
     def has_pte_markers(self) -> bool:
         """PTE markers exist from v5.19 (CONFIG_PTE_MARKER, on in Debian 6.1); always from v6.2."""
-        return self.version >= KernelVersion.V6_1
+        return self.version.tuple >= (5, 19)
 
     @property
     def has_swp_exclusive(self) -> bool:
         """``_PAGE_SWP_EXCLUSIVE`` (bit 3 of a swap PTE) exists from v5.19."""
-        return self.version >= KernelVersion.V6_1
+        return self.version.tuple >= (5, 19)
 
     @property
     def has_swapin_error(self) -> bool:
-        """``SWP_SWAPIN_ERROR``: a swap type of its own in v6.1 only (a PTE marker from v6.2)."""
-        return self.version == KernelVersion.V6_1
+        """``SWP_SWAPIN_ERROR``: a swap type of its own in v5.19-v6.1 (a PTE marker from v6.2)."""
+        return (5, 19) <= self.version.tuple < (6, 2)
 
     @property
     def has_madv_populate(self) -> bool:
         """MADV_POPULATE_READ/WRITE exist from v5.14."""
-        return self.version >= KernelVersion.V6_1
+        return self.version.tuple >= (5, 14)
 
     @property
     def has_guard_pages(self) -> bool:
         """MADV_GUARD_INSTALL/REMOVE exist from v6.13."""
-        return self.version >= KernelVersion.V6_18
+        return self.version.tuple >= (6, 13)
 
     @property
     def has_uffdio_poison(self) -> bool:
         """UFFDIO_POISON exists from v6.6."""
-        return self.version >= KernelVersion.V6_18
+        return self.version.tuple >= (6, 6)
 
 
 RFC_BASE = KernelConfig()

@@ -2,8 +2,8 @@
 
 Modelled failures (an errno, a signal, a machine check, a shutdown) are data;
 only bugs in the model raise. ``Outcome.cell`` renders the canonical matrix
-cell (MATRIX.md notation, plus ``livelock:mce`` for a vCPU that takes the same
-machine check on every re-entry) so that a model cell and a real-kernel
+cell (MATRIX.md notation, plus ``livelock:mce`` for a vCPU or task that takes the
+same machine check on every re-entry) so that a model cell and a real-kernel
 cell compare by string equality.
 """
 
@@ -32,7 +32,7 @@ class Kind(enum.Enum):
 class LivelockOn(enum.Enum):
     """What a livelocked consumer keeps taking (the part after ``livelock:``)."""
 
-    MCE = "mce"  # a vCPU re-enters the guest and takes the same #MC again
+    MCE = "mce"  # a vCPU re-enters the guest (a task returns to user mode) and takes it again
 
 
 class McKind(enum.Enum):

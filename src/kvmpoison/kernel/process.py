@@ -12,11 +12,9 @@ hooks virt/kvm registers on the :class:`Kernel` at boot.
 from __future__ import annotations
 
 import errno
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvmpoison.arch.x86.mce import MCG_STATUS_RIPV
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.drivers.char.random import getrandom
@@ -25,6 +23,7 @@ from kvmpoison.fs.proc_mem import ProcMem
 from kvmpoison.fs.splice import vmsplice_to_pipe, vmsplice_to_user
 from kvmpoison.kernel import futex
 from kvmpoison.kernel.kernel import Kernel
+from kvmpoison.kernel.mce import MCE_REENTRY_LIMIT, kill_me_maybe
 from kvmpoison.kernel.ptrace import generic_ptrace_peekdata, generic_ptrace_pokedata
 from kvmpoison.kernel.task import Task, force_sig_info
 from kvmpoison.mm.fault import translate
@@ -42,7 +41,6 @@ from kvmpoison.mm.file import (
 )
 from kvmpoison.mm.filemap import RegularFile
 from kvmpoison.mm.madvise import do_madvise
-from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, MF_MUST_KILL, memory_failure
 from kvmpoison.mm.mincore import do_mincore
 from kvmpoison.mm.mlock import do_mlock, do_munlock
 from kvmpoison.mm.mm_types import MmStruct
@@ -54,9 +52,7 @@ from kvmpoison.mm.secretmem import memfd_secret
 from kvmpoison.mm.shmem import memfd_create
 from kvmpoison.mm.uaccess import IovIter
 from kvmpoison.mm.userfaultfd import UffdCtx, mfill_atomic_poison, userfaultfd_register
-from kvmpoison.outcome import Halt, Kind, Outcome
-from kvmpoison.uapi.errno import EHWPOISON
-from kvmpoison.uapi.siginfo import SI_KERNEL, SigInfo
+from kvmpoison.outcome import Halt, Kind, LivelockOn, Outcome
 
 
 def _ret(value: int, data: bytes | None = None) -> Outcome:
@@ -97,70 +93,58 @@ class Process:
     # -- CPU accesses ---------------------------------------------------------------
 
     def _access(self, addr: int, size: int, data: bytes | None) -> Outcome:
-        """A user load or store, page by page: the CPU walk and ``do_user_addr_fault``."""
         mm, cpu = self.mm, self.task.cpu
         parts: list[bytes] = []
         end = addr + size
         vaddr = addr
-        rerun = True  # one re-run after a #MC that kill_me_maybe answered with nothing
         while vaddr < end:
             n = min(PAGE_SIZE - (vaddr & (PAGE_SIZE - 1)), end - vaddr)
-            pfn, failed = translate(mm, cpu, vaddr, write=data is not None, user_mode=True)
-            if failed is not None:
-                assert failed.siginfo is not None
-                force_sig_info(self.task, failed.siginfo)
-                return failed
-            pa = (pfn << PAGE_SHIFT) | (vaddr & (PAGE_SIZE - 1))
-            if data is not None:
-                mm.core.hw.write(pa, data[vaddr - addr : vaddr - addr + n], 0)
-            else:
+            for _entry in range(MCE_REENTRY_LIMIT + 1):  # the first run, then re-executions
+                pfn, failed = translate(mm, cpu, vaddr, write=data is not None, user_mode=True)
+                if failed is not None:
+                    assert failed.siginfo is not None
+                    force_sig_info(self.task, failed.siginfo)
+                    return failed
+                pa = (pfn << PAGE_SHIFT) | (vaddr & (PAGE_SIZE - 1))
+                if data is not None:
+                    mm.core.hw.write(pa, data[vaddr - addr : vaddr - addr + n], 0)
+                    break
                 got = mm.core.hw.load(pa, n, 0, Ctx.HOST_USER, vaddr=vaddr)
-                if got.kind is not Kind.OK:
-                    out = self._consumed_poison(pfn, got, rerun)
-                    if out is None:  # nothing was sent: the task re-runs the load
-                        rerun = False
-                        continue
-                    return out
-                assert got.data is not None
-                parts.append(got.data)
+                if got.kind is Kind.OK:
+                    assert got.data is not None
+                    parts.append(got.data)
+                    break
+                stopped = self._consumed_poison(got)
+                if stopped is not None:
+                    return stopped
+            else:
+                return Outcome.livelocked(
+                    LivelockOn.MCE, got.mce,
+                    f"the task took the same #MC at pa {pa:#x} on {MCE_REENTRY_LIMIT + 1} "
+                    "returns to user mode: memory_failure() handled nothing and sent no signal")
             vaddr += n
         return Outcome.ok(b"".join(parts) if data is None else None)
 
-    def _consumed_poison(self, pfn: int, got: Outcome, rerun: bool) -> Outcome | None:
-        """A user-mode #MC: ``do_machine_check`` queues ``kill_me_maybe`` (user mode).
+    def _consumed_poison(self, got: Outcome) -> Outcome | None:
+        """What a user-mode consumption ends with; None: the task re-executes the load.
 
-        ``arch/x86/kernel/cpu/mce/core.c`` (v5.12, 6.18): ``memory_failure(pfn,
-        MF_ACTION_REQUIRED)`` (MF_MUST_KILL without RIPV). On 0, and from 5.14 on
-        -EHWPOISON or -EOPNOTSUPP, nothing more is sent; on any other value
-        ``kill_me_now``: SIGBUS with SI_KERNEL (``mce_vaddr`` taken as unset, as the
-        vCPU path does). The first signal the task got is the outcome. When nothing
-        was sent the task returns to the instruction: None asks the caller to re-run
-        the access once. Simplified: a second #MC on the re-run (v5.12's 0 for a page
-        that is already poisoned and still mapped: the kernel loops forever) ends with
-        the arch layer's SIGBUS BUS_MCEERR_AR. Without CONFIG_MEMORY_FAILURE the arch
-        layer's outcome stands as it is.
+        ``do_machine_check`` (arch/x86/kernel/cpu/mce/core.c): a panic or an
+        unbreakable shutdown halts the machine (``Halt``); an AR error queues
+        ``kill_me_maybe`` (``kernel/mce.py``), and the task returns to user mode
+        and re-executes the instruction unless that left it a signal.
         """
+        if got.kind is Kind.PANIC or got.kind is Kind.SHUTDOWN:
+            raise Halt(got)
+        if got.kind is not Kind.MCE:
+            return got  # an MC-safe copy's errno; a user load never takes that path
+        assert got.mce is not None
         task = self.task
-        if got.kind is not Kind.SIG or got.siginfo is None or not self.kernel.kcfg.memory_failure:
-            if got.siginfo is not None:
-                force_sig_info(task, got.siginfo)
-            return got
-        core = self.mm.core
         before = len(task.pending)
-        ripv = got.mce is None or bool(got.mce.mcg_status & MCG_STATUS_RIPV)
-        flags = MF_ACTION_REQUIRED | (0 if ripv else MF_MUST_KILL)
-        ret = memory_failure(core, pfn, flags, current_pid=self.pid)
-        quiet = ret == 0 or (core.kcfg.version.tuple >= (5, 14)
-                             and ret in (-EHWPOISON, -errno.EOPNOTSUPP))
-        if not quiet:
-            core.dmesg.append("mce: Memory error not recovered")
-            force_sig_info(task, SigInfo(signal.SIGBUS, SI_KERNEL))  # kill_me_now
+        kill_me_maybe(self.kernel.core, task, got.mce.addr >> PAGE_SHIFT, got.mce.mcg_status)
         if len(task.pending) > before:
-            return Outcome.signal(task.pending[before], got.mce, got.detail)
-        if rerun:
-            return None
-        force_sig_info(task, got.siginfo)
-        return got
+            return Outcome.signal(task.pending[before], got.mce,
+                                  "#MC in user mode: kill_me_maybe() -> memory_failure()")
+        return None
 
     def load(self, addr: int, size: int = 8) -> Outcome:
         return self._guard(lambda: self._access(addr, size, None))
@@ -323,7 +307,6 @@ class Process:
             return Outcome.error(errno.EINVAL)
         file.f_pos = bases[whence] + offset
         return Outcome.ret(file.f_pos)
-
     def ftruncate(self, fd: int, size: int) -> Outcome:
         """``do_sys_ftruncate`` (v5.12, 6.18): -EINVAL for a negative length, then
         -EBADF, then -EINVAL for a file not open for writing."""

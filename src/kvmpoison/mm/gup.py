@@ -27,7 +27,6 @@ from kvmpoison.arch.x86.pgtable_types import (
     PAGE_SIZE,
 )
 from kvmpoison.arch.x86.poison import Ctx
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import FollowPoisoned
 from kvmpoison.mm.fault import find_vma, vma_lookup
 from kvmpoison.mm.memory import faultin_anon_bulk, handle_mm_fault, vm_normal_page
@@ -157,8 +156,8 @@ def can_follow_write_pte(pte: int, gup_flags: FOLL) -> bool:
 
 
 def _v6_zero_page(head: Page) -> bool:
-    """v6.5+ ``is_zero_folio`` under FOLL_PIN: the shared zero page (pfn 0 here) is not pinned."""
-    return head.pfn == 0 and head.mem.bits.version >= KernelVersion.V6_18
+    """``is_zero_folio`` under FOLL_PIN (6.5; 6.1.y by backport): the zero page is not pinned."""
+    return head.pfn == 0 and head.mem.bits.version.tuple >= (6, 1)  # 6.1.y backport
 
 
 def folio_has_pincount(page: Page) -> bool:
@@ -168,7 +167,7 @@ def folio_has_pincount(page: Page) -> bool:
     ``folio_has_pincount`` (64-bit): any large folio.
     """
     order = compound_order(compound_head(page))
-    if page.mem.bits.version >= KernelVersion.V6_18:
+    if page.mem.bits.version.tuple >= (6, 1):  # 6.1: folio_test_large
         return order >= 1
     return order > 1
 

@@ -242,7 +242,7 @@ def __do_fault(vmf: VmFaultInfo) -> VmFault:
     if PageHWPoison(page):
         poisonret = VmFault.HWPOISON
         mapping = page_mapping(page)
-        if core.kcfg.version >= KernelVersion.V6_1 and mapping is not None:  # 5.18
+        if core.kcfg.version.tuple >= (5, 18) and mapping is not None:  # 6.1 too
             index = int(core.pages.index[page.pfn])
             if page_mapped(page):
                 _unmap_mapping_page(mapping, index)
@@ -331,7 +331,7 @@ def do_fault_around(vmf: VmFaultInfo) -> bool:
     file = vma.vm_file
     if file is None or file.f_inode.kind not in ("shmem", "file"):
         return False
-    if vma.vm_flags & VM.UFFD_WP and vma.vm_mm.core.kcfg.version >= KernelVersion.V6_18:
+    if vma.vm_flags & VM.UFFD_WP and vma.vm_mm.core.kcfg.version.tuple >= (5, 19):
         return False  # uffd_disable_fault_around (v5.12: only for MINOR, not modelled)
     mapping = file.f_mapping
     if mapping is None:
@@ -767,7 +767,7 @@ def _maybe_dma_pinned(core: MmCore, pfns: IntArray) -> npt.NDArray[np.bool_]:
     mem = core.pages
     heads = pfns & ~((np.int64(1) << mem.order[pfns].astype(np.int64)) - 1)
     pinned = mem._refcount[heads] >= 1024  # GUP_PIN_COUNTING_BIAS
-    if core.kcfg.version >= KernelVersion.V6_18:
+    if core.kcfg.version.tuple >= (5, 19):  # 6.1: page_try_dup_anon_rmap, anon only
         pinned &= (mem.mapping[heads] & 1) != 0  # folio_try_dup_anon_rmap_ptes
     return np.asarray(pinned, dtype=np.bool_)
 

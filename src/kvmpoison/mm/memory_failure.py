@@ -28,7 +28,6 @@ import numpy as np
 from kvmpoison.arch.x86.pgtable import pte_none_array, pte_pfn_array, pte_present_array
 from kvmpoison.arch.x86.pgtable_64 import __swp_offset_array, __swp_type_array
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.file import mapping_set_error
 from kvmpoison.mm.mm_types import MmStruct
@@ -150,7 +149,7 @@ def hwpoison_user_mappings(core: MmCore, page: Page, flags: int,
     if PageKsm(page):
         core.dmesg.append(f"Memory failure: {page.pfn:#x}: can't handle KSM pages.")
         return False  # nobody is collected or killed; the page stays mapped
-    modern = core.kcfg.version >= KernelVersion.V6_1
+    modern = core.kcfg.version.tuple >= (6, 0)  # TTU_HWPOISON, not TTU_IGNORE_HWPOISON
     ttu = TTU.IGNORE_MLOCK | (TTU.SYNC | TTU_HWPOISON if modern else TTU(0))
     kill = True
     mapping = page_mapping(page)
@@ -187,7 +186,7 @@ def _page_action(core: MmCore, page: Page) -> int:
     if dirty:
         mapping_set_error(mapping, -errno.EIO)
     kind = getattr(mapping.host, "kind", "")
-    keep = kind == "shmem" and core.kcfg.version >= KernelVersion.V6_1
+    keep = kind == "shmem" and core.kcfg.version.tuple >= (5, 16)
     if not keep:  # truncate_error_page: the page leaves the page cache
         index = int(core.pages.index[pfn])
         if mapping.delete_from_page_cache(index) is not None:
@@ -221,13 +220,13 @@ def _find_pfn_in_mm(core: MmCore, mm: MmStruct, pfn: int) -> int | None:
 
 
 def kill_accessing_process(core: MmCore, current_pid: int | None, pfn: int, flags: int) -> int:
-    """``mm/memory-failure.c:kill_accessing_process`` (since 5.14; 6.18 as read in 6.1.y).
+    """``mm/memory-failure.c:kill_accessing_process`` (since 5.13; 6.18 as read in 6.1.y).
 
     An action-required error on a page that is already poisoned: walk the
     current task's page tables for the page and send it SIGBUS
     BUS_MCEERR_AR (``kill_proc``) at the first address found. -EHWPOISON
     when a signal went out, 0 when the task does not map the page (the
-    6.1.y/6.18 return; 5.14-6.0 returned -EFAULT there), -EFAULT without an mm.
+    6.1.y/6.18 return; 5.13-6.0 returned -EFAULT there), -EFAULT without an mm.
     """
     mm = next((m for m in core.mms.values() if current_pid is not None
                and m.owner_pid == current_pid), None)
@@ -246,7 +245,7 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
 
     ``mm/memory-failure.c:memory_failure`` (v5.12 and 6.18). The int is the
     kernel's: for a page that already has PG_hwpoison, v5.12 returns 0 and
-    does nothing else ("already hardware poisoned"); 6.18 returns -EHWPOISON,
+    does nothing else ("already hardware poisoned"); v5.13+ returns -EHWPOISON,
     or with MF_ACTION_REQUIRED what ``kill_accessing_process`` returns (it
     sends the current task SIGBUS BUS_MCEERR_AR), and drops the reference of
     MF_COUNT_INCREASED. ``current_pid`` is ``current``: the task that
@@ -260,7 +259,7 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
     if not flags & MF_SW_SIMULATED:
         core.hw_memory_failure = True
     if TestSetPageHWPoison(page):
-        if core.kcfg.version < KernelVersion.V6_1:
+        if core.kcfg.version.tuple < (5, 13):
             _report(core, pfn, "already poisoned", MfResult.IGNORED)
             return 0
         res = -EHWPOISON
@@ -300,7 +299,7 @@ def unpoison_memory(core: MmCore, pfn: int) -> int:
     if not 0 < pfn < core.pages.nr_pages:
         return -errno.ENXIO
     page = core.pages[pfn]
-    modern = core.kcfg.version >= KernelVersion.V6_1
+    modern = core.kcfg.version.tuple >= (6, 0)  # -EBUSY refusals; off after a HW error
     if modern and core.hw_memory_failure:
         return -errno.EOPNOTSUPP
     if not PageHWPoison(page):

@@ -29,7 +29,7 @@ from kvmpoison.arch.x86.pgtable_types import (
     PteFlag,
 )
 from kvmpoison.arch.x86.vmx import EptEntry
-from kvmpoison.kconfig import KernelConfig, KernelVersion
+from kvmpoison.kconfig import KernelConfig
 from kvmpoison.mm.swapops import (
     PteMarker,
     SwapTypes,
@@ -85,9 +85,9 @@ def _flag_names(raw: int, level: str, cfg: KernelConfig) -> list[str]:
             name = "PAT"
         elif flag is PteFlag.PAT_LARGE and level == "pte":
             continue  # a 4K PTE's bit 12 is part of the PFN
-        elif flag is PteFlag.DEVMAP and cfg.version >= KernelVersion.V6_18:
+        elif flag is PteFlag.DEVMAP and cfg.version.tuple >= (6, 18):  # DEVMAP gone after 6.1
             name = "SOFTW4"
-        elif flag is PteFlag.SAVED_DIRTY and cfg.version < KernelVersion.V6_18:
+        elif flag is PteFlag.SAVED_DIRTY and cfg.version.tuple < (6, 6):
             name = "SOFTW5"
         names.append(name)
     return names

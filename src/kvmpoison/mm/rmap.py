@@ -27,7 +27,6 @@ from kvmpoison.arch.x86.pgtable import (
 )
 from kvmpoison.arch.x86.pgtable_64 import __swp_entry_array
 from kvmpoison.arch.x86.pgtable_types import _PAGE_DIRTY, PAGE_SHIFT
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.page import (
     Page,
@@ -192,7 +191,7 @@ _TTU_BIT_0X20 = int(TTU.IGNORE_HWPOISON)
 def _installs_hwpoison(mm: MmStruct, page: Page, flags: int) -> bool:
     if not PageHWPoison(page):
         return False
-    if mm.core.kcfg.version >= KernelVersion.V6_1:  # TTU_HWPOISON in 6.1 too
+    if mm.core.kcfg.version.tuple >= (6, 0):  # TTU_HWPOISON in 6.1 too
         return bool(flags & _TTU_BIT_0X20)  # TTU_HWPOISON
     return not flags & _TTU_BIT_0X20  # TTU_IGNORE_HWPOISON
 

@@ -27,7 +27,6 @@ import numpy.typing as npt
 
 from kvmpoison.arch.x86.pgtable import pfn_pte_array, pte_none_array
 from kvmpoison.arch.x86.pgtable_types import _PAGE_ACCESSED, _PAGE_DIRTY, PAGE_SHIFT, PAGE_SIZE
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.file import AddressSpace, File, Inode
 from kvmpoison.mm.filemap import (
@@ -92,7 +91,7 @@ class Shmem:
         (``mm: shmem: don't truncate page if memory failure happens``: the page
         stays in the cache, so its readers and writers must check.)
         """
-        return self.core.kcfg.version >= KernelVersion.V6_1
+        return self.core.kcfg.version.tuple >= (5, 16)
 
     def shmem_getpage_gfp(self, inode: Inode, index: int, sgp: int) -> tuple[int | None, int]:
         """(pfn or None for a hole on read, 0 or -errno).

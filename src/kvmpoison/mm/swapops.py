@@ -23,7 +23,7 @@ from kvmpoison.arch.x86.pgtable_types import (
     PAGE_SHIFT,
     max_physmem_bits,
 )
-from kvmpoison.kconfig import KernelConfig, KernelVersion
+from kvmpoison.kconfig import KernelConfig
 
 MAX_SWAPFILES_SHIFT = 5
 BITS_PER_XA_VALUE = 63
@@ -74,8 +74,8 @@ class SwapTypes:
 
     @classmethod
     def for_config(cls, cfg: KernelConfig) -> SwapTypes:
-        modern = cfg.version >= KernelVersion.V6_1
-        v6_1 = cfg.version == KernelVersion.V6_1
+        modern = cfg.version.tuple >= (5, 19)  # SWP_MIGRATION_READ_EXCLUSIVE
+        v6_1 = (5, 14) <= cfg.version.tuple < (6, 3)  # SWP_DEVICE_EXCLUSIVE_WRITE/READ
         device_num = (4 if v6_1 else 3 if modern else 2) if cfg.device_private else 0
         migration_num = (3 if modern else 2) if cfg.migration else 0
         hwpoison_num = 1 if cfg.memory_failure else 0

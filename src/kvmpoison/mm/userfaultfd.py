@@ -16,7 +16,6 @@ import numpy as np
 
 from kvmpoison.arch.x86.pgtable import pte_none_array
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.mmap import range_is_mapped, vmas_in_range
 from kvmpoison.mm.swapops import PteMarker, make_pte_marker_entry, swp_entry_to_pte
@@ -43,7 +42,7 @@ def vma_can_userfault(vma: Vma, mode: int) -> bool:
     """
     shmem = vma.vm_file is not None and vma.vm_file.f_inode.kind == "shmem"
     anon = vma.vm_file is None and vma.vm_ops is None
-    modern = vma.vm_mm.core.kcfg.version >= KernelVersion.V6_18
+    modern = vma.vm_mm.core.kcfg.version.tuple >= (5, 19)  # shmem WP: PTE_MARKER_UFFD_WP
     if mode & UFFDIO_REGISTER_MODE_MINOR and not (modern and shmem):
         return False
     if mode & UFFDIO_REGISTER_MODE_WP and not (anon or (modern and shmem)):

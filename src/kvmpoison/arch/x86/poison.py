@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import signal
 from dataclasses import dataclass
 
 from kvmpoison.arch.x86.mce import (
@@ -20,9 +19,7 @@ from kvmpoison.arch.x86.mce import (
     mce_severity,
     srar_record,
 )
-from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
 from kvmpoison.outcome import McKind, Outcome
-from kvmpoison.uapi.siginfo import BusCode, SigInfo
 
 
 class Ctx(enum.Enum):
@@ -59,12 +56,11 @@ def consume_poison(
 
     The record and its grading (``mce_severity``); then, as ``do_machine_check``
     acts on it: a panic, an unbreakable shutdown, a FATAL TD, an EX_TYPE_*MCE_SAFE
-    copy's errno, or for a non-TD guest the raw VM exit that
-    ``virt/kvm/x86/vcpu.kvm_machine_check`` handles. Simplified: a host user
-    consumer gets SIGBUS BUS_MCEERR_AR straight from here, where the kernel
-    sends it from ``memory_failure``/``kill_me_maybe`` (and v5.12 sends nothing
-    for a page that is already poisoned but still mapped); the grading assumes
-    CONFIG_MEMORY_FAILURE as ``policy`` says (without it an SRAR error panics).
+    copy's errno, or, for a host user task and a non-TD guest, the raw
+    recoverable #MC: the task work ``kill_me_maybe`` decides what follows
+    (``kernel/mce.py`` for a task, ``virt/kvm/x86/vcpu.kvm_machine_check`` for a
+    vCPU). The grading assumes CONFIG_MEMORY_FAILURE as ``policy`` says
+    (without it an SRAR error panics).
     """
     seam_nr = ctx is Ctx.TD and policy.seam_nr
     rec = srar_record(pa, instruction_fetch=instruction_fetch, lmce=policy.lmce, seam_nr=seam_nr)
@@ -87,10 +83,11 @@ def consume_poison(
                 f" host marks the page HWPoison{broadcast}",
             )
         case Ctx.HOST_USER:
-            info = SigInfo(
-                signal.SIGBUS, BusCode.BUS_MCEERR_AR, vaddr if vaddr is not None else pa, PAGE_SHIFT
-            )
-            return Outcome.signal(info, rec, "MCE: Killing due to hardware memory corruption")
+            # An AR error in user mode: do_machine_check queues kill_me_maybe on the task;
+            # what it ends with (a signal, or a re-executed load) is kernel/mce.py's.
+            at = f" at user address {vaddr:#x}" if vaddr is not None else ""
+            return Outcome.machine_check(rec, McKind.RECOVERABLE,
+                                         f"#MC in user mode{at}: kill_me_maybe queued")
         case Ctx.HOST_KERNEL_MC_SAFE:
             return Outcome.error(mc_safe_errno, "machine check in an MC-safe copy")
         case Ctx.GUEST:

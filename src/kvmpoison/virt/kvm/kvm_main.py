@@ -26,7 +26,6 @@ import numpy.typing as npt
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.arch.x86.vmx import VMX_EPT_RWX_MASK
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.kernel.task import Task, force_sig_info
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.gup import FOLL, get_user_pages
@@ -44,7 +43,7 @@ KVM_PFN_ERR_HWPOISON = KVM_PFN_ERR_MASK + 1
 KVM_PFN_ERR_RO_FAULT = KVM_PFN_ERR_MASK + 2
 KVM_PFN_NOSLOT = 1 << 63
 KVM_NR_SHARED_RANGES = 32
-KVM_USER_MEM_SLOTS = 509  # arch/x86/include/asm/kvm_host.h (v5.12)
+KVM_USER_MEM_SLOTS = 509  # arch/x86/include/asm/kvm_host.h up to v5.11
 KVM_USER_MEM_SLOTS_6 = 0x7FFF - 3  # 6.x kvm_host.h: SHRT_MAX - KVM_INTERNAL_MEM_SLOTS (x86: 3)
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 TASK_SIZE_MAX = TASK_SIZE - PAGE_SIZE  # arch/x86/include/asm/page_64_types.h, 4-level
@@ -189,7 +188,7 @@ class Vm:
         if not (0 <= slot < 1 << 32 and 0 <= gpa < 1 << 64 and 0 <= size < 1 << 64
                 and 0 <= hva < 1 << 64):
             return -errno.EINVAL  # the uapi fields are u32/u64
-        modern = self.core.kcfg.version >= KernelVersion.V6_18
+        modern = self.core.kcfg.version.tuple >= (5, 12)  # 4fc096a99e01 (KVM, 5.12)
         if (slot & 0xFFFF) >= (KVM_USER_MEM_SLOTS_6 if modern else KVM_USER_MEM_SLOTS) \
                 or slot >> 16:
             return -errno.EINVAL
@@ -215,7 +214,7 @@ class Vm:
                 return 0  # "Nothing to change"
         if any(base < s.base_gfn + s.npages and s.base_gfn < base + npages for s in others):
             return -errno.EEXIST
-        if modern and base + npages - 1 > EPT_MAX_GFN - 1:
+        if self.core.kcfg.version.tuple >= (5, 19) and base + npages > EPT_MAX_GFN:  # 6.1 too
             return -errno.EINVAL  # 6.x kvm_arch_prepare_memory_region: beyond kvm_mmu_max_gfn()
         if old is not None:  # KVM_MR_MOVE: kvm_arch_flush_shadow_memslot(old)
             self.zap_gfn_range(old.base_gfn, old.base_gfn + old.npages)

@@ -34,7 +34,6 @@ from kvmpoison.arch.x86.vmx import (
     EptEntry,
     ept_leaf,
 )
-from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.page import get_page, put_page
 from kvmpoison.outcome import Outcome
 from kvmpoison.virt.kvm.kvm_main import (
@@ -67,7 +66,7 @@ def make_spte(vm: Vm, pfn: int, writable: bool, prefetch: bool = False) -> int:
     SPTE_MMU_PRESENT_MASK). ``writable`` stands for ``host_writable`` and the
     SPTE's write access alike (TDP maps with ACC_ALL).
     """
-    modern = vm.core.kcfg.version >= KernelVersion.V6_18
+    modern = vm.core.kcfg.version.tuple >= (5, 13)  # EPT writable bits 57/58, MMU_PRESENT 11
     spte = ept_leaf(pfn, writable=writable) | VMX_EPT_IPAT_BIT
     if modern:
         spte |= SPTE_MMU_PRESENT_MASK
@@ -165,7 +164,7 @@ def direct_pte_prefetch(vm: Vm, gfn: int) -> None:
     reference is dropped. The RFC skips all this while ``mem_protected``. 6.18
     uses the TDP MMU (default since 5.15), whose faults prefetch nothing.
     """
-    if vm.core.kcfg.version >= KernelVersion.V6_18:
+    if vm.core.kcfg.version.tuple >= (5, 15):  # tdp_mmu on by default: no prefetch
         return
     base = gfn & ~(PTE_PREFETCH_NUM - 1)
     start: int | None = None

@@ -17,47 +17,28 @@ whole access; loads only (no instruction fetch); no guest page-table walk.
 from __future__ import annotations
 
 import errno
-import signal
 
-from kvmpoison.arch.x86.mce import MCG_STATUS_RIPV, MceRecord, Severity, mce_severity
+from kvmpoison.arch.x86.mce import MceRecord, Severity, mce_severity
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
-from kvmpoison.kconfig import KernelVersion
-from kvmpoison.kernel.task import force_sig_info
-from kvmpoison.mm.memory_failure import MF_ACTION_REQUIRED, MF_MUST_KILL, memory_failure
+from kvmpoison.kernel.mce import MCE_REENTRY_LIMIT
+from kvmpoison.kernel.mce import kill_me_maybe as task_kill_me_maybe
 from kvmpoison.mm.page import SetPageHWPoison
 from kvmpoison.outcome import Halt, Kind, LivelockOn, McKind, Outcome
-from kvmpoison.uapi.errno import EHWPOISON
-from kvmpoison.uapi.siginfo import SI_KERNEL, SigInfo
 from kvmpoison.virt.kvm.kvm_main import EPT_MAX_GFN, Vm
 from kvmpoison.virt.kvm.x86.mmu import direct_page_fault, spte_present
 
 MAX_RETRIES = 4
-MCE_REENTRY_LIMIT = 3
-"""VM entries that took the same #MC again before the model calls the vCPU
-livelocked. The kernel has no such bound: it re-enters the guest forever."""
 
 
 def kill_me_maybe(vm: Vm, pfn: int, mcg_status: int) -> None:
-    """``kill_me_maybe`` (arch/x86/kernel/cpu/mce/core.c), task work of the vCPU thread.
+    """``kill_me_maybe`` as task work of the vCPU thread (``kernel/mce.py`` models it).
 
-    v5.12: ``memory_failure(pfn, MF_ACTION_REQUIRED)``; on 0, which v5.12 also
-    returns for a page that is already poisoned, it returns and sends nothing.
-    On any other value ``kill_me_now``: SIGBUS with ``SI_KERNEL`` (the model
-    takes ``mce_vaddr`` as unset; only a kernel copy-in recovery sets it).
-    6.18: 0, -EHWPOISON (``kill_accessing_process`` already signalled the
-    task) and -EOPNOTSUPP (hwpoison filter) return quietly; anything else is
-    ``kill_me_now``. Not modelled: ``set_mce_nospec`` (a direct-map change).
+    v5.12 returns quietly on 0, which it also returns for a page that is already
+    poisoned; from v5.13 (6.1, 6.18) -EHWPOISON and -EOPNOTSUPP return quietly
+    too; anything else is ``kill_me_now`` (SIGBUS, SI_KERNEL).
     """
-    core = vm.core
-    flags = MF_ACTION_REQUIRED | (0 if mcg_status & MCG_STATUS_RIPV else MF_MUST_KILL)
-    ret = memory_failure(core, pfn, flags, current_pid=vm.vcpu_task.pid)
-    if ret == 0:
-        return
-    if core.kcfg.version >= KernelVersion.V6_18 and ret in (-EHWPOISON, -errno.EOPNOTSUPP):
-        return
-    core.dmesg.append("Memory error not recovered")
-    force_sig_info(vm.vcpu_task, SigInfo(signal.SIGBUS, SI_KERNEL))  # kill_me_now
+    task_kill_me_maybe(vm.core, vm.vcpu_task, pfn, mcg_status)
 
 
 def kvm_machine_check(vm: Vm, pfn: int, rec: MceRecord) -> Outcome | None:
