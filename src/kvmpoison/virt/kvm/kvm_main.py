@@ -43,8 +43,9 @@ KVM_PFN_ERR_HWPOISON = KVM_PFN_ERR_MASK + 1
 KVM_PFN_ERR_RO_FAULT = KVM_PFN_ERR_MASK + 2
 KVM_PFN_NOSLOT = 1 << 63
 KVM_NR_SHARED_RANGES = 32
-KVM_USER_MEM_SLOTS = 509  # arch/x86/include/asm/kvm_host.h up to v5.11
-KVM_USER_MEM_SLOTS_6 = 0x7FFF - 3  # 6.x kvm_host.h: SHRT_MAX - KVM_INTERNAL_MEM_SLOTS (x86: 3)
+# include/linux/kvm_host.h: SHRT_MAX - KVM_INTERNAL_MEM_SLOTS (x86: 3) from v5.12 (4fc096a99e01,
+# the first KVM pull for 5.12); 509 up to v5.11, which the model does not follow.
+KVM_USER_MEM_SLOTS = 0x7FFF - 3
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 TASK_SIZE_MAX = TASK_SIZE - PAGE_SIZE  # arch/x86/include/asm/page_64_types.h, 4-level
 EPT_MAX_GFN = 1 << (ADDRESS_BITS - PAGE_SHIFT)  # a 4-level EPT maps 48-bit guest-physical addresses
@@ -188,9 +189,7 @@ class Vm:
         if not (0 <= slot < 1 << 32 and 0 <= gpa < 1 << 64 and 0 <= size < 1 << 64
                 and 0 <= hva < 1 << 64):
             return -errno.EINVAL  # the uapi fields are u32/u64
-        modern = self.core.kcfg.version.tuple >= (5, 12)  # 4fc096a99e01 (KVM, 5.12)
-        if (slot & 0xFFFF) >= (KVM_USER_MEM_SLOTS_6 if modern else KVM_USER_MEM_SLOTS) \
-                or slot >> 16:
+        if (slot & 0xFFFF) >= KVM_USER_MEM_SLOTS or slot >> 16:
             return -errno.EINVAL
         if gpa & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1) or hva & (PAGE_SIZE - 1):
             return -errno.EINVAL
