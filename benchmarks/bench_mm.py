@@ -16,16 +16,14 @@ import argparse
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
 from kvmpoison.kconfig import THIS_MACHINE
 from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.kernel.process import Process
 from kvmpoison.mm.madvise import MADV_POPULATE_WRITE
-from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_NORESERVE, MAP_PRIVATE, PROT_NONE
-from kvmpoison.outcome import Outcome
+from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_NORESERVE, MAP_PRIVATE
+from kvmpoison.report.bench import model_anon_bulk
 
 GIB = 1 << 30
 PAGE = 4096
@@ -37,26 +35,6 @@ def model_machine(size: int) -> Process:
     mem = size + size // 256 + (64 << 20)
     kernel = Kernel.boot(THIS_MACHINE, PlatformConfig(mem_bytes=mem, integrity=IntegrityMode.OFF))
     return Process.spawn(kernel, "bench")
-
-
-def model_bulk(size: int) -> dict[str, float]:
-    p = model_machine(size)
-    pages = size // PAGE
-    addr = p.mmap(0, size, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE).value
-    assert addr is not None
-    out = {}
-    calls: tuple[tuple[str, Callable[[], Outcome]], ...] = (
-        ("fault-in", lambda: p.madvise(addr, size, MADV_POPULATE_WRITE)),
-        ("mprotect", lambda: p.mprotect(addr, size, PROT_NONE)),
-        ("munmap", lambda: p.munmap(addr, size)),
-    )
-    for name, call in calls:
-        t0 = time.process_time_ns()
-        res = call()
-        out[name] = (time.process_time_ns() - t0) / pages
-        assert res.cell == "ret:0", (name, res)
-    assert p.mm.rss_anon == 0
-    return out
 
 
 def _status_kib(field: str) -> int:
@@ -103,7 +81,7 @@ def main() -> None:
           "   (kernel anchor)")
     for gib in (int(x) for x in args.sizes.split(",")):
         size = gib * GIB
-        model = model_bulk(size)
+        model = model_anon_bulk(size)
         real_size = min(size, args.real_max_gib * GIB)
         real = anon_bulk(real_size)
         for op in ("fault-in", "mprotect", "munmap"):

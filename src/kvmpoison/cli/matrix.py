@@ -10,6 +10,7 @@ from rich.console import Console
 
 from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.cli.errors import CliError, Format
+from kvmpoison.cli.options import pick
 from kvmpoison.config import DEFAULT_INTEGRITY
 from kvmpoison.designs import DESIGNS
 from kvmpoison.kconfig import KernelConfig, KernelVersion
@@ -19,17 +20,6 @@ from kvmpoison.matrix.designs import PATHS as DESIGN_PATHS
 from kvmpoison.matrix.model import SetupError, run_cell, run_matrix
 from kvmpoison.report.progress import progress
 from kvmpoison.report.table import render_json, render_md, render_rich
-
-
-def _pick(text: str | None, known: tuple[str, ...], what: str) -> tuple[str, ...]:
-    if text is None:
-        return known
-    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
-    unknown = [x for x in chosen if x not in known]
-    if unknown or not chosen:
-        raise CliError(f"unknown {what} {', '.join(unknown) or repr(text)} "
-                       f"(known: {', '.join(known)})")
-    return chosen
 
 
 def matrix(
@@ -77,10 +67,10 @@ def matrix(
     hwpoison = set(protocol.HWPOISON_BACKINGS)
     if not mf and backings is not None and hwpoison & set(backings.split(",")):
         raise CliError("the hwpoison backings need --memory-failure (memory_failure() poisons T)")
-    rows = _pick(paths, protocol.PATHS, "path")
+    rows = pick(paths, protocol.PATHS, "path")
     kcfg = KernelConfig(version=version, memory_failure=mf)
     known = protocol.BACKINGS + (protocol.HWPOISON_BACKINGS if mf else ())
-    cols = _available(kcfg, _pick(backings, protocol.BACKINGS + protocol.HWPOISON_BACKINGS,
+    cols = _available(kcfg, pick(backings, protocol.BACKINGS + protocol.HWPOISON_BACKINGS,
                                   "backing") if backings is not None else known, rows[0],
                       explicit=backings is not None)
     try:
@@ -124,9 +114,9 @@ def _available(kcfg: KernelConfig, backings: tuple[str, ...], path: str,
 
 def _design_matrix(designs: str, states: str | None, paths: str | None, fmt: Format,
                    integrity: IntegrityMode) -> None:
-    chosen = _pick(designs, tuple(DESIGNS), "design")
-    cols_states = _pick(states, PAGE_STATES, "page state")
-    rows = _pick(paths, DESIGN_PATHS, "path")
+    chosen = pick(designs, tuple(DESIGNS), "design")
+    cols_states = pick(states, PAGE_STATES, "page state")
+    rows = pick(paths, DESIGN_PATHS, "path")
     with progress(len(rows) * len(chosen) * len(cols_states), "design matrix") as tick:
         cells = run_design_matrix(chosen, cols_states, rows, integrity, tick)
     cols = [f"{d}/{s}" for d in chosen for s in cols_states]

@@ -10,24 +10,13 @@ import typer
 
 from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.cli.errors import CliError
+from kvmpoison.cli.options import pick
 from kvmpoison.config import DEFAULT_INTEGRITY
 from kvmpoison.designs import DESIGNS
 from kvmpoison.matrix.designs import PAGE_STATES, PATHS
 from kvmpoison.report.build import DEFAULT_MAPS, ReportOptions, build_report
 from kvmpoison.report.progress import progress
 from kvmpoison.scenario.library import shipped
-
-
-def _names(text: str | None, known: tuple[str, ...], default: tuple[str, ...],
-           what: str) -> tuple[str, ...]:
-    if text is None:
-        return default
-    chosen = tuple(x.strip() for x in text.split(",") if x.strip())
-    unknown = [x for x in chosen if x not in known]
-    if unknown or not chosen:
-        raise CliError(f"unknown {what} {', '.join(unknown) or repr(text)} "
-                       f"(known: {', '.join(known)})")
-    return chosen
 
 
 def report(
@@ -52,11 +41,11 @@ def report(
     if importlib.util.find_spec("matplotlib") is None:
         raise CliError("kvmpoison report draws with matplotlib: pip install 'kvmpoison[plot]'")
     opts = ReportOptions(
-        designs=_names(designs, tuple(DESIGNS), tuple(DESIGNS), "design"),
-        states=_names(states, PAGE_STATES, PAGE_STATES, "page state"),
-        paths=_names(paths, PATHS, PATHS, "path"),
-        maps=_names(maps, tuple(shipped()), DEFAULT_MAPS, "scenario"),
-        cases=None if cases is None else _names(cases, tuple(shipped()), (), "scenario"),
+        designs=pick(designs, tuple(DESIGNS), "design", tuple(DESIGNS)),
+        states=pick(states, PAGE_STATES, "page state", PAGE_STATES),
+        paths=pick(paths, PATHS, "path", PATHS),
+        maps=pick(maps, tuple(shipped()), "scenario", DEFAULT_MAPS),
+        cases=None if cases is None else pick(cases, tuple(shipped()), "scenario", ()),
         oracle=oracle, integrity=integrity)
     if out.exists() and not out.is_dir():
         raise CliError(f"{out}: exists and is not a directory")
