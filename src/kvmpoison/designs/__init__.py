@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmpoison.arch.x86.integrity import IntegrityMode
-from kvmpoison.kconfig import RFC_BASE, KernelConfig
+from kvmpoison.kconfig import RFC_BASE, KernelConfig, KernelVersion
 from kvmpoison.mm.core import FollowPoisoned, MmHooks
 from kvmpoison.virt.kvm.kvm_main import Protection
 
@@ -47,6 +47,11 @@ DESIGNS: dict[str, Design] = {
         Design("rfc-v2", "RFCv2 13/13: poisoned pages, FOLL_ALLOW_POISONED, owner map, "
                "unpoison on free", RFC_BASE, Protection.RFC_V2,
                _rfc_hooks(FollowPoisoned.WITH_FLAG, check_pte=False), unpoison_on_free=True),
+        # What upstream built instead (v6.18 KVM on the same TDX-style host): private
+        # memory lives in a guest_memfd the VMM never maps; conversions are attributes.
+        Design("gmem", "upstream v6.18: private memory in guest_memfd, KVM_HC_MAP_GPA_RANGE "
+               "and KVM_SET_MEMORY_ATTRIBUTES", KernelConfig(version=KernelVersion.V6_18),
+               Protection.GMEM, MmHooks, integrity=IntegrityMode.CI),
     )
 }
 

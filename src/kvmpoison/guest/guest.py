@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.outcome import Halt, Outcome
+from kvmpoison.virt.kvm.gmem_memslot import KVM_HC_MAP_GPA_RANGE
 from kvmpoison.virt.kvm.kvm_main import Protection, Vm
 from kvmpoison.virt.kvm.mem_protected import KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE
+from kvmpoison.virt.kvm.x86.gmem_hypercall import (
+    KVM_MAP_GPA_RANGE_DECRYPTED,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
+)
 from kvmpoison.virt.kvm.x86.hypercall import kvm_emulate_hypercall
 from kvmpoison.virt.kvm.x86.vcpu import vcpu_access
 
@@ -41,19 +46,42 @@ class Guest:
     log: list[str] = field(default_factory=list)
     panicked: str | None = None
 
-    def hypercall(self, nr: int, a0: int = 0, a1: int = 0) -> int:
-        return kvm_emulate_hypercall(self.vm, nr, a0, a1)
+    def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0) -> int:
+        return kvm_emulate_hypercall(self.vm, nr, a0, a1, a2)
 
     def share(self, gfn: int, npages: int) -> int:
-        """``__set_memory_enc_dec(..., enc=false)``: KVM_HC_MEM_SHARE, then use the shared alias."""
+        """``__set_memory_enc_dec(..., enc=false)``: KVM_HC_MEM_SHARE, then use the shared alias.
+
+        Under gmem the guest asks with KVM_HC_MAP_GPA_RANGE(gpa, npages, DECRYPTED), as a
+        TD's MapGPA reaches KVM.
+        """
+        if self.vm.protection is Protection.GMEM:
+            return self.map_gpa_range(gfn, npages, private=False)
         ret = self.hypercall(KVM_HC_MEM_SHARE, gfn, npages)
         if ret == 0:
             self.shared.update(range(gfn, gfn + npages))
         self.log.append(f"KVM_HC_MEM_SHARE({gfn:#x}, {npages}) = {ret}")
         return ret
 
+    def map_gpa_range(self, gfn: int, npages: int, private: bool) -> int:
+        """KVM_HC_MAP_GPA_RANGE; on success the guest uses the private or the shared alias."""
+        attrs = KVM_MAP_GPA_RANGE_ENCRYPTED if private else KVM_MAP_GPA_RANGE_DECRYPTED
+        ret = self.hypercall(KVM_HC_MAP_GPA_RANGE, gfn << PAGE_SHIFT, npages, attrs)
+        if ret == 0:
+            gfns = range(gfn, gfn + npages)
+            if private:
+                self.shared.difference_update(gfns)
+            else:
+                self.shared.update(gfns)
+        kind = "ENCRYPTED" if private else "DECRYPTED"
+        self.log.append(f"KVM_HC_MAP_GPA_RANGE({gfn << PAGE_SHIFT:#x}, {npages}, {kind}) = {ret}")
+        return ret
+
     def boot(self) -> None:
-        if self.vm.protection is not Protection.NONE:
+        if self.vm.protection is Protection.GMEM:  # all private at reset; share the buffers
+            self.share(self.layout.kvmclock, 1)
+            self.share(self.layout.swiotlb, self.layout.swiotlb_pages)
+        elif self.vm.protection is not Protection.NONE:
             ret = self.hypercall(KVM_HC_ENABLE_MEM_PROTECTED)
             self.log.append(f"KVM_HC_ENABLE_MEM_PROTECTED = {ret}")
             if ret:

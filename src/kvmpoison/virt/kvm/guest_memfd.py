@@ -13,6 +13,7 @@ order-0 and unevictable.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,20 @@ class GmemVmOps:
         return self.gmem.kvm_gmem_fault_user_mapping(vmf)
 
 
+@dataclass(eq=False)
+class GmemBinding:
+    """One range of ``f->bindings``: file pages [start, end) bound to ``slot``.
+
+    ``invalidate(start, end)`` is ``__kvm_gmem_invalidate_begin`` for file pages
+    [start, end) of this binding: it zaps the SPTEs of the matching gfns.
+    """
+
+    start: int
+    end: int
+    slot: object
+    invalidate: Callable[[int, int], None]
+
+
 class GuestMemfd:
     """``kvm_gmem_fops`` for one guest_memfd bound to ``owner`` (a VM)."""
 
@@ -55,6 +70,14 @@ class GuestMemfd:
         self.core = core
         self.owner = owner
         self.flags = flags
+        self.bindings: list[GmemBinding] = []
+
+    def kvm_gmem_invalidate_begin(self, start: int, end: int) -> None:
+        """Zap every bound memslot's SPTEs for file pages [start, end)."""
+        for b in list(self.bindings):
+            lo, hi = max(b.start, start), min(b.end, end)
+            if lo < hi:
+                b.invalidate(lo, hi)
 
     @property
     def shared(self) -> bool:
@@ -124,6 +147,7 @@ class GuestMemfd:
         if mode & FALLOC_FL_PUNCH_HOLE:
             first = offset >> PAGE_SHIFT
             last = min(inode.nr_pages, (offset + length) >> PAGE_SHIFT)
+            self.kvm_gmem_invalidate_begin(first, (offset + length) >> PAGE_SHIFT)
             if first < last:
                 truncate_inode_pages_range(self.core, mapping, first, last)
             return 0
