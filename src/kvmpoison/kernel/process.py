@@ -224,6 +224,25 @@ class Process:
     def pwrite(self, fd: int, addr: int, count: int, pos: int) -> Outcome:
         return self._rw(fd, addr, count, pos, write=True)
 
+    def lseek(self, fd: int, offset: int, whence: int) -> Outcome:
+        """``ksys_lseek``: whence > SEEK_MAX is -EINVAL first; a file without FMODE_LSEEK
+        (pipes, guest_memfd: the model reads it from ``fmode_pread``) is -ESPIPE; else
+        ``generic_file_llseek`` for SEEK_SET/CUR/END (SEEK_DATA/HOLE: not modelled)."""
+        file = self._file(fd)
+        if file is None:
+            return Outcome.error(errno.EBADF)
+        if not 0 <= whence <= 4:  # SEEK_MAX = SEEK_HOLE
+            return Outcome.error(errno.EINVAL)
+        if not file.fmode_pread:
+            return Outcome.error(errno.ESPIPE)
+        if whence > 2:
+            return Outcome.error(errno.EINVAL, "SEEK_DATA/SEEK_HOLE are not modelled")
+        base = (0, file.f_pos, file.f_inode.i_size)[whence]
+        if base + offset < 0:
+            return Outcome.error(errno.EINVAL)
+        file.f_pos = base + offset
+        return Outcome.ret(file.f_pos)
+
     def ftruncate(self, fd: int, size: int) -> Outcome:
         file = self._file(fd)
         if file is None:

@@ -255,6 +255,15 @@ def kvm_gmem_get_pfn(vm: Vm, slot: Memslot, gfn: int) -> tuple[int, int]:
     return pfn, 0
 
 
+def kvm_gmem_cached_pfn(vm: Vm, gfn: int) -> int | None:
+    """The guest_memfd frame cached for private ``gfn`` (no allocation), or None."""
+    slot = vm.gfn_to_memslot(gfn)
+    if not isinstance(slot, GmemMemslot) or slot.gmem_file is None:
+        return None
+    mapping = slot.gmem_file.f_mapping
+    return None if mapping is None else mapping.lookup(slot.gmem_index(gfn))
+
+
 def kvm_slot_has_gmem(slot: Memslot | None) -> bool:
     return isinstance(slot, GmemMemslot) and bool(slot.flags & KVM_MEM_GUEST_MEMFD)
 
@@ -297,6 +306,6 @@ def kvm_create_guest_memfd(vm: Vm, size: int, flags: int) -> File | int:
 
 __all__ = ["KVM_CAP_EXIT_HYPERCALL", "KVM_HC_MAP_GPA_RANGE", "KVM_MEM_GUEST_MEMFD",
            "GmemMemslot", "KvmUserspaceMemoryRegion2", "kvm_create_guest_memfd",
-           "kvm_gmem_get_pfn", "kvm_mem_is_private", "kvm_slot_has_gmem",
+           "kvm_gmem_cached_pfn", "kvm_gmem_get_pfn", "kvm_mem_is_private", "kvm_slot_has_gmem",
            "kvm_vm_enable_cap_exit_hypercall", "kvm_vm_ioctl_set_memory_attributes",
            "kvm_vm_ioctl_set_memory_region2"]

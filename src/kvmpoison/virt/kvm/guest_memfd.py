@@ -33,6 +33,7 @@ from kvmpoison.mm.shmem import new_inode
 from kvmpoison.mm.uaccess import IovIter
 from kvmpoison.uapi.errno import EHWPOISON
 
+MF_DELAYED = 2  # enum mf_result (include/linux/mm.h)
 GUEST_MEMFD_FLAG_MMAP = 1 << 0
 GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
 GUEST_MEMFD_VALID_FLAGS = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
@@ -78,6 +79,15 @@ class GuestMemfd:
             lo, hi = max(b.start, start), min(b.end, end)
             if lo < hi:
                 b.invalidate(lo, hi)
+
+    def kvm_gmem_error_folio(self, index: int) -> int:
+        """``a_ops->error_remove_folio``: zap the SPTEs, keep the page, MF_DELAYED.
+
+        The guest's next access finds the poisoned folio: ``kvm_gmem_get_pfn``
+        returns -EHWPOISON and what to do is the VMM's decision.
+        """
+        self.kvm_gmem_invalidate_begin(index, index + 1)
+        return MF_DELAYED
 
     @property
     def shared(self) -> bool:
@@ -176,5 +186,6 @@ def kvm_gmem_create(core: MmCore, owner: object, size: int, flags: int) -> File 
     inode.noexec = True
     assert inode.mapping is not None
     inode.mapping.flags |= AS_UNEVICTABLE
-    return File(name="anon_inode:[kvm-gmem]", f_inode=inode,
-                f_op=GuestMemfd(core, owner, flags), fmode_pread=False)
+    gmem = GuestMemfd(core, owner, flags)
+    inode.mapping.error_remove_folio = gmem.kvm_gmem_error_folio
+    return File(name="anon_inode:[kvm-gmem]", f_inode=inode, f_op=gmem, fmode_pread=False)

@@ -28,7 +28,7 @@ from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.arch.x86.vmx import EptEntry, ept_leaf
 from kvmpoison.mm.page import SetPageHWPoison, put_page
 from kvmpoison.outcome import Halt, Kind, McKind, Outcome
-from kvmpoison.uapi.errno import EHWPOISON
+from kvmpoison.uapi.errno import errno_name
 from kvmpoison.virt.kvm.gmem_memslot import (
     kvm_gmem_get_pfn,
     kvm_mem_is_private,
@@ -121,8 +121,7 @@ def _fault_in(vm: Vm, gpa: int, write: bool, is_private: bool) -> EptEntry | Out
         ex, err = got
         handled = state.exit_to_userspace(ex) if err == -errno.EFAULT else None
         if handled != 0:
-            return Outcome.error(-err, f"{ex.describe()}: KVM_RUN returns "
-                                 f"{'-EHWPOISON' if err == -EHWPOISON else -err}")
+            return Outcome.error(-err, f"{ex.describe()}: KVM_RUN returns -{errno_name(-err)}")
     raise AssertionError(f"gmem fault at {gpa:#x} did not resolve")
 
 
