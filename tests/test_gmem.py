@@ -193,10 +193,13 @@ def test_gmem_slots_are_immutable_but_can_be_deleted_and_rebound(m: Machine) -> 
 def test_another_vms_guest_memfd_cannot_be_bound() -> None:
     m = Machine(Config(design="gmem"), vms=[VmSpec("a"), VmSpec("b")])
     a, b = m.instances["a"], m.instances["b"]
-    fd_a = b.vmm.proc.install(a.vmm.proc.task.fds[a.vmm.gmem_fd or 0])
+    spare = a.vmm.guest_memfd_create(a.vm, PAGE).value or 0  # a's, and bound nowhere
+    fd_a = b.vmm.proc.install(a.vmm.proc.task.fds[spare])
     cell = b.vmm.set_user_memory_region2(b.vm, 1, KVM_MEM_GUEST_MEMFD, HIGH, PAGE,
                                          b.vmm.ram_hva, fd_a, 0).cell
     assert cell == "err:EINVAL"
+    assert a.vmm.set_user_memory_region2(a.vm, 1, KVM_MEM_GUEST_MEMFD, HIGH, PAGE,
+                                         a.vmm.ram_hva, spare, 0).cell == "ret:0"
 
 
 # -- conversions: KVM_HC_MAP_GPA_RANGE and KVM_EXIT_MEMORY_FAULT ---------------------------------
