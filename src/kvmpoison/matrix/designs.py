@@ -90,15 +90,15 @@ def _real_memory_error(m: Machine, gpa: int, vmm: Vmm | None = None,
 
 
 def backing_pfn(m: Machine, gpa: int, vmm: Vmm | None = None, vm: Vm | None = None) -> int:
-    """The frame behind guest page ``gpa``: guest_memfd for a private gfn, the RAM file's
-    cache, else the EPT."""
+    """The frame behind guest page ``gpa``: the guest_memfd page of a private gfn, else the
+    RAM file's cache (for a private gfn with no guest_memfd page: the VMM's page at that
+    address), else the EPT."""
     vmm = vmm or m.vmm
     vm = vm or m.vm
     if kvm_mem_is_private(vm, gpa >> PAGE_SHIFT):
         pfn = kvm_gmem_cached_pfn(vm, gpa >> PAGE_SHIFT)
-        if pfn is None:
-            raise ValueError(f"private gpa {gpa:#x} has no guest_memfd page yet")
-        return pfn
+        if pfn is not None:
+            return pfn
     mapping = vmm.proc.task.fds[vmm.ram_fd].f_mapping if vmm.ram_fd is not None else None
     if mapping is not None:
         pfn = mapping.lookup(gpa >> PAGE_SHIFT)
