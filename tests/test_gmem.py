@@ -15,6 +15,9 @@ from kvmpoison.machine import Machine, VmSpec
 from kvmpoison.matrix.designs import backing_pfn, run_design_cell
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.memory_failure import memory_failure
+from kvmpoison.scenario.library import shipped
+from kvmpoison.scenario.loader import load
+from kvmpoison.scenario.runner import run_scenario
 from kvmpoison.virt.kvm.gmem_memslot import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -348,3 +351,23 @@ def test_gmem_file_cannot_be_seeked() -> None:
 def test_matrix_cells_on_gmem(state: str, path: str, cell: str, data: bytes | None) -> None:
     got = run_design_cell("gmem", state, path)
     assert got.cell == cell and got.outcome.data == data
+
+
+# -- the shipped scenarios on gmem ---------------------------------------------------------------
+
+LIBRARY = shipped()
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY))
+def test_shipped_scenario_runs_on_gmem_with_its_own_expectations(name: str) -> None:
+    sc = load(LIBRARY[name])
+    assert "gmem:" in sc.comment  # says what guest_memfd changes, or why the case does not apply
+    for step in sc.steps:  # a step the RFC's designs check is checked on gmem too
+        if any(k in step.expect for k in ("baseline", "rfc-v1", "rfc-v2")):
+            assert "gmem" in step.expect or "*" in step.expect, (name, step.index)
+        if any(k in step.expect_data for k in ("baseline", "rfc-v1", "rfc-v2")):
+            assert "gmem" in step.expect_data or "*" in step.expect_data, (name, step.index)
+    run = run_scenario(sc, "gmem")
+    failed = [(r.step.index, r.outcome.cell, r.expected, r.data_met) for r in run.results
+              if not r.ok]
+    assert not failed, failed
