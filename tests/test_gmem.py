@@ -16,6 +16,7 @@ from kvmpoison.machine import Machine, VmSpec
 from kvmpoison.matrix.designs import backing_pfn, run_design_cell
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.memory_failure import memory_failure
+from kvmpoison.mm.mmap import MAP_SHARED
 from kvmpoison.scenario.library import shipped
 from kvmpoison.scenario.loader import load
 from kvmpoison.scenario.runner import run_scenario
@@ -28,6 +29,7 @@ from kvmpoison.virt.kvm.gmem_memslot import (
     kvm_mem_is_private,
     kvm_vm_ioctl_set_memory_attributes,
 )
+from kvmpoison.virt.kvm.guest_memfd import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
 from kvmpoison.virt.kvm.memory_attributes import KVM_MEMORY_ATTRIBUTE_PRIVATE, MemAttrArray
 from kvmpoison.virt.kvm.private_mem import (
     KVM_EXIT_HYPERCALL,
@@ -381,3 +383,27 @@ def test_demo_story_on_gmem() -> None:
     assert steps["mmap the guest_memfd"].cell == "err:ENODEV"
     assert steps["load the secret back"].data == b"TD secret: 42 42"
     assert "pread the guest_memfd" not in {s.action for s in run_story("rfc-v2")}
+
+
+def test_private_punch_gives_the_frame_back_clean_to_the_host(m: Machine) -> None:
+    m.guest.store(SECRET_GPA, b"secret")
+    pfn = backing_pfn(m, SECRET_GPA)
+    hw = m.kernel.core.hw
+    assert hw.line_state(pfn << 12).td  # TDH.MEM.PAGE.AUG made its lines TD-owned
+    m.vmm.proc.fallocate(m.vmm.gmem_fd or 0, PUNCH, SECRET_GPA, PAGE)
+    assert not hw.line_state(pfn << 12).td and pfn not in m.vm.td_pages  # tdx_reclaim_page
+
+
+def test_an_mmap_capable_guest_memfd_serves_shared_faults_too(m: Machine) -> None:
+    vmm = m.vmm
+    flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+    gfd = vmm.guest_memfd_create(m.vm, 4 * PAGE, flags).value or 0
+    view = vmm.proc.mmap(0, 4 * PAGE, 3, MAP_SHARED, gfd).value or 0
+    assert vmm.proc.store(view + PAGE, b"via mmap").cell == "ok"
+    elsewhere = vmm.scratch(4)  # userspace_addr is not where a gmem-only slot's pages come from
+    assert region2(vmm, m, 1, KVM_MEM_GUEST_MEMFD, HIGH, 4 * PAGE, gfd, 0,
+                   hva=elsewhere) == "ret:0"
+    m.guest.shared.add((HIGH >> 12) + 1)
+    assert m.guest.load(HIGH + PAGE, 8).data == b"via mmap"  # a shared fault, from the file
+    vmm.proc.fallocate(gfd, PUNCH, PAGE, PAGE)  # INIT_SHARED: the shared SPTE is zapped
+    assert not m.vm.ept.get(HIGH + PAGE)

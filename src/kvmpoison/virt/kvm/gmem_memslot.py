@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from kvmpoison.arch.x86.integrity import WriteHow
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.mm.file import File
-from kvmpoison.virt.kvm.guest_memfd import GmemBinding, GuestMemfd, kvm_gmem_create
+from kvmpoison.virt.kvm.guest_memfd import (
+    GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
+    GmemBinding,
+    GuestMemfd,
+    kvm_gmem_create,
+)
 from kvmpoison.virt.kvm.kvm_main import (
     KVM_MEM_MAX_NR_PAGES,
     TASK_SIZE_MAX,
@@ -56,6 +62,7 @@ class GmemMemslot(Memslot):
     flags: int = 0
     gmem_file: File | None = None
     gmem_pgoff: int = 0
+    gmem_only: bool = False  # KVM_MEMSLOT_GMEM_ONLY: a guest_memfd with MMAP serves every fault
 
     def gmem_index(self, gfn: int) -> int:
         """``kvm_gmem_get_index``."""
@@ -192,7 +199,8 @@ def kvm_gmem_bind(vm: Vm, slot: GmemMemslot, fd: int, offset: int,
         return -errno.EINVAL
     slot.gmem_file = file
     slot.gmem_pgoff = start
-    private_only = not gmem.flags & 2  # GUEST_MEMFD_FLAG_INIT_SHARED: KVM_FILTER_SHARED
+    slot.gmem_only = bool(gmem.flags & GUEST_MEMFD_FLAG_MMAP)
+    private_only = not gmem.flags & GUEST_MEMFD_FLAG_INIT_SHARED  # else KVM_FILTER_SHARED
 
     def invalidate(lo: int, hi: int) -> None:
         kvm_gmem_zap(vm, slot, lo, hi, private_only)
@@ -266,6 +274,10 @@ def kvm_gmem_cached_pfn(vm: Vm, gfn: int) -> int | None:
 
 def kvm_slot_has_gmem(slot: Memslot | None) -> bool:
     return isinstance(slot, GmemMemslot) and bool(slot.flags & KVM_MEM_GUEST_MEMFD)
+
+
+def kvm_memslot_is_gmem_only(slot: Memslot | None) -> bool:
+    return isinstance(slot, GmemMemslot) and slot.gmem_only
 
 
 def kvm_mem_is_private(vm: Vm, gfn: int) -> bool:

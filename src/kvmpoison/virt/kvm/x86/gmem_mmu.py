@@ -8,7 +8,9 @@ returns -EFAULT. A private fault goes to ``kvm_mmu_faultin_pfn_gmem``:
 no guest_memfd on the slot is the same exit; otherwise ``kvm_gmem_get_pfn``
 serves the page (an error there is the exit too, and KVM_RUN returns that
 error, e.g. -EHWPOISON). A shared fault goes to the VMM's ``userspace_addr``
-through ``hva_to_pfn`` as before 6.18.
+through ``hva_to_pfn`` as before 6.18, unless the slot's guest_memfd was
+created with GUEST_MEMFD_FLAG_MMAP (``kvm_memslot_is_gmem_only``): then
+guest_memfd serves shared faults too.
 
 The privacy of an access comes from the guest, as TDX's shared-GPA bit does
 (SNP's C-bit likewise): the model's guest says whether it uses the shared
@@ -32,6 +34,7 @@ from kvmpoison.uapi.errno import errno_name
 from kvmpoison.virt.kvm.gmem_memslot import (
     kvm_gmem_get_pfn,
     kvm_mem_is_private,
+    kvm_memslot_is_gmem_only,
     kvm_slot_has_gmem,
 )
 from kvmpoison.virt.kvm.kvm_main import Vm, is_error_pfn
@@ -74,15 +77,18 @@ def kvm_tdp_page_fault(vm: Vm, gpa: int, write: bool,
     slot = vm.gfn_to_memslot(gfn)
     if slot is None:
         return Outcome.error(errno.EFAULT, f"no memslot for gpa {gpa:#x} (an MMIO exit)")
-    if is_private:  # kvm_mmu_faultin_pfn_gmem
+    if is_private or kvm_memslot_is_gmem_only(slot):  # kvm_mmu_faultin_pfn_gmem
         if not kvm_slot_has_gmem(slot):
-            return kvm_prepare_memory_fault_exit(gpa, True), -errno.EFAULT
+            return kvm_prepare_memory_fault_exit(gpa, is_private), -errno.EFAULT
         pfn, err = kvm_gmem_get_pfn(vm, slot, gfn)
         if err:
-            return kvm_prepare_memory_fault_exit(gpa, True), err
-        _tdh_mem_page_aug(vm, pfn)
+            return kvm_prepare_memory_fault_exit(gpa, is_private), err
+        if is_private:
+            _tdh_mem_page_aug(vm, pfn)
+            state.private_sptes.add(gfn)
+        else:
+            state.private_sptes.discard(gfn)
         vm.ept.set(gfn << PAGE_SHIFT, ept_leaf(pfn, writable=True))
-        state.private_sptes.add(gfn)
         return None
     hva = slot.gfn_to_hva(gfn)
     pfn = vm.hva_to_pfn(hva, write)
