@@ -293,7 +293,7 @@ def test_punch_hole_zaps_the_ept_and_the_guest_gets_a_fresh_zero_page() -> None:
     m = gmem_machine()
     m.guest.store(SECRET_GPA, b"secret")
     assert m.vmm.proc.fallocate(m.vmm.gmem_fd or 0, PUNCH, SECRET_GPA, PAGE).cell == "ret:0"
-    assert not m.vm.ept.get(SECRET_GPA) and 0x30 not in m.vm.gmem.private_sptes  # type: ignore
+    assert not m.vm.ept.get(SECRET_GPA)
     assert kvm_gmem_cached_pfn(m.vm, 0x30) is None
     assert m.guest.load(SECRET_GPA, 6).data == bytes(6)  # no TD integrity failure either
 
@@ -407,3 +407,10 @@ def test_an_mmap_capable_guest_memfd_serves_shared_faults_too(m: Machine) -> Non
     assert m.guest.load(HIGH + PAGE, 8).data == b"via mmap"  # a shared fault, from the file
     vmm.proc.fallocate(gfd, PUNCH, PAGE, PAGE)  # INIT_SHARED: the shared SPTE is zapped
     assert not m.vm.ept.get(HIGH + PAGE)
+
+
+def test_converting_to_shared_reclaims_the_td_frame(m: Machine) -> None:
+    m.guest.store(SECRET_GPA, b"secret")
+    pfn = backing_pfn(m, SECRET_GPA)
+    assert m.vmm.set_memory_attributes(m.vm, SECRET_GPA, PAGE, 0).cell == "ret:0"
+    assert not m.kernel.core.hw.line_state(pfn << 12).td and pfn not in m.vm.td_pages

@@ -23,8 +23,10 @@ import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from kvmpoison.arch.x86.integrity import WriteHow
-from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE, PTE_PFN_MASK
 from kvmpoison.mm.file import File
 from kvmpoison.virt.kvm.guest_memfd import (
     GUEST_MEMFD_FLAG_INIT_SHARED,
@@ -53,6 +55,10 @@ KVM_MEM_SLOTS_NUM = 0x7FFF  # SHRT_MAX
 KVM_USER_MEM_SLOTS_6_18 = KVM_MEM_SLOTS_NUM - 3  # x86: KVM_INTERNAL_MEM_SLOTS = 3
 KVM_HC_MAP_GPA_RANGE = 12  # include/uapi/linux/kvm_para.h
 KVM_EXIT_HYPERCALL_VALID_MASK = 1 << KVM_HC_MAP_GPA_RANGE
+# The model's mark of an SPTE in the private (TDX: mirror/S-EPT) root. KVM keeps private
+# and shared mappings in separate roots; the model keeps one EPT and tags its private
+# entries with bit 62, a bit the CPU ignores in an EPT leaf.
+SPTE_PRIVATE = 1 << 62
 
 
 @dataclass(eq=False)
@@ -219,25 +225,35 @@ def kvm_gmem_unbind(slot: GmemMemslot) -> None:
 
 
 def kvm_gmem_zap(vm: Vm, slot: GmemMemslot, lo: int, hi: int, private_only: bool) -> None:
-    """``kvm_mmu_unmap_gfn_range`` for file pages [lo, hi) of ``slot`` (filtered).
+    """``__kvm_gmem_invalidate_begin`` for file pages [lo, hi) of ``slot``.
+
+    A guest_memfd created without INIT_SHARED zaps private SPTEs only
+    (KVM_FILTER_PRIVATE); one with INIT_SHARED zaps shared ones
+    (KVM_FILTER_SHARED, as its pages back shared memory).
+    """
+    first = slot.base_gfn + lo - slot.gmem_pgoff
+    last = slot.base_gfn + hi - slot.gmem_pgoff
+    kvm_unmap_gfn_range(vm, first, last, private=private_only, shared=not private_only)
+
+
+def kvm_unmap_gfn_range(vm: Vm, first: int, last: int, private: bool = True,
+                        shared: bool = True) -> None:
+    """Zap the SPTEs of gfns [first, last), private ones, shared ones or both (vectorised).
 
     For a TD, removing a private page is TDH.MEM.PAGE.REMOVE and the host then
     clears the frame with MOVDIR64B under KeyID 0 (``tdx_reclaim_page``), so the
     frame goes back to the host clean.
     """
-    first = slot.base_gfn + lo - slot.gmem_pgoff
-    last = slot.base_gfn + hi - slot.gmem_pgoff
-    state = vm.gmem
-    for gfn in sorted(g for g in (state.private_sptes if state is not None else ())
-                      if first <= g < last):
-        raw = vm.ept.get(gfn << PAGE_SHIFT)
-        if raw:
-            tdx_reclaim_page(vm, (raw >> PAGE_SHIFT) & ((1 << 40) - 1))
-        vm.ept.set(gfn << PAGE_SHIFT, 0)
-        if state is not None:
-            state.private_sptes.discard(gfn)
-    if not private_only:
-        vm.zap_gfn_range(first, last)
+    rows = vm.ept.store.rows
+    for chunk in vm.ept.chunks(first << PAGE_SHIFT, last << PAGE_SHIFT):
+        sptes = rows[chunk.rows, chunk.cols]
+        is_private = (sptes & np.uint64(SPTE_PRIVATE)) != 0
+        hit = (sptes != 0) & ((is_private & private) | (~is_private & shared))
+        if vm.td_keyid is not None:
+            pfns = (sptes[hit & is_private] & np.uint64(PTE_PFN_MASK)) >> np.uint64(PAGE_SHIFT)
+            for pfn in pfns.tolist():  # one TDH.MEM.PAGE.REMOVE per private page
+                tdx_reclaim_page(vm, int(pfn))
+        rows[chunk.rows[hit], chunk.cols[hit]] = 0
 
 
 def tdx_reclaim_page(vm: Vm, pfn: int) -> None:
@@ -294,9 +310,7 @@ def kvm_vm_ioctl_set_memory_attributes(vm: Vm, address: int, size: int, attribut
         return -errno.ENOTTY  # no KVM_CAP_MEMORY_ATTRIBUTES: the ioctl does not exist
 
     def zap(first: int, last: int) -> None:
-        vm.zap_gfn_range(first, last)
-        state.private_sptes.difference_update(
-            [g for g in state.private_sptes if first <= g < last])
+        kvm_unmap_gfn_range(vm, first, last)
 
     return kvm_vm_ioctl_set_mem_attributes(state.mem_attr_array, state.has_private_mem, zap,
                                            address, size, attributes, flags)

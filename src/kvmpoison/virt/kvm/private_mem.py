@@ -54,9 +54,6 @@ class GmemVm:
     mem_attr_array: MemAttrArray = field(default_factory=MemAttrArray)
     has_private_mem: bool = True
     hypercall_exit_enabled: int = 0  # bit n: hypercall n exits to userspace
-    # gfns whose SPTE maps guest_memfd (TDX keeps these in the mirror/S-EPT, apart from
-    # the shared EPT; the model keeps one EPT and marks which entries are private).
-    private_sptes: set[int] = field(default_factory=set)
     userspace: ExitHandler | None = None  # the VMM's KVM_RUN loop
     exits: list[KvmExit] = field(default_factory=list)  # every exit, in order
 

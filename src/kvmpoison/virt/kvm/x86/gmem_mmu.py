@@ -32,6 +32,7 @@ from kvmpoison.mm.page import SetPageHWPoison, put_page
 from kvmpoison.outcome import Halt, Kind, McKind, Outcome
 from kvmpoison.uapi.errno import errno_name
 from kvmpoison.virt.kvm.gmem_memslot import (
+    SPTE_PRIVATE,
     kvm_gmem_get_pfn,
     kvm_mem_is_private,
     kvm_memslot_is_gmem_only,
@@ -70,7 +71,7 @@ def _tdh_mem_page_aug(vm: Vm, pfn: int) -> None:
 def kvm_tdp_page_fault(vm: Vm, gpa: int, write: bool,
                        is_private: bool) -> tuple[KvmExit, int] | Outcome | None:
     """Resolve one EPT violation: None when the SPTE is set, an exit plus -errno, or an outcome."""
-    state = _state(vm)
+    _state(vm)  # a VM with private memory only
     gfn = gpa >> PAGE_SHIFT
     if is_private != kvm_mem_is_private(vm, gfn):
         return kvm_prepare_memory_fault_exit(gpa, is_private), -errno.EFAULT
@@ -85,10 +86,8 @@ def kvm_tdp_page_fault(vm: Vm, gpa: int, write: bool,
             return kvm_prepare_memory_fault_exit(gpa, is_private), err
         if is_private:
             _tdh_mem_page_aug(vm, pfn)
-            state.private_sptes.add(gfn)
-        else:
-            state.private_sptes.discard(gfn)
-        vm.ept.set(gfn << PAGE_SHIFT, ept_leaf(pfn, writable=True))
+        vm.ept.set(gfn << PAGE_SHIFT, ept_leaf(pfn, writable=True)
+                   | (SPTE_PRIVATE if is_private else 0))
         return None
     hva = slot.gfn_to_hva(gfn)
     pfn = vm.hva_to_pfn(hva, write)
@@ -97,7 +96,6 @@ def kvm_tdp_page_fault(vm: Vm, gpa: int, write: bool,
     host_pte = vm.mm.pgd.get(hva)
     writable = write or (pte_present(host_pte) and bool(host_pte & _PAGE_RW))
     vm.ept.set(gfn << PAGE_SHIFT, ept_leaf(pfn, writable=writable))
-    state.private_sptes.discard(gfn)
     put_page(vm.core.pages[pfn])  # kvm_release_faultin_page
     return None
 
@@ -105,7 +103,7 @@ def kvm_tdp_page_fault(vm: Vm, gpa: int, write: bool,
 def _spte(vm: Vm, gpa: int, write: bool, is_private: bool) -> EptEntry | None:
     """The SPTE the access would use: private accesses use private SPTEs only, and back."""
     raw = vm.ept.get(gpa & ~(PAGE_SIZE - 1))
-    if not raw or ((gpa >> PAGE_SHIFT) in _state(vm).private_sptes) != is_private:
+    if not raw or bool(raw & SPTE_PRIVATE) != is_private:
         return None
     entry = EptEntry.decode(raw)
     if not entry.present or (write and not entry.flags & 0x2):
