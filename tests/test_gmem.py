@@ -394,8 +394,16 @@ def test_private_punch_gives_the_frame_back_clean_to_the_host(m: Machine) -> Non
     assert not hw.line_state(pfn << 12).td and pfn not in m.vm.td_pages  # tdx_reclaim_page
 
 
+def test_init_shared_needs_a_vm_without_private_memory(m: Machine) -> None:
+    flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+    assert m.vmm.guest_memfd_create(m.vm, PAGE, flags).cell == "err:EINVAL"
+    assert m.vmm.guest_memfd_create(m.vm, PAGE, GUEST_MEMFD_FLAG_MMAP).cell.startswith("ret:")
+    assert m.vmm.guest_memfd_create(m.vm, PAGE, 1 << 2).cell == "err:EINVAL"
+
+
 def test_an_mmap_capable_guest_memfd_serves_shared_faults_too(m: Machine) -> None:
     vmm = m.vmm
+    m.vm.gmem.has_private_mem = False  # type: ignore[union-attr]  # 6.18's default VM type
     flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
     gfd = vmm.guest_memfd_create(m.vm, 4 * PAGE, flags).value or 0
     view = vmm.proc.mmap(0, 4 * PAGE, 3, MAP_SHARED, gfd).value or 0

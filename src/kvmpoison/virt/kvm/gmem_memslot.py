@@ -325,8 +325,17 @@ def kvm_vm_enable_cap_exit_hypercall(vm: Vm, mask: int) -> int:
     return 0
 
 
+def kvm_gmem_get_supported_flags(vm: Vm) -> int:
+    """MMAP always; INIT_SHARED only for a VM without private memory (x86 6.18:
+    ``kvm_arch_supports_gmem_init_shared`` is ``!kvm_arch_has_private_mem``)."""
+    state = _gmem(vm)
+    return GUEST_MEMFD_FLAG_MMAP | (0 if state.has_private_mem else GUEST_MEMFD_FLAG_INIT_SHARED)
+
+
 def kvm_create_guest_memfd(vm: Vm, size: int, flags: int) -> File | int:
     """``KVM_CREATE_GUEST_MEMFD`` on the VM fd: the file, or -errno."""
+    if not 0 <= flags < 1 << 64 or flags & ~kvm_gmem_get_supported_flags(vm):
+        return -errno.EINVAL
     return kvm_gmem_create(vm.core, vm, size, flags)
 
 
