@@ -101,6 +101,8 @@ class GuestMemfd:
             return None, -errno.EINVAL
         pfn = mapping.lookup(index)
         if pfn is None:
+            # kvm_gmem_aops: installed before the first page enters the cache
+            mapping.error_remove_folio = self.kvm_gmem_error_folio
             page = core.buddy.alloc_pages(0)
             if page is None:
                 return None, -errno.ENOMEM
@@ -186,6 +188,5 @@ def kvm_gmem_create(core: MmCore, owner: object, size: int, flags: int) -> File 
     inode.noexec = True
     assert inode.mapping is not None
     inode.mapping.flags |= AS_UNEVICTABLE
-    gmem = GuestMemfd(core, owner, flags)
-    inode.mapping.error_remove_folio = gmem.kvm_gmem_error_folio
-    return File(name="anon_inode:[kvm-gmem]", f_inode=inode, f_op=gmem, fmode_pread=False)
+    return File(name="anon_inode:[kvm-gmem]", f_inode=inode,
+                f_op=GuestMemfd(core, owner, flags), fmode_pread=False)
