@@ -422,3 +422,9 @@ def test_converting_to_shared_reclaims_the_td_frame(m: Machine) -> None:
     pfn = backing_pfn(m, SECRET_GPA)
     assert m.vmm.set_memory_attributes(m.vm, SECRET_GPA, PAGE, 0).cell == "ret:0"
     assert not m.kernel.core.hw.line_state(pfn << 12).td and pfn not in m.vm.td_pages
+
+
+def test_a_vm_without_private_memory_supports_no_attribute(m: Machine) -> None:
+    m.vm.gmem.has_private_mem = False  # type: ignore[union-attr]  # 6.18's default VM type
+    assert m.vmm.set_memory_attributes(m.vm, HIGH, PAGE, PRIV).cell == "err:EINVAL"
+    assert m.vmm.set_memory_attributes(m.vm, HIGH, PAGE, 0).cell == "ret:0"
