@@ -151,10 +151,10 @@ def _page_action(core: MmCore, page: Page) -> int:
     dirty = PageDirty(page)
     if dirty:
         mapping_set_error(mapping, -errno.EIO)
-    kind = getattr(mapping.host, "kind", "")
     remove = mapping.error_remove_folio  # truncate_error_folio: the a_ops hook first
     if remove is not None and remove(int(core.pages.index[pfn])):
         return _report(core, pfn, "clean LRU page", MfResult.FAILED)
+    kind = getattr(mapping.host, "kind", "")
     keep = kind == "shmem" and core.kcfg.version >= KernelVersion.V6_18
     if not keep:  # truncate_error_page: the page leaves the page cache
         index = int(core.pages.index[pfn])
