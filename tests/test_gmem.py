@@ -236,6 +236,7 @@ def test_hypercall_argument_rules(m: Machine) -> None:
     assert g.hypercall(12, SECRET_GPA, 0, 0) == -KVM_EINVAL  # no pages
     assert g.hypercall(12, SECRET_GPA, 2**64 - 1, 0) == -KVM_EINVAL  # wraps
     assert g.hypercall(13, 0x30, 1) == -KVM_ENOSYS  # the RFC's KVM_HC_MEM_SHARE is not here
+    assert g.hypercall(11) == 0 and g.hypercall(1) == 0  # SCHED_YIELD, VAPIC_POLL_IRQ
     m.vm.gmem.hypercall_exit_enabled = 0  # type: ignore[union-attr]
     assert g.hypercall(12, SECRET_GPA, 1, 0) == -KVM_ENOSYS  # no KVM_CAP_EXIT_HYPERCALL
     assert not m.vm.mem_protected  # 12 is not the RFC's KVM_HC_ENABLE_MEM_PROTECTED

@@ -20,7 +20,9 @@ from kvmpoison.virt.kvm.mem_protected import KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC
 from kvmpoison.virt.kvm.x86.gmem_hypercall import (
     KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
+    kvm_emulate_hypercall_gmem,
 )
+from kvmpoison.virt.kvm.x86.gmem_mmu import gmem_vcpu_access
 from kvmpoison.virt.kvm.x86.hypercall import kvm_emulate_hypercall
 from kvmpoison.virt.kvm.x86.vcpu import vcpu_access
 
@@ -47,7 +49,9 @@ class Guest:
     panicked: str | None = None
 
     def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0) -> int:
-        return kvm_emulate_hypercall(self.vm, nr, a0, a1, a2)
+        if self.vm.gmem is not None:  # a 6.18 VM: upstream's hypercall table, not the RFC's
+            return kvm_emulate_hypercall_gmem(self.vm, nr, a0, a1, a2)
+        return kvm_emulate_hypercall(self.vm, nr, a0, a1)
 
     def share(self, gfn: int, npages: int) -> int:
         """``__set_memory_enc_dec(..., enc=false)``: KVM_HC_MEM_SHARE, then use the shared alias.
@@ -119,7 +123,8 @@ class Guest:
         if core.halted is not None:
             return core.halted
         try:
-            return vcpu_access(self.vm, gpa, size, data, self._shared(gpa))
+            access = gmem_vcpu_access if self.vm.gmem is not None else vcpu_access
+            return access(self.vm, gpa, size, data, self._shared(gpa))
         except Halt as halt:
             core.halted = halt.outcome
             return halt.outcome

@@ -9,7 +9,8 @@ or a wrapping range; otherwise KVM exits with KVM_EXIT_HYPERCALL
 the VMM re-enters, writes ``hypercall.ret`` to RAX. This table is upstream's:
 the RFC's 12 (KVM_HC_ENABLE_MEM_PROTECTED) and 13 (KVM_HC_MEM_SHARE) do not
 exist here and answer -KVM_ENOSYS, like every hypercall the model leaves out
-(KVM_HC_KICK_CPU, KVM_HC_SEND_IPI, ...).
+(CLOCK_PAIRING, SEND_IPI, ...); VAPIC_POLL_IRQ, KICK_CPU and SCHED_YIELD
+return 0. The guest's VMCALL reaches this table directly (``Guest.hypercall``).
 
 A VMM that fails the conversion stops the VM in QEMU (RUN_STATE_INTERNAL_ERROR);
 the model hands the VMM's negative result to the guest instead.
@@ -28,6 +29,9 @@ from kvmpoison.virt.kvm.private_mem import (
 )
 
 KVM_ENOSYS = 1000
+KVM_HC_VAPIC_POLL_IRQ = 1
+KVM_HC_KICK_CPU = 5
+KVM_HC_SCHED_YIELD = 11
 KVM_EINVAL = 22
 KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
 KVM_MAP_GPA_RANGE_PAGE_SZ_2M = 1 << 0
@@ -39,6 +43,8 @@ KVM_MAP_GPA_RANGE_DECRYPTED = 0
 def kvm_emulate_hypercall_gmem(vm: Vm, nr: int, a0: int = 0, a1: int = 0, a2: int = 0) -> int:
     """The value the guest finds in RAX."""
     state = vm.gmem
+    if nr in (KVM_HC_VAPIC_POLL_IRQ, KVM_HC_KICK_CPU, KVM_HC_SCHED_YIELD):
+        return 0  # the PV hypercalls that need no state (PV feature CPUID not enforced)
     if state is None or nr != KVM_HC_MAP_GPA_RANGE:
         return -KVM_ENOSYS
     gpa, npages, attrs = a0 & U64_MAX, a1 & U64_MAX, a2 & U64_MAX

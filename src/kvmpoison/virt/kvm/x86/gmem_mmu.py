@@ -48,6 +48,7 @@ from kvmpoison.virt.kvm.private_mem import (
 from kvmpoison.virt.kvm.x86.mmu import kvm_handle_bad_page
 
 MAX_RETRIES = 4
+GPA_LIMIT = 1 << 48  # what a 4-level EPT translates
 
 
 def kvm_prepare_memory_fault_exit(gpa: int, is_private: bool) -> KvmExit:
@@ -132,6 +133,16 @@ def _fault_in(vm: Vm, gpa: int, write: bool, is_private: bool) -> EptEntry | Out
 def gmem_vcpu_access(vm: Vm, gpa: int, size: int, data: bytes | None,
                      shared: bool) -> Outcome:
     """One guest access of a VM with private memory (``shared``: the shared alias)."""
+    if vm.td_fatal:
+        return Outcome.machine_check(None, McKind.TD_FATAL,
+                                     "TDH.VP.ENTER: TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE")
+    if not vm.vcpu_task.alive:
+        if vm.vcpu_task.exit_signal is not None:
+            return Outcome.signal(vm.vcpu_task.exit_signal, detail="the VMM is dead")
+        return Outcome.error(errno.ESRCH, "the VMM is gone")
+    if gpa < 0 or size < 0 or gpa + size > GPA_LIMIT:
+        raise ValueError(f"gpa {gpa:#x}+{size:#x} is beyond the 48-bit guest-physical "
+                         "address space: the guest cannot issue this access")
     core = vm.core
     out: list[bytes] = []
     done = 0

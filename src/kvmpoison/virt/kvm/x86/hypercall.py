@@ -14,15 +14,12 @@ from kvmpoison.virt.kvm.mem_protected import (
     kvm_protect_memory,
     kvm_share_memory,
 )
-from kvmpoison.virt.kvm.x86.gmem_hypercall import kvm_emulate_hypercall_gmem
 
 KVM_ENOSYS = 1000
 
 
-def kvm_emulate_hypercall(vm: Vm, nr: int, a0: int = 0, a1: int = 0, a2: int = 0) -> int:
+def kvm_emulate_hypercall(vm: Vm, nr: int, a0: int = 0, a1: int = 0) -> int:
     """The value the guest finds in RAX."""
-    if vm.protection is Protection.GMEM:  # upstream's table, not the RFC's
-        return kvm_emulate_hypercall_gmem(vm, nr, a0, a1, a2)
     if vm.protection is Protection.NONE:
         return -KVM_ENOSYS
     if nr == KVM_HC_ENABLE_MEM_PROTECTED:

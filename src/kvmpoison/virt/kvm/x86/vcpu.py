@@ -15,8 +15,7 @@ from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.mm.page import SetPageHWPoison
 from kvmpoison.outcome import Halt, Kind, McKind, Outcome
-from kvmpoison.virt.kvm.kvm_main import Protection, Vm
-from kvmpoison.virt.kvm.x86.gmem_mmu import gmem_vcpu_access
+from kvmpoison.virt.kvm.kvm_main import Vm
 from kvmpoison.virt.kvm.x86.mmu import direct_page_fault, spte_present
 
 MAX_RETRIES = 4
@@ -31,8 +30,6 @@ def vcpu_access(vm: Vm, gpa: int, size: int, data: bytes | None, shared: bool) -
         if vm.vcpu_task.exit_signal is not None:
             return Outcome.signal(vm.vcpu_task.exit_signal, detail="the VMM is dead")
         return Outcome.error(errno.ESRCH, "the VMM is gone")
-    if vm.protection is Protection.GMEM:
-        return gmem_vcpu_access(vm, gpa, size, data, shared)
     core = vm.core
     out: list[bytes] = []
     done = 0
