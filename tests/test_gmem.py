@@ -251,7 +251,7 @@ def test_explicit_conversion_round_trip_loses_the_data(m: Machine) -> None:
     g.store(SECRET_GPA, b"public")
     assert m.vmm.load(SECRET_GPA, 6).data == b"public"
     assert g.hypercall(12, SECRET_GPA, 1, KVM_MAP_GPA_RANGE_ENCRYPTED) == 0
-    g.shared.discard(0x30)
+    g.use_shared_alias(0x30, 1, False)
     assert m.vmm.load(SECRET_GPA, 6).data == bytes(6)  # the memfd range was discarded
     assert g.load(SECRET_GPA, 6).data == bytes(6)
 
@@ -259,13 +259,13 @@ def test_explicit_conversion_round_trip_loses_the_data(m: Machine) -> None:
 def test_mismatched_access_exits_with_memory_fault_and_the_vmm_converts(m: Machine) -> None:
     g = m.guest
     g.store(SECRET_GPA, b"secret")
-    g.shared.add(0x30)  # the guest touches its private page through the shared alias
+    g.use_shared_alias(0x30, 1, True)  # the guest touches its private page through the shared alias
     assert g.load(SECRET_GPA, 6).data == bytes(6)
     ex = m.vm.gmem.exits[-1]  # type: ignore[union-attr]
     assert (ex.exit_reason, ex.gpa, ex.size, ex.flags) == (KVM_EXIT_MEMORY_FAULT, SECRET_GPA,
                                                            PAGE, 0)
     assert not kvm_mem_is_private(m.vm, 0x30)
-    g.shared.discard(0x30)
+    g.use_shared_alias(0x30, 1, False)
     g.load(SECRET_GPA, 1)
     ex = m.vm.gmem.exits[-1]  # type: ignore[union-attr]
     assert ex.flags == KVM_MEMORY_EXIT_FLAG_PRIVATE and kvm_mem_is_private(m.vm, 0x30)
@@ -273,7 +273,7 @@ def test_mismatched_access_exits_with_memory_fault_and_the_vmm_converts(m: Machi
 
 def test_without_a_vmm_loop_the_memory_fault_ends_kvm_run(m: Machine) -> None:
     m.vm.gmem.userspace = None  # type: ignore[union-attr]
-    m.guest.shared.add(0x30)
+    m.guest.use_shared_alias(0x30, 1, True)
     got = m.guest.load(SECRET_GPA, 8)
     assert got.cell == "err:EFAULT" and "KVM_EXIT_MEMORY_FAULT gpa=0x30000" in got.detail
 
@@ -412,7 +412,7 @@ def test_an_mmap_capable_guest_memfd_serves_shared_faults_too(m: Machine) -> Non
     elsewhere = vmm.scratch(4)  # userspace_addr is not where a gmem-only slot's pages come from
     assert region2(vmm, m, 1, KVM_MEM_GUEST_MEMFD, HIGH, 4 * PAGE, gfd, 0,
                    hva=elsewhere) == "ret:0"
-    m.guest.shared.add((HIGH >> 12) + 1)
+    m.guest.use_shared_alias((HIGH >> 12) + 1, 1, True)
     assert m.guest.load(HIGH + PAGE, 8).data == b"via mmap"  # a shared fault, from the file
     vmm.proc.fallocate(gfd, PUNCH, PAGE, PAGE)  # INIT_SHARED: the shared SPTE is zapped
     assert not m.vm.ept.get(HIGH + PAGE)

@@ -17,6 +17,7 @@ from kvmpoison.outcome import Halt, Outcome
 from kvmpoison.virt.kvm.gmem_memslot import KVM_HC_MAP_GPA_RANGE
 from kvmpoison.virt.kvm.kvm_main import Protection, Vm
 from kvmpoison.virt.kvm.mem_protected import KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE
+from kvmpoison.virt.kvm.memory_attributes import MemAttrArray
 from kvmpoison.virt.kvm.x86.gmem_hypercall import (
     KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
@@ -47,6 +48,8 @@ class Guest:
     shared: set[int] = field(default_factory=set)  # gfns the guest accesses as shared
     log: list[str] = field(default_factory=list)
     panicked: str | None = None
+    # gmem: the gfns this guest touches through the shared alias (value 1), TDX's shared bit
+    gmem_alias: MemAttrArray = field(default_factory=MemAttrArray)
 
     def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0) -> int:
         if self.vm.gmem is not None:  # a 6.18 VM: upstream's hypercall table, not the RFC's
@@ -72,17 +75,19 @@ class Guest:
         attrs = KVM_MAP_GPA_RANGE_ENCRYPTED if private else KVM_MAP_GPA_RANGE_DECRYPTED
         ret = self.hypercall(KVM_HC_MAP_GPA_RANGE, gfn << PAGE_SHIFT, npages, attrs)
         if ret == 0:
-            gfns = range(gfn, gfn + npages)
-            if private:
-                self.shared.difference_update(gfns)
-            else:
-                self.shared.update(gfns)
+            self.use_shared_alias(gfn, npages, not private)
         kind = "ENCRYPTED" if private else "DECRYPTED"
         self.log.append(f"KVM_HC_MAP_GPA_RANGE({gfn << PAGE_SHIFT:#x}, {npages}, {kind}) = {ret}")
         return ret
 
+    def use_shared_alias(self, gfn: int, npages: int, shared: bool) -> None:
+        """gmem: from now on the guest touches gfns [gfn, gfn + npages) through the shared
+        alias (or the private one), whatever KVM's attributes say."""
+        self.gmem_alias.store(gfn, gfn + npages, int(shared))
+
     def boot(self) -> None:
         if self.vm.protection is Protection.GMEM:  # all private at reset; share the buffers
+            self.gmem_alias = MemAttrArray()
             self.share(self.layout.kvmclock, 1)
             self.share(self.layout.swiotlb, self.layout.swiotlb_pages)
         elif self.vm.protection is not Protection.NONE:
@@ -123,8 +128,10 @@ class Guest:
         if core.halted is not None:
             return core.halted
         try:
-            access = gmem_vcpu_access if self.vm.gmem is not None else vcpu_access
-            return access(self.vm, gpa, size, data, self._shared(gpa))
+            if self.vm.gmem is not None:
+                alias = bool(self.gmem_alias.get(gpa >> PAGE_SHIFT))
+                return gmem_vcpu_access(self.vm, gpa, size, data, alias)
+            return vcpu_access(self.vm, gpa, size, data, self._shared(gpa))
         except Halt as halt:
             core.halted = halt.outcome
             return halt.outcome
