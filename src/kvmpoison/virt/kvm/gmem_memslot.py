@@ -28,6 +28,8 @@ import numpy as np
 from kvmpoison.arch.x86.integrity import WriteHow
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE, PTE_PFN_MASK
 from kvmpoison.mm.file import File
+from kvmpoison.mm.page import PageHWPoison
+from kvmpoison.uapi.errno import EHWPOISON
 from kvmpoison.virt.kvm.guest_memfd import (
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
@@ -276,6 +278,8 @@ def kvm_gmem_get_pfn(vm: Vm, slot: Memslot, gfn: int) -> tuple[int, int]:
     pfn, err = gmem.kvm_gmem_get_folio(slot.gmem_file.f_inode, index)
     if err or pfn is None:
         return -1, err or -errno.EFAULT
+    if PageHWPoison(vm.core.pages[pfn]):  # __kvm_gmem_get_pfn: folio_test_hwpoison
+        return -1, -EHWPOISON
     return pfn, 0
 
 
