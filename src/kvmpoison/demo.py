@@ -14,7 +14,6 @@ from kvmpoison.arch.x86.pgtable_types import PAGE_SIZE
 from kvmpoison.config import Config
 from kvmpoison.machine import Machine
 from kvmpoison.matrix.designs import run_design_cell
-from kvmpoison.mm.mmap import MAP_SHARED
 from kvmpoison.outcome import Outcome
 
 SECRET = b"TD secret: 42 42"
@@ -71,11 +70,6 @@ def run_story(design: str, seed: int = 0) -> list[Step]:
     if vmm.ram_fd is not None:
         steps.append(Step("vmm", "pread the guest-RAM memfd (page cache)",
                           vmm.pread_ram(SECRET_GPA, vmm.scratch(), 8)))
-    if vmm.gmem_fd is not None:  # gmem: the secret is in the guest_memfd, the VMM's own fd
-        steps.append(Step("vmm", "pread the guest_memfd",
-                          vmm.proc.pread(vmm.gmem_fd, vmm.scratch(), 8, SECRET_GPA)))
-        steps.append(Step("vmm", "mmap the guest_memfd",
-                          vmm.proc.mmap(0, PAGE_SIZE, 3, MAP_SHARED, vmm.gmem_fd)))
     steps.append(Step("guest", "load the secret back", g.load(SECRET_GPA, len(SECRET))))
     return steps
 
