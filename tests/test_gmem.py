@@ -156,6 +156,7 @@ def test_boot_binds_slot0_to_a_guest_memfd_and_makes_ram_private(m: Machine) -> 
     ("slot id too big", "err:EINVAL"),
     ("address space 1", "err:EINVAL"),
     ("unaligned hva", "err:EINVAL"),
+    ("beyond 48 bits", "err:EINVAL"),
 ])
 def test_gmem_binding_rules(m: Machine, case: str, cell: str) -> None:
     vmm = m.vmm
@@ -177,6 +178,7 @@ def test_gmem_binding_rules(m: Machine, case: str, cell: str) -> None:
         "read-only": (2, g | KVM_MEM_READONLY, HIGH + 0x10_0000, PAGE, fd, 8 * PAGE),
         "slot id too big": (KVM_USER_MEM_SLOTS_6_18, g, HIGH + 0x10_0000, PAGE, fd, 8 * PAGE),
         "address space 1": (1 << 16 | 2, g, HIGH + 0x10_0000, PAGE, fd, 8 * PAGE),
+        "beyond 48 bits": (2, g, (1 << 48) - PAGE, 2 * PAGE, fd, 8 * PAGE),
     }
     if case == "unaligned hva":
         assert region2(vmm, m, 2, g, HIGH + 0x10_0000, PAGE, fd, 8 * PAGE,
@@ -428,3 +430,11 @@ def test_a_vm_without_private_memory_supports_no_attribute(m: Machine) -> None:
     m.vm.gmem.has_private_mem = False  # type: ignore[union-attr]  # 6.18's default VM type
     assert m.vmm.set_memory_attributes(m.vm, HIGH, PAGE, PRIV).cell == "err:EINVAL"
     assert m.vmm.set_memory_attributes(m.vm, HIGH, PAGE, 0).cell == "ret:0"
+
+
+def test_a_slot_refused_after_the_bind_leaves_the_file_range_free(m: Machine) -> None:
+    vmm = m.vmm
+    fd = new_gmem(vmm, m)
+    beyond = (1 << 48) - PAGE  # ends past kvm_mmu_max_gfn(): refused after kvm_gmem_bind
+    assert region2(vmm, m, 2, KVM_MEM_GUEST_MEMFD, beyond, 2 * PAGE, fd, 0) == "err:EINVAL"
+    assert region2(vmm, m, 2, KVM_MEM_GUEST_MEMFD, HIGH, 2 * PAGE, fd, 0) == "ret:0"

@@ -13,8 +13,11 @@ that does not wrap; the file must be a guest_memfd created for this VM
 file range must lie inside the file and overlap no other binding of the file
 (-EINVAL, not -EEXIST: -EEXIST is for overlapping gfns); guest_memfd slots
 cannot log dirty pages, cannot be read-only, and cannot be modified, only
-deleted. Simplified: one address space (a VM with private memory has no SMM
-address space); ``userspace_addr`` must still pass ``access_ok``.
+deleted; a slot must end below ``kvm_mmu_max_gfn()`` (checked after the bind,
+as ``kvm_arch_prepare_memory_region`` runs then). Simplified: one address
+space (a VM with private memory has no SMM address space); the model's host
+has 48 guest-physical address bits; ``userspace_addr`` must still pass
+``access_ok``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ KVM_MEM_GUEST_MEMFD = 1 << 2
 KVM_MEM_SLOTS_NUM = 0x7FFF  # SHRT_MAX
 KVM_USER_MEM_SLOTS_6_18 = KVM_MEM_SLOTS_NUM - 3  # x86: KVM_INTERNAL_MEM_SLOTS = 3
 KVM_HC_MAP_GPA_RANGE = 12  # include/uapi/linux/kvm_para.h
+# kvm_mmu_max_gfn() + 1: the model's host has 48-bit guest-physical addresses (4-level EPT)
+KVM_MMU_MAX_GFN_END = 1 << (48 - PAGE_SHIFT)
 KVM_EXIT_HYPERCALL_VALID_MASK = 1 << KVM_HC_MAP_GPA_RANGE
 # The model's mark of an SPTE in the private (TDX: mirror/S-EPT) root. KVM keeps private
 # and shared mappings in separate roots; the model keeps one EPT and tags its private
@@ -168,6 +173,9 @@ def kvm_set_memory_region(vm: Vm, mem: KvmUserspaceMemoryRegion2,
         r = kvm_gmem_bind(vm, new, mem.guest_memfd, mem.guest_memfd_offset, fget)
         if r:
             return r
+    if base + npages > KVM_MMU_MAX_GFN_END:  # kvm_arch_prepare_memory_region, after the bind
+        kvm_gmem_unbind(new)
+        return -errno.EINVAL
     if old is not None:  # KVM_MR_MOVE: the old gfns go
         kvm_delete_memslot(vm, old)
     vm.memslots.append(new)
@@ -175,7 +183,7 @@ def kvm_set_memory_region(vm: Vm, mem: KvmUserspaceMemoryRegion2,
 
 
 def kvm_delete_memslot(vm: Vm, slot: Memslot) -> None:
-    vm.zap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages)
+    kvm_unmap_gfn_range(vm, slot.base_gfn, slot.base_gfn + slot.npages)
     vm.memslots = [s for s in vm.memslots if s is not slot]
     if isinstance(slot, GmemMemslot):
         kvm_gmem_unbind(slot)
