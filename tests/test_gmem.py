@@ -438,3 +438,62 @@ def test_a_slot_refused_after_the_bind_leaves_the_file_range_free(m: Machine) ->
     beyond = (1 << 48) - PAGE  # ends past kvm_mmu_max_gfn(): refused after kvm_gmem_bind
     assert region2(vmm, m, 2, KVM_MEM_GUEST_MEMFD, beyond, 2 * PAGE, fd, 0) == "err:EINVAL"
     assert region2(vmm, m, 2, KVM_MEM_GUEST_MEMFD, HIGH, 2 * PAGE, fd, 0) == "ret:0"
+
+
+# -- conversions against a reference ------------------------------------------------------------
+
+GFNS = (0x30, 0x31, 0x32)
+OPS_ = ("guest_store_private", "guest_load_private", "guest_load_shared", "share", "unshare",
+        "vmm_store", "vmm_load", "punch_gmem")
+
+
+@settings(max_examples=40, deadline=5000)
+@given(st.lists(st.tuples(st.sampled_from(OPS_), st.sampled_from(GFNS), st.binary(min_size=4,
+                                                                                  max_size=4)),
+                min_size=1, max_size=14))
+def test_conversions_match_a_reference(ops: list[tuple[str, int, bytes]]) -> None:
+    """Per gfn: attribute, private bytes (guest_memfd), shared bytes (memfd).
+
+    A conversion keeps the side it converts to and discards the other; an access
+    through the wrong alias converts first (KVM_EXIT_MEMORY_FAULT). The VMM only
+    ever sees the shared bytes.
+    """
+    m = gmem_machine()
+    g, vmm = m.guest, m.vmm
+    zero = bytes(4)
+    private = dict.fromkeys(GFNS, True)
+    priv = dict.fromkeys(GFNS, zero)
+    shared = dict.fromkeys(GFNS, zero)
+
+    def to(gfn: int, want_private: bool) -> None:  # what QEMU's kvm_convert_memory leaves
+        if want_private:
+            shared[gfn] = zero  # the memfd range is discarded, even if already private
+        elif private[gfn]:
+            priv[gfn] = zero  # the guest_memfd range is punched
+        private[gfn] = want_private
+
+    for op, gfn, data in ops:
+        gpa = gfn << 12
+        if op in ("guest_store_private", "guest_load_private", "guest_load_shared"):
+            want_private = op != "guest_load_shared"
+            g.use_shared_alias(gfn, 1, not want_private)
+            if private[gfn] != want_private:
+                to(gfn, want_private)
+            if op == "guest_store_private":
+                assert g.store(gpa, data).cell == "ok"
+                priv[gfn] = data
+            else:
+                got = g.load(gpa, 4)
+                assert got.data == (priv[gfn] if want_private else shared[gfn]), (op, gfn)
+        elif op in ("share", "unshare"):
+            assert g.map_gpa_range(gfn, 1, private=op == "unshare") == 0
+            to(gfn, op == "unshare")
+        elif op == "vmm_store":
+            assert vmm.store(gpa, data).cell == "ok"
+            shared[gfn] = data
+        elif op == "vmm_load":
+            assert vmm.load(gpa, 4).data == shared[gfn]
+        else:
+            assert vmm.proc.fallocate(vmm.gmem_fd or 0, PUNCH, gpa, PAGE).cell == "ret:0"
+            priv[gfn] = zero
+        assert kvm_mem_is_private(m.vm, gfn) == private[gfn]
