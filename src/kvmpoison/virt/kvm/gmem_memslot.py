@@ -244,6 +244,13 @@ def kvm_gmem_zap(vm: Vm, slot: GmemMemslot, lo: int, hi: int, private_only: bool
     first = slot.base_gfn + lo - slot.gmem_pgoff
     last = slot.base_gfn + hi - slot.gmem_pgoff
     kvm_unmap_gfn_range(vm, first, last, private=private_only, shared=not private_only)
+    mapping = slot.gmem_file.f_mapping if slot.gmem_file is not None else None
+    if vm.td_keyid is not None and mapping is not None:
+        # Every TD-owned page of the range is removed, even one whose SPTE the model's
+        # MMU notifier already zapped (6.18's notifier leaves private SPTEs alone).
+        idx = mapping.cached_indices()
+        for pfn in mapping.pages[idx[(idx >= lo) & (idx < hi)]].tolist():
+            tdx_reclaim_page(vm, int(pfn))
 
 
 def kvm_unmap_gfn_range(vm: Vm, first: int, last: int, private: bool = True,
