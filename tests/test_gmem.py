@@ -504,6 +504,7 @@ def test_a_private_page_the_notifier_unmapped_is_still_reclaimed_on_conversion(m
     discards the memfd page, whose MMU notifier zaps the gfn; the later conversion to
     shared must still give the TD's frame back clean, or its next owner reads poison."""
     g = m.guest
+    m.vmm.store(0x32 * PAGE, b"vmm")  # the VMM maps its (shared) page of that gfn
     g.store(0x32 * PAGE, b"x")
     assert g.map_gpa_range(0x32, 1, private=True) == 0
     g.use_shared_alias(0x32, 1, True)
