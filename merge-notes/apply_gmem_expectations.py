@@ -91,10 +91,10 @@ def main() -> int:
                 lines[at:at] = mine_lines[start:end]
         for n, (step_ours, step_theirs) in reversed(list(enumerate(zip(ours, theirs,
                                                                         strict=False), 1))):
-            def args(step: dict[str, object]) -> dict[str, object]:
+            def call_args(step: dict[str, object]) -> dict[str, object]:
                 return {k: v for k, v in step.items() if k not in ("expect", "expect_data")}
 
-            if args(step_ours) != args(step_theirs):
+            if call_args(step_ours) != call_args(step_theirs):
                 todo.append(f"{path}: step {n}'s arguments changed on main: give it its gmem "
                             "expectation by hand")
                 continue
