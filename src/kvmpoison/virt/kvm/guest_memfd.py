@@ -13,8 +13,8 @@ order-0 and unevictable.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -48,6 +48,10 @@ class GmemVmOps:
         return self.gmem.kvm_gmem_fault_user_mapping(vmf)
 
 
+class Invalidate(Protocol):
+    def __call__(self, start: int, end: int, /) -> None: ...
+
+
 @dataclass(eq=False)
 class GmemBinding:
     """One range of ``f->bindings``: file pages [start, end) bound to ``slot``.
@@ -59,7 +63,7 @@ class GmemBinding:
     start: int
     end: int
     slot: object
-    invalidate: Callable[[int, int], None]
+    invalidate: Invalidate
 
 
 class GuestMemfd:
