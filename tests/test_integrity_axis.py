@@ -97,7 +97,9 @@ def test_run_integrity_option_overrides_the_default(capsys: pytest.CaptureFixtur
     # Plain KVM: KVM reads the plaintext on every design, and no #MC follows its write,
     # so the TDX expectation of step 4 fails (exit 1).
     assert rc == 1 and {r["design"] for r in runs} == set(DESIGNS)
-    assert {r["steps"][1]["data"] for r in runs} == {b"private".hex()}
+    assert {r["steps"][1]["data"] for r in runs if r["design"] != "gmem"} == {b"private".hex()}
+    # gmem: KVM reads the memslot's userspace_addr, the shared page, never guest_memfd
+    assert {r["steps"][1]["data"] for r in runs if r["design"] == "gmem"} == {bytes(7).hex()}
     assert {r["steps"][3]["cell"] for r in runs} == {"ok"}
 
 

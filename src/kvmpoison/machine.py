@@ -114,7 +114,10 @@ class Machine:
             td_keyid = space.private_range.start + 1 + len(self.kvm.vms)  # [0] is the TDX global
             self.kernel.core.hw.keys.program_key(td_keyid)
         vm = self.kvm.create_vm(vmm.proc.task, self.design.protection, td_keyid)
-        ret = vm.set_user_memory_region(0, 0, vmm.ram_size, vmm.ram_hva)
+        if vm.gmem is not None:  # guest_memfd for private RAM, KVM_SET_USER_MEMORY_REGION2
+            ret = vmm.setup_private_memory(vm)
+        else:
+            ret = vm.set_user_memory_region(0, 0, vmm.ram_size, vmm.ram_hva)
         if ret:
             raise RuntimeError(f"KVM_SET_USER_MEMORY_REGION failed: {ret}")
         return vm

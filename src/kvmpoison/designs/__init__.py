@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvmpoison.kconfig import RFC_BASE, KernelConfig
+from kvmpoison.kconfig import RFC_BASE, KernelConfig, KernelVersion
 from kvmpoison.mm.core import FollowPoisoned, MmHooks
 from kvmpoison.virt.kvm.kvm_main import Protection
 
@@ -44,6 +44,11 @@ DESIGNS: dict[str, Design] = {
         Design("rfc-v2", "RFCv2 13/13: poisoned pages, FOLL_ALLOW_POISONED, owner map, "
                "unpoison on free", RFC_BASE, Protection.RFC_V2,
                _rfc_hooks(FollowPoisoned.WITH_FLAG), unpoison_on_free=True),
+        # What upstream built instead (v6.18 KVM on the same TDX-style host): private
+        # memory lives in a guest_memfd the VMM never maps; conversions are attributes.
+        Design("gmem", "upstream v6.18: private memory in guest_memfd, KVM_HC_MAP_GPA_RANGE "
+               "and KVM_SET_MEMORY_ATTRIBUTES", KernelConfig(version=KernelVersion.V6_18),
+               Protection.GMEM, MmHooks),
     )
 }
 

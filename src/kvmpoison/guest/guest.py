@@ -16,8 +16,16 @@ from dataclasses import dataclass, field
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.outcome import Halt, Outcome
+from kvmpoison.virt.kvm.gmem_memslot import KVM_HC_MAP_GPA_RANGE
 from kvmpoison.virt.kvm.kvm_main import Protection, Vm
 from kvmpoison.virt.kvm.mem_protected import KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE
+from kvmpoison.virt.kvm.memory_attributes import MemAttrArray
+from kvmpoison.virt.kvm.x86.gmem_hypercall import (
+    KVM_MAP_GPA_RANGE_DECRYPTED,
+    KVM_MAP_GPA_RANGE_ENCRYPTED,
+    kvm_emulate_hypercall_gmem,
+)
+from kvmpoison.virt.kvm.x86.gmem_mmu import gmem_vcpu_access
 from kvmpoison.virt.kvm.x86.hypercall import kvm_emulate_hypercall
 from kvmpoison.virt.kvm.x86.vcpu import vcpu_access
 
@@ -42,20 +50,49 @@ class Guest:
     shared: list[tuple[int, int]] = field(default_factory=list)  # [gfn, end) used as shared
     log: list[str] = field(default_factory=list)
     panicked: str | None = None
+    # gmem: the gfns this guest touches through the shared alias (value 1), TDX's shared bit
+    gmem_alias: MemAttrArray = field(default_factory=MemAttrArray)
 
-    def hypercall(self, nr: int, a0: int = 0, a1: int = 0) -> int:
+    def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0) -> int:
+        if self.vm.gmem is not None:  # a 6.18 VM: upstream's hypercall table, not the RFC's
+            return kvm_emulate_hypercall_gmem(self.vm, nr, a0, a1, a2)
         return kvm_emulate_hypercall(self.vm, nr, a0, a1)
 
     def share(self, gfn: int, npages: int) -> int:
-        """``__set_memory_enc_dec(..., enc=false)``: KVM_HC_MEM_SHARE, then use the shared alias."""
+        """``__set_memory_enc_dec(..., enc=false)``: KVM_HC_MEM_SHARE, then use the shared alias.
+
+        Under gmem the guest asks with KVM_HC_MAP_GPA_RANGE(gpa, npages, DECRYPTED), as a
+        TD's MapGPA reaches KVM.
+        """
+        if self.vm.protection is Protection.GMEM:
+            return self.map_gpa_range(gfn, npages, private=False)
         ret = self.hypercall(KVM_HC_MEM_SHARE, gfn, npages)
         if ret == 0 and npages:
             self.shared.append((gfn, gfn + npages))  # ranges: a huge npages costs nothing
         self.log.append(f"KVM_HC_MEM_SHARE({gfn:#x}, {npages}) = {ret}")
         return ret
 
+    def map_gpa_range(self, gfn: int, npages: int, private: bool) -> int:
+        """KVM_HC_MAP_GPA_RANGE; on success the guest uses the private or the shared alias."""
+        attrs = KVM_MAP_GPA_RANGE_ENCRYPTED if private else KVM_MAP_GPA_RANGE_DECRYPTED
+        ret = self.hypercall(KVM_HC_MAP_GPA_RANGE, gfn << PAGE_SHIFT, npages, attrs)
+        if ret == 0:
+            self.use_shared_alias(gfn, npages, not private)
+        kind = "ENCRYPTED" if private else "DECRYPTED"
+        self.log.append(f"KVM_HC_MAP_GPA_RANGE({gfn << PAGE_SHIFT:#x}, {npages}, {kind}) = {ret}")
+        return ret
+
+    def use_shared_alias(self, gfn: int, npages: int, shared: bool) -> None:
+        """gmem: from now on the guest touches gfns [gfn, gfn + npages) through the shared
+        alias (or the private one), whatever KVM's attributes say."""
+        self.gmem_alias.store(gfn, gfn + npages, int(shared))
+
     def boot(self) -> None:
-        if self.vm.protection is not Protection.NONE:
+        if self.vm.protection is Protection.GMEM:  # all private at reset; share the buffers
+            self.gmem_alias = MemAttrArray()
+            self.share(self.layout.kvmclock, 1)
+            self.share(self.layout.swiotlb, self.layout.swiotlb_pages)
+        elif self.vm.protection is not Protection.NONE:
             ret = self.hypercall(KVM_HC_ENABLE_MEM_PROTECTED)
             self.log.append(f"KVM_HC_ENABLE_MEM_PROTECTED = {ret}")
             if ret:
@@ -94,6 +131,9 @@ class Guest:
         if core.halted is not None:
             return core.halted
         try:
+            if self.vm.gmem is not None:
+                alias = bool(self.gmem_alias.get(gpa >> PAGE_SHIFT))
+                return gmem_vcpu_access(self.vm, gpa, size, data, alias)
             return vcpu_access(self.vm, gpa, size, data, self._shared(gpa))
         except Halt as halt:
             core.halted = halt.outcome

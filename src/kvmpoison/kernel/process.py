@@ -292,21 +292,24 @@ class Process:
         return self._rw(fd, addr, count, pos, write=True)
 
     def lseek(self, fd: int, offset: int, whence: int) -> Outcome:
-        """``ksys_lseek`` -> ``vfs_llseek`` -> ``generic_file_llseek_size`` (fs/read_write.c,
-        6.18): -ESPIPE without FMODE_LSEEK (no ``llseek``: pipes, guest_memfd); SEEK_SET,
-        SEEK_CUR or SEEK_END, -EINVAL for another whence or a negative result.
-        Simplified: FMODE_LSEEK is taken to go with FMODE_PREAD, as it does for
-        every file the model opens; no SEEK_DATA/SEEK_HOLE."""
+        """``ksys_lseek``: whence > SEEK_MAX is -EINVAL first; a file without FMODE_LSEEK
+        (pipes, guest_memfd: the model reads it from ``fmode_pread``) is -ESPIPE; else
+        ``generic_file_llseek`` for SEEK_SET/CUR/END (SEEK_DATA/HOLE: not modelled)."""
         file = self._file(fd)
         if file is None:
             return Outcome.error(errno.EBADF)
+        if not 0 <= whence <= 4:  # SEEK_MAX = SEEK_HOLE
+            return Outcome.error(errno.EINVAL)
         if not file.fmode_pread:
             return Outcome.error(errno.ESPIPE)
-        bases = {0: 0, 1: file.f_pos, 2: file.f_inode.i_size}
-        if whence not in bases or bases[whence] + offset < 0:
+        if whence > 2:
+            return Outcome.error(errno.EINVAL, "SEEK_DATA/SEEK_HOLE are not modelled")
+        base = (0, file.f_pos, file.f_inode.i_size)[whence]
+        if base + offset < 0:
             return Outcome.error(errno.EINVAL)
-        file.f_pos = bases[whence] + offset
+        file.f_pos = base + offset
         return Outcome.ret(file.f_pos)
+
     def ftruncate(self, fd: int, size: int) -> Outcome:
         """``do_sys_ftruncate`` (v5.12, 6.18): -EINVAL for a negative length, then
         -EBADF, then -EINVAL for a file not open for writing."""

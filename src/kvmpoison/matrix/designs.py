@@ -5,6 +5,14 @@ puts one guest page T into the page state, and runs one path against T's
 address in the VMM (a remote path runs in another host process). The MATRIX
 paths use the same set-up constants as the real-kernel matrix; the rows
 below are the KVM-level ones of issue 4.
+
+Under ``gmem`` a "private" page is a gfn whose attribute is private: the
+guest's data lives in the VM's guest_memfd, which the VMM never maps. The
+VMM's address of that gfn (guest RAM's ``userspace_addr`` + gpa) still
+exists: it is the gfn's *shared* backing, a memfd page that holds zeros (or
+whatever the VMM wrote there), not the guest's data. So every host path at
+that address succeeds on an unrelated page, and the guest reads its own
+data back; "hwpoisoned" is a DRAM error on the guest_memfd frame.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from kvmpoison.mm.memory_failure import memory_failure
 from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_PRIVATE
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.outcome import Halt, Outcome
+from kvmpoison.virt.kvm.gmem_memslot import kvm_gmem_cached_pfn, kvm_mem_is_private
 from kvmpoison.virt.kvm.kvm_main import Vm
 from kvmpoison.vmm.vmm import Vmm
 
@@ -82,9 +91,15 @@ def _real_memory_error(m: Machine, gpa: int, vmm: Vmm | None = None,
 
 
 def backing_pfn(m: Machine, gpa: int, vmm: Vmm | None = None, vm: Vm | None = None) -> int:
-    """The frame behind guest page ``gpa``: the RAM file's cache, else the EPT."""
+    """The frame behind guest page ``gpa``: the guest_memfd page of a private gfn, else the
+    RAM file's cache (for a private gfn with no guest_memfd page: the VMM's page at that
+    address), else the EPT."""
     vmm = vmm or m.vmm
     vm = vm or m.vm
+    if kvm_mem_is_private(vm, gpa >> PAGE_SHIFT):
+        pfn = kvm_gmem_cached_pfn(vm, gpa >> PAGE_SHIFT)
+        if pfn is not None:
+            return pfn
     mapping = vmm.proc.task.fds[vmm.ram_fd].f_mapping if vmm.ram_fd is not None else None
     if mapping is not None:
         pfn = mapping.lookup(gpa >> PAGE_SHIFT)
@@ -168,7 +183,10 @@ def error_then_free(m: Machine, gpa: int, vmm: Vmm | None = None,
     if not _has_backing(m, gpa, vmm, vm):
         return Outcome.ok(detail="no frame backs the page yet")
     pfn = _real_memory_error(m, gpa, vmm, vm)
-    if vmm.ram_fd is not None:
+    if kvm_mem_is_private(vm, gpa >> PAGE_SHIFT) and vmm.gmem_fd is not None:
+        vmm.proc.fallocate(vmm.gmem_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, gpa,
+                           PAGE_SIZE)
+    elif vmm.ram_fd is not None:
         vmm.proc.fallocate(vmm.ram_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, gpa, PAGE_SIZE)
     # A hole-punch keeps hwpoison entries (zap with details), so the VMM unmaps the page too.
     vmm.proc.munmap(vmm.gpa_to_hva(gpa), PAGE_SIZE)

@@ -10,6 +10,7 @@ an errseq-style counter: each recorded error bumps it, and a file reports
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -54,6 +55,9 @@ class AddressSpace:
         self.wb_err = 0
         self.wb_err_seen = True  # errseq's SEEN bit
         self.nrpages = 0
+        # a_ops->error_remove_folio(index): 0 when the page may be truncated (guest_memfd
+        # answers MF_DELAYED and keeps it)
+        self.error_remove_folio: Callable[[int], int] | None = None
 
     def _grow(self, nr: int) -> None:
         if nr > len(self.pages):

@@ -185,6 +185,9 @@ def _page_action(core: MmCore, page: Page) -> int:
     dirty = PageDirty(page)
     if dirty:
         mapping_set_error(mapping, -errno.EIO)
+    remove = mapping.error_remove_folio  # truncate_error_folio: the a_ops hook first
+    if remove is not None and remove(int(core.pages.index[pfn])):
+        return _report(core, pfn, "clean LRU page", MfResult.FAILED)
     kind = getattr(mapping.host, "kind", "")
     keep = kind == "shmem" and core.kcfg.version.tuple >= (5, 16)
     if not keep:  # truncate_error_page: the page leaves the page cache

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import functools
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.shmem import new_inode
 from kvmpoison.mm.uaccess import IovIter
 
+MF_DELAYED = 2  # enum mf_result (include/linux/mm.h)
 GUEST_MEMFD_FLAG_MMAP = 1 << 0
 GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
 GUEST_MEMFD_VALID_FLAGS = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
@@ -47,6 +49,24 @@ class GmemVmOps:
         return self.gmem.kvm_gmem_fault_user_mapping(vmf)
 
 
+class Invalidate(Protocol):
+    def __call__(self, start: int, end: int, /) -> None: ...
+
+
+@dataclass(eq=False)
+class GmemBinding:
+    """One range of ``f->bindings``: file pages [start, end) bound to ``slot``.
+
+    ``invalidate(start, end)`` is ``__kvm_gmem_invalidate_begin`` for file pages
+    [start, end) of this binding: it zaps the SPTEs of the matching gfns.
+    """
+
+    start: int
+    end: int
+    slot: object
+    invalidate: Invalidate
+
+
 class GuestMemfd:
     """``kvm_gmem_fops`` for one guest_memfd bound to ``owner`` (a VM)."""
 
@@ -56,6 +76,23 @@ class GuestMemfd:
         self.core = core
         self.owner = owner
         self.flags = flags
+        self.bindings: list[GmemBinding] = []
+
+    def kvm_gmem_invalidate_begin(self, start: int, end: int) -> None:
+        """Zap every bound memslot's SPTEs for file pages [start, end)."""
+        for b in list(self.bindings):
+            lo, hi = max(b.start, start), min(b.end, end)
+            if lo < hi:
+                b.invalidate(lo, hi)
+
+    def kvm_gmem_error_folio(self, index: int) -> int:
+        """``a_ops->error_remove_folio``: zap the SPTEs, keep the page, MF_DELAYED.
+
+        The guest's next access finds the poisoned folio: ``kvm_gmem_get_pfn``
+        returns -EHWPOISON and what to do is the VMM's decision.
+        """
+        self.kvm_gmem_invalidate_begin(index, index + 1)
+        return MF_DELAYED
 
     @property
     def shared(self) -> bool:
@@ -73,6 +110,8 @@ class GuestMemfd:
             return None, -errno.EINVAL
         pfn = mapping.lookup(index)
         if pfn is None:
+            # kvm_gmem_aops: installed before the first page enters the cache
+            mapping.error_remove_folio = self.kvm_gmem_error_folio
             page = core.buddy.alloc_pages(0)
             if page is None:
                 return None, -errno.ENOMEM
@@ -133,6 +172,7 @@ class GuestMemfd:
         if mode & FALLOC_FL_PUNCH_HOLE:
             first = offset >> PAGE_SHIFT
             last = min(inode.nr_pages, (offset + length) >> PAGE_SHIFT)
+            self.kvm_gmem_invalidate_begin(first, (offset + length) >> PAGE_SHIFT)
             if first < last:
                 truncate_inode_pages_range(self.core, mapping, first, last)
             return 0

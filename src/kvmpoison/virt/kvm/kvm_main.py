@@ -36,6 +36,7 @@ from kvmpoison.mm.uaccess import copy_from_user, copy_to_user
 from kvmpoison.outcome import Halt, Kind
 from kvmpoison.uapi.errno import EHWPOISON
 from kvmpoison.uapi.siginfo import BusCode, SigInfo
+from kvmpoison.virt.kvm.private_mem import GmemVm
 
 KVM_PFN_ERR_MASK = 0x7FF << 52
 KVM_PFN_ERR_FAULT = KVM_PFN_ERR_MASK
@@ -98,6 +99,7 @@ class Protection(enum.Enum):
     NONE = "none"  # upstream KVM: guest memory stays mapped in the VMM
     RFC_V1 = "rfc-v1"  # RFCv1 7/7 (2021-04-02)
     RFC_V2 = "rfc-v2"  # RFCv2 13/13 (2021-04-16)
+    GMEM = "gmem"  # upstream's answer (6.18): private memory in guest_memfd, per-gfn attributes
 
 
 @dataclass(eq=False)
@@ -138,7 +140,8 @@ class Kvm:
             self._next_id = 0  # "if (id < 0) id = 0"
         ept = PageTables(PteStore(), self.core.buddy, table_flags=VMX_EPT_RWX_MASK)
         vm = Vm(kvm=self, ident=ident, mm=vmm.mm, vcpu_task=vmm, protection=protection,
-                ept=ept, td_keyid=td_keyid)
+                ept=ept, td_keyid=td_keyid,
+                gmem=GmemVm() if protection is Protection.GMEM else None)
         vmm.mm.mmu_notifiers.append(vm)
         self.vms.append(vm)
         return vm
@@ -162,6 +165,7 @@ class Vm:
     td_fatal: bool = False
     mmu_lock_faults: int = 0  # faults that took mmu_lock for gfn_is_shared (E40)
     td_pages: set[int] = field(default_factory=set)  # pfns added to the TD (TD-owned lines)
+    gmem: GmemVm | None = None  # private-memory state of a 6.18 VM (design gmem)
 
     @property
     def core(self) -> MmCore:
