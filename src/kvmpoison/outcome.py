@@ -2,7 +2,7 @@
 
 Modelled failures (an errno, a signal, a machine check, a shutdown) are data;
 only bugs in the model raise. ``Outcome.cell`` renders the canonical matrix
-cell (MATRIX.md notation, plus ``livelock:mce`` for a vCPU or task that takes the
+cell (the notation of docs/matrix.md, plus ``livelock:mce`` for a vCPU or task that takes the
 same machine check on every re-entry) so that a model cell and a real-kernel
 cell compare by string equality.
 """

@@ -1,4 +1,4 @@
-"""Named designs: policies over one kernel (ARCHITECTURE.md "The designs").
+"""Named designs: policies over one kernel (docs/designs.md).
 
 A design picks the modelled kernel, how KVM protects guest memory, and which
 mm hook points the RFC's patches fill in. mm, arch and hardware code are

@@ -129,7 +129,7 @@ def _probe(m: Machine, gpa: int) -> Probe:
 
 
 def make_probe(m: Machine, vmm: Vmm, t: int) -> Probe:
-    """MATRIX.md helpers around address ``t`` of a VMM: data files, scratch, an attacker."""
+    """docs/matrix.md helpers around address ``t`` of a VMM: data files, scratch, an attacker."""
     kernel = m.kernel
     if "/data" not in kernel.files:
         kernel.create_file("/data", bytes([proto.FILE_FILL]) * 2 * PAGE_SIZE)

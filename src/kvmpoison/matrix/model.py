@@ -1,6 +1,6 @@
 """Run the access matrix on the model: one freshly booted host per cell.
 
-Each cell boots a small machine, builds the MATRIX.md set-up for one backing
+Each cell boots a small machine, builds the docs/matrix.md set-up for one backing
 in a target process, runs one path, and renders the outcome as a cell.
 """
 
@@ -216,7 +216,7 @@ def _prefilled_pipe(p: Probe, n: int) -> tuple[int, int]:
 
 
 def run_path(p: Probe, path: str) -> Outcome:
-    """Run one MATRIX.md path against T of an already built probe."""
+    """Run one docs/matrix.md path against T of an already built probe."""
     tgt, t, n = p.target, p.t, proto.transfer_size(path)
     at = t - proto.STRADDLE_BEFORE if proto.is_straddle(path) else t
     match path:

@@ -17,7 +17,7 @@ from rich.table import Table
 _STYLE = {"ok": "green", "ret": "green", "vec": "cyan", "err": "yellow", "sig": "red",
           "mce": "magenta", "shutdown": "bold red", "panic": "bold red"}
 
-# One entry per cell kind (MATRIX.md "Cell notation"), in the order a legend lists them.
+# One entry per cell kind (docs/matrix.md, "Cell notation"), in the order a legend lists them.
 LEGEND = {
     "ok": "ok = the access succeeded",
     "ret": "ret:N = the call returned N (bytes moved, or 0)",

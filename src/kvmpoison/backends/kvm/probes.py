@@ -1,4 +1,4 @@
-"""Live probes of the real kernel: one MATRIX.md path x backing per forked child.
+"""Live probes of the real kernel: one docs/matrix.md path x backing per forked child.
 
 The child (the target) calls PTRACE_TRACEME, builds the set-up of
 docs/matrix.md, and runs a local path; a fault stops it, and the
