@@ -348,6 +348,12 @@ def call_args(op: str, a: dict[str, Any]) -> dict[str, Any]:
     match op:
         case "guest_memfd_create":
             out.update(size=_u64(a, "size"), flags=flag_bits(a, "flags", GMEM_FLAGS, 64))
+            if "vm" in a:  # the ioctl goes to another VM's fd, as a selftest holding two does
+                out["vm"] = str(a["vm"]).removeprefix("vmm:")
+        case "close":
+            if not isinstance(out["fd"], str):
+                raise OpError("close takes a saved fd (\"$name\"): the tool's own fds are not "
+                              "the scenario's to close")
         case "mmap":
             shared = a.get("shared", True)
             if not isinstance(shared, bool):
@@ -408,7 +414,8 @@ def _file_op(ctx: RunCtx, inst: Instance, op: str, a: dict[str, Any]) -> Outcome
             if size > VM_MEMORY_MAX:
                 raise OpError(f"size {size} of a guest_memfd is beyond the model's "
                               f"{VM_MEMORY_MAX} bytes")
-            out = proc.guest_memfd(inst.vm, size, c["flags"])
+            vm = ctx.inst(c["vm"]).vm if "vm" in c else inst.vm
+            out = proc.guest_memfd(vm, size, c["flags"])
         case "mmap":
             assert fd is not None
             flags = MAP_SHARED if c["shared"] else MAP_PRIVATE
@@ -435,6 +442,12 @@ def _file_op(ctx: RunCtx, inst: Instance, op: str, a: dict[str, Any]) -> Outcome
         case "lseek":
             assert fd is not None
             return proc.lseek(fd, c["offset"], c["whence"])
+        case "close":
+            assert fd is not None
+            return proc.close(fd)
+        case "fstat":
+            assert fd is not None
+            return proc.fstat(fd)
         case "ftruncate":
             if fd is None:
                 if inst.vmm.ram_fd is None:
@@ -454,7 +467,7 @@ def _file_op(ctx: RunCtx, inst: Instance, op: str, a: dict[str, Any]) -> Outcome
 
 
 FILE_OPS = ("guest_memfd_create", "mmap", "fallocate", "read", "write", "pread", "pwrite",
-            "lseek", "ftruncate", "set_user_memory_region2")
+            "lseek", "ftruncate", "set_user_memory_region2", "close", "fstat")
 
 
 # -- host ----------------------------------------------------------------------------------
@@ -578,7 +591,9 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("vmm", "pagecache_write"): OpSpec(("gpa",), ("data",), _vmm),
     ("vmm", "punch_hole"): OpSpec(("gpa",), ("size",), _vmm),
     ("vmm", "ftruncate"): OpSpec(("size",), ("fd",), _vmm),
-    ("vmm", "guest_memfd_create"): OpSpec(("size",), ("flags",), _vmm),
+    ("vmm", "guest_memfd_create"): OpSpec(("size",), ("flags", "vm"), _vmm),
+    ("vmm", "close"): OpSpec(("fd",), (), _vmm),
+    ("vmm", "fstat"): OpSpec(("fd",), (), _vmm),
     ("vmm", "mmap"): OpSpec(("fd", "size"), ("offset", "shared"), _vmm),
     ("vmm", "fallocate"): OpSpec(("fd", "mode", "offset", "len"), (), _vmm),
     ("vmm", "read"): OpSpec(("fd", "size"), (), _vmm),

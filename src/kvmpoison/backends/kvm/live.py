@@ -40,6 +40,7 @@ from kvmpoison.backends.kvm.probes import (
     _cell,
     _fork_child_load,
     _local,
+    _name,
     _remote,
     _signal_cell,
 )
@@ -229,7 +230,8 @@ class _Child:
         match op:
             case "guest_memfd_create":
                 arg = uapi.kvm_create_guest_memfd(size=int(a["size"]), flags=int(a["flags"]))
-                ret = libc.ioctl(vm.vm.fd, uapi.KVM_CREATE_GUEST_MEMFD, ctypes.byref(arg))
+                owner = self.vms[a["vm"]].vm if "vm" in a else vm.vm
+                ret = libc.ioctl(owner.fd, uapi.KVM_CREATE_GUEST_MEMFD, ctypes.byref(arg))
                 return {"cell": "ok", "value": ret} if ret >= 0 else {"cell": _cell(ret)}
             case "mmap":
                 flags = MAP_SHARED if a["shared"] else MAP_PRIVATE
@@ -256,6 +258,15 @@ class _Child:
                 return {"cell": _cell(ret)}
             case "lseek":
                 return {"cell": _cell(libc.lseek(fd, int(a["offset"]), int(a["whence"])))}
+            case "close":
+                return {"cell": _cell(libc.close(fd))}
+            case "fstat":
+                try:
+                    st = os.fstat(fd)
+                except OSError as exc:
+                    return {"cell": f"err:{_name(exc.errno or 0)}"}
+                text = f"st_size={st.st_size} st_blksize={st.st_blksize}"
+                return {"cell": "ret:0", "data": text.encode().hex()}
             case "ftruncate":
                 target = fd if "fd" in a else vm.ram_fd
                 if target is None:
