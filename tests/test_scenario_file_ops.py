@@ -148,9 +148,18 @@ def test_a_guest_memfd_of_another_vm_does_not_bind() -> None:
         step("guest_memfd_create", size=0x4000, vm="vm1", save="other"),
         step("guest_memfd_create", size=0x4000, save="own"),
         step("set_user_memory_region2", slot=1, guest_memfd="$other", **slot),
-        step("set_user_memory_region2", slot=1, guest_memfd="$own", **slot))), "t.toml"),
-        "baseline")
-    assert cells(r) == ["ok", "ok", "err:EINVAL", "ret:0"]
+        step("set_user_memory_region2", slot=1, guest_memfd="$own", **slot),
+        step("set_user_memory_region2", slot=1, guest_memfd="$other", vm="vm1", **slot))),
+        "t.toml"), "baseline")
+    assert cells(r) == ["ok", "ok", "err:EINVAL", "ret:0", "ret:0"]
+
+
+def test_the_v1_ioctl_refuses_v2_only_and_unknown_flags() -> None:
+    """kvm_vm_ioctl: KVM_SET_USER_MEMORY_REGION takes LOG_DIRTY_PAGES and READONLY only."""
+    region = '[[step]]\nactor = "host"\nop = "set_memory_region"\nvm = "vm0"\nslot = 1\n' \
+             'guest_phys_addr = 0x10000000\nsize = 0x1000\nalias_gpa = 0x30000\n'
+    r = run(region + "flags = 4\n", region + "flags = 0x80000000\n", region + "flags = 0\n")
+    assert cells(r) == ["err:EINVAL", "err:EINVAL", "ret:0"]
 
 
 def test_parse_ref() -> None:
@@ -184,6 +193,9 @@ def test_call_args_turns_names_into_numbers() -> None:
     (GMEM + step("mmap", fd="$g", size=4096, shared="yes"), "shared"),
     (step("load", hva="$m+0xzz"), "offset"),
     (step("close", fd=3), "saved fd"),
+    ('[[step]]\nactor = "host"\nop = "set_memory_region"\nvm = "vm0"\nslot = 1\n'
+     'guest_phys_addr = 0x10000000\nsize = 0x1000\nalias_gpa = 0x30000\nflags = 2\n',
+     "READONLY"),
     (step("guest_memfd_create", size=4096, vm="vm9"), "names no [[vm]]"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: object, capsys: pytest.CaptureFixture[str],

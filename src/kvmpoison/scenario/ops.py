@@ -10,6 +10,7 @@ or ``hva`` (a raw address in the VMM).
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,12 @@ from kvmpoison.mm.page import Page, put_page
 from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.units import VM_MEMORY_MAX, parse_size
 from kvmpoison.virt.kvm.guest_memfd import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
-from kvmpoison.virt.kvm.memslot2 import KVM_MEM_GUEST_MEMFD, set_user_memory_region2
+from kvmpoison.virt.kvm.memslot2 import (
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    set_user_memory_region2,
+)
 
 ACTOR_KINDS = ("guest", "vmm", "host", "hw")
 ADVICE = {"dontneed": MADV_DONTNEED, "dontfork": MADV_DONTFORK, "pageout": MADV_PAGEOUT,
@@ -56,6 +62,7 @@ FALLOC_MODES = {"KEEP_SIZE": FALLOC_FL_KEEP_SIZE, "PUNCH_HOLE": FALLOC_FL_PUNCH_
                 "ZERO_RANGE": FALLOC_FL_ZERO_RANGE, "COLLAPSE_RANGE": FALLOC_FL_COLLAPSE_RANGE}
 MEMSLOT_FLAGS = {"GUEST_MEMFD": KVM_MEM_GUEST_MEMFD}
 WHENCE = {"SET": 0, "CUR": 1, "END": 2}
+KVM_SET_USER_MEMORY_REGION_V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 # Ops whose fd/address result a step's ``save`` keeps for later steps as "$name".
 SAVES_REF = ("guest_memfd_create", "mmap")
 # Arguments that may name a saved value ("$name" or "$name+0x1000").
@@ -383,6 +390,8 @@ def call_args(op: str, a: dict[str, Any]) -> dict[str, Any]:
             slot = _int(a, "slot")
             if not 0 <= slot < 1 << 32:
                 raise OpError(f"slot {slot} must be from 0 to 2^32-1 (a u32)")
+            if "vm" in a:  # the ioctl goes to another VM's fd
+                out["vm"] = str(a["vm"]).removeprefix("vmm:")
             out.update(slot=slot, gpa=_u64(a, "gpa"),
                        size=_u64(a, "size"), hva=_ref_or(a, "hva", 0, U64_MAX, 0),
                        guest_memfd=_ref_or(a, "guest_memfd", 0, (1 << 32) - 1, 0),
@@ -456,9 +465,9 @@ def _file_op(ctx: RunCtx, inst: Instance, op: str, a: dict[str, Any]) -> Outcome
             return proc.ftruncate(fd, c["size"])
         case "set_user_memory_region2":
             err = set_user_memory_region2(
-                inst.vm, proc.task.fds, c["slot"], c["flags"], c["gpa"],
-                c["size"], ref_int(ctx.refs, c, "hva"), ref_int(ctx.refs, c, "guest_memfd"),
-                c["guest_memfd_offset"])
+                ctx.inst(c["vm"]).vm if "vm" in c else inst.vm, proc.task.fds, c["slot"],
+                c["flags"], c["gpa"], c["size"], ref_int(ctx.refs, c, "hva"),
+                ref_int(ctx.refs, c, "guest_memfd"), c["guest_memfd_offset"])
             return Outcome.error(-err) if err else Outcome.ret(0)
         case _:
             raise AssertionError(op)
@@ -493,6 +502,14 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
         return Outcome.ret(ksm_do_scan(m.kernel.core))
     if op == "set_memory_region":  # KVM_SET_USER_MEMORY_REGION, e.g. an alias of guest RAM
         inst = ctx.inst(str(a["vm"]))
+        flags = _int(a, "flags", 0)
+        if not 0 <= flags < 1 << 32:
+            raise OpError(f"flags {flags} must be from 0 to 2^32-1 (a u32)")
+        if flags & ~KVM_SET_USER_MEMORY_REGION_V1_FLAGS:
+            # kvm_vm_ioctl (virt/kvm/kvm_main.c, 6.8 on): the v1 ioctl takes no v2-only flag.
+            return Outcome.error(errno.EINVAL)
+        if flags:
+            raise OpError("set_memory_region models no LOG_DIRTY_PAGES or READONLY slot")
         hva = hva_of(ctx, inst, {"gpa": a["alias_gpa"]} if "alias_gpa" in a else a)
         return _ret(inst.vm.set_user_memory_region(_int(a, "slot"), _int(a, "guest_phys_addr"),
                                                    _int(a, "size"), hva))
@@ -602,7 +619,8 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("vmm", "pwrite"): OpSpec(("fd", "size", "offset"), ("data",), _vmm),
     ("vmm", "lseek"): OpSpec(("fd", "offset"), ("whence",), _vmm),
     ("vmm", "set_user_memory_region2"): OpSpec(
-        ("slot", "gpa", "size"), ("hva", "guest_memfd", "guest_memfd_offset", "flags"), _vmm),
+        ("slot", "gpa", "size"), ("hva", "guest_memfd", "guest_memfd_offset", "flags", "vm"),
+        _vmm),
     ("vmm", "munmap"): OpSpec((), (*_ADDR, "size"), _vmm),
     ("vmm", "mprotect"): OpSpec(("prot",), (*_ADDR, "size"), _vmm),
     ("vmm", "madvise"): OpSpec(("advice",), (*_ADDR, "size"), _vmm),
@@ -617,7 +635,7 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("host", "soft_offline"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "fail_xa_store"): OpSpec((), ("times",), _host),
     ("host", "set_memory_region"): OpSpec(("vm", "slot", "guest_phys_addr", "size"),
-                                          ("alias_gpa", "hva"), _host),
+                                          ("alias_gpa", "hva", "flags"), _host),
     ("host", "ksmd"): OpSpec((), (), _host),
     ("host", "unpoison"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "kvm_read"): OpSpec(("vm", "gpa"), ("size",), _host),

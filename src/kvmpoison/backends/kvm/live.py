@@ -165,7 +165,8 @@ class _Child:
         if op == "set_memory_region":
             hva = vm.ram_hva + int(a["alias_gpa"]) if "alias_gpa" in a else self.value(a["hva"])
             region = uapi.kvm_userspace_memory_region(
-                slot=int(a["slot"]), flags=0, guest_phys_addr=int(a["guest_phys_addr"]),
+                slot=int(a["slot"]), flags=int(a.get("flags", 0)),
+                guest_phys_addr=int(a["guest_phys_addr"]),
                 memory_size=int(a["size"]), userspace_addr=hva)
             return {"cell": _cell(libc.ioctl(vm.vm.fd, uapi.KVM_SET_USER_MEMORY_REGION,
                                              ctypes.byref(region)))}
@@ -279,7 +280,8 @@ class _Child:
                     memory_size=int(a["size"]), userspace_addr=self.value(a["hva"]),
                     guest_memfd_offset=int(a["guest_memfd_offset"]),
                     guest_memfd=self.value(a["guest_memfd"]))
-                return {"cell": _cell(libc.ioctl(vm.vm.fd, uapi.KVM_SET_USER_MEMORY_REGION2,
+                owner = self.vms[a["vm"]].vm if "vm" in a else vm.vm
+                return {"cell": _cell(libc.ioctl(owner.fd, uapi.KVM_SET_USER_MEMORY_REGION2,
                                                  ctypes.byref(region)))}
         raise ValueError(f"no live counterpart for vmm op {op!r}")
 
