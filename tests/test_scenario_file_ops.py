@@ -140,6 +140,15 @@ def test_fstat_gives_size_and_block_size_and_close_ends_the_fd() -> None:
     assert r.results[1].outcome.data == b"st_size=65536 st_blksize=4096"
 
 
+def test_a_plain_memfd_does_not_bind() -> None:
+    r = run(step("memfd_create", save="f"), step("ftruncate", fd="$f", size=0x4000),
+            step("fstat", fd="$f"),
+            step("set_user_memory_region2", slot=1, gpa=0x10000000, size=0x4000,
+                 guest_memfd="$f", flags=["GUEST_MEMFD"]))
+    assert cells(r) == ["ok", "ret:0", "ret:0", "err:EINVAL"]
+    assert r.results[2].outcome.data == b"st_size=16384 st_blksize=4096"
+
+
 def test_a_guest_memfd_of_another_vm_does_not_bind() -> None:
     """guest_memfd_create's ``vm``: the ioctl goes to that VM; kvm_gmem_bind refuses its file."""
     two = '[[vm]]\nname = "vm0"\n[[vm]]\nname = "vm1"\n'

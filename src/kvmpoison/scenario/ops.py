@@ -64,7 +64,7 @@ MEMSLOT_FLAGS = {"GUEST_MEMFD": KVM_MEM_GUEST_MEMFD}
 WHENCE = {"SET": 0, "CUR": 1, "END": 2}
 KVM_SET_USER_MEMORY_REGION_V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 # Ops whose fd/address result a step's ``save`` keeps for later steps as "$name".
-SAVES_REF = ("guest_memfd_create", "mmap")
+SAVES_REF = ("guest_memfd_create", "memfd_create", "mmap")
 # Arguments that may name a saved value ("$name" or "$name+0x1000").
 REF_ARGS = ("fd", "hva", "guest_memfd")
 
@@ -349,7 +349,7 @@ def call_args(op: str, a: dict[str, Any]) -> dict[str, Any]:
     resolve them against their own fds and addresses.
     """
     out: dict[str, Any] = {}
-    if op not in ("set_user_memory_region2", "guest_memfd_create") and \
+    if op not in ("set_user_memory_region2", "guest_memfd_create", "memfd_create") and \
             (op != "ftruncate" or "fd" in a):
         out["fd"] = _ref_or(a, "fd", FD_MIN, FD_MAX)
     match op:
@@ -425,6 +425,8 @@ def _file_op(ctx: RunCtx, inst: Instance, op: str, a: dict[str, Any]) -> Outcome
                               f"{VM_MEMORY_MAX} bytes")
             vm = ctx.inst(c["vm"]).vm if "vm" in c else inst.vm
             out = proc.guest_memfd(vm, size, c["flags"])
+        case "memfd_create":
+            out = proc.memfd_create("kvmpoison-memfd")
         case "mmap":
             assert fd is not None
             flags = MAP_SHARED if c["shared"] else MAP_PRIVATE
@@ -471,12 +473,12 @@ def _file_op(ctx: RunCtx, inst: Instance, op: str, a: dict[str, Any]) -> Outcome
             return Outcome.error(-err) if err else Outcome.ret(0)
         case _:
             raise AssertionError(op)
-    # guest_memfd_create and mmap: "ok", and the fd or address is the value a save keeps.
+    # guest_memfd_create, memfd_create and mmap: "ok", and the fd or address a save keeps.
     return Outcome(Kind.OK, value=out.value) if out.kind is Kind.RET else out
 
 
 FILE_OPS = ("guest_memfd_create", "mmap", "fallocate", "read", "write", "pread", "pwrite",
-            "lseek", "ftruncate", "set_user_memory_region2", "close", "fstat")
+            "lseek", "ftruncate", "set_user_memory_region2", "close", "fstat", "memfd_create")
 
 
 # -- host ----------------------------------------------------------------------------------
@@ -610,6 +612,7 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("vmm", "ftruncate"): OpSpec(("size",), ("fd",), _vmm),
     ("vmm", "guest_memfd_create"): OpSpec(("size",), ("flags", "vm"), _vmm),
     ("vmm", "close"): OpSpec(("fd",), (), _vmm),
+    ("vmm", "memfd_create"): OpSpec((), (), _vmm),
     ("vmm", "fstat"): OpSpec(("fd",), (), _vmm),
     ("vmm", "mmap"): OpSpec(("fd", "size"), ("offset", "shared"), _vmm),
     ("vmm", "fallocate"): OpSpec(("fd", "mode", "offset", "len"), (), _vmm),

@@ -234,6 +234,8 @@ class _Child:
                 owner = self.vms[a["vm"]].vm if "vm" in a else vm.vm
                 ret = libc.ioctl(owner.fd, uapi.KVM_CREATE_GUEST_MEMFD, ctypes.byref(arg))
                 return {"cell": "ok", "value": ret} if ret >= 0 else {"cell": _cell(ret)}
+            case "memfd_create":
+                return {"cell": "ok", "value": os.memfd_create("kvmpoison-memfd")}
             case "mmap":
                 flags = MAP_SHARED if a["shared"] else MAP_PRIVATE
                 ret = libc.mmap(None, int(a["size"]), RW, flags, fd, int(a["offset"]))
