@@ -133,6 +133,44 @@ def test_a_failed_bind_leaves_no_slot_behind() -> None:
     assert cells(r) == ["err:EBADF", "ret:0"]
 
 
+def test_fstat_gives_size_and_block_size_and_close_ends_the_fd() -> None:
+    r = run(GMEM, step("fstat", fd="$g"), step("close", fd="$g"), step("fstat", fd="$g"),
+            step("close", fd="$g"), step("mmap", fd="$g", size=0x1000))
+    assert cells(r) == ["ok", "ret:0", "ret:0", "err:EBADF", "err:EBADF", "err:EBADF"]
+    assert r.results[1].outcome.data == b"st_size=65536 st_blksize=4096"
+
+
+def test_a_plain_memfd_does_not_bind() -> None:
+    r = run(step("memfd_create", save="f"), step("ftruncate", fd="$f", size=0x4000),
+            step("fstat", fd="$f"),
+            step("set_user_memory_region2", slot=1, gpa=0x10000000, size=0x4000,
+                 guest_memfd="$f", flags=["GUEST_MEMFD"]))
+    assert cells(r) == ["ok", "ret:0", "ret:0", "err:EINVAL"]
+    assert r.results[2].outcome.data == b"st_size=16384 st_blksize=4096"
+
+
+def test_a_guest_memfd_of_another_vm_does_not_bind() -> None:
+    """guest_memfd_create's ``vm``: the ioctl goes to that VM; kvm_gmem_bind refuses its file."""
+    two = '[[vm]]\nname = "vm0"\n[[vm]]\nname = "vm1"\n'
+    slot = {"gpa": 0x10000000, "size": 0x4000, "flags": ["GUEST_MEMFD"]}
+    r = run_scenario(load_text(HEAD + two + "".join((
+        step("guest_memfd_create", size=0x4000, vm="vm1", save="other"),
+        step("guest_memfd_create", size=0x4000, save="own"),
+        step("set_user_memory_region2", slot=1, guest_memfd="$other", **slot),
+        step("set_user_memory_region2", slot=1, guest_memfd="$own", **slot),
+        step("set_user_memory_region2", slot=1, guest_memfd="$other", vm="vm1", **slot))),
+        "t.toml"), "baseline")
+    assert cells(r) == ["ok", "ok", "err:EINVAL", "ret:0", "ret:0"]
+
+
+def test_the_v1_ioctl_refuses_v2_only_and_unknown_flags() -> None:
+    """kvm_vm_ioctl: KVM_SET_USER_MEMORY_REGION takes LOG_DIRTY_PAGES and READONLY only."""
+    region = '[[step]]\nactor = "host"\nop = "set_memory_region"\nvm = "vm0"\nslot = 1\n' \
+             'guest_phys_addr = 0x10000000\nsize = 0x1000\nalias_gpa = 0x30000\n'
+    r = run(region + "flags = 4\n", region + "flags = 0x80000000\n", region + "flags = 0\n")
+    assert cells(r) == ["err:EINVAL", "err:EINVAL", "ret:0"]
+
+
 def test_parse_ref() -> None:
     assert parse_ref("$m") == ("m", 0)
     assert parse_ref("$m+0x2000") == ("m", 0x2000)
@@ -163,6 +201,11 @@ def test_call_args_turns_names_into_numbers() -> None:
     (GMEM + step("read", fd="$g", size=1 << 30), "size"),
     (GMEM + step("mmap", fd="$g", size=4096, shared="yes"), "shared"),
     (step("load", hva="$m+0xzz"), "offset"),
+    (step("close", fd=3), "saved fd"),
+    ('[[step]]\nactor = "host"\nop = "set_memory_region"\nvm = "vm0"\nslot = 1\n'
+     'guest_phys_addr = 0x10000000\nsize = 0x1000\nalias_gpa = 0x30000\nflags = 2\n',
+     "READONLY"),
+    (step("guest_memfd_create", size=4096, vm="vm9"), "names no [[vm]]"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: object, capsys: pytest.CaptureFixture[str],
                                           text: str, words: str) -> None:

@@ -120,6 +120,22 @@ def test_shipped_file_and_memslot_scenarios_agree_live(
 
 
 @pytest.mark.kvm
+def test_the_kernel_selftest_scenarios_agree_live(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every selftest-* scenario (guest_memfd_test.c, set_memory_region_test.c) passes its own
+    expectations on the model and agrees with the running kernel on every refereed step."""
+    from kvmpoison.scenario.library import shipped
+
+    names = sorted(n for n in shipped() if n.startswith("selftest-"))
+    assert len(names) >= 3
+    rc, doc = live_json(capsys, *names)
+    assert rc == 0 and doc["disagreements"] == 0
+    assert doc["refereed"] > 0
+    refereed = {r["scenario"]: sum(s["verdict"] == "agree" for s in r["steps"])
+                for r in doc["live"]}
+    assert all(refereed[n] > 0 for n in names), refereed
+
+
+@pytest.mark.kvm
 def test_a_guest_access_the_emulator_cannot_serve_is_not_refereed(
         capsys: pytest.CaptureFixture[str]) -> None:
     _, doc = live_json(capsys, "memslot2")

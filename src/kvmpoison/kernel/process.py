@@ -228,6 +228,17 @@ class Process:
         return Outcome.ret(0) if self.task.fds.pop(fd, None) is not None else \
             Outcome.error(errno.EBADF)
 
+    def fstat(self, fd: int) -> Outcome:
+        """``vfs_fstat`` -> ``generic_fillattr`` (fs/stat.c, v5.12, 6.18): 0, and the two
+        fields a VMM checks as text, ``st_size=N st_blksize=N``; -EBADF for no file.
+        Simplified: st_blksize is ``i_blocksize`` of a 4K-block filesystem, which every
+        inode of the model is on (shmem, guest_memfd's, the regular files)."""
+        file = self._file(fd)
+        if file is None:
+            return Outcome.error(errno.EBADF)
+        text = f"st_size={file.f_inode.i_size} st_blksize={PAGE_SIZE}"
+        return Outcome.ret(0, text.encode())
+
     def memfd_create(self, name: str, flags: int = 0) -> Outcome:
         got = memfd_create(self.kernel.core, name, flags)
         return _ret(got) if isinstance(got, int) else Outcome.ret(self.install(got))

@@ -164,7 +164,7 @@ def live_step(step: Step, swap: bool = True) -> tuple[dict[str, Any] | None, str
                     "share_ram_with": a.get("share_ram_with")}
         elif op == "set_memory_region":
             args = {k: (_value(a[k]) if k == "hva" else _int(a, k)) for k in
-                    ("slot", "guest_phys_addr", "size", "alias_gpa", "hva") if k in a}
+                    ("slot", "guest_phys_addr", "size", "alias_gpa", "hva", "flags") if k in a}
             args["vm"] = str(a["vm"]).removeprefix("vmm:")
         else:  # a remote MATRIX path
             args = {"vm": str(a["target"]).removeprefix("vmm:"), **_addr(a)}

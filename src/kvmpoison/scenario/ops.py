@@ -10,6 +10,7 @@ or ``hva`` (a raw address in the VMM).
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +44,12 @@ from kvmpoison.mm.page import Page, put_page
 from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.units import VM_MEMORY_MAX, parse_size
 from kvmpoison.virt.kvm.guest_memfd import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
-from kvmpoison.virt.kvm.memslot2 import KVM_MEM_GUEST_MEMFD, set_user_memory_region2
+from kvmpoison.virt.kvm.memslot2 import (
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    set_user_memory_region2,
+)
 
 ACTOR_KINDS = ("guest", "vmm", "host", "hw")
 ADVICE = {"dontneed": MADV_DONTNEED, "dontfork": MADV_DONTFORK, "pageout": MADV_PAGEOUT,
@@ -56,8 +62,9 @@ FALLOC_MODES = {"KEEP_SIZE": FALLOC_FL_KEEP_SIZE, "PUNCH_HOLE": FALLOC_FL_PUNCH_
                 "ZERO_RANGE": FALLOC_FL_ZERO_RANGE, "COLLAPSE_RANGE": FALLOC_FL_COLLAPSE_RANGE}
 MEMSLOT_FLAGS = {"GUEST_MEMFD": KVM_MEM_GUEST_MEMFD}
 WHENCE = {"SET": 0, "CUR": 1, "END": 2}
+KVM_SET_USER_MEMORY_REGION_V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 # Ops whose fd/address result a step's ``save`` keeps for later steps as "$name".
-SAVES_REF = ("guest_memfd_create", "mmap")
+SAVES_REF = ("guest_memfd_create", "memfd_create", "mmap")
 # Arguments that may name a saved value ("$name" or "$name+0x1000").
 REF_ARGS = ("fd", "hva", "guest_memfd")
 
@@ -342,12 +349,18 @@ def call_args(op: str, a: dict[str, Any]) -> dict[str, Any]:
     resolve them against their own fds and addresses.
     """
     out: dict[str, Any] = {}
-    if op not in ("set_user_memory_region2", "guest_memfd_create") and \
+    if op not in ("set_user_memory_region2", "guest_memfd_create", "memfd_create") and \
             (op != "ftruncate" or "fd" in a):
         out["fd"] = _ref_or(a, "fd", FD_MIN, FD_MAX)
     match op:
         case "guest_memfd_create":
             out.update(size=_u64(a, "size"), flags=flag_bits(a, "flags", GMEM_FLAGS, 64))
+            if "vm" in a:  # the ioctl goes to another VM's fd, as a selftest holding two does
+                out["vm"] = str(a["vm"]).removeprefix("vmm:")
+        case "close":
+            if not isinstance(out["fd"], str):
+                raise OpError("close takes a saved fd (\"$name\"): the tool's own fds are not "
+                              "the scenario's to close")
         case "mmap":
             shared = a.get("shared", True)
             if not isinstance(shared, bool):
@@ -377,6 +390,8 @@ def call_args(op: str, a: dict[str, Any]) -> dict[str, Any]:
             slot = _int(a, "slot")
             if not 0 <= slot < 1 << 32:
                 raise OpError(f"slot {slot} must be from 0 to 2^32-1 (a u32)")
+            if "vm" in a:  # the ioctl goes to another VM's fd
+                out["vm"] = str(a["vm"]).removeprefix("vmm:")
             out.update(slot=slot, gpa=_u64(a, "gpa"),
                        size=_u64(a, "size"), hva=_ref_or(a, "hva", 0, U64_MAX, 0),
                        guest_memfd=_ref_or(a, "guest_memfd", 0, (1 << 32) - 1, 0),
@@ -408,7 +423,10 @@ def _file_op(ctx: RunCtx, inst: Instance, op: str, a: dict[str, Any]) -> Outcome
             if size > VM_MEMORY_MAX:
                 raise OpError(f"size {size} of a guest_memfd is beyond the model's "
                               f"{VM_MEMORY_MAX} bytes")
-            out = proc.guest_memfd(inst.vm, size, c["flags"])
+            vm = ctx.inst(c["vm"]).vm if "vm" in c else inst.vm
+            out = proc.guest_memfd(vm, size, c["flags"])
+        case "memfd_create":
+            out = proc.memfd_create("kvmpoison-memfd")
         case "mmap":
             assert fd is not None
             flags = MAP_SHARED if c["shared"] else MAP_PRIVATE
@@ -435,6 +453,12 @@ def _file_op(ctx: RunCtx, inst: Instance, op: str, a: dict[str, Any]) -> Outcome
         case "lseek":
             assert fd is not None
             return proc.lseek(fd, c["offset"], c["whence"])
+        case "close":
+            assert fd is not None
+            return proc.close(fd)
+        case "fstat":
+            assert fd is not None
+            return proc.fstat(fd)
         case "ftruncate":
             if fd is None:
                 if inst.vmm.ram_fd is None:
@@ -443,18 +467,18 @@ def _file_op(ctx: RunCtx, inst: Instance, op: str, a: dict[str, Any]) -> Outcome
             return proc.ftruncate(fd, c["size"])
         case "set_user_memory_region2":
             err = set_user_memory_region2(
-                inst.vm, proc.task.fds, c["slot"], c["flags"], c["gpa"],
-                c["size"], ref_int(ctx.refs, c, "hva"), ref_int(ctx.refs, c, "guest_memfd"),
-                c["guest_memfd_offset"])
+                ctx.inst(c["vm"]).vm if "vm" in c else inst.vm, proc.task.fds, c["slot"],
+                c["flags"], c["gpa"], c["size"], ref_int(ctx.refs, c, "hva"),
+                ref_int(ctx.refs, c, "guest_memfd"), c["guest_memfd_offset"])
             return Outcome.error(-err) if err else Outcome.ret(0)
         case _:
             raise AssertionError(op)
-    # guest_memfd_create and mmap: "ok", and the fd or address is the value a save keeps.
+    # guest_memfd_create, memfd_create and mmap: "ok", and the fd or address a save keeps.
     return Outcome(Kind.OK, value=out.value) if out.kind is Kind.RET else out
 
 
 FILE_OPS = ("guest_memfd_create", "mmap", "fallocate", "read", "write", "pread", "pwrite",
-            "lseek", "ftruncate", "set_user_memory_region2")
+            "lseek", "ftruncate", "set_user_memory_region2", "close", "fstat", "memfd_create")
 
 
 # -- host ----------------------------------------------------------------------------------
@@ -480,6 +504,14 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
         return Outcome.ret(ksm_do_scan(m.kernel.core))
     if op == "set_memory_region":  # KVM_SET_USER_MEMORY_REGION, e.g. an alias of guest RAM
         inst = ctx.inst(str(a["vm"]))
+        flags = _int(a, "flags", 0)
+        if not 0 <= flags < 1 << 32:
+            raise OpError(f"flags {flags} must be from 0 to 2^32-1 (a u32)")
+        if flags & ~KVM_SET_USER_MEMORY_REGION_V1_FLAGS:
+            # kvm_vm_ioctl (virt/kvm/kvm_main.c, 6.8 on): the v1 ioctl takes no v2-only flag.
+            return Outcome.error(errno.EINVAL)
+        if flags:
+            raise OpError("set_memory_region models no LOG_DIRTY_PAGES or READONLY slot")
         hva = hva_of(ctx, inst, {"gpa": a["alias_gpa"]} if "alias_gpa" in a else a)
         return _ret(inst.vm.set_user_memory_region(_int(a, "slot"), _int(a, "guest_phys_addr"),
                                                    _int(a, "size"), hva))
@@ -578,7 +610,10 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("vmm", "pagecache_write"): OpSpec(("gpa",), ("data",), _vmm),
     ("vmm", "punch_hole"): OpSpec(("gpa",), ("size",), _vmm),
     ("vmm", "ftruncate"): OpSpec(("size",), ("fd",), _vmm),
-    ("vmm", "guest_memfd_create"): OpSpec(("size",), ("flags",), _vmm),
+    ("vmm", "guest_memfd_create"): OpSpec(("size",), ("flags", "vm"), _vmm),
+    ("vmm", "close"): OpSpec(("fd",), (), _vmm),
+    ("vmm", "memfd_create"): OpSpec((), (), _vmm),
+    ("vmm", "fstat"): OpSpec(("fd",), (), _vmm),
     ("vmm", "mmap"): OpSpec(("fd", "size"), ("offset", "shared"), _vmm),
     ("vmm", "fallocate"): OpSpec(("fd", "mode", "offset", "len"), (), _vmm),
     ("vmm", "read"): OpSpec(("fd", "size"), (), _vmm),
@@ -587,7 +622,8 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("vmm", "pwrite"): OpSpec(("fd", "size", "offset"), ("data",), _vmm),
     ("vmm", "lseek"): OpSpec(("fd", "offset"), ("whence",), _vmm),
     ("vmm", "set_user_memory_region2"): OpSpec(
-        ("slot", "gpa", "size"), ("hva", "guest_memfd", "guest_memfd_offset", "flags"), _vmm),
+        ("slot", "gpa", "size"), ("hva", "guest_memfd", "guest_memfd_offset", "flags", "vm"),
+        _vmm),
     ("vmm", "munmap"): OpSpec((), (*_ADDR, "size"), _vmm),
     ("vmm", "mprotect"): OpSpec(("prot",), (*_ADDR, "size"), _vmm),
     ("vmm", "madvise"): OpSpec(("advice",), (*_ADDR, "size"), _vmm),
@@ -602,7 +638,7 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("host", "soft_offline"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "fail_xa_store"): OpSpec((), ("times",), _host),
     ("host", "set_memory_region"): OpSpec(("vm", "slot", "guest_phys_addr", "size"),
-                                          ("alias_gpa", "hva"), _host),
+                                          ("alias_gpa", "hva", "flags"), _host),
     ("host", "ksmd"): OpSpec((), (), _host),
     ("host", "unpoison"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "kvm_read"): OpSpec(("vm", "gpa"), ("size",), _host),

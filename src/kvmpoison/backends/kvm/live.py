@@ -40,6 +40,7 @@ from kvmpoison.backends.kvm.probes import (
     _cell,
     _fork_child_load,
     _local,
+    _name,
     _remote,
     _signal_cell,
 )
@@ -164,7 +165,8 @@ class _Child:
         if op == "set_memory_region":
             hva = vm.ram_hva + int(a["alias_gpa"]) if "alias_gpa" in a else self.value(a["hva"])
             region = uapi.kvm_userspace_memory_region(
-                slot=int(a["slot"]), flags=0, guest_phys_addr=int(a["guest_phys_addr"]),
+                slot=int(a["slot"]), flags=int(a.get("flags", 0)),
+                guest_phys_addr=int(a["guest_phys_addr"]),
                 memory_size=int(a["size"]), userspace_addr=hva)
             return {"cell": _cell(libc.ioctl(vm.vm.fd, uapi.KVM_SET_USER_MEMORY_REGION,
                                              ctypes.byref(region)))}
@@ -229,8 +231,11 @@ class _Child:
         match op:
             case "guest_memfd_create":
                 arg = uapi.kvm_create_guest_memfd(size=int(a["size"]), flags=int(a["flags"]))
-                ret = libc.ioctl(vm.vm.fd, uapi.KVM_CREATE_GUEST_MEMFD, ctypes.byref(arg))
+                owner = self.vms[a["vm"]].vm if "vm" in a else vm.vm
+                ret = libc.ioctl(owner.fd, uapi.KVM_CREATE_GUEST_MEMFD, ctypes.byref(arg))
                 return {"cell": "ok", "value": ret} if ret >= 0 else {"cell": _cell(ret)}
+            case "memfd_create":
+                return {"cell": "ok", "value": os.memfd_create("kvmpoison-memfd")}
             case "mmap":
                 flags = MAP_SHARED if a["shared"] else MAP_PRIVATE
                 ret = libc.mmap(None, int(a["size"]), RW, flags, fd, int(a["offset"]))
@@ -256,6 +261,15 @@ class _Child:
                 return {"cell": _cell(ret)}
             case "lseek":
                 return {"cell": _cell(libc.lseek(fd, int(a["offset"]), int(a["whence"])))}
+            case "close":
+                return {"cell": _cell(libc.close(fd))}
+            case "fstat":
+                try:
+                    st = os.fstat(fd)
+                except OSError as exc:
+                    return {"cell": f"err:{_name(exc.errno or 0)}"}
+                text = f"st_size={st.st_size} st_blksize={st.st_blksize}"
+                return {"cell": "ret:0", "data": text.encode().hex()}
             case "ftruncate":
                 target = fd if "fd" in a else vm.ram_fd
                 if target is None:
@@ -268,7 +282,8 @@ class _Child:
                     memory_size=int(a["size"]), userspace_addr=self.value(a["hva"]),
                     guest_memfd_offset=int(a["guest_memfd_offset"]),
                     guest_memfd=self.value(a["guest_memfd"]))
-                return {"cell": _cell(libc.ioctl(vm.vm.fd, uapi.KVM_SET_USER_MEMORY_REGION2,
+                owner = self.vms[a["vm"]].vm if "vm" in a else vm.vm
+                return {"cell": _cell(libc.ioctl(owner.fd, uapi.KVM_SET_USER_MEMORY_REGION2,
                                                  ctypes.byref(region)))}
         raise ValueError(f"no live counterpart for vmm op {op!r}")
 
