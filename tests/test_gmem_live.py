@@ -60,8 +60,7 @@ def _cell(call: Callable[[], object]) -> str:
     try:
         call()
     except KvmError as exc:
-        assert exc.errno is not None
-        return f"err:{errno.errorcode[exc.errno]}"
+        return f"err:{errno.errorcode.get(exc.errno or 0, str(exc.errno))}"
     return "ret:0"
 
 
