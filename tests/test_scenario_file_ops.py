@@ -164,6 +164,20 @@ def test_a_slot_the_op_binds_serves_the_gmem_designs_faults() -> None:
     assert r.results[-1].outcome.data == b"in the file"
 
 
+def test_the_v1_ioctl_cannot_change_a_guest_memfd_slot_only_delete_it() -> None:
+    """KVM_SET_USER_MEMORY_REGION (flags 0) on a slot REGION2 bound: the same values or a
+    move toggle GUEST_MEMFD (-EINVAL on 6.18.44); deleting it frees the file range."""
+    region = {"gpa": 0x10000000, "size": 0x4000, "hva": "$m", "guest_memfd": "$g",
+              "flags": ["GUEST_MEMFD"]}
+    v1 = '[[step]]\nactor = "host"\nop = "set_memory_region"\nvm = "vm0"\nslot = 1\nhva = "$m"\n'
+    r = run(GMEM, MAP, step("set_user_memory_region2", slot=1, **region),
+            v1 + "guest_phys_addr = 0x10000000\nsize = 0x4000\n",
+            v1 + "guest_phys_addr = 0x20000000\nsize = 0x4000\n",
+            v1 + "guest_phys_addr = 0x10000000\nsize = 0\n",
+            step("set_user_memory_region2", slot=2, **region))
+    assert cells(r)[2:] == ["ret:0", "err:EINVAL", "err:EINVAL", "ret:0", "ret:0"]
+
+
 def test_parse_ref() -> None:
     assert parse_ref("$m") == ("m", 0)
     assert parse_ref("$m+0x2000") == ("m", 0x2000)
