@@ -49,6 +49,15 @@ CASES: list[tuple[str, tuple[int, int, int, int, str, int]]] = [
     ("slot 32764", (32764, G, HIGH + 0x10_0000, 1, "g", 8 * PAGE)),
     ("slot 32763", (32763, G, HIGH + 0x20_0000, 1, "g", 9 * PAGE)),  # the last user slot
     ("modify slot 1", (1, G, HIGH, 4, "g", 0)),
+    ("drop GUEST_MEMFD from slot 1", (1, 0, HIGH, 4, "g", 0)),  # not a FLAGS_ONLY change
+    ("move slot 1 without GUEST_MEMFD", (1, 0, HIGH + 0x40_0000, 4, "g", 0)),
+    ("gfns of slot 1, bad fd", (2, G, HIGH + PAGE, 1, "none", 0)),  # overlap before the bind
+    ("bad fd beyond kvm_mmu_max_gfn", (2, G, 1 << 60, 1, "none", 0)),  # the bind first
+    ("beyond kvm_mmu_max_gfn", (2, G, 1 << 60, 1, "g", 4 * PAGE)),  # and undone after it
+    ("plain slot 5", (5, 0, HIGH + 0x50_0000, 1, "g", 0)),
+    ("slot 5 read-only", (5, KVM_MEM_READONLY, HIGH + 0x50_0000, 1, "g", 0)),
+    ("slot 5 dirty logging", (5, KVM_MEM_LOG_DIRTY_PAGES, HIGH + 0x50_0000, 1, "g", 0)),
+    ("slot 5 becomes guest_memfd", (5, G, HIGH + 0x50_0000, 1, "g", 10 * PAGE)),
     ("next file range", (2, G, HIGH + 0x10_0000, 1, "g", 4 * PAGE)),
     ("delete slot 1", (1, 0, HIGH, 0, "g", 0)),
     ("delete it again", (1, 0, HIGH, 0, "g", 0)),
@@ -60,8 +69,11 @@ def _cell(call: Callable[[], object]) -> str:
     try:
         call()
     except KvmError as exc:
-        return f"err:{errno.errorcode.get(exc.errno or 0, str(exc.errno))}"
-    return "ret:0"
+        err = exc.errno
+    else:
+        return "ret:0"
+    assert err is not None
+    return f"err:{errno.errorcode[err]}"
 
 
 def live_cells() -> list[str]:

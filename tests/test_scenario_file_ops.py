@@ -239,3 +239,48 @@ def test_a_step_on_a_vmm_killed_by_sigsegv_is_one_line_and_exit_2(
     rc = main(["run", str(path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "killed by a signal" in err[0], err
+
+
+def test_set_user_memory_region2_checks_in_the_live_kernels_order() -> None:
+    """The op runs gmem_memslot's ioctl (tests/test_gmem_live.py referees it): the bind
+    comes before the kvm_mmu_max_gfn() check, READONLY cannot be toggled, and dropping
+    GUEST_MEMFD is no FLAGS_ONLY change."""
+    plain = {"gpa": 0x20000000, "size": 0x1000, "hva": 0x7000000000}
+    gmem = {"size": 0x1000, "guest_memfd": "$g", "flags": ["GUEST_MEMFD"]}
+    r = run(GMEM,
+            step("set_user_memory_region2", slot=5, **plain),
+            step("set_user_memory_region2", slot=5, flags=2, **plain),
+            step("set_user_memory_region2", slot=5, flags=1, **plain),
+            step("set_user_memory_region2", slot=1, gpa=1 << 60, **{**gmem, "guest_memfd": 77}),
+            step("set_user_memory_region2", slot=1, gpa=1 << 60, **gmem),
+            step("set_user_memory_region2", slot=2, gpa=0x10000000, **gmem),
+            step("set_user_memory_region2", slot=2, gpa=0x10000000, size=0x1000))
+    assert cells(r)[1:] == ["ret:0", "err:EINVAL", "ret:0", "err:EBADF", "err:EINVAL",
+                            "ret:0", "err:EINVAL"]
+
+
+def test_a_slot_the_op_binds_serves_the_gmem_designs_faults() -> None:
+    """On design gmem the guest's shared access to a slot of a GUEST_MEMFD_FLAG_MMAP file
+    is served from the file (kvm_memslot_is_gmem_only), whatever userspace_addr says."""
+    r = run(GMEM, MAP, step("store", hva="$m+0x1000", data="in the file"),
+            step("set_user_memory_region2", slot=4, gpa=0x40000000, size=0x4000,
+                 guest_memfd="$g", flags=["GUEST_MEMFD"]),
+            '[[step]]\nactor = "guest:vm0"\nop = "share"\ngpa = 0x40001000\n',
+            '[[step]]\nactor = "guest:vm0"\nop = "load"\ngpa = 0x40001000\nsize = 11\n',
+            design="gmem")
+    assert cells(r) == ["ok", "ok", "ok", "ret:0", "ret:0", "ok"]
+    assert r.results[-1].outcome.data == b"in the file"
+
+
+def test_the_v1_ioctl_cannot_change_a_guest_memfd_slot_only_delete_it() -> None:
+    """KVM_SET_USER_MEMORY_REGION (flags 0) on a slot REGION2 bound: the same values or a
+    move toggle GUEST_MEMFD (-EINVAL on 6.18.44); deleting it frees the file range."""
+    region = {"gpa": 0x10000000, "size": 0x4000, "hva": "$m", "guest_memfd": "$g",
+              "flags": ["GUEST_MEMFD"]}
+    v1 = '[[step]]\nactor = "host"\nop = "set_memory_region"\nvm = "vm0"\nslot = 1\nhva = "$m"\n'
+    r = run(GMEM, MAP, step("set_user_memory_region2", slot=1, **region),
+            v1 + "guest_phys_addr = 0x10000000\nsize = 0x4000\n",
+            v1 + "guest_phys_addr = 0x20000000\nsize = 0x4000\n",
+            v1 + "guest_phys_addr = 0x10000000\nsize = 0\n",
+            step("set_user_memory_region2", slot=2, **region))
+    assert cells(r)[2:] == ["ret:0", "err:EINVAL", "err:EINVAL", "ret:0", "ret:0"]

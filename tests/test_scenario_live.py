@@ -111,7 +111,7 @@ def test_live_without_kvm_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.kvm
-@pytest.mark.parametrize(("name", "refereed"), [("gmem-file-abi", 24), ("memslot2", 20)])
+@pytest.mark.parametrize(("name", "refereed"), [("gmem-file-abi", 24), ("memslot2", 22)])
 def test_shipped_file_and_memslot_scenarios_agree_live(
         capsys: pytest.CaptureFixture[str], name: str, refereed: int) -> None:
     rc, doc = live_json(capsys, name)

@@ -11,10 +11,14 @@ The rules: a guest_memfd slot needs a page-aligned ``guest_memfd_offset``
 that does not wrap; the file must be a guest_memfd created for this VM
 (another VM's, or any other file: -EINVAL; no such fd: -EBADF); the slot's
 file range must lie inside the file and overlap no other binding of the file
-(-EINVAL, not -EEXIST: -EEXIST is for overlapping gfns); guest_memfd slots
-cannot log dirty pages, cannot be read-only, and cannot be modified, only
-deleted; a slot must end below ``kvm_mmu_max_gfn()`` (checked after the bind,
-as ``kvm_arch_prepare_memory_region`` runs then). Simplified: one address
+(-EINVAL, not -EEXIST: -EEXIST is for overlapping gfns, checked before the
+bind); guest_memfd slots cannot log dirty pages, cannot be read-only, and
+cannot be modified, only deleted; no modification may toggle READONLY or
+GUEST_MEMFD; a slot must end below ``kvm_mmu_max_gfn()`` (checked after the
+bind, as ``kvm_arch_prepare_memory_region`` runs then). This is the one model
+of the ioctl: the VMM's calls and the scenario ops (``memslot2``) both come
+here, so every slot they bind serves the ``gmem`` design's faults and gets
+its punch-hole invalidations. Simplified: one address
 space (a VM with private memory has no SMM address space); the model's host
 has 48 guest-physical address bits; ``userspace_addr`` must still pass
 ``access_ok``.
@@ -117,9 +121,8 @@ def check_memory_region_flags(mem: KvmUserspaceMemoryRegion2) -> int:
 def kvm_vm_ioctl_set_memory_region2(vm: Vm, mem: KvmUserspaceMemoryRegion2,
                                     fget: Callable[[int], File | None]) -> int:
     """``KVM_SET_USER_MEMORY_REGION2``; ``fget`` resolves the caller's fds."""
-    fields = (mem.flags, mem.guest_phys_addr, mem.memory_size, mem.userspace_addr,
-              mem.guest_memfd_offset)
-    if not (0 <= mem.slot < 1 << 32 and 0 <= mem.guest_memfd < 1 << 32
+    fields = (mem.guest_phys_addr, mem.memory_size, mem.userspace_addr, mem.guest_memfd_offset)
+    if not (all(0 <= f < 1 << 32 for f in (mem.slot, mem.flags, mem.guest_memfd))
             and all(0 <= f <= U64_MAX for f in fields)):
         return -errno.EINVAL  # the uapi fields are u32/u64
     if (mem.slot & 0xFFFF) >= KVM_USER_MEM_SLOTS_6_18:
@@ -158,8 +161,11 @@ def kvm_set_memory_region(vm: Vm, mem: KvmUserspaceMemoryRegion2,
     if old is not None:  # modify an existing slot
         if mem.flags & KVM_MEM_GUEST_MEMFD:
             return -errno.EINVAL  # "Private memslots are immutable, they can only be deleted."
+        # Nor may a modification toggle GUEST_MEMFD: dropping it from a guest_memfd slot
+        # is -EINVAL too ("KVM: Disallow toggling KVM_MEM_GUEST_MEMFD on an existing
+        # memslot", Dec 2025, in 6.18.y; measured on 6.18.44), not a KVM_MR_FLAGS_ONLY change.
         if hva != old.userspace_addr or npages != old.npages or \
-                (mem.flags ^ old_flags) & KVM_MEM_READONLY:
+                (mem.flags ^ old_flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD):
             return -errno.EINVAL
         if base == old.base_gfn:
             if isinstance(old, GmemMemslot):

@@ -183,8 +183,10 @@ class Vm:
         v5.12), then: size 0 deletes the slot (``kvm_delete_memslot``: -EINVAL
         if it does not exist); an existing slot may only move (new base gfn,
         same hva and size: KVM_MR_MOVE zaps the old range), anything else is
-        -EINVAL, and the same values again change nothing (no zap); a new or
-        moved slot must not overlap another (-EEXIST), and on 6.18 must end
+        -EINVAL (so is any change of a READONLY or guest_memfd slot, whose flag
+        this ioctl's flags 0 would toggle), and the same values again change
+        nothing (no zap); a new or moved slot must not overlap another
+        (-EEXIST), and on 6.18 must end
         below ``kvm_mmu_max_gfn()`` (host MAXPHYADDR; the model takes the 48 bits
         of its 4-level EPT), where v5.12 accepts any gfn. Simplified: only
         address space 0 exists (no SMM slots) and no slot flags
@@ -211,7 +213,10 @@ class Vm:
             self.memslots = others
             return 0
         if old is not None:  # modify an existing slot
-            if hva != old.userspace_addr or npages != old.npages:
+            # This ioctl's flags are 0: a slot KVM_SET_USER_MEMORY_REGION2 made READONLY
+            # (1 << 1) or GUEST_MEMFD (1 << 2) would toggle them, -EINVAL (6.18.y; live).
+            if hva != old.userspace_addr or npages != old.npages or \
+                    getattr(old, "flags", 0) & ((1 << 1) | (1 << 2)):
                 return -errno.EINVAL
             if base == old.base_gfn:
                 return 0  # "Nothing to change"
