@@ -69,11 +69,8 @@ def _cell(call: Callable[[], object]) -> str:
     try:
         call()
     except KvmError as exc:
-        err = exc.errno
-    else:
-        return "ret:0"
-    assert err is not None
-    return f"err:{errno.errorcode[err]}"
+        return f"err:{errno.errorcode.get(exc.errno or 0, str(exc.errno))}"
+    return "ret:0"
 
 
 def live_cells() -> list[str]:
