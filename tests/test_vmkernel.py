@@ -75,6 +75,10 @@ def test_hwpoison_steps_are_refereed_in_the_guest_and_kvm_steps_are_not(
                for r in library_live["live"] if r["scenario"] == "e14-real-mce-before-protection"
                for s in r["steps"])
     assert all(s["verdict"] == "not refereed" for s in steps if s["actor"].startswith("guest"))
+    punch = next(r for r in library_live["live"] if r["scenario"] == "hwpoison-dirty-file-punch")
+    assert [(s["op"], s["live"], s["verdict"]) for s in punch["steps"]][2:5] == [
+        ("memory_failure", "ret:0", "agree"), ("punch_hole", "err:EIO", "agree"),
+        ("punch_hole", "ret:0", "agree")]
 
 
 def test_every_cell_agrees_with_the_model(referee: VmComparison) -> None:
