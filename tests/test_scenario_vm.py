@@ -192,3 +192,9 @@ def test_a_kernel_without_memory_failure_is_refused(monkeypatch: pytest.MonkeyPa
     rc = main(["run", "seed-4-sigbus", "--live", "--kernel", "debian-6.1"])
     assert rc == 2 and "no CONFIG_MEMORY_FAILURE" in capsys.readouterr().err
     assert scenario_vm.GUEST_SWAP is False
+
+
+def test_oracle_points_vm_scenarios_to_run(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["oracle", "--kernel", "debian-6.1", "--scenarios"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "run --all --live --kernel debian-6.1" in err[0]
