@@ -352,3 +352,32 @@ def test_user_consumption_of_a_clean_file_page_refaults_from_disk(kcfg) -> None:
     k.core.hw.inject_dram_error(pte_pfn(p.mm.pgd.get(addr)) << 12)
     out = p.load(addr, 1)  # the clean page is dropped; the re-run reads the file again
     assert out.data == b"\x05" and p.task.pending == [] and p.task.alive
+
+
+@pytest.mark.parametrize(("kernel", "first"), [("5.12", "err:EIO"), ("6.1", "err:EIO"),
+                                               ("6.18", "ret:0")])
+def test_ext4_punch_hole_reports_the_poisoned_dirty_page_once_before_6_14(
+        kernel: str, first: str) -> None:
+    """Seen live in Debian's 6.1 (run --live --kernel debian-6.1): after memory_failure of a
+    dirty page of an ext4 file, a punch-hole fails with -EIO while another page is dirty
+    (ext4_punch_hole's filemap_write_and_wait_range -> filemap_check_errors, until v6.14)."""
+    from kvmpoison.scenario.loader import load_text
+    from kvmpoison.scenario.runner import run_scenario
+
+    def step(op: str, **f: object) -> str:
+        actor = "host" if op == "memory_failure" else "vmm:vm0"
+        body = "".join(f'{k} = "{v}"\n' if isinstance(v, str) else f"{k} = {v}\n"
+                       for k, v in f.items())
+        return f'[[step]]\nactor = "{actor}"\nop = "{op}"\n{body}'
+
+    text = (f'[scenario]\ndesigns = "baseline"\n[machine]\nintegrity = "off"\n'
+            f'kernel = "{kernel}"\nmemory_failure = true\n[[vm]]\nname = "vm0"\n'
+            'backing = "file"\n'
+            + step("store", gpa=0x30000, data="poisoned") + step("store", gpa=0x31000, data="dirty")
+            + step("memory_failure", vm="vm0", gpa=0x30000)
+            + step("punch_hole", gpa=0x30000) + step("punch_hole", gpa=0x30000)
+            + step("load", gpa=0x30000))
+    run = run_scenario(load_text(text, "t.toml"), "baseline")
+    cells = [r.outcome.cell for r in run.results]
+    # the second punch succeeds: filemap_check_errors cleared AS_EIO
+    assert cells == ["ok", "ok", "ret:0", first, "ret:0", "sig:SIGBUS:BUS_MCEERR_AR"]

@@ -9,14 +9,21 @@ skip with the reason, never fail.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kvmpoison.backends.vmkernel import qemu
 from kvmpoison.backends.vmkernel.cache import KernelFiles
 from kvmpoison.backends.vmkernel.errors import VmKernelUnavailableError
+from kvmpoison.backends.vmkernel.session import prepare
+from kvmpoison.cli.main import main
 from kvmpoison.matrix.protocol import HWPOISON_BACKINGS, PATHS
 from kvmpoison.report.vm_oracle import VM_BACKINGS, VmComparison, compare_vm
 
@@ -31,6 +38,47 @@ def referee() -> VmComparison:
         return compare_vm("debian-6.1", "auto")
     except VmKernelUnavailableError as exc:
         pytest.skip(f"the 6.1 VM cannot run here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def library_live() -> dict[str, Any]:
+    """``run --all --live --kernel debian-6.1 --format json``: one more boot (about 20 s)."""
+    if os.environ.get("KVMPOISON_VMKERNEL") != "1":
+        pytest.skip("set KVMPOISON_VMKERNEL=1 to boot Debian's 6.1 under QEMU (about a minute)")
+    if shutil.which(qemu.QEMU) is None:
+        pytest.skip(f"the 6.1 VM cannot run here: no {qemu.QEMU}")
+    try:
+        prepare()
+    except VmKernelUnavailableError as exc:
+        pytest.skip(f"the 6.1 VM cannot run here: {exc}")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["run", "--all", "--live", "--kernel", "debian-6.1", "--format", "json"])
+    doc: dict[str, Any] = json.loads(out.getvalue())
+    doc["rc"] = rc
+    return doc
+
+
+def test_the_library_agrees_with_the_model_in_the_6_1_guest(library_live: dict[str, Any]
+                                                             ) -> None:
+    assert library_live["disagreements"] == 0
+    assert library_live["refereed"] > 0 and library_live["rc"] == 0
+    assert library_live["against"].startswith("6.1.")
+
+
+def test_hwpoison_steps_are_refereed_in_the_guest_and_kvm_steps_are_not(
+        library_live: dict[str, Any]) -> None:
+    steps = [s for r in library_live["live"] for s in r["steps"]]
+    agreed = {s["op"] for s in steps if s["verdict"] == "agree"}
+    assert {"memory_failure", "unpoison"} <= agreed
+    assert any(s["op"] == "madvise" and s["verdict"] == "agree" and s["model"] == "ret:0"
+               for r in library_live["live"] if r["scenario"] == "e14-real-mce-before-protection"
+               for s in r["steps"])
+    assert all(s["verdict"] == "not refereed" for s in steps if s["actor"].startswith("guest"))
+    punch = next(r for r in library_live["live"] if r["scenario"] == "hwpoison-dirty-file-punch")
+    assert [(s["op"], s["live"], s["verdict"]) for s in punch["steps"]][2:5] == [
+        ("memory_failure", "ret:0", "agree"), ("punch_hole", "err:EIO", "agree"),
+        ("punch_hole", "ret:0", "agree")]
 
 
 def test_every_cell_agrees_with_the_model(referee: VmComparison) -> None:

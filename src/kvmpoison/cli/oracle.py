@@ -43,6 +43,10 @@ def oracle(
     (no usable /dev/kvm).
     """
     if kernel is not None:
+        if scenarios:  # one boot per command: the scenarios have their own
+            print("kvmpoison: error: --scenarios with --kernel: run the scenarios with "
+                  f"kvmpoison run --all --live --kernel {kernel}", file=sys.stderr)
+            raise typer.Exit(2)
         oracle_vm(kernel, accel, fmt)
         return
     try:

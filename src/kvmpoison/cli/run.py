@@ -77,6 +77,12 @@ def run(
     live: Annotated[bool, typer.Option(
         "--live", help="Also run each scenario on this machine's kernel (/dev/kvm) and compare "
         "every step's cell with the model's; exit 1 on a disagreement.")] = False,
+    kernel: Annotated[str | None, typer.Option(
+        help="With --live: referee on another kernel, booted under QEMU: debian-6.1 "
+             "(MEMORY_FAILURE=y; hwpoison steps refereed, KVM steps not).")] = None,
+    accel: Annotated[str, typer.Option(
+        help="QEMU accelerator with --kernel: auto (KVM only if hardware-assisted), tcg, kvm.")]
+    = "auto",
     list_: Annotated[bool, typer.Option("--list", help="List the shipped scenarios.")] = False,
     all_: Annotated[bool, typer.Option("--all", help="Run every shipped scenario.")] = False,
     integrity: Annotated[IntegrityMode | None, typer.Option(
@@ -98,6 +104,12 @@ def run(
         raise CliError(f"unknown design {design!r} (known: {', '.join(DESIGNS)})")
     if design is not None and all_designs:
         raise CliError("give --design or --all-designs, not both")
+    if kernel is not None and not live:
+        raise CliError("--kernel chooses the live referee: give it with --live")
+    if kernel is not None and kernel not in ("debian-6.1",):
+        raise CliError(f"unknown VM kernel {kernel!r} (known: debian-6.1)")
+    if accel not in ("auto", "tcg", "kvm"):
+        raise CliError(f"unknown accelerator {accel!r} (known: auto, tcg, kvm)")
     try:
         scenarios: list[Scenario] = [load(_resolve(f)) for f in files]
         todo = [(sc, d) for sc in scenarios
@@ -110,7 +122,12 @@ def run(
                 tick()
     except ScenarioError as exc:
         raise CliError(str(exc)) from None
-    lives = _referee_all(scenarios) if live else None
+    against = "this kernel"
+    lives = None
+    if live and kernel is not None:
+        lives, against = _referee_in_vm(scenarios, kernel, accel)
+    elif live:
+        lives = _referee_all(scenarios)
 
     if trace is not None:
         try:
@@ -122,7 +139,7 @@ def run(
             raise CliError(f"{short_path(str(trace))}: cannot write the trace: "
                            f"{exc.strerror}") from None
     if lives is not None:
-        _finish_live(runs, lives, fmt)  # its own output, and the exit status
+        _finish_live(runs, lives, fmt, against)  # its own output, and the exit status
 
     if fmt is Format.JSON:
         print(json.dumps([{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
@@ -162,7 +179,24 @@ def _referee_all(scenarios: list[Scenario]) -> list[LiveRun]:
         raise CliError(str(exc)) from None
 
 
-def _finish_live(runs: list[ScenarioRun], lives: list[LiveRun], fmt: Format) -> None:
+def _referee_in_vm(scenarios: list[Scenario], kernel: str, accel: str
+                   ) -> tuple[list[LiveRun], str]:
+    """``--live --kernel``: referee every scenario in one boot of that kernel under QEMU."""
+    from kvmpoison.backends.vmkernel.errors import VmKernelUnavailableError
+    from kvmpoison.report.scenario_vm import referee_in_vm
+
+    try:
+        done = referee_in_vm(scenarios, kernel, accel)
+    except VmKernelUnavailableError as exc:
+        raise CliError(f"--kernel {kernel}: {exc}") from None
+    except ScenarioError as exc:
+        raise CliError(str(exc)) from None
+    return done.lives, (f"{done.kernel} under QEMU ({done.accel}, the boot took "
+                        f"{done.wall_seconds:.0f} s)")
+
+
+def _finish_live(runs: list[ScenarioRun], lives: list[LiveRun], fmt: Format,
+                 against: str = "this kernel") -> None:
     """Print the runs and the live referee's verdicts; exit 1 on a failed expectation or a
     disagreement. JSON is one document: ``runs``, ``live`` and the counts."""
     from kvmpoison.report.scenario_live import records
@@ -175,6 +209,7 @@ def _finish_live(runs: list[ScenarioRun], lives: list[LiveRun], fmt: Format) -> 
         print(json.dumps({
             "runs": [{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
                       "steps": trace_records(r)} for r in runs],
+            "against": against,
             "live": [{"scenario": r.scenario.name, "design": r.design, "kernel": r.kernel,
                       "steps": records(r)} for r in lives],
             "refereed": refereed, "not_refereed": not_refereed, "disagreements": disagree},
@@ -187,7 +222,7 @@ def _finish_live(runs: list[ScenarioRun], lives: list[LiveRun], fmt: Format) -> 
                       "expectation" + (f"; failed: {', '.join(failed)}" if failed else ""))
         for r in lives:
             table = Table(title=f"{r.scenario.name}: model ({r.design}, {r.kernel}) against "
-                          "this kernel", title_justify="left")
+                          f"{against}", title_justify="left")
             for col in ("#", "actor", "op", "model", "live", "verdict"):
                 table.add_column(col)
             for s in r.steps:
@@ -198,5 +233,5 @@ def _finish_live(runs: list[ScenarioRun], lives: list[LiveRun], fmt: Format) -> 
             console.print(table)
         console.print(f"live: {refereed} steps refereed ({refereed - disagree} agree, "
                       f"{disagree} disagree), {not_refereed} not refereed, over {len(lives)} "
-                      "scenarios")
+                      f"scenarios, against {against}")
     raise typer.Exit(1 if failed or disagree else 0)

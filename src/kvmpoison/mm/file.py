@@ -125,6 +125,19 @@ def mapping_set_error(mapping: AddressSpace, err: int) -> None:
     mapping.wb_err_seen = False
 
 
+def filemap_check_errors(mapping: AddressSpace) -> int:
+    """``mm/filemap.c:filemap_check_errors`` (v5.12, 6.1): test and clear AS_ENOSPC and
+    AS_EIO; -EIO wins. The errseq counter is left alone, so fsync still reports it."""
+    ret = 0
+    if mapping.flags & AS_ENOSPC:
+        mapping.flags &= ~AS_ENOSPC
+        ret = -errno.ENOSPC
+    if mapping.flags & AS_EIO:
+        mapping.flags &= ~AS_EIO
+        ret = -errno.EIO
+    return ret
+
+
 @dataclass(eq=False)
 class Inode:
     ino: int

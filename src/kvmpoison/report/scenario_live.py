@@ -16,6 +16,7 @@ taken as agreement.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,10 +141,38 @@ def host_has_swap(path: str = "/proc/swaps") -> bool:
         return False
 
 
-def live_step(step: Step, swap: bool = True) -> tuple[dict[str, Any] | None, str]:
-    """The plain-dict step for the live side, or None and why it has no live counterpart."""
+# In the VM guest (``run --live --kernel debian-6.1``): a throwaway VM may lose pages,
+# so memory_failure is refereed (hwpoison_inject's corrupt-pfn), but there is no /dev/kvm.
+NO_KVM = "no /dev/kvm in the VM guest (no nested virtualisation)"
+NEEDS_KVM = {("host", "set_memory_region"), ("vmm", "guest_memfd_create"),
+             ("vmm", "set_user_memory_region2")}
+# A guest store the model completed is replayed as the VMM's store of the same bytes at the
+# same page (slot 0 maps gpa 0 at the start of guest RAM, and the live guest makes no other
+# slot): under upstream KVM the store faults the page in through GUP (hva_to_pfn) and writes
+# it, as the VMM's own store does. Not refereed (no vCPU ran), but the later steps start
+# from the same memory instead of being lost.
+STAND_IN = ("no /dev/kvm in the VM guest; replayed as the VMM's store at the same address, "
+            "so the later steps stay refereed")
+
+
+def live_step(step: Step, swap: bool = True, in_vm: bool = False
+              ) -> tuple[dict[str, Any] | None, str]:
+    """The plain-dict step for the live side, or None and why it has no live counterpart.
+
+    ``in_vm``: the live side is the VM guest of ``backends.vmkernel``, which may poison
+    pages (MADV_HWPOISON, memory_failure) and has no /dev/kvm."""
     kind, _, who = step.actor.partition(":")
     op, a = step.op, step.args
+    if in_vm and (kind, op) == ("guest", "store"):
+        return {"index": step.index, "kind": "vmm", "who": who, "op": "store",
+                "args": {"gpa": _int(a, "gpa"), "data": data_arg(a).hex()},
+                "save": step.save, "stand_in": True}, STAND_IN
+    if in_vm and (kind == "guest" or (kind, op) in NEEDS_KVM):
+        return None, NO_KVM
+    if in_vm and (kind, op) in (("host", "memory_failure"), ("host", "unpoison")):
+        return {"index": step.index, "kind": kind, "who": who, "op": op,
+                "args": {"vm": str(a["vm"]).removeprefix("vmm:"), "gpa": _int(a, "gpa")},
+                "save": step.save}, ""
     reason = NOT_LIVE.get((kind, op))
     if reason is not None:
         return None, reason
@@ -189,7 +218,7 @@ def live_step(step: Step, swap: bool = True) -> tuple[dict[str, Any] | None, str
         if op == "madvise":
             advice = a.get("advice")
             code = ADVICE.get(advice) if isinstance(advice, str) else advice
-            if code in (MADV_HWPOISON, MADV_SOFT_OFFLINE):
+            if code == MADV_SOFT_OFFLINE or (code == MADV_HWPOISON and not in_vm):
                 return None, f"MADV_HWPOISON/MADV_SOFT_OFFLINE {_HOST_MEMORY}"
             if code == MADV_PAGEOUT and not swap:
                 return None, "this host has no swap: MADV_PAGEOUT leaves anonymous pages resident"
@@ -213,36 +242,93 @@ def _compare(model_cell: str, model_data: bytes | None, live: dict[str, Any]) ->
     return "agree", ""
 
 
-def referee(sc: Scenario, kcfg: KernelConfig | None = None) -> LiveRun:
-    """Run ``sc`` on the model (the referee design, configured like this kernel) and live."""
-    kcfg = kcfg or host_kernel_config().config
+@dataclass
+class RefereePlan:
+    """A scenario's model run and its live steps, ready for a live side to run."""
+
+    run: LiveRun
+    model: ScenarioRun | None
+    model_problem: str
+    plans: dict[int, tuple[dict[str, Any] | None, str]]
+    vms: list[dict[str, Any]]
+
+    @property
+    def sent(self) -> list[dict[str, Any]]:
+        return [p for p, _ in self.plans.values() if p is not None]
+
+
+def plan(sc: Scenario, kcfg: KernelConfig, swap: bool, in_vm: bool = False) -> RefereePlan:
+    """Run ``sc`` on the model (the referee design, configured as ``kcfg``) and plan the
+    live side's steps."""
     run = LiveRun(sc, REFEREE_DESIGN, kcfg.version.value)
+    model: ScenarioRun | None
+    model_problem = ""
     try:
-        model: ScenarioRun | None = run_scenario(referee_scenario(sc, kcfg), REFEREE_DESIGN)
+        model = run_scenario(referee_scenario(sc, kcfg), REFEREE_DESIGN)
     except ScenarioError as exc:
         model, model_problem = None, f"the model cannot run it as this kernel: {exc}"
     plans: dict[int, tuple[dict[str, Any] | None, str]] = {}
-    swap = host_has_swap()
     for step in sc.steps:
         try:
-            plans[step.index] = live_step(step, swap)
+            plans[step.index] = live_step(step, swap, in_vm)
         except (OpError, ValueError) as exc:
             raise ScenarioError(sc.source, str(exc), step.index) from None
-    if model is None:
-        run.steps = [RefereedStep(s, "", None, "not refereed", model_problem) for s in sc.steps]
-        return run
+    if in_vm:
+        _vm_pairs(sc.steps, plans)
     vms = [{"name": v.name, "memory": v.memory, "backing": v.backing,
             "share_ram_with": v.share_ram_with} for v in sc.vms]
-    sent = [p for p, _ in plans.values() if p is not None]
+    return RefereePlan(run, model, model_problem, plans, vms)
+
+
+DRAM_STAND_IN = ("an injected hardware fault; the next step's memory_failure of the same page "
+                 "takes it out of service on both sides, so the later steps stay refereed")
+SIMULATED = ("follows a memory_failure: the model's is a real error report (hw_memory_failure "
+             "set, unpoison refused), the guest's corrupt-pfn is MF_SW_SIMULATED")
+
+
+def _vm_pairs(steps: Sequence[Step], plans: dict[int, tuple[dict[str, Any] | None, str]]) -> None:
+    """In the VM guest: an injected DRAM error that the next step hands to memory_failure
+    (same VM, same page) stands in as nothing, since the page leaves service before anyone
+    reads it; an unpoison after a memory_failure is not comparable (see SIMULATED)."""
+    failed = False
+    for i, step in enumerate(steps):
+        nxt = steps[i + 1] if i + 1 < len(steps) else None
+        if (step.actor, step.op) == ("hw", "inject_dram_error") and nxt is not None \
+                and (nxt.actor, nxt.op) == ("host", "memory_failure") \
+                and nxt.args.get("vm") == step.args.get("vm") \
+                and _int(nxt.args, "gpa") // PAGE_SIZE == _int(step.args, "gpa") // PAGE_SIZE:
+            plans[step.index] = ({"index": step.index, "kind": "host", "who": "",
+                                  "op": "nothing", "args": {}, "save": None,
+                                  "stand_in": True}, DRAM_STAND_IN)
+        if (step.actor, step.op) == ("host", "unpoison") and failed:
+            plans[step.index] = (None, SIMULATED)
+        failed = failed or (step.actor, step.op) == ("host", "memory_failure")
+
+
+def referee(sc: Scenario, kcfg: KernelConfig | None = None) -> LiveRun:
+    """Run ``sc`` on the model (the referee design, configured like this kernel) and live."""
+    p = plan(sc, kcfg or host_kernel_config().config, host_has_swap())
+    if p.model is None:
+        return judge(p, {})
     try:
-        live = run_live(vms, sent)
+        live = run_live(p.vms, p.sent)
     except LiveError as exc:
         raise ScenarioError(sc.source, f"--live: {exc}") from None
+    return judge(p, live)
+
+
+def judge(p: RefereePlan, live: dict[int, dict[str, Any]]) -> LiveRun:
+    """Compare the model's cells with the live side's, step by step."""
+    run, model, plans = p.run, p.model, p.plans
+    if model is None:
+        run.steps = [RefereedStep(s, "", None, "not refereed", p.model_problem)
+                     for s in run.scenario.steps]
+        return run
     tainted = ""
     for res in model.results:
         step = res.step
         key = (step.actor.partition(":")[0], step.op)
-        plan, why = plans[step.index]
+        plan_, why = plans[step.index]
         got = live.get(step.index)
         cell = res.outcome.cell
         if tainted:
@@ -252,12 +338,18 @@ def referee(sc: Scenario, kcfg: KernelConfig | None = None) -> LiveRun:
             tainted = f"the modelled host stopped at step {step.index} ({cell})"
             run.steps.append(RefereedStep(step, cell, None, "not refereed", tainted))
             continue
-        if plan is None or got is None or "skip" in got:
-            reason = why if plan is None else (got or {}).get("skip", "the live run ended early")
+        if plan_ is None or got is None or "skip" in got:
+            reason = why if plan_ is None else (got or {}).get("skip", "the live run ended early")
             run.steps.append(RefereedStep(step, cell, None, "not refereed", reason))
             if key not in READS_ONLY:
                 tainted = (f"follows step {step.index}, which changed state the live kernel "
                            "did not see")
+            continue
+        if plan_.get("stand_in"):
+            run.steps.append(RefereedStep(step, cell, None, "not refereed", why))
+            if cell != "ok" or got.get("cell") != "ok":  # the two memories may differ now
+                tainted = (f"follows step {step.index}, a guest store the live side could "
+                           f"only replay (model {cell}, replay {got.get('cell', 'error')})")
             continue
         if "error" in got:
             run.steps.append(RefereedStep(step, cell, "error", "DISAGREE", got["error"]))

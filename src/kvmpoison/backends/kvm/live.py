@@ -13,7 +13,10 @@ the steps; the parent is its tracer, as in :mod:`probes`:
 - a remote path stops the child, and the parent runs it on the child
   (``probes._remote``), as the oracle does.
 
-Nothing here changes host memory state: no MADV_HWPOISON, no sysfs writes.
+Nothing here changes host memory state: MADV_HWPOISON and ``memory_failure``
+(hwpoison_inject's corrupt-pfn) run only inside the VM guest of
+``backends.vmkernel`` (``probes.in_vm_guest``), where the caller sends them and
+there is no /dev/kvm (``use_kvm=False``: guest RAM is mapped, no VM is made).
 """
 
 from __future__ import annotations
@@ -37,15 +40,22 @@ from kvmpoison.backends.kvm.libc import (
     mmap,
 )
 from kvmpoison.backends.kvm.probes import (
+    MADV_HWPOISON,
+    PM_PFN_MASK,
+    PM_PRESENT,
+    PM_SWAP,
     _cell,
     _fork_child_load,
     _local,
     _name,
+    _pagemap_entry,
     _remote,
     _signal_cell,
+    in_vm_guest,
 )
 from kvmpoison.backends.kvm.system import Kvm, VmFd
 from kvmpoison.backends.kvm.vcpu_access import GuestVcpu, attach, guest_access
+from kvmpoison.matrix.protocol import PM_SWAP_TYPE_BITS, UNPOISON_PFN
 
 PROT_RWX = 0x7
 RW = 0x3
@@ -70,7 +80,7 @@ class LiveError(Exception):
 
 @dataclass
 class _LiveVm:
-    vm: VmFd
+    vm: VmFd | None  # None in the VM guest: no /dev/kvm, only the VMM's guest RAM
     ram_hva: int
     ram_size: int
     ram_fd: int | None
@@ -82,7 +92,7 @@ class _LiveVm:
 class _Child:
     out: int  # the pipe to the parent: remote-path requests
     copy_addr: int
-    kvm: Kvm
+    kvm: Kvm | None
     vms: dict[str, _LiveVm] = field(default_factory=dict)
     refs: dict[str, int] = field(default_factory=dict)
     faults: int = 0
@@ -123,10 +133,18 @@ class _Child:
                 fd = os.memfd_create("qemu-guest-ram")
             os.ftruncate(fd, size)
             hva = mmap(None, size, RW, MAP_SHARED, fd)
-        vm = self.kvm.create_vm()
-        vm.set_tss_addr(0xFFFBD000)
-        vm.set_user_memory_region(0, 0, size, hva)
+        vm: VmFd | None = None
+        if self.kvm is not None:
+            vm = self.kvm.create_vm()
+            vm.set_tss_addr(0xFFFBD000)
+            vm.set_user_memory_region(0, 0, size, hva)
         self.vms[d["name"]] = _LiveVm(vm, hva, size, fd)
+
+    @staticmethod
+    def vm_fd(vm: _LiveVm) -> VmFd:
+        if vm.vm is None:
+            raise ValueError("no /dev/kvm here: the step needs a KVM VM")
+        return vm.vm
 
     # -- CPU accesses of the VMM --------------------------------------------------------------
 
@@ -152,12 +170,14 @@ class _Child:
         vm = self.vms[who]
         if kind == "guest":
             if vm.vcpu is None:
-                vm.vcpu = attach(vm.vm)
+                vm.vcpu = attach(self.vm_fd(vm))
             data = bytes.fromhex(a["data"]) if "data" in a else None
             return guest_access(vm.vcpu, int(a["gpa"]), int(a.get("size", 8)), data)
         return self.vmm(vm, op, a)
 
     def host(self, op: str, a: dict[str, Any]) -> dict[str, Any]:
+        if op == "nothing":  # a stand-in whose effect the next step makes (scenario_live)
+            return {"cell": "ok"}
         if op == "new_vm":
             self.new_vm(a)
             return {"cell": "ok"}
@@ -168,8 +188,11 @@ class _Child:
                 slot=int(a["slot"]), flags=int(a.get("flags", 0)),
                 guest_phys_addr=int(a["guest_phys_addr"]),
                 memory_size=int(a["size"]), userspace_addr=hva)
-            return {"cell": _cell(libc.ioctl(vm.vm.fd, uapi.KVM_SET_USER_MEMORY_REGION,
+            return {"cell": _cell(libc.ioctl(self.vm_fd(vm).fd, uapi.KVM_SET_USER_MEMORY_REGION,
                                              ctypes.byref(region)))}
+        if op in ("memory_failure", "unpoison"):
+            return {"cell": hwpoison_inject(CORRUPT_PFN if op == "memory_failure"
+                                            else UNPOISON_PFN, self.addr(vm, a))}
         return {"cell": self.remote(op, self.addr(vm, a))}  # a remote MATRIX path
 
     def buffer(self, vm: _LiveVm) -> int:
@@ -201,6 +224,8 @@ class _Child:
                 return {"cell": _cell(libc.mprotect(self.addr(vm, a), int(a["size"]),
                                                     int(a["prot"])))}
             case "madvise":
+                if int(a["advice"]) == MADV_HWPOISON and not in_vm_guest():
+                    raise PermissionError("MADV_HWPOISON runs only inside the kvmpoison VM guest")
                 return {"cell": _cell(libc.madvise(self.addr(vm, a), int(a["size"]),
                                                    int(a["advice"])))}
             case "pagecache_read" | "pagecache_write" | "punch_hole":
@@ -231,7 +256,7 @@ class _Child:
         match op:
             case "guest_memfd_create":
                 arg = uapi.kvm_create_guest_memfd(size=int(a["size"]), flags=int(a["flags"]))
-                owner = self.vms[a["vm"]].vm if "vm" in a else vm.vm
+                owner = self.vm_fd(self.vms[a["vm"]] if "vm" in a else vm)
                 ret = libc.ioctl(owner.fd, uapi.KVM_CREATE_GUEST_MEMFD, ctypes.byref(arg))
                 return {"cell": "ok", "value": ret} if ret >= 0 else {"cell": _cell(ret)}
             case "memfd_create":
@@ -282,10 +307,44 @@ class _Child:
                     memory_size=int(a["size"]), userspace_addr=self.value(a["hva"]),
                     guest_memfd_offset=int(a["guest_memfd_offset"]),
                     guest_memfd=self.value(a["guest_memfd"]))
-                owner = self.vms[a["vm"]].vm if "vm" in a else vm.vm
+                owner = self.vm_fd(self.vms[a["vm"]] if "vm" in a else vm)
                 return {"cell": _cell(libc.ioctl(owner.fd, uapi.KVM_SET_USER_MEMORY_REGION2,
                                                  ctypes.byref(region)))}
         raise ValueError(f"no live counterpart for vmm op {op!r}")
+
+
+CORRUPT_PFN = "/sys/kernel/debug/hwpoison/corrupt-pfn"
+
+
+def hwpoison_inject(debugfs: str, addr: int) -> str:
+    """Write the pfn behind *addr* to one of hwpoison_inject's debugfs files (6.1,
+    mm/hwpoison-inject.c): ``corrupt-pfn`` runs ``memory_failure(pfn, MF_SW_SIMULATED)``
+    (hwpoison_inject; its filter is off by default), ``unpoison-pfn`` runs
+    ``unpoison_memory(pfn)``. The pfn comes from /proc/self/pagemap: a present page's
+    frame, or the offset of a hwpoison swap entry (which is the pfn). ``ret:0`` or
+    ``err:NAME``, as the model's ``_ret``. Only inside the VM guest: it changes the state
+    of a physical page for good."""
+    if not in_vm_guest():
+        raise PermissionError("hwpoison injection runs only inside the kvmpoison VM guest")
+    entry = _pagemap_entry(addr)
+    frame = entry & PM_PFN_MASK
+    if entry & PM_PRESENT:
+        pfn = frame
+    elif entry & PM_SWAP:
+        pfn = frame >> PM_SWAP_TYPE_BITS  # the type in the low bits, the offset above
+    else:
+        raise ValueError(f"no frame backs {addr:#x} (the model needs one too)")
+    try:
+        fd = os.open(debugfs, os.O_WRONLY)
+    except OSError as exc:
+        raise ValueError(f"{debugfs}: {exc.strerror} (hwpoison_inject not loaded?)") from None
+    try:
+        os.write(fd, f"{pfn:#x}".encode())
+    except OSError as exc:
+        return f"err:{_name(exc.errno or 0)}"
+    finally:
+        os.close(fd)
+    return "ret:0"
 
 
 def _copy_routine() -> int:
@@ -296,14 +355,14 @@ def _copy_routine() -> int:
 
 
 def _child_main(vms: list[dict[str, Any]], steps: list[dict[str, Any]], out: int,
-                results: int) -> None:
+                results: int, use_kvm: bool) -> None:
     def emit(rec: dict[str, Any]) -> None:
         os.write(results, (json.dumps(rec) + "\n").encode())
 
     try:
         signal.alarm(CHILD_SECONDS)
         libc.ptrace(PTRACE_TRACEME, 0, None, None)
-        child = _Child(out, _copy_routine(), Kvm())
+        child = _Child(out, _copy_routine(), Kvm() if use_kvm else None)
         os.write(out, (json.dumps({"copy": child.copy_addr}) + "\n").encode())
         for d in vms:
             child.new_vm(d)
@@ -336,15 +395,17 @@ def _recover(pid: int, copy_addr: int) -> bool:
     return True
 
 
-def run_live(vms: list[dict[str, Any]], steps: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Run the steps live; per step index ``{"cell", "data"?}``, ``{"skip"}`` or ``{"error"}``."""
+def run_live(vms: list[dict[str, Any]], steps: list[dict[str, Any]],
+             use_kvm: bool = True) -> dict[int, dict[str, Any]]:
+    """Run the steps live; per step index ``{"cell", "data"?}``, ``{"skip"}`` or ``{"error"}``.
+    ``use_kvm=False``: no /dev/kvm (the VM guest); the VMs are their guest RAM only."""
     r, w = os.pipe()
     results_fd, results_name = tempfile.mkstemp(prefix="kvmpoison-live-")
     os.unlink(results_name)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child never returns
         os.close(r)
-        _child_main(vms, steps, w, results_fd)
+        _child_main(vms, steps, w, results_fd, use_kvm)
     os.close(w)
     faults: list[str] = []
     remotes: list[str] = []

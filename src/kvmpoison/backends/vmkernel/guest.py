@@ -6,7 +6,12 @@ implementation for both referees) and prints one line per cell::
 
     KVMPOISON-INFO {json}           the guest kernel and what it offers
     KVMPOISON-CELL {json}           path, backing, cell, detail
+    KVMPOISON-SCENARIO {json}       i, and the live steps' results or an error
     KVMPOISON-END {json}            the probe time
+
+A job holds ``cells`` (the oracle's matrix probes) and/or ``scenarios``
+(``run --live --kernel``: each one's VMs and live steps, run by
+``backends.kvm.live.run_live`` without /dev/kvm, as on the host with it).
 
 It refuses to run anywhere but in the guest: the hwpoison backings poison a
 page, which must never happen on the host.
@@ -27,7 +32,9 @@ from kvmpoison.backends.kvm.probes import in_vm_guest, run_probe
 from kvmpoison.matrix.protocol import REMOTE_PATHS, UNPOISON_PFN
 
 PROBE_TIMEOUT = 30  # seconds per cell; TCG is slow, a hang is not
+SCENARIO_TIMEOUT = 150  # seconds per scenario (the live child has its own 120 s alarm)
 MARK_INFO, MARK_CELL, MARK_END = "KVMPOISON-INFO", "KVMPOISON-CELL", "KVMPOISON-END"
+MARK_SCENARIO = "KVMPOISON-SCENARIO"
 
 
 def emit(mark: str, payload: dict[str, object]) -> None:
@@ -54,7 +61,7 @@ def main(argv: list[str]) -> int:
                      "tmp_fs": _fs_type(tempfile.gettempdir())})
     signal.signal(signal.SIGALRM, _alarm)
     t0 = time.perf_counter()
-    for path, backing in job["cells"]:
+    for path, backing in job.get("cells", []):
         signal.alarm(PROBE_TIMEOUT)
         try:
             res = run_probe(path, backing, REMOTE_PATHS)
@@ -66,8 +73,24 @@ def main(argv: list[str]) -> int:
         finally:
             signal.alarm(0)
         emit(MARK_CELL, {"path": path, "backing": backing, "cell": cell, "detail": detail})
+    for i, sc in enumerate(job.get("scenarios", [])):
+        emit(MARK_SCENARIO, {"i": i, **_scenario(sc["vms"], sc["steps"])})
     emit(MARK_END, {"seconds": round(time.perf_counter() - t0, 3)})
     return 0
+
+
+def _scenario(vms: list[dict[str, object]], steps: list[dict[str, object]]) -> dict[str, object]:
+    from kvmpoison.backends.kvm.live import LiveError, run_live
+
+    signal.alarm(SCENARIO_TIMEOUT)
+    try:
+        return {"results": {str(k): v for k, v in run_live(vms, steps, use_kvm=False).items()}}
+    except _ProbeTimeoutError:
+        return {"error": f"no result in {SCENARIO_TIMEOUT} s"}
+    except (LiveError, OSError, ValueError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        signal.alarm(0)
 
 
 def _fs_type(mount_point: str) -> str:
