@@ -161,3 +161,24 @@ def test_running_out_of_memory_mid_run_gives_the_per_page_state() -> None:
     kvm_share_memory(c.vm, 0x100, 0x40, bulk=False)
     assert buddy.nr_free == 0
     assert_same_state(m, c)
+
+
+@pytest.mark.parametrize("left", [None, 0x40 + 2, 2])
+def test_sharing_where_no_page_table_exists_gives_the_per_page_state(
+        left: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gfns 0x600..0x640: no PTE table yet. The first fault allocates its page, then the
+    tables; with memory short (``left`` free pages) the per-page path meets the failure."""
+    m = Machine(Config(design="rfc-v2", vm_mem=8 << 20))
+    assert m.vmm.proc.mm.pgd.pte_slot(m.vmm.gpa_to_hva(0x600 << 12)) is None
+    if left is not None:
+        buddy = m.kernel.core.buddy
+        buddy.alloc_pages_bulk(buddy.nr_free - left)
+    c = m.copy()
+    calls: list[int] = []
+    one = mem_protected._share_one
+    monkeypatch.setattr(mem_protected, "_share_one",
+                        lambda vm, hva: calls.append(hva) or one(vm, hva))
+    kvm_share_memory(m.vm, 0x600, 0x40)
+    assert (len(calls) == 0) is (left is None)  # vectorised unless memory is short
+    kvm_share_memory(c.vm, 0x600, 0x40, bulk=False)
+    assert_same_state(m, c)

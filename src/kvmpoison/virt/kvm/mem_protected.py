@@ -233,10 +233,10 @@ def _share_shmem_holes(vm: Vm, hvas: list[int], i: int) -> int:
     allocates a page (``shmem_getpage_gfp``), caches and maps it dirty
     (``finish_fault``), then GUP takes and ``put_page`` drops a reference, and
     the share clears PG_hwpoison (v1) or the owner entry it finds (v2). The
-    run ends where a page table would have to be built: the per-page path
-    builds it after that page's own allocation, and pfns follow allocation
-    order. Pages are taken from the buddy allocator one at a time, in the
-    order the faults would take them, so every pfn is the same.
+    run stays inside one PTE table; a missing table is built right after the
+    run's first page is allocated, as that page's ``set_pte_at`` would. Pages
+    are taken from the buddy allocator one at a time, in the order the faults
+    would take them, so every pfn is the same.
     """
     mm = vm.mm
     core = vm.core
@@ -249,9 +249,7 @@ def _share_shmem_holes(vm: Vm, hvas: list[int], i: int) -> int:
     if check_vma_flags(vma, FOLL.WRITE):
         return 0
     slot = mm.pgd.pte_slot(hvas[i])
-    if slot is None:
-        return 0
-    row, col = slot
+    col = (hvas[i] >> PAGE_SHIFT) & (PTRS_PER_PTE - 1)
     inode = vma.vm_ops.inode
     mapping = inode.mapping
     assert mapping is not None
@@ -264,24 +262,31 @@ def _share_shmem_holes(vm: Vm, hvas: list[int], i: int) -> int:
         n += 1
     if n == 0:
         return 0
-    store = core.ptes.rows
-    none = pte_none_array(store[row, col : col + n])
-    n = len(none) if none.all() else int(np.argmin(none))
+    if slot is not None:  # no table: every PTE is none
+        none = pte_none_array(core.ptes.rows[slot[0], col : col + n])
+        n = len(none) if none.all() else int(np.argmin(none))
     cached = mapping.pages[first_index : first_index + n]
     if (cached >= 0).any():
         n = int(np.argmax(cached >= 0))
     if n == 0:
         return 0
     buddy = core.buddy
+    if slot is None and buddy.nr_free < n + 4:
+        return 0  # building the tables might fail: the per-page path meets that
     got: list[int] = []
     for _ in range(n):  # the faults' allocations, in their order (pfns must match)
         page = buddy.alloc_pages(0)
         if page is None:
             break  # out of memory: the per-page path takes over at this page
         got.append(page.pfn)
+        if slot is None:
+            # The first fault's set_pte_at builds the missing tables, after its page.
+            slot = mm.pgd.pte_slot(hvas[i], alloc=True)
+            assert slot is not None
     n = len(got)
-    if n == 0:
+    if n == 0 or slot is None:
         return 0
+    row = slot[0]
     pfns = np.array(got, dtype=np.int64)
     mem = core.pages
     core.clear_pages(pfns)
