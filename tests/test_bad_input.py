@@ -344,7 +344,7 @@ def test_oracle_unavailable_goes_to_stderr(capsys: pytest.CaptureFixture[str],
     def unavailable(_tick: object = None) -> None:
         raise report_oracle.OracleUnavailableError("the probes need Linux on x86-64")
 
-    monkeypatch.setattr("kvmpoison.cli.oracle.compare", unavailable)
+    monkeypatch.setattr("kvmpoison.report.oracle.compare", unavailable)  # imported at run time
     rc, out, err = cli(capsys, "oracle", "--format", "json")
     assert out == "" and "oracle unavailable" in one_error_line(rc, out, err)
 

@@ -162,9 +162,10 @@ def test_mem_share_walks_only_mapped_memslot_gfns(monkeypatch: pytest.MonkeyPatc
         return real(self, hva, write)
 
     monkeypatch.setattr(Vm, "hva_to_pfn", spy)
-    assert kvm_share_memory(vm, 1 << 28, npages) == 0
+    # The per-page loop (bulk=False) calls gfn_to_page for each gfn it walks.
+    assert kvm_share_memory(vm, 1 << 28, npages, bulk=False) == 0
     assert calls == []  # nothing of slot 1 is mapped in the VMM
-    assert kvm_share_memory(vm, 0x40, 2) == 0
+    assert kvm_share_memory(vm, 0x40, 2, bulk=False) == 0
     assert calls == [m.vmm.gpa_to_hva(0x40 * PAGE), m.vmm.gpa_to_hva(0x41 * PAGE)]
 
 

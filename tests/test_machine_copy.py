@@ -160,3 +160,15 @@ def test_copy_has_its_own_random_state_at_the_same_point() -> None:
     assert c.kernel.rng is not m.kernel.rng
     first = [m.kernel.rng.random() for _ in range(3)]
     assert [c.kernel.rng.random() for _ in range(3)] == first  # same point, advanced alone
+
+
+def test_copy_of_a_file_backed_vm_faults_through_its_own_file() -> None:
+    m = Machine(Config(design="baseline", vm_mem=4 << 20, backing="file"))
+    c = m.copy()
+    mine, _ = _graph(m)
+    theirs, _ = _graph(c)
+    assert [type(v).__name__ for k, v in theirs.items() if k in mine] == []
+    # The copy's guest RAM faults in from the copy's page cache, not the original's.
+    assert c.guest.store(0x30000, b"guest").succeeded
+    assert c.guest.load(0x30000, 5).data == b"guest"
+    assert m.guest.load(0x30000, 5).data == bytes(5)

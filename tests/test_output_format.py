@@ -146,9 +146,9 @@ def _fake_comparison() -> object:
 
 def test_oracle_md_and_table_show_a_disagreement_whole(capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import kvmpoison.cli.oracle as oracle_cli
+    import kvmpoison.report.oracle as report_oracle  # the command imports compare at run time
 
-    monkeypatch.setattr(oracle_cli, "compare", lambda progress=None: _fake_comparison())
+    monkeypatch.setattr(report_oracle, "compare", lambda progress=None: _fake_comparison())
     rc, out, _ = cli(capsys, "oracle", "--format", "md")
     assert rc == 1 and not BOX.search(out)
     assert f"| load | memfd | `sig:SIGBUS:BUS_ADRERR` | `{LONG}` |" in out

@@ -128,3 +128,50 @@ def test_alloc_free_in_any_order_conserves_pages(sizes: list[int], rnd: random.R
     assert buddy.nr_free == NPAGES - 1
     again = buddy.alloc_pages_bulk(NPAGES - 1)
     assert len(np.unique(again)) == NPAGES - 1  # nothing lost, nothing duplicated
+
+
+def _alloc_by_add_range(b: BuddyAllocator, order: int) -> int | None:
+    """alloc_pages as it was before its scalar split: the upper halves through _add_range."""
+    for have in range(order, MAX_ORDER):
+        heads = b._pop(have, 1)
+        if len(heads):
+            break
+    else:
+        return None
+    head = int(heads[0])
+    if have > order:
+        b._add_range(head + (1 << order), head + (1 << have))
+    span = slice(head, head + (1 << order))
+    b.mem.flags[span] = 0
+    b.mem._mapcount[span] = -1
+    b.mem.mapping[span] = 0
+    b.mem.index[span] = 0
+    b.mem._refcount[span] = 0
+    b.mem._refcount[head] = 1
+    b.mem.order[span] = 0
+    return head
+
+
+def _free_area_state(b: BuddyAllocator) -> list[object]:
+    return [b.nr_free, b.mem.flags.tobytes(), b.mem.order.tobytes(), b.mem._refcount.tobytes(),
+            b.mem._mapcount.tobytes()] + [a.stack[: a.top].tolist() for a in b.areas]
+
+
+def test_alloc_pages_splits_as_add_range_would() -> None:
+    """Every pfn handed out, and the free areas after, match the _add_range split."""
+    fast, ref = fresh(), fresh()
+    rng = random.Random(7)
+    held: list[tuple[int, int]] = []
+    for _ in range(400):
+        if held and rng.random() < 0.3:  # free something, so later splits start mid-block
+            pfn, order = held.pop(rng.randrange(len(held)))
+            for b in (fast, ref):
+                b.mem._refcount[pfn] = 0
+                b.free_pages_bulk(np.arange(pfn, pfn + (1 << order), dtype=np.int64))
+            continue
+        order = rng.choice([0, 0, 0, 1, 2, 5])
+        page = fast.alloc_pages(order)
+        got = _alloc_by_add_range(ref, order)
+        assert page is not None and page.pfn == got
+        held.append((got, order))
+        assert _free_area_state(fast) == _free_area_state(ref)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from kvmpoison.cli.errors import CliError
-from kvmpoison.report.bench import Row, as_json, tasks
+
+if TYPE_CHECKING:
+    from kvmpoison.report.bench import Row
 
 
 class BenchFormat(enum.Enum):
@@ -35,6 +34,13 @@ def bench(
     Each row prints the model's figure, the reference's (the kernel doing the same
     work, or hashlib, or the target), their ratio and the target ratio.
     """
+    # Imported here: the other commands need neither the benchmarks nor the kernel side.
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from kvmpoison.report.bench import as_json, tasks
+
     rows: list[Row] = []
     steps = tasks(quick)
     err = Console(stderr=True)

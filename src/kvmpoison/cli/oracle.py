@@ -11,9 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvmpoison.cli.errors import Format
-from kvmpoison.cli.oracle_vm import oracle_vm
 from kvmpoison.matrix.protocol import BACKINGS, PATHS
-from kvmpoison.report.oracle import OracleUnavailableError, compare
 from kvmpoison.report.progress import progress
 from kvmpoison.report.table import break_at, legend, md_cell, md_table
 
@@ -42,6 +40,10 @@ def oracle(
     cannot run here, 3 all compared cells agreed but some could not be compared
     (no usable /dev/kvm).
     """
+    # Imported here: the probes load the kernel backends, which other commands do not need.
+    from kvmpoison.cli.oracle_vm import oracle_vm
+    from kvmpoison.report.oracle import OracleUnavailableError, compare
+
     if kernel is not None:
         if scenarios:  # one boot per command: the scenarios have their own
             print("kvmpoison: error: --scenarios with --kernel: run the scenarios with "

@@ -29,7 +29,14 @@ from kvmpoison.arch.x86.pgtable_types import (
 )
 from kvmpoison.arch.x86.tlb import Cpu
 from kvmpoison.mm.memory import handle_mm_fault
-from kvmpoison.mm.mm_types import VM, FaultFlag, MmStruct, Vma, VmFault, vma_is_accessible
+from kvmpoison.mm.mm_types import (
+    VM_WRITE_I,
+    FaultFlag,
+    MmStruct,
+    Vma,
+    VmFault,
+    vma_is_accessible,
+)
 from kvmpoison.outcome import Outcome
 from kvmpoison.uapi.siginfo import BusCode, SegvCode, SigInfo
 
@@ -57,7 +64,7 @@ def pte_allows(pte: int, write: bool) -> bool:
 def access_error(write: bool, protection: bool, vma: Vma) -> bool:
     """arch/x86/mm/fault.c ``access_error`` (v5.12), without protection keys."""
     if write:
-        return not vma.vm_flags & VM.WRITE
+        return not int(vma.vm_flags) & VM_WRITE_I
     if protection:
         return True  # read of a present but protected page (e.g. PROT_NONE)
     return not vma_is_accessible(vma)
@@ -78,6 +85,16 @@ def mm_fault_error(fault: VmFault, address: int, memory_failure: bool) -> Outcom
     return Outcome.signal(SigInfo(signal.SIGSEGV, SegvCode.SEGV_MAPERR, address))
 
 
+# do_user_addr_fault's fault flags by (user_mode, write), and the faults that end it with a
+# signal: built once (IntFlag arithmetic is slow on a per-fault path).
+_NONE = FaultFlag(0)
+_USER_FAULT_FLAGS = {(u, w): FaultFlag.ALLOW_RETRY | FaultFlag.KILLABLE
+                     | (FaultFlag.USER if u else _NONE) | (FaultFlag.WRITE if w else _NONE)
+                     for u in (False, True) for w in (False, True)}
+_FAULT_SIGNALS = int(VmFault.OOM | VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.HWPOISON
+                     | VmFault.HWPOISON_LARGE)
+
+
 def do_user_addr_fault(mm: MmStruct, address: int, write: bool, user_mode: bool,
                        protection: bool) -> Outcome | None:
     """arch/x86/mm/fault.c ``do_user_addr_fault`` (v5.12): handle one fault; None
@@ -91,14 +108,8 @@ def do_user_addr_fault(mm: MmStruct, address: int, write: bool, user_mode: bool,
         return Outcome.signal(SigInfo(signal.SIGSEGV, SegvCode.SEGV_MAPERR, address))
     if access_error(write, protection, vma):
         return Outcome.signal(SigInfo(signal.SIGSEGV, SegvCode.SEGV_ACCERR, address))
-    flags = FaultFlag.ALLOW_RETRY | FaultFlag.KILLABLE
-    if user_mode:
-        flags |= FaultFlag.USER
-    if write:
-        flags |= FaultFlag.WRITE
-    fault = handle_mm_fault(vma, address, flags)
-    if fault & (VmFault.OOM | VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.HWPOISON
-                | VmFault.HWPOISON_LARGE):
+    fault = handle_mm_fault(vma, address, _USER_FAULT_FLAGS[user_mode, write])
+    if int(fault) & _FAULT_SIGNALS:
         return mm_fault_error(fault, address, mm.core.kcfg.memory_failure)
     return None
 

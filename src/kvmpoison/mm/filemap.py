@@ -13,6 +13,7 @@ happens at fsync.
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from kvmpoison.mm.file import (
 )
 from kvmpoison.mm.gup import FOLL, get_user_pages_fast, put_pages
 from kvmpoison.mm.memory import ZapDetails, _put_pages_bulk, zap_page_range
-from kvmpoison.mm.mm_types import Vma, VmFault, VmFaultInfo
+from kvmpoison.mm.mm_types import VM_FAULT_0, Vma, VmFault, VmFaultInfo
 from kvmpoison.mm.page import Page, get_page
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.uaccess import IovIter, copy_from_user, efault_or
@@ -302,7 +303,8 @@ class RegularFile:
         inode.i_size = max(inode.i_size, pos + len(data))
 
     def mmap(self, file: File, vma: Vma) -> int:
-        vma.vm_ops = FileVmOps(file.f_inode, lambda vmf: self.filemap_fault(file.f_inode, vmf))
+        # A partial of a bound method, not a closure: a copied machine's VMA reaches the copy.
+        vma.vm_ops = FileVmOps(file.f_inode, functools.partial(self.filemap_fault, file.f_inode))
         return 0
 
     def filemap_fault(self, inode: Inode, vmf: VmFaultInfo) -> VmFault:
@@ -316,7 +318,7 @@ class RegularFile:
             return VmFault.OOM if err == -errno.ENOMEM else VmFault.SIGBUS
         get_page(self.core.pages[pfn])
         vmf.page = pfn
-        return VmFault(0)
+        return VM_FAULT_0
 
     def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
         """``ext4_fallocate`` (v5.12, 6.18) after ``vfs_fallocate``'s checks.

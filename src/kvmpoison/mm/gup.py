@@ -104,6 +104,16 @@ _FOLL_ALLOW_POISONED, _FOLL_NUMA, _FOLL_DUMP = (int(FOLL.ALLOW_POISONED), int(FO
 _FAULT_OOM = int(VmFault.OOM)
 _FAULT_HWPOISON = int(VmFault.HWPOISON | VmFault.HWPOISON_LARGE)
 _FAULT_SIGBUS_SEGV = int(VmFault.SIGBUS | VmFault.SIGSEGV)
+_FAULT_WRITE = int(VmFault.WRITE)
+_FOLL_COW, _FOLL_REMOTE = int(FOLL.COW), int(FOLL.REMOTE)
+_FOLL_GET_PIN = _FOLL_GET | _FOLL_PIN
+_FOLL_GET_TOUCH = _FOLL_GET | _FOLL_TOUCH
+_FOLL_POPULATE_ANY = int(FOLL.POPULATE | FOLL.MADV_POPULATE)
+_FOLL_MADV_POPULATE = int(FOLL.MADV_POPULATE)
+# faultin_page's fault flags, by (FOLL_WRITE, FOLL_REMOTE): built once, not per fault.
+_FAULTIN_FLAGS = {(w, r): (FaultFlag.WRITE if w else FaultFlag(0)) | (FaultFlag.REMOTE if r
+                                                                      else FaultFlag(0))
+                  for w in (False, True) for r in (False, True)}
 
 
 def check_vma_flags(vma: Vma, gup_flags: FOLL) -> int:
@@ -152,7 +162,8 @@ def can_follow_write_pte(pte: int, gup_flags: FOLL) -> bool:
     """
     if pte & _PAGE_RW:
         return True
-    return bool(gup_flags & FOLL.FORCE and gup_flags & FOLL.COW and pte & _PAGE_DIRTY)
+    foll = int(gup_flags)
+    return bool(foll & _FOLL_FORCE and foll & _FOLL_COW and pte & _PAGE_DIRTY)
 
 
 def _v6_zero_page(head: Page) -> bool:
@@ -182,11 +193,12 @@ def try_grab_page(page: Page, gup_flags: FOLL) -> bool:
     """
     head = compound_head(page)
     mem = head.mem
-    if not gup_flags & (FOLL.GET | FOLL.PIN):
+    foll = int(gup_flags)
+    if not foll & _FOLL_GET_PIN:
         return True
     if mem._refcount[head.pfn] <= 0:
         return False  # WARN_ON_ONCE(page_ref_count(page) <= 0)
-    if gup_flags & FOLL.GET:
+    if foll & _FOLL_GET:
         mem._refcount[head.pfn] += 1
     elif not _v6_zero_page(head):
         mem._refcount[head.pfn] += 1 if folio_has_pincount(head) else GUP_PIN_COUNTING_BIAS
@@ -203,7 +215,7 @@ def put_compound_head(page: Page, refs: int, gup_flags: FOLL) -> None:
     """
     head = compound_head(page)
     mem = head.mem
-    if gup_flags & FOLL.PIN:
+    if int(gup_flags) & _FOLL_PIN:
         if _v6_zero_page(head):
             return
         if not folio_has_pincount(head):
@@ -226,7 +238,7 @@ def _follow_hwpoison_entry(vma: Vma, entry: swp_entry_t, gup_flags: FOLL) -> Pag
     if mode is FollowPoisoned.NEVER or not is_hwpoison_entry(entry, core.swap_types):
         return None
     page = core.pages[hwpoison_entry_to_pfn(entry)]
-    if mode is FollowPoisoned.WITH_FLAG and not gup_flags & FOLL.ALLOW_POISONED:
+    if mode is FollowPoisoned.WITH_FLAG and not int(gup_flags) & _FOLL_ALLOW_POISONED:
         return None
     if mode is FollowPoisoned.ALWAYS and not PageHWPoison(page):
         return None
@@ -251,12 +263,12 @@ def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | Non
     pte = mm.pgd.get(address)
     if pte_none(pte):
         # no_page_table: a core dump does not fault in holes of anonymous memory
-        if gup_flags & FOLL.DUMP and (vma_is_anonymous(vma) or vma.vm_ops is None):
+        if foll & _FOLL_DUMP and (vma_is_anonymous(vma) or vma.vm_ops is None):
             return -errno.EFAULT
         return None
     if not pte_present(pte):
         return _follow_hwpoison_entry(vma, pte_to_swp_entry(pte, core.kcfg), gup_flags)
-    if pte_protnone(pte) and gup_flags & FOLL.NUMA:
+    if pte_protnone(pte) and foll & _FOLL_NUMA:
         return None
     if foll & _FOLL_WRITE and not can_follow_write_pte(pte, gup_flags):
         return None
@@ -266,23 +278,20 @@ def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | Non
     page = normal if normal is not None else core.pages[pte_pfn(pte)]
     if not try_grab_page(page, gup_flags):
         return -errno.ENOMEM
-    if gup_flags & FOLL.TOUCH and gup_flags & FOLL.WRITE and not pte & _PAGE_DIRTY:
+    if foll & _FOLL_TOUCH and foll & _FOLL_WRITE and not pte & _PAGE_DIRTY:
         SetPageDirty(page)
     return page
 
 
 def faultin_page(vma: Vma, address: int, gup_flags: FOLL) -> tuple[int, FOLL]:
     """mm/gup.c ``faultin_page`` (v5.12): fault the page in; returns (0 or -errno, flags)."""
-    fault_flags = FaultFlag(0)
-    if gup_flags & FOLL.WRITE:
-        fault_flags |= FaultFlag.WRITE
-    if gup_flags & FOLL.REMOTE:
-        fault_flags |= FaultFlag.REMOTE
+    foll = int(gup_flags)
+    fault_flags = _FAULTIN_FLAGS[bool(foll & _FOLL_WRITE), bool(foll & _FOLL_REMOTE)]
     ret = handle_mm_fault(vma, address, fault_flags)
     err = vm_fault_to_errno(ret, gup_flags)
     if err:
         return err, gup_flags
-    if ret & VmFault.WRITE and not vma.vm_flags & VM.WRITE:
+    if int(ret) & _FAULT_WRITE and not int(vma.vm_flags) & _VM_WRITE:
         gup_flags |= FOLL.COW
     return 0, gup_flags
 
@@ -305,23 +314,24 @@ def __get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
     the first failure; returns ``i ? i : ret``. MADV_POPULATE's errno
     mapping is v5.14+. Not modelled: stack expansion (``find_extend_vma``).
     """
-    if not gup_flags & FOLL.FORCE:
+    if not int(gup_flags) & _FOLL_FORCE:
         gup_flags |= FOLL.NUMA
+    foll = int(gup_flags)  # plain int for the tests below (FOLL_COW may join gup_flags later)
     i = 0
     vma: Vma | None = None
     while nr_pages:
         if vma is None or start >= vma.vm_end:
             vma = find_vma(mm, start)
             if vma is None or vma.vm_start > start:
-                if gup_flags & FOLL.MADV_POPULATE:
+                if foll & _FOLL_MADV_POPULATE:
                     return i or -errno.ENOMEM
                 return i or -errno.EFAULT
             ret = check_vma_flags(vma, gup_flags)
             if ret:
-                if gup_flags & FOLL.MADV_POPULATE:
+                if foll & _FOLL_MADV_POPULATE:
                     return i or -errno.EINVAL  # "incompatible mappings / permissions"
                 return i or ret
-            if pages is None and gup_flags & (FOLL.POPULATE | FOLL.MADV_POPULATE):
+            if pages is None and foll & _FOLL_POPULATE_ANY:
                 stop = _bulk_populate(vma, start, min(vma.vm_end, start + nr_pages * PAGE_SIZE),
                                       gup_flags)
                 done = (stop - start) >> PAGE_SHIFT
@@ -340,7 +350,7 @@ def __get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
             return i or page
         if pages is not None:
             pages.append(page)
-        elif gup_flags & (FOLL.GET | FOLL.PIN):
+        elif foll & _FOLL_GET_PIN:
             unpin_or_put(page, gup_flags)
         i += 1
         start += PAGE_SIZE
@@ -350,13 +360,13 @@ def __get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
 
 def unpin_or_put(page: Page, gup_flags: FOLL) -> None:
     """Release what :func:`try_grab_page` took (``unpin_user_page`` or ``put_page``)."""
-    put_compound_head(page, 1, gup_flags & FOLL.PIN)
+    put_compound_head(page, 1, gup_flags)  # it tests FOLL_PIN alone
 
 
 def get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                    pages: list[Page] | None = None) -> int:
     """mm/gup.c ``get_user_pages`` (v5.12): FOLL_GET | FOLL_TOUCH."""
-    return __get_user_pages(mm, start, nr_pages, gup_flags | FOLL.GET | FOLL.TOUCH, pages)
+    return __get_user_pages(mm, start, nr_pages, FOLL(int(gup_flags) | _FOLL_GET_TOUCH), pages)
 
 
 def get_user_pages_remote(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,

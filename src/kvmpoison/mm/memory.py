@@ -49,7 +49,12 @@ from kvmpoison.arch.x86.pgtable_types import (
 from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.mm_types import (
+    FAULT_FLAG_WRITE_I,
     VM,
+    VM_FAULT_0,
+    VM_SHARED_I,
+    VM_UFFD_MISSING_I,
+    VM_WRITE_I,
     FaultFlag,
     MmStruct,
     Vma,
@@ -168,17 +173,17 @@ def handle_pte_fault(vmf: VmFaultInfo) -> VmFault:
     if pte_protnone(pte) and vma_is_accessible(vmf.vma):
         return do_numa_page(vmf)
     entry = pte | _PAGE_ACCESSED
-    if vmf.flags & FaultFlag.WRITE:
+    if int(vmf.flags) & FAULT_FLAG_WRITE_I:
         if not pte & _PAGE_RW:
             return do_wp_page(vmf)
         entry |= _PAGE_DIRTY
     mm.pgd.set(vmf.address, entry)
-    return VmFault(0)
+    return VM_FAULT_0
 
 
 def maybe_mkwrite(pte: int, vma: Vma) -> int:
     """include/linux/mm.h ``maybe_mkwrite`` (v5.12)."""
-    return pte | _PAGE_RW if vma.vm_flags & VM.WRITE else pte
+    return pte | _PAGE_RW if int(vma.vm_flags) & VM_WRITE_I else pte
 
 
 def _mk_anon_pte(vma: Vma, pfn: int, write: bool) -> int:
@@ -197,23 +202,24 @@ def do_anonymous_page(vmf: VmFaultInfo) -> VmFault:
     """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     core = mm.core
-    if vma.vm_flags & VM.SHARED:
+    vm_flags = int(vma.vm_flags)
+    if vm_flags & VM_SHARED_I:
         return VmFault.SIGBUS  # shared anonymous memory is shmem-backed
-    write = bool(vmf.flags & FaultFlag.WRITE)
-    if vma.vm_flags & VM.UFFD_MISSING and vma.uffd_ctx is not None:
+    write = bool(int(vmf.flags) & FAULT_FLAG_WRITE_I)
+    if vm_flags & VM_UFFD_MISSING_I and vma.uffd_ctx is not None:
         return VmFault.SIGBUS  # handle_userfault: no monitor thread in the model
     if not write:
         # Map the shared zero page read-only; a later write copies it.
         zero = pfn_pte(core.zero_pfn, vma.vm_page_prot & ~_PAGE_RW) | _PAGE_SPECIAL
         mm.pgd.set(vmf.address, zero)
-        return VmFault(0)
+        return VM_FAULT_0
     anon_vma_prepare(vma)
     page = core.buddy.alloc_pages(0)
     if page is None:
         return VmFault.OOM
     core.clear_pages(np.array([page.pfn], dtype=np.int64))
     _map_new_anon(vmf, page, True)
-    return VmFault(0)
+    return VM_FAULT_0
 
 
 # What ends a fault without a page to map (a plain int: IntFlag arithmetic is slow here).
@@ -289,7 +295,7 @@ def finish_fault(vmf: VmFaultInfo, write: bool) -> VmFault:
     page_add_rmap(page)
     mm_counter_add(mm, page, 1)
     mm.pgd.set(vmf.address, pte)
-    return VmFault(0)
+    return VM_FAULT_0
 
 
 _FAULT_STOP = (VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.OOM | VmFault.HWPOISON
@@ -303,13 +309,13 @@ def do_fault(vmf: VmFaultInfo) -> VmFault:
     vma = vmf.vma
     if vma.vm_ops is None:
         return VmFault.SIGBUS
-    write = bool(vmf.flags & FaultFlag.WRITE)
+    write = bool(int(vmf.flags) & FAULT_FLAG_WRITE_I)
     if not write and do_fault_around(vmf):
         return VmFault.NOPAGE
-    if write and not vma.vm_flags & VM.SHARED:
+    if write and not int(vma.vm_flags) & VM_SHARED_I:
         return do_cow_fault(vmf)
     ret = __do_fault(vmf)
-    if ret & _FAULT_STOP:
+    if int(ret) & _VM_FAULT_NO_MAP:
         return ret
     return finish_fault(vmf, write)
 
@@ -384,7 +390,7 @@ def do_cow_fault(vmf: VmFaultInfo) -> VmFault:
     core.copy_page(new.pfn, src.pfn)
     put_page(src)
     _map_new_anon(vmf, new, True)
-    return VmFault(0)
+    return VM_FAULT_0
 
 
 def do_wp_page(vmf: VmFaultInfo) -> VmFault:
@@ -428,7 +434,7 @@ def do_numa_page(vmf: VmFaultInfo) -> VmFault:
     """
     mm = vmf.vma.vm_mm
     mm.pgd.set(vmf.address, pte_modify(vmf.orig_pte, vmf.vma.vm_page_prot) | _PAGE_ACCESSED)
-    return VmFault(0)
+    return VM_FAULT_0
 
 
 def do_swap_page(vmf: VmFaultInfo) -> VmFault:
@@ -465,7 +471,7 @@ def _restore_unpoisoned(vmf: VmFaultInfo, page: Page) -> VmFault:
     lock_page(page)
     try:
         if mm.pgd.get(vmf.address) != vmf.orig_pte:
-            return VmFault(0)
+            return VM_FAULT_0
         if PageHWPoison(page):
             return VmFault.HWPOISON
         mm_counter_add(mm, page, 1)
@@ -473,7 +479,7 @@ def _restore_unpoisoned(vmf: VmFaultInfo, page: Page) -> VmFault:
         if not mm.core.hooks.hwpoison_entry_holds_ref:
             get_page(page)  # the entry held none; the PTE needs one
         mm.pgd.set(vmf.address, pfn_pte(page.pfn, vma.vm_page_prot) | _PAGE_ACCESSED)
-        return VmFault(0)
+        return VM_FAULT_0
     finally:
         unlock_page(page)
 
@@ -511,7 +517,7 @@ def swapin(vmf: VmFaultInfo, offset: int) -> VmFault:
     core.hw.write(page.pfn << PAGE_SHIFT, data, 0)
     core.swap_free(offset)  # a fork's other entries keep the slot
     _map_new_anon(vmf, page, bool(vmf.flags & FaultFlag.WRITE))
-    return VmFault(0)
+    return VM_FAULT_0
 
 
 # -- bulk fault-in ---------------------------------------------------------------------
@@ -814,7 +820,7 @@ def copy_page_range(dst: Vma, src: Vma) -> None:
         # Build the child's tables first: allocation may grow the PTE store.
         rows = np.empty(len(chunk.addr), dtype=np.int64)
         pmd_no = chunk.addr >> 21
-        for i in np.unique(pmd_no):
+        for i in sorted_unique(pmd_no):  # np.unique would import numpy.ma (13 ms) on first use
             slot = dst_mm.pgd.pte_slot(int(i) << 21, alloc=True)
             assert slot is not None
             rows[pmd_no == i] = slot[0]

@@ -88,6 +88,10 @@ VM_FAULT_ERROR = (VmFault.OOM | VmFault.SIGBUS | VmFault.SIGSEGV | VmFault.HWPOI
                   | VmFault.HWPOISON_LARGE | VmFault.FALLBACK)
 
 
+# A vm_fault_t function's "return 0", built once (VmFault(0) is an enum call per fault).
+VM_FAULT_0 = VmFault(0)
+
+
 class FaultFlag(enum.IntFlag):
     """``enum fault_flag`` (include/linux/mm.h)."""
 
@@ -119,6 +123,9 @@ def vm_get_page_prot(vm_flags: VM) -> int:
 _VM_ACCESS = int(VM_ACCESS_FLAGS)
 _VM_WRITE_SHARED = int(VM.WRITE | VM.SHARED)
 _VM_EXEC = int(VM.EXEC)
+# Plain ints for the per-fault tests (IntFlag arithmetic builds enum objects).
+VM_WRITE_I, VM_SHARED_I, VM_UFFD_MISSING_I = int(VM.WRITE), int(VM.SHARED), int(VM.UFFD_MISSING)
+FAULT_FLAG_WRITE_I = int(FaultFlag.WRITE)
 
 
 class VmOperations(Protocol):
@@ -171,7 +178,7 @@ def vma_wants_writenotify(vma: Vma) -> bool:
     neither, so it maps writable at once. Soft-dirty tracking (after
     clear_refs) is not modelled.
     """
-    if vma.vm_flags & (VM.WRITE | VM.SHARED) != VM.WRITE | VM.SHARED:
+    if int(vma.vm_flags) & _VM_WRITE_SHARED != _VM_WRITE_SHARED:
         return False
     return vma.vm_file is not None and vma.vm_file.f_inode.kind == "file"
 
@@ -181,7 +188,7 @@ def vma_is_anonymous(vma: Vma) -> bool:
 
 
 def vma_is_accessible(vma: Vma) -> bool:
-    return bool(vma.vm_flags & VM_ACCESS_FLAGS)
+    return bool(int(vma.vm_flags) & _VM_ACCESS)
 
 
 @dataclass

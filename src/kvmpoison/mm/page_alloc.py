@@ -44,6 +44,14 @@ class _FreeArea:
         self.stack = np.empty(64, dtype=np.int64)
         self.top = 0
 
+    def push1(self, pfn: int) -> None:
+        if self.top == len(self.stack):
+            grown = np.empty(2 * len(self.stack), dtype=np.int64)
+            grown[: self.top] = self.stack[: self.top]
+            self.stack = grown
+        self.stack[self.top] = pfn
+        self.top += 1
+
     def push(self, pfns: PfnArray) -> None:
         need = self.top + len(pfns)
         if need > len(self.stack):
@@ -95,20 +103,27 @@ class BuddyAllocator:
         free = ((self.mem.flags[pfns] & _BUDDY) != 0) & (self.mem.order[pfns] == order)
         return np.asarray(free, dtype=np.bool_)
 
+    def _pop1(self, order: int) -> int:
+        """One valid free head of ``order`` taken off its area (every alloc_pages), or -1:
+        scalar checks, no array temporaries."""
+        area = self.areas[order]
+        flags, orders = self.mem.flags, self.mem.order
+        while area.top:
+            area.top -= 1
+            pfn = int(area.stack[area.top])
+            if flags[pfn] & _BUDDY and orders[pfn] == order:
+                flags[pfn] = 0
+                orders[pfn] = 0
+                self.nr_free -= 1 << order
+                return pfn
+        return -1
+
     def _pop(self, order: int, count: int) -> PfnArray:
         """Up to ``count`` valid free heads of ``order``, taken off its area."""
         area = self.areas[order]
-        if count == 1:  # one block (every alloc_pages): scalar checks, no array temporaries
-            flags, orders = self.mem.flags, self.mem.order
-            while area.top:
-                area.top -= 1
-                pfn = int(area.stack[area.top])
-                if flags[pfn] & _BUDDY and orders[pfn] == order:
-                    flags[pfn] = 0
-                    orders[pfn] = 0
-                    self.nr_free -= 1 << order
-                    return np.array([pfn], dtype=np.int64)
-            return np.empty(0, dtype=np.int64)
+        if count == 1:
+            pfn = self._pop1(order)
+            return np.array([pfn] if pfn >= 0 else [], dtype=np.int64)
         got: list[PfnArray] = []
         have = 0
         while have < count and area.top:
@@ -159,15 +174,30 @@ class BuddyAllocator:
         if not 0 <= order < MAX_ORDER:
             raise ValueError(f"order {order} is outside 0..{MAX_ORDER - 1}")
         for have in range(order, MAX_ORDER):
-            heads = self._pop(have, 1)
-            if len(heads):
+            head = self._pop1(have)
+            if head >= 0:
                 break
         else:
             return None
-        head = int(heads[0])
-        if have > order:  # split: hand the upper halves back
-            self._add_range(head + (1 << order), head + (1 << have))
         mem = self.mem
+        if have > order:
+            # split: hand the upper halves back, head + 2^k at order k for k = order..have-1
+            # (what _add_range gives for that range, without its search)
+            flags, orders = mem.flags, mem.order
+            for k in range(order, have):
+                upper = head + (1 << k)
+                flags[upper] = _BUDDY
+                orders[upper] = k
+                self.areas[k].push1(upper)
+                self.nr_free += 1 << k
+        if order == 0 and not compound:  # most allocations: scalar stores
+            mem.flags[head] = 0
+            mem._mapcount[head] = -1
+            mem.mapping[head] = 0
+            mem.index[head] = 0
+            mem._refcount[head] = 1
+            mem.order[head] = 0
+            return mem[head]
         span = slice(head, head + (1 << order))
         mem.flags[span] = 0
         mem._mapcount[span] = -1

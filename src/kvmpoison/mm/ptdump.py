@@ -118,6 +118,17 @@ def decode(raw: int, cfg: KernelConfig, level: str = "pte") -> Decoding:
     return _decode_swap(raw, cfg)
 
 
+def decode_kind(raw: int, cfg: KernelConfig) -> str:
+    """``decode(raw, cfg).kind`` of a PTE, without building the fields of a present or none
+    entry (the scenario trace asks for the kind on every step)."""
+    if 0 <= raw <= U64:
+        if pte_none(raw):
+            return "none"
+        if pte_present(raw):
+            return "protnone" if pte_protnone(raw) else "present"
+    return decode(raw, cfg).kind
+
+
 def _decode_swap(raw: int, cfg: KernelConfig) -> Decoding:
     types = SwapTypes.for_config(cfg)
     entry = pte_to_swp_entry(raw, cfg)

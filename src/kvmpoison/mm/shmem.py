@@ -38,7 +38,7 @@ from kvmpoison.mm.filemap import (
     truncate_inode_pages_range,
 )
 from kvmpoison.mm.memory import maybe_mkwrite
-from kvmpoison.mm.mm_types import VM, Vma, VmFault, VmFaultInfo
+from kvmpoison.mm.mm_types import VM, VM_FAULT_0, Vma, VmFault, VmFaultInfo
 from kvmpoison.mm.page import PageHWPoison, get_page
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.uaccess import IovIter
@@ -157,7 +157,7 @@ class Shmem:
         assert pfn is not None
         get_page(self.core.pages[pfn])
         vmf.page = pfn
-        return VmFault(0)
+        return VM_FAULT_0
 
     def populate_bulk(self, inode: Inode, vma: Vma, start: int, end: int, write: bool) -> int:
         """Vectorised ``shmem_fault`` + ``finish_fault`` over the none PTEs of [start, end).

@@ -19,7 +19,6 @@ from kvmpoison.matrix.protocol import BACKINGS
 from kvmpoison.matrix.protocol import PATHS as ORACLE_PATHS
 from kvmpoison.report import html
 from kvmpoison.report.gpa_map import GpaTrace, plot_traces, trace_scenario
-from kvmpoison.report.oracle import Comparison, OracleUnavailableError, compare
 from kvmpoison.scenario.library import shipped, title_of
 from kvmpoison.scenario.loader import load
 from kvmpoison.scenario.runner import ScenarioRun, run_scenario
@@ -127,8 +126,11 @@ def _oracle_section(opts: ReportOptions, tick: Tick) -> str:
     if reason is not None:
         return (f"<p><b>Not refereed</b>: {escape(reason)}. The model's cells were not "
                 "compared with the running kernel.</p>")
+    # Imported here: the kernel backends load only when the report referees the model.
+    from kvmpoison.report.oracle import OracleUnavailableError, compare
+
     try:
-        result: Comparison = compare(tick)
+        result = compare(tick)
     except OracleUnavailableError as exc:
         return f"<p><b>Not refereed</b>: {escape(str(exc))}.</p>"
     kcfg = result.kcfg

@@ -18,7 +18,7 @@ from kvmpoison.config import DEFAULT_INTEGRITY, Config
 from kvmpoison.designs import design as get_design
 from kvmpoison.machine import Machine, VmSpec
 from kvmpoison.matrix.designs import backing_pfn
-from kvmpoison.mm.ptdump import decode
+from kvmpoison.mm.ptdump import decode_kind
 from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.loader import Scenario, ScenarioError, Step
 from kvmpoison.scenario.ops import OPS, SAVES_REF, OpError, RunCtx, data_arg
@@ -86,7 +86,7 @@ def _page_state(ctx: RunCtx, step: Step) -> dict[str, Any]:
         return state
     pte = mm.pgd.get(inst.vmm.gpa_to_hva(gpa))
     state["vmm_pte"] = f"{pte:#018x}"
-    state["vmm_pte_kind"] = decode(pte, core.kcfg).kind
+    state["vmm_pte_kind"] = decode_kind(pte, core.kcfg)
     state["ept"] = f"{inst.vm.ept.get(gpa):#018x}"
     try:
         pfn = backing_pfn(ctx.machine, gpa, inst.vmm, inst.vm)

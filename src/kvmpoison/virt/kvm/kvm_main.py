@@ -294,10 +294,8 @@ class Vm:
         drops. Simplified: no GUP-fast first try, no VM_PFNMAP/VM_IO
         (``hva_to_pfn_remapped``) and no async page faults.
         """
-        flags = FOLL.HWPOISON | (FOLL.WRITE if write else FOLL(0))
         v2_protected = self.protection is Protection.RFC_V2 and self.mem_protected
-        if v2_protected:
-            flags |= FOLL.ALLOW_POISONED
+        flags = _HVA_TO_PFN_FOLL[write, v2_protected]
         pages: list[Page] = []
         npages = get_user_pages(self.mm, hva, 1, flags, pages)
         if npages == 1:
@@ -359,6 +357,13 @@ class Vm:
             left = copy_to_user(self.mm, self.vcpu_task.cpu, hva, data)
             return -errno.EFAULT if left else b""
         return copy_guest_page_rfc(self, hva, n, data)
+
+
+# hva_to_pfn's GUP flags by (write, v2 mem_protected): FOLL_HWPOISON [| FOLL_WRITE]
+# [| FOLL_ALLOW_POISONED], built once (IntFlag arithmetic is slow on this path).
+_HVA_TO_PFN_FOLL = {(w, p): FOLL.HWPOISON | (FOLL.WRITE if w else FOLL(0))
+                    | (FOLL.ALLOW_POISONED if p else FOLL(0))
+                    for w in (False, True) for p in (False, True)}
 
 
 def kvm_page_allowed(vm: Vm, page: Page) -> bool:

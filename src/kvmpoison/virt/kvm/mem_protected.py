@@ -15,10 +15,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvmpoison.arch.x86.pgtable import pte_pfn_array, pte_present_array
-from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT
+from kvmpoison.arch.x86.pgtable import (
+    pfn_pte_array,
+    pte_none_array,
+    pte_pfn_array,
+    pte_present_array,
+)
+from kvmpoison.arch.x86.pgtable_types import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_SPECIAL,
+    PAGE_SHIFT,
+    PTRS_PER_PTE,
+)
 from kvmpoison.kernel.range import add_range_with_merge, clean_sort_range
-from kvmpoison.mm.mm_types import Vma
+from kvmpoison.mm.fault import vma_lookup
+from kvmpoison.mm.gup import FOLL, check_vma_flags
+from kvmpoison.mm.memory import maybe_mkwrite
+from kvmpoison.mm.mm_types import VM, Vma
 from kvmpoison.mm.page import (
     ClearPageHWPoison,
     Page,
@@ -35,6 +49,7 @@ from kvmpoison.mm.page import (
 from kvmpoison.mm.page_alloc import FreeHook
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.rmap import TTU, try_to_unmap, try_to_unmap_pages_hwpoison
+from kvmpoison.mm.shmem import ShmemVmOps
 from kvmpoison.outcome import Halt, Outcome
 from kvmpoison.virt.kvm.kvm_main import (
     KVM_NR_SHARED_RANGES,
@@ -160,7 +175,7 @@ def _mapped_hvas(vm: Vm, start: int, end: int) -> list[int]:
     return out
 
 
-def kvm_share_memory(vm: Vm, gfn: int, npages: int) -> int:
+def kvm_share_memory(vm: Vm, gfn: int, npages: int, bulk: bool = True) -> int:
     """KVM_HC_MEM_SHARE(gfn, npages): ``kvm_share_memory`` (virt/kvm/kvm_main.c).
 
     RFCv2 13/13 and v1 7/7: 0 for ``npages == 0``; the range [gfn, gfn +
@@ -171,7 +186,9 @@ def kvm_share_memory(vm: Vm, gfn: int, npages: int) -> int:
     and put. Always 0. The model walks only gfns of memslots whose hva lies
     in a VMA of the VMM (``_mapped_hvas``): for the others ``gfn_to_page`` gives
     KVM_ERR_PTR_BAD_PAGE and the kernel skips them (a guest's huge
-    ``npages`` is a long loop there, none here).
+    ``npages`` is a long loop there, none here). ``bulk`` takes the vectorised
+    path (:func:`_share_shmem_holes`) where it gives the same state; False
+    walks every page (tests compare the two).
     """
     gfn &= U64
     npages &= U64
@@ -179,19 +196,130 @@ def kvm_share_memory(vm: Vm, gfn: int, npages: int) -> int:
         return 0
     end = (gfn + npages) & U64
     __kvm_share_memory(vm, gfn, end)
-    for hva in _mapped_hvas(vm, gfn, end):
-        pfn = vm.hva_to_pfn(hva, write=True)  # gfn_to_page
-        if is_error_pfn(pfn):
+    hvas = _mapped_hvas(vm, gfn, end)
+    i = 0
+    while i < len(hvas):
+        done = _share_shmem_holes(vm, hvas, i) if bulk else 0
+        if done:
+            i += done
             continue
-        page = vm.core.pages[pfn]
-        if vm.protection is Protection.RFC_V2:
-            kvm_share_pfn(vm, pfn)
-        else:
-            lock_page(page)
-            ClearPageHWPoison(page)  # v1: no owner to check
-            unlock_page(page)
-        put_page(page)
+        _share_one(vm, hvas[i])
+        i += 1
     return 0
+
+
+def _share_one(vm: Vm, hva: int) -> None:
+    """One iteration of ``kvm_share_memory``'s loop: ``gfn_to_page``, share, ``put_page``."""
+    pfn = vm.hva_to_pfn(hva, write=True)  # gfn_to_page
+    if is_error_pfn(pfn):
+        return
+    page = vm.core.pages[pfn]
+    if vm.protection is Protection.RFC_V2:
+        kvm_share_pfn(vm, pfn)
+    else:
+        lock_page(page)
+        ClearPageHWPoison(page)  # v1: no owner to check
+        unlock_page(page)
+    put_page(page)
+
+
+def _share_shmem_holes(vm: Vm, hvas: list[int], i: int) -> int:
+    """:func:`_share_one` over a run of ``hvas`` from ``i``, vectorised; returns its length
+    (0: take the per-page path for ``hvas[i]``).
+
+    The run is the common case of a guest's first share: consecutive pages of a
+    shared writable shmem/memfd VMA whose PTE table exists, with none PTEs and
+    holes in the page cache. There each ``gfn_to_page`` is a write fault that
+    allocates a page (``shmem_getpage_gfp``), caches and maps it dirty
+    (``finish_fault``), then GUP takes and ``put_page`` drops a reference, and
+    the share clears PG_hwpoison (v1) or the owner entry it finds (v2). The
+    run stays inside one PTE table; a missing table is built right after the
+    run's first page is allocated, as that page's ``set_pte_at`` would. Pages
+    are taken from the buddy allocator one at a time, in the order the faults
+    would take them, so every pfn is the same.
+    """
+    mm = vm.mm
+    core = vm.core
+    vma = vma_lookup(mm, hvas[i])
+    if vma is None or not isinstance(vma.vm_ops, ShmemVmOps):
+        return 0
+    flags = int(vma.vm_flags)
+    if flags & _BULK_NEEDS != _BULK_NEEDS or flags & _BULK_REFUSES:
+        return 0
+    if check_vma_flags(vma, FOLL.WRITE):
+        return 0
+    slot = mm.pgd.pte_slot(hvas[i])
+    col = (hvas[i] >> PAGE_SHIFT) & (PTRS_PER_PTE - 1)
+    inode = vma.vm_ops.inode
+    mapping = inode.mapping
+    assert mapping is not None
+    # The run: consecutive hvas, in this PTE table, inside the VMA and the file.
+    first_index = vma.linear_page_index(hvas[i])
+    limit = min(PTRS_PER_PTE - col, len(hvas) - i, (vma.vm_end - hvas[i]) >> PAGE_SHIFT,
+                inode.nr_pages - first_index)
+    n = 0
+    while n < limit and hvas[i + n] == hvas[i] + (n << PAGE_SHIFT):
+        n += 1
+    if n == 0:
+        return 0
+    if slot is not None:  # no table: every PTE is none
+        none = pte_none_array(core.ptes.rows[slot[0], col : col + n])
+        n = len(none) if none.all() else int(np.argmin(none))
+    cached = mapping.pages[first_index : first_index + n]
+    if (cached >= 0).any():
+        n = int(np.argmax(cached >= 0))
+    if n == 0:
+        return 0
+    buddy = core.buddy
+    if slot is None and buddy.nr_free < n + 4:
+        return 0  # building the tables might fail: the per-page path meets that
+    got: list[int] = []
+    for _ in range(n):  # the faults' allocations, in their order (pfns must match)
+        page = buddy.alloc_pages(0)
+        if page is None:
+            break  # out of memory: the per-page path takes over at this page
+        got.append(page.pfn)
+        if slot is None:
+            # The first fault's set_pte_at builds the missing tables, after its page.
+            slot = mm.pgd.pte_slot(hvas[i], alloc=True)
+            assert slot is not None
+    n = len(got)
+    if n == 0 or slot is None:
+        return 0
+    row = slot[0]
+    pfns = np.array(got, dtype=np.int64)
+    mem = core.pages
+    core.clear_pages(pfns)
+    mem.flags[pfns] |= vma.vm_ops.shmem._page_flags()
+    # add_to_page_cache grows the cache index by index: the same final length.
+    length = len(mapping.pages)
+    k = first_index
+    while k < first_index + n:
+        if k + 1 > length:
+            length = max(k + 1, 2 * length)
+        k = max(k + 1, length)
+    mapping._grow(length)
+    mapping.add_bulk(pfns, np.arange(first_index, first_index + n, dtype=np.int64))
+    mem._refcount[pfns] += 1  # shmem_fault's get_page, which the PTE keeps
+    mem.flags[pfns] |= np.uint32(mem.mask(PG.dirty))  # finish_fault: SetPageDirty
+    mem._mapcount[pfns] += 1  # page_add_rmap
+    mm.rss_shmem += n  # mm_counter_add
+    prot = maybe_mkwrite(vma.vm_page_prot | _PAGE_ACCESSED | _PAGE_DIRTY, vma)
+    store = core.ptes.rows
+    store[row, col : col + n] = pfn_pte_array(pfns, prot)
+    # GUP's reference is dropped by put_page; the page is fresh, so not locked or poisoned.
+    if vm.protection is Protection.RFC_V2:
+        pfn_map = vm.kvm.kvm_pfn_map
+        owned = pfns[pfn_map.owner[pfns] == vm.ident]
+        pfn_map.owner[owned] = pfn_map.NONE  # kvm_share_pfn: xa_erase
+        mem.flags[owned] &= np.uint32(~mem.mask(PG.hwpoison) & 0xFFFF_FFFF)
+    else:
+        mem.flags[pfns] &= np.uint32(~mem.mask(PG.hwpoison) & 0xFFFF_FFFF)
+    return n
+
+
+_BULK_NEEDS = int(VM.SHARED | VM.WRITE)  # do_fault's shared fault, mapped writable
+_BULK_REFUSES = int(VM.UFFD_MISSING | VM.UFFD_WP | VM.IO | VM.PFNMAP)
 
 
 class _KvmUnpoisonPage:
