@@ -5,6 +5,7 @@ of the machine, every array byte, every pfn."""
 import functools
 import itertools
 import types
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from kvmpoison.mm import shmem
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.madvise import MADV_DONTNEED
 from kvmpoison.virt.kvm import mem_protected
+from kvmpoison.virt.kvm.kvm_main import Vm
 from kvmpoison.virt.kvm.mem_protected import kvm_share_memory
 
 SCALARS = (int, float, complex, str, bytes, bool, type(None), range, np.generic)
@@ -108,9 +110,11 @@ def test_a_guest_boots_to_the_same_machine_either_way(
 def test_the_walk_finds_a_difference() -> None:
     """The comparison is not vacuous: one refcount, one PTE or one dict entry differs."""
     m = Machine(Config(design="rfc-v2", vm_mem=4 << 20))
-    for change in (lambda c: c.kernel.core.pages._refcount.__setitem__(5, 7),
-                   lambda c: c.vmm.proc.mm.pgd.set(0x7000_0000_0000, 0x1),
-                   lambda c: c.vm.shared_ranges.append((1, 2))):
+    changes: list[Callable[[Machine], object]] = [
+        lambda c: c.kernel.core.pages._refcount.__setitem__(5, 7),
+        lambda c: c.vmm.proc.mm.pgd.set(0x7000_0000_0000, 0x1),
+        lambda c: c.vm.shared_ranges.append((1, 2))]
+    for change in changes:
         c = m.copy()
         change(c)
         with pytest.raises(AssertionError):
@@ -141,8 +145,11 @@ def test_sharing_a_mixed_range_gives_the_per_page_state(
     c = m.copy()
     calls: list[int] = []
     one = mem_protected._share_one
-    monkeypatch.setattr(mem_protected, "_share_one",
-                        lambda vm, hva: calls.append(hva) or one(vm, hva))
+    def counted(vm: Vm, hva: int) -> object:
+        calls.append(hva)
+        return one(vm, hva)
+
+    monkeypatch.setattr(mem_protected, "_share_one", counted)
     # 0x80 pages from gfn 0x1f0: crosses the 2 MiB boundary at gfn 0x200 (a new PTE table)
     assert kvm_share_memory(m.vm, 0x1F0, 0x80) == 0
     bulk_calls = len(calls)
@@ -176,8 +183,11 @@ def test_sharing_where_no_page_table_exists_gives_the_per_page_state(
     c = m.copy()
     calls: list[int] = []
     one = mem_protected._share_one
-    monkeypatch.setattr(mem_protected, "_share_one",
-                        lambda vm, hva: calls.append(hva) or one(vm, hva))
+    def counted(vm: Vm, hva: int) -> object:
+        calls.append(hva)
+        return one(vm, hva)
+
+    monkeypatch.setattr(mem_protected, "_share_one", counted)
     kvm_share_memory(m.vm, 0x600, 0x40)
     assert (len(calls) == 0) is (left is None)  # vectorised unless memory is short
     kvm_share_memory(c.vm, 0x600, 0x40, bulk=False)
