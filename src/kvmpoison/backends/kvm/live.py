@@ -52,6 +52,7 @@ from kvmpoison.backends.kvm.probes import (
     _remote,
     _signal_cell,
     in_vm_guest,
+    write_pfn,
 )
 from kvmpoison.backends.kvm.system import Kvm, VmFd
 from kvmpoison.backends.kvm.vcpu_access import GuestVcpu, attach, guest_access
@@ -335,16 +336,9 @@ def hwpoison_inject(debugfs: str, addr: int) -> str:
     else:
         raise ValueError(f"no frame backs {addr:#x} (the model needs one too)")
     try:
-        fd = os.open(debugfs, os.O_WRONLY)
+        return write_pfn(debugfs, pfn)
     except OSError as exc:
         raise ValueError(f"{debugfs}: {exc.strerror} (hwpoison_inject not loaded?)") from None
-    try:
-        os.write(fd, f"{pfn:#x}".encode())
-    except OSError as exc:
-        return f"err:{_name(exc.errno or 0)}"
-    finally:
-        os.close(fd)
-    return "ret:0"
 
 
 def _copy_routine() -> int:

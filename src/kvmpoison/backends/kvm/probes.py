@@ -282,9 +282,15 @@ def _then_load(ret: int, t: int) -> str:
 def _unpoison(pfn: int) -> str:
     """Write the pfn to hwpoison_inject's unpoison-pfn: ret:0 when unpoison_memory() said 0."""
     try:
-        fd = os.open(UNPOISON_PFN, os.O_WRONLY)
+        return write_pfn(UNPOISON_PFN, pfn)
     except OSError as exc:
         return f"err:{_name(exc.errno or 0)}"
+
+
+def write_pfn(debugfs: str, pfn: int) -> str:
+    """Write ``pfn`` to one of hwpoison_inject's debugfs files: ``ret:0``, or ``err:NAME``
+    for what the write returned. Opening the file may raise OSError (no module loaded)."""
+    fd = os.open(debugfs, os.O_WRONLY)
     try:
         os.write(fd, f"{pfn:#x}".encode())
     except OSError as exc:
