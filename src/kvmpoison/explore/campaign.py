@@ -42,14 +42,15 @@ class SeedResult:
 
 
 def explore_seed(design: str, seed: int, steps: int, invariants: tuple[str, ...],
-                 shrink: bool = True) -> SeedResult:
+                 shrink: bool = True, deadline_ms: int | None = None) -> SeedResult:
     """Run about ``steps`` steps of ``design``'s state machine from ``seed``; shrink the first
-    violation and check that its reproducer replays it."""
+    violation and check that its reproducer replays it. ``deadline_ms`` bounds one example
+    (up to STEPS_PER_EXAMPLE steps); campaigns leave it off, tests set it."""
     cls = state_machine(design, invariants)
     cls.steps_run = 0
     phases = [Phase.generate] + ([Phase.shrink] if shrink else [])
     conf = settings(max_examples=max(1, math.ceil(steps / STEPS_PER_EXAMPLE)),
-                    stateful_step_count=min(steps, STEPS_PER_EXAMPLE), deadline=None,
+                    stateful_step_count=min(steps, STEPS_PER_EXAMPLE), deadline=deadline_ms,
                     database=None, phases=phases, verbosity=Verbosity.quiet,
                     suppress_health_check=list(HealthCheck), print_blob=False)
     hypothesis_seed(seed)(cls)
