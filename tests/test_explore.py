@@ -29,8 +29,9 @@ from kvmpoison.explore.reproducer import replay
 from kvmpoison.explore.statemachine import base_scenario
 from kvmpoison.machine import Machine
 from kvmpoison.mm.page_flags import PG
+from kvmpoison.scenario.loader import load_text
 from kvmpoison.scenario.ops import RunCtx
-from kvmpoison.scenario.runner import build_machine, perform
+from kvmpoison.scenario.runner import build_machine, perform, run_scenario
 
 GPA = 0x30000
 
@@ -227,3 +228,23 @@ def test_a_scenario_naming_an_unknown_invariant_is_bad_input(
                     'op = "load"\ngpa = 0x30000\n')
     assert main(["run", str(path), "--design", "gmem"]) == 2
     assert "unknown invariant I42" in capsys.readouterr().err
+
+
+FOUND = sorted((Path(__file__).parent.parent / "src/kvmpoison/explore/found").glob("*.toml"))
+
+
+def test_the_found_reproducers_are_shipped() -> None:
+    assert len(FOUND) >= 10
+
+
+@pytest.mark.parametrize("path", FOUND, ids=lambda p: p.stem)
+def test_every_found_reproducer_still_fails_naming_its_invariant(path: Path) -> None:
+    """Each shipped find replays with every step's cell as found, and its last step breaks
+    the invariant it names: a regression test for the model and the explorer alike."""
+    sc = load_text(path.read_text(), str(path))
+    (design,) = sc.designs
+    (invariant,) = sc.invariants
+    run = run_scenario(sc, design, monitor=InvariantMonitor(sc.invariants))
+    assert [r.step.index for r in run.results if not r.ok] == []
+    assert run.violations and run.violations[0][0] == len(sc.steps)
+    assert run.violations[0][1].startswith(f"{invariant}: ")

@@ -52,7 +52,8 @@ def explore_seed(design: str, seed: int, steps: int, invariants: tuple[str, ...]
     conf = settings(max_examples=max(1, math.ceil(steps / STEPS_PER_EXAMPLE)),
                     stateful_step_count=min(steps, STEPS_PER_EXAMPLE), deadline=deadline_ms,
                     database=None, phases=phases, verbosity=Verbosity.quiet,
-                    suppress_health_check=list(HealthCheck), print_blob=False)
+                    suppress_health_check=list(HealthCheck), print_blob=False,
+                    report_multiple_bugs=False)  # one violation per seed: the first
     hypothesis_seed(seed)(cls)
     start = time.perf_counter()
     found: InvariantError | None = None
