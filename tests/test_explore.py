@@ -248,3 +248,30 @@ def test_every_found_reproducer_still_fails_naming_its_invariant(path: Path) -> 
     assert [r.step.index for r in run.results if not r.ok] == []
     assert run.violations and run.violations[0][0] == len(sc.steps)
     assert run.violations[0][1].startswith(f"{invariant}: ")
+
+
+def test_a_gmem_copy_zaps_its_own_ept() -> None:
+    """guest_memfd's invalidate of a copied machine acts on the copy's VM, not the original's."""
+    base = Machine(Config(design="gmem"))
+    assert base.guest.store(GPA, b"private").cell == "ok"
+    twin = base.copy()
+    assert twin.guest.share(GPA >> PAGE_SHIFT, 1) == 0  # punches the private page out
+    assert twin.vm.ept.get(GPA) == 0
+    assert base.vm.ept.get(GPA) != 0  # the original still maps its private page
+    assert base.guest.load(GPA, 7).data == b"private"
+
+
+def test_a_copy_faults_file_pages_into_its_own_page_cache() -> None:
+    base = Machine(Config(design="baseline", backing="file"))
+    twin = base.copy()
+    assert twin.vmm.load(GPA).succeeded
+
+    def cached(m: Machine) -> int | None:
+        fd = m.vmm.ram_fd
+        assert fd is not None
+        mapping = m.vmm.proc.task.fds[fd].f_mapping
+        assert mapping is not None
+        return mapping.lookup(GPA >> PAGE_SHIFT)
+
+    assert cached(twin) is not None
+    assert cached(base) is None

@@ -13,6 +13,7 @@ happens at fsync.
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -301,7 +302,8 @@ class RegularFile:
         inode.i_size = max(inode.i_size, pos + len(data))
 
     def mmap(self, file: File, vma: Vma) -> int:
-        vma.vm_ops = FileVmOps(file.f_inode, lambda vmf: self.filemap_fault(file.f_inode, vmf))
+        # A partial, not a lambda: Machine.copy() deep-copies it with the inode.
+        vma.vm_ops = FileVmOps(file.f_inode, functools.partial(self.filemap_fault, file.f_inode))
         return 0
 
     def filemap_fault(self, inode: Inode, vmf: VmFaultInfo) -> VmFault:
