@@ -187,7 +187,7 @@ def test_exploring_rfc_v1_finds_the_gup_hole_and_run_replays_it(tmp_path: Path,
 
 @pytest.mark.timeout(60, method="thread")
 def test_gmem_explores_without_violations() -> None:
-    res = explore_seed("gmem", 0, 300, ("I1", "I2", "I3", "I6", "I7"), deadline_ms=5000)
+    res = explore_seed("gmem", 0, 300, parse_invariants(None), deadline_ms=5000)
     assert res.violation is None, res.problems
     assert res.steps >= 300
 
@@ -275,3 +275,16 @@ def test_a_copy_faults_file_pages_into_its_own_page_cache() -> None:
 
     assert cached(twin) is not None
     assert cached(base) is None
+
+
+MODEL_BUGS = sorted((Path(__file__).parent.parent / "src/kvmpoison/explore/model_bugs")
+                    .glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", MODEL_BUGS, ids=lambda p: p.stem)
+@pytest.mark.xfail(raises=AssertionError, strict=True,
+                   reason="a model bug the explorer found and nobody has fixed yet")
+def test_known_model_bugs_still_raise(path: Path) -> None:
+    """Strict: when the bug is fixed this XPASSes and fails, so its file gets moved on."""
+    sc = load_text(path.read_text(), str(path))
+    run_scenario(sc, sc.designs[0])
