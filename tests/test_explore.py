@@ -17,6 +17,7 @@ from kvmpoison.explore.campaign import explore_seed
 from kvmpoison.explore.invariants import (
     check_i1,
     check_i2,
+    check_i4,
     check_i5,
     check_i6,
     check_i7_shared,
@@ -24,6 +25,7 @@ from kvmpoison.explore.invariants import (
     intrusions,
     private_pfns,
     seen_poison,
+    vmm_pfns,
 )
 from kvmpoison.explore.reproducer import replay
 from kvmpoison.explore.statemachine import base_scenario
@@ -85,6 +87,19 @@ def test_i3_guest_reads_other_than_it_wrote() -> None:
     ctx.machine.kernel.core.hw.write(_private_pfn(ctx) << PAGE_SHIFT, b"\xcd" * 8, vm.td_keyid)
     found = _step(ctx, mon, "guest:vm0", "load", gpa=GPA, size=8)
     assert len(found) == 1 and found[0].startswith("I3:") and "cdcdcdcd" in found[0]
+
+
+def test_i4_mapcount_against_the_page_tables() -> None:
+    ctx = _ctx("rfc-v2")
+    shared = 0x10 << PAGE_SHIFT
+    assert perform(ctx, "vmm:vm0", "store", {"gpa": shared, "data": "io"}).cell == "ok"
+    assert perform(ctx, "vmm:vm0", "mprotect", {"gpa": shared, "prot": 0}).cell == "ret:0"
+    m = ctx.machine
+    assert check_i4(m) is None  # PROT_NONE still maps the page (its pfn bits are inverted)
+    pfn = int(vmm_pfns(m.instances["vm0"])[0x10])
+    assert pfn > 0
+    m.kernel.core.pages._mapcount[pfn] += 1
+    assert check_i4(m) == f"I4: pfn {pfn:#x}: mapcount 2 but 1 present PTE(s) map pfn {pfn:#x}"
 
 
 def test_i5_a_free_page_poisoned_or_holding_td_data() -> None:
@@ -155,8 +170,8 @@ def test_i7_the_host_reaches_a_private_page(design: str, cell: str, violates: bo
 def test_parse_invariants() -> None:
     assert parse_invariants("i1, I3") == ("I1", "I3")
     assert parse_invariants(None)[0] == "I1"
-    with pytest.raises(ValueError, match="unknown invariant I4"):
-        parse_invariants("I1,I4")
+    with pytest.raises(ValueError, match="unknown invariant I8"):
+        parse_invariants("I1,I8")
 
 
 def test_a_gmem_copy_exits_to_its_own_vmm() -> None:

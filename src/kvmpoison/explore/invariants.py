@@ -15,8 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmpoison.arch.x86.integrity import IntegrityMode
-from kvmpoison.arch.x86.pgtable import pte_present_array
-from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PTE_PFN_MASK
+from kvmpoison.arch.x86.pgtable import pte_pfn_array, pte_present_array
+from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT
 from kvmpoison.arch.x86.physmem import LINE_TD, NO_KEYID
 from kvmpoison.arch.x86.vmx import VMX_EPT_RWX_MASK
 from kvmpoison.machine import Instance, Machine
@@ -40,6 +40,9 @@ INVARIANTS: dict[str, Invariant] = {i.name: i for i in (
     Invariant("I2", "no host write reaches a TD-private line (last-writer KeyID oracle)", False),
     Invariant("I3", "guest data is never lost or corrupted: every successful guest read of a "
               "private gfn returns what the guest last wrote there", True),
+    Invariant("I4", "mapcount agrees with the page tables: each page's mapcount is the number of "
+              "present user PTEs that map it (the refcount, page cache, swap and pin halves are "
+              "not checked yet)", False),
     Invariant("I5", "no page returns to the allocator poisoned (PG_hwpoison), or still "
               "holding TD data", False),
     Invariant("I6", "real hardware poison the kernel has seen (PG_hwpoison on a frame with a "
@@ -125,8 +128,7 @@ def vmm_pfns(inst: Instance) -> I64:
         raw = store[ch.rows, ch.cols]
         present = pte_present_array(raw)
         idx = (ch.addr[present] - base) >> PAGE_SHIFT
-        out[idx] = ((raw[present] & np.uint64(PTE_PFN_MASK)) >> np.uint64(PAGE_SHIFT)) \
-            .astype(np.int64)
+        out[idx] = pte_pfn_array(raw[present])
     return out
 
 
@@ -142,8 +144,7 @@ def check_i1(m: Machine) -> str | None:
     """Every present user PTE of the machine (one array for all mms) against private pfns."""
     store = m.kernel.core.ptes
     rows = store.rows[: store._high].reshape(-1)
-    present = rows[pte_present_array(rows)]
-    mapped = ((present & np.uint64(PTE_PFN_MASK)) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    mapped = pte_pfn_array(rows[pte_present_array(rows)])  # PROT_NONE pfns are inverted (L1TF)
     bad = np.intersect1d(mapped, private_pfns(m))
     if len(bad):
         return f"I1: a host-userspace PTE maps private page(s) pfn {_fmt(bad)}"
@@ -155,6 +156,25 @@ def intrusions(m: Machine) -> dict[int, int]:
     its lines were hit (the model-only last-writer oracle; one entry per such frame, few)."""
     return {pfn: int((keyids != NO_KEYID).sum()) for pfn, keyids in
             m.kernel.core.hw.mem.intruder.items()}
+
+
+def check_i4(m: Machine) -> str | None:
+    """Per pfn: present, non-special user PTEs of every mm (one array) against _mapcount + 1."""
+    core = m.kernel.core
+    store = core.ptes
+    rows = store.rows[: store._high].reshape(-1)
+    mapped = pte_pfn_array(rows[pte_present_array(rows) &
+                                ((rows & np.uint64(_PAGE_SPECIAL)) == 0)])
+    mem = core.pages
+    counted = np.bincount(mapped, minlength=mem.nr_pages)[: mem.nr_pages]
+    recorded = mem._mapcount.astype(np.int64) + 1
+    bad = np.flatnonzero(counted != recorded)
+    bad = bad[bad != core.zero_pfn]
+    if len(bad):
+        p = int(bad[0])
+        return (f"I4: pfn {_fmt(bad)}: mapcount {int(recorded[p])} but {int(counted[p])} "
+                f"present PTE(s) map pfn {p:#x}")
+    return None
 
 
 def check_i2(m: Machine, before: dict[int, int], private: I64) -> str | None:
@@ -255,4 +275,4 @@ def check_i7_shared(m: Machine) -> str | None:
     return None
 
 
-STATE_CHECKS = {"I1": check_i1, "I5": check_i5, "I7": check_i7_shared}
+STATE_CHECKS = {"I1": check_i1, "I4": check_i4, "I5": check_i5, "I7": check_i7_shared}
