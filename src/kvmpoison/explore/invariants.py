@@ -9,6 +9,7 @@ rfc-v1's GUP reaches it, so their violations are the point, not a bug of the exp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,7 +89,16 @@ def guest_private_mask(inst: Instance, gfns: I64) -> npt.NDArray[np.bool_]:
     return ~shared
 
 
-def guest_view(inst: Instance) -> GuestView:
+Cache = dict[object, object]  # one step's views, so several checks walk the EPT once
+
+
+def guest_view(inst: Instance, cache: Cache | None = None) -> GuestView:
+    if cache is not None:
+        hit = cache.get(("view", id(inst)))
+        if isinstance(hit, GuestView):
+            return hit
+        view = cache[("view", id(inst))] = guest_view(inst)
+        return view
     ept = inst.vm.ept
     gfns, pfns, private = [], [], []
     for ch in ept.chunks(0, inst.vmm.ram_size):
@@ -110,8 +120,8 @@ def live(m: Machine) -> list[Instance]:
     return [i for i in m.instances.values() if i.vmm.proc.task.mm is not None]
 
 
-def private_pfns(m: Machine) -> I64:
-    views = [guest_view(i) for i in live(m)]
+def private_pfns(m: Machine, cache: Cache | None = None) -> I64:
+    views = [guest_view(i, cache) for i in live(m)]
     parts = [v.pfns[v.private] for v in views]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
@@ -140,12 +150,12 @@ def _fmt(pfns: I64, limit: int = 4) -> str:
 # -- state invariants ------------------------------------------------------------------------
 
 
-def check_i1(m: Machine) -> str | None:
+def check_i1(m: Machine, cache: Cache | None = None) -> str | None:
     """Every present user PTE of the machine (one array for all mms) against private pfns."""
     store = m.kernel.core.ptes
     rows = store.rows[: store._high].reshape(-1)
     mapped = pte_pfn_array(rows[pte_present_array(rows)])  # PROT_NONE pfns are inverted (L1TF)
-    bad = np.intersect1d(mapped, private_pfns(m))
+    bad = np.intersect1d(mapped, private_pfns(m, cache))
     if len(bad):
         return f"I1: a host-userspace PTE maps private page(s) pfn {_fmt(bad)}"
     return None
@@ -158,7 +168,7 @@ def intrusions(m: Machine) -> dict[int, int]:
             m.kernel.core.hw.mem.intruder.items()}
 
 
-def check_i4(m: Machine) -> str | None:
+def check_i4(m: Machine, cache: Cache | None = None) -> str | None:
     """Per pfn: present, non-special user PTEs of every mm (one array) against _mapcount + 1."""
     core = m.kernel.core
     store = core.ptes
@@ -177,13 +187,16 @@ def check_i4(m: Machine) -> str | None:
     return None
 
 
-def check_i2(m: Machine, before: dict[int, int], private: I64) -> str | None:
+def check_i2(m: Machine, before: dict[int, int], private: I64,
+             cache: Cache | None = None) -> str | None:
     """New intrusions in this step on frames that are the TD's private pages before and after
     it (a frame the TD let go of in the step may be overwritten: its next owner clears it
     with KeyID 0, as a conversion's punch-hole then a fresh shared page does)."""
     now = intrusions(m)
     hit = np.array(sorted(p for p, n in now.items() if n > before.get(p, 0)), dtype=np.int64)
-    bad = np.intersect1d(np.intersect1d(hit, private), private_pfns(m))
+    if not len(hit):
+        return None
+    bad = np.intersect1d(np.intersect1d(hit, private), private_pfns(m, cache))
     if len(bad):
         return f"I2: a host (shared-KeyID) write reached TD-private lines of pfn {_fmt(bad)}"
     return None
@@ -214,7 +227,7 @@ def td_data_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
     return out
 
 
-def check_i5(m: Machine) -> str | None:
+def check_i5(m: Machine, cache: Cache | None = None) -> str | None:
     free = free_pfns(m)
     mem = m.kernel.core.pages
     poisoned = (mem.flags[free] & np.uint32(mem.mask(PG.hwpoison))) != 0
@@ -256,10 +269,10 @@ def check_i6(m: Machine, seen: I64) -> str | None:
     return None
 
 
-def check_i7_shared(m: Machine) -> str | None:
+def check_i7_shared(m: Machine, cache: Cache | None = None) -> str | None:
     """A shared gfn's EPT page must be the page the VMM maps at that gfn's address."""
     for inst in live(m):
-        v = guest_view(inst)
+        v = guest_view(inst, cache)
         shared = ~v.private
         if not shared.any():
             continue
@@ -275,4 +288,6 @@ def check_i7_shared(m: Machine) -> str | None:
     return None
 
 
-STATE_CHECKS = {"I1": check_i1, "I4": check_i4, "I5": check_i5, "I7": check_i7_shared}
+StateCheck = Callable[[Machine, Cache | None], str | None]
+STATE_CHECKS: dict[str, StateCheck] = {"I1": check_i1, "I4": check_i4, "I5": check_i5,
+                                       "I7": check_i7_shared}

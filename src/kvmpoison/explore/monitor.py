@@ -15,6 +15,7 @@ from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.explore.invariants import (
     INVARIANTS,
     STATE_CHECKS,
+    Cache,
     check_i2,
     check_i6,
     guest_private_mask,
@@ -61,6 +62,7 @@ class InvariantMonitor:
         self._probe: tuple[str, int, int] | None = None  # (vm, gfn, private pfn) for I7
         self.seen_poison: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)  # for I6
         self._i2: tuple[dict[int, int], npt.NDArray[np.int64]] | None = None
+        self._private: npt.NDArray[np.int64] | None = None  # after the last step, for I2
 
     # -- around a step ---------------------------------------------------------------------
 
@@ -73,7 +75,8 @@ class InvariantMonitor:
     def before(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any]) -> None:
         self._probe = None
         if "I2" in self.names:
-            self._i2 = (intrusions(ctx.machine), private_pfns(ctx.machine))
+            private = self._private if self._private is not None else private_pfns(ctx.machine)
+            self._i2 = (intrusions(ctx.machine), private)
         gpa = args.get("gpa")
         if "I7" not in self.names or op not in DATA_PATHS or actor.startswith("guest") \
                 or not isinstance(gpa, int):
@@ -86,9 +89,14 @@ class InvariantMonitor:
         if len(hit):
             self._probe = (inst.spec.name, gpa >> PAGE_SHIFT, int(v.pfns[hit[0]]))
 
+    def forget(self) -> None:
+        """A step did not complete (the model refused it): recompute what the last step kept."""
+        self._private = None
+
     def after(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any],
               out: Outcome) -> list[str]:
         found: list[str] = []
+        cache: Cache = {}
         if actor.startswith("guest"):
             found += self._guest_step(ctx, actor, op, args, out)
         if self._probe is not None and out.succeeded:
@@ -97,11 +105,12 @@ class InvariantMonitor:
             check = STATE_CHECKS.get(name)
             if check is None:
                 continue
-            problem = check(ctx.machine)
+            problem = check(ctx.machine, cache)
             if problem is not None:
                 found.append(problem)
         if self._i2 is not None:
-            problem = check_i2(ctx.machine, *self._i2)
+            problem = check_i2(ctx.machine, *self._i2, cache)
+            self._private = private_pfns(ctx.machine, cache)
             if problem is not None:
                 found.append(problem)
         if "I6" in self.names:

@@ -89,6 +89,7 @@ class ExploreMachine(RuleBasedStateMachine):
         try:
             out = perform(self.ctx, actor, op, args)
         except (OpError, ValueError, MemoryError):
+            self.monitor.forget()
             return  # not applicable here (no page yet, the VMM is gone): not a step
         except Exception as exc:  # a model bug: report it with the steps that reach it
             steps = [*self.trace, (actor, op, args, "raises")]
