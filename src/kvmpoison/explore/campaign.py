@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis import seed as hypothesis_seed
-from hypothesis.errors import Flaky
+from hypothesis.errors import Flaky, HypothesisDeprecationWarning
 from hypothesis.stateful import run_state_machine_as_test
 
 from kvmpoison.explore.reproducer import replay, reproducer_toml
@@ -58,7 +59,12 @@ def explore_seed(design: str, seed: int, steps: int, invariants: tuple[str, ...]
     start = time.perf_counter()
     found: InvariantError | None = None
     try:
-        run_state_machine_as_test(cls, settings=conf)  # type: ignore[no-untyped-call]
+        with warnings.catch_warnings():
+            # In a Dask worker, distributed's own threads use the global random module while
+            # hypothesis draws, and hypothesis takes that for the strategy's; ours never do.
+            warnings.filterwarnings("ignore", "Do not use the `random` module",
+                                    HypothesisDeprecationWarning)
+            run_state_machine_as_test(cls, settings=conf)  # type: ignore[no-untyped-call]
     except InvariantError as exc:
         found = exc
     except Flaky as exc:  # should not happen: the machine is deterministic
