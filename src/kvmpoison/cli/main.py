@@ -8,7 +8,7 @@ from typing import Any, TextIO, cast
 
 import typer
 
-from kvmpoison.cli import bench, demo, matrix, oracle, pte, run
+from kvmpoison.cli import bench, demo, explore, matrix, oracle, pte, run
 from kvmpoison.cli.errors import CliError
 from kvmpoison.cli.report import report as report_command
 
@@ -21,6 +21,7 @@ app = typer.Typer(
 )
 app.command("bench")(bench.bench)
 app.command("demo")(demo.demo)
+app.command("explore")(explore.explore)
 app.command("matrix")(matrix.matrix)
 app.command("oracle")(oracle.oracle)
 app.command("run")(run.run)

@@ -13,6 +13,7 @@ from rich.table import Table
 from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.cli.errors import CliError, Format
 from kvmpoison.designs import DESIGNS
+from kvmpoison.explore import InvariantMonitor
 from kvmpoison.report.progress import progress
 from kvmpoison.report.table import break_at, legend, md_cell, md_table, styled
 from kvmpoison.scenario.library import shipped, title_of
@@ -52,6 +53,20 @@ def _print_run(console: Console, run: ScenarioRun) -> None:
                       break_at(r.expected or "", 13),
                       f"[green]{mark}[/]" if mark == "ok" else f"[red]{mark}[/]")
     console.print(table)
+
+
+def _monitor(sc: Scenario) -> InvariantMonitor | None:
+    """``[scenario] invariants``: checked after every step; a violation fails the run."""
+    if not sc.invariants:
+        return None
+    try:
+        return InvariantMonitor(sc.invariants)
+    except ValueError as exc:
+        raise ScenarioError(sc.source, f"[scenario] invariants: {exc}") from None
+
+
+def _violations(run: ScenarioRun) -> list[str]:
+    return [f"step {i}: {v}" for i, v in run.violations]
 
 
 def _md_run(run: ScenarioRun) -> str:
@@ -118,7 +133,7 @@ def run(
         with progress(len(todo), "scenarios") as tick:
             runs = []
             for sc, d in todo:
-                runs.append(run_scenario(sc, d, integrity))
+                runs.append(run_scenario(sc, d, integrity, monitor=_monitor(sc)))
                 tick()
     except ScenarioError as exc:
         raise CliError(str(exc)) from None
@@ -143,10 +158,13 @@ def run(
 
     if fmt is Format.JSON:
         print(json.dumps([{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
-                           "steps": trace_records(r)} for r in runs], indent=2))
+                           "violations": _violations(r), "steps": trace_records(r)}
+                          for r in runs], indent=2))
     elif fmt is Format.MD:
         for r in runs:
             print(_md_run(r))
+            for line in _violations(r):
+                print(f"- invariant violated at {line}\n")
         cells = [x.outcome.cell for r in runs for x in r.results]
         failed = [f"{r.scenario.name}/{r.design}" for r in runs if not r.passed]
         print(f"{len(runs) - len(failed)}/{len(runs)} scenario runs met every expectation"
@@ -156,6 +174,8 @@ def run(
         console = Console()
         for r in runs:
             _print_run(console, r)
+            for line in _violations(r):
+                console.print(f"[red]invariant violated at {line}[/]", highlight=False)
         failed = [f"{r.scenario.name}/{r.design}" for r in runs if not r.passed]
         console.print(f"{len(runs) - len(failed)}/{len(runs)} scenario runs met every "
                       "expectation" + (f"; failed: {', '.join(failed)}" if failed else ""))

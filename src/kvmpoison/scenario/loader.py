@@ -86,6 +86,7 @@ class Scenario:
     steps: tuple[Step, ...]
     comment: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    invariants: tuple[str, ...] = ()  # checked after every step (kvmpoison.explore names them)
 
 
 def _table(doc: dict[str, Any], key: str, source: str) -> dict[str, Any]:
@@ -285,11 +286,14 @@ def load_text(text: str, source: str) -> Scenario:
     if unknown:
         raise ScenarioError(source, f"unknown top-level tables: {', '.join(sorted(unknown))}")
     vms = _vms(doc, source)
+    invariants = head.get("invariants", [])
+    if not isinstance(invariants, list) or not all(isinstance(i, str) for i in invariants):
+        raise ScenarioError(source, "[scenario] invariants must be a list of names like \"I1\"")
     comment = "\n".join(line[1:].strip() for line in text.splitlines() if line.startswith("#"))
     return Scenario(name=str(head.get("name", Path(source).stem)),
                     title=str(head.get("title", "")), source=source, designs=designs,
                     machine=_machine(doc, source), vms=vms, steps=_steps(doc, source, vms),
-                    comment=comment)
+                    comment=comment, invariants=tuple(invariants))
 
 
 # A scenario is a page or two of TOML; anything this big is not one.

@@ -242,6 +242,12 @@ def _guest(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
             gfn = _u64(a, "gfn") if "gfn" in a else _guest_gpa(inst, a) >> PAGE_SHIFT
             # A hypercall's result is RAX, not an errno: -KVM_ENOSYS is "ret:-1000".
             return Outcome.ret(g.share(gfn, _u64(a, "npages", 1)))
+        case "unshare":  # gmem only: KVM_HC_MAP_GPA_RANGE(ENCRYPTED); the RFC has none (E10)
+            if inst.vm.gmem is None:
+                raise OpError(f"{inst.spec.name}'s design has no unshare (only gmem converts "
+                              "back to private)")
+            gfn = _u64(a, "gfn") if "gfn" in a else _guest_gpa(inst, a) >> PAGE_SHIFT
+            return Outcome.ret(g.map_gpa_range(gfn, _u64(a, "npages", 1), private=True))
         case "hypercall":
             return Outcome.ret(g.hypercall(_u64(a, "nr"), _u64(a, "a0", 0), _u64(a, "a1", 0)))
         case "reboot":
@@ -600,6 +606,7 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("guest", "load"): OpSpec(("gpa",), ("size",), _guest),
     ("guest", "store"): OpSpec(("gpa", "data"), (), _guest),
     ("guest", "share"): OpSpec((), ("gpa", "gfn", "npages"), _guest),
+    ("guest", "unshare"): OpSpec((), ("gpa", "gfn", "npages"), _guest),
     ("guest", "hypercall"): OpSpec(("nr",), ("a0", "a1"), _guest),
     ("guest", "reboot"): OpSpec((), (), _guest),
     **{("vmm", p): OpSpec((), _ADDR, _vmm) for p in proto.LOCAL_PATHS},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
@@ -38,15 +38,38 @@ class StepResult:
         return self.met is not False and self.data_met is not False
 
 
+class Monitor(Protocol):
+    """Checks invariants around every step (``[scenario] invariants``; explore provides one)."""
+
+    def before(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any]) -> None: ...
+
+    def after(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any],
+              out: Outcome) -> list[str]: ...
+
+
 @dataclass
 class ScenarioRun:
     scenario: Scenario
     design: str
     results: list[StepResult]
+    violations: list[tuple[int, str]] = field(default_factory=list)  # (step, "I1: ...")
 
     @property
     def passed(self) -> bool:
-        return all(r.ok for r in self.results)
+        return all(r.ok for r in self.results) and not self.violations
+
+
+def perform(ctx: RunCtx, actor: str, op: str, args: dict[str, Any]) -> Outcome:
+    """One step on the machine: its outcome, or the machine's halt. Raises OpError."""
+    kind, _, who = actor.partition(":")
+    core = ctx.machine.kernel.core
+    if core.halted is not None:
+        return core.halted
+    try:
+        return OPS[(kind, op)].run(ctx, who, op, args)
+    except Halt as halt:
+        core.halted = halt.outcome
+        return halt.outcome
 
 
 def build_machine(sc: Scenario, design_name: str,
@@ -121,8 +144,10 @@ def _check_data(ctx: RunCtx, step: Step, design: str, out: Outcome) -> bool | No
 
 
 def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = None,
-                 observe: Callable[[Machine], None] | None = None) -> ScenarioRun:
-    """``observe`` sees the machine before the first step and after every step."""
+                 observe: Callable[[Machine], None] | None = None,
+                 monitor: Monitor | None = None) -> ScenarioRun:
+    """``observe`` sees the machine before the first step and after every step;
+    ``monitor`` checks invariants around every step (a violation fails the run)."""
     try:
         m = build_machine(sc, design, integrity)
     except (ValueError, RuntimeError, MemoryError) as exc:
@@ -131,24 +156,21 @@ def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = No
         observe(m)
     ctx = RunCtx(m)
     results = []
+    violations: list[tuple[int, str]] = []
     for step in sc.steps:
         before = _page_state(ctx, step)
-        kind, _, who = step.actor.partition(":")
-        spec = OPS[(kind, step.op)]
-        core = m.kernel.core
-        if core.halted is not None:
-            out = core.halted
-        else:
-            try:
-                out = spec.run(ctx, who, step.op, step.args)
-            except (OpError, ValueError) as exc:  # the model refuses the arguments
-                raise ScenarioError(sc.source, str(exc), step.index) from None
-            except MemoryError as exc:  # the modelled host has no frame left for a page table
-                raise ScenarioError(sc.source, f"the modelled machine ran out of memory ({exc}); "
-                                    "give [machine] more memory", step.index) from None
-            except Halt as halt:
-                core.halted = halt.outcome
-                out = halt.outcome
+        if monitor is not None:
+            monitor.before(ctx, step.actor, step.op, step.args)
+        try:
+            out = perform(ctx, step.actor, step.op, step.args)
+        except (OpError, ValueError) as exc:  # the model refuses the arguments
+            raise ScenarioError(sc.source, str(exc), step.index) from None
+        except MemoryError as exc:  # the modelled host has no frame left for a page table
+            raise ScenarioError(sc.source, f"the modelled machine ran out of memory ({exc}); "
+                                "give [machine] more memory", step.index) from None
+        if monitor is not None:
+            violations += [(step.index, v) for v in monitor.after(ctx, step.actor, step.op,
+                                                                   step.args, out)]
         if step.save and step.op in SAVES_REF:  # an fd or an address, for "$name" later
             if out.kind is Kind.OK and out.value is not None:
                 ctx.refs[step.save] = out.value
@@ -164,7 +186,7 @@ def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = No
                                   _diff(before, _page_state(ctx, step))))
         if observe is not None:
             observe(m)
-    return ScenarioRun(sc, design, results)
+    return ScenarioRun(sc, design, results, violations)
 
 
 def trace_records(run: ScenarioRun) -> list[dict[str, Any]]:
@@ -186,4 +208,5 @@ def trace_records(run: ScenarioRun) -> list[dict[str, Any]]:
     return records
 
 
-__all__ = ["PAGE_SHIFT", "ScenarioRun", "StepResult", "run_scenario", "trace_records"]
+__all__ = ["PAGE_SHIFT", "Monitor", "ScenarioRun", "StepResult", "perform", "run_scenario",
+           "trace_records"]

@@ -14,6 +14,7 @@ outcome a scenario sees.
 from __future__ import annotations
 
 import errno
+import functools
 import signal
 from dataclasses import dataclass, field
 
@@ -180,7 +181,9 @@ class Vmm:
             if not got.succeeded:
                 return -(got.value or errno.EINVAL)
         assert vm.gmem is not None
-        vm.gmem.userspace = lambda ex: self.kvm_handle_exit(vm, ex)
+        # A partial, not a lambda: Machine.copy() deep-copies it with the VMM and the VM, where
+        # a closure would be shared and send every copy's exits to the original VMM.
+        vm.gmem.userspace = functools.partial(self.kvm_handle_exit, vm)
         return 0
 
     def kvm_handle_exit(self, vm: Vm, ex: KvmExit) -> int:

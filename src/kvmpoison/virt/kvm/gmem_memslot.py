@@ -27,6 +27,7 @@ has 48 guest-physical address bits; ``userspace_addr`` must still pass
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -223,12 +224,16 @@ def kvm_gmem_bind(vm: Vm, slot: GmemMemslot, fd: int, offset: int,
     slot.gmem_pgoff = start
     slot.gmem_only = bool(gmem.flags & GUEST_MEMFD_FLAG_MMAP)
     private_only = not gmem.flags & GUEST_MEMFD_FLAG_INIT_SHARED  # else KVM_FILTER_SHARED
-
-    def invalidate(lo: int, hi: int) -> None:
-        kvm_gmem_zap(vm, slot, lo, hi, private_only)
-
+    # A partial of a module function, not a closure: Machine.copy() deep-copies its VM and
+    # slot, where a closure would zap the original machine's EPT from every copy.
+    invalidate = functools.partial(_invalidate_binding, vm, slot, private_only)
     gmem.bindings.append(GmemBinding(start, end, slot, invalidate))
     return 0
+
+
+def _invalidate_binding(vm: Vm, slot: GmemMemslot, private_only: bool, lo: int, hi: int) -> None:
+    """``__kvm_gmem_invalidate_begin`` for one binding: zap the SPTEs of file pages [lo, hi)."""
+    kvm_gmem_zap(vm, slot, lo, hi, private_only)
 
 
 def kvm_gmem_unbind(slot: GmemMemslot) -> None:

@@ -1,0 +1,293 @@
+"""The explorer's invariants: what must hold after every step, whatever the actors did.
+
+State invariants read the machine's arrays in bulk (page tables, EPT, struct page flags,
+the memory controller's per-line metadata); step invariants also need the step's outcome
+(a guest read, a host access). Each has a name (I1...) and a one-line meaning; a violation
+is the text ``"I1: ..."``. The designs differ: baseline maps private memory by design and
+rfc-v1's GUP reaches it, so their violations are the point, not a bug of the explorer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from kvmpoison.arch.x86.integrity import IntegrityMode
+from kvmpoison.arch.x86.pgtable import pte_pfn_array, pte_present_array
+from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT
+from kvmpoison.arch.x86.physmem import LINE_TD, NO_KEYID
+from kvmpoison.arch.x86.vmx import VMX_EPT_RWX_MASK
+from kvmpoison.machine import Instance, Machine
+from kvmpoison.mm.page_flags import PG, PG_BUDDY_BIT
+from kvmpoison.virt.kvm.gmem_memslot import SPTE_PRIVATE
+from kvmpoison.virt.kvm.kvm_main import Protection
+
+I64 = npt.NDArray[np.int64]
+PFN_BITS = np.uint64((1 << 40) - 1)
+
+
+@dataclass(frozen=True)
+class Invariant:
+    name: str
+    meaning: str
+    per_step: bool  # needs the step's outcome, not only the machine's state
+
+
+INVARIANTS: dict[str, Invariant] = {i.name: i for i in (
+    Invariant("I1", "no present host-userspace PTE, in any mm, maps a private page", False),
+    Invariant("I2", "no host write reaches a TD-private line (last-writer KeyID oracle)", False),
+    Invariant("I3", "guest data is never lost or corrupted: every successful guest read of a "
+              "private gfn returns what the guest last wrote there", True),
+    Invariant("I4", "mapcount agrees with the page tables: each page's mapcount is the number of "
+              "present user PTEs that map it (the refcount, page cache, swap and pin halves are "
+              "not checked yet)", False),
+    Invariant("I5", "no page returns to the allocator poisoned (PG_hwpoison), or still "
+              "holding TD data", False),
+    Invariant("I6", "real hardware poison the kernel has seen (PG_hwpoison on a frame with a "
+              "bad line) is never cleared or hidden by protection bookkeeping", False),
+    Invariant("I7", "a shared gfn's page is the one the VMM maps; a private gfn's page is "
+              "never reached by a VMM or host access that succeeds", True),
+)}
+
+
+def parse_invariants(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """``"I1,I3"`` (or a list) -> ("I1", "I3"); None -> every invariant. ValueError if unknown."""
+    if text is None:
+        return tuple(INVARIANTS)
+    names = [n.strip().upper() for n in (text.split(",") if isinstance(text, str) else text)]
+    names = [n for n in names if n]
+    bad = [n for n in names if n not in INVARIANTS]
+    if bad or not names:
+        raise ValueError(f"unknown invariant {', '.join(bad) or '(none given)'} "
+                         f"(known: {', '.join(INVARIANTS)})")
+    return tuple(dict.fromkeys(names))
+
+
+# -- vectorised views of one VM --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuestView:
+    """The EPT-present gfns of a VM, their pfns, and which the guest uses as private."""
+
+    gfns: I64
+    pfns: I64
+    private: npt.NDArray[np.bool_]
+
+
+def guest_private_mask(inst: Instance, gfns: I64) -> npt.NDArray[np.bool_]:
+    """The gfns the guest uses through its private alias (its own view, as TDX's shared bit)."""
+    g = inst.guest
+    if inst.vm.protection is Protection.GMEM:
+        return np.asarray(g.gmem_alias.get_many(gfns) == 0, dtype=np.bool_)
+    shared = np.zeros(len(gfns), dtype=np.bool_)
+    for lo, hi in g.shared:  # one pass per shared range, not per page
+        shared |= (gfns >= lo) & (gfns < hi)
+    return ~shared
+
+
+Cache = dict[object, object]  # one step's views, so several checks walk the EPT once
+
+
+def guest_view(inst: Instance, cache: Cache | None = None) -> GuestView:
+    if cache is not None:
+        hit = cache.get(("view", id(inst)))
+        if isinstance(hit, GuestView):
+            return hit
+        view = cache[("view", id(inst))] = guest_view(inst)
+        return view
+    ept = inst.vm.ept
+    gfns, pfns, private = [], [], []
+    for ch in ept.chunks(0, inst.vmm.ram_size):
+        raw = ept.store.rows[ch.rows, ch.cols]
+        present = (raw & np.uint64(VMX_EPT_RWX_MASK)) != 0
+        gfns.append(ch.addr[present] >> PAGE_SHIFT)
+        pfns.append(((raw[present] >> np.uint64(PAGE_SHIFT)) & PFN_BITS).astype(np.int64))
+        private.append((raw[present] & np.uint64(SPTE_PRIVATE)) != 0)
+    g = np.concatenate(gfns) if gfns else np.zeros(0, dtype=np.int64)
+    p = np.concatenate(pfns) if pfns else np.zeros(0, dtype=np.int64)
+    if inst.vm.protection is Protection.GMEM:
+        # What the hardware uses: the SPTE's private bit (a rebooted guest's view of a gfn
+        # may lag KVM's attributes until its first access converts it).
+        return GuestView(g, p, np.concatenate(private) if private else np.zeros(0, dtype=bool))
+    return GuestView(g, p, guest_private_mask(inst, g))
+
+
+def live(m: Machine) -> list[Instance]:
+    return [i for i in m.instances.values() if i.vmm.proc.task.mm is not None]
+
+
+def private_pfns(m: Machine, cache: Cache | None = None) -> I64:
+    views = [guest_view(i, cache) for i in live(m)]
+    parts = [v.pfns[v.private] for v in views]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
+def vmm_pfns(inst: Instance) -> I64:
+    """Per gfn of guest RAM: the pfn the VMM's PTE maps at its address (-1: none)."""
+    mm = inst.vmm.proc.task.mm
+    out = np.full(inst.vmm.ram_size >> PAGE_SHIFT, -1, dtype=np.int64)
+    if mm is None:
+        return out
+    store = mm.pgd.store.rows
+    base = inst.vmm.ram_hva
+    for ch in mm.pgd.chunks(base, base + inst.vmm.ram_size):
+        raw = store[ch.rows, ch.cols]
+        present = pte_present_array(raw)
+        idx = (ch.addr[present] - base) >> PAGE_SHIFT
+        out[idx] = pte_pfn_array(raw[present])
+    return out
+
+
+def _fmt(pfns: I64, limit: int = 4) -> str:
+    shown = ", ".join(f"{int(p):#x}" for p in pfns[:limit])
+    return shown + (f" (+{len(pfns) - limit} more)" if len(pfns) > limit else "")
+
+
+# -- state invariants ------------------------------------------------------------------------
+
+
+def check_i1(m: Machine, cache: Cache | None = None) -> str | None:
+    """Every present user PTE of the machine (one array for all mms) against private pfns."""
+    store = m.kernel.core.ptes
+    rows = store.rows[: store._high].reshape(-1)
+    mapped = pte_pfn_array(rows[pte_present_array(rows)])  # PROT_NONE pfns are inverted (L1TF)
+    bad = np.intersect1d(mapped, private_pfns(m, cache))
+    if len(bad):
+        return f"I1: a host-userspace PTE maps private page(s) pfn {_fmt(bad)}"
+    return None
+
+
+def intrusions(m: Machine) -> dict[int, int]:
+    """Per frame the memory controller saw a shared-KeyID write over TD lines: how many of
+    its lines were hit (the model-only last-writer oracle; one entry per such frame, few)."""
+    return {pfn: int((keyids != NO_KEYID).sum()) for pfn, keyids in
+            m.kernel.core.hw.mem.intruder.items()}
+
+
+def check_i4(m: Machine, cache: Cache | None = None) -> str | None:
+    """Per pfn: present, non-special user PTEs of every mm (one array) against _mapcount + 1."""
+    core = m.kernel.core
+    store = core.ptes
+    rows = store.rows[: store._high].reshape(-1)
+    mapped = pte_pfn_array(rows[pte_present_array(rows) &
+                                ((rows & np.uint64(_PAGE_SPECIAL)) == 0)])
+    mem = core.pages
+    counted = np.bincount(mapped, minlength=mem.nr_pages)[: mem.nr_pages]
+    recorded = mem._mapcount.astype(np.int64) + 1
+    bad = np.flatnonzero(counted != recorded)
+    bad = bad[bad != core.zero_pfn]
+    if len(bad):
+        p = int(bad[0])
+        return (f"I4: pfn {_fmt(bad)}: mapcount {int(recorded[p])} but {int(counted[p])} "
+                f"present PTE(s) map pfn {p:#x}")
+    return None
+
+
+def check_i2(m: Machine, before: dict[int, int], private: I64,
+             cache: Cache | None = None) -> str | None:
+    """New intrusions in this step on frames that are the TD's private pages before and after
+    it (a frame the TD let go of in the step may be overwritten: its next owner clears it
+    with KeyID 0, as a conversion's punch-hole then a fresh shared page does)."""
+    now = intrusions(m)
+    hit = np.array(sorted(p for p, n in now.items() if n > before.get(p, 0)), dtype=np.int64)
+    if not len(hit):
+        return None
+    bad = np.intersect1d(np.intersect1d(hit, private), private_pfns(m, cache))
+    if len(bad):
+        return f"I2: a host (shared-KeyID) write reached TD-private lines of pfn {_fmt(bad)}"
+    return None
+
+
+def free_pfns(m: Machine) -> I64:
+    """Every pfn in the buddy free lists: PageBuddy heads expanded by their order."""
+    mem = m.kernel.core.pages
+    heads = np.flatnonzero(mem.flags & np.uint32(1 << PG_BUDDY_BIT)).astype(np.int64)
+    counts = np.left_shift(1, mem.order[heads].astype(np.int64))
+    starts = np.cumsum(counts) - counts
+    return np.repeat(heads - starts, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+
+
+def td_data_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
+    """Which of ``pfns`` hold TD data (any line written with a TD-private KeyID)."""
+    hw = m.kernel.core.hw
+    phys = hw.mem
+    if hw.cfg.integrity is IntegrityMode.OFF:
+        return np.zeros(len(pfns), dtype=np.bool_)
+    slots = phys.slot_of[pfns].astype(np.int64) - 1
+    stored = slots >= 0
+    out = np.zeros(len(pfns), dtype=np.bool_)
+    out[stored] = (phys.flags[slots[stored]] & LINE_TD).any(axis=1)
+    # Zero-form frames: one entry per (KeyID, generation) the machine has used, few.
+    lut = np.array([hw.cfg.keyids.is_private(k) for k, _ in phys.zero_states], dtype=np.bool_)
+    out[~stored] = lut[phys.zstate[pfns[~stored]]]
+    return out
+
+
+def check_i5(m: Machine, cache: Cache | None = None) -> str | None:
+    free = free_pfns(m)
+    mem = m.kernel.core.pages
+    poisoned = (mem.flags[free] & np.uint32(mem.mask(PG.hwpoison))) != 0
+    td = td_data_mask(m, free)
+    problems = []
+    # A latent DRAM error nobody consumed is not here: the kernel cannot know of it (I6
+    # covers poison the kernel has seen).
+    for what, mask in (("PG_hwpoison", poisoned), ("TD data", td)):
+        if mask.any():
+            problems.append(f"pfn {_fmt(free[mask])} with {what}")
+    if problems:
+        return "I5: free page(s) in the allocator: " + "; ".join(problems)
+    return None
+
+
+def really_poisoned(m: Machine) -> I64:
+    """Frames with a real (DRAM) error on some line; one dict entry per such frame, few."""
+    hw_poison = m.kernel.core.hw.mem.hw_poison
+    return np.array(sorted(p for p, lines in hw_poison.items() if lines.any()), dtype=np.int64)
+
+
+def seen_poison(m: Machine) -> I64:
+    """The really poisoned frames the kernel marked PG_hwpoison (memory_failure ran on them)."""
+    real = really_poisoned(m)
+    mem = m.kernel.core.pages
+    seen: I64 = real[(mem.flags[real] & np.uint32(mem.mask(PG.hwpoison))) != 0]
+    return seen
+
+
+def check_i6(m: Machine, seen: I64) -> str | None:
+    """``seen``: the frames :func:`seen_poison` returned after earlier steps."""
+    mem = m.kernel.core.pages
+    lost = seen[(mem.flags[seen] & np.uint32(mem.mask(PG.hwpoison))) == 0]
+    if len(lost):
+        free = np.isin(lost, free_pfns(m))
+        where = "back in the allocator" if free.any() else "still in use"
+        return (f"I6: PG_hwpoison of really poisoned pfn {_fmt(lost)} was cleared ({where}): "
+                "the next user consumes the error unwarned")
+    return None
+
+
+def check_i7_shared(m: Machine, cache: Cache | None = None) -> str | None:
+    """A shared gfn's EPT page must be the page the VMM maps at that gfn's address."""
+    for inst in live(m):
+        v = guest_view(inst, cache)
+        shared = ~v.private
+        if not shared.any():
+            continue
+        vmm = vmm_pfns(inst)
+        gfns, pfns = v.gfns[shared], v.pfns[shared]
+        inside = gfns < len(vmm)
+        q = vmm[gfns[inside]]
+        bad = (q >= 0) & (q != pfns[inside])
+        if bad.any():
+            g = gfns[inside][bad]
+            return (f"I7: shared gfn {_fmt(g)} of {inst.spec.name}: the guest uses pfn "
+                    f"{_fmt(pfns[inside][bad])}, the VMM maps pfn {_fmt(q[bad])}")
+    return None
+
+
+StateCheck = Callable[[Machine, Cache | None], str | None]
+STATE_CHECKS: dict[str, StateCheck] = {"I1": check_i1, "I4": check_i4, "I5": check_i5,
+                                       "I7": check_i7_shared}

@@ -1,0 +1,186 @@
+"""The invariant monitor: checks the named invariants around every scenario step.
+
+The explorer and ``kvmpoison run`` (a scenario with ``[scenario] invariants``) use the same
+monitor, so a violation the explorer writes out fails the same way when it is replayed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.explore.invariants import (
+    INVARIANTS,
+    STATE_CHECKS,
+    Cache,
+    check_i2,
+    check_i6,
+    guest_private_mask,
+    guest_view,
+    intrusions,
+    private_pfns,
+    seen_poison,
+    vmm_pfns,
+)
+from kvmpoison.machine import Instance
+from kvmpoison.matrix import protocol as proto
+from kvmpoison.outcome import Outcome
+from kvmpoison.scenario.ops import RunCtx, data_arg
+
+# Host paths that move data to or from the page at the address (straddling ones are left
+# out: they succeed short on the page before); mincore, mlock, futex and populate do not.
+DATA_PATHS = frozenset({
+    "load", "store", "read_pipe_to_buf", "write_buf_to_pipe", "pread_file_to_buf",
+    "pwrite_buf_to_file", "odirect_pread", "odirect_pwrite", "vmsplice_buf_to_pipe",
+    "vmsplice_pipe_to_buf", "proc_self_mem_read", "proc_self_mem_write", "getrandom",
+    "process_vm_readv", "process_vm_writev", "proc_pid_mem_read", "proc_pid_mem_write",
+    "ptrace_peek", "ptrace_poke", "fork_child_load",
+})
+assert {*proto.PATHS, "fork_child_load"} >= DATA_PATHS
+
+Shadow = tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]
+
+
+def _vm_name(actor: str, args: dict[str, Any]) -> str:
+    name = args.get("target") or args.get("vm") or actor.partition(":")[2]
+    return str(name).removeprefix("vmm:").removeprefix("guest:")
+
+
+class InvariantMonitor:
+    """Checks ``names`` after every step; keeps the shadow of guest writes that I3 needs."""
+
+    def __init__(self, names: tuple[str, ...]):
+        unknown = [n for n in names if n not in INVARIANTS]
+        if unknown:
+            raise ValueError(f"unknown invariant {', '.join(unknown)} "
+                             f"(known: {', '.join(INVARIANTS)})")
+        self.names = names
+        self.shadow: dict[tuple[str, int], Shadow] = {}
+        self._probe: tuple[str, int, int] | None = None  # (vm, gfn, private pfn) for I7
+        self.seen_poison: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)  # for I6
+        self._i2: tuple[dict[int, int], npt.NDArray[np.int64]] | None = None
+        self._private: npt.NDArray[np.int64] | None = None  # after the last step, for I2
+
+    # -- around a step ---------------------------------------------------------------------
+
+    def _inst(self, ctx: RunCtx, actor: str, args: dict[str, Any]) -> Instance | None:
+        inst = ctx.machine.instances.get(_vm_name(actor, args))
+        if inst is None or inst.vmm.proc.task.mm is None:
+            return None
+        return inst
+
+    def before(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any]) -> None:
+        self._probe = None
+        if "I2" in self.names:
+            private = self._private if self._private is not None else private_pfns(ctx.machine)
+            self._i2 = (intrusions(ctx.machine), private)
+        gpa = args.get("gpa")
+        if "I7" not in self.names or op not in DATA_PATHS or actor.startswith("guest") \
+                or not isinstance(gpa, int):
+            return
+        inst = self._inst(ctx, actor, args)
+        if inst is None or not 0 <= gpa < inst.vmm.ram_size:
+            return
+        v = guest_view(inst)
+        hit = np.flatnonzero((v.gfns == gpa >> PAGE_SHIFT) & v.private)
+        if len(hit):
+            self._probe = (inst.spec.name, gpa >> PAGE_SHIFT, int(v.pfns[hit[0]]))
+
+    def forget(self) -> None:
+        """A step did not complete (the model refused it): recompute what the last step kept."""
+        self._private = None
+
+    def after(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any],
+              out: Outcome) -> list[str]:
+        found: list[str] = []
+        cache: Cache = {}
+        if actor.startswith("guest"):
+            found += self._guest_step(ctx, actor, op, args, out)
+        if self._probe is not None and out.succeeded:
+            found += self._reached(ctx, op, out)
+        for name in self.names:
+            check = STATE_CHECKS.get(name)
+            if check is None:
+                continue
+            problem = check(ctx.machine, cache)
+            if problem is not None:
+                found.append(problem)
+        if self._i2 is not None:
+            problem = check_i2(ctx.machine, *self._i2, cache)
+            self._private = private_pfns(ctx.machine, cache)
+            if problem is not None:
+                found.append(problem)
+        if "I6" in self.names:
+            problem = check_i6(ctx.machine, self.seen_poison)
+            if problem is not None:
+                found.append(problem)
+            self.seen_poison = np.union1d(self.seen_poison, seen_poison(ctx.machine))
+        return found
+
+    # -- I3: the shadow of guest writes ----------------------------------------------------
+
+    def _guest_step(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any],
+                    out: Outcome) -> list[str]:
+        inst = self._inst(ctx, actor, args)
+        if inst is None:
+            return []
+        name = inst.spec.name
+        if op in ("share", "unshare") and out.value == 0:
+            gfn = args["gfn"] if "gfn" in args else int(args["gpa"]) >> PAGE_SHIFT
+            for g in range(gfn, gfn + min(int(args.get("npages", 1)), 1 << 10)):
+                self.shadow.pop((name, g), None)  # shared data is the VMM's to change
+            return []
+        gpa = args.get("gpa")
+        if op not in ("load", "store") or not isinstance(gpa, int) or not out.succeeded:
+            return []
+        gfn, off = gpa >> PAGE_SHIFT, gpa & (PAGE_SIZE - 1)
+        private = guest_private_one(inst, gfn)
+        if op == "store":
+            data = np.frombuffer(data_arg(args), dtype=np.uint8)[: PAGE_SIZE - off]
+            if not private:
+                self.shadow.pop((name, gfn), None)
+                return []
+            page, known = self.shadow.setdefault(
+                (name, gfn), (np.zeros(PAGE_SIZE, dtype=np.uint8),
+                              np.zeros(PAGE_SIZE, dtype=np.bool_)))
+            page[off : off + len(data)] = data
+            known[off : off + len(data)] = True
+            return []
+        entry = self.shadow.get((name, gfn))
+        if "I3" not in self.names or not private or entry is None or out.data is None:
+            return []
+        got = np.frombuffer(out.data, dtype=np.uint8)[: PAGE_SIZE - off]
+        page, known = entry
+        want, mask = page[off : off + len(got)], known[off : off + len(got)]
+        if (got[mask] != want[mask]).any():
+            return [f"I3: the guest of {name} read {bytes(got).hex()} at gpa {gpa:#x}, "
+                    f"but last wrote {bytes(want).hex()} there (known bytes differ)"]
+        return []
+
+    # -- I7: a private gfn's page reached by the host ----------------------------------------
+
+    def _reached(self, ctx: RunCtx, op: str, out: Outcome) -> list[str]:
+        assert self._probe is not None
+        name, gfn, pfn = self._probe
+        if "I7" not in self.names:
+            return []
+        inst = ctx.machine.instances[name]
+        vmm = inst.vmm
+        page: int | None = None
+        if vmm.ram_fd is not None and vmm.proc.task.mm is not None:
+            mapping = vmm.proc.task.fds[vmm.ram_fd].f_mapping
+            page = mapping.lookup(gfn) if mapping is not None else None
+        if page is None:
+            mapped = vmm_pfns(inst)
+            page = int(mapped[gfn]) if gfn < len(mapped) and mapped[gfn] >= 0 else None
+        if page == pfn:
+            return [f"I7: {op} by the host at private gfn {gfn:#x} of {name} succeeded "
+                    f"({out.cell}) on the guest's private page pfn {pfn:#x}"]
+        return []
+
+
+def guest_private_one(inst: Instance, gfn: int) -> bool:
+    return bool(guest_private_mask(inst, np.array([gfn], dtype=np.int64))[0])

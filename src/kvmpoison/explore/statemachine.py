@@ -1,0 +1,183 @@
+"""A hypothesis ``RuleBasedStateMachine`` over one Machine, one class per design.
+
+Every rule is one scenario step (actor, op, arguments), run by the scenario runner's own
+``perform``; the monitor checks the invariants after it. A violation raises
+:class:`InvariantError` carrying the steps so far, which hypothesis then shrinks; the
+shrunk steps are a scenario that ``kvmpoison run`` replays.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+
+from kvmpoison.explore.monitor import InvariantMonitor
+from kvmpoison.machine import Machine
+from kvmpoison.matrix import protocol as proto
+from kvmpoison.scenario.loader import Scenario, load_text
+from kvmpoison.scenario.ops import OpError, RunCtx
+from kvmpoison.scenario.runner import build_machine, perform
+from kvmpoison.virt.kvm.kvm_main import Protection
+
+VM = "vm0"
+# A few gfns, so that steps collide: three private pages and the first swiotlb page (shared
+# at boot by the RFC guests and gmem's).
+GFNS = (0x30, 0x31, 0x32, 0x10)
+MACHINE_MEMORY = 16 << 20
+VM_MEMORY = 1 << 20
+
+Recorded = tuple[str, str, dict[str, Any], str]  # actor, op, args, the outcome's cell
+
+
+class InvariantError(AssertionError):
+    def __init__(self, problems: list[str], steps: list[Recorded]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+        self.steps = steps
+
+    @property
+    def invariant(self) -> str:
+        return self.problems[0].partition(":")[0]
+
+
+class ModelError(InvariantError):
+    """A step made the model raise (a model bug, not a design's): reported as ``MODEL``."""
+
+
+def machine_header(design: str, seed: int = 0) -> str:
+    """The ``[machine]`` and ``[[vm]]`` tables of every explored (and replayed) machine."""
+    return (f"[machine]\nmemory = {MACHINE_MEMORY}\nseed = {seed}\n\n"
+            f"[[vm]]\nname = \"{VM}\"\nmemory = {VM_MEMORY}\n")
+
+
+def base_scenario(design: str) -> Scenario:
+    text = (f"[scenario]\nname = \"explore-{design}\"\ndesigns = [\"{design}\"]\n\n"
+            + machine_header(design) + "\n[[step]]\nactor = \"guest:vm0\"\nop = \"reboot\"\n")
+    return load_text(text, f"<explore {design}>")
+
+
+gpas = st.sampled_from(GFNS).map(lambda gfn: gfn << 12)
+
+
+class ExploreMachine(RuleBasedStateMachine):
+    """Subclassed per design by :func:`state_machine` (``design`` and ``checked`` set)."""
+
+    design: ClassVar[str] = "rfc-v1"
+    checked: ClassVar[tuple[str, ...]] = ()
+    base: ClassVar[Machine | None] = None
+    steps_run: ClassVar[int] = 0  # every step of every example, for steps/s
+
+    def __init__(self) -> None:
+        super().__init__()
+        cls = type(self)
+        if cls.base is None:
+            cls.base = build_machine(base_scenario(cls.design), cls.design)
+        self.m = cls.base.copy()
+        self.ctx = RunCtx(self.m)
+        self.monitor = InvariantMonitor(cls.checked)
+        self.trace: list[Recorded] = []
+
+    @property
+    def gmem(self) -> bool:
+        return self.m.vm.protection is Protection.GMEM
+
+    def step(self, actor: str, op: str, **args: Any) -> None:
+        type(self).steps_run += 1
+        self.monitor.before(self.ctx, actor, op, args)
+        try:
+            out = perform(self.ctx, actor, op, args)
+        except (OpError, ValueError, MemoryError):
+            self.monitor.forget()
+            return  # not applicable here (no page yet, the VMM is gone): not a step
+        except Exception as exc:  # a model bug: report it with the steps that reach it
+            steps = [*self.trace, (actor, op, args, "raises")]
+            raise ModelError([f"MODEL: {type(exc).__name__}: {exc}"], steps) from exc
+        self.trace.append((actor, op, args, out.cell))
+        problems = self.monitor.after(self.ctx, actor, op, args, out)
+        if problems:
+            raise InvariantError(problems, list(self.trace))
+
+    # -- guest -----------------------------------------------------------------------------
+
+    @rule(gpa=gpas, byte=st.integers(1, 255))
+    def guest_store(self, gpa: int, byte: int) -> None:
+        self.step(f"guest:{VM}", "store", gpa=gpa, data="hex:" + bytes([byte]).hex() * 8)
+
+    @rule(gpa=gpas)
+    def guest_load(self, gpa: int) -> None:
+        self.step(f"guest:{VM}", "load", gpa=gpa, size=8)
+
+    @rule(gpa=gpas)
+    def guest_share(self, gpa: int) -> None:
+        self.step(f"guest:{VM}", "share", gpa=gpa)
+
+    @precondition(lambda self: self.gmem)
+    @rule(gpa=gpas)
+    def guest_unshare(self, gpa: int) -> None:
+        self.step(f"guest:{VM}", "unshare", gpa=gpa)
+
+    @rule()
+    def guest_reboot(self) -> None:
+        self.step(f"guest:{VM}", "reboot")
+
+    # -- the VMM and other host processes: every MATRIX path ---------------------------------
+
+    @rule(path=st.sampled_from(proto.LOCAL_PATHS), gpa=gpas)
+    def vmm_path(self, path: str, gpa: int) -> None:
+        self.step(f"vmm:{VM}", path, gpa=gpa)
+
+    @rule(path=st.sampled_from(proto.REMOTE_PATHS), gpa=gpas)
+    def host_path(self, path: str, gpa: int) -> None:
+        self.step("host", path, target=VM, gpa=gpa)
+
+    @rule(gpa=gpas)
+    def vmm_fork_child_load(self, gpa: int) -> None:
+        self.step(f"vmm:{VM}", "fork_child_load", gpa=gpa)
+
+    @rule(gpa=gpas)
+    def vmm_punch_hole(self, gpa: int) -> None:
+        self.step(f"vmm:{VM}", "punch_hole", gpa=gpa)
+
+    @rule(gpa=gpas, advice=st.sampled_from(("dontneed", "pageout")))
+    def vmm_madvise(self, gpa: int, advice: str) -> None:
+        self.step(f"vmm:{VM}", "madvise", gpa=gpa, advice=advice)
+
+    @rule(gpa=gpas)
+    def vmm_munmap(self, gpa: int) -> None:
+        self.step(f"vmm:{VM}", "munmap", gpa=gpa)
+
+    @rule(gpa=gpas, prot=st.sampled_from((0, 1, 3)))
+    def vmm_mprotect(self, gpa: int, prot: int) -> None:
+        self.step(f"vmm:{VM}", "mprotect", gpa=gpa, prot=prot)
+
+    # -- the host kernel and the hardware ---------------------------------------------------
+
+    @rule(gpa=gpas)
+    def host_memory_failure(self, gpa: int) -> None:
+        self.step("host", "memory_failure", vm=VM, gpa=gpa)
+
+    @rule(gpa=gpas)
+    def host_kvm_read(self, gpa: int) -> None:
+        self.step("host", "kvm_read", vm=VM, gpa=gpa)
+
+    @rule(gpa=gpas)
+    def hw_dram_error(self, gpa: int) -> None:
+        self.step("hw", "inject_dram_error", vm=VM, gpa=gpa)
+
+
+_CLASSES: dict[tuple[str, tuple[str, ...]], type[ExploreMachine]] = {}
+
+
+def state_machine(design: str, invariants: tuple[str, ...]) -> type[ExploreMachine]:
+    """The state machine class of ``design`` checking ``invariants`` (one per pair, cached:
+    its base machine is built once and copied for every example)."""
+    key = (design, invariants)
+    cls = _CLASSES.get(key)
+    if cls is None:
+        name = "Explore_" + design.replace("-", "_")
+        cls = type(name, (ExploreMachine,), {"design": design, "checked": invariants,
+                                             "base": None, "steps_run": 0})
+        _CLASSES[key] = cls
+    return cls
