@@ -372,3 +372,19 @@ def test_oracle_says_what_it_assumed(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     _fake_probes(monkeypatch, None)
     notes = " ".join(report_oracle.compare().notes)
     assert "assumed CONFIG_MEMORY_FAILURE=y" in notes and "may disagree" in notes
+
+
+def test_a_bug_of_the_model_is_one_line_and_exit_70(capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("get_page on free Page(pfn=0x22)")
+
+    monkeypatch.setattr("kvmpoison.cli.run.run_scenario", broken)
+    monkeypatch.delenv("KVMPOISON_TRACEBACK", raising=False)
+    rc, out, err = cli(capsys, "run", "seed-4-sigbus")
+    lines = err.strip().splitlines()
+    assert rc == 70 and len(lines) == 1 and "Traceback" not in out + err
+    assert "internal error" in lines[0] and "get_page on free" in lines[0]
+    monkeypatch.setenv("KVMPOISON_TRACEBACK", "1")
+    with pytest.raises(AssertionError, match="get_page on free"):
+        main(["run", "seed-4-sigbus"])

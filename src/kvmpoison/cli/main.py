@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
+from pathlib import Path
 from typing import Any, TextIO, cast
 
 import typer
@@ -54,7 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         print("kvmpoison: aborted", file=sys.stderr)
         return 1
+    except (ReaderGoneError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # a bug of the model itself: one line, not a traceback
+        if os.environ.get("KVMPOISON_TRACEBACK"):
+            raise
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        print(f"kvmpoison: internal error (a bug of the model, not of your input): "
+              f"{type(exc).__name__}: {exc} at {Path(where.filename).name}:{where.lineno}; "
+              "KVMPOISON_TRACEBACK=1 shows the traceback", file=sys.stderr)
+        return EX_SOFTWARE
     return result if isinstance(result, int) else 0
+
+
+EX_SOFTWARE = 70  # sysexits.h: an internal software error
 
 
 class ReaderGoneError(Exception):
