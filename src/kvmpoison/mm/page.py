@@ -287,8 +287,15 @@ def page_count(page: Page) -> int:
 
 
 def get_page(page: Page) -> None:
+    """include/linux/mm.h ``get_page`` (v5.12): one more reference.
+
+    A count of zero is a free page: taking it is a bug of the model. A count
+    already below zero (RFCv1's pin released on a bare ``get_page`` underflows
+    it) is incremented as the kernel does without CONFIG_DEBUG_VM, whose
+    ``VM_BUG_ON_PAGE(page_ref_zero_or_close_to_overflow(page))`` would oops there.
+    """
     head = compound_head(page)
-    if head.mem._refcount[head.pfn] <= 0:
+    if head.mem._refcount[head.pfn] == 0:
         raise AssertionError(f"get_page on free {page}")
     head.mem._refcount[head.pfn] += 1
 
