@@ -52,6 +52,17 @@ TASK_SIZE_MAX = TASK_SIZE - PAGE_SIZE  # arch/x86/include/asm/page_64_types.h, 4
 EPT_MAX_GFN = 1 << (ADDRESS_BITS - PAGE_SHIFT)  # a 4-level EPT maps 48-bit guest-physical addresses
 
 
+def check_guest_access(gpa: int, size: int) -> None:
+    """Refuse a guest access beyond the 48-bit guest-physical space as bad input.
+
+    A 4-level EPT translates 48 bits and KVM gives the guest no MAXPHYADDR beyond them,
+    so such an access is the guest's own #PF, never a VM exit the model could follow.
+    """
+    if gpa < 0 or size < 0 or gpa + size > EPT_MAX_GFN << PAGE_SHIFT:
+        raise ValueError(f"gpa {gpa:#x}+{size:#x} is beyond the 48-bit guest-physical "
+                         "address space: the guest cannot issue this access")
+
+
 class PfnMap:
     """``DEFINE_XARRAY(kvm_pfn_map)`` (virt/kvm/mem_protected.c, RFCv2 13/13) as an array
     indexed by pfn (-1: no entry); ``kvm->id`` is stored as its plain value, not

@@ -38,7 +38,7 @@ from kvmpoison.virt.kvm.gmem_memslot import (
     kvm_memslot_is_gmem_only,
     kvm_slot_has_gmem,
 )
-from kvmpoison.virt.kvm.kvm_main import Vm, is_error_pfn
+from kvmpoison.virt.kvm.kvm_main import Vm, check_guest_access, is_error_pfn
 from kvmpoison.virt.kvm.private_mem import (
     KVM_EXIT_MEMORY_FAULT,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
@@ -48,7 +48,6 @@ from kvmpoison.virt.kvm.private_mem import (
 from kvmpoison.virt.kvm.x86.mmu import kvm_handle_bad_page
 
 MAX_RETRIES = 4
-GPA_LIMIT = 1 << 48  # what a 4-level EPT translates
 
 
 def kvm_prepare_memory_fault_exit(gpa: int, is_private: bool) -> KvmExit:
@@ -140,9 +139,7 @@ def gmem_vcpu_access(vm: Vm, gpa: int, size: int, data: bytes | None,
         if vm.vcpu_task.exit_signal is not None:
             return Outcome.signal(vm.vcpu_task.exit_signal, detail="the VMM is dead")
         return Outcome.error(errno.ESRCH, "the VMM is gone")
-    if gpa < 0 or size < 0 or gpa + size > GPA_LIMIT:
-        raise ValueError(f"gpa {gpa:#x}+{size:#x} is beyond the 48-bit guest-physical "
-                         "address space: the guest cannot issue this access")
+    check_guest_access(gpa, size)
     core = vm.core
     out: list[bytes] = []
     done = 0

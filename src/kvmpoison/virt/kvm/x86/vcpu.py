@@ -25,7 +25,7 @@ from kvmpoison.kernel.mce import MCE_REENTRY_LIMIT
 from kvmpoison.kernel.mce import kill_me_maybe as task_kill_me_maybe
 from kvmpoison.mm.page import SetPageHWPoison
 from kvmpoison.outcome import Halt, Kind, LivelockOn, McKind, Outcome
-from kvmpoison.virt.kvm.kvm_main import EPT_MAX_GFN, Vm
+from kvmpoison.virt.kvm.kvm_main import Vm, check_guest_access
 from kvmpoison.virt.kvm.x86.mmu import direct_page_fault, spte_present
 
 MAX_RETRIES = 4
@@ -93,11 +93,7 @@ def vcpu_access(vm: Vm, gpa: int, size: int, data: bytes | None, shared: bool) -
         if vm.vcpu_task.exit_signal is not None:
             return Outcome.signal(vm.vcpu_task.exit_signal, detail="the VMM is dead")
         return Outcome.error(errno.ESRCH, "the VMM is gone")
-    if gpa < 0 or size < 0 or gpa + size > EPT_MAX_GFN << PAGE_SHIFT:
-        # A 4-level EPT translates 48 bits; KVM gives the guest no MAXPHYADDR beyond
-        # them, so such an access is the guest's own #PF, never a VM exit.
-        raise ValueError(f"gpa {gpa:#x}+{size:#x} is beyond the 48-bit guest-physical "
-                         "address space: the guest cannot issue this access")
+    check_guest_access(gpa, size)
     core = vm.core
     out: list[bytes] = []
     done = 0
