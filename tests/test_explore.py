@@ -361,3 +361,14 @@ def test_rfc_v1_pin_underflow_keeps_counting_below_zero() -> None:
     run = run_scenario(sc, "rfc-v1", observe=seen.append)
     assert all(r.ok for r in run.results), [(r.step.index, r.outcome.cell) for r in run.results]
     assert (seen[-1].kernel.core.pages._refcount < 0).any()  # what the RFC's pin leaves
+
+
+def test_i3_forgets_every_gfn_a_large_share_makes_shared() -> None:
+    """A share of more than 1024 pages used to keep the shadow of the gfns beyond them."""
+    ctx = RunCtx(Machine(Config(design="rfc-v2", vm_mem=16 << 20)))
+    mon = InvariantMonitor(("I3",))
+    far = GPA + (1100 << PAGE_SHIFT)
+    assert _step(ctx, mon, "guest:vm0", "store", gpa=far, data="hex:" + "ab" * 8) == []
+    gfn = GPA >> PAGE_SHIFT
+    assert _step(ctx, mon, "guest:vm0", "share", gpa=GPA, npages=1200) == []
+    assert all(not (gfn <= g < gfn + 1200) for _, g in mon.shadow)

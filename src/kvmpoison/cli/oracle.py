@@ -30,8 +30,9 @@ def oracle(
         "--scenarios", help="Also run every shipped scenario live (kvmpoison run --all --live) "
         "and count its refereed steps; exit 1 on a disagreement.")] = False,
 ) -> None:
-    """Probe the running kernel (or, with --kernel, one booted under QEMU) live and compare
-    every cell with the model's.
+    """Probe a live kernel and compare every cell with the model's.
+
+    The live kernel is this machine's, or with --kernel one booted under QEMU.
 
     With --scenarios, every shipped scenario is also refereed step by step on this kernel
     (as ``kvmpoison run --all --live``).

@@ -130,8 +130,10 @@ class InvariantMonitor:
         name = inst.spec.name
         if op in ("share", "unshare") and out.value == 0:
             gfn = args["gfn"] if "gfn" in args else int(args["gpa"]) >> PAGE_SHIFT
-            for g in range(gfn, gfn + min(int(args.get("npages", 1)), 1 << 10)):
-                self.shadow.pop((name, g), None)  # shared data is the VMM's to change
+            end = gfn + int(args.get("npages", 1))
+            # Shared data is the VMM's to change; the shadow is sparse, so walk its keys.
+            for key in [k for k in self.shadow if k[0] == name and gfn <= k[1] < end]:
+                del self.shadow[key]
             return []
         gpa = args.get("gpa")
         if op not in ("load", "store") or not isinstance(gpa, int) or not out.succeeded:

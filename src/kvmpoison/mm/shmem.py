@@ -99,7 +99,8 @@ class Shmem:
         ``mm/shmem.c:shmem_getpage_gfp`` (v5.12) / ``shmem_get_folio_gfp`` (6.18).
         Neither checks PG_hwpoison: a poisoned cached page is returned, so a
         fault ends in ``__do_fault``'s VM_FAULT_HWPOISON and fallocate succeeds.
-        Only the RFC's patch 09 (v2) fails it with -EIO for every caller.
+        Only the RFC's patch 09 (v2 09/13; folded into v1 7/7) fails it with -EIO
+        for every caller.
         Simplified: no swap-in, no huge pages, no SGP_FALLOC (fallocate uses
         SGP_WRITE, which behaves the same on an order-0 page).
         """
