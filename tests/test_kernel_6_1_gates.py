@@ -16,6 +16,7 @@ from kvmpoison.arch.x86.pgtable import pte_pfn
 from kvmpoison.arch.x86.pgtable_types import _PAGE_DIRTY, _PAGE_RW, PAGE_SHIFT
 from kvmpoison.config import Config
 from kvmpoison.kconfig import KernelConfig, KernelVersion
+from kvmpoison.kernel.mce import kill_me_maybe
 from kvmpoison.machine import Machine
 from kvmpoison.mm.madvise import MADV_FREE
 from kvmpoison.mm.memory_failure import memory_failure
@@ -24,7 +25,6 @@ from kvmpoison.mm.mremap import MREMAP_DONTUNMAP, MREMAP_MAYMOVE
 from kvmpoison.mm.page_flags import PG, PageFlagBits
 from kvmpoison.uapi.siginfo import BusCode
 from kvmpoison.virt.kvm.x86.mmu import spte_present
-from kvmpoison.virt.kvm.x86.vcpu import kill_me_maybe
 
 V5_12 = KernelConfig(version=KernelVersion.V5_12)
 V6_1 = KernelConfig(version=KernelVersion.V6_1)
@@ -119,7 +119,7 @@ def test_kill_me_maybe_on_an_already_poisoned_page(kcfg: KernelConfig,
     m.kernel.core.pages.flags[pfn] |= m.kernel.core.pages.mask(PG.hwpoison)  # still mapped
     task = m.vmm.proc.task
     before = len(task.pending)
-    kill_me_maybe(m.vm, pfn, MCG_STATUS_RIPV)
+    kill_me_maybe(m.vm.core, m.vm.vcpu_task, pfn, MCG_STATUS_RIPV)
     assert [int(i.code) for i in task.pending[before:]] == [int(c) for c in codes]
 
 

@@ -99,10 +99,10 @@ def test_without_memory_failure_an_srar_error_panics() -> None:
 
 def test_kill_me_now_when_memory_failure_fails() -> None:
     """memory_failure() -ENXIO-like failure (pfn 0 is outside its reach): SIGBUS SI_KERNEL."""
-    from kvmpoison.virt.kvm.x86.vcpu import kill_me_maybe
+    from kvmpoison.kernel.mce import kill_me_maybe
 
     m, _ = _poisoned("rfc-v2", handled=False)
-    kill_me_maybe(m.vm, 0, 0x3)
+    kill_me_maybe(m.vm.core, m.vm.vcpu_task, 0, 0x3)
     info = m.vmm.proc.task.pending[-1]
     assert info.signo == signal.SIGBUS and info.code == SI_KERNEL
 

@@ -21,24 +21,13 @@ import errno
 from kvmpoison.arch.x86.mce import MceRecord, Severity, mce_severity
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
-from kvmpoison.kernel.mce import MCE_REENTRY_LIMIT
-from kvmpoison.kernel.mce import kill_me_maybe as task_kill_me_maybe
+from kvmpoison.kernel.mce import MCE_REENTRY_LIMIT, kill_me_maybe
 from kvmpoison.mm.page import SetPageHWPoison
 from kvmpoison.outcome import Halt, Kind, LivelockOn, McKind, Outcome
 from kvmpoison.virt.kvm.kvm_main import Vm, check_guest_access
 from kvmpoison.virt.kvm.x86.mmu import direct_page_fault, spte_present
 
 MAX_RETRIES = 4
-
-
-def kill_me_maybe(vm: Vm, pfn: int, mcg_status: int) -> None:
-    """``kill_me_maybe`` as task work of the vCPU thread (``kernel/mce.py`` models it).
-
-    v5.12 returns quietly on 0, which it also returns for a page that is already
-    poisoned; from v5.13 (6.1, 6.18) -EHWPOISON and -EOPNOTSUPP return quietly
-    too; anything else is ``kill_me_now`` (SIGBUS, SI_KERNEL).
-    """
-    task_kill_me_maybe(vm.core, vm.vcpu_task, pfn, mcg_status)
 
 
 def kvm_machine_check(vm: Vm, pfn: int, rec: MceRecord) -> Outcome | None:
@@ -64,7 +53,7 @@ def kvm_machine_check(vm: Vm, pfn: int, rec: MceRecord) -> Outcome | None:
         return None  # KEEP/AO/UCNA: logged, the guest goes on
     task = vm.vcpu_task
     before = len(task.pending)
-    kill_me_maybe(vm, pfn, rec.mcg_status)
+    kill_me_maybe(vm.core, vm.vcpu_task, pfn, rec.mcg_status)  # task work of the vCPU thread
     if len(task.pending) > before:
         return Outcome.signal(task.pending[before], rec,
                               "#MC VM exit: the host's machine-check handler signalled the "
