@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import PAGE
+from kvmpoison.arch.x86.integrity import WriteHow
 from kvmpoison.config import Config
 from kvmpoison.demo import SECRET, run_story
 from kvmpoison.machine import Machine, VmSpec
@@ -511,3 +512,21 @@ def test_a_private_page_the_notifier_unmapped_is_still_reclaimed_on_conversion(m
     g.use_shared_alias(0x32, 1, True)
     assert g.load(0x32 * PAGE, 4).cell == "ok"  # converts it to shared: guest_memfd punched
     assert pfn not in m.vm.td_pages and not m.kernel.core.hw.line_state(pfn << 12).td
+
+
+def test_bulk_reclaim_leaves_what_a_movdir64b_per_page_leaves(m: Machine) -> None:
+    """A multi-page private punch reclaims every TD frame as one zero MOVDIR64B store each."""
+    gpas = [SECRET_GPA + i * PAGE for i in range(4)]
+    for gpa in gpas:
+        assert m.guest.store(gpa, b"td data").cell == "ok"
+    pfns = [backing_pfn(m, gpa) for gpa in gpas]
+    ref = m.copy()
+    for pfn in pfns:  # the reference: tdx_reclaim_page's store, one page at a time
+        ref.kernel.core.hw.write(pfn << 12, bytes(PAGE), 0, WriteHow.MOVDIR64B)
+    m.vmm.proc.fallocate(m.vmm.gmem_fd or 0, PUNCH, SECRET_GPA, 4 * PAGE)
+    hw, ref_hw = m.kernel.core.hw, ref.kernel.core.hw
+    for pfn in pfns:
+        assert pfn not in m.vm.td_pages
+        assert hw.read(pfn << 12, PAGE, 0).data == ref_hw.read(pfn << 12, PAGE, 0).data
+        for line in range(0, PAGE, 64):
+            assert hw.line_state((pfn << 12) + line) == ref_hw.line_state((pfn << 12) + line)

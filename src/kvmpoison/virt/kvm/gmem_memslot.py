@@ -32,8 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
-from kvmpoison.arch.x86.integrity import WriteHow
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE, PTE_PFN_MASK
 from kvmpoison.mm.file import File
 from kvmpoison.mm.page import PageHWPoison
@@ -260,8 +260,7 @@ def kvm_gmem_zap(vm: Vm, slot: GmemMemslot, lo: int, hi: int, private_only: bool
         # Every TD-owned page of the range is removed, even one whose SPTE the model's
         # MMU notifier already zapped (6.18's notifier leaves private SPTEs alone).
         idx = mapping.cached_indices()
-        for pfn in mapping.pages[idx[(idx >= lo) & (idx < hi)]].tolist():
-            tdx_reclaim_page(vm, int(pfn))
+        tdx_reclaim_pages(vm, mapping.pages[idx[(idx >= lo) & (idx < hi)]])
 
 
 def kvm_unmap_gfn_range(vm: Vm, first: int, last: int, private: bool = True,
@@ -269,7 +268,7 @@ def kvm_unmap_gfn_range(vm: Vm, first: int, last: int, private: bool = True,
     """Zap the SPTEs of gfns [first, last), private ones, shared ones or both (vectorised).
 
     For a TD, removing a private page is TDH.MEM.PAGE.REMOVE and the host then
-    clears the frame with MOVDIR64B under KeyID 0 (``tdx_reclaim_page``), so the
+    clears the frame with MOVDIR64B under KeyID 0 (``tdx_reclaim_pages``), so the
     frame goes back to the host clean.
     """
     rows = vm.ept.store.rows
@@ -279,16 +278,22 @@ def kvm_unmap_gfn_range(vm: Vm, first: int, last: int, private: bool = True,
         hit = (sptes != 0) & ((is_private & private) | (~is_private & shared))
         if vm.td_keyid is not None:
             pfns = (sptes[hit & is_private] & np.uint64(PTE_PFN_MASK)) >> np.uint64(PAGE_SHIFT)
-            for pfn in pfns.tolist():  # one TDH.MEM.PAGE.REMOVE per private page
-                tdx_reclaim_page(vm, int(pfn))
+            tdx_reclaim_pages(vm, pfns.astype(np.int64))  # TDH.MEM.PAGE.REMOVE per page
         rows[chunk.rows[hit], chunk.cols[hit]] = 0
 
 
-def tdx_reclaim_page(vm: Vm, pfn: int) -> None:
-    if vm.td_keyid is None or pfn not in vm.td_pages:
+def tdx_reclaim_pages(vm: Vm, pfns: npt.NDArray[np.int64]) -> None:
+    """The host's side of TDH.MEM.PAGE.REMOVE for each TD-owned pfn, in bulk: the frame is
+    cleared under KeyID 0 (``tdx_reclaim_page``'s MOVDIR64B of zeros, arch/x86/virt/vmx/
+    tdx/tdx.c, 6.18) and no longer counts as the TD's. Pfns the TD does not own are left."""
+    if vm.td_keyid is None or not len(pfns) or not vm.td_pages:
         return
-    vm.core.hw.write(pfn << PAGE_SHIFT, bytes(PAGE_SIZE), 0, WriteHow.MOVDIR64B)
-    vm.td_pages.discard(pfn)
+    owned = np.unique(pfns[np.isin(pfns, np.fromiter(vm.td_pages, dtype=np.int64,
+                                                     count=len(vm.td_pages)))])
+    if not len(owned):
+        return
+    vm.core.hw.clear_frames(owned)  # whole-page zero stores under KeyID 0, as MOVDIR64B's
+    vm.td_pages.difference_update(owned.tolist())
 
 
 def kvm_gmem_get_pfn(vm: Vm, slot: Memslot, gfn: int) -> tuple[int, int]:
