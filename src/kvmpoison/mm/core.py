@@ -18,6 +18,7 @@ from kvmpoison.arch.x86.integrity import MemoryController, PlatformConfig
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
 from kvmpoison.arch.x86.tlb import Cpu, flush_tlb_mm_range
 from kvmpoison.kconfig import KernelConfig
+from kvmpoison.mm.huge_memory import ThpSettings
 from kvmpoison.mm.mm_types import MmStruct
 from kvmpoison.mm.page import PageArray
 from kvmpoison.mm.page_alloc import BuddyAllocator, PfnArray
@@ -75,6 +76,9 @@ class MmCore:
     hw_memory_failure: bool = False  # a real (not software-injected) error was handled
     dmesg: list[str] = field(default_factory=list)  # WARNs and messages, oldest first
     halted: Outcome | None = None  # the host panicked or shut down
+    thp: ThpSettings = field(default_factory=ThpSettings)  # /sys/kernel/mm/transparent_hugepage
+    huge_zero_pfn: int = -1  # the huge zero page, once allocated
+    deferred_split_queue: list[int] = field(default_factory=list)  # THP heads (deferred_split)
 
     def warn(self, message: str) -> None:
         """``WARN_ON_ONCE``-style: the model logs it and carries on, as the kernel does."""

@@ -28,6 +28,7 @@ from kvmpoison.arch.x86.pgtable_types import (
     PAGE_SHIFT,
 )
 from kvmpoison.arch.x86.tlb import Cpu
+from kvmpoison.mm.huge_memory import huge_pmd_subpage_pte, pmd_trans_huge
 from kvmpoison.mm.memory import handle_mm_fault
 from kvmpoison.mm.mm_types import (
     VM_WRITE_I,
@@ -114,6 +115,17 @@ def do_user_addr_fault(mm: MmStruct, address: int, write: bool, user_mode: bool,
     return None
 
 
+def _walk_huge_pmd(mm: MmStruct, address: int, pmd: int, write: bool) -> int:
+    """The page walker on a huge PMD: set Accessed (and Dirty on a write) in the PMD
+    when it allows the access; the 4 KiB view of the subpage is what the TLB keeps."""
+    if pte_allows(pmd, write):
+        ad = _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+        if pmd & ad != ad:
+            pmd |= ad
+            mm.pgd.set_pmd(address, pmd)
+    return huge_pmd_subpage_pte(pmd, address)
+
+
 def translate(mm: MmStruct, cpu: Cpu | None, address: int, write: bool,
               user_mode: bool) -> tuple[int, Outcome | None]:
     """Find the pfn a CPU access at ``address`` reaches, faulting as needed.
@@ -124,6 +136,10 @@ def translate(mm: MmStruct, cpu: Cpu | None, address: int, write: bool,
         pte = cpu.tlb.lookup(mm.ident, address) if cpu is not None else None
         if pte is None or not pte_allows(pte, write) or (write and not pte & _PAGE_DIRTY):
             pte = mm.pgd.get(address)
+            if not pte and mm.pgd.nr_pmd_leaves:
+                pmd = mm.pgd.pmd_leaf(address)
+                if pmd_trans_huge(pmd):  # a 2 MiB translation
+                    pte = _walk_huge_pmd(mm, address, pmd, write)
             if pte_allows(pte, write):
                 # The page walker sets Accessed, and Dirty on a write (SDM 4.8).
                 ad = _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)

@@ -21,6 +21,7 @@ import errno
 
 from kvmpoison.arch.x86.pgtable import pte_none, pte_pfn, pte_present, pte_protnone
 from kvmpoison.arch.x86.pgtable_types import (
+    _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_RW,
     PAGE_SHIFT,
@@ -29,6 +30,14 @@ from kvmpoison.arch.x86.pgtable_types import (
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.mm.core import FollowPoisoned
 from kvmpoison.mm.fault import find_vma, vma_lookup
+from kvmpoison.mm.huge_memory import (
+    HPAGE_PMD_MASK,
+    HPAGE_PMD_NR,
+    __transparent_hugepage_enabled,
+    is_huge_zero_pmd,
+    pmd_page_pfn,
+    pmd_trans_huge,
+)
 from kvmpoison.mm.memory import faultin_anon_bulk, handle_mm_fault, vm_normal_page
 from kvmpoison.mm.mm_types import (
     VM,
@@ -283,6 +292,46 @@ def follow_page_pte(vma: Vma, address: int, gup_flags: FOLL) -> Page | int | Non
     return page
 
 
+def follow_trans_huge_pmd(vma: Vma, address: int, pmd: int, gup_flags: FOLL) -> Page | int | None:
+    """mm/huge_memory.c ``follow_trans_huge_pmd`` (v5.12; 6.18 ``follow_huge_pmd``):
+    the subpage of the THP a huge PMD maps at ``address``, grabbed on its head
+    (:func:`try_grab_page`), None to fault (a write through a read-only PMD that
+    ``can_follow_write_pmd`` refuses, a NUMA-hinting PMD), or -errno: -EFAULT for
+    the huge zero page under FOLL_DUMP, -ENOMEM when the grab fails. FOLL_TOUCH
+    makes the PMD young (dirty too on a write; ``touch_pmd``). FOLL_MLOCK is not
+    modelled.
+    """
+    foll = int(gup_flags)
+    core = vma.vm_mm.core
+    if foll & _FOLL_WRITE and not can_follow_write_pte(pmd, gup_flags):
+        return None
+    if foll & _FOLL_DUMP and is_huge_zero_pmd(core, pmd):
+        return -errno.EFAULT
+    if foll & _FOLL_NUMA and pte_protnone(pmd):
+        return None
+    head = core.pages[pmd_page_pfn(pmd)]
+    if not try_grab_page(head, gup_flags):
+        return -errno.ENOMEM
+    if foll & _FOLL_TOUCH:
+        touched = pmd | _PAGE_ACCESSED | (_PAGE_DIRTY if foll & _FOLL_WRITE else 0)
+        if touched != pmd:
+            vma.vm_mm.pgd.set_pmd(address, touched)
+    return core.pages[head.pfn + ((address & ~HPAGE_PMD_MASK) >> PAGE_SHIFT)]
+
+
+def follow_pmd_mask(vma: Vma, address: int, gup_flags: FOLL) -> tuple[Page | int | None, int]:
+    """mm/gup.c ``follow_pmd_mask`` (v5.12): a huge PMD goes to
+    :func:`follow_trans_huge_pmd` (``page_mask`` HPAGE_PMD_NR - 1, so a walk without
+    a pages array skips the rest of the 2 MiB), anything else to
+    :func:`follow_page_pte` (``page_mask`` 0)."""
+    pgd = vma.vm_mm.pgd
+    if pgd.nr_pmd_leaves:
+        pmd = pgd.pmd_leaf(address)
+        if pmd_trans_huge(pmd):
+            return follow_trans_huge_pmd(vma, address, pmd, gup_flags), HPAGE_PMD_NR - 1
+    return follow_page_pte(vma, address, gup_flags), 0
+
+
 def faultin_page(vma: Vma, address: int, gup_flags: FOLL) -> tuple[int, FOLL]:
     """mm/gup.c ``faultin_page`` (v5.12): fault the page in; returns (0 or -errno, flags)."""
     foll = int(gup_flags)
@@ -299,6 +348,8 @@ def faultin_page(vma: Vma, address: int, gup_flags: FOLL) -> tuple[int, FOLL]:
 def _bulk_populate(vma: Vma, start: int, end: int, gup_flags: FOLL) -> int:
     """Vectorised prefix of a populate; returns where the scalar walk resumes."""
     anon = vma_is_anonymous(vma) and not vma.vm_flags & VM.UFFD_MISSING
+    if anon and (vma.vm_mm.pgd.nr_pmd_leaves or __transparent_hugepage_enabled(vma)):
+        return start  # THP: the scalar walk faults (and skips) 2 MiB at a time
     if anon and (gup_flags & FOLL.WRITE or vma_is_accessible(vma)):
         return faultin_anon_bulk(vma, start, end, bool(gup_flags & FOLL.WRITE))
     bulk = getattr(vma.vm_ops, "populate_bulk", None)
@@ -340,7 +391,7 @@ def __get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                     break
                 if start >= vma.vm_end:
                     continue
-        page = follow_page_pte(vma, start, gup_flags)
+        page, page_mask = follow_pmd_mask(vma, start, gup_flags)
         if page is None:
             ret, gup_flags = faultin_page(vma, start, gup_flags)
             if ret:
@@ -350,11 +401,13 @@ def __get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
             return i or page
         if pages is not None:
             pages.append(page)
+            page_mask = 0  # the kernel fills pages[] subpage by subpage
         elif foll & _FOLL_GET_PIN:
             unpin_or_put(page, gup_flags)
-        i += 1
-        start += PAGE_SIZE
-        nr_pages -= 1
+        page_increm = min(1 + (~(start >> PAGE_SHIFT) & page_mask), nr_pages)
+        i += page_increm
+        start += page_increm * PAGE_SIZE
+        nr_pages -= page_increm
     return i
 
 

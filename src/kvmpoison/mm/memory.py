@@ -6,8 +6,9 @@ Follows ``mm/memory.c``: ``handle_mm_fault`` -> ``handle_pte_fault`` ->
 the poison/guard marker copy rules of ``copy_nonpresent_pte``, and the
 per-type ``zap_details`` rules of ``zap_nonpresent_ptes`` that replaced
 v5.12's "a zap with details keeps every swap-type entry" in v5.18), and
-the RFC's patches 10 and 11. THP and hugetlb faults are not modelled;
-every page is order-0. Each function names what it simplifies.
+the RFC's patches 10 and 11. Anonymous THP faults and zaps at the PMD
+level go to :mod:`kvmpoison.mm.huge_memory`; hugetlb is not modelled.
+Each function names what it simplifies.
 
 Scalar functions handle one fault as the kernel does. ``zap_page_range``,
 ``copy_page_range`` and ``faultin_anon_bulk`` are vectorised over PTE chunks.
@@ -48,6 +49,16 @@ from kvmpoison.arch.x86.pgtable_types import (
 )
 from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
+from kvmpoison.mm.huge_memory import (
+    __transparent_hugepage_enabled,
+    deferred_split_ptes_unmapped,
+    do_huge_pmd_anonymous_page,
+    do_huge_pmd_wp_page,
+    huge_pmd_set_accessed,
+    pmd_trans_huge,
+    prune_deferred_split_queue,
+    zap_huge_pmd_range,
+)
 from kvmpoison.mm.mm_types import (
     FAULT_FLAG_WRITE_I,
     VM,
@@ -151,14 +162,50 @@ def mm_counter_add(mm: MmStruct, page: Page, n: int) -> None:
 
 
 def handle_mm_fault(vma: Vma, address: int, flags: FaultFlag) -> VmFault:
-    """mm/memory.c ``handle_mm_fault`` (v5.12; 6.18 the same for order-0 pages).
+    """mm/memory.c ``handle_mm_fault`` -> ``__handle_mm_fault`` (v5.12; 6.18 the same).
 
     Resolves one fault at ``address``; returns the ``vm_fault_t`` bits (0 on
-    success). The PUD/PMD levels (THP, hugetlb) are not modelled.
+    success). The PMD level runs only when THP can be involved (a PMD leaf
+    exists in this mm, or the VMA may get one); the PUD level and hugetlb are
+    not modelled.
     """
     address &= ~(PAGE_SIZE - 1)
     vmf = VmFaultInfo(vma=vma, address=address, flags=flags, pgoff=vma.linear_page_index(address))
+    if vma.vm_mm.pgd.nr_pmd_leaves or int(vma.vm_flags) & _VM_HUGEPAGE \
+            or vma.vm_mm.core.thp.pmd_mode == "always":
+        ret = __handle_mm_fault_pmd(vmf)
+        if ret is not None:
+            return ret
     return handle_pte_fault(vmf)
+
+
+_VM_HUGEPAGE = int(VM.HUGEPAGE)
+
+
+def __handle_mm_fault_pmd(vmf: VmFaultInfo) -> VmFault | None:
+    """The PMD half of mm/memory.c ``__handle_mm_fault`` (v5.12; 6.18
+    ``thp_vma_allowable_order`` for the check): a none PMD of an eligible anon VMA
+    takes ``create_huge_pmd``; a huge PMD takes ``wp_huge_pmd`` on a write to a
+    read-only PMD, else ``huge_pmd_set_accessed``. None means "go on at the PTE
+    level" (VM_FAULT_FALLBACK, or no huge PMD). Not modelled: NUMA hinting on a
+    PMD (``do_huge_pmd_numa_page``), file/DAX ``huge_fault``.
+    """
+    vma = vmf.vma
+    pgd = vma.vm_mm.pgd
+    if pgd.pmd_none(vmf.address):
+        if vma_is_anonymous(vma) and not int(vma.vm_flags) & VM_SHARED_I \
+                and __transparent_hugepage_enabled(vma):
+            ret = do_huge_pmd_anonymous_page(vmf)
+            if not ret & VmFault.FALLBACK:
+                return ret
+        return None
+    pmd = pgd.pmd_leaf(vmf.address)
+    if not pmd_trans_huge(pmd):
+        return None
+    if int(vmf.flags) & FAULT_FLAG_WRITE_I and not pmd & _PAGE_RW:
+        ret = do_huge_pmd_wp_page(vmf, pmd)  # wp_huge_pmd
+        return None if ret & VmFault.FALLBACK else ret
+    return huge_pmd_set_accessed(vmf, pmd)
 
 
 def handle_pte_fault(vmf: VmFaultInfo) -> VmFault:
@@ -717,6 +764,8 @@ def zap_page_range(vma: Vma, start: int, end: int, details: ZapDetails | None = 
     types = core.swap_types
     cows = should_zap_cows(details)
     unmapped = 0
+    if mm.pgd.nr_pmd_leaves:  # zap_pmd_range: whole huge PMDs go, partial ones split
+        unmapped += zap_huge_pmd_range(vma, start, end)
     for chunk in mm.pgd.chunks(start, end):
         ptes = store[chunk.rows, chunk.cols]
         live = ~pte_none_array(ptes)
@@ -753,7 +802,12 @@ def zap_page_range(vma: Vma, start: int, end: int, details: ZapDetails | None = 
             for off in gone_o[gone_t < types.max_swapfiles]:  # free_swap_and_cache
                 core.swap_free(int(off))
         store[chunk.rows[clear], chunk.cols[clear]] = 0
-        _put_pages_bulk(core, pfns)
+        if len(pfns) and mem.order[pfns].any():  # PTE-mapped THP subpages
+            deferred_split_ptes_unmapped(core, pfns)
+            _put_pages_bulk(core, pfns)
+            prune_deferred_split_queue(core)
+        else:
+            _put_pages_bulk(core, pfns)
     core.flush_tlb_range(mm, start, end)
     return unmapped
 

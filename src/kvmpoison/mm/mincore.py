@@ -4,6 +4,8 @@ Follows ``mm/mincore.c``: a none PTE (and, from v6.x, a PTE marker, via
 ``pte_none_mostly``) asks the page cache of a file VMA; a present PTE is 1;
 a migration or hwpoison entry "is always uptodate" (1); a real swap entry
 is resident only while in the swap cache, which the model never keeps (0).
+A PMD leaf (``pmd_trans_huge_lock`` succeeds: a THP, the huge zero page or a
+PMD migration entry) reports all of its pages resident.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def _mincore_vma(vma: Vma, start: int, end: int) -> npt.NDArray[np.uint8]:
         vec[idx[present]] = 1
         vec[idx[swap & ~marker & (stypes >= types.max_swapfiles)]] = 1
         unmapped[idx[~(none | marker)]] = False
+    for haddr, _ in mm.pgd.pmd_leaves(start, end):  # mincore_pte_range: memset(vec, 1, nr)
+        lo = (max(haddr, start) - start) >> PAGE_SHIFT
+        hi = (min(haddr + (1 << 21), end) - start) >> PAGE_SHIFT
+        vec[lo:hi] = 1
+        unmapped[lo:hi] = False
     mapping = vma.vm_file.f_mapping if vma.vm_file is not None else None
     if mapping is not None and unmapped.any():
         first = vma.linear_page_index(start)

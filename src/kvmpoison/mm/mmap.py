@@ -15,6 +15,7 @@ from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.mm.fault import find_vma
 from kvmpoison.mm.file import O_ACCMODE, O_RDONLY, O_WRONLY, File
 from kvmpoison.mm.gup import FOLL, __get_user_pages
+from kvmpoison.mm.huge_memory import vma_adjust_trans_huge
 from kvmpoison.mm.memory import copy_page_range, unmap_vmas
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma, vma_is_accessible
 from kvmpoison.mm.pagetable import TASK_SIZE
@@ -113,8 +114,10 @@ def get_unmapped_area(mm: MmStruct, length: int, hint: int = 0) -> int:
 
 
 def split_vma(mm: MmStruct, vma: Vma, addr: int) -> Vma:
-    """``mm/mmap.c:__split_vma`` (v5.12): split ``vma`` at ``addr``; returns the upper part."""
+    """``mm/mmap.c:__split_vma`` (v5.12): split ``vma`` at ``addr``; returns the upper part.
+    A huge PMD across ``addr`` is split first (``vma_adjust_trans_huge``)."""
     assert vma.vm_start < addr < vma.vm_end and not addr & (PAGE_SIZE - 1)
+    vma_adjust_trans_huge(vma, addr)  # no huge PMD may straddle the new boundary
     new = Vma(vm_mm=mm, vm_start=addr, vm_end=vma.vm_end, vm_flags=vma.vm_flags,
               vm_pgoff=vma.vm_pgoff + ((addr - vma.vm_start) >> PAGE_SHIFT),
               vm_file=vma.vm_file, vm_ops=vma.vm_ops, uffd_ctx=vma.uffd_ctx)

@@ -77,6 +77,9 @@ class PageArray:
         self.mapping = np.zeros(nr_pages, dtype=np.int32)
         self.index = np.zeros(nr_pages, dtype=np.int64)
         self.registry = MappingRegistry()
+        # head pfn -> PMD mappings of that compound page (v5.12 ``compound_mapcount`` + 1,
+        # 6.x ``_entire_mapcount`` + 1); absent means 0. Only THPs ever have one.
+        self.compound_mapcount: dict[int, int] = {}
         # Masks by flag, computed once: enum hashing is slow on the scalar paths.
         self._masks = {flag: 1 << bit for flag, bit in bits.bit.items()}
         self.m_hwpoison = self._masks[PG.hwpoison]
@@ -316,8 +319,36 @@ def put_page(page: Page) -> None:
         mem.release(head)
 
 
+def compound_mapcount(page: Page) -> int:
+    """include/linux/mm.h ``compound_mapcount`` (v5.12; 6.x ``folio_entire_mapcount``):
+    how many PMDs map the compound page ``page`` belongs to."""
+    mem = page.mem
+    if not mem.order[page.pfn] or not mem.compound_mapcount:
+        return 0
+    return mem.compound_mapcount.get(compound_head(page).pfn, 0)
+
+
 def page_mapcount(page: Page) -> int:
-    return int(page.mem._mapcount[page.pfn]) + 1
+    """include/linux/mm.h ``page_mapcount`` (v5.12): this subpage's PTE mappings plus
+    the PMD mappings of its compound page (PG_double_map's extra count is not kept,
+    so nothing needs subtracting)."""
+    count = int(page.mem._mapcount[page.pfn]) + 1
+    if page.mem.order[page.pfn]:
+        count += compound_mapcount(page)
+    return count
+
+
+def total_mapcount(page: Page) -> int:
+    """mm/huge_memory.c ``total_mapcount`` (v5.12; 6.x ``folio_mapcount``) of an anon
+    page: the PTE mappings of every subpage plus one per PMD mapping. (File THPs,
+    whose subpage counts include the PMD mappings, are not modelled.)"""
+    head = compound_head(page)
+    mem = head.mem
+    order = int(mem.order[head.pfn])
+    if not order:
+        return int(mem._mapcount[head.pfn]) + 1
+    span = mem._mapcount[head.pfn : head.pfn + (1 << order)]
+    return int((span + 1).sum()) + compound_mapcount(head)
 
 
 def page_mapped(page: Page) -> bool:
@@ -325,6 +356,22 @@ def page_mapped(page: Page) -> bool:
     if not mem.order[page.pfn]:
         return bool(mem._mapcount[page.pfn] >= 0)
     head = compound_head(page)
+    if compound_mapcount(head):
+        return True
     order = compound_order(head)
     span = slice(head.pfn, head.pfn + (1 << order))
     return bool((head.mem._mapcount[span] >= 0).any())
+
+
+def PageTransCompoundMap(page: Page) -> bool:
+    """include/linux/page-flags.h ``PageTransCompoundMap`` (v5.12), what KVM's
+    ``transparent_hugepage_adjust`` asks: an anon subpage with no PTE mapping of its
+    own (so it is mapped by a PMD), or a file THP mapped by PMDs only. Removed in
+    v5.13 (KVM walks the host page tables instead: see ``PageTables.lookup_address``).
+    """
+    mem = page.mem
+    if not mem.order[page.pfn]:
+        return False
+    if PageAnon(page):
+        return bool(mem._mapcount[page.pfn] < 0)
+    return int(mem._mapcount[page.pfn]) + 1 == compound_mapcount(page)

@@ -5,6 +5,14 @@ P4D folded): PGD -> PUD -> PMD -> PTE, 512 entries each. Upper levels hold
 raw entries ``pfn | _PAGE_TABLE`` naming the table page below. Every leaf
 PTE table is one row of a machine-wide ``uint64[n, 512]`` store, so range
 operations gather and scatter PTEs with numpy, one chunk per PUD (1 GiB).
+
+A PMD slot holds either a PTE table (``children[i]`` is its row) or a PMD
+leaf: a transparent huge page (``_PAGE_PSE``) or a non-present PMD entry,
+with ``children[i] is None`` and the raw value in ``entries[i]``. The PTE
+walkers (``chunks``, ``get``) see no PTEs under a leaf; asking to build a
+PTE table over one is a model bug (the kernel splits the PMD first). A THP
+mapping deposits a PTE table page (``pgtable_trans_huge_deposit``) that a
+split withdraws; it counts in ``nr_ptes`` as in the kernel.
 """
 
 from __future__ import annotations
@@ -134,6 +142,8 @@ class PageTables:
         self.table_flags = table_flags  # what a non-leaf entry carries beside the pfn
         self._rows: dict[int, int] = {}  # addr >> PMD_SHIFT -> leaf row (a walk cache)
         self.nr_ptes = 0  # leaf tables, like mm->pgtables_bytes / PAGE_SIZE
+        self.nr_pmd_leaves = 0  # PMD leaves (THP or non-present); 0 keeps every walk PTE-only
+        self.deposited: dict[int, int] = {}  # addr >> PMD_SHIFT -> deposited PTE table pfn
         self.pgd = _Table(self._alloc_table_page())
 
     def _alloc_table_page(self) -> int:
@@ -189,6 +199,9 @@ class PageTables:
         if row is None:
             if not alloc:
                 return None
+            if pmd.entries[i]:
+                raise AssertionError(f"PTE table wanted under the PMD leaf at {addr:#x} "
+                                     "(split_huge_pmd first)")
             row = self.store.alloc_row()
             pfn = self._alloc_table_page()
             pmd.children[i] = row
@@ -201,6 +214,116 @@ class PageTables:
     def pmd_entry(self, addr: int) -> int:
         pmd = self._pmd_table(addr, False)
         return 0 if pmd is None else int(pmd.entries[self._index(addr, PMD_SHIFT)])
+
+    # -- PMD leaves (transparent huge pages) -------------------------------------
+
+    def pmd_leaf(self, addr: int) -> int:
+        """The raw PMD leaf for ``addr``: 0 when the slot is none or holds a PTE table."""
+        if not self.nr_pmd_leaves:
+            return 0
+        pmd = self._pmd_table(addr, False)
+        if pmd is None:
+            return 0
+        i = self._index(addr, PMD_SHIFT)
+        return 0 if pmd.children[i] is not None else int(pmd.entries[i])
+
+    def pmd_none(self, addr: int) -> bool:
+        """``pmd_none``: no PTE table and no leaf in the slot of ``addr``."""
+        return self.pmd_entry(addr) == 0
+
+    def set_pmd(self, addr: int, value: int) -> None:
+        """``set_pmd_at`` of a leaf (huge or non-present) into a slot without a PTE table."""
+        pmd = self._pmd_table(addr, True)
+        assert pmd is not None
+        i = self._index(addr, PMD_SHIFT)
+        if pmd.children[i] is not None:
+            raise AssertionError(f"PMD leaf over the PTE table at {addr:#x}")
+        self.nr_pmd_leaves += int(value != 0) - int(pmd.entries[i] != 0)
+        pmd.entries[i] = np.uint64(value)
+
+    def pmdp_huge_get_and_clear(self, addr: int) -> int:
+        """``pmdp_huge_get_and_clear``: clear the leaf of ``addr``'s slot, return it."""
+        old = self.pmd_leaf(addr)
+        if old:
+            self.set_pmd(addr, 0)
+        return old
+
+    def pmd_leaves(self, start: int, end: int) -> list[tuple[int, int]]:
+        """(PMD-aligned address, raw leaf) of every PMD leaf overlapping [start, end)."""
+        out: list[tuple[int, int]] = []
+        if not self.nr_pmd_leaves or start >= end:
+            return out
+        _check_width(start, end)
+        pmd_size = 1 << PMD_SHIFT
+        addr = start & ~(pmd_size - 1)
+        while addr < end:
+            pud_end = ((addr >> PUD_SHIFT) + 1) << PUD_SHIFT
+            pmd = self._pmd_table(addr, False)
+            if pmd is not None:
+                first = self._index(addr, PMD_SHIFT)
+                last = self._index(min(pud_end, end) - 1, PMD_SHIFT)
+                for i in np.flatnonzero(pmd.entries[first : last + 1]).tolist():
+                    if pmd.children[first + i] is None:
+                        out.append((addr + (i << PMD_SHIFT), int(pmd.entries[first + i])))
+            addr = pud_end
+        return out
+
+    def lookup_address(self, addr: int) -> tuple[int, int]:
+        """arch/x86/mm/pat/set_memory.c ``lookup_address_in_pgd`` for a user address:
+        (raw entry, level) with level 2 (PG_LEVEL_2M) for a PMD leaf, else the PTE
+        and level 1 (PG_LEVEL_4K); (0, 0) when no table reaches ``addr``.
+        """
+        leaf = self.pmd_leaf(addr)
+        if leaf:
+            return leaf, 2
+        slot = self.pte_slot(addr)
+        return (0, 0) if slot is None else (int(self.store.rows[slot]), 1)
+
+    def pgtable_trans_huge_deposit(self, addr: int) -> None:
+        """mm/pgtable-generic.c ``pgtable_trans_huge_deposit`` (with ``pte_alloc_one`` and
+        ``mm_inc_nr_ptes``): a PTE table page kept for a later split of this PMD."""
+        key = addr >> PMD_SHIFT
+        assert key not in self.deposited, f"a table is already deposited at {addr:#x}"
+        self.deposited[key] = self._alloc_table_page()
+        self.nr_ptes += 1
+
+    def zap_deposited_table(self, addr: int) -> None:
+        """mm/huge_memory.c ``zap_deposited_table``: withdraw, free, ``mm_dec_nr_ptes``."""
+        pfn = self.deposited.pop(addr >> PMD_SHIFT)
+        self._free_table_pages([pfn])
+        self.nr_ptes -= 1
+
+    def pmd_populate_withdrawn(self, addr: int, ptes: U64Array) -> None:
+        """``pgtable_trans_huge_withdraw`` + ``pmd_populate`` + the 512 ``set_pte_at`` of
+        a split: the deposited table becomes the slot's PTE table, filled with ``ptes``.
+        The caller cleared the leaf first."""
+        pmd = self._pmd_table(addr, False)
+        assert pmd is not None
+        i = self._index(addr, PMD_SHIFT)
+        assert pmd.children[i] is None and not pmd.entries[i]
+        pfn = self.deposited.pop(addr >> PMD_SHIFT)
+        row = self.store.alloc_row()
+        self.store.rows[row] = ptes
+        pmd.children[i] = row
+        pmd.entries[i] = np.uint64((pfn << PAGE_SHIFT) | self.table_flags)
+        self._rows[addr >> PMD_SHIFT] = row
+
+    def pmd_install_leaf_over_table(self, addr: int) -> int:
+        """khugepaged's ``pmdp_collapse_flush``: detach the PTE table of ``addr``'s slot
+        and deposit its page (it stays counted); returns the freed store row's old
+        contents' row (already zeroed and released)."""
+        pmd = self._pmd_table(addr, False)
+        assert pmd is not None
+        i = self._index(addr, PMD_SHIFT)
+        row = pmd.children[i]
+        assert isinstance(row, int)
+        pfn = int(pmd.entries[i]) >> PAGE_SHIFT & ((1 << 40) - 1)
+        pmd.children[i] = None
+        pmd.entries[i] = 0
+        self._rows.pop(addr >> PMD_SHIFT, None)
+        self.store.free_row(row)
+        self.deposited[addr >> PMD_SHIFT] = pfn
+        return row
 
     def get(self, addr: int) -> int:
         """The raw PTE for ``addr`` (0 where no table exists)."""
@@ -319,5 +442,8 @@ class PageTables:
                 pfns.append(pmd.pfn)
             pfns.append(pud.pfn)
         pfns.append(self.pgd.pfn)
+        pfns.extend(self.deposited.values())
+        self.deposited.clear()
         self._free_table_pages(pfns)
         self.nr_ptes = 0
+        self.nr_pmd_leaves = 0

@@ -1,0 +1,576 @@
+"""Anonymous transparent huge pages: PMD-mapped order-9 compound pages.
+
+Follows ``mm/huge_memory.c`` and ``include/linux/huge_mm.h`` of v5.12 (the
+RFC's base), with the 6.1 and 6.18 differences gated by version and named:
+
+* the sysfs modes (``/sys/kernel/mm/transparent_hugepage``) as
+  :class:`ThpSettings`, read from the running kernel by
+  :func:`host_thp_settings` (never written);
+* VMA eligibility (``__transparent_hugepage_enabled`` /
+  ``transhuge_vma_suitable``; 6.x ``thp_vma_allowable_order``);
+* the fault (``do_huge_pmd_anonymous_page``, the huge zero page,
+  ``do_huge_pmd_wp_page``, ``huge_pmd_set_accessed``);
+* ``zap_huge_pmd`` and ``__split_huge_pmd_locked``.
+
+A THP's head carries the anon rmap (mapping, index) as in the kernel; the
+model also writes mapping and index into every tail, so the vectorised PTE
+paths that read them per pfn stay right after a split (the kernel reads the
+head through ``compound_head``). PMD mappings are counted in
+``PageArray.compound_mapcount``; PG_double_map is not kept (its extra
+subpage counts cancel out in ``page_mapcount`` anyway). Not modelled:
+memcg charging, NUMA hinting on a PMD, the THP vmstat counters, the huge
+zero page shrinker (the model allocates it once and keeps it), compaction
+(``defrag`` is recorded but an order-9 allocation either finds a free block
+or falls back), MMF_DISABLE_THP, DAX, and 6.8+'s smaller mTHP sizes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvmpoison.arch.x86.pgtable import pfn_pmd, pfn_pte, pfn_pte_array, pmd_pfn
+from kvmpoison.arch.x86.pgtable_types import (
+    _PAGE_ACCESSED,
+    _PAGE_DIRTY,
+    _PAGE_PSE,
+    _PAGE_RW,
+    _PAGE_SPECIAL,
+    PAGE_SHIFT,
+    PMD_SHIFT,
+    PTE_FLAGS_MASK,
+)
+from kvmpoison.mm.mm_types import (
+    FAULT_FLAG_WRITE_I,
+    VM,
+    VM_FAULT_0,
+    Vma,
+    VmFault,
+    VmFaultInfo,
+    vma_is_anonymous,
+)
+from kvmpoison.mm.page import Page, PageKsm, page_mapcount, put_page
+from kvmpoison.mm.page_flags import PG
+from kvmpoison.mm.rmap import anon_vma_prepare, mapping_encode
+
+if TYPE_CHECKING:
+    from kvmpoison.mm.core import MmCore
+    from kvmpoison.mm.mm_types import MmStruct
+
+HPAGE_PMD_ORDER = PMD_SHIFT - PAGE_SHIFT  # 9
+HPAGE_PMD_NR = 1 << HPAGE_PMD_ORDER  # 512
+HPAGE_PMD_SIZE = 1 << PMD_SHIFT  # 2 MiB
+HPAGE_PMD_MASK = ~(HPAGE_PMD_SIZE - 1)
+
+THP_SYSFS = "/sys/kernel/mm/transparent_hugepage"
+
+_ENABLED = ("always", "madvise", "never")
+_DEFRAG = ("always", "defer", "defer+madvise", "madvise", "never")
+_SHMEM = ("always", "within_size", "advise", "never", "deny", "force")
+_PER_SIZE = ("always", "inherit", "madvise", "never")
+
+
+@dataclass(frozen=True, slots=True)
+class ThpSettings:
+    """The ``/sys/kernel/mm/transparent_hugepage`` knobs the model honours.
+
+    ``enabled`` is ``transparent_hugepage_flags``' TRANSPARENT_HUGEPAGE_FLAG
+    (always) / REQ_MADV_FLAG (madvise); ``pmd_enabled`` is 6.8+'s
+    ``hugepages-2048kB/enabled`` (``inherit`` takes ``enabled``; before 6.8
+    it does not exist and is read as ``inherit``). ``defrag`` is recorded
+    only. Defaults are this machine's (and Debian's): madvise, madvise,
+    never, use_zero_page 1.
+    """
+
+    enabled: str = "madvise"
+    defrag: str = "madvise"
+    shmem_enabled: str = "never"
+    use_zero_page: bool = True
+    pmd_enabled: str = "inherit"
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("enabled", self.enabled, _ENABLED),
+                                     ("defrag", self.defrag, _DEFRAG),
+                                     ("shmem_enabled", self.shmem_enabled, _SHMEM),
+                                     ("hugepages-2048kB/enabled", self.pmd_enabled, _PER_SIZE)):
+            if value not in allowed:
+                raise ValueError(f"THP {name} {value!r} is not one of {', '.join(allowed)}")
+
+    @property
+    def pmd_mode(self) -> str:
+        """The PMD-size mode in force: ``pmd_enabled`` unless it inherits ``enabled``."""
+        return self.enabled if self.pmd_enabled == "inherit" else self.pmd_enabled
+
+
+THP_OFF = ThpSettings(enabled="never", defrag="never", pmd_enabled="inherit")
+
+
+def parse_thp_choice(text: str) -> str:
+    """The bracketed choice of a sysfs THP file (``always [madvise] never`` -> madvise)."""
+    for word in text.split():
+        if word.startswith("[") and word.endswith("]"):
+            return word[1:-1]
+    raise ValueError(f"no [selected] value in {text.strip()!r}")
+
+
+def host_thp_settings(root: str = THP_SYSFS) -> tuple[ThpSettings, tuple[str, ...]]:
+    """The running kernel's THP modes, read (never written) from ``root``; the second
+    item lists the knobs that could not be read and kept the default."""
+    default = ThpSettings()
+    values: dict[str, object] = {}
+    assumed: list[str] = []
+    for field, name in (("enabled", "enabled"), ("defrag", "defrag"),
+                        ("shmem_enabled", "shmem_enabled"), ("use_zero_page", "use_zero_page"),
+                        ("pmd_enabled", "hugepages-2048kB/enabled")):
+        path = os.path.join(root, name)
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read()
+            values[field] = (text.strip() == "1" if field == "use_zero_page"
+                             else parse_thp_choice(text))
+        except (OSError, ValueError):
+            if field != "pmd_enabled":  # absent before 6.8: inherit is what it means
+                assumed.append(name)
+    merged = {f: values.get(f, getattr(default, f)) for f in
+              ("enabled", "defrag", "shmem_enabled", "use_zero_page", "pmd_enabled")}
+    return ThpSettings(**merged), tuple(assumed)  # type: ignore[arg-type]
+
+
+# -- eligibility ----------------------------------------------------------------------
+
+
+def transhuge_vma_suitable(vma: Vma, haddr: int) -> bool:
+    """include/linux/huge_mm.h ``transhuge_vma_suitable`` (v5.12; 6.x
+    ``thp_vma_suitable_order``): the 2 MiB at ``haddr`` lies inside the VMA, and a
+    file VMA's offset is 2 MiB-aligned with its address."""
+    if not vma_is_anonymous(vma) and ((vma.vm_start >> PAGE_SHIFT) - vma.vm_pgoff) \
+            & (HPAGE_PMD_NR - 1):
+        return False
+    return haddr >= vma.vm_start and haddr + HPAGE_PMD_SIZE <= vma.vm_end
+
+
+def __transparent_hugepage_enabled(vma: Vma) -> bool:
+    """include/linux/huge_mm.h ``__transparent_hugepage_enabled`` (v5.12), which
+    ``__handle_mm_fault`` asks before a huge fault on an anon VMA; 6.18's
+    ``thp_vma_allowable_order(vma, vm_flags, TVA_PAGEFAULT, PMD_ORDER)`` decides
+    the same for the PMD order (with the per-size knob, 6.8+).
+
+    VM_NOHUGEPAGE refuses; ``always`` allows; ``madvise`` needs VM_HUGEPAGE.
+    Not modelled: MMF_DISABLE_THP (prctl), the temporary stack, DAX.
+    """
+    flags = int(vma.vm_flags)
+    if flags & _VM_NOHUGEPAGE:
+        return False
+    mode = vma.vm_mm.core.thp.pmd_mode
+    if mode == "always":
+        return True
+    return mode == "madvise" and bool(flags & _VM_HUGEPAGE)
+
+
+thp_vma_allowable_order = __transparent_hugepage_enabled  # the 6.x name
+
+
+def hugepage_vma_check(vma: Vma) -> bool:
+    """mm/huge_memory.c ``transparent_hugepage_enabled`` (v5.12; smaps' THPeligible):
+    an anon VMA that holds at least one aligned 2 MiB and whose mode allows THP."""
+    if not vma_is_anonymous(vma) or vma.vm_flags & VM.SHARED:
+        return False
+    addr = (vma.vm_end & HPAGE_PMD_MASK) - HPAGE_PMD_SIZE
+    return transhuge_vma_suitable(vma, addr) and __transparent_hugepage_enabled(vma)
+
+
+_VM_HUGEPAGE, _VM_NOHUGEPAGE = int(VM.HUGEPAGE), int(VM.NOHUGEPAGE)
+
+
+# -- predicates and the huge zero page --------------------------------------------------
+
+
+def pmd_trans_huge(pmd: int) -> bool:
+    """arch/x86/include/asm/pgtable.h ``pmd_trans_huge``: a huge leaf (PSE, not devmap)."""
+    return bool(pmd & _PAGE_PSE)
+
+
+def is_huge_zero_pmd(core: MmCore, pmd: int) -> bool:
+    """mm/huge_memory.c ``is_huge_zero_pmd``."""
+    return core.huge_zero_pfn >= 0 and pmd_trans_huge(pmd) and pmd_pfn(pmd) == core.huge_zero_pfn
+
+
+def get_huge_zero_page(core: MmCore) -> int:
+    """mm/huge_memory.c ``get_huge_zero_page`` (v5.12; 6.x ``get_huge_zero_folio``):
+    the huge zero page's pfn, allocated (zeroed, order 9) on first use; -1 when no
+    order-9 block is free. Simplified: never freed (no shrinker)."""
+    if core.huge_zero_pfn < 0:
+        page = core.buddy.alloc_pages(HPAGE_PMD_ORDER, compound=True)
+        if page is None:
+            return -1
+        core.clear_pages(np.arange(page.pfn, page.pfn + HPAGE_PMD_NR, dtype=np.int64))
+        core.huge_zero_pfn = page.pfn
+    return core.huge_zero_pfn
+
+
+def pmd_page_pfn(pmd: int) -> int:
+    """The head pfn a huge PMD maps (``pmd_page``)."""
+    return pmd_pfn(pmd)
+
+
+def mk_huge_pmd(pfn: int, prot: int) -> int:
+    """``mk_huge_pmd`` (``pmd_mkhuge(mk_pmd(page, prot))``)."""
+    return pfn_pmd(pfn, prot | _PAGE_PSE)
+
+
+def maybe_pmd_mkwrite(pmd: int, vma: Vma) -> int:
+    """mm/huge_memory.c ``maybe_pmd_mkwrite``."""
+    return pmd | _PAGE_RW if vma.vm_flags & VM.WRITE else pmd
+
+
+# -- the fault --------------------------------------------------------------------------
+
+
+def _thp_anon_rmap(vma: Vma, head: int, haddr: int) -> None:
+    """``page_add_new_anon_rmap(page, vma, haddr, true)`` (v5.12): compound mapcount 1,
+    the anon_vma and index (written to the tails too, see the module docstring), and
+    the anon page flags on the head."""
+    core = vma.vm_mm.core
+    mem = core.pages
+    span = slice(head, head + HPAGE_PMD_NR)
+    mem.mapping[span] = mapping_encode(mem, anon_vma_prepare(vma), True)
+    mem.index[span] = vma.linear_page_index(haddr) + np.arange(HPAGE_PMD_NR, dtype=np.int64)
+    mem.compound_mapcount[head] = 1
+    mem.flags[head] |= np.uint32(mem.bits.mask(PG.swapbacked, PG.uptodate, PG.lru, PG.dirty))
+
+
+def alloc_hugepage_vma(vma: Vma) -> Page | None:
+    """``alloc_hugepage_vma(gfp, vma, haddr, HPAGE_PMD_ORDER)`` + ``prep_transhuge_page``
+    (v5.12; 6.x ``vma_alloc_anon_folio_pmd``): a zeroed order-9 compound page, or None
+    (``THP_FAULT_FALLBACK``)."""
+    core = vma.vm_mm.core
+    page = core.buddy.alloc_pages(HPAGE_PMD_ORDER, compound=True)
+    if page is not None:
+        core.clear_pages(np.arange(page.pfn, page.pfn + HPAGE_PMD_NR, dtype=np.int64))
+    return page
+
+
+def map_anon_folio_pmd(vma: Vma, head: int, haddr: int) -> None:
+    """The mapping half of ``__do_huge_pmd_anonymous_page`` (v5.12; 6.18
+    ``map_anon_folio_pmd``): rmap, ``set_pmd_at`` of a dirty (writable if the VMA
+    is) huge PMD, MM_ANONPAGES += 512. The caller deposited the PTE table."""
+    mm = vma.vm_mm
+    _thp_anon_rmap(vma, head, haddr)
+    entry = maybe_pmd_mkwrite(mk_huge_pmd(head, vma.vm_page_prot) | _PAGE_DIRTY, vma)
+    mm.pgd.set_pmd(haddr, entry)
+    mm.rss_anon += HPAGE_PMD_NR
+
+
+def set_huge_zero_page(vma: Vma, haddr: int, zero_pfn: int) -> None:
+    """mm/huge_memory.c ``set_huge_zero_page`` (v5.12): deposit a PTE table and map the
+    huge zero page read-only (no rmap, no counters). 6.12+ also sets
+    ``pmd_mkspecial``; the model tells the zero page by pfn, so it does not."""
+    mm = vma.vm_mm
+    mm.pgd.pgtable_trans_huge_deposit(haddr)
+    mm.pgd.set_pmd(haddr, mk_huge_pmd(zero_pfn, vma.vm_page_prot & ~_PAGE_RW))
+
+
+def do_huge_pmd_anonymous_page(vmf: VmFaultInfo) -> VmFault:
+    """mm/huge_memory.c ``do_huge_pmd_anonymous_page`` + ``__do_huge_pmd_anonymous_page``
+    (v5.12; 6.18 the same steps).
+
+    FALLBACK when the aligned 2 MiB is not inside the VMA or no order-9 block is
+    free; a read fault maps the huge zero page when ``use_zero_page`` allows it; a
+    write maps a new zeroed THP. A userfaultfd MISSING VMA is SIGBUS, as on the
+    PTE path (no monitor thread). ``khugepaged_enter`` has nothing to do here:
+    collapse runs only when a scenario asks for it.
+    """
+    vma = vmf.vma
+    core = vma.vm_mm.core
+    haddr = vmf.address & HPAGE_PMD_MASK
+    if not transhuge_vma_suitable(vma, haddr):
+        return VmFault.FALLBACK
+    anon_vma_prepare(vma)
+    missing = bool(vma.vm_flags & VM.UFFD_MISSING) and vma.uffd_ctx is not None
+    if not int(vmf.flags) & FAULT_FLAG_WRITE_I and core.thp.use_zero_page:
+        zero = get_huge_zero_page(core)
+        if zero < 0:
+            return VmFault.FALLBACK
+        if missing:
+            return VmFault.SIGBUS  # handle_userfault
+        set_huge_zero_page(vma, haddr, zero)
+        return VM_FAULT_0
+    page = alloc_hugepage_vma(vma)
+    if page is None:
+        return VmFault.FALLBACK
+    if missing:
+        put_page(page)
+        return VmFault.SIGBUS
+    vma.vm_mm.pgd.pgtable_trans_huge_deposit(haddr)
+    map_anon_folio_pmd(vma, page.pfn, haddr)
+    return VM_FAULT_0
+
+
+def huge_pmd_set_accessed(vmf: VmFaultInfo, orig_pmd: int) -> VmFault:
+    """mm/huge_memory.c ``huge_pmd_set_accessed`` (v5.12): young, and dirty on a write."""
+    entry = orig_pmd | _PAGE_ACCESSED
+    if int(vmf.flags) & FAULT_FLAG_WRITE_I:
+        entry |= _PAGE_DIRTY
+    vmf.vma.vm_mm.pgd.set_pmd(vmf.address, entry)
+    return VM_FAULT_0
+
+
+def _thp_reusable(core: MmCore, head: int) -> bool:
+    """May a write fault reuse the PMD-mapped THP in place?
+
+    v5.12 ``reuse_swap_page``: no KSM and no subpage mapped more than once
+    (``page_trans_huge_map_swapcount`` <= 1; GUP references do not count).
+    6.1/6.18: ``PageAnonExclusive`` or ``folio_ref_count == 1``; the model keeps no
+    AnonExclusive bit, so it asks for one mapping and one reference.
+    """
+    mem = core.pages
+    page = mem[head]
+    if core.kcfg.version.tuple >= (5, 19):  # 6.1: AnonExclusive / refcount rule
+        return int(mem._refcount[head]) == 1 and page_mapcount(page) == 1
+    if PageKsm(page):
+        return False
+    sub = mem._mapcount[head : head + HPAGE_PMD_NR]
+    return int(sub.max()) + 1 + mem.compound_mapcount.get(head, 0) <= 1
+
+
+def do_huge_zero_wp_pmd(vmf: VmFaultInfo) -> VmFault:
+    """mm/huge_memory.c ``do_huge_zero_wp_pmd`` (v6.12+, "mm: Allocate THP on
+    hugezeropage wp-fault"): replace the huge zero PMD with a new zeroed THP;
+    FALLBACK (split) when none can be allocated. The deposited table stays."""
+    vma = vmf.vma
+    haddr = vmf.address & HPAGE_PMD_MASK
+    page = alloc_hugepage_vma(vma)
+    if page is None:
+        return VmFault.FALLBACK
+    mm = vma.vm_mm
+    mm.pgd.pmdp_huge_get_and_clear(haddr)
+    mm.core.flush_tlb_range(mm, haddr, haddr + HPAGE_PMD_SIZE)
+    map_anon_folio_pmd(vma, page.pfn, haddr)
+    return VM_FAULT_0
+
+
+def do_huge_pmd_wp_page(vmf: VmFaultInfo, orig_pmd: int) -> VmFault:
+    """mm/huge_memory.c ``do_huge_pmd_wp_page`` (v5.12; 6.1; 6.18).
+
+    A write to a read-only huge PMD: reuse the THP when :func:`_thp_reusable`
+    (young, dirty, writable if the VMA is), else split the PMD and return
+    FALLBACK so the fault is handled on the PTE level (``do_wp_page`` copies one
+    4 KiB page). The huge zero page: v5.12 and 6.1 split it into 512 small
+    zero-page PTEs; from v6.12 a new THP replaces it (:func:`do_huge_zero_wp_pmd`).
+    """
+    vma = vmf.vma
+    mm = vma.vm_mm
+    core = mm.core
+    haddr = vmf.address & HPAGE_PMD_MASK
+    if is_huge_zero_pmd(core, orig_pmd):
+        if core.kcfg.version.tuple >= (6, 12):
+            ret = do_huge_zero_wp_pmd(vmf)
+            if not ret & VmFault.FALLBACK:
+                return ret
+        __split_huge_pmd(vma, haddr)
+        return VmFault.FALLBACK
+    head = pmd_page_pfn(orig_pmd)
+    if _thp_reusable(core, head):
+        entry = maybe_pmd_mkwrite(orig_pmd | _PAGE_ACCESSED | _PAGE_DIRTY, vma)
+        mm.pgd.set_pmd(haddr, entry)
+        return VmFault.WRITE
+    __split_huge_pmd(vma, haddr)
+    return VmFault.FALLBACK
+
+
+# -- zap and split ----------------------------------------------------------------------
+
+
+def zap_huge_pmd(vma: Vma, haddr: int) -> int:
+    """mm/huge_memory.c ``zap_huge_pmd`` (v5.12; 6.18 the same for anon THP): clear
+    the PMD, free the deposited table; the huge zero page keeps its (mm-wide)
+    reference, an anon THP loses its PMD mapping (``page_remove_rmap(page,
+    true)``), 512 MM_ANONPAGES and the mapping's reference. Returns the pages
+    unmapped (512, or 0 for the zero page)."""
+    mm = vma.vm_mm
+    core = mm.core
+    orig = mm.pgd.pmdp_huge_get_and_clear(haddr)
+    if not orig:
+        return 0
+    mm.pgd.zap_deposited_table(haddr)
+    if is_huge_zero_pmd(core, orig):
+        return 0
+    head = pmd_page_pfn(orig)
+    mem = core.pages
+    if orig & _PAGE_DIRTY:
+        mem.flags[head] |= np.uint32(mem.mask(PG.dirty))
+    page_remove_anon_compound_rmap(core, head)
+    mm.rss_anon -= HPAGE_PMD_NR
+    put_page(mem[head])
+    if core.deferred_split_queue:
+        prune_deferred_split_queue(core)
+    return HPAGE_PMD_NR
+
+
+def page_remove_anon_compound_rmap(core: MmCore, head: int) -> None:
+    """mm/rmap.c ``page_remove_anon_compound_rmap`` (v5.12): one PMD mapping fewer.
+    When the last PMD mapping goes while some subpages stay PTE-mapped, the THP is
+    queued for deferred split (``deferred_split_huge_page``)."""
+    mem = core.pages
+    count = mem.compound_mapcount.get(head, 0)
+    if count <= 0:
+        raise AssertionError(f"page_remove_rmap: THP {head:#x} is not PMD-mapped")
+    if count == 1:
+        del mem.compound_mapcount[head]
+        if (mem._mapcount[head : head + HPAGE_PMD_NR] >= 0).any():
+            deferred_split_huge_page(core, head)
+    else:
+        mem.compound_mapcount[head] = count - 1
+
+
+def deferred_split_huge_page(core: MmCore, head: int) -> None:
+    """mm/huge_memory.c ``deferred_split_huge_page`` (v5.12; 6.x ``deferred_split_folio``):
+    queue a partially mapped anon THP for the shrinker to split later."""
+    if head not in core.deferred_split_queue:
+        core.deferred_split_queue.append(head)
+
+
+def deferred_split_ptes_unmapped(core: MmCore, pfns: np.ndarray) -> None:
+    """The THP branch of mm/rmap.c ``page_remove_rmap`` for PTE-mapped subpages
+    (v5.12): an anon THP subpage that lost its last mapping queues its THP for
+    deferred split (called after the mapcounts were dropped)."""
+    mem = core.pages
+    sub = pfns[(mem.order[pfns] != 0) & ((mem.mapping[pfns] & 1) != 0)]
+    sub = sub[mem._mapcount[sub] < 0]
+    if not len(sub):
+        return
+    heads = sub & ~((np.int64(1) << mem.order[sub].astype(np.int64)) - 1)
+    for head in np.unique(heads).tolist():
+        deferred_split_huge_page(core, int(head))
+
+
+def prune_deferred_split_queue(core: MmCore) -> None:
+    """``free_transhuge_page`` (v5.12; 6.x ``folio_undo_large_rmappable``): a THP that
+    was freed leaves the deferred split queue."""
+    mem = core.pages
+    core.deferred_split_queue[:] = [h for h in core.deferred_split_queue
+                                    if mem._refcount[h] > 0 and mem.order[h]]
+
+
+def __split_huge_zero_page_pmd(vma: Vma, haddr: int) -> None:
+    """mm/huge_memory.c ``__split_huge_zero_page_pmd`` (v5.12): 512 read-only PTEs of
+    the small zero page in the withdrawn table."""
+    mm = vma.vm_mm
+    core = mm.core
+    zero = pfn_pte(core.zero_pfn, vma.vm_page_prot & ~_PAGE_RW) | _PAGE_SPECIAL
+    mm.pgd.pmdp_huge_get_and_clear(haddr)
+    mm.pgd.pmd_populate_withdrawn(haddr, np.full(HPAGE_PMD_NR, zero, dtype=np.uint64))
+
+
+def __split_huge_pmd_locked(vma: Vma, haddr: int) -> None:
+    """mm/huge_memory.c ``__split_huge_pmd_locked`` (v5.12; 6.18 the same result for a
+    present anon THP), vectorised over the 512 PTEs.
+
+    The huge PMD becomes a PTE table (the deposited one) mapping each subpage
+    with the PMD's protection: writable only if the PMD was, young if it was;
+    dirty moves to the page (v5.12) or also to every PTE (v6.2+, "mm/thp: carry
+    over dirty bit when thp splits on pmd"). Each subpage gains a PTE mapping,
+    the head 511 references (one per PTE), and the PMD mapping goes
+    (``page_remove_rmap`` of the compound mapping, without deferred split: every
+    subpage is still mapped).
+    """
+    mm = vma.vm_mm
+    core = mm.core
+    orig = mm.pgd.pmd_leaf(haddr)
+    if is_huge_zero_pmd(core, orig):
+        __split_huge_zero_page_pmd(vma, haddr)
+        return
+    head = pmd_page_pfn(orig)
+    mem = core.pages
+    prot = vma.vm_page_prot
+    prot = prot | _PAGE_RW if orig & _PAGE_RW and vma.vm_flags & VM.WRITE else prot & ~_PAGE_RW
+    if orig & _PAGE_ACCESSED:
+        prot |= _PAGE_ACCESSED
+    else:
+        prot &= ~_PAGE_ACCESSED
+    if orig & _PAGE_DIRTY:
+        mem.flags[head] |= np.uint32(mem.mask(PG.dirty))
+        if core.kcfg.version.tuple >= (6, 2):
+            prot |= _PAGE_DIRTY
+    pfns = np.arange(head, head + HPAGE_PMD_NR, dtype=np.int64)
+    mm.pgd.pmdp_huge_get_and_clear(haddr)
+    mem._refcount[head] += HPAGE_PMD_NR - 1  # page_ref_add(page, HPAGE_PMD_NR - 1)
+    mem._mapcount[pfns] += 1
+    count = mem.compound_mapcount.get(head, 0)
+    if count <= 1:
+        mem.compound_mapcount.pop(head, None)
+    else:
+        mem.compound_mapcount[head] = count - 1
+    mm.pgd.pmd_populate_withdrawn(haddr, pfn_pte_array(pfns, prot))
+
+
+def __split_huge_pmd(vma: Vma, address: int) -> bool:
+    """mm/huge_memory.c ``__split_huge_pmd`` (v5.12, freeze=false): split the huge PMD
+    mapping ``address`` (TLB flush and mmu notifier over its 2 MiB). False when no
+    huge PMD maps it (nothing to do)."""
+    mm = vma.vm_mm
+    haddr = address & HPAGE_PMD_MASK
+    if not pmd_trans_huge(mm.pgd.pmd_leaf(haddr)):
+        return False
+    __split_huge_pmd_locked(vma, haddr)
+    mm.core.flush_tlb_range(mm, haddr, haddr + HPAGE_PMD_SIZE)
+    return True
+
+
+split_huge_pmd = __split_huge_pmd
+
+
+def split_huge_pmd_address(vma: Vma, address: int) -> bool:
+    """mm/huge_memory.c ``split_huge_pmd_address`` (v5.12)."""
+    return __split_huge_pmd(vma, address)
+
+
+def vma_adjust_trans_huge(vma: Vma, addr: int) -> None:
+    """mm/huge_memory.c ``vma_adjust_trans_huge`` (v5.12) for one new VMA boundary at
+    ``addr``: a huge PMD that would straddle it is split first."""
+    if not vma.vm_mm.pgd.nr_pmd_leaves or not addr & ~HPAGE_PMD_MASK:
+        return
+    haddr = addr & HPAGE_PMD_MASK
+    if haddr >= vma.vm_start and haddr + HPAGE_PMD_SIZE <= vma.vm_end:
+        split_huge_pmd_address(vma, addr)
+
+
+def zap_huge_pmd_range(vma: Vma, start: int, end: int) -> int:
+    """The PMD half of mm/memory.c ``zap_pmd_range`` (v5.12): a huge PMD wholly inside
+    [start, end) is zapped (:func:`zap_huge_pmd`), one the range covers in part is
+    split so the PTE zap that follows removes only that part. Returns the pages
+    unmapped."""
+    mm = vma.vm_mm
+    unmapped = 0
+    for haddr, pmd in mm.pgd.pmd_leaves(start, end):
+        if not pmd_trans_huge(pmd):
+            continue
+        if start <= haddr and haddr + HPAGE_PMD_SIZE <= end:
+            unmapped += zap_huge_pmd(vma, haddr)
+        else:
+            __split_huge_pmd(vma, haddr)
+    return unmapped
+
+
+# -- queries -----------------------------------------------------------------------------
+
+
+def huge_pmd_subpage_pte(pmd: int, address: int) -> int:
+    """The 4 KiB PTE-shaped view of the huge PMD ``pmd`` at ``address`` (what a TLB
+    caches for one 4 KiB of a 2 MiB translation): PSE dropped, pfn of the subpage."""
+    sub = (address >> PAGE_SHIFT) & (HPAGE_PMD_NR - 1)
+    prot = pmd & PTE_FLAGS_MASK & ~_PAGE_PSE
+    return pfn_pte(pmd_pfn(pmd) + sub, prot)
+
+
+def thp_pmd_mapping(mm: MmStruct, address: int) -> tuple[int, int] | None:
+    """(head pfn, order) of the huge page a present huge PMD maps at ``address`` in
+    ``mm``, or None (no PMD leaf: a PTE table or nothing). For KVM's level
+    calculation (``transparent_hugepage_adjust`` / ``host_pfn_mapping_level``)."""
+    pmd = mm.pgd.pmd_leaf(address)
+    if not pmd_trans_huge(pmd):
+        return None
+    return pmd_pfn(pmd), HPAGE_PMD_ORDER
