@@ -189,3 +189,19 @@ def test_live_shmem_thp_follows_the_hosts_shmem_enabled() -> None:
     else:
         assert got.cell == smaps_cell(2048, 0, 2048), got.detail
     assert os.path.exists(f"{thp.THP_SYSFS}/shmem_enabled") == (mode != "absent")
+
+
+def test_matrix_cli_runs_the_thp_columns_on_the_model(capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    import json
+
+    from kvmpoison.cli.main import main
+
+    rc = main(["matrix", "--backings", "anon_thp", "--paths", "thp_mincore,load",
+               "--format", "json"])
+    cells = json.loads(capsys.readouterr().out)["cells"]
+    assert rc == 0 and cells["load"]["anon_thp"] == "ok"
+    assert cells["thp_mincore"]["anon_thp"].startswith("vec:1*")
+    assert main(["matrix", "--paths", "thp_smaps"]) == 2  # the default columns are not THP
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "probes a transparent huge page" in err[0]
