@@ -205,3 +205,12 @@ def test_matrix_cli_runs_the_thp_columns_on_the_model(capsys: pytest.CaptureFixt
     assert main(["matrix", "--paths", "thp_smaps"]) == 2  # the default columns are not THP
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "probes a transparent huge page" in err[0]
+
+
+def test_legend_names_the_thp_cells_and_a_fork_cells_parts() -> None:
+    from kvmpoison.report.table import legend
+
+    text = legend([child_cell("ok", HUGE), "vec:1*512"])
+    assert "smaps:... = the THP region's smaps counters" in text
+    assert "ok = the access succeeded" in text and "runs of N pages" in text
+    assert "see docs/" not in text
