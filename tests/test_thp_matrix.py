@@ -214,3 +214,29 @@ def test_legend_names_the_thp_cells_and_a_fork_cells_parts() -> None:
     assert "smaps:... = the THP region's smaps counters" in text
     assert "ok = the access succeeded" in text and "runs of N pages" in text
     assert "see docs/" not in text
+
+
+def test_the_shmem_thp_switch_is_written_only_inside_the_vm_guest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmpoison.backends.vmkernel import guest
+
+    written: list[str] = []
+
+    def no_write(path: str, mode: str = "r", *args: object, **kw: object) -> object:
+        if "w" in mode:
+            written.append(path)
+        raise OSError(2, "not opened in this test")
+
+    monkeypatch.setenv("KVMPOISON_IN_VM_GUEST", "1")  # the host's cmdline still says: not it
+    monkeypatch.setattr("builtins.open", no_write)
+    with pytest.raises(PermissionError, match="only inside the kvmpoison VM guest"):
+        guest.shmem_thp_advise()
+    assert written == []
+
+
+def test_the_6_1_referee_probes_both_thp_columns() -> None:
+    from kvmpoison.report.vm_oracle import vm_cells
+
+    cells = vm_cells()
+    for backing in THP_BACKINGS:
+        assert [p for p, b in cells if b == backing] == list(PATHS + THP_PATHS)
