@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from kvmpoison.backends.kvm.timing import anon_bulk, memfd_punch
+from kvmpoison.backends.kvm.timing import anon_bulk, memfd_punch, thp_bulk
 
-__all__ = ["anon_bulk", "memfd_punch"]
+__all__ = ["anon_bulk", "memfd_punch", "thp_bulk"]

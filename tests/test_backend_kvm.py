@@ -12,7 +12,9 @@ from kvmpoison.backends.kvm.guests import run_program
 from kvmpoison.backends.kvm.ioctl import _IOC
 from kvmpoison.backends.kvm.system import EHWPOISON, Hlt, Io, MemoryFault, Mmio, decode_exit
 from kvmpoison.cli.main import main
+from kvmpoison.kconfig import host_kernel_config
 from kvmpoison.matrix import protocol
+from kvmpoison.matrix.model import model_thp_check
 
 
 @pytest.mark.parametrize(
@@ -121,13 +123,29 @@ def test_private_gmem_shows_up_as_an_mmio_exit_on_this_host() -> None:
 def test_oracle_agrees_with_the_model_on_every_cell(capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["oracle", "--format", "json", "--scenarios"])
     doc = json.loads(capsys.readouterr().out)
-    assert doc["disagreements"] == []
-    assert rc == 0 and doc["cells"] == doc["agreed"] == 256
     assert doc["seconds"] < 60
     every = doc["every_cell"]
-    assert len(every) == 256 and all(c["live"] == c["model"] for c in every)
-    assert {(c["path"], c["backing"]) for c in every} == {
+    base = [c for c in every if c["backing"] in protocol.BACKINGS]
+    assert len(base) == 256 and all(c["live"] == c["model"] for c in base)
+    assert {(c["path"], c["backing"]) for c in base} == {
         (p, b) for p in protocol.PATHS for b in protocol.BACKINGS}
+    # The THP columns: refereed where the kernel PMD-maps the region, else named with the
+    # reason (this host: shmem_enabled=never). anon_thp must be refereed.
+    skipped = {r["backing"] for r in doc["not_refereed"]}
+    refereed = [b for b in protocol.THP_BACKINGS if b not in skipped]
+    assert "anon_thp" in refereed and set(doc["backings"]) >= set(refereed)
+    thp = {(c["path"], c["backing"]) for c in every if c["backing"] in protocol.THP_BACKINGS}
+    assert thp == {(p, b) for p in protocol.PATHS + protocol.THP_PATHS for b in refereed}
+    assert doc["cells"] == len(every) == 256 + len(thp)
+    assert all(r["reason"] for r in doc["not_refereed"])
+    # Until the model's mm maps THPs, exactly the THP probes may disagree, and a note says why.
+    wrong = {(d["path"], d["backing"]) for d in doc["disagreements"]}
+    if model_thp_check(host_kernel_config().config, "anon_thp"):
+        assert ("thp_smaps", "anon_thp") in wrong
+        assert wrong <= {(p, b) for p in protocol.THP_PATHS for b in refereed}
+        assert any(n.startswith("model: anon_thp") for n in doc["notes"]) and rc == 1
+    else:
+        assert wrong == set() and rc == 0
     scen = doc["scenarios"]  # --scenarios: the shipped library refereed step by step
     assert scen["disagreements"] == [] and scen["refereed"] >= 100 and scen["not_refereed"] > 0
 

@@ -314,6 +314,7 @@ def _fake_probes(monkeypatch: pytest.MonkeyPatch, problem: str | None) -> None:
     class Live:
         cell = "ok"
         detail = ""
+        thp_check = ""
 
     monkeypatch.setattr(report_oracle, "kvm_status", lambda: problem)
     monkeypatch.setattr(report_oracle, "run_probe", lambda *a: Live())

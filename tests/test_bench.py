@@ -10,7 +10,8 @@ from kvmpoison.cli.main import main
 EXPECTED = ("fault-in", "mprotect", "munmap", "memfd punch-hole", "per-page protect",
             "scenario library, in process", "scenario library, `kvmpoison run`",
             "copy of a booted", "host RAM per touched", "host RAM per untouched",
-            "MAC per line", "full-page write", "one-line write")
+            "MAC per line", "full-page write", "one-line write", "mprotect toggle, anon THP",
+            "munmap, anon THP")
 
 
 def test_bench_quick_json_has_every_row_with_positive_ratios(

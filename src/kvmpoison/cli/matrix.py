@@ -67,12 +67,18 @@ def matrix(
     hwpoison = set(protocol.HWPOISON_BACKINGS)
     if not mf and backings is not None and hwpoison & set(backings.split(",")):
         raise CliError("the hwpoison backings need --memory-failure (memory_failure() poisons T)")
-    rows = pick(paths, protocol.PATHS, "path")
     kcfg = KernelConfig(version=version, memory_failure=mf)
     known = protocol.BACKINGS + (protocol.HWPOISON_BACKINGS if mf else ())
-    cols = _available(kcfg, pick(backings, protocol.BACKINGS + protocol.HWPOISON_BACKINGS,
-                                  "backing") if backings is not None else known, rows[0],
-                      explicit=backings is not None)
+    every = protocol.BACKINGS + protocol.HWPOISON_BACKINGS + protocol.THP_BACKINGS
+    chosen = pick(backings, every, "backing") if backings is not None else known
+    only_thp = set(chosen) <= set(protocol.THP_BACKINGS)  # then the THP probes by default
+    rows = (pick(paths, protocol.PATHS + protocol.THP_PATHS, "path") if paths is not None
+            else protocol.PATHS + (protocol.THP_PATHS if only_thp else ()))
+    thp_rows = [r for r in rows if r in protocol.THP_PATHS]
+    if thp_rows and not only_thp:
+        raise CliError(f"{thp_rows[0]} probes a transparent huge page: use it with --backings "
+                       f"{','.join(protocol.THP_BACKINGS)} only")
+    cols = _available(kcfg, chosen, rows[0], explicit=backings is not None)
     try:
         with progress(len(rows) * len(cols), "matrix") as tick:
             cells = run_matrix(kcfg, rows, cols, lambda _cell: tick())

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvmpoison.cli.errors import Format
-from kvmpoison.matrix.protocol import BACKINGS, PATHS
+from kvmpoison.matrix.protocol import BACKINGS, PATHS, THP_BACKINGS, THP_PATHS
 from kvmpoison.report.progress import progress
 from kvmpoison.report.table import break_at, legend, md_cell, md_table
 
@@ -53,7 +53,8 @@ def oracle(
         oracle_vm(kernel, accel, fmt)
         return
     try:
-        with progress(len(PATHS) * len(BACKINGS), "oracle") as tick:
+        thp_cells = (len(PATHS) + len(THP_PATHS)) * len(THP_BACKINGS)
+        with progress(len(PATHS) * len(BACKINGS) + thp_cells, "oracle") as tick:
             result = compare(tick)
     except OracleUnavailableError as exc:
         print(f"kvmpoison: error: oracle unavailable: {exc}", file=sys.stderr)
@@ -67,6 +68,8 @@ def oracle(
             "kvm_problem": result.kvm_problem, "skipped": result.skipped,
             "backings": list(result.backings), "cells": total, "agreed": result.agreed,
             "seconds": round(result.seconds, 2), "notes": result.notes,
+            "not_refereed": [{"backing": b, "path": p, "reason": why}
+                             for b, p, why in result.not_refereed],
             "disagreements": [{"path": p, "backing": b, "live": live, "model": model}
                               for p, b, live, model in result.disagreements],
             "every_cell": [{"path": p, "backing": b, "live": live, "model": model}

@@ -41,6 +41,8 @@ def as_json(result: VmComparison) -> dict[str, object]:
         "probe_seconds": round(result.probe_seconds, 2),
         "wall_seconds": round(result.wall_seconds, 2),
         "model_seconds": round(result.model_seconds, 2), "notes": result.notes,
+        "not_refereed": [{"backing": b, "path": p, "reason": why}
+                         for b, p, why in result.not_refereed],
         "disagreements": [{"path": p, "backing": b, "live": live, "model": model}
                           for p, b, live, model in result.disagreements],
         "table": [{"path": p, "backing": b, "live": live, "model": model}

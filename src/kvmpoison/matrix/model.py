@@ -9,23 +9,34 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
-from kvmpoison.arch.x86.pgtable import is_swap_pte, pte_pfn, pte_present
+from kvmpoison.arch.x86.pgtable import (
+    is_swap_pte,
+    pmd_large,
+    pte_pfn,
+    pte_present,
+    pte_present_array,
+)
 from kvmpoison.fs.pipe import Pipe
 from kvmpoison.kconfig import KernelConfig
 from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.kernel.process import Process
 from kvmpoison.matrix import protocol as proto
+from kvmpoison.mm.fault import find_vma
 from kvmpoison.mm.file import O_DIRECT, O_RDWR
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.madvise import (
     MADV_DONTNEED,
     MADV_GUARD_INSTALL,
+    MADV_HUGEPAGE,
     MADV_HWPOISON,
     MADV_POPULATE_READ,
     MADV_POPULATE_WRITE,
 )
 from kvmpoison.mm.memory_failure import unpoison_memory
+from kvmpoison.mm.mm_types import MmStruct, Vma, vma_is_anonymous
 from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PROT_NONE
 from kvmpoison.mm.swapops import (
     is_hwpoison_entry,
@@ -63,7 +74,8 @@ class Cell:
     path: str
     backing: str
     outcome: Outcome
-    text: str | None = None  # a cell richer than the outcome's (load_siginfo)
+    text: str | None = None  # a cell richer than the outcome's (load_siginfo, THP probes)
+    thp_check: str = ""  # THP backings: why the model's region is not PMD-mapped (or "")
 
     @property
     def cell(self) -> str:
@@ -84,6 +96,7 @@ class Probe:
     direct_fd: int
     memfd: int = -1  # hwpoison_shmem, hwpoison_file: the file behind T
     pfn: int = 0  # hwpoison backings: the page poisoned
+    thp_check: str = ""  # THP backings: the set-up's PMD-mapped check, as the model found it
 
 
 def _setup(kcfg: KernelConfig, backing: str) -> Probe:
@@ -91,8 +104,12 @@ def _setup(kcfg: KernelConfig, backing: str) -> Probe:
                                               integrity=IntegrityMode.OFF))
     kvm_gmem_init(kernel)
     target = Process.spawn(kernel, "target")
-    base = _need(target.mmap(0, 2 * PAGE, RW, MAP_PRIVATE | MAP_ANONYMOUS), "mmap pages")
-    t = base + PAGE
+    if backing in proto.THP_BACKINGS:
+        t = _thp_region(target, backing)
+        base = t - PAGE
+    else:
+        base = _need(target.mmap(0, 2 * PAGE, RW, MAP_PRIVATE | MAP_ANONYMOUS), "mmap pages")
+        t = base + PAGE
     _need(target.store(base, bytes([proto.PAGE0_FILL]) * PAGE), "fill page 0")
     fill = bytes([proto.T_FILL]) * PAGE
     fixed = MAP_SHARED | MAP_FIXED
@@ -128,8 +145,12 @@ def _setup(kcfg: KernelConfig, backing: str) -> Probe:
         _need(target.madvise(t, PAGE, MADV_GUARD_INSTALL), "MADV_GUARD_INSTALL")
     elif backing in proto.HWPOISON_BACKINGS:
         memfd, pfn = _poison(target, backing, t, fill)
+    elif backing in proto.THP_BACKINGS:
+        _need(target.madvise(t, HPAGE, MADV_HUGEPAGE), "MADV_HUGEPAGE")
+        _need(target.store(t, fill), "touch T")  # one fault: the whole region, given THP
     else:
-        raise ValueError(f"unknown backing {backing!r} (known: {', '.join(proto.BACKINGS)})")
+        known = proto.BACKINGS + proto.HWPOISON_BACKINGS + proto.THP_BACKINGS
+        raise ValueError(f"unknown backing {backing!r} (known: {', '.join(known)})")
     buf = _need(target.mmap(0, PAGE, RW, MAP_PRIVATE | MAP_ANONYMOUS), "mmap buffer")
     _need(target.store(buf, bytes(PAGE)), "touch buffer")
     kernel.create_file("/data", bytes([proto.FILE_FILL]) * 2 * PAGE)
@@ -141,7 +162,133 @@ def _setup(kcfg: KernelConfig, backing: str) -> Probe:
     probe = Probe(kernel, target, t, buf, attacker, abuf, file_fd, direct_fd)
     if backing in proto.HWPOISON_BACKINGS:
         probe.memfd, probe.pfn = memfd, pfn
+    if backing in proto.THP_BACKINGS:
+        probe.thp_check = thp_pmd_check(target.mm, backing, t)
     return probe
+
+
+# -- transparent huge pages ------------------------------------------------------------------
+
+HPAGE = proto.HPAGE_PMD_SIZE
+PMD_SHIFT = 21
+
+
+def _thp_region(target: Process, backing: str) -> int:
+    """T, 2 MiB-aligned, with page 0 mapped right below it (docs/matrix.md, THP backings):
+    over-allocate, trim to [T - 4 KiB, T + 2 MiB), map the memfd for shmem_thp."""
+    size = 2 * HPAGE
+    base = _need(target.mmap(0, size, RW, MAP_PRIVATE | MAP_ANONYMOUS), "mmap THP region")
+    t = (base + PAGE + HPAGE - 1) & ~(HPAGE - 1)
+    if t - PAGE > base:
+        _need(target.munmap(base, t - PAGE - base), "munmap head")
+    if base + size > t + HPAGE:
+        _need(target.munmap(t + HPAGE, base + size - t - HPAGE), "munmap tail")
+    if backing == "shmem_thp":
+        fd = _need(target.memfd_create("kvmpoison-thp"), "memfd_create")
+        _need(target.ftruncate(fd, HPAGE), "ftruncate")
+        _need(target.mmap(t, HPAGE, RW, MAP_SHARED | MAP_FIXED, fd), "mmap memfd")
+    return t
+
+
+# The seam to the model's THP (issue 12). /proc/PID/smaps's counters for the VMAs that
+# overlap [start, end), read from the model's page tables as fs/proc/task_mmu.c's
+# smaps_pte_entry/smaps_pmd_entry (6.18) add them up: Rss counts every present PTE and
+# every PMD-mapped huge page; AnonHugePages and ShmemPmdMapped count the PMD-mapped ones.
+# Until the model's mm maps THPs no PMD is huge, and these say so; whoever wires THP in
+# mm replaces the bodies here (and nothing else) if its PMD mappings look otherwise.
+
+
+def _huge_pmds(mm: MmStruct, start: int, end: int) -> list[tuple[Vma, int]]:
+    """(VMA, address) of every PMD-mapped 2 MiB unit of [start, end) (pmd_trans_huge)."""
+    out = []
+    for addr in range(start & ~(HPAGE - 1), end, HPAGE):  # bounded: a few 2 MiB units
+        vma = find_vma(mm, addr)
+        if vma is not None and vma.vm_start <= addr and pmd_large(mm.pgd.pmd_entry(addr)):
+            out.append((vma, addr))
+    return out
+
+
+def _is_shmem(vma: Vma) -> bool:
+    return vma.vm_file is not None and vma.vm_file.f_inode.kind == "shmem"
+
+
+def smaps_rollup_anon_huge(mm: MmStruct, start: int, end: int) -> int:
+    """AnonHugePages (kB): anonymous THPs mapped by a PMD in [start, end)."""
+    return sum(HPAGE >> 10 for vma, _ in _huge_pmds(mm, start, end) if vma_is_anonymous(vma))
+
+
+def smaps_shmem_pmd_mapped(mm: MmStruct, start: int, end: int) -> int:
+    """ShmemPmdMapped (kB): shmem THPs mapped by a PMD in [start, end)."""
+    return sum(HPAGE >> 10 for vma, _ in _huge_pmds(mm, start, end) if _is_shmem(vma))
+
+
+def smaps_rss(mm: MmStruct, start: int, end: int) -> int:
+    """Rss (kB) of [start, end): present PTEs, plus 2 MiB per PMD-mapped huge page."""
+    huge = np.array([addr >> PMD_SHIFT for _, addr in _huge_pmds(mm, start, end)],
+                    dtype=np.int64)
+    ptes = 0
+    core = mm.core
+    for chunk in mm.pgd.chunks(start, end):
+        present = pte_present_array(core.ptes.rows[chunk.rows, chunk.cols])
+        present &= ~np.isin(chunk.addr >> PMD_SHIFT, huge)  # no PTE level under a huge PMD
+        ptes += int(present.sum())
+    return ptes * (PAGE >> 10) + len(huge) * (HPAGE >> 10)
+
+
+def smaps_counters(mm: MmStruct, t: int) -> str:
+    end = t + HPAGE
+    return proto.smaps_cell(smaps_rss(mm, t, end), smaps_rollup_anon_huge(mm, t, end),
+                            smaps_shmem_pmd_mapped(mm, t, end))
+
+
+def thp_pmd_check(mm: MmStruct, backing: str, t: int) -> str:
+    """The set-up's check on the model, as the live one reads smaps: empty when the region
+    is PMD-mapped, else why not."""
+    end = t + HPAGE
+    shmem = backing == "shmem_thp"
+    got = smaps_shmem_pmd_mapped(mm, t, end) if shmem else smaps_rollup_anon_huge(mm, t, end)
+    if got == proto.HPAGE_PMD_KB:
+        return ""
+    field = "ShmemPmdMapped" if shmem else "AnonHugePages"
+    return (f"{backing}: the model's 2 MiB region is not PMD-mapped after MADV_HUGEPAGE and "
+            f"a touch ({field}={got} kB): the model's mm maps 4 KiB pages")
+
+
+def model_thp_check(kcfg: KernelConfig, backing: str) -> str:
+    """The model's set-up check for a THP backing: "" where its region is PMD-mapped."""
+    if backing not in proto.THP_BACKINGS:
+        raise ValueError(f"{backing!r} is not a THP backing ({', '.join(proto.THP_BACKINGS)})")
+    return _setup(kcfg, backing).thp_check
+
+
+def _thp_path(p: Probe, path: str) -> str | None:
+    """A THP probe's cell (docs/matrix.md), or None for another path."""
+    tgt, t = p.target, p.t
+    one = t + proto.THP_ONE_OFFSET
+    match path:
+        case "thp_smaps":
+            return smaps_counters(tgt.mm, t)
+        case "thp_mprotect_one" | "thp_dontneed_one" | "thp_munmap_one":
+            step = (tgt.mprotect(one, PAGE, proto.THP_PROT_ONE) if path == "thp_mprotect_one"
+                    else tgt.madvise(one, PAGE, MADV_DONTNEED) if path == "thp_dontneed_one"
+                    else tgt.munmap(one, PAGE))
+            return smaps_counters(tgt.mm, t) if step.succeeded else step.cell
+        case "thp_mincore" | "thp_mincore_after_dontneed":
+            if path.endswith("dontneed"):
+                step = tgt.madvise(one, PAGE, MADV_DONTNEED)
+                if not step.succeeded:
+                    return step.cell
+            out = tgt.mincore(t, HPAGE)
+            return proto.vec_runs_cell(out.data) if out.kind is Kind.RET and out.data \
+                else out.cell
+        case "thp_fork_child_load" | "thp_fork_child_store" | "thp_fork_parent_after_child_store":
+            child = tgt.fork()
+            got = (child.load(t, proto.TRANSFER) if path == "thp_fork_child_load"
+                   else child.store(t, bytes([0x44]) * proto.TRANSFER))
+            if not got.succeeded or path == "thp_fork_parent_after_child_store":
+                return got.cell if not got.succeeded else smaps_counters(tgt.mm, t)
+            return proto.child_cell(got.cell, smaps_counters(child.mm, t))
+    return None
 
 
 def _poison(target: Process, backing: str, t: int, fill: bytes) -> tuple[int, int]:
@@ -288,8 +435,14 @@ def _remote(p: Probe, path: str, at: int, n: int) -> Outcome:
 
 def run_cell(kcfg: KernelConfig, path: str, backing: str) -> Cell:
     probe = _setup(kcfg, backing)
+    if path in proto.THP_PATHS:
+        if backing not in proto.THP_BACKINGS:
+            raise ValueError(f"{path} probes a THP: it runs on {', '.join(proto.THP_BACKINGS)}")
+        text = _thp_path(probe, path)
+        assert text is not None
+        return Cell(path, backing, Outcome.ok(), text, probe.thp_check)
     out = run_path(probe, path)
-    cell = Cell(path, backing, out)
+    cell = Cell(path, backing, out, thp_check=probe.thp_check)
     if path == "pagemap":
         cell.text = _pagemap(probe)
     if path == "load_siginfo" and out.siginfo is not None:
@@ -311,4 +464,5 @@ def run_matrix(kcfg: KernelConfig, paths: tuple[str, ...] = proto.PATHS,
     return cells
 
 
-__all__ = ["Cell", "Probe", "run_cell", "run_matrix", "run_path"]
+__all__ = ["Cell", "Probe", "model_thp_check", "run_cell", "run_matrix", "run_path",
+           "smaps_counters", "smaps_rollup_anon_huge", "smaps_rss", "smaps_shmem_pmd_mapped"]

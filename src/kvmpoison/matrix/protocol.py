@@ -83,3 +83,63 @@ def transfer_size(path: str) -> int:
     if is_straddle(path):
         return STRADDLE
     return ODIRECT if path.startswith("odirect") else TRANSFER
+
+
+# -- transparent huge pages (docs/matrix.md, "THP backings") ---------------------------------
+#
+# T is the first 4 KiB page of a 2 MiB-aligned region that MADV_HUGEPAGE and a touch made
+# PMD-mapped; page 0 is the ordinary anonymous page just below it. anon_thp: private
+# anonymous. shmem_thp: a 2 MiB memfd (shmem), MAP_SHARED. The set-up checks that the region
+# really is PMD-mapped (smaps AnonHugePages / ShmemPmdMapped of the region = 2048 kB); where
+# it is not, the column is "not refereed" with the reason, never faked.
+THP_BACKINGS = ("anon_thp", "shmem_thp")
+HPAGE_PMD_SIZE = 2 << 20  # x86-64: one PMD maps 2 MiB (HPAGE_PMD_ORDER 9)
+HPAGE_PMD_KB = HPAGE_PMD_SIZE >> 10
+THP_ONE_OFFSET = 1 << 20  # "one 4 KiB page inside the THP": the page 1 MiB into the region
+THP_PROT_ONE = 0x1  # PROT_READ: thp_mprotect_one's new protection of that page
+# Probes of the THP itself; every cell but mincore's is the region's smaps counters.
+THP_PATHS = (
+    "thp_smaps",  # the counters right after the set-up
+    "thp_mprotect_one",  # mprotect(PROT_READ) of the one page, then the counters
+    "thp_dontneed_one",  # MADV_DONTNEED of the one page, then the counters
+    "thp_munmap_one",  # munmap of the one page, then the counters
+    "thp_mincore",  # mincore() over the 2 MiB: a run-length vector cell
+    "thp_mincore_after_dontneed",  # the same after MADV_DONTNEED of the one page
+    "thp_fork_child_load",  # fork; the child loads T: its cell, then the child's counters
+    "thp_fork_child_store",  # fork; the child stores to T: its cell, then the child's counters
+    "thp_fork_parent_after_child_store",  # the parent's counters after the child's store
+)
+NOT_REFEREED = "not refereed"  # a live probe's answer where the set-up check failed (+ reason)
+SMAPS_FIELDS = ("Rss", "AnonHugePages", "ShmemPmdMapped")
+
+
+def smaps_cell(rss_kb: int, anon_huge_kb: int, shmem_pmd_kb: int) -> str:
+    """``smaps:Rss=2048:AnonHugePages=2048:ShmemPmdMapped=0``: kB, summed over every VMA of
+    the 2 MiB region (as /proc/PID/smaps prints them per VMA)."""
+    return f"smaps:Rss={rss_kb}:AnonHugePages={anon_huge_kb}:ShmemPmdMapped={shmem_pmd_kb}"
+
+
+def vec_runs_cell(vec: bytes) -> str:
+    """mincore's vector over many pages, run-length coded: ``vec:1*512``, ``vec:1*256,0*1,1*255``
+    (bit 0 of each byte; the other bits are reserved)."""
+    runs: list[list[int]] = []
+    for b in vec:
+        bit = b & 1
+        if runs and runs[-1][0] == bit:
+            runs[-1][1] += 1
+        else:
+            runs.append([bit, 1])
+    return "vec:" + ",".join(f"{bit}*{n}" for bit, n in runs)
+
+
+def child_cell(access: str, counters: str) -> str:
+    """A fork probe's cell: the child's access cell, ``;``, the child's counters after it."""
+    return f"{access};{counters}"
+
+
+def thp_mode(text: str) -> str:
+    """The selected mode of a THP sysfs file: ``always [madvise] never`` -> ``madvise``."""
+    start, end = text.find("["), text.find("]")
+    if start < 0 or end < start:
+        raise ValueError(f"not a THP sysfs mode line: {text.strip()!r}")
+    return text[start + 1:end]

@@ -36,8 +36,9 @@ from kvmpoison.kconfig import THIS_MACHINE
 from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.kernel.process import Process
 from kvmpoison.machine import Machine
+from kvmpoison.matrix.model import smaps_rollup_anon_huge
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
-from kvmpoison.mm.madvise import MADV_POPULATE_WRITE
+from kvmpoison.mm.madvise import MADV_HUGEPAGE, MADV_POPULATE_WRITE
 from kvmpoison.mm.mmap import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -133,6 +134,61 @@ def mm_rows(size: int) -> list[Row]:
             "ns/page", model["mprotect"] / kern["mprotect"], 1.0, "kernel mprotect"),
         Row(f"munmap, anon 4K, {mib} MiB", model["munmap"], kern["munmap"], "ns/page",
             model["munmap"] / kern["munmap"], 1.0, "kernel munmap"),
+    ]
+
+
+# -- THP rows: mprotect and munmap per 2 MiB ----------------------------------------------
+
+HPAGE = 2 * MIB
+
+
+def model_thp_bulk(size: int, rounds: int) -> tuple[dict[str, float], int]:
+    """ns per 2 MiB for mprotect toggles and munmap on the model's MADV_HUGEPAGE region,
+    set up as ``timing.thp_bulk`` sets up the kernel's; and the region's AnonHugePages (kB)
+    as the model's smaps counter reads it (0 while the model's mm maps 4 KiB pages)."""
+    p = _model_process(size + HPAGE)
+    units = size // HPAGE
+    base = p.mmap(0, size + HPAGE, RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE).value
+    assert base is not None
+    addr = (base + HPAGE - 1) & ~(HPAGE - 1)
+    for start, length in ((base, addr - base), (addr + size, base + HPAGE - addr)):
+        if length:
+            p.munmap(start, length)
+    for what, res in (("MADV_HUGEPAGE", p.madvise(addr, size, MADV_HUGEPAGE)),
+                      ("MADV_POPULATE_WRITE", p.madvise(addr, size, MADV_POPULATE_WRITE))):
+        if res.cell != "ret:0":
+            raise RuntimeError(f"model {what} failed: {res.cell}")
+    huge = smaps_rollup_anon_huge(p.mm, addr, addr + size)
+    t0 = time.process_time_ns()
+    for i in range(rounds):
+        res = p.mprotect(addr, size, PROT_NONE if i % 2 == 0 else RW)
+        if res.cell != "ret:0":
+            raise RuntimeError(f"model mprotect failed: {res.cell}")
+    out = {"mprotect": (time.process_time_ns() - t0) / (rounds * units)}
+    t0 = time.process_time_ns()
+    res = p.munmap(addr, size)
+    out["munmap"] = (time.process_time_ns() - t0) / units
+    if res.cell != "ret:0":
+        raise RuntimeError(f"model munmap failed: {res.cell}")
+    return out, huge
+
+
+def thp_rows(size: int, kernel_rounds: int, model_rounds: int) -> list[Row]:
+    """mprotect and munmap per 2 MiB of anonymous THP: the kernel's (PMD-mapped, checked)
+    against the model's on the same MADV_HUGEPAGE set-up."""
+    kern = timing.thp_bulk(size, kernel_rounds)
+    model, huge = model_thp_bulk(size, model_rounds)
+    mib = size // MIB
+    note = ("model region PMD-mapped (AnonHugePages matches)" if huge == size >> 10 else
+            f"model region 4 KiB-mapped (its AnonHugePages {huge} of {size >> 10} kB): the "
+            "model's mm has no THP yet, so it works through 512 PTEs per 2 MiB")
+    return [
+        Row(f"mprotect toggle, anon THP, {mib} MiB", model["mprotect"], kern["mprotect"],
+            "ns/2MiB", model["mprotect"] / kern["mprotect"], 5.0,
+            "kernel mprotect PROT_NONE <-> RW of PMD-mapped THPs (checked in smaps)", note),
+        Row(f"munmap, anon THP, {mib} MiB", model["munmap"], kern["munmap"], "ns/2MiB",
+            model["munmap"] / kern["munmap"], 2.0,
+            "kernel munmap of PMD-mapped THPs (zap_huge_pmd, free)", note),
     ]
 
 
@@ -407,14 +463,17 @@ class Sizes:
     mac_lines: int
     copy_runs: int
     scenarios: int | None
+    thp: int = 16 * MIB
 
     @classmethod
     def for_run(cls, quick: bool) -> Sizes:
         if quick:
             return cls(mm=16 * MIB, punch=16 * MIB, per_page=2 * MIB, touched_pages=512,
-                       untouched_mib=256, mac_lines=512, copy_runs=10, scenarios=2)
+                       untouched_mib=256, mac_lines=512, copy_runs=10, scenarios=2,
+                       thp=16 * MIB)
         return cls(mm=1 * GIB, punch=256 * MIB, per_page=32 * MIB, touched_pages=2048,
-                   untouched_mib=64 << 10, mac_lines=4096, copy_runs=30, scenarios=None)
+                   untouched_mib=64 << 10, mac_lines=4096, copy_runs=30, scenarios=None,
+                   thp=256 * MIB)
 
 
 Task = tuple[str, Callable[[], list[Row]]]
@@ -425,6 +484,7 @@ def tasks(quick: bool) -> list[Task]:
     s = Sizes.for_run(quick)
     return [
         ("mm: fault-in, mprotect, munmap", lambda: mm_rows(s.mm)),
+        ("THP: mprotect, munmap per 2 MiB", lambda: thp_rows(s.thp, 200, 10)),
         ("memfd punch-hole and per-page protect", lambda: punch_rows(s.punch, s.per_page)),
         ("scenario library", lambda: scenario_rows(s.scenarios)),
         ("machine copy", lambda: [copy_row(s.copy_runs)]),

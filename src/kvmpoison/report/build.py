@@ -15,7 +15,7 @@ from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.config import DEFAULT_INTEGRITY
 from kvmpoison.designs import DESIGNS
 from kvmpoison.matrix.designs import PAGE_STATES, PATHS, run_design_matrix
-from kvmpoison.matrix.protocol import BACKINGS
+from kvmpoison.matrix.protocol import BACKINGS, THP_BACKINGS, THP_PATHS
 from kvmpoison.matrix.protocol import PATHS as ORACLE_PATHS
 from kvmpoison.report import html
 from kvmpoison.report.gpa_map import GpaTrace, plot_traces, trace_scenario
@@ -39,7 +39,8 @@ class ReportOptions:
 
     def work(self) -> int:
         """Units of progress: matrix cells, scenario runs, map runs, oracle cells."""
-        oracle = len(ORACLE_PATHS) * len(BACKINGS) if self.oracle else 0
+        thp = (len(ORACLE_PATHS) + len(THP_PATHS)) * len(THP_BACKINGS)
+        oracle = len(ORACLE_PATHS) * len(BACKINGS) + thp if self.oracle else 0
         return (len(self.paths) * len(self.designs) * len(self.states)
                 + len(self.case_names()) * len(self.designs)
                 + len(self.maps) * len(self.designs)
@@ -137,8 +138,8 @@ def _oracle_section(opts: ReportOptions, tick: Tick) -> str:
     parts = [f"<p>Kernel {escape(result.kernel)} (modelled as {escape(kcfg.version.value)}, "
              f"CONFIG_MEMORY_FAILURE={'y' if kcfg.memory_failure else 'n'}): "
              f"<b>{result.agreed}/{len(result.cells)}</b> cells agree "
-             f"({len(result.backings)} backings x {len(ORACLE_PATHS)} paths, "
-             f"{result.seconds:.1f} s).</p>"]
+             f"({len(result.backings)} backings, {len(ORACLE_PATHS)} paths each, and "
+             f"{len(THP_PATHS)} THP probes on a THP column; {result.seconds:.1f} s).</p>"]
     parts += [f'<p class="note">note: {escape(n)}</p>' for n in result.notes]
     if result.disagreements:
         rows = "".join(f"<tr><th>{escape(p)}</th><td>{escape(b)}</td>{html.cell_td(live)}"

@@ -16,7 +16,16 @@ from kvmpoison.backends.kvm.host import kvm_status
 from kvmpoison.backends.kvm.probes import LOCAL_KVM_BACKINGS, run_probe
 from kvmpoison.kconfig import KernelConfig, host_kernel_config
 from kvmpoison.matrix.model import run_cell
-from kvmpoison.matrix.protocol import BACKINGS, PATHS, REMOTE_PATHS
+from kvmpoison.matrix.protocol import (
+    BACKINGS,
+    NOT_REFEREED,
+    PATHS,
+    REMOTE_PATHS,
+    THP_BACKINGS,
+    THP_PATHS,
+)
+
+THP_CELL_PATHS = PATHS + THP_PATHS  # every path, then the THP probes, on each THP backing
 
 
 class OracleUnavailableError(Exception):
@@ -35,6 +44,8 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     kvm_problem: str | None = None  # why /dev/kvm is not usable: "missing (...)", "denied (...)"
     skipped: int = 0  # cells not compared because their backing needs /dev/kvm
+    # (backing, path or "*" for the whole column, reason): the kernel gave no huge page
+    not_refereed: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def disagreements(self) -> list[tuple[str, str, str, str]]:
@@ -72,5 +83,42 @@ def compare(progress: Callable[[], None] | None = None) -> Comparison:
             result.cells.append((path, backing, live.cell, model))
             if progress is not None:
                 progress()
+    compare_thp(result, progress)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def compare_thp(result: Comparison, progress: Callable[[], None] | None = None,
+                backings: tuple[str, ...] = THP_BACKINGS) -> None:
+    """The THP columns: every path and THP probe, where the kernel PMD-maps the region.
+
+    One set-up first per column: where its check finds no PMD mapping (THP off for that
+    kind of memory, and the tool never changes the sysfs switch), the column is not
+    refereed, with the reason. The model's own check is reported as a note.
+    """
+    for backing in backings:
+        first = run_probe("thp_smaps", backing, REMOTE_PATHS)
+        if first.cell == NOT_REFEREED:
+            result.not_refereed.append((backing, "*", first.detail))
+            result.notes.append(f"not refereed: {first.detail}")
+            if progress is not None:
+                for _ in THP_CELL_PATHS:
+                    progress()
+            continue
+        result.backings += (backing,)
+        model_check = ""
+        for path in THP_CELL_PATHS:
+            live = run_probe(path, backing, REMOTE_PATHS)
+            if live.cell == NOT_REFEREED:  # this one set-up got no huge page
+                result.not_refereed.append((backing, path, live.detail))
+            elif live.cell == "error":
+                raise OracleUnavailableError(f"probe {path}/{backing} failed: {live.detail}")
+            else:
+                model = run_cell(result.kcfg, path, backing)
+                model_check = model_check or model.thp_check
+                result.cells.append((path, backing, live.cell, model.cell))
+            if progress is not None:
+                progress()
+        if model_check:
+            result.notes.append(f"model: {model_check}; the cells that depend on the huge "
+                                "page disagree until the model's mm maps THPs")

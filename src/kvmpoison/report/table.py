@@ -14,8 +14,8 @@ from collections.abc import Iterable, Sequence
 from rich.console import Console
 from rich.table import Table
 
-_STYLE = {"ok": "green", "ret": "green", "vec": "cyan", "err": "yellow", "sig": "red",
-          "mce": "magenta", "shutdown": "bold red", "panic": "bold red"}
+_STYLE = {"ok": "green", "ret": "green", "vec": "cyan", "smaps": "cyan", "err": "yellow",
+          "sig": "red", "mce": "magenta", "shutdown": "bold red", "panic": "bold red"}
 
 # One entry per cell kind (docs/matrix.md, "Cell notation"), in the order a legend lists them.
 LEGEND = {
@@ -23,7 +23,9 @@ LEGEND = {
     "ret": "ret:N = the call returned N (bytes moved, or 0)",
     "err": "err:NAME = the call failed with errno NAME",
     "sig": "sig:SIG:CODE = the access raised signal SIG with si_code CODE",
-    "vec": "vec:B = mincore's vector byte",
+    "vec": "vec:B = mincore's vector byte (vec:B*N,... = runs of N pages, THP probes)",
+    "smaps": "smaps:... = the THP region's smaps counters in kB (A;smaps:... = a fork "
+             "child's cell, then its counters)",
     "mce": "mce:KIND = a machine check was consumed (recoverable, or td-fatal: the TD is dead)",
     "shutdown": "shutdown = the whole machine shut down",
     "panic": "panic = the host kernel panicked",
@@ -69,7 +71,7 @@ def _narrow(text: str, sep: str) -> int:
 
 def legend(cells: Iterable[str]) -> str:
     """One line naming every kind of cell among ``cells`` (empty if none)."""
-    kinds = {kind_of(c) for c in cells if c}
+    kinds = {kind_of(part) for c in cells if c for part in c.split(";")}
     known = [text for kind, text in LEGEND.items() if kind in kinds]
     other = sorted(k for k in kinds if k not in LEGEND)
     return "; ".join(known + [f"{k} = see docs/" for k in other])

@@ -15,7 +15,14 @@ from kvmpoison.backends.vmkernel import session
 from kvmpoison.backends.vmkernel.errors import VmKernelUnavailableError
 from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.matrix.model import run_cell
-from kvmpoison.matrix.protocol import HWPOISON_BACKINGS, HWPOISON_PATHS_FOR, PATHS
+from kvmpoison.matrix.protocol import (
+    HWPOISON_BACKINGS,
+    HWPOISON_PATHS_FOR,
+    NOT_REFEREED,
+    PATHS,
+    THP_BACKINGS,
+    THP_PATHS,
+)
 from kvmpoison.report.oracle import Comparison
 
 KERNELS = ("debian-6.1",)
@@ -57,6 +64,8 @@ def vm_cells() -> list[tuple[str, str]]:
               if b not in HWPOISON_BACKINGS]
     cells += [(path, backing) for backing in HWPOISON_BACKINGS
               for path in HWPOISON_PATHS_FOR[backing]]
+    # The THP columns: the guest's runner sets ITS shmem_enabled to advise, so both run.
+    cells += [(path, backing) for backing in THP_BACKINGS for path in PATHS + THP_PATHS]
     return cells
 
 
@@ -68,7 +77,7 @@ def compare_vm(kernel: str = "debian-6.1", accel: str = "auto") -> VmComparison:
     kcfg = kconfig_from_text(run.kernel.config.read_text(), KernelVersion.parse(release))
     if not kcfg.memory_failure:
         raise VmKernelUnavailableError(f"{release} has no CONFIG_MEMORY_FAILURE")
-    result = VmComparison(release, kcfg, False, VM_BACKINGS, accel=run.accel,
+    result = VmComparison(release, kcfg, False, VM_BACKINGS + THP_BACKINGS, accel=run.accel,
                           boot_seconds=run.boot_seconds, probe_seconds=run.probe_seconds,
                           wall_seconds=run.wall_seconds, seconds=run.wall_seconds)
     result.notes.append("not refereed: gmem_private and gmem_shared (no /dev/kvm in the guest), "
@@ -79,15 +88,29 @@ def compare_vm(kernel: str = "debian-6.1", accel: str = "auto") -> VmComparison:
     if run.info.get("tmp_fs") != "ext4":
         result.notes.append(f"the guest's scratch is {run.info.get('tmp_fs')}, not ext4: "
                             "O_DIRECT cells may differ")
+    result.notes.append(f"the guest's shmem_enabled: {run.info.get('shmem_enabled')} "
+                        "(set in the guest by its runner)")
     t0 = time.perf_counter()
+    model_checks: dict[str, str] = {}
     for path, backing in vm_cells():
         if path in UNPOISON_PATHS and not run.info.get("hwpoison_inject"):
             continue
         live = run.cells.get((path, backing), "missing")
+        if live == NOT_REFEREED:  # the guest kernel gave no huge page: never faked
+            result.not_refereed.append((backing, path, run.details.get((path, backing), "")))
+            continue
         if live in ("error", "missing"):
             detail = run.details.get((path, backing), "no console line")
             result.notes.append(f"live probe {path}/{backing} failed: {detail}")
-        model = run_cell(kcfg, path, backing).cell
-        result.cells.append((path, backing, live, model))
+        cell = run_cell(kcfg, path, backing)
+        if cell.thp_check:
+            model_checks.setdefault(backing, cell.thp_check)
+        result.cells.append((path, backing, live, cell.cell))
+    for backing in sorted({b for b, _, _ in result.not_refereed}):
+        whys = [r for b, _, r in result.not_refereed if b == backing]
+        result.notes.append(f"not refereed: {backing} ({len(whys)} cells): {whys[0]}")
+    for check in model_checks.values():
+        result.notes.append(f"model: {check}; the cells that depend on the huge page disagree "
+                            "until the model's mm maps THPs")
     result.model_seconds = time.perf_counter() - t0
     return result

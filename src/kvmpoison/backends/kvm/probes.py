@@ -18,7 +18,7 @@ import signal
 import tempfile
 from dataclasses import dataclass
 
-from kvmpoison.backends.kvm import uapi
+from kvmpoison.backends.kvm import thp, uapi
 from kvmpoison.backends.kvm.ioctl import _IOWR
 from kvmpoison.backends.kvm.libc import (
     MAP_ANONYMOUS,
@@ -47,7 +47,10 @@ from kvmpoison.backends.kvm.libc import (
 from kvmpoison.backends.kvm.system import Kvm
 from kvmpoison.matrix.protocol import (
     HWPOISON_BACKINGS,
+    NOT_REFEREED,
     PM_SWAP_TYPE_BITS,
+    THP_BACKINGS,
+    THP_PATHS,
     UNPOISON_PFN,
     pagemap_cell,
     siginfo_cell,
@@ -198,6 +201,8 @@ def _poison(backing: str, t: int, keep: list[object]) -> None:
 
 
 def _setup(backing: str, keep: list[object]) -> int:
+    if backing in THP_BACKINGS:
+        return thp.setup(backing, keep)
     base = mmap(None, 2 * PAGE, RW, MAP_PRIVATE | MAP_ANONYMOUS)
     t = base + PAGE
     ctypes.memset(base, PAGE0_FILL, PAGE)
@@ -345,6 +350,8 @@ def _hwpoison_path(path: str, t: int, keep: list[object]) -> str:
 
 
 def _local(path: str, t: int, keep: list[object]) -> str:
+    if path in THP_PATHS:
+        return thp.thp_path(path, t, _signal_cell)
     straddle = path.endswith("_straddle")
     n = 32 if straddle else (4096 if path.startswith("odirect") else 8)
     at = t - 16 if straddle else t
@@ -420,6 +427,9 @@ def _child(path: str, backing: str, out_fd: int, remote: bool) -> None:
             os._exit(0)
         cell = _local(path, t, keep)
         os.write(out_fd, (json.dumps({"cell": cell}) + "\n").encode())
+        os._exit(0)
+    except thp.ThpNotMapped as exc:  # the kernel gave no huge page: not refereed, the reason
+        os.write(out_fd, (json.dumps({"not_refereed": str(exc)}) + "\n").encode())
         os._exit(0)
     except BaseException as exc:  # report, never unwind into the parent's code
         os.write(out_fd, (json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n").encode())
@@ -506,6 +516,8 @@ def run_probe(path: str, backing: str, remote_paths: tuple[str, ...]) -> ProbeRe
             if "t" in msg:  # load_siginfo's T, before a load that did not fault
                 msg = json.loads(reader.readline() or "{}")
             cell, detail = msg.get("cell", ""), msg.get("error", "")
+            if "not_refereed" in msg:
+                cell, detail = NOT_REFEREED, msg["not_refereed"]
             break
     if not _exited(pid):
         libc.ptrace(PTRACE_KILL, pid, None, None)

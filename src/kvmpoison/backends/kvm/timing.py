@@ -1,7 +1,8 @@
 """The real kernel doing the bulk mm work the model's benchmarks compare against.
 
 Each function times one kind of work on this machine's kernel through ctypes and
-returns nanoseconds of CPU time (user + system of this process) per 4 KiB page.
+returns nanoseconds of CPU time (user + system of this process) per 4 KiB page
+(per 2 MiB for the THP timings).
 Nothing here faults: every range is mapped and populated before it is touched,
 and the forked mapper only maps and waits.
 """
@@ -12,6 +13,7 @@ import ctypes
 import os
 import time
 
+from kvmpoison.backends.kvm import thp
 from kvmpoison.backends.kvm.libc import (
     MAP_ANONYMOUS,
     MAP_PRIVATE,
@@ -22,6 +24,7 @@ from kvmpoison.backends.kvm.libc import (
     libc,
     mmap,
 )
+from kvmpoison.matrix.protocol import HPAGE_PMD_SIZE
 
 PAGE = 4096
 PROT_RW = PROT_READ | PROT_WRITE
@@ -110,3 +113,45 @@ def memfd_punch(size: int, mappers: int, per_page: bool) -> float:
             libc.munmap(addr, size)
         os.close(fd)
     return spent / pages
+
+
+def thp_bulk(size: int, rounds: int) -> dict[str, float]:
+    """ns per 2 MiB on a private anonymous THP region of ``size`` bytes (a multiple of 2 MiB).
+
+    The region is 2 MiB-aligned (over-allocated, then trimmed), MADV_HUGEPAGE, populated
+    with MADV_POPULATE_WRITE, and checked PMD-mapped (smaps AnonHugePages = its size;
+    :class:`~kvmpoison.backends.kvm.thp.ThpNotMapped` where the kernel gave no huge pages:
+    THP off here, or memory too fragmented). ``mprotect``: the mean of ``rounds`` toggles
+    PROT_NONE / PROT_READ|PROT_WRITE over the whole region (change_huge_pmd per PMD, no
+    split); ``munmap``: one munmap of it (zap_huge_pmd and the free of each THP).
+    """
+    hpage = HPAGE_PMD_SIZE
+    if size <= 0 or size % hpage:
+        raise ValueError(f"the THP region must be a positive multiple of 2 MiB, not {size}")
+    units = size // hpage
+    base = mmap(None, size + hpage, PROT_RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+    addr = (base + hpage - 1) & ~(hpage - 1)
+    if addr > base:
+        _check(libc.munmap(base, addr - base), "munmap head")
+    if base + hpage > addr:
+        _check(libc.munmap(addr + size, base + hpage - addr), "munmap tail")
+    try:
+        _check(libc.madvise(addr, size, thp.MADV_HUGEPAGE), "madvise(HUGEPAGE)")
+        _check(libc.madvise(addr, size, MADV_POPULATE_WRITE), "madvise(POPULATE_WRITE)")
+        huge = thp.smaps_region("self", addr, addr + size)["AnonHugePages"]
+        if huge != size >> 10:
+            raise thp.ThpNotMapped(f"only {huge} of {size >> 10} kB are PMD-mapped after "
+                                   f"MADV_HUGEPAGE and populate; {thp.sysfs_modes('anon_thp')}")
+        t0 = time.process_time_ns()
+        for i in range(rounds):
+            _check(libc.mprotect(addr, size, PROT_NONE if i % 2 == 0 else PROT_RW), "mprotect")
+        out = {"mprotect": (time.process_time_ns() - t0) / (rounds * units)}
+        if thp.smaps_region("self", addr, addr + size)["AnonHugePages"] != size >> 10:
+            raise thp.ThpNotMapped("mprotect of whole PMDs split them: the timing is not of THPs")
+    except BaseException:
+        libc.munmap(addr, size)
+        raise
+    t0 = time.process_time_ns()
+    _check(libc.munmap(addr, size), "munmap")
+    out["munmap"] = (time.process_time_ns() - t0) / units
+    return out

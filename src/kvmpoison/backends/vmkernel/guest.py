@@ -29,12 +29,13 @@ import time
 from types import FrameType
 
 from kvmpoison.backends.kvm.probes import in_vm_guest, run_probe
-from kvmpoison.matrix.protocol import REMOTE_PATHS, UNPOISON_PFN
+from kvmpoison.matrix.protocol import REMOTE_PATHS, UNPOISON_PFN, thp_mode
 
 PROBE_TIMEOUT = 30  # seconds per cell; TCG is slow, a hang is not
 SCENARIO_TIMEOUT = 150  # seconds per scenario (the live child has its own 120 s alarm)
 MARK_INFO, MARK_CELL, MARK_END = "KVMPOISON-INFO", "KVMPOISON-CELL", "KVMPOISON-END"
 MARK_SCENARIO = "KVMPOISON-SCENARIO"
+SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 
 
 def emit(mark: str, payload: dict[str, object]) -> None:
@@ -58,6 +59,8 @@ def main(argv: list[str]) -> int:
         job = json.load(fh)
     emit(MARK_INFO, {"release": platform.release(),
                      "hwpoison_inject": os.path.exists(UNPOISON_PFN),
+                     "shmem_enabled": shmem_thp_advise() if any(
+                         b == "shmem_thp" for _, b in job.get("cells", [])) else "untouched",
                      "tmp_fs": _fs_type(tempfile.gettempdir())})
     signal.signal(signal.SIGALRM, _alarm)
     t0 = time.perf_counter()
@@ -77,6 +80,24 @@ def main(argv: list[str]) -> int:
         emit(MARK_SCENARIO, {"i": i, **_scenario(sc["vms"], sc["steps"])})
     emit(MARK_END, {"seconds": round(time.perf_counter() - t0, 3)})
     return 0
+
+
+def shmem_thp_advise() -> str:
+    """Set the GUEST's shmem_enabled to ``advise``, so MADV_HUGEPAGE gives the shmem_thp
+    column a huge page; return the mode it then shows, or why it could not be set.
+
+    This is the VM guest's own sysfs (its kernel, its memory): main() has checked
+    ``in_vm_guest()``. The host's THP settings are never written.
+    """
+    if not in_vm_guest():
+        raise PermissionError("shmem_enabled is written only inside the kvmpoison VM guest")
+    try:
+        with open(SHMEM_ENABLED, "w") as fh:
+            fh.write("advise")
+        with open(SHMEM_ENABLED) as fh:
+            return thp_mode(fh.read())
+    except (OSError, ValueError) as exc:
+        return f"unset ({type(exc).__name__}: {exc})"
 
 
 def _scenario(vms: list[dict[str, object]], steps: list[dict[str, object]]) -> dict[str, object]:
