@@ -157,3 +157,18 @@ def test_oracle_md_and_table_show_a_disagreement_whole(capsys: pytest.CaptureFix
     assert rc == 1 and width(out) <= 80 and "…" not in out
     assert "BUS_ADRERR" in out and "BUS_MCEERR_AR" in out
     assert "sig:SIG:CODE = the access raised signal SIG" in " ".join(out.split())
+
+
+def test_oracle_notes_keep_square_brackets(capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """sysfs shows the active THP mode as ``[never]``: rich must not take it for markup."""
+    import kvmpoison.report.oracle as report_oracle
+
+    def with_note(progress: object = None) -> object:
+        result = _fake_comparison()
+        result.notes.append("not refereed: shmem_thp: shmem_enabled=[never]")  # type: ignore[attr-defined]
+        return result
+
+    monkeypatch.setattr(report_oracle, "compare", with_note)
+    _, out, _ = cli(capsys, "oracle")
+    assert "shmem_enabled=[never]" in " ".join(out.split())

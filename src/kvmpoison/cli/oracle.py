@@ -95,7 +95,7 @@ def oracle(
                       f"CONFIG_MEMORY_FAILURE={'y' if result.kcfg.memory_failure else 'n'}), "
                       f"/dev/kvm {result.kvm_problem or 'usable'}")
         for note in result.notes:
-            console.print(f"note: {note}")
+            console.print(f"note: {note}", markup=False)
         if result.disagreements:
             table = Table(title="disagreements")
             for col in ("path", "backing", "live", "model"):

@@ -58,7 +58,7 @@ def _print_table(result: VmComparison) -> None:
                   f"{result.kcfg.version.value} with its /boot/config "
                   f"(CONFIG_MEMORY_FAILURE={'y' if result.kcfg.memory_failure else 'n'})")
     for note in result.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
     grid: dict[str, dict[str, str]] = {}
     for path, backing, live, model in result.cells:
         shown = live if live == model else f"[red]{live} (model {model})[/red]"

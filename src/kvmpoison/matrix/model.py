@@ -9,22 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
 from kvmpoison.arch.x86.pgtable import (
     is_swap_pte,
-    pmd_large,
     pte_pfn,
     pte_present,
-    pte_present_array,
 )
 from kvmpoison.fs.pipe import Pipe
+from kvmpoison.fs.proc_task_mmu import SMAPS_FIELDS, smap_gather_stats
 from kvmpoison.kconfig import KernelConfig
 from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.kernel.process import Process
 from kvmpoison.matrix import protocol as proto
-from kvmpoison.mm.fault import find_vma
 from kvmpoison.mm.file import O_DIRECT, O_RDWR
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.madvise import (
@@ -36,7 +32,7 @@ from kvmpoison.mm.madvise import (
     MADV_POPULATE_WRITE,
 )
 from kvmpoison.mm.memory_failure import unpoison_memory
-from kvmpoison.mm.mm_types import MmStruct, Vma, vma_is_anonymous
+from kvmpoison.mm.mm_types import MmStruct
 from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_FIXED, MAP_PRIVATE, MAP_SHARED, PROT_NONE
 from kvmpoison.mm.swapops import (
     is_hwpoison_entry,
@@ -190,55 +186,37 @@ def _thp_region(target: Process, backing: str) -> int:
     return t
 
 
-# The seam to the model's THP (issue 12). /proc/PID/smaps's counters for the VMAs that
-# overlap [start, end), read from the model's page tables as fs/proc/task_mmu.c's
-# smaps_pte_entry/smaps_pmd_entry (6.18) add them up: Rss counts every present PTE and
-# every PMD-mapped huge page; AnonHugePages and ShmemPmdMapped count the PMD-mapped ones.
-# Until the model's mm maps THPs no PMD is huge, and these say so; whoever wires THP in
-# mm replaces the bodies here (and nothing else) if its PMD mappings look otherwise.
+# /proc/PID/smaps's counters summed over the VMAs that overlap [start, end), as the live
+# probe reads them: the model's own smaps (fs/proc/task_mmu.c smap_gather_stats).
 
 
-def _huge_pmds(mm: MmStruct, start: int, end: int) -> list[tuple[Vma, int]]:
-    """(VMA, address) of every PMD-mapped 2 MiB unit of [start, end) (pmd_trans_huge)."""
-    out = []
-    for addr in range(start & ~(HPAGE - 1), end, HPAGE):  # bounded: a few 2 MiB units
-        vma = find_vma(mm, addr)
-        if vma is not None and vma.vm_start <= addr and pmd_large(mm.pgd.pmd_entry(addr)):
-            out.append((vma, addr))
-    return out
-
-
-def _is_shmem(vma: Vma) -> bool:
-    return vma.vm_file is not None and vma.vm_file.f_inode.kind == "shmem"
+def _region_stats(mm: MmStruct, start: int, end: int) -> dict[str, int]:
+    total = dict.fromkeys(SMAPS_FIELDS, 0)
+    for vma in mm.vmas:
+        if vma.vm_start < end and vma.vm_end > start:
+            for key, value in smap_gather_stats(vma).items():
+                total[key] += value
+    return total
 
 
 def smaps_rollup_anon_huge(mm: MmStruct, start: int, end: int) -> int:
-    """AnonHugePages (kB): anonymous THPs mapped by a PMD in [start, end)."""
-    return sum(HPAGE >> 10 for vma, _ in _huge_pmds(mm, start, end) if vma_is_anonymous(vma))
+    """AnonHugePages (kB): anonymous THPs mapped by a PMD in the VMAs over [start, end)."""
+    return _region_stats(mm, start, end)["AnonHugePages"]
 
 
 def smaps_shmem_pmd_mapped(mm: MmStruct, start: int, end: int) -> int:
-    """ShmemPmdMapped (kB): shmem THPs mapped by a PMD in [start, end)."""
-    return sum(HPAGE >> 10 for vma, _ in _huge_pmds(mm, start, end) if _is_shmem(vma))
+    """ShmemPmdMapped (kB): shmem THPs mapped by a PMD in the VMAs over [start, end)."""
+    return _region_stats(mm, start, end)["ShmemPmdMapped"]
 
 
 def smaps_rss(mm: MmStruct, start: int, end: int) -> int:
-    """Rss (kB) of [start, end): present PTEs, plus 2 MiB per PMD-mapped huge page."""
-    huge = np.array([addr >> PMD_SHIFT for _, addr in _huge_pmds(mm, start, end)],
-                    dtype=np.int64)
-    ptes = 0
-    core = mm.core
-    for chunk in mm.pgd.chunks(start, end):
-        present = pte_present_array(core.ptes.rows[chunk.rows, chunk.cols])
-        present &= ~np.isin(chunk.addr >> PMD_SHIFT, huge)  # no PTE level under a huge PMD
-        ptes += int(present.sum())
-    return ptes * (PAGE >> 10) + len(huge) * (HPAGE >> 10)
+    """Rss (kB) of the VMAs over [start, end)."""
+    return _region_stats(mm, start, end)["Rss"]
 
 
 def smaps_counters(mm: MmStruct, t: int) -> str:
-    end = t + HPAGE
-    return proto.smaps_cell(smaps_rss(mm, t, end), smaps_rollup_anon_huge(mm, t, end),
-                            smaps_shmem_pmd_mapped(mm, t, end))
+    stats = _region_stats(mm, t, t + HPAGE)
+    return proto.smaps_cell(stats["Rss"], stats["AnonHugePages"], stats["ShmemPmdMapped"])
 
 
 def thp_pmd_check(mm: MmStruct, backing: str, t: int) -> str:
