@@ -62,3 +62,23 @@ def test_one_command_app_is_still_a_group_and_full_app_has_all() -> None:
     assert _names(app_for(["nope"])) == set(COMMANDS)
     assert _names(app_for([])) == set(COMMANDS)
     assert _names(make_app()) == set(COMMANDS)
+
+
+RUN_ALL_GMEM = """
+import sys
+from kvmpoison.scenario.library import shipped
+from kvmpoison.scenario.loader import load
+from kvmpoison.scenario.runner import run_scenario
+for path in shipped().values():
+    run_scenario(load(path), "gmem")
+print("numpy.ma" in sys.modules)
+"""
+
+
+def test_running_the_library_never_loads_numpy_ma() -> None:
+    # np.unique loads numpy.ma (10-30 ms) on first use; the model's paths avoid it.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", RUN_ALL_GMEM], capture_output=True, text=True,
+                          env=env, check=True)
+    assert done.stdout.strip() == "False"
