@@ -7,13 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.cli.errors import CliError, Format
 from kvmpoison.designs import DESIGNS
-from kvmpoison.explore import InvariantMonitor
 from kvmpoison.report.progress import progress
 from kvmpoison.report.table import break_at, legend, md_cell, md_table, styled
 from kvmpoison.scenario.library import shipped, title_of
@@ -21,7 +18,13 @@ from kvmpoison.scenario.loader import Scenario, ScenarioError, load, short_path
 from kvmpoison.scenario.runner import ScenarioRun, run_scenario, trace_records
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
+    from kvmpoison.explore import InvariantMonitor
     from kvmpoison.report.scenario_live import LiveRun
+
+# rich and the invariant checker load only when used: `run --format json` draws nothing,
+# and few scenarios name invariants.
 
 
 def _resolve(item: str) -> Path:
@@ -40,6 +43,8 @@ def _resolve(item: str) -> Path:
 
 
 def _print_run(console: Console, run: ScenarioRun) -> None:
+    from rich.table import Table
+
     table = Table(title=f"{run.scenario.name} on {run.design}", title_justify="left")
     for col in ("#", "actor", "op", "outcome", "expected", ""):
         table.add_column(col, overflow="fold")
@@ -59,6 +64,8 @@ def _monitor(sc: Scenario) -> InvariantMonitor | None:
     """``[scenario] invariants``: checked after every step; a violation fails the run."""
     if not sc.invariants:
         return None
+    from kvmpoison.explore import InvariantMonitor
+
     try:
         return InvariantMonitor(sc.invariants)
     except ValueError as exc:
@@ -171,6 +178,8 @@ def run(
               + (f"; failed: {', '.join(failed)}" if failed else "")
               + f".\n\nCells: {legend(cells)}.")
     else:
+        from rich.console import Console
+
         console = Console()
         for r in runs:
             _print_run(console, r)
@@ -235,6 +244,9 @@ def _finish_live(runs: list[ScenarioRun], lives: list[LiveRun], fmt: Format,
             "refereed": refereed, "not_refereed": not_refereed, "disagreements": disagree},
             indent=2))
     else:
+        from rich.console import Console
+        from rich.table import Table
+
         console = Console()
         for run_ in runs:
             _print_run(console, run_)

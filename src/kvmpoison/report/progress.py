@@ -11,9 +11,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 Tick = Callable[[], None]
 
 
@@ -29,6 +26,15 @@ def progress(total: int, what: str, stream: TextIO | None = None) -> Iterator[Ti
     if total <= 0 or not (callable(isatty) and isatty()):
         yield _noop
         return
+    from rich.console import Console  # only to draw: a bar off a terminal never loads rich
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     console = Console(file=out, force_terminal=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as bar:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:  # rich is loaded only to draw (``kvmpoison run --format json`` never does)
+    from rich.console import Console
 
 _STYLE = {"ok": "green", "ret": "green", "vec": "cyan", "smaps": "cyan", "err": "yellow",
           "sig": "red", "mce": "magenta", "shutdown": "bold red", "panic": "bold red"}
@@ -115,6 +116,8 @@ def render_rich(title: str, rows: Sequence[str], cols: Sequence[str],
                 spare -= grow
     for n, chunk in enumerate(chunks):
         part = f" ({n + 1}/{len(chunks)})" if len(chunks) > 1 else ""
+        from rich.table import Table
+
         table = Table(title=title + part, title_justify="left")
         table.add_column(row_header, no_wrap=True, overflow="fold")
         for i in chunk:

@@ -91,17 +91,29 @@ def build_machine(sc: Scenario, design_name: str,
     return Machine(config, vms=vms, kvm_id_bits=spec.kvm_id_bits)
 
 
-def _page_state(ctx: RunCtx, step: Step) -> dict[str, Any]:
-    """What is known about the page a step addresses (empty if it names none)."""
+def _page_of(ctx: RunCtx, step: Step) -> tuple[str, int] | None:
+    """The (VM, page-aligned gpa) a step addresses, or None if it names none."""
     a = step.args
+    gpa = a.get("gpa")
+    if not isinstance(gpa, int):
+        return None
     name = str(a.get("vm") or a.get("target") or step.actor.partition(":")[2] or "")
     name = name.removeprefix("vmm:").removeprefix("guest:")
     inst = ctx.machine.instances.get(name)
-    if inst is None or "gpa" not in a or not isinstance(a["gpa"], int):
-        return {}
-    gpa = a["gpa"] & ~(PAGE_SIZE - 1)
+    if inst is None:
+        return None
+    gpa &= ~(PAGE_SIZE - 1)
     if not 0 <= gpa < inst.vmm.ram_size:
+        return None
+    return name, gpa
+
+
+def _page_state(ctx: RunCtx, page: tuple[str, int] | None) -> dict[str, Any]:
+    """What is known about a step's page (empty if it names none)."""
+    if page is None:
         return {}
+    name, gpa = page
+    inst = ctx.machine.instances[name]
     core = ctx.machine.kernel.core
     state: dict[str, Any] = {"vm": name, "gpa": f"{gpa:#x}"}
     mm = inst.vmm.proc.task.mm
@@ -157,8 +169,16 @@ def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = No
     ctx = RunCtx(m)
     results = []
     violations: list[tuple[int, str]] = []
+    # A step's page state after it is the next step's before it, when both address the
+    # same page and nothing runs in between (no observer or monitor, which may fault).
+    reuse = observe is None and monitor is None
+    last: tuple[tuple[str, int] | None, dict[str, Any]] | None = None
     for step in sc.steps:
-        before = _page_state(ctx, step)
+        page = _page_of(ctx, step)
+        if reuse and last is not None and last[0] == page:
+            before = last[1]
+        else:
+            before = _page_state(ctx, page)
         if monitor is not None:
             monitor.before(ctx, step.actor, step.op, step.args)
         try:
@@ -182,8 +202,10 @@ def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = No
                 ctx.values[step.save] = data_arg(step.args)
         expected = step.expected(design)
         met = None if expected is None else out.cell == expected
+        after = _page_state(ctx, _page_of(ctx, step))
+        last = (page, after)
         results.append(StepResult(step, out, expected, met, _check_data(ctx, step, design, out),
-                                  _diff(before, _page_state(ctx, step))))
+                                  _diff(before, after)))
         if observe is not None:
             observe(m)
     return ScenarioRun(sc, design, results, violations)

@@ -96,7 +96,24 @@ _ALL_LINES = np.arange(LINES_PER_PAGE)
 _V = TypeVar("_V")
 
 
-class _LineKeys(dict[int, tuple[list[int | None], list[bytes], bytes, int, int]]):
+class _PageLineKeys:
+    """One page's key material for the one-line path, line by line as lines are written:
+    keystream ints and tweaks under one KeyID and key generation."""
+
+    __slots__ = ("gen", "keyid", "ks", "misses", "tweaks")
+
+    def __init__(self, keyid: int, gen: int) -> None:
+        self.keyid, self.gen = keyid, gen
+        self.ks: list[int | None] = [None] * LINES_PER_PAGE
+        self.tweaks: list[bytes] = [b""] * LINES_PER_PAGE
+        self.misses = 0  # lines computed alone; past _LINE_MISSES the page's keys are made
+
+
+_LINE_MISSES = 8  # one line's keys cost ~1/16 of a page's: a page written line by line
+# over many lines is cheaper made whole
+
+
+class _LineKeys(dict[int, _PageLineKeys]):
     """The one-line path's key material by pfn; not copied with a machine (as below)."""
 
     def __deepcopy__(self, memo: dict[int, object]) -> _LineKeys:
@@ -268,26 +285,22 @@ class MemoryController:
         # KeyID and key generation the entry names.
         gen = self._generations.get(keyid, 0)
         entry = self._line_keys.get(pfn)
-        if entry is None or entry[3] != keyid or entry[4] != gen:
-            ks, tw = self._page_keys(keyid, None, pfn)
-            entry = ([None] * LINES_PER_PAGE,
-                     [tw[i : i + TWEAK_SIZE] for i in range(0, len(tw), TWEAK_SIZE)], ks,
-                     keyid, gen)
+        if entry is None or entry.keyid != keyid or entry.gen != gen:
+            entry = _PageLineKeys(keyid, gen)
             if len(self._line_keys) >= 256:
                 self._line_keys.pop(next(iter(self._line_keys)))
             self._line_keys[pfn] = entry
         line = at & (LINES_PER_PAGE - 1)
-        ks_line = entry[0][line]
+        ks_line = entry.ks[line]
         if ks_line is None:
-            o = line * LINE_SIZE
-            ks_line = entry[0][line] = int.from_bytes(entry[2][o : o + LINE_SIZE], "little")
+            ks_line = self._line_key(entry, pfn, line)
         ct = (int.from_bytes(data, "little") ^ ks_line).to_bytes(LINE_SIZE, "little")
         mem.ct_mv[at << 6 : (at + 1) << 6] = ct
         mem.writer_mv[at] = keyid
         if private and self._ci:
             nb = mem.mac_nbytes
             end = (at + 1) * nb
-            msg = ct + entry[1][line] + b"\x01"
+            msg = ct + entry.tweaks[line] + b"\x01"
             if self._hmac is not None:  # the MAC inline: HMAC-SHA3-256 from keyed states
                 copy_inner, copy_outer, mask = self._hmac
                 h = copy_inner()
@@ -303,6 +316,26 @@ class MemoryController:
         else:
             flags[at] = LINE_TD if private else 0
         return True
+
+    def _line_key(self, entry: _PageLineKeys, pfn: int, line: int) -> int:
+        """Fill ``entry``'s keystream int and tweak of ``line``: from the page's keys when
+        they are at hand (or the page has had many lines written), else the line's alone
+        (a cold page's one-line write need not pay for 64 lines)."""
+        keyid, gen = entry.keyid, entry.gen
+        page = self._page_keys_cache.get((keyid, gen, pfn))
+        if page is None and entry.misses >= _LINE_MISSES:
+            page = self._page_keys(keyid, gen, pfn)
+        if page is None:
+            entry.misses += 1
+            ks, tweak = self.keys.line_keys(keyid, (pfn << PAGE_SHIFT) | (line * LINE_SIZE),
+                                            gen)
+        else:
+            o = line * LINE_SIZE
+            ks = int.from_bytes(page[0][o : o + LINE_SIZE], "little")
+            tweak = page[1][line * TWEAK_SIZE : (line + 1) * TWEAK_SIZE]
+        entry.ks[line] = ks
+        entry.tweaks[line] = tweak
+        return ks
 
     def mac_line(self, msg: bytes) -> bytes:
         """One line's MAC from its ``ct || tweak || td`` message (the algorithm's own path)."""

@@ -37,6 +37,26 @@ _PAGE_LINE_OFFSETS = np.arange(_PAGE_LINES, dtype=np.uint64) * np.uint64(LINE_SI
 
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
+# One line's key material in Python ints: the 8 keystream words and the tweak's first
+# word as 9 lanes of one int, a lane per 128 bits, so a lane's 128-bit product never
+# reaches the next lane and one mask after each step drops what a shift brought down.
+_LANE_BITS = 128
+_LANES = LINE_WORDS + 1
+_U64 = (1 << 64) - 1
+_ONES = sum(1 << (_LANE_BITS * i) for i in range(_LANES))
+_LANE_MASK = _ONES * _U64
+_LANE_GOLDEN = _ONES * int(_GOLDEN)
+_LANE_OFFSETS = sum((8 * i) << (_LANE_BITS * i) for i in range(LINE_WORDS))
+_MIX1_INT, _MIX2_INT, _GOLDEN_INT = int(_MIX1), int(_MIX2), int(_GOLDEN)
+
+
+def _mix64_int(x: int) -> int:
+    """:func:`mix64` of one 64-bit Python int."""
+    z = (x + _GOLDEN_INT) & _U64
+    z = ((z ^ (z >> 30)) * _MIX1_INT) & _U64
+    z = ((z ^ (z >> 27)) * _MIX2_INT) & _U64
+    return z ^ (z >> 31)
+
 
 def mix64(x: U64Array) -> U64Array:
     """splitmix64's finaliser: a fast bijective 64-bit mixer (vectorised).
@@ -92,6 +112,7 @@ class KeyTable:
     space: KeyIdSpace
     _generation: dict[int, int] = field(default_factory=dict)
     _cache: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    _lane_keys: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
 
     def program_key(self, keyid: int) -> None:
         """PCONFIG ``MKTME_KEYID_SET_KEY_RANDOM`` (TDH.MNG.KEY.CONFIG for a TD)."""
@@ -139,6 +160,28 @@ class KeyTable:
         tweak[:, 0] = lo = x[_PAGE_WORDS:]
         tweak[:, 1] = mix64(lo ^ tk)
         return x[:_PAGE_WORDS].tobytes(), tweak.tobytes()
+
+    def line_keys(self, keyid: int, line_pa: int, gen: int) -> tuple[int, bytes]:
+        """:meth:`keystream` of the line at ``line_pa`` (as one little-endian int of its
+        64 bytes) and its :meth:`tweak` (16 bytes), bit-identical to :meth:`page_keys`'s
+        slice for that line, without a page's worth of work (the one-line write path)."""
+        lane_keys = self._lane_keys.get((keyid, gen))
+        if lane_keys is None:
+            enc_key, tweak_key = self.keys(keyid, gen)
+            keys = sum(enc_key << (_LANE_BITS * i) for i in range(LINE_WORDS))
+            keys |= tweak_key << (_LANE_BITS * LINE_WORDS)
+            lane_keys = self._lane_keys[(keyid, gen)] = (keys, tweak_key)
+        keys, tweak_key = lane_keys
+        mask = _LANE_MASK
+        z = (((line_pa * _ONES + _LANE_OFFSETS) ^ keys) + _LANE_GOLDEN) & mask
+        z = ((z ^ (z >> 30)) & mask) * _MIX1_INT & mask
+        z = ((z ^ (z >> 27)) & mask) * _MIX2_INT & mask
+        z = (z ^ (z >> 31)) & mask
+        words = memoryview(z.to_bytes(_LANES * 16, "little")).cast("Q")
+        lo = words[2 * LINE_WORDS]
+        hi = _mix64_int(lo ^ tweak_key)
+        return (int.from_bytes(words[0 : 2 * LINE_WORDS : 2].tobytes(), "little"),
+                (lo | hi << 64).to_bytes(TWEAK_SIZE, "little"))
 
     def tweak(self, keyid: int, line_pas: U64Array,
               gen: int | None = None) -> npt.NDArray[np.uint8]:
