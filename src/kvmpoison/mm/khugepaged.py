@@ -132,8 +132,7 @@ def hpage_collapse_scan_pmd(vma: Vma, address: int, is_khugepaged: bool) -> Scan
     writable = bool((ptes[mapped] & np.uint64(_PAGE_RW)).any())
     if len(idx):
         heads = idx & ~((np.int64(1) << mem.order[idx].astype(np.int64)) - 1)
-        mapcount = mem._mapcount[idx] + 1 + np.array(
-            [mem.compound_mapcount.get(int(h), 0) for h in heads], dtype=np.int32)
+        mapcount = mem._mapcount[idx] + 1 + _per_head(mem.compound_mapcount, heads)
         if is_khugepaged and int((mapcount > 1).sum()) > KHUGEPAGED_MAX_PTES_SHARED:
             return Scan.EXCEED_SHARED_PTE
         flags = mem.flags[heads]
@@ -161,11 +160,27 @@ def _pmd_ptes(mm: MmStruct, address: int) -> np.ndarray:
     return np.asarray(mm.core.ptes.rows[slot[0]].copy(), dtype=np.uint64)
 
 
+def _per_head(counts: dict[int, int], heads: np.ndarray) -> np.ndarray:
+    """``counts[head]`` (0 when absent) for each element of ``heads``; one dict lookup per
+    distinct compound head, not per page."""
+    out = np.zeros(len(heads), dtype=np.int32)
+    if counts:
+        uniq, inverse = np.unique(heads, return_inverse=True)
+        vals = np.array([counts.get(int(h), 0) for h in uniq], dtype=np.int32)
+        out = vals[inverse]
+    return out
+
+
 def _refcounts_suitable(core: MmCore, heads: np.ndarray) -> bool:
     """mm/khugepaged.c ``is_refcount_suitable`` (v5.12) for every distinct page: its
-    references are exactly its mappings (``total_mapcount``; no swap cache)."""
+    references are exactly its mappings (``total_mapcount``; no swap cache). Order-0
+    pages are checked in one vector operation, compound pages one by one (few)."""
     mem = core.pages
-    for head in np.unique(heads).tolist():
+    uniq = np.unique(heads)
+    small = uniq[mem.order[uniq] == 0]
+    if (mem._refcount[small] != mem._mapcount[small] + 1).any():
+        return False
+    for head in uniq[mem.order[uniq] != 0].tolist():
         order = int(mem.order[head])
         span = mem._mapcount[head : head + (1 << order)]
         total = int((span + 1).sum()) + mem.compound_mapcount.get(head, 0)

@@ -830,7 +830,9 @@ def _maybe_dma_pinned(core: MmCore, pfns: IntArray) -> npt.NDArray[np.bool_]:
     pinned = mem._refcount[heads] >= 1024  # GUP_PIN_COUNTING_BIAS
     large = np.flatnonzero(mem.order[heads] > 1)  # compound_pincount (hpage_pincount)
     if len(large):
-        pinned[large] = [mem.compound_pincount.get(int(h), 0) > 0 for h in heads[large]]
+        pins = mem.compound_pincount
+        pinned[large] = np.isin(heads[large], np.fromiter((h for h, n in pins.items() if n > 0),
+                                                          dtype=np.int64, count=-1))
     if core.kcfg.version.tuple >= (5, 19):  # 6.1: page_try_dup_anon_rmap, anon only
         pinned &= (mem.mapping[heads] & 1) != 0  # folio_try_dup_anon_rmap_ptes
     return np.asarray(pinned, dtype=np.bool_)
