@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 
+import numpy as np
 import pytest
 
 from helpers import ANON, PAGE, RW, boot, ok, proc
@@ -383,3 +384,31 @@ def test_uffdio_poison_stops_at_a_huge_pmd_with_eexist() -> None:
                          UFFDIO_REGISTER_MODE_MISSING))
     assert p.uffdio_poison(ctx, addr + PAGE, PAGE).cell == "err:EEXIST"
     assert head_of(p, addr) is not None
+
+
+def test_a_freed_thp_with_a_poisoned_subpage_keeps_only_that_page_out() -> None:
+    k = boot(RFC_BASE)
+    p = proc(k)
+    addr = thp(p, n=2)
+    head = head_of(p, addr)
+    pins: list[Page] = []
+    pin_user_pages(p.mm, addr, 1, FOLL.WRITE, pins)
+    assert k.core.memory_failure is not None
+    assert k.core.memory_failure(head + 5, 0, None) == -errno.EBUSY  # unsplit: stays a THP
+    unpin_user_pages(pins)
+    free, withheld = k.core.buddy.nr_free, k.core.buddy.withheld_hwpoison
+    ok(p.munmap(addr, 2 * HPAGE))  # both THPs in one batch
+    assert k.core.buddy.withheld_hwpoison == withheld + 1
+    assert k.core.buddy.nr_free == free + 2 * HPAGE_PMD_NR - 1 + 2  # and 2 deposited tables
+
+
+def test_pmd_modify_array_matches_pmd_modify() -> None:
+    from kvmpoison.arch.x86.pgtable import pfn_pmd, pmd_modify, pmd_modify_array
+    from kvmpoison.arch.x86.pgtable_types import PAGE_NONE
+    from kvmpoison.mm.mm_types import VM, vm_get_page_prot
+    olds = [pfn_pmd(0x200 * i, vm_get_page_prot(f) | _PAGE_PSE)
+            for i, f in enumerate((VM.READ, VM.READ | VM.WRITE, VM(0), VM.EXEC), start=1)]
+    for prot in (PAGE_NONE, vm_get_page_prot(VM.READ), vm_get_page_prot(VM.READ | VM.WRITE
+                                                                         | VM.SHARED)):
+        arr = pmd_modify_array(np.array(olds, dtype=np.uint64), prot)
+        assert [int(v) for v in arr] == [pmd_modify(o, prot) for o in olds]
