@@ -412,3 +412,19 @@ def test_pmd_modify_array_matches_pmd_modify() -> None:
                                                                          | VM.SHARED)):
         arr = pmd_modify_array(np.array(olds, dtype=np.uint64), prot)
         assert [int(v) for v in arr] == [pmd_modify(o, prot) for o in olds]
+
+
+def test_soft_offline_splits_a_thp_before_failing_to_migrate() -> None:
+    from kvmpoison.mm.madvise import MADV_SOFT_OFFLINE
+    k = boot(RFC_BASE)
+    p = proc(k)
+    addr = thp(p, n=2)
+    head = head_of(p, addr)
+    assert p.madvise(addr + PAGE, PAGE, MADV_SOFT_OFFLINE).cell == "err:EBUSY"
+    assert thp_pmd_mapping(p.mm, addr) is None  # split, then migration is not modelled
+    assert page_count(k.core.pages[head + 1]) == 1 and int(k.core.pages.order[head]) == 0
+    pins: list[Page] = []
+    pin_user_pages(p.mm, addr + HPAGE, 1, FOLL.WRITE, pins)
+    assert p.madvise(addr + HPAGE, PAGE, MADV_SOFT_OFFLINE).cell == "err:EBUSY"
+    assert thp_pmd_mapping(p.mm, addr + HPAGE) is not None  # the pin stops the split
+    assert k.core.dmesg[-1].endswith("thp split failed")
