@@ -428,3 +428,31 @@ def test_soft_offline_splits_a_thp_before_failing_to_migrate() -> None:
     assert p.madvise(addr + HPAGE, PAGE, MADV_SOFT_OFFLINE).cell == "err:EBUSY"
     assert thp_pmd_mapping(p.mm, addr + HPAGE) is not None  # the pin stops the split
     assert k.core.dmesg[-1].endswith("thp split failed")
+
+
+def test_kvm_side_queries_see_the_pmd_leaf_and_lose_it_on_split() -> None:
+    from kvmpoison.mm.huge_memory import split_huge_pmd
+    from kvmpoison.mm.page import PageTransCompoundMap
+    k = boot()
+    p = proc(k)
+    addr = thp(p, n=1)
+    head = head_of(p, addr)
+    entry, level = p.mm.pgd.lookup_address(addr + 3 * PAGE)
+    assert level == 2 and entry == p.mm.pgd.pmd_leaf(addr)
+    assert PageTransCompoundMap(k.core.pages[head + 3])
+    vma = next(v for v in p.mm.vmas if v.vm_start <= addr < v.vm_end)
+    assert split_huge_pmd(vma, addr)
+    entry, level = p.mm.pgd.lookup_address(addr + 3 * PAGE)
+    assert level == 1 and pte_pfn(entry) == head + 3
+    assert not PageTransCompoundMap(k.core.pages[head + 3])  # PTE-mapped now
+    assert thp_pmd_mapping(p.mm, addr) is None
+
+
+def test_madvise_collapse_refuses_a_nohugepage_vma() -> None:
+    from kvmpoison.mm.madvise import MADV_NOHUGEPAGE
+    k = boot(V6_18)
+    p = proc(k)
+    addr = small_pages(p, 3)
+    ok(p.madvise(addr, 2 * HPAGE, MADV_NOHUGEPAGE))
+    assert p.madvise(addr, HPAGE, MADV_COLLAPSE).cell == "err:EINVAL"
+    assert thp_pmd_mapping(p.mm, addr) is None
