@@ -456,3 +456,45 @@ def test_madvise_collapse_refuses_a_nohugepage_vma() -> None:
     ok(p.madvise(addr, 2 * HPAGE, MADV_NOHUGEPAGE))
     assert p.madvise(addr, HPAGE, MADV_COLLAPSE).cell == "err:EINVAL"
     assert thp_pmd_mapping(p.mm, addr) is None
+
+
+def test_scenario_machine_thp_mode_always_gives_guest_ram_thps_without_madvise() -> None:
+    from kvmpoison.scenario.loader import ScenarioError, load_text
+    from kvmpoison.scenario.runner import run_scenario
+    text = '''[scenario]
+name = "thp-mode"
+designs = ["baseline"]
+
+[machine]
+integrity = "off"
+{mode}
+
+[[vm]]
+name = "a"
+backing = "anon"
+memory = "8M"
+
+[[step]]
+actor = "vmm:a"
+op = "store"
+gpa = 0x200000
+data = "x"
+
+[[step]]
+actor = "vmm:a"
+op = "madvise"
+gpa = 0x200000
+size = 0x1000
+advice = "dontneed"
+
+[[step]]
+actor = "host"
+op = "deferred_split_scan"
+'''
+    cells = {}
+    for mode in ('thp = "always"', 'thp = "madvise"', ""):
+        sc = load_text(text.replace("{mode}", mode), "thp.toml")
+        cells[mode] = run_scenario(sc, "baseline").results[-1].outcome.cell
+    assert cells == {'thp = "always"': "ret:1", 'thp = "madvise"': "ret:0", "": "ret:0"}
+    with pytest.raises(ScenarioError, match="thp must be"):
+        load_text(text.replace("{mode}", 'thp = "sometimes"'), "thp.toml")
