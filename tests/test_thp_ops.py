@@ -81,7 +81,7 @@ def test_mprotect_of_one_page_splits_the_pmd_and_changes_only_that_pte() -> None
 
 @pytest.mark.parametrize(("kcfg", "writable"), [(RFC_BASE, False), (V6_1, False),
                                                 (V6_18, True)], ids=["5.12", "6.1", "6.18"])
-def test_mprotect_back_to_rw_upgrades_an_exclusive_thp_only_from_6_5(
+def test_mprotect_back_to_rw_upgrades_an_exclusive_thp_only_from_6_2(
         kcfg: KernelConfig, writable: bool) -> None:
     k = boot(kcfg)
     p = proc(k)
