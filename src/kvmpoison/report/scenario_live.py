@@ -163,6 +163,8 @@ def live_step(step: Step, swap: bool = True, in_vm: bool = False
     pages (MADV_HWPOISON, memory_failure) and has no /dev/kvm."""
     kind, _, who = step.actor.partition(":")
     op, a = step.op, step.args
+    if not step.runs_on(REFEREE_DESIGN):
+        return None, f"the step does not run on {REFEREE_DESIGN}"
     if in_vm and (kind, op) == ("guest", "store"):
         return {"index": step.index, "kind": "vmm", "who": who, "op": "store",
                 "args": {"gpa": _int(a, "gpa"), "data": data_arg(a).hex()},

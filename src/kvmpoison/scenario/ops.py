@@ -17,7 +17,8 @@ from typing import Any
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
-from kvmpoison.machine import Instance, Machine, VmSpec
+from kvmpoison.kernel.kernel import ForkError
+from kvmpoison.machine import Instance, Machine, VmSetupError, VmSpec
 from kvmpoison.matrix import protocol as proto
 from kvmpoison.matrix.designs import backing_pfn, error_then_free, make_probe
 from kvmpoison.matrix.model import run_path
@@ -44,6 +45,7 @@ from kvmpoison.mm.page import Page, put_page
 from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.units import VM_MEMORY_MAX, parse_size
 from kvmpoison.virt.kvm.guest_memfd import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
+from kvmpoison.virt.kvm.kvm_main import Protection
 from kvmpoison.virt.kvm.memslot2 import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -242,11 +244,14 @@ def _guest(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
             gfn = _u64(a, "gfn") if "gfn" in a else _guest_gpa(inst, a) >> PAGE_SHIFT
             # A hypercall's result is RAX, not an errno: -KVM_ENOSYS is "ret:-1000".
             return Outcome.ret(g.share(gfn, _u64(a, "npages", 1)))
-        case "unshare":  # gmem only: KVM_HC_MAP_GPA_RANGE(ENCRYPTED); the RFC has none (E10)
-            if inst.vm.gmem is None:
-                raise OpError(f"{inst.spec.name}'s design has no unshare (only gmem converts "
-                              "back to private)")
+        case "unshare":  # gmem: KVM_HC_MAP_GPA_RANGE(ENCRYPTED); hardened: hypercall 14;
+            # the RFC has none (E10)
             gfn = _u64(a, "gfn") if "gfn" in a else _guest_gpa(inst, a) >> PAGE_SHIFT
+            if inst.vm.protection is Protection.HARDENED:
+                return Outcome.ret(g.unshare(gfn, _u64(a, "npages", 1)))
+            if inst.vm.gmem is None:
+                raise OpError(f"{inst.spec.name}'s design has no unshare (only gmem and "
+                              "hardened convert back to private)")
             return Outcome.ret(g.map_gpa_range(gfn, _u64(a, "npages", 1), private=True))
         case "hypercall":
             return Outcome.ret(g.hypercall(_u64(a, "nr"), _u64(a, "a0", 0), _u64(a, "a1", 0)))
@@ -274,7 +279,11 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
         return _file_op(ctx, inst, op, a)
     match op:
         case "fork_child_load":
-            return vmm.proc.fork().load(hva_of(ctx, inst, a), _access_size(a))
+            try:
+                child = vmm.proc.fork()
+            except ForkError as failed:
+                return Outcome.error(failed.errno, "fork failed (copy_page_range refused)")
+            return child.load(hva_of(ctx, inst, a), _access_size(a))
         case "pagecache_read" | "pagecache_write":
             if vmm.ram_fd is None:
                 raise OpError("anonymous guest RAM has no page cache")
@@ -503,6 +512,10 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
                           backing=str(a.get("backing", "memfd")),
                           share_ram_with=a.get("share_ram_with"), fork_of=a.get("fork_of"))
             inst = m.add_vm(spec)
+        except VmSetupError as failed:  # KVM refused the guest RAM (hardened: a bound file)
+            return Outcome.error(failed.errno, str(failed))
+        except ForkError as failed:  # fork_of: the VMM's fork failed (hardened: private pages)
+            return Outcome.error(failed.errno, "fork failed (copy_page_range refused)")
         except (ValueError, RuntimeError) as exc:  # bad arguments, or the VMM's set-up failed
             raise OpError(f"new_vm: {exc}") from None
         return Outcome.ok(detail=f"VM {spec.name} has kvm->id {inst.vm.ident}")

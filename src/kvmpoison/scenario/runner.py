@@ -79,7 +79,10 @@ def build_machine(sc: Scenario, design_name: str,
     spec = sc.machine
     kcfg = d.kernel
     if spec.kernel is not None:
-        kcfg = dataclasses.replace(kcfg, version=spec.kernel)
+        version = spec.kernel
+        if d.kernel_floor is not None and version < d.kernel_floor:
+            version = d.kernel_floor  # the design cannot run older kernels (hardened: markers)
+        kcfg = dataclasses.replace(kcfg, version=version)
     overrides: dict[str, Any] = dict(spec.config)
     kcfg = dataclasses.replace(kcfg, **overrides)
     platform = PlatformConfig(mem_bytes=spec.memory,
@@ -158,6 +161,8 @@ def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = No
     results = []
     violations: list[tuple[int, str]] = []
     for step in sc.steps:
+        if not step.runs_on(design):
+            continue
         before = _page_state(ctx, step)
         if monitor is not None:
             monitor.before(ctx, step.actor, step.op, step.args)
