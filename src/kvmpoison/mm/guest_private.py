@@ -37,9 +37,6 @@ from kvmpoison.mm.swapops import (
     swp_entry_to_pte,
 )
 
-MPOL_MF_MOVE = 1 << 1  # include/uapi/linux/mempolicy.h
-MPOL_MF_MOVE_ALL = 1 << 2
-
 
 def PageGuestPrivate(page: Page) -> bool:
     """The hardened design's page flag (a modelled PG_guest_private)."""
@@ -75,39 +72,37 @@ def range_holds_guest_private(mm: MmStruct, start: int, end: int) -> bool:
     return mm.core.hooks.guest_private and bool(len(guest_private_markers(mm, start, end)))
 
 
-def move_pages(mm: MmStruct, addrs: list[int], flags: int = MPOL_MF_MOVE) -> list[int]:
-    """move_pages(2) with nodes: the status of each page (mm/migrate.c ``do_pages_move`` ->
-    ``add_page_for_migration``, v5.12 and 6.18).
+def move_pages(mm: MmStruct, addrs: list[int]) -> list[int]:
+    """move_pages(2) of each page to node 0: its status (mm/migrate.c ``do_pages_move`` ->
+    ``add_page_for_migration``, v5.12 and 6.1, checked in 6.1's source).
 
-    The model is one NUMA node, so a page that can be isolated "moves" to
-    node 0 where it already is (status 0). -EFAULT: no VMA or no page (a
-    hole, a swap entry, a hwpoison entry: ``follow_page`` finds no page);
-    -EACCES: a page mapped by more than one process without MPOL_MF_MOVE_ALL.
-    The hardened design: a guest-private page is -EBUSY (its isolation is
-    refused, as ``kvm_gmem_migrate_folio`` refuses guest_memfd folios), the
-    marker and the page stay. RFC designs: the hwpoison entry is not a page,
-    so -EFAULT (E18: the page never moves, effectively pinned).
+    The model is one NUMA node, so node 0 is the only valid target and a page
+    found is already there: status 0 (``page_to_nid(page) == node``). No VMA:
+    -EFAULT. ``follow_page(FOLL_GET | FOLL_DUMP)`` finding no page (a none PTE,
+    a swap, hwpoison or marker entry) is -EFAULT in an anonymous VMA
+    (``no_page_table`` under FOLL_DUMP) and -ENOENT in a file VMA; the zero
+    page is -EFAULT. The hardened design recognises its marker first and
+    answers -EBUSY (the isolation ``isolate_lru_page`` would refuse), as
+    guest_memfd's ``kvm_gmem_migrate_folio`` refuses its folios. Under the RFC
+    the hwpoison entry is no page (E18: the page never moves).
     """
     core = mm.core
     out: list[int] = []
     for addr in addrs:
-        if not any(v.vm_start <= addr < v.vm_end for v in mm.vmas):  # vma_lookup
+        vma = next((v for v in mm.vmas if v.vm_start <= addr < v.vm_end), None)  # vma_lookup
+        if vma is None:
             out.append(-errno.EFAULT)
             continue
         if core.hooks.guest_private and len(guest_private_markers(mm, addr, addr + 1)):
             out.append(-errno.EBUSY)
             continue
         pte = mm.pgd.get(addr)
+        anon = vma.vm_file is None
         if not pte_present(pte):
-            out.append(-errno.EFAULT)
+            out.append(-errno.EFAULT if anon else -errno.ENOENT)
             continue
-        pfn = pte_pfn(pte)
-        page = core.pages[pfn]
-        mapcount = int(core.pages._mapcount[pfn]) + 1
-        if mapcount > 1 and not flags & MPOL_MF_MOVE_ALL:
-            out.append(-errno.EACCES)
-            continue
-        out.append(0 if page_count(page) else -errno.EFAULT)
+        out.append(0 if page_count(core.pages[pte_pfn(pte)]) and pte_pfn(pte) != core.zero_pfn
+                   else -errno.EFAULT)
     return out
 
 

@@ -516,9 +516,11 @@ def handle_guest_private_marker(vmf: VmFaultInfo, pfn: int) -> VmFault:
 
     A host access to a guest-private page is VM_FAULT_SIGBUS: SIGBUS with
     BUS_ADRERR for userspace, -EFAULT for GUP; never VM_FAULT_HWPOISON, so no
-    VMM takes it for a memory error. Once the guest shared the page again
-    (PG_guest_private clear), the marker becomes a present PTE, its page
-    reference becoming the PTE's (RFCv2 11/13's restore, for the marker).
+    VMM takes it for a memory error, unless the page really has one
+    (PG_hwpoison, set by memory_failure only), which is reported as such.
+    Once the guest shared the page again (PG_guest_private clear), the marker
+    becomes a present PTE, its page reference becoming the PTE's (RFCv2
+    11/13's restore, for the marker).
     """
     mm = vmf.vma.vm_mm
     core = mm.core
@@ -529,10 +531,10 @@ def handle_guest_private_marker(vmf: VmFaultInfo, pfn: int) -> VmFault:
     try:
         if mm.pgd.get(vmf.address) != vmf.orig_pte:
             return VM_FAULT_0
+        if PageHWPoison(page):
+            return VmFault.HWPOISON  # a real memory error on the page: reported as one
         if PageFlag(page, PG.guest_private):
             return VmFault.SIGBUS
-        if PageHWPoison(page):
-            return VmFault.HWPOISON  # a real memory error since: reported as one
         mm_counter_add(mm, page, 1)
         page_add_rmap(page)
         mm.pgd.set(vmf.address, pfn_pte(page.pfn, vmf.vma.vm_page_prot) | _PAGE_ACCESSED)

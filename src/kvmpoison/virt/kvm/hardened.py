@@ -317,7 +317,8 @@ def kvm_share_memory_hardened(vm: Vm, gfn: int, npages: int) -> int:
 def kvm_unshare_memory_hardened(vm: Vm, gfn: int, npages: int) -> int:
     """KVM_HC_MEM_UNSHARE(gfn, npages) (14, as the 2020 RFC numbered it): 0 or -KVM_EINVAL.
 
-    The range becomes private again (E10); its SPTEs are zapped, and every
+    The range becomes private again (E10); a private gfn whose page went away
+    (hole-punch, truncate) is accepted afresh; its SPTEs are zapped, and every
     page the VMM maps there now is protected at once: PG_guest_private,
     this VM's binding, and an rmap walk that turns every present PTE in
     every mm into a guest-private marker (vectorised over one VMA's pages;
@@ -333,9 +334,13 @@ def kvm_unshare_memory_hardened(vm: Vm, gfn: int, npages: int) -> int:
     assert vm.hardened_shared is not None
     vm.hardened_shared.store(start, end, 0)
     vm.zap_gfn_range(start, end)
+    kvm = vm.kvm
+    # A private gfn whose page went away is accepted afresh: its next fault takes a new page.
+    for g in [g for g, p in vm.hardened_private.items()
+              if start <= g < end and int(kvm.hardened_owner[p]) != vm.binding]:
+        del vm.hardened_private[g]
     core = vm.core
     mem = core.pages
-    kvm = vm.kvm
     for slot in vm.memslots:
         lo, hi = max(start, slot.base_gfn), min(end, slot.base_gfn + slot.npages)
         if lo >= hi:
