@@ -5,7 +5,7 @@
 
 Every shipped E-case scenario (``src/kvmpoison/scenario/library/eNN-*.toml``) is
 run on rfc-v2, hardened and gmem. A design's outcome is the cells of the steps
-where the three designs' expectations differ (the steps that tell them apart),
+where the designs' expectations differ (the steps that tell designs apart),
 in order; a scenario whose steps agree everywhere shows its last step. The
 verdict is the scenario's own ``# hardened (VERDICT): ...`` comment line. An
 E-case without a scenario gets the reason from :data:`NO_SCENARIO`.
@@ -33,12 +33,6 @@ VERDICT = re.compile(r"^hardened \((closed|refused|open)\): (.*)$")
 NO_SCENARIO = {
     "E12": ("closed", "as E11: the hardened guest makes all of RAM private at every boot, so "
             "a kexec'd kernel inherits no share it does not know of"),
-    "E17": ("closed", "no scenario op; `offline_pages` refuses a range holding a private page "
-            "with -EBUSY where the RFC offlines it (tests/test_hardened.py)"),
-    "E18": ("closed", "no scenario op; `move_pages` gives -EBUSY for a private page, -EFAULT "
-            "under the RFC (tests/test_hardened.py)"),
-    "E19": ("closed", "no scenario op; `alloc_contig_range` refuses, -EBUSY, on every design "
-            "(tests/test_hardened.py)"),
     "E23": ("open", "THP at the PMD level is later work (the model's mm has no PMD-mapped "
             "THP in this design yet)"),
     "E25": ("open", "not modelled: `hva_to_pfn_remapped` (VM_PFNMAP/VM_IO) is not in the model"),
@@ -59,8 +53,8 @@ NO_SCENARIO = {
 def _summary(sc: Scenario) -> dict[str, str]:
     runs = {d: run_scenario(sc, d) for d in DESIGNS}
     telling = [s.index for s in sc.steps
-               if len({s.expected(d) for d in DESIGNS if s.runs_on(d)}) > 1
-               or not all(s.runs_on(d) for d in DESIGNS)]
+               if len({s.expected(d) for d in sc.designs if s.runs_on(d)}) > 1
+               or not all(s.runs_on(d) for d in sc.designs)]
     out: dict[str, str] = {}
     for d, run in runs.items():
         cells = {r.step.index: r.outcome.cell for r in run.results}

@@ -28,7 +28,7 @@ from kvmpoison.arch.x86.pgtable_types import (
 )
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.mm_types import MmStruct
-from kvmpoison.mm.page import Page, PageFlag, page_count
+from kvmpoison.mm.page import PAGE_MAPPING_ANON, Page, PageFlag, page_count
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.swapops import (
     PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT,
@@ -36,6 +36,8 @@ from kvmpoison.mm.swapops import (
     make_guest_private_entry,
     swp_entry_to_pte,
 )
+
+GUP_PIN_BIAS = 1 << 10  # GUP_PIN_COUNTING_BIAS (include/linux/mm.h); mm/gup.py imports us
 
 
 def PageGuestPrivate(page: Page) -> bool:
@@ -106,55 +108,68 @@ def move_pages(mm: MmStruct, addrs: list[int]) -> list[int]:
     return out
 
 
+def _unmovable(core: MmCore, pfns: npt.NDArray[np.int64], isolated_hwpoison: bool
+               ) -> bool:
+    """Would isolating and migrating every in-use page of ``pfns`` fail? (the verdict of
+    ``start_isolate_page_range`` + ``do_migrate_range`` + ``test_pages_isolated``)."""
+    mem = core.pages
+    flags = mem.flags[pfns]
+    in_use = mem._refcount[pfns] > 0
+    if core.hooks.guest_private and (flags & np.uint32(mem.mask(PG.guest_private))).any():
+        return True  # the design's private pages never move
+    poisoned = (flags & np.uint32(mem.mask(PG.hwpoison))) != 0
+    if poisoned.any() and not isolated_hwpoison:
+        return True  # without MEMORY_OFFLINE a poisoned page is not isolated
+    movers = in_use & ~poisoned
+    if ((flags[movers] & np.uint32(mem.mask(PG.lru))) == 0).any():
+        return True  # has_unmovable_pages: in use and not on the LRU
+    if (mem._refcount[pfns[movers]] >= GUP_PIN_BIAS).any():
+        return True  # pinned: migrate_pages fails on the extra references
+    values = np.unique(mem.mapping[pfns[movers]])
+    for value in values[(values != 0) & ((values & PAGE_MAPPING_ANON) == 0)].tolist():
+        host = getattr(mem.registry.decode(int(value)), "host", None)
+        if getattr(host, "kind", "") == "gmem":
+            return True  # guest_memfd: mapping_set_unmovable (AS_UNMOVABLE)
+    return False
+
+
 def offline_pages(core: MmCore, start_pfn: int, nr_pages: int) -> int:
     """Memory hot-unplug of [start_pfn, start_pfn + nr_pages): 0 or -errno.
 
-    mm/memory_hotplug.c ``offline_pages`` (v5.12, 6.18), reduced to its
-    verdict: ``start_isolate_page_range`` / ``has_unmovable_pages``, then
+    mm/memory_hotplug.c ``offline_pages`` (v5.12, 6.1 source), reduced to its
+    verdict: ``start_isolate_page_range(MEMORY_OFFLINE)``/``has_unmovable_pages``,
     ``do_migrate_range`` and ``test_pages_isolated(MEMORY_OFFLINE)``. A
     PageHWPoison page is skipped by the migration and counted as isolated
     (``__test_page_isolated_in_pageblock``), so a range whose only users are
     poisoned pages goes offline: with the RFC that is every protected page,
-    still mapped in the guest (E17). The hardened design refuses a range
-    holding a PG_guest_private page with -EBUSY, as ``has_unmovable_pages``
-    refuses unmovable memory. Simplified: the model has no page migration,
-    so any other page in use is -EBUSY too (the kernel would migrate it and
-    go on), and a successful offline only reports 0: the range stays in
-    the allocator.
+    still mapped in the guest (E17). An LRU page would migrate. Refused with
+    -EBUSY: a page in use but not on the LRU, a pinned page, a guest_memfd
+    page (AS_UNMOVABLE), and, in the hardened design, a PG_guest_private page.
+    Simplified: no migration happens (success only reports 0, the range stays
+    in the allocator), and where the kernel retries a failing migration until
+    a signal the model answers -EBUSY at once. Any range inside the machine,
+    not only a memory block.
     """
     end = start_pfn + nr_pages
     if nr_pages <= 0 or start_pfn < 1 or end > core.pages.nr_pages:
         return -errno.EINVAL
-    mem = core.pages
     pfns = np.arange(start_pfn, end, dtype=np.int64)
-    flags = mem.flags[pfns]
-    if core.hooks.guest_private and (flags & np.uint32(mem.mask(PG.guest_private))).any():
-        return -errno.EBUSY  # has_unmovable_pages: the design's private pages never move
-    poisoned = (flags & np.uint32(mem.mask(PG.hwpoison))) != 0
-    in_use = (mem._refcount[pfns] > 0) & ~poisoned
-    if in_use.any():
-        return -errno.EBUSY  # would need do_migrate_range, which the model does not have
-    return 0
+    return -errno.EBUSY if _unmovable(core, pfns, isolated_hwpoison=True) else 0
 
 
 def alloc_contig_range(core: MmCore, start_pfn: int, nr_pages: int) -> int:
     """CMA's contiguous allocation over [start_pfn, +nr_pages): 0 or -errno.
 
-    mm/page_alloc.c ``alloc_contig_range`` (v5.12, 6.18), reduced to its
-    verdict: ``start_isolate_page_range`` without MEMORY_OFFLINE, so a
-    PageHWPoison page cannot be isolated (-EBUSY: E19, every RFC-protected
-    page), and with the hardened design neither can a PG_guest_private page.
-    Simplified as :func:`offline_pages`: pages in use are -EBUSY (no
-    migration), success only reports 0.
+    mm/page_alloc.c ``alloc_contig_range`` (v5.12, 6.1 source), reduced to its
+    verdict as :func:`offline_pages`, but isolation runs without
+    MEMORY_OFFLINE: a PageHWPoison page is not isolated, so every
+    RFC-protected page makes it fail with -EBUSY (E19).
     """
     end = start_pfn + nr_pages
     if nr_pages <= 0 or start_pfn < 1 or end > core.pages.nr_pages:
         return -errno.EINVAL
     pfns = np.arange(start_pfn, end, dtype=np.int64)
-    if (core.pages._refcount[pfns] > 0).any():
-        return -errno.EBUSY
-    return 0
-
+    return -errno.EBUSY if _unmovable(core, pfns, isolated_hwpoison=False) else 0
 
 
 def guest_private_refault(mm: MmStruct, addr: int) -> int | None:

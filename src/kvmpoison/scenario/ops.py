@@ -29,6 +29,7 @@ from kvmpoison.mm.filemap import (
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
 )
+from kvmpoison.mm.guest_private import alloc_contig_range, move_pages, offline_pages
 from kvmpoison.mm.gup import FOLL, get_dump_page, pin_user_pages
 from kvmpoison.mm.ksm import ksm_do_scan
 from kvmpoison.mm.madvise import (
@@ -317,6 +318,10 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
         case "exit":
             m.destroy_vm(inst.spec.name)
             return Outcome.ok(detail="the VMM exited; its VM is dead")
+        case "move_pages":  # move_pages(2) of one page to node 0: its status
+            mm = vmm.proc.task.mm
+            assert mm is not None
+            return _ret(move_pages(mm, [hva_of(ctx, inst, a)])[0])
         case "vfio_pin":
             hva = hva_of(ctx, inst, a)
             pages: list[Page] = []
@@ -545,6 +550,10 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
     match op:
         case "memory_failure":
             return _ret(memory_failure(core, _pfn(m, inst, _gpa(inst, a)), 0))
+        case "offline_pages":  # memory hot-unplug of the page's frame (its verdict)
+            return _ret(offline_pages(core, _pfn(m, inst, _gpa(inst, a)), 1))
+        case "alloc_contig_range":  # CMA over the page's frame (its verdict)
+            return _ret(alloc_contig_range(core, _pfn(m, inst, _gpa(inst, a)), 1))
         case "soft_offline":  # what a RAS daemon does on corrected errors
             if not core.kcfg.memory_failure:
                 raise OpError("soft_offline needs CONFIG_MEMORY_FAILURE ([machine] "
@@ -649,6 +658,7 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("vmm", "madvise"): OpSpec(("advice",), (*_ADDR, "size"), _vmm),
     ("vmm", "exit"): OpSpec((), (), _vmm),
     ("vmm", "vfio_pin"): OpSpec((), _ADDR, _vmm),
+    ("vmm", "move_pages"): OpSpec((), _ADDR, _vmm),
     ("vmm", "dma_read"): OpSpec((), (*_ADDR, "size"), _vmm),
     ("vmm", "dma_write"): OpSpec(("data",), _ADDR, _vmm),
     **{("host", p): OpSpec(("target",), _ADDR, _host) for p in proto.REMOTE_PATHS},
@@ -656,6 +666,8 @@ OPS: dict[tuple[str, str], OpSpec] = {
                                _host, refers_to_vm=False),
     ("host", "memory_failure"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "soft_offline"): OpSpec(("vm", "gpa"), (), _host),
+    ("host", "offline_pages"): OpSpec(("vm", "gpa"), (), _host),
+    ("host", "alloc_contig_range"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "fail_xa_store"): OpSpec((), ("times",), _host),
     ("host", "set_memory_region"): OpSpec(("vm", "slot", "guest_phys_addr", "size"),
                                           ("alias_gpa", "hva", "flags"), _host),

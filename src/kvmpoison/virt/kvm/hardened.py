@@ -110,12 +110,12 @@ def kvm_hardened_bind_memslot(vm: Vm, slot: Memslot, others: list[Memslot]) -> i
     """The design's checks in ``__kvm_set_memory_region``, after upstream's own: 0 or -errno.
 
     Modelled on ``kvm_gmem_bind`` (virt/kvm/guest_memfd.c, v6.18), which
-    refuses a file bound to another VM and overlapping bindings: here an
-    hva range that another memslot of this VM also maps is -EEXIST (an alias
-    would let one page be both shared and private, E8), and a shmem file
-    whose pages belong to another binding (a live VM that bound it, or
-    private pages left by a dead one) is -EBUSY (E7, E37). The file is bound
-    to this VM from then on.
+    refuses a file of another VM and overlapping bindings (both -EINVAL
+    there). The design's errnos say which: an hva range that another memslot
+    of this VM also maps is -EEXIST (an alias would let one page be both
+    shared and private, E8), and a shmem file whose pages belong to another
+    binding (a live VM that bound it, or private pages left by a dead one)
+    is -EBUSY (E7, E37). The file is bound to this VM from then on.
     """
     lo, hi = slot.userspace_addr, slot.userspace_addr + (slot.npages << PAGE_SHIFT)
     for s in others:
@@ -272,22 +272,18 @@ def _release_private(vm: Vm, gfns: list[int]) -> None:
     """Private gfns going shared: each page KVM protected for them stops being private
     (PG_guest_private and the binding go; a TD's page is scrubbed as it leaves the TD),
     and their SPTEs go. The VMM's markers become present PTEs at its next fault."""
+    if not gfns:
+        return
     core = vm.core
     kvm = vm.kvm
-    leaving: list[int] = []
-    for gfn in gfns:
-        pfn = vm.hardened_private.pop(gfn)
-        if int(kvm.hardened_owner[pfn]) != vm.binding:
-            continue  # the page went away since; nothing of ours is left in it
-        page = core.pages[pfn]
-        lock_page(page)
-        kvm.hardened_owner[pfn] = kvm.NO_BINDING
-        mem = core.pages
-        mem.flags[pfn] &= np.uint32(~_PRIVATE_BITS(mem) & 0xFFFF_FFFF)
-        unlock_page(page)
-        if pfn in vm.td_pages:
-            leaving.append(pfn)
-        vm.zap_gfn_range(gfn, gfn + 1)
+    mem = core.pages
+    pfns = np.array([vm.hardened_private.pop(g) for g in gfns], dtype=np.int64)
+    for g in gfns:
+        vm.zap_gfn_range(g, g + 1)
+    ours = pfns[kvm.hardened_owner[pfns] == vm.binding]  # a page gone since is not ours
+    kvm.hardened_owner[ours] = kvm.NO_BINDING
+    mem.flags[ours] &= np.uint32(~_PRIVATE_BITS(mem) & 0xFFFF_FFFF)
+    leaving = [p for p in ours.tolist() if p in vm.td_pages]
     if leaving:
         # TDH.MEM.PAGE.REMOVE + tdx_clear_page: zeros under KeyID 0, no TD data left
         core.hw.clear_frames(np.array(leaving, dtype=np.int64))
