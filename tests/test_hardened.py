@@ -147,6 +147,18 @@ def test_forty_discontiguous_shares_all_hold() -> None:
         assert (m.vmm.load(last, 3).data == b"buf") is survives, design
 
 
+def test_a_td_page_shared_again_is_scrubbed_as_it_leaves_the_td() -> None:
+    m = machine(IntegrityMode.CI)
+    pfn = private(m)
+    hw = m.kernel.core.hw
+    assert pfn in m.vm.td_pages and hw.line_state(pfn << PAGE_SHIFT).td
+    assert m.guest.share(GPA >> PAGE_SHIFT, 1) == 0
+    assert pfn not in m.vm.td_pages and not PageGuestPrivate(m.kernel.core.pages[pfn])
+    assert not hw.line_state(pfn << PAGE_SHIFT).td  # scrubbed: no TD line left
+    assert frame(m, pfn) == bytes(len(SECRET))
+    assert m.vmm.load(GPA, len(SECRET)).data == bytes(len(SECRET))
+
+
 def test_share_range_checks() -> None:
     m = machine()
     assert m.guest.hypercall(KVM_HC_MEM_SHARE, 0x200, 1 << 40) == 0  # no loop over the range
@@ -251,9 +263,11 @@ def test_a_freed_private_page_is_scrubbed_and_released() -> None:
 def test_a_td_page_leaves_the_td_when_freed() -> None:
     m = machine(IntegrityMode.CI, backing="anon")
     pfn = private(m)
-    assert pfn in m.vm.td_pages
+    hw = m.kernel.core.hw
+    assert pfn in m.vm.td_pages and hw.line_state(pfn << PAGE_SHIFT).td
     m.destroy_vm("vm0")
     assert pfn not in m.vm.td_pages and m.kvm.hardened_scrubbed >= 1
+    assert not hw.line_state(pfn << PAGE_SHIFT).td  # no TD line goes back to the allocator
 
 
 def test_a_hwpoisoned_private_page_is_not_scrubbed() -> None:

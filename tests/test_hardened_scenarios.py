@@ -77,3 +77,12 @@ def test_an_older_kernel_is_raised_to_the_design_floor() -> None:
     sc = load(LIBRARY / "e43-punch-hole-keeps-hwpoison-entry.toml")  # [machine] kernel = "5.12"
     assert build_machine(sc, "hardened").kernel.kcfg.version is KernelVersion.V6_1
     assert build_machine(sc, "rfc-v2").kernel.kcfg.version is KernelVersion.V5_12
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_the_explorer_finds_no_violation_in_hardened() -> None:
+    from kvmpoison.explore.campaign import explore_seed
+    from kvmpoison.explore.invariants import parse_invariants
+    res = explore_seed("hardened", 0, 300, parse_invariants(None), deadline_ms=5000)
+    assert res.violation is None, res.problems
+    assert res.steps >= 300
