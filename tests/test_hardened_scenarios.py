@@ -86,3 +86,12 @@ def test_the_explorer_finds_no_violation_in_hardened() -> None:
     res = explore_seed("hardened", 0, 300, parse_invariants(None), deadline_ms=5000)
     assert res.violation is None, res.problems
     assert res.steps >= 300
+
+
+def test_a_trace_shows_the_page_flag_and_binding() -> None:
+    sc = load_text('[scenario]\nname = "t"\n\n[[step]]\nactor = "guest:vm0"\nop = "store"\n'
+                   'gpa = 0x30000\ndata = "x"\n', "t.toml")
+    changed = run_scenario(sc, "hardened").results[0].changed
+    assert "PG_guest_private" in changed["flags"]["after"]
+    assert "PG_hwpoison" not in changed["flags"]["after"]
+    assert changed["owner"]["after"] == 1 and changed["vmm_pte_kind"]["after"] == "pte_marker"

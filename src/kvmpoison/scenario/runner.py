@@ -119,9 +119,14 @@ def _page_state(ctx: RunCtx, step: Step) -> dict[str, Any]:
     except ValueError:
         return state
     mem = core.pages
+    kvm = inst.vm.kvm
+    owner = kvm.kvm_pfn_map.get(pfn)
+    if inst.vm.hardened_shared is not None:  # the hardened design: the page's binding
+        binding = int(kvm.hardened_owner[pfn])
+        owner = None if binding == kvm.NO_BINDING else binding
     state.update(pfn=f"{pfn:#x}", flags=mem.bits.names(int(mem.flags[pfn])),
                  refcount=int(mem._refcount[pfn]), mapcount=int(mem._mapcount[pfn]) + 1,
-                 owner=inst.vm.kvm.kvm_pfn_map.get(pfn))
+                 owner=owner)
     return state
 
 
