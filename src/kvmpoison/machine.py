@@ -61,6 +61,10 @@ class Machine:
         self.config = config = config or Config()
         self.design: Design = design(config.design)
         kcfg = config.kernel if config.kernel is not None else self.design.kernel
+        floor = self.design.kernel_floor
+        if floor is not None and kcfg.version < floor:
+            raise ValueError(f"design {self.design.name} needs kernel {floor.value} or later "
+                             f"(PTE markers), not {kcfg.version.value}")
         self.platform = config.platform or PlatformConfig(mem_bytes=DEFAULT_HOST_MEM,
                                                           integrity=config.integrity,
                                                           seed=config.seed)
