@@ -79,7 +79,7 @@ def test_design_is_registered_on_6_18_with_its_hook() -> None:
     d = DESIGNS["hardened"]
     assert d.protection is Protection.HARDENED and d.kernel.version is KernelVersion.V6_18
     assert d.hooks().guest_private and d.scrub_on_free and not d.unpoison_on_free
-    with pytest.raises(ValueError, match="needs kernel 6.1 or later"):
+    with pytest.raises(ValueError, match=r"needs kernel 6\.1 or later"):
         Machine(Config(design="hardened", kernel=KernelConfig()))
 
 
