@@ -117,7 +117,8 @@ def test_demo_json_tells_both_stories(capsys: pytest.CaptureFixture[str]) -> Non
     assert base[-1]["cell"] == "mce:td-fatal" and base[-1]["mci_status"] == "0xbd80000000000134"
     # gmem: the VMM's address of a private gfn is its shared memfd page, not the guest's data
     assert doc["summary"]["process_vm_readv"] == {"baseline": "ret:8", "rfc-v1": "ret:8",
-                                                  "rfc-v2": "err:EFAULT", "gmem": "ret:8"}
+                                                  "rfc-v2": "err:EFAULT", "gmem": "ret:8",
+                                                  "hardened": "err:EFAULT"}
 
 
 def test_demo_one_design_table(capsys: pytest.CaptureFixture[str]) -> None:

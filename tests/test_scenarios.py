@@ -201,7 +201,8 @@ def test_all_designs_overrides_the_scenario_list(capsys: pytest.CaptureFixture[s
                                                  tmp_path: Path) -> None:
     path = write(tmp_path, "one.toml", SAVED.format(want="$written"))
     rc, out, _ = cli(capsys, "run", str(path), "--all-designs", "--format", "json")
-    assert {r["design"] for r in json.loads(out)} == {"baseline", "rfc-v1", "rfc-v2", "gmem"}
+    assert {r["design"] for r in json.loads(out)} == {"baseline", "rfc-v1", "rfc-v2", "gmem",
+                                                      "hardened"}
     assert rc == 0  # the guest reads back its own bytes on every design
 
 

@@ -16,12 +16,24 @@ from kvmpoison.designs import Design, design
 from kvmpoison.guest.guest import Guest
 from kvmpoison.kernel.kernel import Kernel
 from kvmpoison.kernel.process import Process
+from kvmpoison.uapi.errno import errno_name
 from kvmpoison.virt.kvm.guest_memfd import kvm_gmem_init
+from kvmpoison.virt.kvm.hardened import kvm_hardened_free_hook
 from kvmpoison.virt.kvm.kvm_main import Kvm, Vm
 from kvmpoison.virt.kvm.mem_protected import kvm_unpoison_page_hook
 from kvmpoison.vmm.vmm import Vmm
 
 DEFAULT_HOST_MEM = 64 << 20
+
+
+class VmSetupError(RuntimeError):
+    """The VMM could not give its VM guest RAM: KVM_SET_USER_MEMORY_REGION said -errno
+    (the hardened design refuses a second VM on a bound file with -EBUSY)."""
+
+    def __init__(self, err: int, vm: Vm):
+        super().__init__(f"KVM_SET_USER_MEMORY_REGION failed: -{errno_name(err)}")
+        self.errno = err
+        self.vm = vm  # created, without guest RAM
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,10 @@ class Machine:
         self.config = config = config or Config()
         self.design: Design = design(config.design)
         kcfg = config.kernel if config.kernel is not None else self.design.kernel
+        floor = self.design.kernel_floor
+        if floor is not None and kcfg.version < floor:
+            raise ValueError(f"design {self.design.name} needs kernel {floor.value} or later "
+                             f"(PTE markers), not {kcfg.version.value}")
         self.platform = config.platform or PlatformConfig(mem_bytes=DEFAULT_HOST_MEM,
                                                           integrity=config.integrity,
                                                           seed=config.seed)
@@ -61,6 +77,8 @@ class Machine:
         self.kvm = Kvm(core, id_bits=kvm_id_bits)
         if self.design.unpoison_on_free:
             core.buddy.free_pages_prepare_hooks.append(kvm_unpoison_page_hook(self.kvm))
+        if self.design.scrub_on_free:
+            core.buddy.free_pages_prepare_hooks.append(kvm_hardened_free_hook(self.kvm))
         self.instances: dict[str, Instance] = {}
         for spec in vms or [VmSpec(memory=config.vm_mem, backing=config.backing)]:
             self.add_vm(spec)
@@ -83,7 +101,13 @@ class Machine:
         if spec.name in self.instances:
             raise ValueError(f"a VM named {spec.name!r} already exists")
         vmm = self._start_vmm(spec)
-        vm = self.new_vm(vmm)
+        try:
+            vm = self.new_vm(vmm)
+        except VmSetupError as failed:
+            # The VMM process lives on with the RAM file mapped, its VM without guest RAM
+            # (QEMU would give up; the model keeps the process for the steps that follow).
+            self.instances[spec.name] = Instance(spec, vmm, failed.vm, Guest(failed.vm))
+            raise
         guest = Guest(vm)
         guest.boot()
         inst = Instance(spec, vmm, vm, guest)
@@ -121,7 +145,7 @@ class Machine:
         else:
             ret = vm.set_user_memory_region(0, 0, vmm.ram_size, vmm.ram_hva)
         if ret:
-            raise RuntimeError(f"KVM_SET_USER_MEMORY_REGION failed: {ret}")
+            raise VmSetupError(-ret, vm)
         return vm
 
     def process(self, comm: str = "proc") -> Process:

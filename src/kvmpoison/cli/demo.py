@@ -51,6 +51,12 @@ def ending(design: str, integrity: IntegrityMode) -> str:
     if design == "rfc-v2":
         return ("rfc-v2: as rfc-v1, and GUP needs FOLL_ALLOW_POISONED, which only KVM passes: "
                 "process_vm_readv gets -EFAULT (step 10).")
+    if design == "hardened":
+        return ("hardened (a design, not upstream): the VMM's PTE becomes a guest-private "
+                "PTE marker and the page gets PG_guest_private, never PG_hwpoison (step 3). "
+                "Every path is refused with a cause of its own: SIGBUS BUS_ADRERR, not a "
+                "memory error (steps 8, 9), -EFAULT for GUP (step 10), -EPERM for the page "
+                "cache (step 11); the guest's data is intact (step 12). See docs/hardened.md.")
     return ""
 
 

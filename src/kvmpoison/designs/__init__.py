@@ -25,6 +25,10 @@ class Design:
     protection: Protection
     hooks: Callable[[], MmHooks]
     unpoison_on_free: bool = False
+    scrub_on_free: bool = False  # hardened: guest-private pages are scrubbed when freed
+    # The oldest kernel the design can run: a scenario's older [machine] kernel is raised
+    # to it (hardened needs PTE markers, v5.19+: the model's 6.1 or 6.18).
+    kernel_floor: KernelVersion | None = None
 
 
 def _rfc_hooks(follow: FollowPoisoned) -> Callable[[], MmHooks]:
@@ -49,6 +53,13 @@ DESIGNS: dict[str, Design] = {
         Design("gmem", "upstream v6.18: private memory in guest_memfd, KVM_HC_MAP_GPA_RANGE "
                "and KVM_SET_MEMORY_ATTRIBUTES", KernelConfig(version=KernelVersion.V6_18),
                Protection.GMEM, MmHooks),
+        # Not upstream: the RFC's mechanism with every reviewed weakness fixed, on v6.18
+        # for its PTE markers (docs/hardened.md).
+        Design("hardened", "design (not upstream): the RFC's unmapped private pages with "
+               "their own PTE marker and page flag, owner bindings, unshare, scrub on free, "
+               "defined refusals", KernelConfig(version=KernelVersion.V6_18),
+               Protection.HARDENED, lambda: MmHooks(guest_private=True),
+               scrub_on_free=True, kernel_floor=KernelVersion.V6_1),
     )
 }
 

@@ -5,9 +5,10 @@ Follows the guest side of the RFC series (RFCv2 02-05/13): at
 panics if that fails; DMA is forced through swiotlb bounce buffers, which
 ``__set_memory_enc_dec`` shares with KVM_HC_MEM_SHARE; the kvmclock page is
 shared too. Virtio I/O copies through the bounce buffers. There is no
-unshare ("TODO: Unsharing"). Not modelled: 06/13 (sharing the real-mode
-trampoline) and the guest's own #MC handling (KVM never injects one; QEMU
-would, from its SIGBUS handler).
+unshare ("TODO: Unsharing"); the hardened design's guest has one
+(KVM_HC_MEM_UNSHARE, 14) and makes all of RAM private first at every boot.
+Not modelled: 06/13 (sharing the real-mode trampoline) and the guest's own
+#MC handling (KVM never injects one; QEMU would, from its SIGBUS handler).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.outcome import Halt, Outcome
 from kvmpoison.virt.kvm.gmem_memslot import KVM_HC_MAP_GPA_RANGE
-from kvmpoison.virt.kvm.kvm_main import Protection, Vm
+from kvmpoison.virt.kvm.hardened import KVM_HC_MEM_UNSHARE
+from kvmpoison.virt.kvm.kvm_main import EPT_MAX_GFN, Protection, Vm
 from kvmpoison.virt.kvm.mem_protected import KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE
 from kvmpoison.virt.kvm.memory_attributes import MemAttrArray
 from kvmpoison.virt.kvm.x86.gmem_hypercall import (
@@ -72,6 +74,22 @@ class Guest:
         self.log.append(f"KVM_HC_MEM_SHARE({gfn:#x}, {npages}) = {ret}")
         return ret
 
+    def unshare(self, gfn: int, npages: int) -> int:
+        """``__set_memory_enc_dec(..., enc=true)`` of the hardened design: KVM_HC_MEM_UNSHARE
+        (14, the 2020 RFC's number), then the guest uses the range as private again."""
+        ret = self.hypercall(KVM_HC_MEM_UNSHARE, gfn, npages)
+        if ret == 0 and npages:
+            end = gfn + npages
+            left: list[tuple[int, int]] = []
+            for lo, hi in self.shared:  # cut [gfn, end) out of every shared range
+                if lo < gfn:
+                    left.append((lo, min(hi, gfn)))
+                if hi > end:
+                    left.append((max(lo, end), hi))
+            self.shared = left
+        self.log.append(f"KVM_HC_MEM_UNSHARE({gfn:#x}, {npages}) = {ret}")
+        return ret
+
     def map_gpa_range(self, gfn: int, npages: int, private: bool) -> int:
         """KVM_HC_MAP_GPA_RANGE; on success the guest uses the private or the shared alias."""
         attrs = KVM_MAP_GPA_RANGE_ENCRYPTED if private else KVM_MAP_GPA_RANGE_DECRYPTED
@@ -98,6 +116,10 @@ class Guest:
             if ret:
                 self.panicked = "Failed to enable KVM memory protection"
                 return
+            if self.vm.protection is Protection.HARDENED:
+                # The hardened guest starts all-private whatever an earlier kernel shared
+                # (reboot, kexec: E11, E12), as a TD's memory is private at reset.
+                self.unshare(0, EPT_MAX_GFN)
             self.share(self.layout.kvmclock, 1)
             self.share(self.layout.swiotlb, self.layout.swiotlb_pages)
         elif self.vm.td_keyid is not None:

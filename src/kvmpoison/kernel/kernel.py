@@ -25,6 +25,14 @@ GuestMemfdCreate = Callable[[object, int, int], "File | int"]
 """(vm, size, flags) -> a guest_memfd file or -errno."""
 
 
+class ForkError(Exception):
+    """fork(2) returned -errno (``copy_process`` failed; no child exists)."""
+
+    def __init__(self, err: int):
+        super().__init__(f"fork: -{err}")
+        self.errno = err
+
+
 @dataclass(eq=False)
 class Kernel:
     """The host kernel.
@@ -77,7 +85,10 @@ class Kernel:
         assert parent.mm is not None
         child = self.spawn(parent.comm)
         assert child.mm is not None
-        dup_mmap(child.mm, parent.mm)
+        ret = dup_mmap(child.mm, parent.mm)
+        if ret:  # copy_process: bad_fork_cleanup_mm, the child never runs
+            self.exit(child)
+            raise ForkError(-ret)
         child.fds = dict(parent.fds)
         child.parent = parent
         child.handled = parent.handled  # signal handlers survive fork

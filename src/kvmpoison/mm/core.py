@@ -45,6 +45,10 @@ class MmHooks:
     shmem_getpage_fails_poisoned: bool = False  # patch 09
     hwpoison_entry_holds_ref: bool = False  # patch 10
     do_swap_page_restores_unpoisoned: bool = False  # patch 11
+    # The hardened design (not a posted patch; docs/hardened.md): PG_guest_private pages
+    # and PTE_MARKER_GUEST_PRIVATE entries are honoured by the fault, zap, fork, rmap,
+    # shmem, reclaim, migration and offline paths.
+    guest_private: bool = False
 
 
 SignalSender = Callable[[int, SigInfo], None]  # (pid, siginfo)

@@ -30,6 +30,7 @@ from kvmpoison.arch.x86.pgtable_types import (
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.mm.core import FollowPoisoned
 from kvmpoison.mm.fault import find_vma, vma_lookup
+from kvmpoison.mm.guest_private import guest_private_markers
 from kvmpoison.mm.huge_memory import (
     HPAGE_PMD_MASK,
     HPAGE_PMD_NR,
@@ -402,6 +403,13 @@ def __get_user_pages(mm: MmStruct, start: int, nr_pages: int, gup_flags: FOLL,
                 if start >= vma.vm_end:
                     continue
         page, page_mask = follow_pmd_mask(vma, start, gup_flags)
+        if page is None and pages is None and foll & _FOLL_POPULATE_ANY \
+                and not foll & _FOLL_GET_PIN and mm.core.hooks.guest_private \
+                and len(guest_private_markers(mm, start, start + 1)):
+            # hardened: a guest-private page is resident and locked in already; populating
+            # (mlock, MAP_POPULATE, MADV_POPULATE_*) counts it and touches nothing
+            i, start, nr_pages = i + 1, start + PAGE_SIZE, nr_pages - 1
+            continue
         if page is None:
             ret, gup_flags = faultin_page(vma, start, gup_flags)
             if ret:

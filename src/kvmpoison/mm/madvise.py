@@ -17,6 +17,7 @@ from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT, PAGE_SIZ
 from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.file import O_ACCMODE, O_RDONLY
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from kvmpoison.mm.guest_private import range_holds_guest_private
 from kvmpoison.mm.gup import FOLL, __get_user_pages, get_user_pages_fast
 from kvmpoison.mm.khugepaged import madvise_collapse
 from kvmpoison.mm.ksm import ksm_madvise
@@ -210,10 +211,14 @@ def madvise_pageout(vma: Vma, start: int, end: int) -> int:
     ``mm/madvise.c:madvise_pageout`` (v5.12, 6.18): -EINVAL for a VMA that
     ``can_madv_lru_vma`` refuses. Simplified: file and shmem pages are not
     reclaimed, and a page with extra references is skipped (the kernel
-    would leave it in the swap cache behind a swap entry).
+    would leave it in the swap cache behind a swap entry). The hardened
+    design refuses a range holding a guest-private page with -EPERM before
+    anything is reclaimed.
     """
     if vma.vm_flags & (VM.LOCKED | VM.PFNMAP | VM.HUGETLB):
         return -errno.EINVAL
+    if range_holds_guest_private(vma.vm_mm, start, end):
+        return -errno.EPERM  # hardened: guest-private memory is never paged out; nothing moves
     if vma.vm_file is not None:
         return 0
     mm = vma.vm_mm

@@ -16,6 +16,7 @@ Scalar functions handle one fault as the kernel does. ``zap_page_range``,
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -49,6 +50,7 @@ from kvmpoison.arch.x86.pgtable_types import (
 )
 from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
+from kvmpoison.mm.guest_private import guest_private_markers
 from kvmpoison.mm.huge_memory import (
     __transparent_hugepage_enabled,
     copy_huge_pmd_range,
@@ -79,6 +81,7 @@ from kvmpoison.mm.page import (
     Page,
     PageAnon,
     PageDirty,
+    PageFlag,
     PageHWPoison,
     PageKsm,
     SetPageDirty,
@@ -100,7 +103,9 @@ from kvmpoison.mm.rmap import (
     page_remove_rmap,
 )
 from kvmpoison.mm.swapops import (
+    PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT,
     PteMarker,
+    guest_private_entry_to_pfn,
     hwpoison_entry_to_pfn,
     is_hwpoison_entry,
     is_migration_entry,
@@ -378,7 +383,8 @@ def do_fault_around(vmf: VmFaultInfo) -> bool:
     users), map the cached pages of the 64 KiB-aligned window around the
     address, within the VMA, the PTE table and EOF: each gets a reference, a
     mapcount and a PTE from ``vm_page_prot``. Pages that are not uptodate,
-    locked or PageHWPoison, and PTEs that are not none, are skipped. True
+    locked or PageHWPoison (or, hardened, PG_guest_private), and PTEs that are
+    not none, are skipped. True
     when the faulting address itself got mapped (VM_FAULT_NOPAGE).
     """
     vma = vmf.vma
@@ -401,7 +407,8 @@ def do_fault_around(vmf: VmFaultInfo) -> bool:
     if count <= 0:
         return False
     pfns = mapping.lookup_range(first, count)
-    skip = np.uint32(mem.mask(PG.locked) | mem.mask(PG.hwpoison))
+    skip = np.uint32(mem.mask(PG.locked) | mem.mask(PG.hwpoison)
+                     | (mem.mask(PG.guest_private) if mm.core.hooks.guest_private else 0))
     need = np.uint32(mem.mask(PG.uptodate))
     mapped_self = False
     for i in np.flatnonzero(pfns >= 0):
@@ -536,9 +543,12 @@ def handle_pte_marker(vmf: VmFaultInfo) -> VmFault:
     """mm/memory.c ``handle_pte_marker`` (v6.18): POISONED beats UFFD_WP; GUARD is
     always fatal (SIGSEGV). A uffd-wp marker is handled as a missing PTE.
     """
-    marker = pte_marker_get(pte_to_swp_entry(vmf.orig_pte, vmf.vma.vm_mm.core.kcfg))
+    entry = pte_to_swp_entry(vmf.orig_pte, vmf.vma.vm_mm.core.kcfg)
+    marker = pte_marker_get(entry)
     if not marker:
         return VmFault.SIGBUS
+    if marker & PteMarker.GUEST_PRIVATE:
+        return handle_guest_private_marker(vmf, guest_private_entry_to_pfn(entry))
     if marker & PteMarker.POISONED:
         return VmFault.HWPOISON
     if marker & PteMarker.GUARD:
@@ -547,6 +557,38 @@ def handle_pte_marker(vmf: VmFaultInfo) -> VmFault:
         vmf.vma.vm_mm.pgd.set(vmf.address, 0)
         return handle_pte_fault(vmf)
     return VmFault.SIGBUS
+
+
+def handle_guest_private_marker(vmf: VmFaultInfo, pfn: int) -> VmFault:
+    """The hardened design's branch of ``handle_pte_marker`` (mm/memory.c, v6.18 + design).
+
+    A host access to a guest-private page is VM_FAULT_SIGBUS: SIGBUS with
+    BUS_ADRERR for userspace, -EFAULT for GUP; never VM_FAULT_HWPOISON, so no
+    VMM takes it for a memory error, unless the page really has one
+    (PG_hwpoison, set by memory_failure only), which is reported as such.
+    Once the guest shared the page again (PG_guest_private clear), the marker
+    becomes a present PTE, its page reference becoming the PTE's (RFCv2
+    11/13's restore, for the marker).
+    """
+    mm = vmf.vma.vm_mm
+    core = mm.core
+    if not core.hooks.guest_private:
+        return VmFault.SIGBUS
+    page = core.pages[pfn]
+    lock_page(page)
+    try:
+        if mm.pgd.get(vmf.address) != vmf.orig_pte:
+            return VM_FAULT_0
+        if PageHWPoison(page):
+            return VmFault.HWPOISON  # a real memory error on the page: reported as one
+        if PageFlag(page, PG.guest_private):
+            return VmFault.SIGBUS
+        mm_counter_add(mm, page, 1)
+        page_add_rmap(page)
+        mm.pgd.set(vmf.address, pfn_pte(page.pfn, vmf.vma.vm_page_prot) | _PAGE_ACCESSED)
+        return VM_FAULT_0
+    finally:
+        unlock_page(page)
 
 
 def swapin(vmf: VmFaultInfo, offset: int) -> VmFault:
@@ -799,6 +841,11 @@ def zap_page_range(vma: Vma, start: int, end: int, details: ZapDetails | None = 
             gone_t, gone_o = stypes[~kept], soffs[~kept]
             if types.hwpoison is not None and core.hooks.hwpoison_entry_holds_ref:
                 _put_pages_bulk(core, gone_o[gone_t == types.hwpoison])
+            if types.pte_marker is not None and core.hooks.guest_private:
+                # hardened: a guest-private marker holds its page like a present PTE;
+                # any zap (munmap, exit, truncate, hole-punch) drops it and the reference
+                gp = (gone_t == types.pte_marker) & ((gone_o & int(PteMarker.GUEST_PRIVATE)) != 0)
+                _put_pages_bulk(core, gone_o[gp] >> PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT)
             for off in gone_o[gone_t < types.max_swapfiles]:  # free_swap_and_cache
                 core.swap_free(int(off))
         store[chunk.rows[clear], chunk.cols[clear]] = 0
@@ -855,7 +902,7 @@ def _copy_present_page(dst: Vma, addr: int, pfn: int) -> bool:
     return True
 
 
-def copy_page_range(dst: Vma, src: Vma) -> None:
+def copy_page_range(dst: Vma, src: Vma) -> int:
     """mm/memory.c ``copy_page_range`` (v5.12, with RFC patch 10; v6.18 marker rules).
 
     Copy the parent's PTEs to the child; private pages become COW (both sides
@@ -866,13 +913,19 @@ def copy_page_range(dst: Vma, src: Vma) -> None:
     (``copy_pte_marker``; uffd-wp markers need a uffd-wp child VMA, not
     modelled). The child's PTEs are old, and clean in a shared mapping.
     Simplified: ``mm->has_pinned`` is not consulted.
+
+    Returns 0, or (the hardened design) -EPERM before anything is copied when
+    the VMA holds a guest-private marker: ``copy_nonpresent_pte`` refuses to
+    copy a guest's private page into a child, and ``dup_mmap`` fails the fork.
     """
     if not vma_needs_copy(dst, src):
-        return
+        return 0
     src_mm, dst_mm = src.vm_mm, dst.vm_mm
+    core = src_mm.core
+    if core.hooks.guest_private and _holds_guest_private(src):
+        return -errno.EPERM
     if src_mm.pgd.nr_pmd_leaves:  # copy_pmd_range: huge PMDs are shared (or split if pinned)
         copy_huge_pmd_range(dst, src)
-    core = src_mm.core
     store = core.ptes.rows
     mem = core.pages
     types = core.swap_types
@@ -938,4 +991,10 @@ def copy_page_range(dst: Vma, src: Vma) -> None:
         store[rows[live], chunk.cols[live]] = new[live]
     if cow:
         core.flush_tlb_range(src_mm, src.vm_start, src.vm_end)
+    return 0
+
+
+def _holds_guest_private(vma: Vma) -> bool:
+    """Does any PTE of ``vma`` hold a PTE_MARKER_GUEST_PRIVATE entry (hardened)?"""
+    return bool(len(guest_private_markers(vma.vm_mm, vma.vm_start, vma.vm_end)))
 

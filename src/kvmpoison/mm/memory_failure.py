@@ -308,6 +308,8 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
         _report(core, pfn, "already poisoned", MfResult.FAILED)
         return res
     core.num_poisoned_pages += 1
+    if core.hooks.guest_private and PageFlag(page, PG.guest_private):
+        _invalidate_guest_private(core, page)
     if PageFlag(page, PG.reserved):
         return _report(core, pfn, "reserved kernel page", MfResult.IGNORED)
     if page_count(page) == 0:  # get_hwpoison_page found no user
@@ -326,6 +328,20 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
         return _page_action(core, page)
     finally:
         unlock_page(page)
+
+
+def _invalidate_guest_private(core: MmCore, page: Page) -> None:
+    """The hardened design's step in ``memory_failure`` for a PG_guest_private page.
+
+    Its host PTEs are markers, not mappings, so ``try_to_unmap`` visits none
+    and no MMU notifier would fire; the design invalidates each marker's range
+    instead (as ``kvm_gmem_error_folio``, virt/kvm/guest_memfd.c v6.18, zaps
+    the guest's mappings), so the guest's next access faults and KVM reports
+    the error (KVM_PFN_ERR_HWPOISON) instead of re-entering into the #MC.
+    The page stays PG_guest_private: the error is recorded in PG_hwpoison.
+    """
+    for vma, addr in rmap_walk(page):
+        core.flush_tlb_range(vma.vm_mm, addr, addr + (1 << PAGE_SHIFT))
 
 
 def unpoison_memory(core: MmCore, pfn: int) -> int:

@@ -315,11 +315,13 @@ def __mm_populate(mm: MmStruct, start: int, length: int, ignore_errors: bool) ->
     return 0
 
 
-def dup_mmap(child: MmStruct, parent: MmStruct) -> None:
+def dup_mmap(child: MmStruct, parent: MmStruct) -> int:
     """``kernel/fork.c:dup_mmap`` (v5.12): copy every VMA but VM_DONTCOPY ones.
 
     The child's VMAs lose VM_LOCKED/VM_LOCKONFAULT and the uffd flags;
-    VM_WIPEONFORK VMAs start empty; the rest get ``copy_page_range``.
+    VM_WIPEONFORK VMAs start empty; the rest get ``copy_page_range``, whose
+    error (the hardened design's -EPERM for guest-private pages) fails the fork:
+    0 or -errno (the caller tears the child's mm down).
     """
     for vma in sorted(parent.vmas, key=lambda v: v.vm_start):
         if vma.vm_flags & VM.DONTCOPY:
@@ -333,7 +335,10 @@ def dup_mmap(child: MmStruct, parent: MmStruct) -> None:
             continue
         anon_vma_fork(new, vma)
         _insert_vma(child, new)
-        copy_page_range(new, vma)
+        ret = copy_page_range(new, vma)
+        if ret:
+            return ret
+    return 0
 
 
 def exit_mmap(mm: MmStruct) -> None:

@@ -37,6 +37,7 @@ class PG(enum.Enum):
     unevictable = "unevictable"
     mlocked = "mlocked"
     hwpoison = "hwpoison"
+    guest_private = "guest_private"  # not upstream: the hardened design's own flag
 
 
 _V5_12 = {
@@ -55,6 +56,9 @@ _V6_18 = {
 
 # Model-only bits above the kernel's flag range (the kernel keeps these in page_type).
 PG_BUDDY_BIT = 30
+# The hardened design's PG_guest_private (docs/hardened.md): a flag of its own, so a
+# protected page is never mistaken for PG_hwpoison. Kept above the kernel's flag range.
+PG_GUEST_PRIVATE_BIT = 29
 PG_PGTABLE_BIT = 31
 
 
@@ -65,7 +69,9 @@ class PageFlagBits:
 
     @classmethod
     def for_config(cls, cfg: KernelConfig) -> PageFlagBits:
-        return cls(dict(_V6_18 if cfg.version >= KernelVersion.V6_18 else _V5_12), cfg.version)
+        bits = dict(_V6_18 if cfg.version >= KernelVersion.V6_18 else _V5_12)
+        bits[PG.guest_private] = PG_GUEST_PRIVATE_BIT
+        return cls(bits, cfg.version)
 
     def mask(self, *flags: PG) -> int:
         out = 0

@@ -32,6 +32,7 @@ from kvmpoison.mm.page import (
     Page,
     PageAnon,
     PageArray,
+    PageFlag,
     PageHWPoison,
     PageKsm,
     PageSwapBacked,
@@ -45,6 +46,9 @@ from kvmpoison.mm.page import (
 )
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.swapops import (
+    PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT,
+    PteMarker,
+    make_guest_private_entry,
     make_hwpoison_entry,
     swp_entry_to_pte,
 )
@@ -200,7 +204,9 @@ def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
                      pteval: int | None = None) -> bool:
     """mm/rmap.c ``try_to_unmap_one`` (v5.12 with RFCv2 10/13; v6.18's TTU_HWPOISON).
 
-    Clears the PTE (moving Dirty to the page); a PageHWPoison page gets a
+    Clears the PTE (moving Dirty to the page); under the hardened design a
+    PG_guest_private page gets a PTE_MARKER_GUEST_PRIVATE entry with a page
+    reference; a PageHWPoison page gets a
     hwpoison entry instead (with the RFC's ``get_page`` when the design's
     entries hold a reference). An mlocked VMA stops the walk unless
     TTU_IGNORE_MLOCK. Not modelled: swap and migration entries.
@@ -220,7 +226,12 @@ def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
     if pteval & _PAGE_DIRTY:
         SetPageDirty(page)
     anon = PageAnon(page)
-    if _installs_hwpoison(mm, page, int(flags)):
+    if core.hooks.guest_private and PageFlag(page, PG.guest_private):
+        # hardened: the guest-private marker, holding a page reference (the page has
+        # no other home when it is anonymous)
+        rows[slot] = swp_entry_to_pte(make_guest_private_entry(page.pfn, core.swap_types))
+        get_page(page)
+    elif _installs_hwpoison(mm, page, int(flags)):
         entry = make_hwpoison_entry(page.pfn, core.swap_types)
         rows[slot] = swp_entry_to_pte(entry)  # set_pte_at
         if core.hooks.hwpoison_entry_holds_ref:
@@ -289,6 +300,59 @@ def try_to_unmap_pages_hwpoison(mem: PageArray, pfns: np.ndarray, vmas: list[Vma
             np.subtract.at(mem._mapcount, hit_pfns, 1)
             if not holds_ref:
                 np.subtract.at(mem._refcount, hit_pfns, 1)
+            anon = (mem.mapping[hit_pfns] & 1) != 0
+            shmem = ~anon & ((mem.flags[hit_pfns] & np.uint32(mem.mask(PG.swapbacked))) != 0)
+            mm.rss_anon -= int(anon.sum())
+            mm.rss_shmem -= int(shmem.sum())
+            mm.rss_file -= int((~anon & ~shmem).sum())
+            replaced += int(hit.sum())
+        core.flush_tlb_range(mm, lo, hi)
+    return replaced
+
+
+def try_to_unmap_pages_guest_private(mem: PageArray, pfns: np.ndarray, vmas: list[Vma]) -> int:
+    """The hardened design's bulk unmap: every present PTE of the PG_guest_private
+    order-0 pages ``pfns`` (one rmap set, ``vmas``) becomes a PTE_MARKER_GUEST_PRIVATE
+    entry that keeps the mapping's page reference.
+
+    The vectorised counterpart of :func:`try_to_unmap` with TTU_IGNORE_MLOCK on
+    each page (try_to_unmap_one drops the PTE's reference and takes the
+    marker's: the count is unchanged). Returns the number of PTEs replaced.
+    """
+    if not len(pfns) or not vmas:
+        return 0
+    pfns = np.asarray(pfns, dtype=np.int64)
+    sorted_pfns = np.sort(pfns)
+    index = mem.index[sorted_pfns]
+    replaced = 0
+    for vma in vmas:
+        mm = vma.vm_mm
+        core = mm.core
+        types = core.swap_types
+        assert types.pte_marker is not None
+        addrs = vma.vm_start + ((index - vma.vm_pgoff) << PAGE_SHIFT)
+        inside = (addrs >= vma.vm_start) & (addrs < vma.vm_end)
+        if not inside.any():
+            continue
+        lo, hi = int(addrs[inside].min()), int(addrs[inside].max()) + (1 << PAGE_SHIFT)
+        store = core.ptes.rows
+        for chunk in mm.pgd.chunks(lo, hi):
+            ptes = store[chunk.rows, chunk.cols]
+            present = pte_present_array(ptes)
+            pte_pfns = pte_pfn_array(ptes)
+            pos = np.searchsorted(sorted_pfns, pte_pfns)
+            pos[pos == len(sorted_pfns)] = 0
+            hit = present & (sorted_pfns[pos] == pte_pfns)
+            if not hit.any():
+                continue
+            hit_pfns = pte_pfns[hit]
+            dirty = (ptes[hit] & np.uint64(_PAGE_DIRTY)) != 0
+            mem.flags[hit_pfns[dirty]] |= np.uint32(mem.mask(PG.dirty))
+            shift = np.uint64(PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT)
+            marker = np.uint64(int(PteMarker.GUEST_PRIVATE))
+            offsets = (hit_pfns.astype(np.uint64) << shift) | marker
+            store[chunk.rows[hit], chunk.cols[hit]] = __swp_entry_array(types.pte_marker, offsets)
+            np.subtract.at(mem._mapcount, hit_pfns, 1)
             anon = (mem.mapping[hit_pfns] & 1) != 0
             shmem = ~anon & ((mem.flags[hit_pfns] & np.uint32(mem.mask(PG.swapbacked))) != 0)
             mm.rss_anon -= int(anon.sum())

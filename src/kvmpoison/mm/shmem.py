@@ -39,7 +39,7 @@ from kvmpoison.mm.filemap import (
 )
 from kvmpoison.mm.memory import maybe_mkwrite
 from kvmpoison.mm.mm_types import VM, VM_FAULT_0, Vma, VmFault, VmFaultInfo
-from kvmpoison.mm.page import PageHWPoison, get_page
+from kvmpoison.mm.page import PageFlag, PageHWPoison, get_page
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.uaccess import IovIter
 
@@ -124,8 +124,15 @@ class Shmem:
         mapping.add_to_page_cache(page, index)
         return page.pfn, 0
 
+    def _guest_private(self, pfn: int | None) -> bool:
+        """The hardened design: is the cached page a guest's private page?"""
+        return pfn is not None and self.core.hooks.guest_private and \
+            PageFlag(self.core.pages[pfn], PG.guest_private)
+
     def _get_checked(self, inode: Inode, index: int, sgp: int) -> tuple[int | None, int]:
         pfn, err = self.shmem_getpage_gfp(inode, index, sgp)
+        if self._guest_private(pfn):
+            return None, -errno.EPERM  # hardened: page-cache I/O refused, not -EIO
         if pfn is not None and self.io_checks_poison() and PageHWPoison(self.core.pages[pfn]):
             return None, -errno.EIO
         return pfn, err
@@ -153,6 +160,8 @@ class Shmem:
         if vmf.pgoff >= inode.nr_pages:
             return VmFault.SIGBUS
         pfn, err = self.shmem_getpage_gfp(inode, vmf.pgoff, SGP_CACHE)
+        if self._guest_private(pfn):
+            return VmFault.SIGBUS  # hardened: a new mapping of a guest-private page
         if err:
             return VmFault.OOM if err == -errno.ENOMEM else VmFault.SIGBUS  # vmf_error
         assert pfn is not None
@@ -163,7 +172,8 @@ class Shmem:
     def populate_bulk(self, inode: Inode, vma: Vma, start: int, end: int, write: bool) -> int:
         """Vectorised ``shmem_fault`` + ``finish_fault`` over the none PTEs of [start, end).
 
-        Stops at a PG_hwpoison page, so the per-page fault (``__do_fault``) decides.
+        Stops at a PG_hwpoison (or hardened PG_guest_private) page, so the per-page
+        fault (``__do_fault``) decides.
         """
         core = self.core
         mm = vma.vm_mm
@@ -180,8 +190,10 @@ class Shmem:
             idx = ((chunk.addr[:stop] - vma.vm_start) >> PAGE_SHIFT) + vma.vm_pgoff
             cached = mapping.lookup_range(int(idx[0]), len(idx)).copy() if stop else idx
             if stop:
+                stop_bits = mem.mask(PG.hwpoison) | (mem.mask(PG.guest_private)
+                                                     if core.hooks.guest_private else 0)
                 poisoned = (cached >= 0) & ((mem.flags[np.maximum(cached, 0)]
-                                             & np.uint32(mem.mask(PG.hwpoison))) != 0)
+                                             & np.uint32(stop_bits)) != 0)
                 if poisoned.any():
                     stop = int(np.argmax(poisoned))
                     idx, cached = idx[:stop], cached[:stop]
@@ -260,8 +272,8 @@ class Shmem:
         """``shmem_undo_range``'s partial pages: looked up with SGP_READ, so holes stay holes."""
         for index, lo, hi in partial_page_ranges(lstart, lend):
             pfn, err = self.shmem_getpage_gfp(inode, index, SGP_READ)
-            if pfn is None or err:
-                continue
+            if pfn is None or err or self._guest_private(pfn):
+                continue  # hardened: the host never writes into a guest's private page
             self.core.hw.write((pfn << PAGE_SHIFT) + lo, bytes(hi - lo), 0)
             self.core.pages.flags[pfn] |= np.uint32(self.core.pages.mask(PG.dirty))
 

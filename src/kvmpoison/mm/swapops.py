@@ -47,6 +47,13 @@ class PteMarker(enum.IntFlag):
     UFFD_WP = 1 << 0  # v5.19
     POISONED = 1 << 1  # SWAPIN_ERROR in v6.0, renamed and given hwpoison meaning in v6.6
     GUARD = 1 << 2  # MADV_GUARD_INSTALL, v6.13
+    # Not upstream: the hardened design's marker (docs/hardened.md). A guest-private
+    # page's PTE in every host mm; unlike the others it carries the page's pfn above
+    # the marker bits, as a hwpoison entry carries it in its offset.
+    GUEST_PRIVATE = 1 << 3
+
+
+PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT = 4  # hardened: the pfn sits above the marker bits
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +214,32 @@ def is_pte_marker_entry(entry: swp_entry_t, types: SwapTypes) -> bool:
 
 def pte_marker_get(entry: swp_entry_t) -> PteMarker:
     return PteMarker(
-        swp_offset(entry) & int(PteMarker.UFFD_WP | PteMarker.POISONED | PteMarker.GUARD)
+        swp_offset(entry) & int(PteMarker.UFFD_WP | PteMarker.POISONED | PteMarker.GUARD
+                                | PteMarker.GUEST_PRIVATE)
     )
+
+
+def make_guest_private_entry(pfn: int, types: SwapTypes) -> swp_entry_t:
+    """The hardened design's ``make_pte_marker(PTE_MARKER_GUEST_PRIVATE)`` with the pfn.
+
+    Modelled on ``make_pte_marker_entry`` (include/linux/swapops.h, v6.18),
+    which puts only marker bits in the offset; this marker also carries the
+    page's pfn (above ``PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT``) because an
+    anonymous private page has no other home than this entry.
+    """
+    if types.pte_marker is None:
+        raise ValueError("this kernel has no PTE markers (they arrived in v5.19)")
+    return swp_entry(types.pte_marker,
+                     int(PteMarker.GUEST_PRIVATE) | (pfn << PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT))
+
+
+def is_guest_private_entry(entry: swp_entry_t, types: SwapTypes) -> bool:
+    return is_pte_marker_entry(entry, types) and bool(swp_offset(entry)
+                                                      & int(PteMarker.GUEST_PRIVATE))
+
+
+def guest_private_entry_to_pfn(entry: swp_entry_t) -> int:
+    return swp_offset(entry) >> PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT
 
 
 def is_pte_marker(pte: int, cfg: KernelConfig, types: SwapTypes) -> bool:

@@ -58,6 +58,9 @@ NOT_LIVE: dict[tuple[str, str], str] = {
     ("vmm", "dma_write"): "needs a VFIO device",
     ("host", "memory_failure"): f"memory_failure {_HOST_MEMORY}",
     ("host", "soft_offline"): f"soft_offline {_HOST_MEMORY}",
+    ("host", "offline_pages"): f"memory offline {_HOST_MEMORY}",
+    ("host", "alloc_contig_range"): f"a contiguous allocation {_HOST_MEMORY}",
+    ("vmm", "move_pages"): "the live run does not call move_pages",
     ("host", "unpoison"): "unpoison needs a page this tool poisoned",
     ("host", "real_memory_error_then_free"): f"an injected memory error {_HOST_MEMORY}",
     ("host", "ksmd"): "ksmd is the host's own thread: the tool does not drive its scans",
@@ -73,6 +76,7 @@ NOT_LIVE: dict[tuple[str, str], str] = {
 }
 # Of those, the ones that change nothing the later steps see.
 READS_ONLY = {("host", "kvm_read"), ("host", "kernel_read"), ("host", "core_dump_page"),
+              ("host", "offline_pages"), ("host", "alloc_contig_range"), ("vmm", "move_pages"),
               ("hw", "seam_read"), ("guest", "load")}
 
 
@@ -163,6 +167,8 @@ def live_step(step: Step, swap: bool = True, in_vm: bool = False
     pages (MADV_HWPOISON, memory_failure) and has no /dev/kvm."""
     kind, _, who = step.actor.partition(":")
     op, a = step.op, step.args
+    if not step.runs_on(REFEREE_DESIGN):
+        return None, f"the step does not run on {REFEREE_DESIGN}"
     if in_vm and (kind, op) == ("guest", "store"):
         return {"index": step.index, "kind": "vmm", "who": who, "op": "store",
                 "args": {"gpa": _int(a, "gpa"), "data": data_arg(a).hex()},

@@ -68,6 +68,10 @@ class Step:
     expect: dict[str, str]  # design -> cell ("*" for every design)
     expect_data: dict[str, str]
     save: str | None
+    designs: tuple[str, ...] | None = None  # the designs this step runs on (None: all)
+
+    def runs_on(self, design: str) -> bool:
+        return self.designs is None or design in self.designs
 
     def expected(self, design: str) -> str | None:
         return self.expect.get(design, self.expect.get("*"))
@@ -225,7 +229,7 @@ def _steps(doc: dict[str, Any], source: str, vms: tuple[VmDecl, ...]) -> tuple[S
             known = ", ".join(sorted(o for k, o in OPS if k == kind))
             raise ScenarioError(source, f"unknown operation {op!r} for {kind} (known: {known})", i)
         args = {k: v for k, v in s.items()
-                if k not in ("actor", "op", "expect", "expect_data", "save", "note")}
+                if k not in ("actor", "op", "expect", "expect_data", "save", "note", "designs")}
         missing = [a for a in spec.required if a not in args]
         if missing:
             raise ScenarioError(source, f"{op} needs {', '.join(missing)}", i)
@@ -257,20 +261,25 @@ def _steps(doc: dict[str, Any], source: str, vms: tuple[VmDecl, ...]) -> tuple[S
             saved.add(save)
             if op in SAVES_REF:
                 refs.add(save)
+        only = _designs(s, source, f"step {i}'s designs") if "designs" in s else None
         steps.append(Step(i, actor, op, args,
                           _per_design(s.get("expect"), "expect", source, i, cells=True),
-                          expect_data, save))
+                          expect_data, save, only))
     return tuple(steps)
 
 
-def _designs(head: dict[str, Any], source: str) -> tuple[str, ...]:
-    """``designs = "rfc-v2"`` or ``designs = ["baseline", "rfc-v2"]``: at least one, all known."""
+def _designs(head: dict[str, Any], source: str, what: str = "[scenario] designs"
+             ) -> tuple[str, ...]:
+    """``designs = "rfc-v2"`` or ``designs = ["baseline", "rfc-v2"]``: at least one, all known.
+
+    A step may name designs too: it then runs on those only (a step that cannot
+    exist on a design, such as one on a VM the design refused to create)."""
     raw = head.get("designs", list(DESIGNS))
     names = [raw] if isinstance(raw, str) else raw
     if not isinstance(names, list) or not all(isinstance(d, str) for d in names):
-        raise ScenarioError(source, "[scenario] designs must be a design name or a list of names")
+        raise ScenarioError(source, f"{what} must be a design name or a list of names")
     if not names:
-        raise ScenarioError(source, f"[scenario] designs is empty: name at least one of "
+        raise ScenarioError(source, f"{what} is empty: name at least one of "
                             f"{', '.join(DESIGNS)}")
     for d in names:
         if d not in DESIGNS:

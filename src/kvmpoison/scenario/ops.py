@@ -17,7 +17,8 @@ from typing import Any
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
-from kvmpoison.machine import Instance, Machine, VmSpec
+from kvmpoison.kernel.kernel import ForkError
+from kvmpoison.machine import Instance, Machine, VmSetupError, VmSpec
 from kvmpoison.matrix import protocol as proto
 from kvmpoison.matrix.designs import backing_pfn, error_then_free, make_probe
 from kvmpoison.matrix.model import run_path
@@ -28,6 +29,7 @@ from kvmpoison.mm.filemap import (
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
 )
+from kvmpoison.mm.guest_private import alloc_contig_range, move_pages, offline_pages
 from kvmpoison.mm.gup import FOLL, get_dump_page, pin_user_pages
 from kvmpoison.mm.huge_memory import deferred_split_scan
 from kvmpoison.mm.khugepaged import khugepaged_scan
@@ -49,6 +51,7 @@ from kvmpoison.mm.page import Page, put_page
 from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.units import VM_MEMORY_MAX, parse_size
 from kvmpoison.virt.kvm.guest_memfd import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
+from kvmpoison.virt.kvm.kvm_main import Protection
 from kvmpoison.virt.kvm.memslot2 import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -248,11 +251,14 @@ def _guest(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
             gfn = _u64(a, "gfn") if "gfn" in a else _guest_gpa(inst, a) >> PAGE_SHIFT
             # A hypercall's result is RAX, not an errno: -KVM_ENOSYS is "ret:-1000".
             return Outcome.ret(g.share(gfn, _u64(a, "npages", 1)))
-        case "unshare":  # gmem only: KVM_HC_MAP_GPA_RANGE(ENCRYPTED); the RFC has none (E10)
-            if inst.vm.gmem is None:
-                raise OpError(f"{inst.spec.name}'s design has no unshare (only gmem converts "
-                              "back to private)")
+        case "unshare":  # gmem: KVM_HC_MAP_GPA_RANGE(ENCRYPTED); hardened: hypercall 14;
+            # the RFC has none (E10)
             gfn = _u64(a, "gfn") if "gfn" in a else _guest_gpa(inst, a) >> PAGE_SHIFT
+            if inst.vm.protection is Protection.HARDENED:
+                return Outcome.ret(g.unshare(gfn, _u64(a, "npages", 1)))
+            if inst.vm.gmem is None:
+                raise OpError(f"{inst.spec.name}'s design has no unshare (only gmem and "
+                              "hardened convert back to private)")
             return Outcome.ret(g.map_gpa_range(gfn, _u64(a, "npages", 1), private=True))
         case "hypercall":
             return Outcome.ret(g.hypercall(_u64(a, "nr"), _u64(a, "a0", 0), _u64(a, "a1", 0)))
@@ -280,7 +286,11 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
         return _file_op(ctx, inst, op, a)
     match op:
         case "fork_child_load":
-            return vmm.proc.fork().load(hva_of(ctx, inst, a), _access_size(a))
+            try:
+                child = vmm.proc.fork()
+            except ForkError as failed:
+                return Outcome.error(failed.errno, "fork failed (copy_page_range refused)")
+            return child.load(hva_of(ctx, inst, a), _access_size(a))
         case "pagecache_read" | "pagecache_write":
             if vmm.ram_fd is None:
                 raise OpError("anonymous guest RAM has no page cache")
@@ -314,6 +324,10 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
         case "exit":
             m.destroy_vm(inst.spec.name)
             return Outcome.ok(detail="the VMM exited; its VM is dead")
+        case "move_pages":  # move_pages(2) of one page to node 0: its status
+            mm = vmm.proc.task.mm
+            assert mm is not None
+            return _ret(move_pages(mm, [hva_of(ctx, inst, a)])[0])
         case "vfio_pin":
             hva = hva_of(ctx, inst, a)
             pages: list[Page] = []
@@ -509,6 +523,10 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
                           backing=str(a.get("backing", "memfd")),
                           share_ram_with=a.get("share_ram_with"), fork_of=a.get("fork_of"))
             inst = m.add_vm(spec)
+        except VmSetupError as failed:  # KVM refused the guest RAM (hardened: a bound file)
+            return Outcome.error(failed.errno, str(failed))
+        except ForkError as failed:  # fork_of: the VMM's fork failed (hardened: private pages)
+            return Outcome.error(failed.errno, "fork failed (copy_page_range refused)")
         except (ValueError, RuntimeError) as exc:  # bad arguments, or the VMM's set-up failed
             raise OpError(f"new_vm: {exc}") from None
         return Outcome.ok(detail=f"VM {spec.name} has kvm->id {inst.vm.ident}")
@@ -542,6 +560,10 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
     match op:
         case "memory_failure":
             return _ret(memory_failure(core, _pfn(m, inst, _gpa(inst, a)), 0))
+        case "offline_pages":  # memory hot-unplug of the page's frame (its verdict)
+            return _ret(offline_pages(core, _pfn(m, inst, _gpa(inst, a)), 1))
+        case "alloc_contig_range":  # CMA over the page's frame (its verdict)
+            return _ret(alloc_contig_range(core, _pfn(m, inst, _gpa(inst, a)), 1))
         case "soft_offline":  # what a RAS daemon does on corrected errors
             if not core.kcfg.memory_failure:
                 raise OpError("soft_offline needs CONFIG_MEMORY_FAILURE ([machine] "
@@ -646,6 +668,7 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("vmm", "madvise"): OpSpec(("advice",), (*_ADDR, "size"), _vmm),
     ("vmm", "exit"): OpSpec((), (), _vmm),
     ("vmm", "vfio_pin"): OpSpec((), _ADDR, _vmm),
+    ("vmm", "move_pages"): OpSpec((), _ADDR, _vmm),
     ("vmm", "dma_read"): OpSpec((), (*_ADDR, "size"), _vmm),
     ("vmm", "dma_write"): OpSpec(("data",), _ADDR, _vmm),
     **{("host", p): OpSpec(("target",), _ADDR, _host) for p in proto.REMOTE_PATHS},
@@ -653,6 +676,8 @@ OPS: dict[tuple[str, str], OpSpec] = {
                                _host, refers_to_vm=False),
     ("host", "memory_failure"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "soft_offline"): OpSpec(("vm", "gpa"), (), _host),
+    ("host", "offline_pages"): OpSpec(("vm", "gpa"), (), _host),
+    ("host", "alloc_contig_range"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "fail_xa_store"): OpSpec((), ("times",), _host),
     ("host", "set_memory_region"): OpSpec(("vm", "slot", "guest_phys_addr", "size"),
                                           ("alias_gpa", "hva", "flags"), _host),

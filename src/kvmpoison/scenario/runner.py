@@ -80,7 +80,10 @@ def build_machine(sc: Scenario, design_name: str,
     spec = sc.machine
     kcfg = d.kernel
     if spec.kernel is not None:
-        kcfg = dataclasses.replace(kcfg, version=spec.kernel)
+        version = spec.kernel
+        if d.kernel_floor is not None and version < d.kernel_floor:
+            version = d.kernel_floor  # the design cannot run older kernels (hardened: markers)
+        kcfg = dataclasses.replace(kcfg, version=version)
     overrides: dict[str, Any] = dict(spec.config)
     kcfg = dataclasses.replace(kcfg, **overrides)
     platform = PlatformConfig(mem_bytes=spec.memory,
@@ -130,9 +133,14 @@ def _page_state(ctx: RunCtx, page: tuple[str, int] | None) -> dict[str, Any]:
     except ValueError:
         return state
     mem = core.pages
+    kvm = inst.vm.kvm
+    owner = kvm.kvm_pfn_map.get(pfn)
+    if inst.vm.hardened_shared is not None:  # the hardened design: the page's binding
+        binding = int(kvm.hardened_owner[pfn])
+        owner = None if binding == kvm.NO_BINDING else binding
     state.update(pfn=f"{pfn:#x}", flags=mem.bits.names(int(mem.flags[pfn])),
                  refcount=int(mem._refcount[pfn]), mapcount=int(mem._mapcount[pfn]) + 1,
-                 owner=inst.vm.kvm.kvm_pfn_map.get(pfn))
+                 owner=owner)
     return state
 
 
@@ -176,6 +184,8 @@ def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = No
     reuse = observe is None and monitor is None
     last: tuple[tuple[str, int] | None, dict[str, Any]] | None = None
     for step in sc.steps:
+        if not step.runs_on(design):
+            continue
         page = _page_of(ctx, step)
         if reuse and last is not None and last[0] == page:
             before = last[1]

@@ -36,7 +36,8 @@ from kvmpoison.mm.uaccess import copy_from_user, copy_to_user
 from kvmpoison.outcome import Halt, Kind
 from kvmpoison.uapi.errno import EHWPOISON
 from kvmpoison.uapi.siginfo import BusCode, SigInfo
-from kvmpoison.virt.kvm.private_mem import GmemVm
+from kvmpoison.virt.kvm.memory_attributes import MemAttrArray
+from kvmpoison.virt.kvm.private_mem import GmemVm, KvmExit
 
 KVM_PFN_ERR_MASK = 0x7FF << 52
 KVM_PFN_ERR_FAULT = KVM_PFN_ERR_MASK
@@ -111,6 +112,7 @@ class Protection(enum.Enum):
     RFC_V1 = "rfc-v1"  # RFCv1 7/7 (2021-04-02)
     RFC_V2 = "rfc-v2"  # RFCv2 13/13 (2021-04-16)
     GMEM = "gmem"  # upstream's answer (6.18): private memory in guest_memfd, per-gfn attributes
+    HARDENED = "hardened"  # a design, not a posting: the RFC with each weakness fixed
 
 
 @dataclass(eq=False)
@@ -138,9 +140,17 @@ class Kvm:
     _next_id: int = 0
     vms: list[Vm] = field(default_factory=list)
     kvm_pfn_map: PfnMap = field(init=False)  # the RFC's global xarray: pfn -> kvm->id
+    # The hardened design (virt/kvm/hardened.py): pfn -> the owning VM's binding, a
+    # number never handed out twice (unlike kvm->id); shmem inode -> binding.
+    NO_BINDING = -1
+    hardened_owner: npt.NDArray[np.int64] = field(init=False)
+    hardened_file_owner: dict[int, int] = field(default_factory=dict)
+    _next_binding: int = 1
+    hardened_scrubbed: int = 0  # pages scrubbed on free
 
     def __post_init__(self) -> None:
         self.kvm_pfn_map = PfnMap(self.core.pages.nr_pages)
+        self.hardened_owner = np.full(self.core.pages.nr_pages, self.NO_BINDING, dtype=np.int64)
 
     def create_vm(self, vmm: Task, protection: Protection, td_keyid: int | None = None) -> Vm:
         """``kvm_create_vm``: the RFC assigns ``kvm->id = xa_mk_value(id++)``."""
@@ -153,6 +163,10 @@ class Kvm:
         vm = Vm(kvm=self, ident=ident, mm=vmm.mm, vcpu_task=vmm, protection=protection,
                 ept=ept, td_keyid=td_keyid,
                 gmem=GmemVm() if protection is Protection.GMEM else None)
+        if protection is Protection.HARDENED:
+            vm.binding = self._next_binding  # a 64-bit count that never wraps in practice
+            self._next_binding += 1
+            vm.hardened_shared = MemAttrArray()
         vmm.mm.mmu_notifiers.append(vm)
         self.vms.append(vm)
         return vm
@@ -177,6 +191,12 @@ class Vm:
     mmu_lock_faults: int = 0  # faults that took mmu_lock for gfn_is_shared (E40)
     td_pages: set[int] = field(default_factory=set)  # pfns added to the TD (TD-owned lines)
     gmem: GmemVm | None = None  # private-memory state of a 6.18 VM (design gmem)
+    # The hardened design (virt/kvm/hardened.py)
+    binding: int = -1  # the owner binding of this VM's private pages (never reused)
+    hardened_shared: MemAttrArray | None = None  # gfn -> 1 when shared (no range cap)
+    hardened_private: dict[int, int] = field(default_factory=dict)  # gfn -> pfn KVM protected
+    hardened_exits: list[KvmExit] = field(default_factory=list)  # KVM_EXIT_MEMORY_FAULTs
+    hardened_audit: list[tuple[str, int, str]] = field(default_factory=list)  # KVM's accesses
 
     @property
     def core(self) -> MmCore:
@@ -235,9 +255,15 @@ class Vm:
             return -errno.EEXIST
         if self.core.kcfg.version.tuple >= (5, 19) and base + npages > EPT_MAX_GFN:  # 6.1 too
             return -errno.EINVAL  # 6.x kvm_arch_prepare_memory_region: beyond kvm_mmu_max_gfn()
+        new = Memslot(slot, base, npages, hva)
+        if self.protection is Protection.HARDENED and old is None:
+            from kvmpoison.virt.kvm.hardened import kvm_hardened_bind_memslot
+            ret = kvm_hardened_bind_memslot(self, new, others)
+            if ret:
+                return ret
         if old is not None:  # KVM_MR_MOVE: kvm_arch_flush_shadow_memslot(old)
             self.zap_gfn_range(old.base_gfn, old.base_gfn + old.npages)
-        self.memslots = [*others, Memslot(slot, base, npages, hva)]
+        self.memslots = [*others, new]
         return 0
 
     def gfn_to_memslot(self, gfn: int) -> Memslot | None:
@@ -341,6 +367,18 @@ class Vm:
                 return -errno.EFAULT
             hva += addr & (PAGE_SIZE - 1)
             chunk = None if data is None else data[done : done + n]
+            if self.protection is Protection.HARDENED and self.mem_protected:
+                from kvmpoison.virt.kvm.hardened import (
+                    copy_guest_page_hardened,
+                    gfn_is_shared_hardened,
+                )
+                if not gfn_is_shared_hardened(self, addr >> PAGE_SHIFT):
+                    got = copy_guest_page_hardened(self, addr, hva, n, chunk)
+                    if isinstance(got, int):
+                        return got
+                    out.append(got)
+                    done += n
+                    continue
             got = self._copy_guest_page(hva, n, chunk)
             if isinstance(got, int):
                 return got
@@ -359,10 +397,10 @@ class Vm:
         returns the bytes copied and zeros for the rest (the kernel leaves the
         caller's buffer as it was there).
         """
-        if self.protection is Protection.NONE or not self.mem_protected:
+        if self.protection in (Protection.NONE, Protection.HARDENED) or not self.mem_protected:
             if data is None:
                 got, left = copy_from_user(self.mm, self.vcpu_task.cpu, hva, n)
-                if left and self.protection is Protection.NONE:
+                if left and self.protection in (Protection.NONE, Protection.HARDENED):
                     return -errno.EFAULT
                 return got[: n - left].ljust(n, b"\0")
             left = copy_to_user(self.mm, self.vcpu_task.cpu, hva, data)

@@ -34,8 +34,10 @@ from kvmpoison.arch.x86.vmx import (
     EptEntry,
     ept_leaf,
 )
-from kvmpoison.mm.page import get_page, put_page
+from kvmpoison.mm.page import PageFlag, get_page, put_page
+from kvmpoison.mm.page_flags import PG
 from kvmpoison.outcome import Outcome
+from kvmpoison.virt.kvm.hardened import gfn_is_shared_hardened, hardened_faultin_pfn
 from kvmpoison.virt.kvm.kvm_main import (
     KVM_PFN_ERR_HWPOISON,
     Protection,
@@ -104,7 +106,10 @@ def spte_present(vm: Vm, gpa: int, write: bool) -> EptEntry | None:
 def _td_add_page(vm: Vm, gfn: int, pfn: int) -> None:
     """Stand-in for TDH.MEM.PAGE.ADD/AUG (TDX module, not in v5.12): the page's bytes are
     rewritten under the TD's KeyID with MOVDIR64B so its lines become TD-owned."""
-    if vm.td_keyid is None or gfn_is_shared(vm, gfn) or pfn in vm.td_pages:
+    if vm.td_keyid is None or pfn in vm.td_pages:
+        return
+    if gfn_is_shared_hardened(vm, gfn) if vm.hardened_shared is not None \
+            else gfn_is_shared(vm, gfn):
         return
     hw = vm.core.hw
     pa = pfn << PAGE_SHIFT
@@ -128,19 +133,28 @@ def direct_page_fault(vm: Vm, gpa: int, write: bool) -> Outcome | None:
     if slot is None:
         return Outcome.error(errno.EFAULT, f"no memslot for gpa {gpa:#x} (an MMIO exit)")
     hva = slot.gfn_to_hva(gfn)
-    pfn = vm.hva_to_pfn(hva, write)
+    protected = vm.mem_protected and vm.protection is not Protection.NONE
+    hardened = protected and vm.protection is Protection.HARDENED
+    if hardened and not gfn_is_shared_hardened(vm, gfn):
+        # the design: KVM follows its own marker, or faults in writable and protects
+        got = hardened_faultin_pfn(vm, gpa, hva)
+        if isinstance(got, Outcome):
+            return got
+        pfn = got
+    else:
+        pfn = vm.hva_to_pfn(hva, write)
     if is_error_pfn(pfn):
         return kvm_handle_bad_page(vm, hva, pfn)
     page = vm.core.pages[pfn]
-    protected = vm.mem_protected and vm.protection is not Protection.NONE
-    if protected and not kvm_protect_pfn(vm, gfn, pfn):
+    if protected and not hardened and not kvm_protect_pfn(vm, gfn, pfn):
         # RFCv2: "return RET_PF_RETRY;" before kvm_release_pfn_clean(): the GUP reference leaks.
         return Outcome.signal(kvm_send_hwpoison_signal(vm, hva),
                               detail="kvm_protect_pfn refused the page")
     try:
         _td_add_page(vm, gfn, pfn)
         host_pte = vm.mm.pgd.get(hva)
-        writable = write or (pte_present(host_pte) and bool(host_pte & _PAGE_RW))
+        writable = write or (pte_present(host_pte) and bool(host_pte & _PAGE_RW)) \
+            or bool(hardened and PageFlag(page, PG.guest_private))  # faulted in writable
         vm.ept.set(gfn << PAGE_SHIFT, make_spte(vm, pfn, writable))
         if not protected:
             direct_pte_prefetch(vm, gfn)
