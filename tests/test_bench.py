@@ -21,9 +21,9 @@ def test_bench_quick_json_has_every_row_with_positive_ratios(
 
     quick = bench.Sizes.for_run(True)
     assert quick.scenarios is None  # the throughput rows take the whole library
-    # Here only that every row is there: two scenarios keep the suite fast.
-    monkeypatch.setattr(bench.Sizes, "for_run",
-                        classmethod(lambda cls, q: dataclasses.replace(quick, scenarios=2)))
+    # Here only that every row is there: two scenarios and fewer pages keep the suite fast.
+    small = dataclasses.replace(quick, scenarios=2, touched_pages=512)
+    monkeypatch.setattr(bench.Sizes, "for_run", classmethod(lambda cls, q: small))
     rc = main(["bench", "--quick", "--format", "json"])
     out, _ = capsys.readouterr()
     assert rc == 0

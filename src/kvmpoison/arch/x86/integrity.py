@@ -100,12 +100,12 @@ class _PageLineKeys:
     """One page's key material for the one-line path, line by line as lines are written:
     keystream ints and tweaks under one KeyID and key generation."""
 
-    __slots__ = ("gen", "keyid", "ks", "misses", "tweaks")
+    __slots__ = ("gen", "keyid", "ks", "misses", "tail")
 
     def __init__(self, keyid: int, gen: int) -> None:
         self.keyid, self.gen = keyid, gen
         self.ks: list[int | None] = [None] * LINES_PER_PAGE
-        self.tweaks: list[bytes] = [b""] * LINES_PER_PAGE
+        self.tail: list[bytes] = [b""] * LINES_PER_PAGE  # tweak + TD=1: a MAC input's end
         self.misses = 0  # lines computed alone; past _LINE_MISSES the page's keys are made
 
 
@@ -141,7 +141,7 @@ class MemoryController:
         self.mem = PhysicalMemory(cfg.mem_bytes, self.mac.nbytes, cfg.keyids.nr_keyids)
         # Keystream and tweaks of recently used pages, by (KeyID, generation, pfn).
         self._page_keys_cache: _KeyCache[tuple[bytes, bytes]] = _KeyCache()
-        # Per pfn: keystream ints per line (made on first use), tweaks, keystream, KeyID, gen.
+        # Per pfn: keystream ints and MAC-input tails per line, made as lines are written.
         self._line_keys: _LineKeys = _LineKeys()
         self._generations = self.keys._generation  # read directly on the one-line path
         self._line_limit = cfg.mem_bytes - LINE_SIZE + 1  # a line starting below fits
@@ -300,7 +300,8 @@ class MemoryController:
         if private and self._ci:
             nb = mem.mac_nbytes
             end = (at + 1) * nb
-            msg = ct + entry.tweaks[line] + b"\x01"
+            msg = ct + entry.tail[line]
+            macs = mem.mac_mv
             if self._hmac is not None:  # the MAC inline: HMAC-SHA3-256 from keyed states
                 copy_inner, copy_outer, mask = self._hmac
                 h = copy_inner()
@@ -308,10 +309,10 @@ class MemoryController:
                 o = copy_outer()
                 o.update(h.digest())
                 digest = o.digest()
-                mem.mac_mv[end - nb : end] = digest[:nb]
-                mem.mac_mv[end - 1] = digest[nb - 1] & mask
+                macs[end - nb : end] = digest[:nb]
+                macs[end - 1] = digest[nb - 1] & mask
             else:
-                mem.mac_mv[end - nb : end] = self.mac_line(msg)
+                macs[end - nb : end] = self.mac_line(msg)
             flags[at] = LINE_TD | LINE_HAS_MAC
         else:
             flags[at] = LINE_TD if private else 0
@@ -334,7 +335,7 @@ class MemoryController:
             ks = int.from_bytes(page[0][o : o + LINE_SIZE], "little")
             tweak = page[1][line * TWEAK_SIZE : (line + 1) * TWEAK_SIZE]
         entry.ks[line] = ks
-        entry.tweaks[line] = tweak
+        entry.tail[line] = tweak + b"\x01"
         return ks
 
     def mac_line(self, msg: bytes) -> bytes:
