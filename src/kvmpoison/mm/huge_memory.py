@@ -390,6 +390,9 @@ def zap_huge_pmd(vma: Vma, haddr: int) -> int:
     reference, an anon THP loses its PMD mapping (``page_remove_rmap(page,
     true)``), 512 MM_ANONPAGES and the mapping's reference. Returns the pages
     unmapped (512, or 0 for the zero page)."""
+    if not vma_is_anonymous(vma):  # a page-cache THP: the file branch
+        from kvmpoison.mm.shmem_huge import zap_huge_pmd_file
+        return zap_huge_pmd_file(vma, haddr)
     mm = vma.vm_mm
     core = mm.core
     orig = mm.pgd.pmdp_huge_get_and_clear(haddr)
@@ -477,6 +480,10 @@ def __split_huge_pmd_locked(vma: Vma, haddr: int) -> None:
     (``page_remove_rmap`` of the compound mapping, without deferred split: every
     subpage is still mapped).
     """
+    if not vma_is_anonymous(vma):  # a page-cache THP: zapped, not split into PTEs
+        from kvmpoison.mm.shmem_huge import __split_huge_pmd_locked_file
+        __split_huge_pmd_locked_file(vma, haddr)
+        return
     mm = vma.vm_mm
     core = mm.core
     orig = mm.pgd.pmd_leaf(haddr)
