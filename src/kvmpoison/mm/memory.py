@@ -99,7 +99,7 @@ from kvmpoison.mm.rmap import (
     page_add_rmap,
     page_remove_rmap,
 )
-from kvmpoison.mm.shmem_huge import do_set_pmd, filemap_map_pmd_window
+from kvmpoison.mm.shmem_huge import do_set_pmd, filemap_map_pmd_window, thp_head_skipped
 from kvmpoison.mm.swapops import (
     PteMarker,
     hwpoison_entry_to_pfn,
@@ -413,12 +413,14 @@ def do_fault_around(vmf: VmFaultInfo) -> bool:
     pfns = mapping.lookup_range(first, count)
     skip = np.uint32(mem.mask(PG.locked) | mem.mask(PG.hwpoison))
     need = np.uint32(mem.mask(PG.uptodate))
-    if mm.pgd.nr_pmd_leaves or mem.order[pfns[pfns >= 0]].any():  # filemap_map_pmd
+    cand = np.flatnonzero(pfns >= 0)
+    if mm.pgd.nr_pmd_leaves or mem.order[pfns[cand]].any():  # filemap_map_pmd
         huge = filemap_map_pmd_window(vmf, pfns)
         if huge is not None:
             return huge
+        cand = cand[~thp_head_skipped(mm.core, pfns[cand])]
     mapped_self = False
-    for i in np.flatnonzero(pfns >= 0):
+    for i in cand:
         pfn = int(pfns[i])
         addr = start + (int(i) << PAGE_SHIFT)
         flags = mem.flags[pfn]

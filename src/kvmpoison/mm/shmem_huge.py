@@ -394,6 +394,17 @@ def filemap_map_pmd(vmf: VmFaultInfo, first: int) -> bool:
     return True
 
 
+def thp_head_skipped(core: MmCore, pfns: IntArray) -> npt.NDArray[np.bool_]:
+    """Per cached pfn of a fault-around window: is it a subpage of a THP whose head
+    ``next_uptodate_page`` skips (locked or PG_hwpoison: v5.12 and 6.1 test the head the
+    xarray holds, so none of that THP's pages is mapped)?"""
+    mem = core.pages
+    order = mem.order[pfns].astype(np.int64)
+    heads = pfns & ~((np.int64(1) << order) - 1)
+    skip = np.uint32(mem.mask(PG.locked) | mem.m_hwpoison)
+    return np.asarray((order != 0) & ((mem.flags[heads] & skip) != 0), dtype=np.bool_)
+
+
 def filemap_map_pmd_window(vmf: VmFaultInfo, pfns: IntArray) -> bool | None:
     """The THP step of mm/filemap.c ``filemap_map_pages`` (v5.12; 6.1; 6.18) over the
     fault-around window's cached pfns: ``next_uptodate_page`` takes the first entry
