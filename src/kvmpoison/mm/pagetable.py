@@ -308,10 +308,10 @@ class PageTables:
         pmd.entries[i] = np.uint64((pfn << PAGE_SHIFT) | self.table_flags)
         self._rows[addr >> PMD_SHIFT] = row
 
-    def pmd_install_leaf_over_table(self, addr: int) -> int:
-        """khugepaged's ``pmdp_collapse_flush``: detach the PTE table of ``addr``'s slot
-        and deposit its page (it stays counted); returns the freed store row's old
-        contents' row (already zeroed and released)."""
+    def pmd_install_leaf_over_table(self, addr: int) -> None:
+        """khugepaged's ``pmdp_collapse_flush`` + ``pgtable_trans_huge_deposit``: detach
+        the PTE table of ``addr``'s slot and deposit its page (it stays counted in
+        ``nr_ptes``); the slot is none until the caller sets the huge PMD."""
         pmd = self._pmd_table(addr, False)
         assert pmd is not None
         i = self._index(addr, PMD_SHIFT)
@@ -323,7 +323,6 @@ class PageTables:
         self._rows.pop(addr >> PMD_SHIFT, None)
         self.store.free_row(row)
         self.deposited[addr >> PMD_SHIFT] = pfn
-        return row
 
     def get(self, addr: int) -> int:
         """The raw PTE for ``addr`` (0 where no table exists)."""

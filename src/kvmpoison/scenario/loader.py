@@ -174,8 +174,9 @@ def _vms(doc: dict[str, Any], source: str) -> tuple[VmDecl, ...]:
         if not isinstance(v, dict) or not isinstance(v.get("name"), str):
             raise ScenarioError(source, f"[[vm]] #{i + 1} needs a name")
         if v.get("thp"):
-            raise ScenarioError(source, f"vm {v['name']!r}: THP is not modelled (pages are "
-                                "order-0); write the case down and leave it out")
+            raise ScenarioError(source, f"vm {v['name']!r}: THP guest RAM needs the KVM side "
+                                "of THP (2 MiB EPT entries), which is not modelled yet; the "
+                                "host mm's anon THP can be driven with vmm madvise HUGEPAGE")
         backing = v.get("backing", "memfd")
         if backing not in ("memfd", "anon", "file"):
             raise ScenarioError(source, f"vm {v['name']!r}: backing must be memfd, anon or file")

@@ -105,6 +105,15 @@ def pte_modify(pte: int, newprot: int) -> int:
     return flip_protnone_guard(pte, val, PTE_PFN_MASK)
 
 
+def pmd_modify(pmd: int, newprot: int) -> int:
+    """``pmd_modify``: like :func:`pte_modify`, keeping ``_PAGE_PSE`` (``_HPAGE_CHG_MASK``)
+    and re-inverting only the 2 MiB frame bits."""
+    keep = (_PAGE_CHG_MASK | _PAGE_PSE) & ~PTE_PFN_MASK | PHYSICAL_PMD_PAGE_MASK
+    val = pmd & keep
+    val |= newprot & ~keep & U64
+    return flip_protnone_guard(pmd, val, PHYSICAL_PMD_PAGE_MASK)
+
+
 # -- vectorised forms for bulk paths (numpy uint64 arrays) ------------------------
 
 _U = np.uint64
