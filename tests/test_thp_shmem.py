@@ -18,7 +18,7 @@ from kvmpoison.mm.fault import find_vma
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.gup import FOLL, pin_user_pages, unpin_user_pages
 from kvmpoison.mm.huge_memory import HPAGE_PMD_NR, ThpSettings, thp_pmd_mapping
-from kvmpoison.mm.madvise import MADV_DONTNEED, MADV_HUGEPAGE, MADV_NOHUGEPAGE
+from kvmpoison.mm.madvise import MADV_DONTNEED, MADV_HUGEPAGE, MADV_HWPOISON, MADV_NOHUGEPAGE
 from kvmpoison.mm.mmap import MAP_FIXED, MAP_PRIVATE
 from kvmpoison.mm.page import (
     Page,
@@ -355,3 +355,21 @@ def test_shmem_huge_enabled_5_12() -> None:
     assert shmem_huge_enabled(vma)  # within_size falls through to advise
     k.core.thp = ThpSettings(shmem_enabled="deny")
     assert not shmem_huge_enabled(vma)
+
+
+@pytest.mark.parametrize(("kcfg", "split"), [(V5_12, False), (V6_1, True)], ids=["5.12", "6.1"])
+def test_memory_failure_on_a_shmem_thp(kcfg: KernelConfig, split: bool) -> None:
+    """v5.12's try_to_split_thp_page refuses a non-anon THP (-EBUSY, "non anonymous thp"):
+    the THP stays and a refault maps the poisoned subpage by PMD again; 5.15+ splits it,
+    and only the poisoned page is SIGBUS."""
+    k, p, t, fd = memfd_thp(kcfg)
+    ok(p.store(t, bytes([7]) * HPAGE))
+    head = head_of(k, cached_pfn(p, fd, 0)).pfn
+    out = p.madvise(t + 5 * PAGE, PAGE, MADV_HWPOISON)
+    assert out.succeeded == split and bool(k.core.pages.order[head]) != split
+    assert p.fork().load(t + 6 * PAGE, 1).data == bytes([7])
+    poisoned = p.fork().load(t + 5 * PAGE, 1)
+    if split:
+        assert poisoned.siginfo is not None and poisoned.siginfo.signo == SIGBUS
+    else:
+        assert poisoned.succeeded and any("non anonymous thp" in m for m in k.core.dmesg)

@@ -609,6 +609,9 @@ def split_huge_page(core: MmCore, page: Page) -> int:
     head = page.pfn & ~(HPAGE_PMD_NR - 1) if mem.order[page.pfn] else page.pfn
     if not mem.order[head]:
         return 0
+    if mem.mapping[head] and not mem.mapping[head] & 1:  # a page-cache (shmem) THP
+        from kvmpoison.mm.shmem_huge_split import split_huge_page_file
+        return split_huge_page_file(core, page.pfn, caller_holds_ref=True)
     if not mem.mapping[head] & 1 or is_huge_zero_pfn(core, head):
         return -EBUSY  # file branch: no mapping (the huge zero page)
     av = mem.registry.decode(int(mem.mapping[head]))
@@ -720,7 +723,9 @@ def move_huge_pmd(vma: Vma, old_addr: int, new_addr: int) -> bool:
     pmd = pgd.pmdp_huge_get_and_clear(old_addr)
     if vma.vm_mm.core.kcfg.mem_soft_dirty:
         pmd |= _PAGE_SOFT_DIRTY
-    pgd.deposited[new_addr >> PMD_SHIFT] = pgd.deposited.pop(old_addr >> PMD_SHIFT)
+    table = pgd.deposited.pop(old_addr >> PMD_SHIFT, None)
+    if table is not None:  # pmd_move_must_withdraw: a file THP has none deposited
+        pgd.deposited[new_addr >> PMD_SHIFT] = table
     pgd.set_pmd(new_addr, pmd)
     return True
 
@@ -750,6 +755,8 @@ def copy_huge_pmd(dst: Vma, src: Vma, haddr: int, pmd: int) -> bool:
     COW mapping is split instead and False returned (-EAGAIN: the PTE copy that
     follows gives the child its own copy of each pinned page).
     """
+    if not vma_is_anonymous(dst):  # a file THP: "Skip if can be re-fill on fault"
+        return True
     src_mm, dst_mm = src.vm_mm, dst.vm_mm
     core = src_mm.core
     mem = core.pages

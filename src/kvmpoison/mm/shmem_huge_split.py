@@ -52,10 +52,10 @@ if TYPE_CHECKING:
     from kvmpoison.mm.file import AddressSpace, Inode
 
 
-def can_split_huge_page(core: MmCore, head: int) -> bool:
+def can_split_huge_page_file(core: MmCore, head: int) -> bool:
     """mm/huge_memory.c ``can_split_huge_page`` (v5.12; 6.x ``can_split_folio``) for a
-    page-cache THP, whose caller holds one reference: every reference but the
-    cache's 512 and the caller's must be a mapping."""
+    page-cache THP (``extra_pins`` = 512, the cache's), whose caller holds one
+    reference: every other reference must be a mapping."""
     page = core.pages[head]
     return total_mapcount(page) == page_count(page) - HPAGE_PMD_NR - 1
 
@@ -99,13 +99,14 @@ def unmap_page_file(core: MmCore, mapping: AddressSpace, head: int) -> None:
         core.flush_tlb_range(mm, start, end)
 
 
-def split_huge_page_file(core: MmCore, pfn: int) -> int:
+def split_huge_page_file(core: MmCore, pfn: int, caller_holds_ref: bool = False) -> int:
     """mm/huge_memory.c ``split_huge_page`` of the page-cache THP holding ``pfn`` (v5.12
     ``split_huge_page_to_list``; 6.1 the same; 6.18 ``split_folio``): 0, or -EBUSY when
     the THP was truncated or something beyond the cache and the mappings holds a
     reference.
 
-    The caller's reference is taken here and dropped at the end. After the mappings
+    The caller's reference is taken here and dropped at the end, unless
+    ``caller_holds_ref`` (``split_huge_page``'s callers, memory_failure). After the mappings
     are gone (:func:`unmap_page_file`) ``__split_huge_page`` makes 512 order-0 pages:
     each keeps its index and one page-cache reference, the head's flags (dirty,
     uptodate, swapbacked, lru) pass to the tails, PG_hwpoison stays per page, and the
@@ -117,9 +118,11 @@ def split_huge_page_file(core: MmCore, pfn: int) -> int:
     mapping = page_mapping(mem[head])
     if mapping is None or not mem.order[head]:
         return -errno.EBUSY
-    get_page(mem[head])
-    if not can_split_huge_page(core, head):
-        put_page(mem[head])
+    if not caller_holds_ref:
+        get_page(mem[head])
+    if not can_split_huge_page_file(core, head):
+        if not caller_holds_ref:
+            put_page(mem[head])
         return -errno.EBUSY
     unmap_page_file(core, mapping, head)
     pfns = np.arange(head, head + HPAGE_PMD_NR, dtype=np.int64)
@@ -130,7 +133,7 @@ def split_huge_page_file(core: MmCore, pfn: int) -> int:
     mem.order[pfns] = 0
     mem.compound_mapcount.pop(head, None)
     mem._refcount[pfns] = 1  # the page cache's reference, one per page now
-    mem._refcount[head] += 1  # and the caller's, still on the page it passed
+    mem._refcount[pfn] += 1  # and the caller's, on the page it passed
     host = mapping.host
     end = (host.i_size + PAGE_SIZE - 1) >> PAGE_SHIFT
     index = mem.index[pfns]
@@ -140,10 +143,11 @@ def split_huge_page_file(core: MmCore, pfn: int) -> int:
         mapping.nrpages -= len(beyond)
         mem.mapping[beyond] = 0
         mem.flags[beyond] &= np.uint32(~mem.mask(PG.dirty) & 0xFFFF_FFFF)
-        _put_pages_bulk(core, beyond[beyond != head])
-        if beyond[0] == head:  # the head too: drop the cache's reference, the caller's last
-            put_page(mem[head])
-    put_page(mem[head])  # the caller's
+        _put_pages_bulk(core, beyond[beyond != pfn])
+        if (beyond == pfn).any():  # the caller's page too: drop the cache's reference
+            put_page(mem[pfn])
+    if not caller_holds_ref:
+        put_page(mem[pfn])  # the caller's
     return 0
 
 
