@@ -20,6 +20,7 @@ from kvmpoison.mm.gup import FOLL, pin_user_pages, unpin_user_pages
 from kvmpoison.mm.huge_memory import HPAGE_PMD_NR, ThpSettings, thp_pmd_mapping
 from kvmpoison.mm.madvise import MADV_DONTNEED, MADV_HUGEPAGE, MADV_HWPOISON, MADV_NOHUGEPAGE
 from kvmpoison.mm.mmap import MAP_FIXED, MAP_PRIVATE
+from kvmpoison.mm.mremap import MREMAP_FIXED, MREMAP_MAYMOVE
 from kvmpoison.mm.page import (
     Page,
     PageDirty,
@@ -373,3 +374,22 @@ def test_memory_failure_on_a_shmem_thp(kcfg: KernelConfig, split: bool) -> None:
         assert poisoned.siginfo is not None and poisoned.siginfo.signo == SIGBUS
     else:
         assert poisoned.succeeded and any("non anonymous thp" in m for m in k.core.dmesg)
+
+
+@KERNELS
+def test_mremap_moves_a_whole_file_pmd_and_zaps_a_partial_one(kcfg: KernelConfig) -> None:
+    """move_huge_pmd moves a file PMD as one entry (no deposited table to carry); a move
+    of part of it splits, which for a file PMD is a zap."""
+    k, p, t, fd = memfd_thp(kcfg)
+    ok(p.store(t, b"moved"))
+    head = head_of(k, cached_pfn(p, fd, 0)).pfn
+    spare = ok(p.mmap(0, 4 * HPAGE, RW, ANON))
+    dst = (spare + HPAGE - 1) & ~(HPAGE - 1)
+    assert ok(p.mremap(t, HPAGE, HPAGE, MREMAP_MAYMOVE | MREMAP_FIXED, dst)) == dst
+    assert thp_pmd_mapping(p.mm, dst) == (head, 9) and p.mm.pgd.deposited == {}
+    assert p.load(dst, 5).data == b"moved" and p.mm.rss_shmem == HPAGE_PMD_NR
+    dst2 = dst + 2 * HPAGE + PAGE  # not 2 MiB-aligned: the PMD cannot move whole
+    ok(p.mremap(dst, HPAGE, HPAGE, MREMAP_MAYMOVE | MREMAP_FIXED, dst2))
+    assert thp_pmd_mapping(p.mm, dst2 & ~(HPAGE - 1)) is None and p.mm.rss_shmem == 0
+    assert p.load(dst2, 5).data == b"moved"  # refaults with PTEs: the offset is misaligned
+    assert int(k.core.pages.order[head]) == 9
