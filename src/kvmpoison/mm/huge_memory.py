@@ -33,7 +33,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvmpoison.arch.x86.pgtable import pfn_pmd, pfn_pte, pfn_pte_array, pmd_modify, pmd_pfn
+from kvmpoison.arch.x86.pgtable import (
+    pfn_pmd,
+    pfn_pte,
+    pfn_pte_array,
+    pmd_modify,
+    pmd_modify_array,
+    pmd_pfn,
+    pmd_pfn_array,
+)
 from kvmpoison.arch.x86.pgtable_types import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
@@ -69,6 +77,7 @@ from kvmpoison.mm.rmap import anon_vma_prepare, mapping_encode
 if TYPE_CHECKING:
     from kvmpoison.mm.core import MmCore
     from kvmpoison.mm.mm_types import MmStruct
+    from kvmpoison.mm.pagetable import _Table
 
 HPAGE_PMD_ORDER = PMD_SHIFT - PAGE_SHIFT  # 9
 HPAGE_PMD_NR = 1 << HPAGE_PMD_ORDER  # 512
@@ -562,19 +571,66 @@ def vma_adjust_trans_huge(vma: Vma, addr: int) -> None:
 
 def zap_huge_pmd_range(vma: Vma, start: int, end: int) -> int:
     """The PMD half of mm/memory.c ``zap_pmd_range`` (v5.12): a huge PMD wholly inside
-    [start, end) is zapped (:func:`zap_huge_pmd`), one the range covers in part is
-    split so the PTE zap that follows removes only that part. Returns the pages
-    unmapped."""
+    [start, end) is zapped (:func:`zap_huge_pmd`, here in one batch per PMD table),
+    one the range covers in part is split so the PTE zap that follows removes only
+    that part. Returns the pages unmapped. The caller flushes the TLB."""
     mm = vma.vm_mm
     unmapped = 0
-    for haddr, pmd in mm.pgd.pmd_leaves(start, end):
-        if not pmd_trans_huge(pmd):
-            continue
-        if start <= haddr and haddr + HPAGE_PMD_SIZE <= end:
-            unmapped += zap_huge_pmd(vma, haddr)
-        else:
+    for table, idx, addrs in list(mm.pgd.pmd_leaf_slots(start, end)):
+        vals = table.entries[idx]
+        huge = (vals & np.uint64(_PAGE_PSE)) != 0
+        whole = huge & (addrs >= start) & (addrs + HPAGE_PMD_SIZE <= end)
+        for haddr in addrs[huge & ~whole].tolist():  # at most the two ends of the range
             __split_huge_pmd(vma, haddr)
+        if whole.any() and not vma_is_anonymous(vma):  # page-cache THPs: the file branch
+            unmapped += sum(zap_huge_pmd(vma, a) for a in addrs[whole].tolist())
+        elif whole.any():
+            unmapped += _zap_huge_pmds(vma, table, idx[whole], addrs[whole], vals[whole])
     return unmapped
+
+
+def _zap_huge_pmds(vma: Vma, table: _Table, idx: np.ndarray, addrs: np.ndarray,
+                   vals: np.ndarray) -> int:
+    """:func:`zap_huge_pmd` for many huge PMDs of one PMD table, vectorised: clear them,
+    free their deposited tables, drop each THP's PMD mapping (deferred split when
+    subpages stay PTE-mapped), 512 MM_ANONPAGES and the mapping's reference each,
+    freeing the THPs that reach zero in one batch."""
+    mm = vma.vm_mm
+    core = mm.core
+    mem = core.pages
+    mm.pgd.clear_pmd_leaves(table, idx, addrs)
+    heads = pmd_pfn_array(vals)
+    real = heads != core.huge_zero_pfn
+    heads, vals = heads[real], vals[real]
+    if not len(heads):
+        return 0
+    dirty = heads[(vals & np.uint64(_PAGE_DIRTY)) != 0]
+    mem.flags[dirty] |= np.uint32(mem.mask(PG.dirty))
+    last = []
+    counts = mem.compound_mapcount
+    for head in heads.tolist():  # page_remove_anon_compound_rmap
+        count = counts.get(head, 0)
+        if count <= 0:
+            raise AssertionError(f"page_remove_rmap: THP {head:#x} is not PMD-mapped")
+        if count == 1:
+            del counts[head]
+            last.append(head)
+        else:
+            counts[head] = count - 1
+    mm.rss_anon -= HPAGE_PMD_NR * len(heads)
+    mem._refcount[heads] -= 1  # tlb_remove_page_size: distinct THPs, one reference each
+    if last:  # a THP still referenced may have PTE-mapped subpages: deferred split
+        lh = np.array(last, dtype=np.int64)
+        lh = lh[mem._refcount[lh] > 0]
+        sub = lh[:, None] + np.arange(HPAGE_PMD_NR, dtype=np.int64)[None, :]
+        for head in lh[(mem._mapcount[sub] >= 0).any(axis=1)].tolist():
+            deferred_split_huge_page(core, head)
+    dead = heads[mem._refcount[heads] == 0]
+    if len(dead):
+        core.buddy.free_compound_bulk(dead)
+    if core.deferred_split_queue:
+        prune_deferred_split_queue(core)
+    return HPAGE_PMD_NR * len(heads)
 
 
 # -- split_huge_page ---------------------------------------------------------------------
@@ -677,7 +733,7 @@ def deferred_split_scan(core: MmCore) -> int:
 
 def change_huge_pmd(vma: Vma, haddr: int, newprot: int) -> int:
     """mm/huge_memory.c ``change_huge_pmd`` (v5.12; 6.1 the same; 6.18 adds the
-    write upgrade): ``pmd_modify`` the huge PMD to ``newprot``. From v6.5 ("try
+    write upgrade): ``pmd_modify`` the huge PMD to ``newprot``. From v6.2 ("try
     avoiding write faults when changing PMD protection") a private writable VMA's
     exclusive anon THP is made writable at once (``can_change_pmd_writable``;
     the model takes "mapped once" for PageAnonExclusive); the huge zero page never
@@ -686,7 +742,7 @@ def change_huge_pmd(vma: Vma, haddr: int, newprot: int) -> int:
     core = mm.core
     old = mm.pgd.pmd_leaf(haddr)
     entry = pmd_modify(old, newprot)
-    if (core.kcfg.version.tuple >= (6, 5) and vma.vm_flags & VM.WRITE
+    if (core.kcfg.version.tuple >= (6, 2) and vma.vm_flags & VM.WRITE
             and not vma.vm_flags & VM.SHARED and not entry & _PAGE_RW
             and entry & _PAGE_PRESENT and not is_huge_zero_pmd(core, entry)):
         head = pmd_page_pfn(entry)
@@ -699,16 +755,38 @@ def change_huge_pmd(vma: Vma, haddr: int, newprot: int) -> int:
 
 def change_huge_pmd_range(vma: Vma, start: int, end: int, newprot: int) -> int:
     """The PMD half of mm/mprotect.c ``change_pmd_range`` (v5.12): a huge PMD wholly
-    inside [start, end) is changed in place (:func:`change_huge_pmd`), one covered
-    in part is split for the PTE pass. Returns the pages changed."""
+    inside [start, end) is changed in place (:func:`change_huge_pmd`, here vectorised
+    per PMD table), one covered in part is split for the PTE pass. Returns the
+    pages changed."""
+    mm = vma.vm_mm
+    core = mm.core
+    mem = core.pages
+    upgrade = (core.kcfg.version.tuple >= (6, 2) and bool(vma.vm_flags & VM.WRITE)
+               and not vma.vm_flags & VM.SHARED)
     changed = 0
-    for haddr, pmd in vma.vm_mm.pgd.pmd_leaves(start, end):
-        if not pmd_trans_huge(pmd):
-            continue
-        if start <= haddr and haddr + HPAGE_PMD_SIZE <= end:
-            changed += change_huge_pmd(vma, haddr, newprot)
-        else:
+    for table, idx, addrs in list(mm.pgd.pmd_leaf_slots(start, end)):
+        vals = table.entries[idx]
+        huge = (vals & np.uint64(_PAGE_PSE)) != 0
+        whole = huge & (addrs >= start) & (addrs + HPAGE_PMD_SIZE <= end)
+        for haddr in addrs[huge & ~whole].tolist():
             __split_huge_pmd(vma, haddr)
+        if not whole.any():
+            continue
+        new = pmd_modify_array(vals[whole], newprot)
+        if upgrade:  # can_change_pmd_writable: an exclusive anon THP, not the zero page
+            heads = pmd_pfn_array(new)
+            cand = ((new & np.uint64(_PAGE_RW)) == 0) & ((new & np.uint64(_PAGE_PRESENT)) != 0) \
+                & (heads != core.huge_zero_pfn) & ((mem.mapping[heads] & 1) != 0)
+            if cand.any():
+                hc = heads[cand]
+                sub = hc[:, None] + np.arange(HPAGE_PMD_NR, dtype=np.int64)[None, :]
+                once = ((mem._mapcount[sub] < 0).all(axis=1)
+                        & (np.fromiter((mem.compound_mapcount.get(h, 0) for h in hc.tolist()),
+                                       dtype=np.int64, count=len(hc)) == 1))
+                pos = np.flatnonzero(cand)[once]
+                new[pos] |= np.uint64(_PAGE_RW)
+        table.entries[idx[whole]] = new
+        changed += HPAGE_PMD_NR * int(whole.sum())
     return changed
 
 

@@ -661,9 +661,8 @@ def _put_pages_bulk(core: MmCore, pfns: IntArray) -> None:
     if len(dead):
         compound = mem.order[dead] != 0  # read before freeing rewrites ``order``
         core.buddy.free_pages_bulk(dead[~compound])
-        assert mem.release is not None
-        for head in dead[compound]:
-            mem.release(mem[int(head)])
+        if compound.any():
+            core.buddy.free_compound_bulk(dead[compound])
 
 
 def _swp_entry_fields(core: MmCore, ptes: npt.NDArray[np.uint64]) -> tuple[IntArray, IntArray]:
