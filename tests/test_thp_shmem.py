@@ -24,6 +24,7 @@ from kvmpoison.mm.mremap import MREMAP_FIXED, MREMAP_MAYMOVE
 from kvmpoison.mm.page import (
     Page,
     PageDirty,
+    PageTransCompoundMap,
     compound_mapcount,
     page_count,
     page_mapcount,
@@ -393,3 +394,22 @@ def test_mremap_moves_a_whole_file_pmd_and_zaps_a_partial_one(kcfg: KernelConfig
     assert thp_pmd_mapping(p.mm, dst2 & ~(HPAGE - 1)) is None and p.mm.rss_shmem == 0
     assert p.load(dst2, 5).data == b"moved"  # refaults with PTEs: the offset is misaligned
     assert int(k.core.pages.order[head]) == 9
+
+
+@KERNELS
+def test_mincore_and_kvm_view_of_a_pmd_mapped_shmem_thp(kcfg: KernelConfig) -> None:
+    """mincore: every page under the PMD is resident, and after MADV_DONTNEED of one page
+    (the whole PMD is zapped) the page cache still says resident. KVM's v5.12 test
+    (``PageTransCompoundMap``: a file THP mapped by PMDs only) holds under the PMD and
+    not once a subpage is PTE-mapped as well."""
+    k, p, t, fd = memfd_thp(kcfg)
+    ok(p.store(t, b"x"))
+    assert p.mincore(t, HPAGE).data == bytes([1]) * HPAGE_PMD_NR
+    head = head_of(k, cached_pfn(p, fd, 0)).pfn
+    mem = k.core.pages
+    assert PageTransCompoundMap(mem[head + 17])
+    ok(p.madvise(t + PAGE, PAGE, MADV_DONTNEED))
+    assert thp_pmd_mapping(p.mm, t) is None
+    assert p.mincore(t, HPAGE).data == bytes([1]) * HPAGE_PMD_NR
+    ok(p.mprotect(t, PAGE, 0x1))  # the VMA no longer holds the 2 MiB: PTEs from here on
+    assert p.load(t + 17 * PAGE, 1).data == b"\0" and not PageTransCompoundMap(mem[head + 17])
