@@ -265,6 +265,7 @@ def shmem_add_huge_to_page_cache(core: MmCore, mapping: AddressSpace, head: int,
     hindex = index & ~(HPAGE_PMD_NR - 1)
     pfns = np.arange(head, head + HPAGE_PMD_NR, dtype=np.int64)
     mapping.add_bulk(pfns, hindex + np.arange(HPAGE_PMD_NR, dtype=np.int64))
+    mapping.thp_cached = True
     mem._refcount[head] += HPAGE_PMD_NR - 1
     mem.flags[pfns] |= np.uint32(mem.bits.mask(PG.swapbacked, PG.uptodate, PG.lru))
 
@@ -291,7 +292,10 @@ def shmem_getpage_huge(core: MmCore, inode: Inode, index: int, sgp: int,
 
 
 def mapping_has_thp(core: MmCore, mapping: AddressSpace) -> bool:
-    """Does the page cache hold a compound page (vectorised over its indices)?"""
+    """Does the page cache hold a compound page (vectorised over its indices; no scan
+    for a cache that never held one)?"""
+    if not mapping.thp_cached:
+        return False
     pfns = mapping.pages[mapping.pages >= 0]
     return bool(len(pfns)) and bool(core.pages.order[pfns].any())
 
