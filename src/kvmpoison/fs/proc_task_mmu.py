@@ -7,8 +7,8 @@ fields), vectorised over PTE chunks. A PTE counts when it is present and
 counts 2 MiB, and AnonHugePages too when its page is anon (the huge zero
 page is skipped: ``follow_trans_huge_pmd(FOLL_DUMP)`` fails on it). Values
 are in kB, as the file prints them. Not modelled: Pss, Shared/Private
-splits, Referenced, Swap, Locked; ShmemPmdMapped and FilePmdMapped stay 0
-(no file or shmem THP in the model).
+splits, Referenced, Swap, Locked, FilePmdMapped (no THP of a regular file).
+ShmemPmdMapped counts the shmem THPs a PMD maps (mm/shmem_huge.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from kvmpoison.arch.x86.pgtable import pmd_pfn, pte_pfn_array, pte_present_array
 from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SIZE
 from kvmpoison.mm.huge_memory import HPAGE_PMD_SIZE, is_huge_zero_pmd, pmd_trans_huge
 from kvmpoison.mm.mm_types import MmStruct, Vma
+from kvmpoison.mm.page_flags import PG
 
 SMAPS_FIELDS = ("Rss", "Anonymous", "AnonHugePages", "ShmemPmdMapped")
 
@@ -28,7 +29,8 @@ def smap_gather_stats(vma: Vma) -> dict[str, int]:
     mm = vma.vm_mm
     core = mm.core
     mem = core.pages
-    rss = anon = anon_huge = 0
+    rss = anon = anon_huge = shmem_huge = 0
+    swapbacked = np.uint32(mem.mask(PG.swapbacked))
     for chunk in mm.pgd.chunks(vma.vm_start, vma.vm_end):
         ptes = core.ptes.rows[chunk.rows, chunk.cols]
         normal = pte_present_array(ptes) & ((ptes & np.uint64(_PAGE_SPECIAL)) == 0)
@@ -43,8 +45,16 @@ def smap_gather_stats(vma: Vma) -> dict[str, int]:
         if mem.mapping[head] & 1:
             anon += HPAGE_PMD_SIZE
             anon_huge += HPAGE_PMD_SIZE
+        elif mem.flags[head] & swapbacked:  # smaps_pmd_entry: mss->shmem_thp
+            shmem_huge += HPAGE_PMD_SIZE
     return {"Rss": rss >> 10, "Anonymous": anon >> 10, "AnonHugePages": anon_huge >> 10,
-            "ShmemPmdMapped": 0}
+            "ShmemPmdMapped": shmem_huge >> 10}
+
+
+def smaps_shmem_pmd_mapped(vma: Vma) -> int:
+    """smaps' ShmemPmdMapped of one VMA, in kB: the shmem THPs it maps by PMD
+    (``smaps_pmd_entry``'s ``mss->shmem_thp``, v5.12; 6.18 the same)."""
+    return smap_gather_stats(vma)["ShmemPmdMapped"]
 
 
 def smaps_rollup(mm: MmStruct) -> dict[str, int]:

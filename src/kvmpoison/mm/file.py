@@ -55,6 +55,7 @@ class AddressSpace:
         self.wb_err = 0
         self.wb_err_seen = True  # errseq's SEEN bit
         self.nrpages = 0
+        self.thp_cached = False  # a THP was ever cached here (mm/shmem_huge.py): a fast "no"
         # a_ops->error_remove_folio(index): 0 when the page may be truncated (guest_memfd
         # answers MF_DELAYED and keeps it)
         self.error_remove_folio: Callable[[int], int] | None = None

@@ -414,6 +414,9 @@ def zap_huge_pmd(vma: Vma, haddr: int) -> int:
     reference, an anon THP loses its PMD mapping (``page_remove_rmap(page,
     true)``), 512 MM_ANONPAGES and the mapping's reference. Returns the pages
     unmapped (512, or 0 for the zero page)."""
+    if not vma_is_anonymous(vma):  # a page-cache THP: the file branch
+        from kvmpoison.mm.shmem_huge import zap_huge_pmd_file
+        return zap_huge_pmd_file(vma, haddr)
     mm = vma.vm_mm
     core = mm.core
     orig = mm.pgd.pmdp_huge_get_and_clear(haddr)
@@ -501,6 +504,10 @@ def __split_huge_pmd_locked(vma: Vma, haddr: int) -> None:
     (``page_remove_rmap`` of the compound mapping, without deferred split: every
     subpage is still mapped).
     """
+    if not vma_is_anonymous(vma):  # a page-cache THP: zapped, not split into PTEs
+        from kvmpoison.mm.shmem_huge import __split_huge_pmd_locked_file
+        __split_huge_pmd_locked_file(vma, haddr)
+        return
     mm = vma.vm_mm
     core = mm.core
     orig = mm.pgd.pmd_leaf(haddr)
@@ -575,7 +582,9 @@ def zap_huge_pmd_range(vma: Vma, start: int, end: int) -> int:
         whole = huge & (addrs >= start) & (addrs + HPAGE_PMD_SIZE <= end)
         for haddr in addrs[huge & ~whole].tolist():  # at most the two ends of the range
             __split_huge_pmd(vma, haddr)
-        if whole.any():
+        if whole.any() and not vma_is_anonymous(vma):  # page-cache THPs: the file branch
+            unmapped += sum(zap_huge_pmd(vma, a) for a in addrs[whole].tolist())
+        elif whole.any():
             unmapped += _zap_huge_pmds(vma, table, idx[whole], addrs[whole], vals[whole])
     return unmapped
 
@@ -656,6 +665,9 @@ def split_huge_page(core: MmCore, page: Page) -> int:
     head = page.pfn & ~(HPAGE_PMD_NR - 1) if mem.order[page.pfn] else page.pfn
     if not mem.order[head]:
         return 0
+    if mem.mapping[head] and not mem.mapping[head] & 1:  # a page-cache (shmem) THP
+        from kvmpoison.mm.shmem_huge_split import split_huge_page_file
+        return split_huge_page_file(core, page.pfn, caller_holds_ref=True)
     if not mem.mapping[head] & 1 or is_huge_zero_pfn(core, head):
         return -EBUSY  # file branch: no mapping (the huge zero page)
     av = mem.registry.decode(int(mem.mapping[head]))
@@ -789,7 +801,9 @@ def move_huge_pmd(vma: Vma, old_addr: int, new_addr: int) -> bool:
     pmd = pgd.pmdp_huge_get_and_clear(old_addr)
     if vma.vm_mm.core.kcfg.mem_soft_dirty:
         pmd |= _PAGE_SOFT_DIRTY
-    pgd.deposited[new_addr >> PMD_SHIFT] = pgd.deposited.pop(old_addr >> PMD_SHIFT)
+    table = pgd.deposited.pop(old_addr >> PMD_SHIFT, None)
+    if table is not None:  # pmd_move_must_withdraw: a file THP has none deposited
+        pgd.deposited[new_addr >> PMD_SHIFT] = table
     pgd.set_pmd(new_addr, pmd)
     return True
 
@@ -819,6 +833,8 @@ def copy_huge_pmd(dst: Vma, src: Vma, haddr: int, pmd: int) -> bool:
     COW mapping is split instead and False returned (-EAGAIN: the PTE copy that
     follows gives the child its own copy of each pinned page).
     """
+    if not vma_is_anonymous(dst):  # a file THP: "Skip if can be re-fill on fault"
+        return True
     src_mm, dst_mm = src.vm_mm, dst.vm_mm
     core = src_mm.core
     mem = core.pages

@@ -52,6 +52,7 @@ from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.guest_private import guest_private_markers
 from kvmpoison.mm.huge_memory import (
+    __split_huge_pmd,
     __transparent_hugepage_enabled,
     copy_huge_pmd_range,
     deferred_split_ptes_unmapped,
@@ -102,6 +103,7 @@ from kvmpoison.mm.rmap import (
     page_add_rmap,
     page_remove_rmap,
 )
+from kvmpoison.mm.shmem_huge import do_set_pmd, filemap_map_pmd_window, thp_head_skipped
 from kvmpoison.mm.swapops import (
     PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT,
     PteMarker,
@@ -209,6 +211,9 @@ def __handle_mm_fault_pmd(vmf: VmFaultInfo) -> VmFault | None:
     if not pmd_trans_huge(pmd):
         return None
     if int(vmf.flags) & FAULT_FLAG_WRITE_I and not pmd & _PAGE_RW:
+        if not vma_is_anonymous(vma):  # wp_huge_pmd: a file PMD is split, COW on the PTEs
+            __split_huge_pmd(vma, vmf.address)
+            return None
         ret = do_huge_pmd_wp_page(vmf, pmd)  # wp_huge_pmd
         return None if ret & VmFault.FALLBACK else ret
     return huge_pmd_set_accessed(vmf, pmd)
@@ -341,6 +346,12 @@ def finish_fault(vmf: VmFaultInfo, write: bool) -> VmFault:
     vma, mm = vmf.vma, vmf.vma.vm_mm
     assert vmf.page is not None
     page = mm.core.pages[vmf.page]
+    # a page-cache THP under a none PMD: do_set_pmd (v5.12 finish_fault)
+    if page.mem.order[page.pfn] and mm.pgd.pmd_none(vmf.address) \
+            and not do_set_pmd(vmf, page.pfn):
+        if write:
+            SetPageDirty(page)  # fault_dirty_shared_page
+        return VM_FAULT_0
     pte = pfn_pte(page.pfn, vma.vm_page_prot) | _PAGE_ACCESSED
     if write:
         pte = maybe_mkwrite(pte | _PAGE_DIRTY, vma)
@@ -410,8 +421,14 @@ def do_fault_around(vmf: VmFaultInfo) -> bool:
     skip = np.uint32(mem.mask(PG.locked) | mem.mask(PG.hwpoison)
                      | (mem.mask(PG.guest_private) if mm.core.hooks.guest_private else 0))
     need = np.uint32(mem.mask(PG.uptodate))
+    cand = np.flatnonzero(pfns >= 0)
+    if mm.pgd.nr_pmd_leaves or mem.order[pfns[cand]].any():  # filemap_map_pmd
+        huge = filemap_map_pmd_window(vmf, pfns)
+        if huge is not None:
+            return huge
+        cand = cand[~thp_head_skipped(mm.core, pfns[cand])]
     mapped_self = False
-    for i in np.flatnonzero(pfns >= 0):
+    for i in cand:
         pfn = int(pfns[i])
         addr = start + (int(i) << PAGE_SHIFT)
         flags = mem.flags[pfn]

@@ -249,10 +249,11 @@ def kill_accessing_process(core: MmCore, current_pid: int | None, pfn: int, flag
 
 def try_to_split_thp_page(core: MmCore, page: Page) -> int:
     """mm/memory-failure.c ``try_to_split_thp_page`` (v5.12; 6.1 the same result):
-    ``split_huge_page`` of an anon THP (a non-anon one, such as the huge zero page,
-    is -EBUSY: "non anonymous thp"); on failure the caller's reference goes
-    (``put_page`` here in v5.12 and 6.1, by the caller from v6.11)."""
-    if not PageAnon(page):
+    ``split_huge_page`` of an anon THP (v5.12: a non-anon one, a shmem THP or the
+    huge zero page, is -EBUSY: "non anonymous thp"; 5.15's "mm: hwpoison: handle
+    non-anonymous THP correctly" splits those too); on failure the caller's reference
+    goes (``put_page`` here in v5.12 and 6.1, by the caller from v6.11)."""
+    if not PageAnon(page) and core.kcfg.version.tuple < (5, 15):
         core.dmesg.append(f"Memory failure: {page.pfn:#x}: non anonymous thp")
         return -errno.EBUSY
     ret = split_huge_page(core, page)

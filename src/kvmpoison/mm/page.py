@@ -334,24 +334,28 @@ def compound_mapcount(page: Page) -> int:
 def page_mapcount(page: Page) -> int:
     """include/linux/mm.h ``page_mapcount`` (v5.12): this subpage's PTE mappings plus
     the PMD mappings of its compound page (PG_double_map's extra count is not kept,
-    so nothing needs subtracting)."""
+    so nothing needs subtracting). A file THP's ``_mapcount`` already counts its PMD
+    mappings (``page_add_file_rmap(page, true)``), so it is read alone."""
     count = int(page.mem._mapcount[page.pfn]) + 1
-    if page.mem.order[page.pfn]:
+    if page.mem.order[page.pfn] and PageAnon(page):
         count += compound_mapcount(page)
     return count
 
 
 def total_mapcount(page: Page) -> int:
     """mm/huge_memory.c ``total_mapcount`` (v5.12; 6.x ``folio_mapcount``) of an anon
-    page: the PTE mappings of every subpage plus one per PMD mapping. (File THPs,
-    whose subpage counts include the PMD mappings, are not modelled.)"""
+    page: the PTE mappings of every subpage plus one per PMD mapping. A file THP's
+    subpage counts include its PMD mappings, which are taken out again ("File pages
+    has compound_mapcount included in _mapcount")."""
     head = compound_head(page)
     mem = head.mem
     order = int(mem.order[head.pfn])
     if not order:
         return int(mem._mapcount[head.pfn]) + 1
     span = mem._mapcount[head.pfn : head.pfn + (1 << order)]
-    return int((span + 1).sum()) + compound_mapcount(head)
+    compound = compound_mapcount(head)
+    ret = int((span + 1).sum()) + compound
+    return ret if PageAnon(head) else ret - compound * (1 << order)
 
 
 def page_mapped(page: Page) -> bool:

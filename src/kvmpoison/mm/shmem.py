@@ -12,8 +12,10 @@ and a >= 6.13 copy of the file), per ``KernelConfig.version``:
   with -EIO (the model's 6.18).
 
 Pages are PG_swapbacked, so the RFC may protect them; they are never
-swapped out by the model. Not modelled: swap, huge pages, seals,
-splice_read, the i_size/rlimit checks of ``inode_newsize_ok``.
+swapped out by the model. Huge pages (shmem_enabled, the internal mount's
+huge=) are in :mod:`kvmpoison.mm.shmem_huge` and :mod:`kvmpoison.mm.shmem_huge_split`.
+Not modelled: swap, seals, splice_read, the i_size/rlimit checks of
+``inode_newsize_ok``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ from kvmpoison.mm.memory import maybe_mkwrite
 from kvmpoison.mm.mm_types import VM, VM_FAULT_0, Vma, VmFault, VmFaultInfo
 from kvmpoison.mm.page import PageFlag, PageHWPoison, get_page
 from kvmpoison.mm.page_flags import PG
+from kvmpoison.mm.shmem_huge import (
+    mapping_has_thp,
+    shmem_getpage_huge,
+    shmem_huge_possible,
+    thp_head,
+)
+from kvmpoison.mm.shmem_huge_split import shmem_truncate_range_huge
 from kvmpoison.mm.uaccess import IovIter
 
 MFD_CLOEXEC = 0x1
@@ -93,7 +102,8 @@ class Shmem:
         """
         return self.core.kcfg.version.tuple >= (5, 16)
 
-    def shmem_getpage_gfp(self, inode: Inode, index: int, sgp: int) -> tuple[int | None, int]:
+    def shmem_getpage_gfp(self, inode: Inode, index: int, sgp: int,
+                          vma: Vma | None = None) -> tuple[int | None, int]:
         """(pfn or None for a hole on read, 0 or -errno).
 
         ``mm/shmem.c:shmem_getpage_gfp`` (v5.12) / ``shmem_get_folio_gfp`` (6.18).
@@ -101,8 +111,12 @@ class Shmem:
         fault ends in ``__do_fault``'s VM_FAULT_HWPOISON and fallocate succeeds.
         Only the RFC's patch 09 (v2 09/13; folded into v1 7/7) fails it with -EIO
         for every caller.
-        Simplified: no swap-in, no huge pages, no SGP_FALLOC (fallocate uses
-        SGP_WRITE, which behaves the same on an order-0 page).
+        A miss may allocate a huge page (:func:`shmem_getpage_huge`, with the faulting
+        ``vma``); the pfn returned is then the subpage at ``index``. The RFC's check
+        reads PG_hwpoison on the page ``find_lock_entry`` returns, the head of a THP
+        (v5.12): a poisoned tail passes it.
+        Simplified: no swap-in, no SGP_FALLOC (fallocate uses SGP_WRITE, which
+        behaves the same on an order-0 page).
         """
         core = self.core
         mapping = inode.mapping
@@ -111,11 +125,15 @@ class Shmem:
             return None, -errno.EINVAL
         pfn = mapping.lookup(index)
         if pfn is not None:
-            if core.hooks.shmem_getpage_fails_poisoned and PageHWPoison(core.pages[pfn]):
+            if core.hooks.shmem_getpage_fails_poisoned \
+                    and PageHWPoison(core.pages[thp_head(core, pfn)]):
                 return None, -errno.EIO  # RFC v2 09: "Forbid access to poisoned pages"
             return pfn, 0
         if sgp == SGP_READ:
             return None, 0
+        sub = shmem_getpage_huge(core, inode, index, sgp, vma)
+        if sub >= 0:
+            return sub, 0
         page = core.buddy.alloc_pages(0)
         if page is None:
             return None, -errno.ENOMEM
@@ -159,7 +177,7 @@ class Shmem:
         """
         if vmf.pgoff >= inode.nr_pages:
             return VmFault.SIGBUS
-        pfn, err = self.shmem_getpage_gfp(inode, vmf.pgoff, SGP_CACHE)
+        pfn, err = self.shmem_getpage_gfp(inode, vmf.pgoff, SGP_CACHE, vmf.vma)
         if self._guest_private(pfn):
             return VmFault.SIGBUS  # hardened: a new mapping of a guest-private page
         if err:
@@ -173,12 +191,16 @@ class Shmem:
         """Vectorised ``shmem_fault`` + ``finish_fault`` over the none PTEs of [start, end).
 
         Stops at a PG_hwpoison (or hardened PG_guest_private) page, so the per-page
-        fault (``__do_fault``) decides.
+        fault (``__do_fault``) decides. Where a huge page may be involved
+        (:func:`shmem_huge_possible`) nothing is done here: the per-page faults
+        allocate and map 2 MiB at a time.
         """
         core = self.core
         mm = vma.vm_mm
         mapping = inode.mapping
         assert mapping is not None
+        if mm.pgd.nr_pmd_leaves or shmem_huge_possible(core, inode, vma):
+            return start
         limit = vma.vm_start + ((inode.nr_pages - vma.vm_pgoff) << PAGE_SHIFT)
         end = min(end, max(start, limit))
         mem = core.pages
@@ -239,8 +261,12 @@ class Shmem:
             if not mode & FALLOC_FL_KEEP_SIZE:
                 return -errno.EOPNOTSUPP
             first = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT
-            truncate_inode_pages_range(self.core, mapping, first, (offset + length) >> PAGE_SHIFT,
-                                       even_cows=False)
+            if mapping_has_thp(self.core, mapping):
+                shmem_truncate_range_huge(self.core, inode, offset, offset + length - 1,
+                                          even_cows=False)
+            else:
+                truncate_inode_pages_range(self.core, mapping, first,
+                                           (offset + length) >> PAGE_SHIFT, even_cows=False)
             self._zero_partial(inode, offset, offset + length - 1)
             return 0
         end = offset + length
@@ -263,8 +289,11 @@ class Shmem:
         inode.i_size = size  # shmem_setattr: i_size_write before shmem_truncate_range
         if shrink:
             assert inode.mapping is not None
-            truncate_inode_pages_range(self.core, inode.mapping,
-                                       (size + PAGE_SIZE - 1) >> PAGE_SHIFT, 1 << 40)
+            if mapping_has_thp(self.core, inode.mapping):
+                shmem_truncate_range_huge(self.core, inode, size, -1, even_cows=True)
+            else:
+                truncate_inode_pages_range(self.core, inode.mapping,
+                                           (size + PAGE_SIZE - 1) >> PAGE_SHIFT, 1 << 40)
             self._zero_partial(inode, size, -1)
         return 0
 
