@@ -13,7 +13,6 @@ import os
 
 import pytest
 
-from kvmpoison.arch.x86.pgtable_types import _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW
 from kvmpoison.backends.kvm import thp
 from kvmpoison.backends.kvm.libc import MAP_ANONYMOUS, MAP_PRIVATE, libc, mmap
 from kvmpoison.backends.kvm.probes import run_probe
@@ -23,6 +22,7 @@ from kvmpoison.matrix.model import (
     _setup,
     model_thp_check,
     run_cell,
+    smaps_counters,
     smaps_rollup_anon_huge,
     smaps_rss,
     smaps_shmem_pmd_mapped,
@@ -39,6 +39,7 @@ from kvmpoison.matrix.protocol import (
     thp_mode,
     vec_runs_cell,
 )
+from kvmpoison.mm.huge_memory import ThpSettings
 
 HUGE = smaps_cell(2048, 2048, 0)
 
@@ -98,18 +99,19 @@ def test_model_set_up_is_aligned_and_its_check_agrees_with_its_counters(backing:
         assert smaps_rss(mm, t, t + HPAGE_PMD_SIZE) == 4  # the one 4 KiB page touched
 
 
-def test_model_counters_count_a_huge_pmd() -> None:
-    """The seam reads a PMD with _PAGE_PSE as one PMD-mapped THP, as smaps_pmd_entry does."""
+def test_model_set_up_is_pmd_mapped_with_the_referees_modes() -> None:
+    """The model's set-up maps one THP by PMD, as the live one must: anon_thp with this
+    machine's modes, shmem_thp once shmem_enabled=advise (the 6.1 guest's setting)."""
     probe = _setup(THIS_MACHINE, "anon_thp")
-    mm, start = probe.target.mm, probe.t
-    if probe.thp_check == "":
-        pytest.skip("the model's mm maps THPs: its own set-up shows the counters")
-    pmd = mm.pgd._pmd_table(start, False)
-    assert pmd is not None
-    pmd.entries[(start >> 21) & 511] = (0x200 << 12) | _PAGE_PSE | _PAGE_PRESENT | _PAGE_RW
-    assert smaps_rollup_anon_huge(mm, start, start + HPAGE_PMD_SIZE) == 2048
-    assert smaps_shmem_pmd_mapped(mm, start, start + HPAGE_PMD_SIZE) == 0
-    assert smaps_rss(mm, start, start + HPAGE_PMD_SIZE) == 2048
+    assert probe.thp_check == ""
+    assert smaps_counters(probe.target.mm, probe.t) == "smaps:Rss=2048:AnonHugePages=2048:" \
+        "ShmemPmdMapped=0"
+    never = _setup(THIS_MACHINE, "shmem_thp", ThpSettings(shmem_enabled="never"))
+    assert "not PMD-mapped" in never.thp_check
+    advise = _setup(THIS_MACHINE, "shmem_thp", ThpSettings(shmem_enabled="advise"))
+    assert advise.thp_check == ""
+    assert smaps_counters(advise.target.mm, advise.t) == "smaps:Rss=2048:AnonHugePages=0:" \
+        "ShmemPmdMapped=2048"
 
 
 def test_model_runs_every_path_on_the_thp_columns_as_on_anon() -> None:

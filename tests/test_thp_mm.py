@@ -245,3 +245,17 @@ def test_thp_sysfs_settings_parse_and_validate(tmp_path: object) -> None:
         ThpSettings(enabled="sometimes")
     _, assumed = host_thp_settings(str(root / "missing"))
     assert "enabled" in assumed
+
+
+def test_thp_settings_from_sysfs_texts_as_a_guest_reports_them() -> None:
+    """The 6.1 referee's guest reports its sysfs texts; the model runs with those modes."""
+    from kvmpoison.mm.huge_memory import thp_settings_from_sysfs
+
+    got, assumed = thp_settings_from_sysfs({
+        "enabled": "[always] madvise never\n", "defrag": "always defer [madvise] never\n",
+        "shmem_enabled": "always within_size [advise] never deny force\n",
+        "use_zero_page": "1\n"})
+    assert (got.enabled, got.shmem_enabled, got.use_zero_page) == ("always", "advise", True)
+    assert assumed == ()
+    _, assumed = thp_settings_from_sysfs({"enabled": "[never]"})
+    assert assumed == ("defrag", "shmem_enabled", "use_zero_page")

@@ -23,6 +23,7 @@ from kvmpoison.kernel.process import Process
 from kvmpoison.matrix import protocol as proto
 from kvmpoison.mm.file import O_DIRECT, O_RDWR
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
+from kvmpoison.mm.huge_memory import ThpSettings
 from kvmpoison.mm.madvise import (
     MADV_DONTNEED,
     MADV_GUARD_INSTALL,
@@ -95,9 +96,11 @@ class Probe:
     thp_check: str = ""  # THP backings: the set-up's PMD-mapped check, as the model found it
 
 
-def _setup(kcfg: KernelConfig, backing: str) -> Probe:
+def _setup(kcfg: KernelConfig, backing: str, thp: ThpSettings | None = None) -> Probe:
     kernel = Kernel.boot(kcfg, PlatformConfig(mem_bytes=MATRIX_MEM,
                                               integrity=IntegrityMode.OFF))
+    if thp is not None:  # the referee kernel's /sys/kernel/mm/transparent_hugepage modes
+        kernel.core.thp = thp
     kvm_gmem_init(kernel)
     target = Process.spawn(kernel, "target")
     if backing in proto.THP_BACKINGS:
@@ -411,8 +414,11 @@ def _remote(p: Probe, path: str, at: int, n: int) -> Outcome:
     raise ValueError(f"unknown path {path!r} (known: {', '.join(proto.PATHS)})")
 
 
-def run_cell(kcfg: KernelConfig, path: str, backing: str) -> Cell:
-    probe = _setup(kcfg, backing)
+def run_cell(kcfg: KernelConfig, path: str, backing: str,
+             thp: ThpSettings | None = None) -> Cell:
+    """One cell on the model; ``thp`` gives the THP modes of the kernel it is compared
+    with (None: the model's defaults, which are this machine's)."""
+    probe = _setup(kcfg, backing, thp)
     if path in proto.THP_PATHS:
         if backing not in proto.THP_BACKINGS:
             raise ValueError(f"{path} probes a THP: it runs on {', '.join(proto.THP_BACKINGS)}")

@@ -27,6 +27,7 @@ or falls back), MMF_DISABLE_THP, DAX, and 6.8+'s smaller mTHP sizes.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from errno import EBUSY
 from typing import TYPE_CHECKING
@@ -135,27 +136,41 @@ def parse_thp_choice(text: str) -> str:
     raise ValueError(f"no [selected] value in {text.strip()!r}")
 
 
-def host_thp_settings(root: str = THP_SYSFS) -> tuple[ThpSettings, tuple[str, ...]]:
-    """The running kernel's THP modes, read (never written) from ``root``; the second
-    item lists the knobs that could not be read and kept the default."""
+_SYSFS_FIELDS = (("enabled", "enabled"), ("defrag", "defrag"),
+                 ("shmem_enabled", "shmem_enabled"), ("use_zero_page", "use_zero_page"),
+                 ("pmd_enabled", "hugepages-2048kB/enabled"))
+
+
+def thp_settings_from_sysfs(texts: Mapping[str, str]) -> tuple[ThpSettings, tuple[str, ...]]:
+    """ThpSettings from the text of the sysfs files (keyed by their name under
+    ``transparent_hugepage/``); the second item lists the knobs missing or unreadable,
+    which keep the default."""
     default = ThpSettings()
     values: dict[str, object] = {}
     assumed: list[str] = []
-    for field, name in (("enabled", "enabled"), ("defrag", "defrag"),
-                        ("shmem_enabled", "shmem_enabled"), ("use_zero_page", "use_zero_page"),
-                        ("pmd_enabled", "hugepages-2048kB/enabled")):
-        path = os.path.join(root, name)
+    for field, name in _SYSFS_FIELDS:
         try:
-            with open(path, encoding="ascii") as f:
-                text = f.read()
+            text = texts[name]
             values[field] = (text.strip() == "1" if field == "use_zero_page"
                              else parse_thp_choice(text))
-        except (OSError, ValueError):
+        except (KeyError, ValueError):
             if field != "pmd_enabled":  # absent before 6.8: inherit is what it means
                 assumed.append(name)
-    merged = {f: values.get(f, getattr(default, f)) for f in
-              ("enabled", "defrag", "shmem_enabled", "use_zero_page", "pmd_enabled")}
+    merged = {f: values.get(f, getattr(default, f)) for f, _ in _SYSFS_FIELDS}
     return ThpSettings(**merged), tuple(assumed)  # type: ignore[arg-type]
+
+
+def host_thp_settings(root: str = THP_SYSFS) -> tuple[ThpSettings, tuple[str, ...]]:
+    """The running kernel's THP modes, read (never written) from ``root``; the second
+    item lists the knobs that could not be read and kept the default."""
+    texts = {}
+    for _, name in _SYSFS_FIELDS:
+        try:
+            with open(os.path.join(root, name), encoding="ascii") as f:
+                texts[name] = f.read()
+        except OSError:
+            continue
+    return thp_settings_from_sysfs(texts)
 
 
 # -- eligibility ----------------------------------------------------------------------

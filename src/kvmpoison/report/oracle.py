@@ -24,6 +24,7 @@ from kvmpoison.matrix.protocol import (
     THP_BACKINGS,
     THP_PATHS,
 )
+from kvmpoison.mm.huge_memory import host_thp_settings
 
 THP_CELL_PATHS = PATHS + THP_PATHS  # every path, then the THP probes, on each THP backing
 
@@ -96,6 +97,7 @@ def compare_thp(result: Comparison, progress: Callable[[], None] | None = None,
     kind of memory, and the tool never changes the sysfs switch), the column is not
     refereed, with the reason. The model's own check is reported as a note.
     """
+    thp, _ = host_thp_settings()  # the model runs with the modes this kernel shows
     for backing in backings:
         first = run_probe("thp_smaps", backing, REMOTE_PATHS)
         if first.cell == NOT_REFEREED:
@@ -114,7 +116,7 @@ def compare_thp(result: Comparison, progress: Callable[[], None] | None = None,
             elif live.cell == "error":
                 raise OracleUnavailableError(f"probe {path}/{backing} failed: {live.detail}")
             else:
-                model = run_cell(result.kcfg, path, backing)
+                model = run_cell(result.kcfg, path, backing, thp)
                 model_check = model_check or model.thp_check
                 result.cells.append((path, backing, live.cell, model.cell))
             if progress is not None:

@@ -23,6 +23,7 @@ from kvmpoison.matrix.protocol import (
     THP_BACKINGS,
     THP_PATHS,
 )
+from kvmpoison.mm.huge_memory import thp_settings_from_sysfs
 from kvmpoison.report.oracle import Comparison
 
 KERNELS = ("debian-6.1",)
@@ -90,6 +91,10 @@ def compare_vm(kernel: str = "debian-6.1", accel: str = "auto") -> VmComparison:
                             "O_DIRECT cells may differ")
     result.notes.append(f"the guest's shmem_enabled: {run.info.get('shmem_enabled')} "
                         "(set in the guest by its runner)")
+    # The model runs the THP columns with the guest's own modes (its runner reports them).
+    modes = run.info.get("thp_modes")
+    thp, _ = thp_settings_from_sysfs({str(k): str(v) for k, v in modes.items()}
+                                     if isinstance(modes, dict) else {})
     t0 = time.perf_counter()
     model_checks: dict[str, str] = {}
     for path, backing in vm_cells():
@@ -102,7 +107,7 @@ def compare_vm(kernel: str = "debian-6.1", accel: str = "auto") -> VmComparison:
         if live in ("error", "missing"):
             detail = run.details.get((path, backing), "no console line")
             result.notes.append(f"live probe {path}/{backing} failed: {detail}")
-        cell = run_cell(kcfg, path, backing)
+        cell = run_cell(kcfg, path, backing, thp)
         if cell.thp_check:
             model_checks.setdefault(backing, cell.thp_check)
         result.cells.append((path, backing, live, cell.cell))

@@ -61,7 +61,8 @@ def main(argv: list[str]) -> int:
                      "hwpoison_inject": os.path.exists(UNPOISON_PFN),
                      "shmem_enabled": shmem_thp_advise() if any(
                          b == "shmem_thp" for _, b in job.get("cells", [])) else "untouched",
-                     "tmp_fs": _fs_type(tempfile.gettempdir())})
+                     "tmp_fs": _fs_type(tempfile.gettempdir()),
+                     "thp_modes": thp_modes()})
     signal.signal(signal.SIGALRM, _alarm)
     t0 = time.perf_counter()
     for path, backing in job.get("cells", []):
@@ -80,6 +81,20 @@ def main(argv: list[str]) -> int:
         emit(MARK_SCENARIO, {"i": i, **_scenario(sc["vms"], sc["steps"])})
     emit(MARK_END, {"seconds": round(time.perf_counter() - t0, 3)})
     return 0
+
+
+def thp_modes() -> dict[str, str]:
+    """The guest's THP sysfs files as it shows them (read after shmem_thp_advise), so the
+    model runs with the same modes."""
+    root = os.path.dirname(SHMEM_ENABLED)
+    out = {}
+    for name in ("enabled", "defrag", "shmem_enabled", "use_zero_page"):
+        try:
+            with open(os.path.join(root, name)) as fh:
+                out[name] = fh.read().strip()
+        except OSError:
+            continue
+    return out
 
 
 def shmem_thp_advise() -> str:
