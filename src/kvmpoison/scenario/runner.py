@@ -22,6 +22,7 @@ from kvmpoison.mm.ptdump import decode_kind
 from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.loader import Scenario, ScenarioError, Step
 from kvmpoison.scenario.ops import OPS, SAVES_REF, OpError, RunCtx, data_arg
+from kvmpoison.virt.kvm.kvm_main import ept_spte_4k
 
 
 @dataclass
@@ -110,7 +111,9 @@ def _page_state(ctx: RunCtx, step: Step) -> dict[str, Any]:
     pte = mm.pgd.get(inst.vmm.gpa_to_hva(gpa))
     state["vmm_pte"] = f"{pte:#018x}"
     state["vmm_pte_kind"] = decode_kind(pte, core.kcfg)
-    state["ept"] = f"{inst.vm.ept.get(gpa):#018x}"
+    if mm.pgd.nr_pmd_leaves and mm.pgd.pmd_leaf(inst.vmm.gpa_to_hva(gpa)):
+        state["vmm_pmd"] = f"{mm.pgd.pmd_leaf(inst.vmm.gpa_to_hva(gpa)):#018x}"  # a THP
+    state["ept"] = f"{ept_spte_4k(inst.vm.ept, gpa):#018x}"
     try:
         pfn = backing_pfn(ctx.machine, gpa, inst.vmm, inst.vm)
     except ValueError:
