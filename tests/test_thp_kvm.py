@@ -30,6 +30,8 @@ from kvmpoison.virt.kvm.kvm_main import (
 from kvmpoison.virt.kvm.mem_protected import kvm_unpoison_page_hook
 from kvmpoison.virt.kvm.x86.mmu import (
     KVM_MAX_HUGEPAGE_LEVEL,
+    _td_add_page,
+    _td_add_range,
     host_pfn_mapping_level,
     install_spte,
     kvm_mmu_hugepage_adjust,
@@ -301,3 +303,24 @@ def test_the_loader_accepts_thp_only_for_anonymous_ram() -> None:
         load_text(base.format(b="memfd", t="true"), "x.toml")
     with pytest.raises(ScenarioError, match="thp must be true or false"):
         load_text(base.format(b="anon", t='"yes"'), "x.toml")
+
+
+def test_a_2m_private_spte_on_a_td_adds_all_512_frames_as_page_by_page_would() -> None:
+    m = Machine(Config(design="baseline", integrity=IntegrityMode.CI),
+                vms=[VmSpec(memory=8 << 20, backing="anon", thp=True)])
+    assert m.vmm.store(BASE + 0x3000, b"vmm data").kind is Kind.OK
+    twin = m.copy()
+    head = head_pfn(m)
+    _td_add_range(m.vm, GFN, head, HPAGE_PMD_NR)  # one MOVDIR64B over the 2 MiB
+    for i in range(HPAGE_PMD_NR):
+        _td_add_page(twin.vm, GFN + i, head + i)
+    assert m.vm.td_pages == twin.vm.td_pages >= set(range(head, head + HPAGE_PMD_NR))
+    keyid = m.vm.td_keyid
+    assert keyid is not None
+    hw, other = m.kernel.core.hw, twin.kernel.core.hw
+    for kid in (0, keyid):
+        a = hw.read(head << PAGE_SHIFT, HPAGE_PMD_SIZE, kid)
+        b = other.read(head << PAGE_SHIFT, HPAGE_PMD_SIZE, kid)
+        assert (a.poisoned_pa, a.data) == (b.poisoned_pa, b.data)
+    got = hw.read((head + 3) << PAGE_SHIFT, 8, keyid).data
+    assert got == other.read((head + 3) << PAGE_SHIFT, 8, keyid).data == b"vmm data"

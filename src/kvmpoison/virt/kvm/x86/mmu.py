@@ -178,8 +178,10 @@ def kvm_mmu_hugepage_adjust(vm: Vm, gfn: int, max_level: int, pfn: int) -> tuple
     ``min(host_pfn_mapping_level, max_level)``, and the pfn rounded down to that
     level (``VM_BUG_ON((gfn & mask) != (pfn & mask))``: a slot whose gfn and hva
     are aligned alike maps a THP's subpages in order). 6.18's
-    ``kvm_mmu_hugepage_adjust(vcpu, fault)`` with ``kvm_mmu_max_mapping_level``
-    decides the same for a shared fault. Not modelled: the iTLB-multihit
+    ``kvm_mmu_hugepage_adjust(vcpu, fault)`` (``__kvm_mmu_max_mapping_level``:
+    the same lpage loop, then ``host_pfn_mapping_level``) decides the same for a
+    shared fault; a private fault skips the host walk and takes its level from
+    the guest_memfd folio's order (order 0 in the model: 4K). Not modelled: the iTLB-multihit
     workaround (``huge_page_disallowed`` for exec faults: the model's guest
     fetches no instructions) and dirty logging.
     """
@@ -227,8 +229,18 @@ def install_spte(vm: Vm, gfn: int, level: int, spte: int) -> None:
 
 
 def _td_add_range(vm: Vm, gfn: int, pfn: int, n: int) -> None:
-    """:func:`_td_add_page` for each page of a huge SPTE (TDH.MEM.PAGE.AUG at 2M)."""
+    """:func:`_td_add_page` for each page of a huge SPTE (TDH.MEM.PAGE.AUG at 2M): one
+    read and one MOVDIR64B write of the whole range when none of it is shared or
+    already the TD's, else page by page."""
     if vm.td_keyid is None:
+        return
+    pfns = range(pfn, pfn + n)
+    if vm.td_pages.isdisjoint(pfns) and \
+            not any(lo < gfn + n and gfn < hi for lo, hi in vm.shared_ranges):
+        hw = vm.core.hw
+        content = hw.read(pfn << PAGE_SHIFT, n << PAGE_SHIFT, 0).data
+        hw.write(pfn << PAGE_SHIFT, content, vm.td_keyid, WriteHow.MOVDIR64B)
+        vm.td_pages.update(pfns)
         return
     for i in range(n):
         _td_add_page(vm, gfn + i, pfn + i)
