@@ -13,6 +13,7 @@ from kvmpoison.arch.x86.vmx import PT_PAGE_SIZE_MASK, VMX_EPT_WRITABLE_MASK
 from kvmpoison.config import Config
 from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.machine import Machine, VmSpec
+from kvmpoison.matrix.designs import backing_pfn
 from kvmpoison.mm.huge_memory import HPAGE_PMD_NR, HPAGE_PMD_SIZE, thp_pmd_mapping
 from kvmpoison.mm.madvise import MADV_DONTNEED
 from kvmpoison.mm.mm_types import MmStruct
@@ -21,6 +22,7 @@ from kvmpoison.mm.rmap import TTU, try_to_unmap
 from kvmpoison.mm.swapops import is_hwpoison_entry, pte_to_swp_entry
 from kvmpoison.outcome import Kind
 from kvmpoison.scenario.loader import ScenarioError, load_text
+from kvmpoison.scenario.runner import run_scenario
 from kvmpoison.virt.kvm.kvm_main import (
     PG_LEVEL_2M,
     PG_LEVEL_4K,
@@ -324,3 +326,19 @@ def test_a_2m_private_spte_on_a_td_adds_all_512_frames_as_page_by_page_would() -
         assert (a.poisoned_pa, a.data) == (b.poisoned_pa, b.data)
     got = hw.read((head + 3) << PAGE_SHIFT, 8, keyid).data
     assert got == other.read((head + 3) << PAGE_SHIFT, 8, keyid).data == b"vmm data"
+
+
+def test_backing_pfn_and_the_scenario_trace_see_the_subpage_of_a_2m_spte() -> None:
+    m = thp_machine("baseline")
+    head = head_pfn(m)
+    assert m.guest.load(BASE + 0x5000, 4).kind is Kind.OK
+    assert backing_pfn(m, BASE + 0x9000) == head + 9
+    sc = load_text('[machine]\nintegrity = "off"\n[[vm]]\nname = "vm0"\nbacking = "anon"\n'
+                   'thp = true\nmemory = "8M"\n[[step]]\nactor = "vmm:vm0"\nop = "store"\n'
+                   'gpa = 0x400000\ndata = "x"\n[[step]]\nactor = "guest:vm0"\nop = "load"\n'
+                   'gpa = 0x405000\n', "t.toml")
+    run = run_scenario(sc, "baseline")
+    # The VMM's store maps the THP (vmm_pmd appears); the guest's load maps a 2M SPTE.
+    assert int(run.results[0].changed["vmm_pmd"]["after"], 16) & (1 << 7)
+    ept = int(run.results[1].changed["ept"]["after"], 16)
+    assert ept & PT_PAGE_SIZE_MASK and (ept >> PAGE_SHIFT) & 0x1FF == 5  # subpage 5

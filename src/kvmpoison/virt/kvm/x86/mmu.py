@@ -185,8 +185,8 @@ def kvm_mmu_hugepage_adjust(vm: Vm, gfn: int, max_level: int, pfn: int) -> tuple
     workaround (``huge_page_disallowed`` for exec faults: the model's guest
     fetches no instructions) and dirty logging.
     """
-    if max_level == PG_LEVEL_4K or is_error_pfn(pfn):
-        return PG_LEVEL_4K, pfn
+    if max_level == PG_LEVEL_4K or is_error_pfn(pfn) or not vm.mm.pgd.nr_pmd_leaves:
+        return PG_LEVEL_4K, pfn  # no huge PMD in the VMM: host_pfn_mapping_level is 4K
     if vm.core.kcfg.version.tuple < (5, 19) and PageFlag(vm.core.pages[pfn], PG.reserved):
         return PG_LEVEL_4K, pfn  # kvm_is_reserved_pfn (gone from 6.x's check)
     slot = vm.gfn_to_memslot(gfn)
