@@ -197,7 +197,7 @@ def try_grab_page(page: Page, gup_flags: FOLL) -> bool:
 
     FOLL_GET takes one reference; FOLL_PIN takes GUP_PIN_COUNTING_BIAS
     references, or one plus a pincount on a compound page with a pincount
-    field (the model keeps no separate pincount). A page with no reference is
+    field (kept in ``PageArray.compound_pincount``). A page with no reference is
     a WARN and a failure (-ENOMEM). v6.18 never pins the shared zero page.
     """
     head = compound_head(page)
@@ -210,7 +210,11 @@ def try_grab_page(page: Page, gup_flags: FOLL) -> bool:
     if foll & _FOLL_GET:
         mem._refcount[head.pfn] += 1
     elif not _v6_zero_page(head):
-        mem._refcount[head.pfn] += 1 if folio_has_pincount(head) else GUP_PIN_COUNTING_BIAS
+        if folio_has_pincount(head):
+            mem._refcount[head.pfn] += 1
+            mem.compound_pincount[head.pfn] = mem.compound_pincount.get(head.pfn, 0) + 1
+        else:
+            mem._refcount[head.pfn] += GUP_PIN_COUNTING_BIAS
     return True
 
 
@@ -229,6 +233,12 @@ def put_compound_head(page: Page, refs: int, gup_flags: FOLL) -> None:
             return
         if not folio_has_pincount(head):
             refs *= GUP_PIN_COUNTING_BIAS
+        else:
+            left = mem.compound_pincount.get(head.pfn, 0) - refs
+            if left > 0:
+                mem.compound_pincount[head.pfn] = left
+            else:
+                mem.compound_pincount.pop(head.pfn, None)
     mem._refcount[head.pfn] -= refs - 1
     put_page(head)
 

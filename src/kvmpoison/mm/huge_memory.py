@@ -28,16 +28,27 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from errno import EBUSY
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvmpoison.arch.x86.pgtable import pfn_pmd, pfn_pte, pfn_pte_array, pmd_pfn
+from kvmpoison.arch.x86.pgtable import (
+    pfn_pmd,
+    pfn_pte,
+    pfn_pte_array,
+    pmd_modify,
+    pmd_modify_array,
+    pmd_pfn,
+    pmd_pfn_array,
+)
 from kvmpoison.arch.x86.pgtable_types import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
+    _PAGE_PRESENT,
     _PAGE_PSE,
     _PAGE_RW,
+    _PAGE_SOFT_DIRTY,
     _PAGE_SPECIAL,
     PAGE_SHIFT,
     PMD_SHIFT,
@@ -52,13 +63,21 @@ from kvmpoison.mm.mm_types import (
     VmFaultInfo,
     vma_is_anonymous,
 )
-from kvmpoison.mm.page import Page, PageKsm, page_mapcount, put_page
+from kvmpoison.mm.page import (
+    Page,
+    PageKsm,
+    page_mapcount,
+    page_mapped,
+    put_page,
+    total_mapcount,
+)
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.rmap import anon_vma_prepare, mapping_encode
 
 if TYPE_CHECKING:
     from kvmpoison.mm.core import MmCore
     from kvmpoison.mm.mm_types import MmStruct
+    from kvmpoison.mm.pagetable import _Table
 
 HPAGE_PMD_ORDER = PMD_SHIFT - PAGE_SHIFT  # 9
 HPAGE_PMD_NR = 1 << HPAGE_PMD_ORDER  # 512
@@ -209,6 +228,11 @@ def get_huge_zero_page(core: MmCore) -> int:
         core.clear_pages(np.arange(page.pfn, page.pfn + HPAGE_PMD_NR, dtype=np.int64))
         core.huge_zero_pfn = page.pfn
     return core.huge_zero_pfn
+
+
+def is_huge_zero_pfn(core: MmCore, pfn: int) -> bool:
+    """``is_huge_zero_page`` by pfn."""
+    return core.huge_zero_pfn >= 0 and pfn == core.huge_zero_pfn
 
 
 def pmd_page_pfn(pmd: int) -> int:
@@ -540,19 +564,287 @@ def vma_adjust_trans_huge(vma: Vma, addr: int) -> None:
 
 def zap_huge_pmd_range(vma: Vma, start: int, end: int) -> int:
     """The PMD half of mm/memory.c ``zap_pmd_range`` (v5.12): a huge PMD wholly inside
-    [start, end) is zapped (:func:`zap_huge_pmd`), one the range covers in part is
-    split so the PTE zap that follows removes only that part. Returns the pages
-    unmapped."""
+    [start, end) is zapped (:func:`zap_huge_pmd`, here in one batch per PMD table),
+    one the range covers in part is split so the PTE zap that follows removes only
+    that part. Returns the pages unmapped. The caller flushes the TLB."""
     mm = vma.vm_mm
     unmapped = 0
-    for haddr, pmd in mm.pgd.pmd_leaves(start, end):
+    for table, idx, addrs in list(mm.pgd.pmd_leaf_slots(start, end)):
+        vals = table.entries[idx]
+        huge = (vals & np.uint64(_PAGE_PSE)) != 0
+        whole = huge & (addrs >= start) & (addrs + HPAGE_PMD_SIZE <= end)
+        for haddr in addrs[huge & ~whole].tolist():  # at most the two ends of the range
+            __split_huge_pmd(vma, haddr)
+        if whole.any():
+            unmapped += _zap_huge_pmds(vma, table, idx[whole], addrs[whole], vals[whole])
+    return unmapped
+
+
+def _zap_huge_pmds(vma: Vma, table: _Table, idx: np.ndarray, addrs: np.ndarray,
+                   vals: np.ndarray) -> int:
+    """:func:`zap_huge_pmd` for many huge PMDs of one PMD table, vectorised: clear them,
+    free their deposited tables, drop each THP's PMD mapping (deferred split when
+    subpages stay PTE-mapped), 512 MM_ANONPAGES and the mapping's reference each,
+    freeing the THPs that reach zero in one batch."""
+    mm = vma.vm_mm
+    core = mm.core
+    mem = core.pages
+    mm.pgd.clear_pmd_leaves(table, idx, addrs)
+    heads = pmd_pfn_array(vals)
+    real = heads != core.huge_zero_pfn
+    heads, vals = heads[real], vals[real]
+    if not len(heads):
+        return 0
+    dirty = heads[(vals & np.uint64(_PAGE_DIRTY)) != 0]
+    mem.flags[dirty] |= np.uint32(mem.mask(PG.dirty))
+    last = []
+    counts = mem.compound_mapcount
+    for head in heads.tolist():  # page_remove_anon_compound_rmap
+        count = counts.get(head, 0)
+        if count <= 0:
+            raise AssertionError(f"page_remove_rmap: THP {head:#x} is not PMD-mapped")
+        if count == 1:
+            del counts[head]
+            last.append(head)
+        else:
+            counts[head] = count - 1
+    mm.rss_anon -= HPAGE_PMD_NR * len(heads)
+    mem._refcount[heads] -= 1  # tlb_remove_page_size: distinct THPs, one reference each
+    if last:  # a THP still referenced may have PTE-mapped subpages: deferred split
+        lh = np.array(last, dtype=np.int64)
+        lh = lh[mem._refcount[lh] > 0]
+        sub = lh[:, None] + np.arange(HPAGE_PMD_NR, dtype=np.int64)[None, :]
+        for head in lh[(mem._mapcount[sub] >= 0).any(axis=1)].tolist():
+            deferred_split_huge_page(core, head)
+    dead = heads[mem._refcount[heads] == 0]
+    if len(dead):
+        core.buddy.free_compound_bulk(dead)
+    if core.deferred_split_queue:
+        prune_deferred_split_queue(core)
+    return HPAGE_PMD_NR * len(heads)
+
+
+# -- split_huge_page ---------------------------------------------------------------------
+
+
+def can_split_huge_page(core: MmCore, head: int) -> bool:
+    """mm/huge_memory.c ``can_split_huge_page`` (v5.12; 6.x ``can_split_folio``): every
+    reference is a mapping, plus the one the caller holds (no swap cache here)."""
+    mem = core.pages
+    return total_mapcount(mem[head]) == int(mem._refcount[head]) - 1
+
+
+def split_huge_page(core: MmCore, page: Page) -> int:
+    """mm/huge_memory.c ``split_huge_page`` -> ``split_huge_page_to_list`` (v5.12; 6.1
+    and 6.18 ``split_folio``/``__folio_split`` for an anon PMD-size folio): 0 or -EBUSY.
+
+    The caller holds one reference on the THP (it passes the subpage it wants
+    to keep). -EBUSY for a non-anon page (the huge zero page), an anon THP no
+    longer mapped (``page_get_anon_vma`` finds no anon_vma), or one with
+    references beyond its mappings and the caller's (a GUP pin:
+    ``can_split_huge_page``). Otherwise every PMD mapping in every mm is split
+    (``unmap_page`` + ``remap_page``), and the 512 subpages become order-0
+    pages: each keeps one reference per PTE mapping, ``page`` also the
+    caller's; the anon/dirty/uptodate/swapbacked flags are copied from the
+    head, PG_hwpoison stays on the subpage that has it; subpages nobody maps
+    are freed. The THP leaves the deferred split queue. Not modelled: the
+    page lock (the model is single-threaded), PageWriteback, swap cache, and
+    6.12+'s remapping of zero-filled subpages to the shared zero page (only the
+    deferred-split shrinker asks for it).
+    """
+    mem = page.mem
+    head = page.pfn & ~(HPAGE_PMD_NR - 1) if mem.order[page.pfn] else page.pfn
+    if not mem.order[head]:
+        return 0
+    if not mem.mapping[head] & 1 or is_huge_zero_pfn(core, head):
+        return -EBUSY  # file branch: no mapping (the huge zero page)
+    av = mem.registry.decode(int(mem.mapping[head]))
+    if av is None or not page_mapped(mem[head]):
+        return -EBUSY  # page_get_anon_vma
+    if not can_split_huge_page(core, head):
+        return -EBUSY
+    index = int(mem.index[head])
+    for vma in list(av.vmas):  # unmap_page: TTU_SPLIT_HUGE_PMD on every mapping
+        addr = vma.vm_start + ((index - vma.vm_pgoff) << PAGE_SHIFT)
+        if vma.vm_start <= addr < vma.vm_end:
+            pmd = vma.vm_mm.pgd.pmd_leaf(addr)
+            if pmd_trans_huge(pmd) and pmd_pfn(pmd) == head:
+                __split_huge_pmd(vma, addr)
+    __split_huge_page(core, head, page.pfn)
+    return 0
+
+
+def __split_huge_page(core: MmCore, head: int, keep: int) -> None:
+    """mm/huge_memory.c ``__split_huge_page`` + ``__split_huge_page_tail`` (v5.12),
+    vectorised: the 512 subpages become order-0 pages (see :func:`split_huge_page`)."""
+    mem = core.pages
+    pfns = np.arange(head, head + HPAGE_PMD_NR, dtype=np.int64)
+    refs = mem._mapcount[pfns].astype(np.int32) + 1
+    refs[keep - head] += 1
+    mem._refcount[pfns] = refs
+    mem.order[pfns] = 0
+    copied = np.uint32(int(mem.flags[head]) & mem.bits.mask(
+        PG.swapbacked, PG.uptodate, PG.lru, PG.dirty, PG.referenced, PG.active,
+        PG.mlocked, PG.unevictable))
+    mem.flags[pfns] = (mem.flags[pfns] & np.uint32(mem.m_hwpoison)) | copied
+    mem.compound_mapcount.pop(head, None)
+    mem.compound_pincount.pop(head, None)
+    if head in core.deferred_split_queue:
+        core.deferred_split_queue.remove(head)
+    dead = pfns[refs == 0]
+    if len(dead):
+        core.buddy.free_pages_bulk(dead)
+
+
+def deferred_split_scan(core: MmCore) -> int:
+    """mm/huge_memory.c ``deferred_split_scan`` (v5.12; 6.x the same without the 6.12+
+    "underused" zero-page remap): try to split each queued THP, taking a
+    reference for the attempt (``get_page``/``put_page``); a THP that cannot be
+    split (a GUP pin) stays queued. Returns the number split. The model runs it
+    only when asked (a ``deferred_split_scan`` step), never in the background.
+    """
+    mem = core.pages
+    split = 0
+    for head in list(core.deferred_split_queue):
+        if not mem._refcount[head] or not mem.order[head]:
+            core.deferred_split_queue.remove(head)
+            continue
+        mem._refcount[head] += 1  # get_page
+        if split_huge_page(core, mem[head]) == 0:
+            split += 1
+        put_page(mem[head])
+    return split
+
+
+# -- mprotect, mremap, fork -------------------------------------------------------------
+
+
+def change_huge_pmd(vma: Vma, haddr: int, newprot: int) -> int:
+    """mm/huge_memory.c ``change_huge_pmd`` (v5.12; 6.1 the same; 6.18 adds the
+    write upgrade): ``pmd_modify`` the huge PMD to ``newprot``. From v6.5 ("try
+    avoiding write faults when changing PMD protection") a private writable VMA's
+    exclusive anon THP is made writable at once (``can_change_pmd_writable``;
+    the model takes "mapped once" for PageAnonExclusive); the huge zero page never
+    is. Returns HPAGE_PMD_NR."""
+    mm = vma.vm_mm
+    core = mm.core
+    old = mm.pgd.pmd_leaf(haddr)
+    entry = pmd_modify(old, newprot)
+    if (core.kcfg.version.tuple >= (6, 5) and vma.vm_flags & VM.WRITE
+            and not vma.vm_flags & VM.SHARED and not entry & _PAGE_RW
+            and entry & _PAGE_PRESENT and not is_huge_zero_pmd(core, entry)):
+        head = pmd_page_pfn(entry)
+        mem = core.pages
+        if mem.mapping[head] & 1 and total_mapcount(mem[head]) == 1:
+            entry |= _PAGE_RW
+    mm.pgd.set_pmd(haddr, entry)
+    return HPAGE_PMD_NR
+
+
+def change_huge_pmd_range(vma: Vma, start: int, end: int, newprot: int) -> int:
+    """The PMD half of mm/mprotect.c ``change_pmd_range`` (v5.12): a huge PMD wholly
+    inside [start, end) is changed in place (:func:`change_huge_pmd`, here vectorised
+    per PMD table), one covered in part is split for the PTE pass. Returns the
+    pages changed."""
+    mm = vma.vm_mm
+    core = mm.core
+    mem = core.pages
+    upgrade = (core.kcfg.version.tuple >= (6, 5) and bool(vma.vm_flags & VM.WRITE)
+               and not vma.vm_flags & VM.SHARED)
+    changed = 0
+    for table, idx, addrs in list(mm.pgd.pmd_leaf_slots(start, end)):
+        vals = table.entries[idx]
+        huge = (vals & np.uint64(_PAGE_PSE)) != 0
+        whole = huge & (addrs >= start) & (addrs + HPAGE_PMD_SIZE <= end)
+        for haddr in addrs[huge & ~whole].tolist():
+            __split_huge_pmd(vma, haddr)
+        if not whole.any():
+            continue
+        new = pmd_modify_array(vals[whole], newprot)
+        if upgrade:  # can_change_pmd_writable: an exclusive anon THP, not the zero page
+            heads = pmd_pfn_array(new)
+            cand = ((new & np.uint64(_PAGE_RW)) == 0) & ((new & np.uint64(_PAGE_PRESENT)) != 0) \
+                & (heads != core.huge_zero_pfn) & ((mem.mapping[heads] & 1) != 0)
+            if cand.any():
+                hc = heads[cand]
+                sub = hc[:, None] + np.arange(HPAGE_PMD_NR, dtype=np.int64)[None, :]
+                once = ((mem._mapcount[sub] < 0).all(axis=1)
+                        & (np.fromiter((mem.compound_mapcount.get(h, 0) for h in hc.tolist()),
+                                       dtype=np.int64, count=len(hc)) == 1))
+                pos = np.flatnonzero(cand)[once]
+                new[pos] |= np.uint64(_PAGE_RW)
+        table.entries[idx[whole]] = new
+        changed += HPAGE_PMD_NR * int(whole.sum())
+    return changed
+
+
+def move_huge_pmd(vma: Vma, old_addr: int, new_addr: int) -> bool:
+    """mm/huge_memory.c ``move_huge_pmd`` (v5.12): move a huge PMD and its deposited
+    table to a none PMD slot; soft-dirty set with CONFIG_MEM_SOFT_DIRTY
+    (``move_soft_dirty_pmd``). False when the target slot is not none (the
+    kernel WARNs and the caller splits)."""
+    pgd = vma.vm_mm.pgd
+    if not pgd.pmd_none(new_addr):
+        return False
+    pmd = pgd.pmdp_huge_get_and_clear(old_addr)
+    if vma.vm_mm.core.kcfg.mem_soft_dirty:
+        pmd |= _PAGE_SOFT_DIRTY
+    pgd.deposited[new_addr >> PMD_SHIFT] = pgd.deposited.pop(old_addr >> PMD_SHIFT)
+    pgd.set_pmd(new_addr, pmd)
+    return True
+
+
+def move_huge_pmd_range(vma: Vma, old_addr: int, new_addr: int, length: int) -> None:
+    """The PMD part of mm/mremap.c ``move_page_tables`` (v5.12): a huge PMD whose whole
+    2 MiB moves to a 2 MiB-aligned address moves as one entry, any other is split
+    (its PTEs then move one by one)."""
+    delta = new_addr - old_addr
+    for haddr, pmd in vma.vm_mm.pgd.pmd_leaves(old_addr, old_addr + length):
         if not pmd_trans_huge(pmd):
             continue
-        if start <= haddr and haddr + HPAGE_PMD_SIZE <= end:
-            unmapped += zap_huge_pmd(vma, haddr)
-        else:
-            __split_huge_pmd(vma, haddr)
-    return unmapped
+        whole = old_addr <= haddr and haddr + HPAGE_PMD_SIZE <= old_addr + length
+        if whole and not (haddr + delta) & ~HPAGE_PMD_MASK \
+                and move_huge_pmd(vma, haddr, haddr + delta):
+            continue
+        __split_huge_pmd(vma, haddr)
+    vma.vm_mm.core.flush_tlb_range(vma.vm_mm, old_addr, old_addr + length)
+
+
+def copy_huge_pmd(dst: Vma, src: Vma, haddr: int, pmd: int) -> bool:
+    """mm/huge_memory.c ``copy_huge_pmd`` (v5.12; 6.x the same outcome): fork shares a
+    huge PMD. The child gets an old, write-protected copy and a deposited table;
+    the parent's PMD is write-protected; an anon THP gains a reference, a PMD
+    mapping and 512 MM_ANONPAGES in the child; the huge zero page only its mm
+    reference. A THP that may be pinned for DMA (``page_maybe_dma_pinned``) in a
+    COW mapping is split instead and False returned (-EAGAIN: the PTE copy that
+    follows gives the child its own copy of each pinned page).
+    """
+    src_mm, dst_mm = src.vm_mm, dst.vm_mm
+    core = src_mm.core
+    mem = core.pages
+    zero = is_huge_zero_pmd(core, pmd)
+    if not zero:
+        head = pmd_page_pfn(pmd)
+        cow = not src.vm_flags & VM.SHARED and src.vm_flags & VM.MAYWRITE
+        if cow and mem.compound_pincount.get(head, 0) > 0:  # page_maybe_dma_pinned
+            __split_huge_pmd(src, haddr)
+            return False
+        mem._refcount[head] += 1
+        mem.compound_mapcount[head] = mem.compound_mapcount.get(head, 0) + 1
+        dst_mm.rss_anon += HPAGE_PMD_NR
+    dst_mm.pgd.pgtable_trans_huge_deposit(haddr)
+    src_mm.pgd.set_pmd(haddr, pmd & ~_PAGE_RW)
+    dst_mm.pgd.set_pmd(haddr, pmd & ~_PAGE_RW & ~_PAGE_ACCESSED)
+    return True
+
+
+def copy_huge_pmd_range(dst: Vma, src: Vma) -> None:
+    """The PMD half of mm/memory.c ``copy_pmd_range`` (v5.12): every huge PMD of the
+    source VMA goes through :func:`copy_huge_pmd`."""
+    for haddr, pmd in src.vm_mm.pgd.pmd_leaves(src.vm_start, src.vm_end):
+        if pmd_trans_huge(pmd):
+            copy_huge_pmd(dst, src, haddr, pmd)
+    src.vm_mm.core.flush_tlb_range(src.vm_mm, src.vm_start, src.vm_end)
 
 
 # -- queries -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.file import O_ACCMODE, O_RDONLY
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.gup import FOLL, __get_user_pages, get_user_pages_fast
+from kvmpoison.mm.khugepaged import madvise_collapse
 from kvmpoison.mm.ksm import ksm_madvise
 from kvmpoison.mm.memory import zap_page_range
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma, vma_is_anonymous
@@ -47,6 +48,7 @@ MADV_COLD = 20
 MADV_PAGEOUT = 21
 MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
+MADV_COLLAPSE = 25
 MADV_HWPOISON = 100
 MADV_SOFT_OFFLINE = 101
 MADV_GUARD_INSTALL = 102
@@ -57,7 +59,7 @@ MADV_GUARD_REMOVE = 103
 def madvise_behavior_valid(mm: MmStruct, behavior: int) -> bool:
     """``mm/madvise.c:madvise_behavior_valid`` (v5.12; 6.18 adds POPULATE_READ/WRITE and
     GUARD_INSTALL/REMOVE). MADV_HWPOISON/SOFT_OFFLINE only with CONFIG_MEMORY_FAILURE.
-    Simplified: 6.18's MADV_COLLAPSE is refused (-EINVAL).
+    MADV_COLLAPSE exists from 6.1 (v5.12: -EINVAL).
     """
     cfg = mm.core.kcfg
     valid = {MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_DONTNEED,
@@ -68,6 +70,8 @@ def madvise_behavior_valid(mm: MmStruct, behavior: int) -> bool:
         valid |= {MADV_POPULATE_READ, MADV_POPULATE_WRITE}
     if cfg.has_guard_pages:
         valid |= {MADV_GUARD_INSTALL, MADV_GUARD_REMOVE}
+    if cfg.version.tuple >= (6, 1):
+        valid.add(MADV_COLLAPSE)
     if cfg.memory_failure:
         valid |= {MADV_HWPOISON, MADV_SOFT_OFFLINE}
     return behavior in valid
@@ -342,6 +346,8 @@ def do_madvise(mm: MmStruct, start: int, length: int, behavior: int) -> int:
                 ret = madvise_pageout(vma, lo, hi)
             elif behavior == MADV_REMOVE:
                 ret = madvise_remove(vma, lo, hi)
+            elif behavior == MADV_COLLAPSE:
+                ret = madvise_collapse(vma, lo, hi)
             if ret:
                 return ret
     if ret:

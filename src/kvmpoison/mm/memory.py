@@ -51,6 +51,7 @@ from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.huge_memory import (
     __transparent_hugepage_enabled,
+    copy_huge_pmd_range,
     deferred_split_ptes_unmapped,
     do_huge_pmd_anonymous_page,
     do_huge_pmd_wp_page,
@@ -643,9 +644,8 @@ def _put_pages_bulk(core: MmCore, pfns: IntArray) -> None:
     if len(dead):
         compound = mem.order[dead] != 0  # read before freeing rewrites ``order``
         core.buddy.free_pages_bulk(dead[~compound])
-        assert mem.release is not None
-        for head in dead[compound]:
-            mem.release(mem[int(head)])
+        if compound.any():
+            core.buddy.free_compound_bulk(dead[compound])
 
 
 def _swp_entry_fields(core: MmCore, ptes: npt.NDArray[np.uint64]) -> tuple[IntArray, IntArray]:
@@ -827,6 +827,11 @@ def _maybe_dma_pinned(core: MmCore, pfns: IntArray) -> npt.NDArray[np.bool_]:
     mem = core.pages
     heads = pfns & ~((np.int64(1) << mem.order[pfns].astype(np.int64)) - 1)
     pinned = mem._refcount[heads] >= 1024  # GUP_PIN_COUNTING_BIAS
+    large = np.flatnonzero(mem.order[heads] > 1)  # compound_pincount (hpage_pincount)
+    if len(large):
+        pins = mem.compound_pincount
+        pinned[large] = np.isin(heads[large], np.fromiter((h for h, n in pins.items() if n > 0),
+                                                          dtype=np.int64, count=-1))
     if core.kcfg.version.tuple >= (5, 19):  # 6.1: page_try_dup_anon_rmap, anon only
         pinned &= (mem.mapping[heads] & 1) != 0  # folio_try_dup_anon_rmap_ptes
     return np.asarray(pinned, dtype=np.bool_)
@@ -865,6 +870,8 @@ def copy_page_range(dst: Vma, src: Vma) -> None:
     if not vma_needs_copy(dst, src):
         return
     src_mm, dst_mm = src.vm_mm, dst.vm_mm
+    if src_mm.pgd.nr_pmd_leaves:  # copy_pmd_range: huge PMDs are shared (or split if pinned)
+        copy_huge_pmd_range(dst, src)
     core = src_mm.core
     store = core.ptes.rows
     mem = core.pages

@@ -11,7 +11,10 @@ for early kill (sysctl, or MF_ACTION_REQUIRED for the current task);
 error and BUS_MCEERR_AO to the others, or SIGKILL when the unmap failed on a
 dirty page. Late-kill tasks get BUS_MCEERR_AR when they next touch the page.
 
-Not modelled: hugetlb and THP splitting (all pages are order-0), KSM,
+An anonymous THP is split first (``try_to_split_thp_page``); when that fails
+(a GUP pin), v5.12 and 6.1 give up ("unsplit thp", Ignored, -EBUSY) leaving
+the THP mapped and nobody signalled, and v6.11+ signals the mappers at once
+(``kill_procs_now``) and returns -EHWPOISON. Not modelled: hugetlb, KSM,
 soft-offline migration, page-type filters.
 """
 
@@ -30,6 +33,7 @@ from kvmpoison.arch.x86.pgtable_64 import __swp_offset_array, __swp_type_array
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.file import mapping_set_error
+from kvmpoison.mm.huge_memory import split_huge_page
 from kvmpoison.mm.mm_types import MmStruct
 from kvmpoison.mm.page import (
     Page,
@@ -243,6 +247,37 @@ def kill_accessing_process(core: MmCore, current_pid: int | None, pfn: int, flag
     return -EHWPOISON
 
 
+def try_to_split_thp_page(core: MmCore, page: Page) -> int:
+    """mm/memory-failure.c ``try_to_split_thp_page`` (v5.12; 6.1 the same result):
+    ``split_huge_page`` of an anon THP (a non-anon one, such as the huge zero page,
+    is -EBUSY: "non anonymous thp"); on failure the caller's reference goes
+    (``put_page`` here in v5.12 and 6.1, by the caller from v6.11)."""
+    if not PageAnon(page):
+        core.dmesg.append(f"Memory failure: {page.pfn:#x}: non anonymous thp")
+        return -errno.EBUSY
+    ret = split_huge_page(core, page)
+    if ret:
+        core.dmesg.append(f"Memory failure: {page.pfn:#x}: thp split failed")
+    return ret
+
+
+def _unsplit_thp(core: MmCore, page: Page, flags: int, current_pid: int | None) -> int:
+    """memory_failure's "unsplit thp" exit. v5.12/6.1: drop the reference, report
+    Ignored, -EBUSY: the THP stays mapped with PG_hwpoison on the subpage, nobody is
+    signalled. v6.11+ ("send SIGBUS in the event of thp split fail"):
+    ``kill_procs_now`` signals the early-kill mappers (the current task for an
+    action-required error), then Failed and -EHWPOISON."""
+    pfn = page.pfn
+    if core.kcfg.version.tuple >= (6, 11):
+        tokill = collect_procs(core, page, bool(flags & MF_ACTION_REQUIRED), current_pid)
+        kill_procs(core, tokill, True, False, flags, current_pid)
+        put_page(page)
+        _report(core, pfn, "unsplit thp", MfResult.FAILED)
+        return -EHWPOISON
+    put_page(page)
+    return _report(core, pfn, "unsplit thp", MfResult.IGNORED)
+
+
 def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None = None) -> int:
     """Handle a hardware error on ``pfn``: poison, unmap, kill, isolate. 0 or -errno.
 
@@ -281,6 +316,9 @@ def memory_failure(core: MmCore, pfn: int, flags: int, current_pid: int | None =
         return _report(core, pfn, "high-order kernel page", MfResult.IGNORED)  # -EBUSY
     if not flags & MF_COUNT_INCREASED:
         get_page(page)  # get_hwpoison_page: kept while the page stays poisoned
+    # PageTransHuge(hpage): split first
+    if core.pages.order[pfn] and try_to_split_thp_page(core, page) < 0:
+        return _unsplit_thp(core, page, flags, current_pid)
     lock_page(page)
     try:
         if not hwpoison_user_mappings(core, page, flags, current_pid):

@@ -11,8 +11,9 @@ import errno
 
 import numpy as np
 
-from kvmpoison.arch.x86.pgtable import pte_pfn_array, pte_present_array
+from kvmpoison.arch.x86.pgtable import pmd_pfn, pte_pfn_array, pte_present_array
 from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SIZE
+from kvmpoison.mm.huge_memory import is_huge_zero_pmd, pmd_trans_huge
 from kvmpoison.mm.mm_types import VM, MmStruct
 from kvmpoison.mm.mmap import __mm_populate, page_align, vmas_in_range
 from kvmpoison.mm.page_flags import PG
@@ -35,6 +36,16 @@ def _mark_mlocked(mm: MmStruct, start: int, end: int) -> None:
         ptes = mm.core.ptes.rows[chunk.rows, chunk.cols]
         normal = pte_present_array(ptes) & ((ptes & np.uint64(_PAGE_SPECIAL)) == 0)
         mem.flags[pte_pfn_array(ptes[normal])] |= bits
+    for head in _thp_heads(mm, start, end):  # follow_trans_huge_pmd's FOLL_MLOCK branch
+        if mem.compound_mapcount.get(head, 0) == 1:
+            mem.flags[head] |= bits
+
+
+def _thp_heads(mm: MmStruct, start: int, end: int) -> list[int]:
+    """Head pfns of the anon THPs mapped by huge PMDs in [start, end) (not the zero page)."""
+    core = mm.core
+    return [pmd_pfn(pmd) for _, pmd in mm.pgd.pmd_leaves(start, end)
+            if pmd_trans_huge(pmd) and not is_huge_zero_pmd(core, pmd)]
 
 
 def _lock_range(mm: MmStruct, start: int, length: int) -> tuple[int, int, int]:
@@ -98,4 +109,6 @@ def do_munlock(mm: MmStruct, start: int, length: int) -> int:
             ptes = mm.core.ptes.rows[chunk.rows, chunk.cols]
             normal = pte_present_array(ptes) & ((ptes & np.uint64(_PAGE_SPECIAL)) == 0)
             mem.flags[pte_pfn_array(ptes[normal])] &= clear
+        for head in _thp_heads(mm, start, hole):
+            mem.flags[head] &= clear
     return -errno.ENOMEM if hole < end else 0

@@ -17,6 +17,7 @@ import numpy as np
 from kvmpoison.arch.x86.pgtable import pte_modify_array, pte_pfn_array, pte_present_array
 from kvmpoison.arch.x86.pgtable_types import _PAGE_DIRTY, _PAGE_RW, _PAGE_SPECIAL, PAGE_SIZE
 from kvmpoison.mm.fault import find_vma
+from kvmpoison.mm.huge_memory import change_huge_pmd_range
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.mmap import (
     PROT_EXEC,
@@ -43,6 +44,8 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
     changed = 0
     mem = core.pages
     version = core.kcfg.version.tuple
+    if mm.pgd.nr_pmd_leaves:  # change_pmd_range: whole huge PMDs in place, partial ones split
+        changed += change_huge_pmd_range(vma, start, end, newprot)
     for chunk in mm.pgd.chunks(start, end):
         store = core.ptes.rows
         ptes = store[chunk.rows, chunk.cols]

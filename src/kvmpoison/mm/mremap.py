@@ -22,6 +22,7 @@ from kvmpoison.arch.x86.pgtable_types import (
     PAGE_SIZE,
 )
 from kvmpoison.mm.fault import find_vma
+from kvmpoison.mm.huge_memory import move_huge_pmd_range
 from kvmpoison.mm.ksm import break_ksm
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma, VmFault
 from kvmpoison.mm.mmap import (
@@ -44,12 +45,16 @@ MREMAP_DONTUNMAP = 4
 def move_page_tables(old: Vma, old_addr: int, new: Vma, new_addr: int, length: int) -> None:
     """``mm/mremap.c:move_page_tables``/``move_ptes`` (v5.12): every PTE moves as is
     (swap, hwpoison and marker entries included), soft-dirty set with
-    CONFIG_MEM_SOFT_DIRTY. Simplified: PTE by PTE, no PMD-level moves.
+    CONFIG_MEM_SOFT_DIRTY. A huge PMD moves whole (``move_huge_pmd``) when both
+    ends are 2 MiB-aligned, else it is split first. Simplified: PTE by PTE, no
+    PMD-level moves of PTE tables.
     """
     mm = old.vm_mm
     core = mm.core
     soft_dirty = core.kcfg.mem_soft_dirty
     delta = new_addr - old_addr
+    if mm.pgd.nr_pmd_leaves:  # huge PMDs move whole when aligned, else split first
+        move_huge_pmd_range(old, old_addr, new_addr, length)
     for chunk in mm.pgd.chunks(old_addr, old_addr + length):
         ptes = core.ptes.rows[chunk.rows, chunk.cols]
         live = ~pte_none_array(ptes)

@@ -80,6 +80,9 @@ class PageArray:
         # head pfn -> PMD mappings of that compound page (v5.12 ``compound_mapcount`` + 1,
         # 6.x ``_entire_mapcount`` + 1); absent means 0. Only THPs ever have one.
         self.compound_mapcount: dict[int, int] = {}
+        # head pfn -> FOLL_PIN pins of a compound page (v5.12 ``hpage_pincount``, 6.x
+        # ``_pincount``); absent means 0. Order-0 pins use GUP_PIN_COUNTING_BIAS instead.
+        self.compound_pincount: dict[int, int] = {}
         # Masks by flag, computed once: enum hashing is slow on the scalar paths.
         self._masks = {flag: 1 << bit for flag, bit in bits.bit.items()}
         self.m_hwpoison = self._masks[PG.hwpoison]

@@ -246,6 +246,23 @@ class BuddyAllocator:
         else:  # a poisoned subpage: free the rest page by page
             self._free_blocks(keep, 0)
 
+    def free_compound_bulk(self, heads: PfnArray) -> None:
+        """``__free_pages`` of many compound pages whose refcount dropped to zero, one
+        batch per order; a block with a PageHWPoison subpage frees the rest page by page."""
+        mem = self.mem
+        orders = mem.order[heads]
+        for order in sorted_unique(orders.astype(np.int64)).tolist():
+            hs = heads[orders == order]
+            nr = 1 << int(order)
+            spans = (hs[:, None] + np.arange(nr, dtype=np.int64)[None, :]).ravel()
+            poisoned = ((mem.flags[spans] & np.uint32(mem.m_hwpoison)) != 0).reshape(-1, nr)
+            keep = self.free_pages_prepare(spans)
+            bad = poisoned.any(axis=1)
+            if bad.any():
+                self._free_blocks(keep[np.isin(keep, spans.reshape(-1, nr)[bad].ravel())], 0)
+            if (~bad).any():
+                self._free_blocks(hs[~bad], int(order))
+
     def _release(self, head: Page) -> None:
         order = int(self.mem.order[head.pfn])
         self.__free_pages(head, order)

@@ -248,25 +248,42 @@ class PageTables:
             self.set_pmd(addr, 0)
         return old
 
-    def pmd_leaves(self, start: int, end: int) -> list[tuple[int, int]]:
-        """(PMD-aligned address, raw leaf) of every PMD leaf overlapping [start, end)."""
-        out: list[tuple[int, int]] = []
+    def pmd_leaf_slots(self, start: int, end: int) -> Iterator[tuple[_Table, IntArray, IntArray]]:
+        """Per PMD table overlapping [start, end): (table, slot indices, 2 MiB-aligned
+        addresses) of its PMD leaves, as arrays, for the vectorised THP range paths."""
         if not self.nr_pmd_leaves or start >= end:
-            return out
+            return
         _check_width(start, end)
-        pmd_size = 1 << PMD_SHIFT
-        addr = start & ~(pmd_size - 1)
+        addr = start & ~((1 << PMD_SHIFT) - 1)
         while addr < end:
             pud_end = ((addr >> PUD_SHIFT) + 1) << PUD_SHIFT
             pmd = self._pmd_table(addr, False)
             if pmd is not None:
                 first = self._index(addr, PMD_SHIFT)
                 last = self._index(min(pud_end, end) - 1, PMD_SHIFT)
-                for i in np.flatnonzero(pmd.entries[first : last + 1]).tolist():
-                    if pmd.children[first + i] is None:
-                        out.append((addr + (i << PMD_SHIFT), int(pmd.entries[first + i])))
+                idx = first + np.flatnonzero(pmd.entries[first : last + 1])
+                if len(idx):
+                    leaf = np.fromiter((pmd.children[i] is None for i in idx.tolist()),
+                                       dtype=bool, count=len(idx))
+                    idx = idx[leaf]
+                    if len(idx):
+                        base = (addr >> PUD_SHIFT) << PUD_SHIFT
+                        yield pmd, idx, base + (idx << PMD_SHIFT)
             addr = pud_end
-        return out
+
+    def pmd_leaves(self, start: int, end: int) -> list[tuple[int, int]]:
+        """(PMD-aligned address, raw leaf) of every PMD leaf overlapping [start, end)."""
+        return [(int(a), int(table.entries[i])) for table, idx, addrs in
+                self.pmd_leaf_slots(start, end) for i, a in zip(idx, addrs, strict=True)]
+
+    def clear_pmd_leaves(self, table: _Table, idx: IntArray, addrs: IntArray) -> None:
+        """``pmdp_huge_get_and_clear`` + ``zap_deposited_table`` for many leaves of one PMD
+        table: the entries go and their deposited tables are freed in one batch."""
+        table.entries[idx] = 0
+        self.nr_pmd_leaves -= len(idx)
+        pfns = [self.deposited.pop(int(a) >> PMD_SHIFT) for a in addrs.tolist()]
+        self._free_table_pages(pfns)
+        self.nr_ptes -= len(pfns)
 
     def lookup_address(self, addr: int) -> tuple[int, int]:
         """arch/x86/mm/pat/set_memory.c ``lookup_address_in_pgd`` for a user address:
@@ -308,10 +325,10 @@ class PageTables:
         pmd.entries[i] = np.uint64((pfn << PAGE_SHIFT) | self.table_flags)
         self._rows[addr >> PMD_SHIFT] = row
 
-    def pmd_install_leaf_over_table(self, addr: int) -> int:
-        """khugepaged's ``pmdp_collapse_flush``: detach the PTE table of ``addr``'s slot
-        and deposit its page (it stays counted); returns the freed store row's old
-        contents' row (already zeroed and released)."""
+    def pmd_install_leaf_over_table(self, addr: int) -> None:
+        """khugepaged's ``pmdp_collapse_flush`` + ``pgtable_trans_huge_deposit``: detach
+        the PTE table of ``addr``'s slot and deposit its page (it stays counted in
+        ``nr_ptes``); the slot is none until the caller sets the huge PMD."""
         pmd = self._pmd_table(addr, False)
         assert pmd is not None
         i = self._index(addr, PMD_SHIFT)
@@ -323,7 +340,6 @@ class PageTables:
         self._rows.pop(addr >> PMD_SHIFT, None)
         self.store.free_row(row)
         self.deposited[addr >> PMD_SHIFT] = pfn
-        return row
 
     def get(self, addr: int) -> int:
         """The raw PTE for ``addr`` (0 where no table exists)."""

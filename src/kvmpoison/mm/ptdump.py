@@ -104,7 +104,10 @@ def decode(raw: int, cfg: KernelConfig, level: str = "pte") -> Decoding:
     if pmd_present(raw) if level == "pmd" else pte_present(raw):
         kind = "protnone" if pte_protnone(raw) else "present"
         pfn = pmd_pfn(raw) if level == "pmd" else pte_pfn(raw)
-        fields = [Field("pfn", f"{pfn:#x}", "51..12")]
+        huge = level == "pmd" and bool(raw & int(PteFlag.PSE))
+        fields = [Field("pfn", f"{pfn:#x}", "51..21" if huge else "51..12")]
+        if level == "pmd":
+            fields.append(Field("pmd", _pmd_present_kind(raw, huge)))
         if kind == "protnone":
             fields.append(Field("pfn_inverted", "true (L1TF)"))
         flags = _flag_names(raw & ~(_PAGE_PROTNONE if kind == "protnone" else 0), level, cfg)
@@ -115,7 +118,23 @@ def decode(raw: int, cfg: KernelConfig, level: str = "pte") -> Decoding:
         if pkey:
             fields.append(Field("pkey", str(pkey), "62..59"))
         return Decoding(raw, kind, tuple(fields))
-    return _decode_swap(raw, cfg)
+    dec = _decode_swap(raw, cfg)
+    if level == "pmd":
+        what = ("PMD migration entry (is_pmd_migration_entry; THP migration, x86-64 since 4.14)"
+                if dec.kind == "migration" else
+                "not a PMD encoding: a PMD holds no swap, hwpoison or marker entry (THP is "
+                "split before swap-out or poisoning)")
+        return Decoding(raw, dec.kind, (*dec.fields, Field("pmd", what)))
+    return dec
+
+
+def _pmd_present_kind(raw: int, huge: bool) -> str:
+    """What a present PMD is (``pmd_trans_huge`` or a table; include/linux/pgtable.h)."""
+    if not huge:
+        return "table (pmd_page: the PTE table below)"
+    if not raw & int(PteFlag.PRESENT) and not raw & _PAGE_PROTNONE:
+        return "huge, invalidated (pmdp_invalidate: PRESENT clear, PSE kept while splitting)"
+    return "huge (pmd_trans_huge: a 2 MiB THP mapped by one entry)"
 
 
 def decode_kind(raw: int, cfg: KernelConfig) -> str:

@@ -99,7 +99,11 @@ def mfill_atomic_poison(ctx: UffdCtx, start: int, length: int) -> int:
     marker = np.uint64(swp_entry_to_pte(make_pte_marker_entry(PteMarker.POISONED,
                                                               core.swap_types)))
     done = 0
-    for chunk in mm.pgd.chunks(start, start + length, alloc=True):
+    end = start + length
+    leaves = mm.pgd.pmd_leaves(start, end)
+    if leaves:  # mfill_atomic: a huge PMD ends the fill with -EEXIST
+        end = max(start, leaves[0][0])
+    for chunk in mm.pgd.chunks(start, end, alloc=True):
         store = core.ptes.rows
         ptes = store[chunk.rows, chunk.cols]
         none = pte_none_array(ptes)
@@ -108,4 +112,6 @@ def mfill_atomic_poison(ctx: UffdCtx, start: int, length: int) -> int:
         done += stop
         if stop < len(ptes):
             return done << PAGE_SHIFT if done else -errno.EEXIST
+    if leaves:
+        return done << PAGE_SHIFT if done else -errno.EEXIST
     return done << PAGE_SHIFT

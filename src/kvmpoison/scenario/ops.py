@@ -29,12 +29,17 @@ from kvmpoison.mm.filemap import (
     FALLOC_FL_ZERO_RANGE,
 )
 from kvmpoison.mm.gup import FOLL, get_dump_page, pin_user_pages
+from kvmpoison.mm.huge_memory import deferred_split_scan
+from kvmpoison.mm.khugepaged import khugepaged_scan
 from kvmpoison.mm.ksm import ksm_do_scan
 from kvmpoison.mm.madvise import (
+    MADV_COLLAPSE,
     MADV_DONTFORK,
     MADV_DONTNEED,
+    MADV_HUGEPAGE,
     MADV_HWPOISON,
     MADV_MERGEABLE,
+    MADV_NOHUGEPAGE,
     MADV_PAGEOUT,
     MADV_UNMERGEABLE,
 )
@@ -54,7 +59,8 @@ from kvmpoison.virt.kvm.memslot2 import (
 ACTOR_KINDS = ("guest", "vmm", "host", "hw")
 ADVICE = {"dontneed": MADV_DONTNEED, "dontfork": MADV_DONTFORK, "pageout": MADV_PAGEOUT,
           "hwpoison": MADV_HWPOISON, "mergeable": MADV_MERGEABLE,
-          "unmergeable": MADV_UNMERGEABLE}
+          "unmergeable": MADV_UNMERGEABLE, "hugepage": MADV_HUGEPAGE,
+          "nohugepage": MADV_NOHUGEPAGE, "collapse": MADV_COLLAPSE}
 
 
 GMEM_FLAGS = {"MMAP": GUEST_MEMFD_FLAG_MMAP, "INIT_SHARED": GUEST_MEMFD_FLAG_INIT_SHARED}
@@ -508,6 +514,10 @@ def _host(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
         return Outcome.ok(detail=f"VM {spec.name} has kvm->id {inst.vm.ident}")
     if op == "ksmd":  # one full pass of ksmd over every MADV_MERGEABLE range
         return Outcome.ret(ksm_do_scan(m.kernel.core))
+    if op == "khugepaged_scan":  # one full khugepaged pass: the THPs collapsed
+        return Outcome.ret(khugepaged_scan(m.kernel.core))
+    if op == "deferred_split_scan":  # the deferred-split shrinker: the THPs split
+        return Outcome.ret(deferred_split_scan(m.kernel.core))
     if op == "set_memory_region":  # KVM_SET_USER_MEMORY_REGION, e.g. an alias of guest RAM
         inst = ctx.inst(str(a["vm"]))
         flags = _int(a, "flags", 0)
@@ -647,6 +657,8 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("host", "set_memory_region"): OpSpec(("vm", "slot", "guest_phys_addr", "size"),
                                           ("alias_gpa", "hva", "flags"), _host),
     ("host", "ksmd"): OpSpec((), (), _host),
+    ("host", "khugepaged_scan"): OpSpec((), (), _host),
+    ("host", "deferred_split_scan"): OpSpec((), (), _host),
     ("host", "unpoison"): OpSpec(("vm", "gpa"), (), _host),
     ("host", "kvm_read"): OpSpec(("vm", "gpa"), ("size",), _host),
     ("host", "kvm_write"): OpSpec(("vm", "gpa", "data"), (), _host),

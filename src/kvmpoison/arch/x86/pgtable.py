@@ -105,6 +105,15 @@ def pte_modify(pte: int, newprot: int) -> int:
     return flip_protnone_guard(pte, val, PTE_PFN_MASK)
 
 
+def pmd_modify(pmd: int, newprot: int) -> int:
+    """``pmd_modify``: like :func:`pte_modify`, keeping ``_PAGE_PSE`` (``_HPAGE_CHG_MASK``)
+    and re-inverting only the 2 MiB frame bits."""
+    keep = (_PAGE_CHG_MASK | _PAGE_PSE) & ~PTE_PFN_MASK | PHYSICAL_PMD_PAGE_MASK
+    val = pmd & keep
+    val |= newprot & ~keep & U64
+    return flip_protnone_guard(pmd, val, PHYSICAL_PMD_PAGE_MASK)
+
+
 # -- vectorised forms for bulk paths (numpy uint64 arrays) ------------------------
 
 _U = np.uint64
@@ -144,3 +153,21 @@ def pte_modify_array(ptes: U64Array, newprot: int) -> U64Array:
     )
     mask = _U(PTE_PFN_MASK)
     return np.where(flip, (val & ~mask) | (~val & mask), val)
+
+
+def pmd_pfn_array(pmds: U64Array) -> npt.NDArray[np.int64]:
+    """Vectorised :func:`pmd_pfn` of huge (PSE) PMDs: the 2 MiB frame, un-inverted when
+    PRESENT is clear (L1TF)."""
+    invert = (pmds != 0) & ((pmds & _U(_PAGE_PRESENT)) == 0)
+    phys = np.where(invert, ~pmds, pmds) & _U(PHYSICAL_PMD_PAGE_MASK)
+    return np.asarray(phys >> _U(PAGE_SHIFT), dtype=np.int64)
+
+
+def pmd_modify_array(pmds: U64Array, newprot: int) -> U64Array:
+    """Vectorised :func:`pmd_modify` for huge PMDs."""
+    keep = (_PAGE_CHG_MASK | _PAGE_PSE) & ~PTE_PFN_MASK | PHYSICAL_PMD_PAGE_MASK
+    val = (pmds & _U(keep)) | _U(newprot & ~keep & U64)
+    flip = (((pmds != 0) & ((pmds & _U(_PAGE_PRESENT)) == 0))
+            != ((val != 0) & ((val & _U(_PAGE_PRESENT)) == 0)))
+    mask = _U(PHYSICAL_PMD_PAGE_MASK)
+    return np.asarray(np.where(flip, (val & ~mask) | (~val & mask), val), dtype=np.uint64)
