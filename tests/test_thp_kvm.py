@@ -14,7 +14,12 @@ from kvmpoison.config import Config
 from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.machine import Machine, VmSpec
 from kvmpoison.matrix.designs import backing_pfn
-from kvmpoison.mm.huge_memory import HPAGE_PMD_NR, HPAGE_PMD_SIZE, thp_pmd_mapping
+from kvmpoison.mm.huge_memory import (
+    HPAGE_PMD_NR,
+    HPAGE_PMD_SIZE,
+    deferred_split_scan,
+    thp_pmd_mapping,
+)
 from kvmpoison.mm.madvise import MADV_DONTNEED
 from kvmpoison.mm.mm_types import MmStruct
 from kvmpoison.mm.page import PageBuddy, PageHWPoison, PageLocked, SetPageHWPoison
@@ -342,3 +347,31 @@ def test_backing_pfn_and_the_scenario_trace_see_the_subpage_of_a_2m_spte() -> No
     assert int(run.results[0].changed["vmm_pmd"]["after"], 16) & (1 << 7)
     ept = int(run.results[1].changed["ept"]["after"], 16)
     assert ept & PT_PAGE_SIZE_MASK and (ept >> PAGE_SHIFT) & 0x1FF == 5  # subpage 5
+
+
+@pytest.mark.parametrize("design", ["baseline", "rfc-v1", "rfc-v2"])
+def test_a_protected_subpage_keeps_its_thp_from_splitting_until_it_is_freed(design: str) -> None:
+    m = thp_machine(design)
+    core = m.kernel.core
+    head = head_pfn(m)
+    assert m.vmm.proc.madvise(m.vmm.gpa_to_hva(BASE + 0x1FF000), 4096, MADV_DONTNEED).value == 0
+    assert m.guest.store(BASE + 0x7000, b"second").kind is Kind.OK  # 4K: a hwpoison entry
+    split = deferred_split_scan(core)
+    assert split == (1 if design == "baseline" else 0)  # the entry's reference blocks the split
+    assert (core.pages.order[head + 7] == 0) == (design == "baseline")
+    assert m.vmm.proc.munmap(m.vmm.gpa_to_hva(BASE), HPAGE_PMD_SIZE).value == 0
+    poisoned = PageHWPoison(core.pages[head + 7])
+    assert poisoned == (design != "baseline")  # v2 too: the THP's free unpoisons its head only
+    if design == "rfc-v2":
+        assert m.kvm.kvm_pfn_map.get(head + 7) == m.vm.ident
+
+
+def test_the_live_referee_sends_no_step_of_a_thp_scenario() -> None:
+    from kvmpoison.kconfig import RFC_BASE
+    from kvmpoison.report.scenario_live import THP_RAM, plan
+
+    text = ('[[vm]]\nname = "vm0"\nbacking = "anon"\nthp = {t}\n[[step]]\nactor = "guest:vm0"\n'
+            'op = "load"\ngpa = 0x400000\n')
+    p = plan(load_text(text.format(t="true"), "t.toml"), RFC_BASE, swap=False)
+    assert not p.sent and all(why == THP_RAM for _, why in p.plans.values())
+    assert plan(load_text(text.format(t="false"), "t.toml"), RFC_BASE, swap=False).sent
