@@ -375,3 +375,26 @@ def test_the_live_referee_sends_no_step_of_a_thp_scenario() -> None:
     p = plan(load_text(text.format(t="true"), "t.toml"), RFC_BASE, swap=False)
     assert not p.sent and all(why == THP_RAM for _, why in p.plans.values())
     assert plan(load_text(text.format(t="false"), "t.toml"), RFC_BASE, swap=False).sent
+
+
+def test_the_gpa_map_sees_pages_under_a_huge_pmd_and_a_2m_spte() -> None:
+    from kvmpoison.report.gpa_map import POISONED, PRIVATE, UNMAPPED, page_states
+
+    m = thp_machine("rfc-v2")
+    inst = next(iter(m.instances.values()))
+    states = page_states(m, inst)
+    assert (states[GFN : GFN + HPAGE_PMD_NR] == PRIVATE).all()  # the VMM's huge PMD
+    assert states[GFN + HPAGE_PMD_NR] == UNMAPPED
+    assert m.guest.store(BASE + 0x5000, b"guest secret").kind is Kind.OK
+    states = page_states(m, inst)
+    assert states[GFN + 5] == POISONED and states[GFN + 6] == PRIVATE
+
+
+def test_protecting_a_subpage_of_a_pte_mapped_thp_queues_it_for_deferred_split() -> None:
+    m = thp_machine("rfc-v2")
+    core = m.kernel.core
+    head = head_pfn(m)
+    assert m.vmm.proc.mprotect(m.vmm.gpa_to_hva(BASE + 0x1FF000), 4096, 1).value == 0  # split
+    assert head not in core.deferred_split_queue  # every subpage is still mapped
+    assert m.guest.store(BASE + 0x7000, b"second").kind is Kind.OK
+    assert head in core.deferred_split_queue  # page_remove_rmap: its _mapcount went negative

@@ -205,7 +205,9 @@ def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
     Clears the PTE (moving Dirty to the page); a PageHWPoison page gets a
     hwpoison entry instead (with the RFC's ``get_page`` when the design's
     entries hold a reference). An mlocked VMA stops the walk unless
-    TTU_IGNORE_MLOCK. Not modelled: swap and migration entries.
+    TTU_IGNORE_MLOCK. A subpage of a PTE-mapped anon THP that loses its last
+    mapping queues the THP for deferred split (``page_remove_rmap``). Not
+    modelled: swap and migration entries.
     """
     mm = vma.vm_mm
     core = mm.core
@@ -234,6 +236,9 @@ def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
     else:
         mm.rss_file -= 1
     page_remove_rmap(page)
+    if anon and page.mem.order[page.pfn]:  # a PTE-mapped THP subpage that lost its mapping
+        from kvmpoison.mm.huge_memory import deferred_split_ptes_unmapped  # it imports rmap
+        deferred_split_ptes_unmapped(core, np.array([page.pfn], dtype=np.int64))
     put_page(page)
     return True
 
