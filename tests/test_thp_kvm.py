@@ -398,3 +398,15 @@ def test_protecting_a_subpage_of_a_pte_mapped_thp_queues_it_for_deferred_split()
     assert head not in core.deferred_split_queue  # every subpage is still mapped
     assert m.guest.store(BASE + 0x7000, b"second").kind is Kind.OK
     assert head in core.deferred_split_queue  # page_remove_rmap: its _mapcount went negative
+
+
+def test_pte_decode_names_a_2m_spte() -> None:
+    from kvmpoison.mm.ptdump import decode_ept
+
+    m = thp_machine("baseline")
+    assert m.guest.load(BASE, 4).kind is Kind.OK
+    raw = ept_spte(m.vm.ept, BASE)[0]
+    fields = {f.name: f.value for f in decode_ept(raw).fields}
+    assert "LARGE" in fields["flags"] and fields["size"].startswith("2M leaf")
+    small = {f.name for f in decode_ept(raw & ~PT_PAGE_SIZE_MASK).fields}
+    assert "size" not in small
