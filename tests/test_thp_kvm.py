@@ -347,6 +347,11 @@ def test_backing_pfn_and_the_scenario_trace_see_the_subpage_of_a_2m_spte() -> No
     assert int(run.results[0].changed["vmm_pmd"]["after"], 16) & (1 << 7)
     ept = int(run.results[1].changed["ept"]["after"], 16)
     assert ept & PT_PAGE_SIZE_MASK and (ept >> PAGE_SHIFT) & 0x1FF == 5  # subpage 5
+    # The subpage's state reads as the kernel's page_count/page_mapcount would.
+    changed = run.results[1].changed
+    assert int(changed["compound_head"]["after"], 16) == (ept >> PAGE_SHIFT) & ~0x1FF & (
+        (1 << 40) - 1)
+    assert changed["mapcount"]["after"] == 1 and changed["refcount"]["after"] >= 1
 
 
 @pytest.mark.parametrize("design", ["baseline", "rfc-v1", "rfc-v2"])

@@ -18,6 +18,7 @@ from kvmpoison.config import DEFAULT_INTEGRITY, Config
 from kvmpoison.designs import design as get_design
 from kvmpoison.machine import Machine, VmSpec
 from kvmpoison.matrix.designs import backing_pfn
+from kvmpoison.mm.page import compound_head, page_count, page_mapcount
 from kvmpoison.mm.ptdump import decode_kind
 from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.loader import Scenario, ScenarioError, Step
@@ -119,9 +120,13 @@ def _page_state(ctx: RunCtx, step: Step) -> dict[str, Any]:
     except ValueError:
         return state
     mem = core.pages
+    page = mem[pfn]
+    # page_count/page_mapcount: a THP's subpage reads its head's references and PMD mappings.
     state.update(pfn=f"{pfn:#x}", flags=mem.bits.names(int(mem.flags[pfn])),
-                 refcount=int(mem._refcount[pfn]), mapcount=int(mem._mapcount[pfn]) + 1,
+                 refcount=page_count(page), mapcount=page_mapcount(page),
                  owner=inst.vm.kvm.kvm_pfn_map.get(pfn))
+    if mem.order[pfn]:
+        state["compound_head"] = f"{compound_head(page).pfn:#x}"
     return state
 
 
