@@ -415,3 +415,18 @@ def test_pte_decode_names_a_2m_spte() -> None:
     assert "LARGE" in fields["flags"] and fields["size"].startswith("2M leaf")
     small = {f.name for f in decode_ept(raw & ~PT_PAGE_SIZE_MASK).fields}
     assert "size" not in small
+
+
+def test_after_khugepaged_collapses_the_range_the_next_fault_maps_2m_again() -> None:
+    from kvmpoison.mm.khugepaged import khugepaged_scan
+
+    m = thp_machine("baseline")
+    assert m.vmm.proc.madvise(m.vmm.gpa_to_hva(BASE + 0x1FF000), 4096, MADV_DONTNEED).value == 0
+    assert m.guest.load(BASE + 0x5000, 1).kind is Kind.OK
+    assert ept_spte(m.vm.ept, BASE + 0x5000)[1] == PG_LEVEL_4K  # a table of 4K SPTEs
+    assert khugepaged_scan(m.kernel.core) >= 1
+    assert ept_spte(m.vm.ept, BASE + 0x5000)[0] == 0  # the collapse's notifier zapped it
+    assert m.guest.load(BASE + 0x6000, 1).kind is Kind.OK
+    raw, level = ept_spte(m.vm.ept, BASE + 0x5000)
+    assert level == PG_LEVEL_2M and (raw >> PAGE_SHIFT) & ((1 << 40) - 1) == head_pfn(m)
+    assert m.vm.ept.pte_slot(BASE) is None  # the 2M SPTE replaced the table
