@@ -81,7 +81,7 @@ def test_mprotect_of_one_page_splits_the_pmd_and_changes_only_that_pte() -> None
 
 @pytest.mark.parametrize(("kcfg", "writable"), [(RFC_BASE, False), (V6_1, False),
                                                 (V6_18, True)], ids=["5.12", "6.1", "6.18"])
-def test_mprotect_back_to_rw_upgrades_an_exclusive_thp_only_from_6_5(
+def test_mprotect_back_to_rw_upgrades_an_exclusive_thp_only_from_6_2(
         kcfg: KernelConfig, writable: bool) -> None:
     k = boot(kcfg)
     p = proc(k)
@@ -412,3 +412,89 @@ def test_pmd_modify_array_matches_pmd_modify() -> None:
                                                                          | VM.SHARED)):
         arr = pmd_modify_array(np.array(olds, dtype=np.uint64), prot)
         assert [int(v) for v in arr] == [pmd_modify(o, prot) for o in olds]
+
+
+def test_soft_offline_splits_a_thp_before_failing_to_migrate() -> None:
+    from kvmpoison.mm.madvise import MADV_SOFT_OFFLINE
+    k = boot(RFC_BASE)
+    p = proc(k)
+    addr = thp(p, n=2)
+    head = head_of(p, addr)
+    assert p.madvise(addr + PAGE, PAGE, MADV_SOFT_OFFLINE).cell == "err:EBUSY"
+    assert thp_pmd_mapping(p.mm, addr) is None  # split, then migration is not modelled
+    assert page_count(k.core.pages[head + 1]) == 1 and int(k.core.pages.order[head]) == 0
+    pins: list[Page] = []
+    pin_user_pages(p.mm, addr + HPAGE, 1, FOLL.WRITE, pins)
+    assert p.madvise(addr + HPAGE, PAGE, MADV_SOFT_OFFLINE).cell == "err:EBUSY"
+    assert thp_pmd_mapping(p.mm, addr + HPAGE) is not None  # the pin stops the split
+    assert k.core.dmesg[-1].endswith("thp split failed")
+
+
+def test_kvm_side_queries_see_the_pmd_leaf_and_lose_it_on_split() -> None:
+    from kvmpoison.mm.huge_memory import split_huge_pmd
+    from kvmpoison.mm.page import PageTransCompoundMap
+    k = boot()
+    p = proc(k)
+    addr = thp(p, n=1)
+    head = head_of(p, addr)
+    entry, level = p.mm.pgd.lookup_address(addr + 3 * PAGE)
+    assert level == 2 and entry == p.mm.pgd.pmd_leaf(addr)
+    assert PageTransCompoundMap(k.core.pages[head + 3])
+    vma = next(v for v in p.mm.vmas if v.vm_start <= addr < v.vm_end)
+    assert split_huge_pmd(vma, addr)
+    entry, level = p.mm.pgd.lookup_address(addr + 3 * PAGE)
+    assert level == 1 and pte_pfn(entry) == head + 3
+    assert not PageTransCompoundMap(k.core.pages[head + 3])  # PTE-mapped now
+    assert thp_pmd_mapping(p.mm, addr) is None
+
+
+def test_madvise_collapse_refuses_a_nohugepage_vma() -> None:
+    from kvmpoison.mm.madvise import MADV_NOHUGEPAGE
+    k = boot(V6_18)
+    p = proc(k)
+    addr = small_pages(p, 3)
+    ok(p.madvise(addr, 2 * HPAGE, MADV_NOHUGEPAGE))
+    assert p.madvise(addr, HPAGE, MADV_COLLAPSE).cell == "err:EINVAL"
+    assert thp_pmd_mapping(p.mm, addr) is None
+
+
+def test_scenario_machine_thp_mode_always_gives_guest_ram_thps_without_madvise() -> None:
+    from kvmpoison.scenario.loader import ScenarioError, load_text
+    from kvmpoison.scenario.runner import run_scenario
+    text = '''[scenario]
+name = "thp-mode"
+designs = ["baseline"]
+
+[machine]
+integrity = "off"
+{mode}
+
+[[vm]]
+name = "a"
+backing = "anon"
+memory = "8M"
+
+[[step]]
+actor = "vmm:a"
+op = "store"
+gpa = 0x200000
+data = "x"
+
+[[step]]
+actor = "vmm:a"
+op = "madvise"
+gpa = 0x200000
+size = 0x1000
+advice = "dontneed"
+
+[[step]]
+actor = "host"
+op = "deferred_split_scan"
+'''
+    cells = {}
+    for mode in ('thp = "always"', 'thp = "madvise"', ""):
+        sc = load_text(text.replace("{mode}", mode), "thp.toml")
+        cells[mode] = run_scenario(sc, "baseline").results[-1].outcome.cell
+    assert cells == {'thp = "always"': "ret:1", 'thp = "madvise"': "ret:0", "": "ret:0"}
+    with pytest.raises(ScenarioError, match="thp must be"):
+        load_text(text.replace("{mode}", 'thp = "sometimes"'), "thp.toml")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
 from kvmpoison.kconfig import KernelConfig
+from kvmpoison.mm.huge_memory import ThpSettings
 
 # Every design runs on the same hardware unless told otherwise: a TDX host in
 # Ci mode. Intel describes TDX's MKTME engine as AES-128-XTS "and integrity
@@ -44,3 +45,4 @@ class Config:
     backing: str = "memfd"
     seed: int = 0
     integrity: IntegrityMode = DEFAULT_INTEGRITY
+    thp: ThpSettings | None = None  # /sys/kernel/mm/transparent_hugepage; None: the default

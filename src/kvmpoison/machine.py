@@ -54,6 +54,8 @@ class Machine:
                                                           integrity=config.integrity,
                                                           seed=config.seed)
         self.kernel = Kernel.boot(kcfg, self.platform, config.seed)
+        if config.thp is not None:
+            self.kernel.core.thp = config.thp
         kvm_gmem_init(self.kernel)
         core = self.kernel.core
         core.hooks = self.design.hooks()

@@ -358,7 +358,7 @@ def faultin_page(vma: Vma, address: int, gup_flags: FOLL) -> tuple[int, FOLL]:
 def _bulk_populate(vma: Vma, start: int, end: int, gup_flags: FOLL) -> int:
     """Vectorised prefix of a populate; returns where the scalar walk resumes."""
     anon = vma_is_anonymous(vma) and not vma.vm_flags & VM.UFFD_MISSING
-    if anon and (vma.vm_mm.pgd.nr_pmd_leaves or __transparent_hugepage_enabled(vma)):
+    if anon and (__transparent_hugepage_enabled(vma) or vma.vm_mm.pgd.pmd_leaves(start, end)):
         return start  # THP: the scalar walk faults (and skips) 2 MiB at a time
     if anon and (gup_flags & FOLL.WRITE or vma_is_accessible(vma)):
         return faultin_anon_bulk(vma, start, end, bool(gup_flags & FOLL.WRITE))

@@ -721,7 +721,7 @@ def deferred_split_scan(core: MmCore) -> int:
 
 def change_huge_pmd(vma: Vma, haddr: int, newprot: int) -> int:
     """mm/huge_memory.c ``change_huge_pmd`` (v5.12; 6.1 the same; 6.18 adds the
-    write upgrade): ``pmd_modify`` the huge PMD to ``newprot``. From v6.5 ("try
+    write upgrade): ``pmd_modify`` the huge PMD to ``newprot``. From v6.2 ("try
     avoiding write faults when changing PMD protection") a private writable VMA's
     exclusive anon THP is made writable at once (``can_change_pmd_writable``;
     the model takes "mapped once" for PageAnonExclusive); the huge zero page never
@@ -730,7 +730,7 @@ def change_huge_pmd(vma: Vma, haddr: int, newprot: int) -> int:
     core = mm.core
     old = mm.pgd.pmd_leaf(haddr)
     entry = pmd_modify(old, newprot)
-    if (core.kcfg.version.tuple >= (6, 5) and vma.vm_flags & VM.WRITE
+    if (core.kcfg.version.tuple >= (6, 2) and vma.vm_flags & VM.WRITE
             and not vma.vm_flags & VM.SHARED and not entry & _PAGE_RW
             and entry & _PAGE_PRESENT and not is_huge_zero_pmd(core, entry)):
         head = pmd_page_pfn(entry)
@@ -749,7 +749,7 @@ def change_huge_pmd_range(vma: Vma, start: int, end: int, newprot: int) -> int:
     mm = vma.vm_mm
     core = mm.core
     mem = core.pages
-    upgrade = (core.kcfg.version.tuple >= (6, 5) and bool(vma.vm_flags & VM.WRITE)
+    upgrade = (core.kcfg.version.tuple >= (6, 2) and bool(vma.vm_flags & VM.WRITE)
                and not vma.vm_flags & VM.SHARED)
     changed = 0
     for table, idx, addrs in list(mm.pgd.pmd_leaf_slots(start, end)):

@@ -368,7 +368,8 @@ def soft_offline_page(core: MmCore, pfn: int, flags: int) -> int:
     success while the TD keeps using the frame). A free page is taken off the
     buddy lists and poisoned. Simplified: the model has no page migration, so
     an in-use page is reported as failing isolation (-EBUSY), which the real
-    kernel returns when migrate_pages() fails.
+    kernel returns when migrate_pages() fails. An anon THP is split first
+    (``soft_offline_in_use_page``); a failed split is -EBUSY at once.
     """
     if not 0 < pfn < core.pages.nr_pages:
         return -errno.ENXIO
@@ -381,6 +382,17 @@ def soft_offline_page(core: MmCore, pfn: int, flags: int) -> int:
     if page_count(page) == 0 and _take_off_buddy(core, page):
         core.num_poisoned_pages += 1
         return _report(core, pfn, "soft offline: free buddy page", MfResult.RECOVERED)
+    if core.pages.order[pfn]:  # soft_offline_in_use_page: split a THP first
+        held = bool(flags & MF_COUNT_INCREASED)
+        if not held:
+            get_page(page)
+        if not PageAnon(page) or split_huge_page(core, page):
+            put_page(page)
+            core.dmesg.append(f"soft offline: {pfn:#x}: "
+                              + ("thp split failed" if PageAnon(page) else "non anonymous thp"))
+            return -errno.EBUSY
+        if not held:
+            put_page(page)
     if flags & MF_COUNT_INCREASED:
         put_page(page)
     return _report(core, pfn, "soft offline: migration not modelled", MfResult.FAILED)

@@ -48,6 +48,7 @@ class MachineSpec:
     seed: int = 0
     kvm_id_bits: int = 63
     seam_nr: bool = True
+    thp: str | None = None  # THP "enabled" mode: always, madvise or never
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def _machine_int(m: dict[str, Any], key: str, default: int, lo: int, hi: int) ->
 def _machine(doc: dict[str, Any], source: str) -> MachineSpec:
     m = _table(doc, "machine", source)
     known = {"kernel", "integrity", "mac_bits", "memory", "seed", "kvm_id_bits", "seam_nr",
-             *CONFIG_SWITCHES}
+             "thp", *CONFIG_SWITCHES}
     unknown = set(m) - known
     if unknown:
         raise ScenarioError(source, f"[machine] has unknown keys: {', '.join(sorted(unknown))} "
@@ -148,6 +149,8 @@ def _machine(doc: dict[str, Any], source: str) -> MachineSpec:
     for name in CONFIG_SWITCHES:
         if name in m and not isinstance(m[name], bool):
             raise ScenarioError(source, f"[machine] {name} is a CONFIG switch: true or false")
+    if "thp" in m and m["thp"] not in ("always", "madvise", "never"):
+        raise ScenarioError(source, "[machine] thp must be \"always\", \"madvise\" or \"never\"")
     if not isinstance(m.get("seam_nr", True), bool):
         raise ScenarioError(source, "[machine] seam_nr must be true or false")
     try:
@@ -161,6 +164,7 @@ def _machine(doc: dict[str, Any], source: str) -> MachineSpec:
             seed=_machine_int(m, "seed", 0, 0, (1 << 64) - 1),
             kvm_id_bits=_machine_int(m, "kvm_id_bits", 63, 1, 63),
             seam_nr=m.get("seam_nr", True),
+            thp=m.get("thp"),
         )
     except ValueError as exc:
         raise ScenarioError(source, f"[machine]: {exc}") from None

@@ -18,6 +18,7 @@ from kvmpoison.config import DEFAULT_INTEGRITY, Config
 from kvmpoison.designs import design as get_design
 from kvmpoison.machine import Machine, VmSpec
 from kvmpoison.matrix.designs import backing_pfn
+from kvmpoison.mm.huge_memory import ThpSettings
 from kvmpoison.mm.page import compound_head, page_count, page_mapcount
 from kvmpoison.mm.ptdump import decode_kind
 from kvmpoison.outcome import Halt, Kind, Outcome
@@ -88,7 +89,8 @@ def build_machine(sc: Scenario, design_name: str,
                               integrity=integrity or spec.integrity or DEFAULT_INTEGRITY,
                               mac_bits=spec.mac_bits, seed=spec.seed,
                               seam_nr=spec.seam_nr)
-    config = Config(design=design_name, kernel=kcfg, platform=platform, seed=spec.seed)
+    config = Config(design=design_name, kernel=kcfg, platform=platform, seed=spec.seed,
+                    thp=ThpSettings(enabled=spec.thp) if spec.thp else None)
     vms = [VmSpec(v.name, v.memory, v.backing, v.share_ram_with, thp=v.thp) for v in sc.vms]
     return Machine(config, vms=vms, kvm_id_bits=spec.kvm_id_bits)
 
