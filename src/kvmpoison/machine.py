@@ -45,6 +45,7 @@ class VmSpec:
     backing: str = "memfd"
     share_ram_with: str | None = None
     fork_of: str | None = None  # the VMM is a fork of another VM's VMM (inherits its mappings)
+    thp: bool = False  # anonymous guest RAM, 2 MiB-aligned, MADV_HUGEPAGE (QEMU's THP case)
 
 
 @dataclass(eq=False)
@@ -126,7 +127,7 @@ class Machine:
             if other is None:
                 raise ValueError(f"share_ram_with names no VM: {spec.share_ram_with!r}")
             return Vmm.share(proc, other.vmm)
-        return Vmm.start(proc, spec.memory, spec.backing)
+        return Vmm.start(proc, spec.memory, spec.backing, spec.thp)
 
     def destroy_vm(self, name: str) -> None:
         """The VMM exits: its mm goes (MMU notifier release), the VM is dead."""

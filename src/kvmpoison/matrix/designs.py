@@ -35,7 +35,7 @@ from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_PRIVATE
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.outcome import Halt, Outcome
 from kvmpoison.virt.kvm.gmem_memslot import kvm_gmem_cached_pfn, kvm_mem_is_private
-from kvmpoison.virt.kvm.kvm_main import Vm
+from kvmpoison.virt.kvm.kvm_main import Vm, ept_spte_4k
 from kvmpoison.vmm.vmm import Vmm
 
 PAGE_STATES = ("shared", "private", "private-untouched", "hwpoisoned")
@@ -105,7 +105,7 @@ def backing_pfn(m: Machine, gpa: int, vmm: Vmm | None = None, vm: Vm | None = No
         pfn = mapping.lookup(gpa >> PAGE_SHIFT)
         if pfn is not None:
             return pfn
-    raw = vm.ept.get(gpa & ~(PAGE_SIZE - 1))
+    raw = ept_spte_4k(vm.ept, gpa)  # a 2M SPTE: the subpage's pfn
     if raw:
         return (raw >> PAGE_SHIFT) & ((1 << 40) - 1)
     raise ValueError(f"gpa {gpa:#x} has no backing page yet")

@@ -28,7 +28,7 @@ from kvmpoison.arch.x86.pgtable_types import (
     _PAGE_SWP_UFFD_WP,
     PteFlag,
 )
-from kvmpoison.arch.x86.vmx import EptEntry
+from kvmpoison.arch.x86.vmx import EptEntry, EptFlag
 from kvmpoison.kconfig import KernelConfig
 from kvmpoison.mm.swapops import (
     PteMarker,
@@ -200,6 +200,9 @@ def decode_ept(raw: int) -> Decoding:
             Field("flags", flags),
             Field("memtype", e.memtype.name, "5..3"),
             Field("present", str(e.present).lower()),
+            # Bit 7 in a PDE: a 2 MiB leaf (KVM's huge SPTE over a THP, PT_PAGE_SIZE_MASK).
+            *((Field("size", "2M leaf when in a PDE (PT_PAGE_SIZE_MASK)", "7"),)
+              if e.flags & EptFlag.LARGE else ()),
         ),
     )
 

@@ -20,13 +20,14 @@ from typing import Any
 import numpy as np
 
 from kvmpoison.arch.x86.pgtable import (
+    pmd_pfn,
     pte_pfn,
     pte_pfn_array,
     pte_present,
     pte_present_array,
 )
 from kvmpoison.arch.x86.pgtable_64 import __swp_entry_array
-from kvmpoison.arch.x86.pgtable_types import _PAGE_DIRTY, PAGE_SHIFT
+from kvmpoison.arch.x86.pgtable_types import _PAGE_DIRTY, _PAGE_PSE, PAGE_SHIFT
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.page import (
     Page,
@@ -52,6 +53,7 @@ from kvmpoison.mm.swapops import (
     make_hwpoison_entry,
     swp_entry_to_pte,
 )
+from kvmpoison.outcome import Halt, Outcome
 
 
 class TTU(enum.IntFlag):
@@ -209,7 +211,9 @@ def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
     reference; a PageHWPoison page gets a
     hwpoison entry instead (with the RFC's ``get_page`` when the design's
     entries hold a reference). An mlocked VMA stops the walk unless
-    TTU_IGNORE_MLOCK. Not modelled: swap and migration entries.
+    TTU_IGNORE_MLOCK. A subpage of a PTE-mapped anon THP that loses its last
+    mapping queues the THP for deferred split (``page_remove_rmap``). Not
+    modelled: swap and migration entries.
     """
     mm = vma.vm_mm
     core = mm.core
@@ -243,18 +247,63 @@ def try_to_unmap_one(page: Page, vma: Vma, addr: int, flags: TTU,
     else:
         mm.rss_file -= 1
     page_remove_rmap(page)
+    if anon and page.mem.order[page.pfn]:  # a PTE-mapped THP subpage that lost its mapping
+        from kvmpoison.mm.huge_memory import deferred_split_ptes_unmapped  # it imports rmap
+        deferred_split_ptes_unmapped(core, np.array([page.pfn], dtype=np.int64))
     put_page(page)
     return True
 
 
 def try_to_unmap(page: Page, flags: TTU) -> bool:
     """mm/rmap.c ``try_to_unmap`` (v5.12): unmap ``page`` from every mm; True when
-    nothing maps it any more.
+    nothing maps it any more. Where a huge PMD maps the address,
+    :func:`try_to_unmap_one_pmd` decides first.
     """
     for vma, addr in rmap_walk(page):
+        if vma.vm_mm.pgd.nr_pmd_leaves and vma.vm_mm.pgd.pmd_leaf(addr) & _PAGE_PSE:  # trans huge
+            done = try_to_unmap_one_pmd(page, vma, addr, flags)
+            if done is False:
+                break
+            if done:
+                continue
         if page_vma_mapped(page, vma, addr) and not try_to_unmap_one(page, vma, addr, flags):
             break
     return not page_mapped(page)
+
+
+def try_to_unmap_one_pmd(page: Page, vma: Vma, addr: int, flags: TTU) -> bool | None:
+    """``try_to_unmap_one`` (mm/rmap.c, v5.12) where a huge PMD maps ``addr``.
+
+    TTU_SPLIT_HUGE_PMD splits the PMD first (``split_huge_pmd_address``) and
+    the PTE walk goes on (None). Without it the mmu notifier range
+    [addr, addr + ``page_size(page)``) is invalidated (4 KiB for a tail page, 2
+    MiB for a THP's head), then ``page_vma_mapped_walk`` meets the huge PMD:
+    ``pmd_page(*pvmw->pmd) != page`` is not_found for a tail page, so nothing
+    is unmapped (True: the walk goes on to the next VMA). For the head it
+    returns with ``pvmw.pte`` NULL: an mlocked VMA without TTU_IGNORE_MLOCK
+    stops the walk (False); otherwise ``VM_BUG_ON_PAGE(!pvmw.pte, page)`` fires
+    under CONFIG_DEBUG_VM, and without it the next line dereferences the NULL
+    ``pvmw.pte`` (``pte_pfn(*pvmw.pte)``): an oops either way, modelled as a
+    panic like the model's other kernel BUGs. PMD migration entries
+    (TTU_MIGRATION) are not modelled.
+    """
+    mm = vma.vm_mm
+    if flags & TTU.SPLIT_HUGE_PMD:
+        from kvmpoison.mm.huge_memory import split_huge_pmd_address  # it imports rmap
+        split_huge_pmd_address(vma, addr)
+        return None
+    head = compound_head(page)
+    size = 1 << (PAGE_SHIFT + int(page.mem.order[page.pfn])) if head.pfn == page.pfn \
+        else 1 << PAGE_SHIFT  # page_size(): a tail page reads as order 0
+    mm.core.flush_tlb_range(mm, addr, min(vma.vm_end, addr + size))  # the notifier range
+    if pmd_pfn(mm.pgd.pmd_leaf(addr)) != page.pfn:
+        return True  # pmd_page(*pvmw->pmd) != page: not_found
+    if not int(flags) & _TTU_IGNORE_MLOCK and vma.vm_flags & VM.LOCKED:
+        return False
+    raise Halt(Outcome.panic(
+        f"kernel BUG at mm/rmap.c: try_to_unmap_one: VM_BUG_ON_PAGE(!pvmw.pte) for the "
+        f"PMD-mapped THP head {page.pfn:#x} (\"Unexpected PMD-mapped THP?\"; without "
+        f"CONFIG_DEBUG_VM a NULL pointer dereference of pvmw.pte)"))
 
 
 def try_to_unmap_pages_hwpoison(mem: PageArray, pfns: np.ndarray, vmas: list[Vma],

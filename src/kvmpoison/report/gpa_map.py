@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from kvmpoison.arch.x86.pgtable_types import _PAGE_PRESENT, PAGE_SHIFT, PTE_PFN_MASK
+from kvmpoison.arch.x86.pgtable_types import _PAGE_PRESENT, PAGE_SHIFT, PMD_SHIFT, PTE_PFN_MASK
 from kvmpoison.arch.x86.vmx import VMX_EPT_RWX_MASK
 from kvmpoison.machine import Instance, Machine
 from kvmpoison.mm.page_flags import PG
@@ -37,11 +37,19 @@ StateRow = npt.NDArray[np.int8]
 
 def _leaf_values(pt: PageTables, start: int, size: int) -> tuple[npt.NDArray[np.int64],
                                                                   npt.NDArray[np.uint64]]:
-    """(page index from ``start``, raw entry) for every leaf slot that exists in the range."""
+    """(page index from ``start``, raw entry) for every leaf slot that exists in the range;
+    a 2 MiB leaf (a THP's huge PMD, a 2M SPTE) counts as its 512 pages, each entry naming
+    its own subpage's pfn."""
     idx, raw = [], []
     for chunk in pt.chunks(start, start + size):
         idx.append((chunk.addr - start) >> PAGE_SHIFT)
         raw.append(pt.store.rows[chunk.rows, chunk.cols].astype(np.uint64))
+    sub = np.arange(1 << (PMD_SHIFT - PAGE_SHIFT), dtype=np.int64)
+    for addr, leaf in pt.pmd_leaves(start, start + size):
+        pages = ((addr - start) >> PAGE_SHIFT) + sub
+        inside = (pages >= 0) & (pages < size >> PAGE_SHIFT)
+        idx.append(pages[inside])
+        raw.append(np.uint64(leaf) + (sub[inside] << PAGE_SHIFT).astype(np.uint64))
     if not idx:
         return np.zeros(0, np.int64), np.zeros(0, np.uint64)
     return np.concatenate(idx).astype(np.int64), np.concatenate(raw)

@@ -64,6 +64,10 @@ NOT_LIVE: dict[tuple[str, str], str] = {
     ("host", "unpoison"): "unpoison needs a page this tool poisoned",
     ("host", "real_memory_error_then_free"): f"an injected memory error {_HOST_MEMORY}",
     ("host", "ksmd"): "ksmd is the host's own thread: the tool does not drive its scans",
+    ("host", "khugepaged_scan"): "khugepaged is the host's own thread: the tool does not "
+                                 "drive its scans",
+    ("host", "deferred_split_scan"): "the deferred-split shrinker runs under the host's memory "
+                                     "pressure: the tool does not drive it",
     ("host", "fail_xa_store"): "fault injection into the RFC's kvm_pfn_map",
     ("host", "kvm_read"): "KVM's own access to guest memory has no ioctl of its own",
     ("host", "kvm_write"): "KVM's own access to guest memory has no ioctl of its own",
@@ -281,11 +285,15 @@ def plan(sc: Scenario, kcfg: KernelConfig, swap: bool, in_vm: bool = False) -> R
             raise ScenarioError(sc.source, str(exc), step.index) from None
     if in_vm:
         _vm_pairs(sc.steps, plans)
+    if any(v.thp for v in sc.vms):
+        plans = dict.fromkeys(plans, (None, THP_RAM))
     vms = [{"name": v.name, "memory": v.memory, "backing": v.backing,
             "share_ram_with": v.share_ram_with} for v in sc.vms]
     return RefereePlan(run, model, model_problem, plans, vms)
 
 
+THP_RAM = ("THP guest RAM (thp = true): the live runner maps guest RAM without 2 MiB alignment "
+           "and MADV_HUGEPAGE, so its cells would not be THP cells")
 DRAM_STAND_IN = ("an injected hardware fault; the next step's memory_failure of the same page "
                  "takes it out of service on both sides, so the later steps stay refereed")
 SIMULATED = ("follows a memory_failure: the model's is a real error report (hw_memory_failure "

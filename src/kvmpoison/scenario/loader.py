@@ -57,6 +57,7 @@ class VmDecl:
     memory: int = 4 << 20
     backing: str = "memfd"
     share_ram_with: str | None = None
+    thp: bool = False  # anonymous RAM, 2 MiB-aligned, MADV_HUGEPAGE
 
 
 @dataclass(frozen=True)
@@ -181,19 +182,22 @@ def _vms(doc: dict[str, Any], source: str) -> tuple[VmDecl, ...]:
     for i, v in enumerate(raw):
         if not isinstance(v, dict) or not isinstance(v.get("name"), str):
             raise ScenarioError(source, f"[[vm]] #{i + 1} needs a name")
-        if v.get("thp"):
-            raise ScenarioError(source, f"vm {v['name']!r}: THP guest RAM needs the KVM side "
-                                "of THP (2 MiB EPT entries), which is not modelled yet; the "
-                                "host mm's anon THP can be driven with vmm madvise HUGEPAGE")
         backing = v.get("backing", "memfd")
         if backing not in ("memfd", "anon", "file"):
             raise ScenarioError(source, f"vm {v['name']!r}: backing must be memfd, anon or file")
+        thp = v.get("thp", False)
+        if not isinstance(thp, bool):
+            raise ScenarioError(source, f"vm {v['name']!r}: thp must be true or false")
+        if thp and (backing != "anon" or v.get("share_ram_with") is not None):
+            raise ScenarioError(source, f"vm {v['name']!r}: thp = true needs backing = \"anon\" "
+                                "(private anonymous RAM with MADV_HUGEPAGE; shmem THP is "
+                                "another case)")
         try:
             memory = parse_size(v.get("memory", 4 << 20), f"vm {v['name']!r} memory",
                                 hi=VM_MEMORY_MAX)
         except ValueError as exc:
             raise ScenarioError(source, str(exc)) from None
-        out.append(VmDecl(v["name"], memory, backing, v.get("share_ram_with")))
+        out.append(VmDecl(v["name"], memory, backing, v.get("share_ram_with"), thp))
         if v.get("share_ram_with") is not None and v["share_ram_with"] not in \
                 [d.name for d in out[:-1]]:
             raise ScenarioError(source, f"vm {v['name']!r}: share_ram_with names no earlier vm")

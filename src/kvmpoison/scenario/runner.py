@@ -19,10 +19,12 @@ from kvmpoison.designs import design as get_design
 from kvmpoison.machine import Machine, VmSpec
 from kvmpoison.matrix.designs import backing_pfn
 from kvmpoison.mm.huge_memory import ThpSettings
+from kvmpoison.mm.page import compound_head, page_count, page_mapcount
 from kvmpoison.mm.ptdump import decode_kind
 from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.loader import Scenario, ScenarioError, Step
 from kvmpoison.scenario.ops import OPS, SAVES_REF, OpError, RunCtx, data_arg
+from kvmpoison.virt.kvm.kvm_main import ept_spte_4k
 
 
 @dataclass
@@ -92,7 +94,7 @@ def build_machine(sc: Scenario, design_name: str,
                               seam_nr=spec.seam_nr)
     config = Config(design=design_name, kernel=kcfg, platform=platform, seed=spec.seed,
                     thp=ThpSettings(enabled=spec.thp) if spec.thp else None)
-    vms = [VmSpec(v.name, v.memory, v.backing, v.share_ram_with) for v in sc.vms]
+    vms = [VmSpec(v.name, v.memory, v.backing, v.share_ram_with, thp=v.thp) for v in sc.vms]
     return Machine(config, vms=vms, kvm_id_bits=spec.kvm_id_bits)
 
 
@@ -127,20 +129,26 @@ def _page_state(ctx: RunCtx, page: tuple[str, int] | None) -> dict[str, Any]:
     pte = mm.pgd.get(inst.vmm.gpa_to_hva(gpa))
     state["vmm_pte"] = f"{pte:#018x}"
     state["vmm_pte_kind"] = decode_kind(pte, core.kcfg)
-    state["ept"] = f"{inst.vm.ept.get(gpa):#018x}"
+    if mm.pgd.nr_pmd_leaves and mm.pgd.pmd_leaf(inst.vmm.gpa_to_hva(gpa)):
+        state["vmm_pmd"] = f"{mm.pgd.pmd_leaf(inst.vmm.gpa_to_hva(gpa)):#018x}"  # a THP
+    state["ept"] = f"{ept_spte_4k(inst.vm.ept, gpa):#018x}"
     try:
         pfn = backing_pfn(ctx.machine, gpa, inst.vmm, inst.vm)
     except ValueError:
         return state
     mem = core.pages
+    struct_page = mem[pfn]
     kvm = inst.vm.kvm
     owner = kvm.kvm_pfn_map.get(pfn)
     if inst.vm.hardened_shared is not None:  # the hardened design: the page's binding
         binding = int(kvm.hardened_owner[pfn])
         owner = None if binding == kvm.NO_BINDING else binding
+    # page_count/page_mapcount: a THP's subpage reads its head's references and PMD mappings.
     state.update(pfn=f"{pfn:#x}", flags=mem.bits.names(int(mem.flags[pfn])),
-                 refcount=int(mem._refcount[pfn]), mapcount=int(mem._mapcount[pfn]) + 1,
+                 refcount=page_count(struct_page), mapcount=page_mapcount(struct_page),
                  owner=owner)
+    if mem.order[pfn]:
+        state["compound_head"] = f"{compound_head(struct_page).pfn:#x}"
     return state
 
 

@@ -22,7 +22,7 @@ from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.kernel.process import Process
 from kvmpoison.mm.file import O_RDWR
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
-from kvmpoison.mm.madvise import MADV_DONTNEED
+from kvmpoison.mm.madvise import MADV_DONTNEED, MADV_HUGEPAGE
 from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED
 from kvmpoison.outcome import Outcome
 from kvmpoison.virt.kvm.gmem_memslot import (
@@ -49,6 +49,24 @@ RW = 0x3
 BACKINGS = ("memfd", "anon", "file")
 
 
+HPAGE_ALIGN = 2 << 20  # QEMU_VMALLOC_ALIGN on x86-64
+
+
+def _map_thp_ram(proc: Process, ram_size: int) -> int:
+    """Private anonymous guest RAM at a 2 MiB-aligned address, MADV_HUGEPAGE: reserve
+    ``ram_size + 2 MiB``, keep the aligned part, give the rest back (``qemu_ram_mmap``)."""
+    base = _value(proc.mmap(0, ram_size + HPAGE_ALIGN, RW, MAP_PRIVATE | MAP_ANONYMOUS),
+                  "mmap guest RAM")
+    hva = (base + HPAGE_ALIGN - 1) & ~(HPAGE_ALIGN - 1)
+    if hva > base:
+        _value(proc.munmap(base, hva - base), "munmap below guest RAM")
+    if base + ram_size + HPAGE_ALIGN > hva + ram_size:
+        _value(proc.munmap(hva + ram_size, base + ram_size + HPAGE_ALIGN - hva - ram_size),
+               "munmap above guest RAM")
+    _value(proc.madvise(hva, ram_size, MADV_HUGEPAGE), "madvise(MADV_HUGEPAGE)")
+    return hva
+
+
 @dataclass(eq=False)
 class Vmm:
     proc: Process
@@ -60,12 +78,23 @@ class Vmm:
     conversions: list[str] = field(default_factory=list)  # kvm_convert_memory calls
 
     @classmethod
-    def start(cls, proc: Process, ram_size: int, backing: str = "memfd") -> Vmm:
-        """Map guest RAM. Like QEMU, the VMM handles SIGBUS (``sigbus_handler``) and lives on."""
+    def start(cls, proc: Process, ram_size: int, backing: str = "memfd",
+              thp: bool = False) -> Vmm:
+        """Map guest RAM. Like QEMU, the VMM handles SIGBUS (``sigbus_handler``) and lives on.
+
+        ``thp`` (anonymous RAM only) is QEMU's usual THP case: ``qemu_ram_mmap``
+        reserves the RAM 2 MiB-aligned (QEMU_VMALLOC_ALIGN) and ``ram_block_add``
+        asks for ``qemu_madvise(QEMU_MADV_HUGEPAGE)``; what the host then maps
+        with huge pages depends on its THP mode (``madvise`` by default).
+        """
         proc.task.handled = frozenset({signal.SIGBUS})
         if backing not in BACKINGS:
             known = ", ".join(BACKINGS)
             raise ValueError(f"unknown guest RAM backing {backing!r} (known: {known})")
+        if thp and backing != "anon":
+            raise ValueError(f"THP guest RAM needs backing anon, not {backing!r}")
+        if thp:
+            return cls(proc, _map_thp_ram(proc, ram_size), ram_size, backing, None)
         fd = None
         if backing == "memfd":
             fd = _value(proc.memfd_create("qemu-guest-ram"), "memfd_create")

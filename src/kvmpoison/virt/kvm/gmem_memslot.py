@@ -51,6 +51,7 @@ from kvmpoison.virt.kvm.kvm_main import (
     TASK_SIZE_MAX,
     Memslot,
     Vm,
+    zap_large_sptes,
 )
 from kvmpoison.virt.kvm.memory_attributes import (
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
@@ -272,6 +273,8 @@ def kvm_unmap_gfn_range(vm: Vm, first: int, last: int, private: bool = True,
     clears the frame with MOVDIR64B under KeyID 0 (``tdx_reclaim_pages``), so the
     frame goes back to the host clean.
     """
+    if shared and vm.ept.nr_pmd_leaves:  # 2M SPTEs map only shared (THP) memory here
+        zap_large_sptes(vm.ept, first, last)
     rows = vm.ept.store.rows
     for chunk in vm.ept.chunks(first << PAGE_SHIFT, last << PAGE_SHIFT):
         sptes = rows[chunk.rows, chunk.cols]

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT
 from kvmpoison.arch.x86.poison import Ctx
-from kvmpoison.arch.x86.vmx import VMX_EPT_RWX_MASK
+from kvmpoison.arch.x86.vmx import PT_PAGE_SIZE_MASK, VMX_EPT_RWX_MASK
 from kvmpoison.kernel.task import Task, force_sig_info
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.gup import FOLL, get_user_pages
@@ -306,10 +306,18 @@ class Vm:
             self.zap_gfn_range(s.base_gfn, s.base_gfn + s.npages)
 
     def zap_gfn_range(self, first: int, last: int) -> None:
-        """Clear the SPTEs of gfns [first, last); gfns the 4-level EPT cannot map have none."""
+        """Clear the SPTEs of gfns [first, last); gfns the 4-level EPT cannot map have none.
+
+        A 2 MiB SPTE that the range touches at all is zapped whole (v5.12
+        ``kvm_unmap_rmapp`` on the 2M rmap of each gfn; 6.x TDP MMU
+        ``tdp_mmu_zap_leafs``): KVM never splits a huge SPTE on an invalidation,
+        the next fault maps again at whatever level the host then allows.
+        """
         last = min(last, EPT_MAX_GFN)
         if last <= first:
             return
+        if self.ept.nr_pmd_leaves:
+            zap_large_sptes(self.ept, first, last)
         if last - first == 1:  # the common single-page invalidation
             if self.ept.get(first << PAGE_SHIFT):
                 self.ept.set(first << PAGE_SHIFT, 0)
@@ -406,6 +414,37 @@ class Vm:
             left = copy_to_user(self.mm, self.vcpu_task.cpu, hva, data)
             return -errno.EFAULT if left else b""
         return copy_guest_page_rfc(self, hva, n, data)
+
+
+def zap_large_sptes(ept: PageTables, first: int, last: int) -> int:
+    """Clear every 2 MiB leaf SPTE overlapping gfns [first, last); returns how many."""
+    leaves = ept.pmd_leaves(first << PAGE_SHIFT, last << PAGE_SHIFT)
+    for addr, _raw in leaves:
+        ept.set_pmd(addr, 0)
+    return len(leaves)
+
+
+PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3  # enum pg_level (asm/pgtable_types.h)
+_SUBPAGE = (1 << (PMD_SHIFT - PAGE_SHIFT)) - 1
+
+
+def ept_spte(ept: PageTables, gpa: int) -> tuple[int, int]:
+    """(raw leaf SPTE, level) the EPT maps ``gpa`` with: a 4K SPTE at PG_LEVEL_4K, a
+    2M one (PT_PAGE_SIZE_MASK) at PG_LEVEL_2M; (0, PG_LEVEL_4K) when none."""
+    if ept.nr_pmd_leaves:
+        leaf = ept.pmd_leaf(gpa)
+        if leaf & PT_PAGE_SIZE_MASK:
+            return leaf, PG_LEVEL_2M
+    return ept.get(gpa & ~(PAGE_SIZE - 1)), PG_LEVEL_4K
+
+
+def ept_spte_4k(ept: PageTables, gpa: int) -> int:
+    """The SPTE that translates the 4 KiB of ``gpa``, as a 4K leaf would read: a 2M
+    SPTE's pfn plus ``gpa``'s index inside it (its PT_PAGE_SIZE_MASK is kept)."""
+    raw, level = ept_spte(ept, gpa)
+    if level == PG_LEVEL_2M:
+        return raw + (((gpa >> PAGE_SHIFT) & _SUBPAGE) << PAGE_SHIFT)
+    return raw
 
 
 # hva_to_pfn's GUP flags by (write, v2 mem_protected): FOLL_HWPOISON [| FOLL_WRITE]

@@ -335,13 +335,23 @@ class _KvmUnpoisonPage:
         kvm = self.kvm
         mem = kvm.core.pages
         poisoned = pfns[(mem.flags[pfns] & np.uint32(mem.mask(PG.hwpoison))) != 0]
+        order = mem.order[poisoned].astype(np.int64)
+        if order.any():
+            # free_pages_prepare(page, order) tests the block's first page only: a
+            # compound page's tails keep PG_hwpoison and their kvm_pfn_map entry.
+            poisoned = poisoned[(poisoned & ((np.int64(1) << order) - 1)) == 0]
         owned = poisoned[kvm.kvm_pfn_map.owner[poisoned] != kvm.kvm_pfn_map.NONE]
         kvm.kvm_pfn_map.owner[owned] = kvm.kvm_pfn_map.NONE  # xa_erase found an entry
         mem.flags[owned] &= np.uint32(~mem.mask(PG.hwpoison) & 0xFFFF_FFFF)
 
 
 def kvm_unpoison_page_hook(kvm: Kvm) -> FreeHook:
-    """The RFC v2 line in ``free_pages_prepare``: unpoison a freed protected page."""
+    """The RFC v2 line in ``free_pages_prepare``: unpoison a freed protected page.
+
+    RFCv2 13/13 calls ``kvm_unpoison_page(page)`` on the ``page`` that
+    ``free_pages_prepare(page, order)`` frees: for a THP that is the head only.
+    A protected tail page keeps PG_hwpoison and its ``kvm_pfn_map`` entry after
+    its THP is freed (the RFC's THP TODO)."""
     return _KvmUnpoisonPage(kvm)
 
 

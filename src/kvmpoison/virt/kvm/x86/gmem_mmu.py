@@ -16,7 +16,9 @@ The privacy of an access comes from the guest, as TDX's shared-GPA bit does
 (SNP's C-bit likewise): the model's guest says whether it uses the shared
 alias. The VMM's exit handler runs where KVM_RUN would return; the access is
 retried when it answers 0 (QEMU re-enters KVM_RUN after converting).
-Simplified: no prefetch of neighbouring SPTEs, no huge SPTEs.
+Shared faults map 2M SPTEs over a PMD-mapped THP whose 2 MiB of gfns are all
+shared (``kvm_mmu_hugepage_adjust``); private SPTEs are 4K (guest_memfd folios
+are order 0 here). Simplified: no prefetch of neighbouring SPTEs.
 """
 
 from __future__ import annotations
@@ -38,14 +40,25 @@ from kvmpoison.virt.kvm.gmem_memslot import (
     kvm_memslot_is_gmem_only,
     kvm_slot_has_gmem,
 )
-from kvmpoison.virt.kvm.kvm_main import Vm, check_guest_access, is_error_pfn
+from kvmpoison.virt.kvm.kvm_main import (
+    PG_LEVEL_4K,
+    Vm,
+    check_guest_access,
+    ept_spte_4k,
+    is_error_pfn,
+)
 from kvmpoison.virt.kvm.private_mem import (
     KVM_EXIT_MEMORY_FAULT,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
     GmemVm,
     KvmExit,
 )
-from kvmpoison.virt.kvm.x86.mmu import kvm_handle_bad_page
+from kvmpoison.virt.kvm.x86.mmu import (
+    KVM_MAX_HUGEPAGE_LEVEL,
+    install_spte,
+    kvm_handle_bad_page,
+    kvm_mmu_hugepage_adjust,
+)
 
 MAX_RETRIES = 4
 
@@ -93,16 +106,20 @@ def kvm_tdp_page_fault(vm: Vm, gpa: int, write: bool,
     pfn = vm.hva_to_pfn(hva, write)
     if is_error_pfn(pfn):
         return kvm_handle_bad_page(vm, hva, pfn)
-    host_pte = vm.mm.pgd.get(hva)
+    # A shared fault maps at the level kvm_mmu_hugepage_adjust allows: 2M over a
+    # PMD-mapped THP whose 2 MiB of gfns are all shared (KVM_LPAGE_MIXED_FLAG).
+    level, map_pfn = kvm_mmu_hugepage_adjust(vm, gfn, KVM_MAX_HUGEPAGE_LEVEL, pfn)
+    host_pte = vm.mm.pgd.get(hva) if level == PG_LEVEL_4K else vm.mm.pgd.pmd_leaf(hva)
     writable = write or (pte_present(host_pte) and bool(host_pte & _PAGE_RW))
-    vm.ept.set(gfn << PAGE_SHIFT, ept_leaf(pfn, writable=writable))
+    install_spte(vm, gfn, level, ept_leaf(map_pfn, writable=writable,
+                                          large=level > PG_LEVEL_4K))
     put_page(vm.core.pages[pfn])  # kvm_release_faultin_page
     return None
 
 
 def _spte(vm: Vm, gpa: int, write: bool, is_private: bool) -> EptEntry | None:
     """The SPTE the access would use: private accesses use private SPTEs only, and back."""
-    raw = vm.ept.get(gpa & ~(PAGE_SIZE - 1))
+    raw = ept_spte_4k(vm.ept, gpa) if vm.ept.nr_pmd_leaves else vm.ept.get(gpa & ~(PAGE_SIZE - 1))
     if not raw or bool(raw & SPTE_PRIVATE) != is_private:
         return None
     entry = EptEntry.decode(raw)
