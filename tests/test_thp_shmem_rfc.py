@@ -24,7 +24,7 @@ from kvmpoison.mm.madvise import MADV_DONTNEED, MADV_HUGEPAGE
 from kvmpoison.mm.mmap import MAP_FIXED
 from kvmpoison.mm.page import TestSetPageHWPoison
 from kvmpoison.mm.rmap import TTU, try_to_unmap
-from kvmpoison.outcome import Kind, Outcome
+from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.uapi.siginfo import BusCode
 
 HPAGE = 2 << 20
@@ -118,11 +118,15 @@ def test_protected_tail_write_fault_sigbus_but_a_neighbour_maps_it() -> None:
 def test_protected_head_fails_the_whole_2mib() -> None:
     """The head case: RFC 09's check fires for every index of the THP, so every page of it
     is -EIO to read() and SIGBUS (vmf_error(-EIO)) to a fault, not only the protected one.
-    (try_to_unmap of a PMD-mapped head: see docs/thp.md, the kernel's
-    page_vma_mapped_walk returns the PMD with no PTE.)"""
+    While the head is PMD-mapped, try_to_unmap_one hits VM_BUG_ON_PAGE(!pvmw.pte): the
+    kernel's page_vma_mapped_walk returns the PMD with no PTE (docs/thp_kvm.md), so the
+    head is protected here after the VMM's mapping is gone."""
     k, p, t, fd, head = rfc_thp()
-    protect(k, head)
+    with pytest.raises(Halt, match="VM_BUG_ON_PAGE"):
+        protect(k, head)
+    k, p, t, fd, head = rfc_thp()
     ok(p.madvise(t, HPAGE, MADV_DONTNEED))
+    assert protect(k, head)
     for index in (0, 1, 300, HPAGE_PMD_NR - 1):
         assert pread_page(p, fd, index) == -EIO
         addr = t + index * PAGE
