@@ -29,6 +29,7 @@ from kvmpoison.arch.x86.pgtable_types import (
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.mm_types import MmStruct
 from kvmpoison.mm.page import PAGE_MAPPING_ANON, Page, PageFlag, page_count
+from kvmpoison.mm.page_alloc import sorted_unique
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.swapops import (
     PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT,
@@ -125,7 +126,7 @@ def _unmovable(core: MmCore, pfns: npt.NDArray[np.int64], isolated_hwpoison: boo
         return True  # has_unmovable_pages: in use and not on the LRU
     if (mem._refcount[pfns[movers]] >= GUP_PIN_BIAS).any():
         return True  # pinned: migrate_pages fails on the extra references
-    values = np.unique(mem.mapping[pfns[movers]])
+    values = sorted_unique(mem.mapping[pfns[movers]])
     for value in values[(values != 0) & ((values & PAGE_MAPPING_ANON) == 0)].tolist():
         host = getattr(mem.registry.decode(int(value)), "host", None)
         if getattr(host, "kind", "") == "gmem":

@@ -72,6 +72,7 @@ from kvmpoison.mm.page import (
     put_page,
     total_mapcount,
 )
+from kvmpoison.mm.page_alloc import sorted_unique
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.rmap import anon_vma_prepare, mapping_encode
 
@@ -485,7 +486,7 @@ def deferred_split_ptes_unmapped(core: MmCore, pfns: np.ndarray) -> None:
     if not len(sub):
         return
     heads = sub & ~((np.int64(1) << mem.order[sub].astype(np.int64)) - 1)
-    for head in np.unique(heads).tolist():
+    for head in sorted_unique(heads).tolist():
         deferred_split_huge_page(core, int(head))
 
 

@@ -44,6 +44,7 @@ from kvmpoison.mm.huge_memory import (
 from kvmpoison.mm.memory import _put_pages_bulk, handle_mm_fault
 from kvmpoison.mm.mm_types import VM, FaultFlag, MmStruct, Vma, VmFault, vma_is_anonymous
 from kvmpoison.mm.page import put_page
+from kvmpoison.mm.page_alloc import sorted_unique
 from kvmpoison.mm.page_flags import PG
 
 # /sys/kernel/mm/transparent_hugepage/khugepaged/* defaults (v5.12 and 6.x)
@@ -176,7 +177,7 @@ def _refcounts_suitable(core: MmCore, heads: np.ndarray) -> bool:
     references are exactly its mappings (``total_mapcount``; no swap cache). Order-0
     pages are checked in one vector operation, compound pages one by one (few)."""
     mem = core.pages
-    uniq = np.unique(heads)
+    uniq = sorted_unique(heads)
     small = uniq[mem.order[uniq] == 0]
     if (mem._refcount[small] != mem._mapcount[small] + 1).any():
         return False

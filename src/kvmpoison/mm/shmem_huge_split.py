@@ -44,6 +44,7 @@ from kvmpoison.mm.filemap import truncate_inode_pages_range, unmap_mapping_range
 from kvmpoison.mm.huge_memory import HPAGE_PMD_NR, pmd_trans_huge
 from kvmpoison.mm.memory import _put_pages_bulk
 from kvmpoison.mm.page import get_page, page_count, page_mapping, put_page, total_mapcount
+from kvmpoison.mm.page_alloc import sorted_unique
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.shmem_huge import __split_huge_pmd_locked_file, thp_head
 
@@ -162,7 +163,7 @@ def _thp_heads_in(core: MmCore, mapping: AddressSpace, lo: int, hi: int) -> list
     if not len(big):
         return []
     heads = big & ~((np.int64(1) << order[order != 0]) - 1)
-    return [int(h) for h in np.unique(heads)]
+    return [int(h) for h in sorted_unique(heads)]
 
 
 def shmem_undo_range_huge(core: MmCore, inode: Inode, lstart: int, lend: int) -> list[int]:
