@@ -485,7 +485,7 @@ def deferred_split_ptes_unmapped(core: MmCore, pfns: np.ndarray) -> None:
     if not len(sub):
         return
     heads = sub & ~((np.int64(1) << mem.order[sub].astype(np.int64)) - 1)
-    for head in np.unique(heads).tolist():
+    for head in sorted(set(heads.tolist())):  # np.unique would import numpy.ma on first use
         deferred_split_huge_page(core, int(head))
 
 

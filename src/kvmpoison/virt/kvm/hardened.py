@@ -162,6 +162,33 @@ def _protect_one(vm: Vm, pfn: int) -> None:
     try_to_unmap(page, TTU.IGNORE_MLOCK)
 
 
+def split_thp_for_private(vm: Vm, pfn: int) -> str | None:
+    """Split the THP that ``pfn`` is a subpage of, cleanly, before it becomes private:
+    None (``pfn`` is an order-0 page now), or why not (nothing changed).
+
+    The design's answer to the RFC's "THP support is left as a TODO"
+    (docs/hardened.md, "THP"): ``split_huge_page`` (mm/huge_memory.c, v6.18
+    ``split_folio``) first splits the huge PMD in every mapping (its
+    ``unmap_folio`` is ``try_to_unmap(TTU_SPLIT_HUGE_PMD)``), then the compound
+    page, so the protected page is an order-0 page with a PTE of its own in
+    every mm, and every later free and scrub is per 4 KiB page. The split
+    fails with -EBUSY while anything holds a reference beyond the mappings and
+    the caller's (a GUP pin, ``can_split_folio``); then the design refuses the
+    private fault (KVM_EXIT_MEMORY_FAULT) before any flag, binding or marker
+    is set, so no page is ever half-protected. A file or hugetlbfs page is
+    refused by the caller's swap-backed test first (E24). Simplified: the
+    kernel takes the folio lock around the split; the model is single-threaded.
+    """
+    core = vm.core
+    mem = core.pages
+    if not mem.order[pfn]:
+        return None
+    from kvmpoison.mm.huge_memory import split_huge_page  # mm.huge_memory imports rmap
+    if split_huge_page(core, core.pages[pfn]) != 0:
+        return "the THP cannot be split (split_huge_page: -EBUSY, a pin or an extra reference)"
+    return None
+
+
 def kvm_protect_pfn_hardened(vm: Vm, gfn: int, pfn: int) -> str | None:
     """The design's ``kvm_protect_pfn``: None (private to this VM now), or why not.
 
@@ -170,12 +197,19 @@ def kvm_protect_pfn_hardened(vm: Vm, gfn: int, pfn: int) -> str | None:
     a page pinned for DMA (``page_maybe_dma_pinned``, E26; guest_memfd's
     in-place conversion refuses such a page too), a KSM page (the write
     fault KVM asks for breaks KSM first, so this is only a guard, E21), a
-    page another binding owns (E5, E7, E38). A real memory error is still a
-    memory error: PageHWPoison gives KVM_PFN_ERR_HWPOISON to the caller.
+    page another binding owns (E5, E7, E38), a THP subpage whose THP cannot
+    be split (:func:`split_thp_for_private`, E23). A real memory error is
+    still a memory error: PageHWPoison gives KVM_PFN_ERR_HWPOISON to the caller.
     """
     core = vm.core
     page = core.pages[pfn]
     kvm = vm.kvm
+    if core.pages.order[pfn]:  # a THP subpage (never the huge zero page: faulted in writable)
+        if not PageSwapBacked(page):
+            return "only anonymous and shmem pages can be private"
+        why = split_thp_for_private(vm, pfn)
+        if why is not None:
+            return why
     lock_page(page)
     try:
         owner = int(kvm.hardened_owner[pfn])
