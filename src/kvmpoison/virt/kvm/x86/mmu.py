@@ -38,7 +38,12 @@ from kvmpoison.arch.x86.vmx import (
 from kvmpoison.mm.page import PageFlag, get_page, put_page
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.outcome import Outcome
-from kvmpoison.virt.kvm.hardened import SHARED, gfn_is_shared_hardened, hardened_faultin_pfn
+from kvmpoison.virt.kvm.hardened import (
+    SHARED,
+    gfn_is_shared_hardened,
+    hardened_faultin_pfn,
+    hardened_private_2m,
+)
 from kvmpoison.virt.kvm.kvm_main import (
     KVM_PFN_ERR_HWPOISON,
     PG_LEVEL_1G,
@@ -288,7 +293,8 @@ def direct_page_fault(vm: Vm, gpa: int, write: bool) -> Outcome | None:
     hva = slot.gfn_to_hva(gfn)
     protected = vm.mem_protected and vm.protection is not Protection.NONE
     hardened = protected and vm.protection is Protection.HARDENED
-    if hardened and not gfn_is_shared_hardened(vm, gfn):
+    private = hardened and not gfn_is_shared_hardened(vm, gfn)  # the design's private fault
+    if private:
         # the design: KVM follows its own marker, or faults in writable and protects
         got = hardened_faultin_pfn(vm, gpa, hva)
         if isinstance(got, Outcome):
@@ -305,6 +311,9 @@ def direct_page_fault(vm: Vm, gpa: int, write: bool) -> Outcome | None:
                               detail="kvm_protect_pfn refused the page")
     try:
         level, map_pfn = kvm_mmu_hugepage_adjust(vm, gfn, KVM_MAX_HUGEPAGE_LEVEL, pfn)
+        if private and level == PG_LEVEL_4K and not lpage_disallowed(vm, slot, gfn, PG_LEVEL_2M) \
+                and hardened_private_2m(vm, gfn, pfn):  # a whole 2 MiB made private at once
+            level, map_pfn = PG_LEVEL_2M, pfn & ~(KVM_PAGES_PER_HPAGE(PG_LEVEL_2M) - 1)
         if level == PG_LEVEL_4K:
             _td_add_page(vm, gfn, pfn)
             host_pte = vm.mm.pgd.get(hva)
