@@ -32,7 +32,13 @@ import errno
 
 import numpy as np
 
-from kvmpoison.arch.x86.pgtable import pte_none, pte_pfn_array, pte_present, pte_present_array
+from kvmpoison.arch.x86.pgtable import (
+    pmd_pfn,
+    pte_none,
+    pte_pfn_array,
+    pte_present,
+    pte_present_array,
+)
 from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.mm.guest_private import guest_private_refault
@@ -162,6 +168,33 @@ def _protect_one(vm: Vm, pfn: int) -> None:
     try_to_unmap(page, TTU.IGNORE_MLOCK)
 
 
+def split_thp_for_private(vm: Vm, pfn: int) -> str | None:
+    """Split the THP that ``pfn`` is a subpage of, cleanly, before it becomes private:
+    None (``pfn`` is an order-0 page now), or why not (nothing changed).
+
+    The design's answer to the RFC's "THP support is left as a TODO"
+    (docs/hardened.md, "THP"): ``split_huge_page`` (mm/huge_memory.c, v6.18
+    ``split_folio``) first splits the huge PMD in every mapping (its
+    ``unmap_folio`` is ``try_to_unmap(TTU_SPLIT_HUGE_PMD)``), then the compound
+    page, so the protected page is an order-0 page with a PTE of its own in
+    every mm, and every later free and scrub is per 4 KiB page. The split
+    fails with -EBUSY while anything holds a reference beyond the mappings and
+    the caller's (a GUP pin, ``can_split_folio``); then the design refuses the
+    private fault (KVM_EXIT_MEMORY_FAULT) before any flag, binding or marker
+    is set, so no page is ever half-protected. A file or hugetlbfs page is
+    refused by the caller's swap-backed test first (E24). Simplified: the
+    kernel takes the folio lock around the split; the model is single-threaded.
+    """
+    core = vm.core
+    mem = core.pages
+    if not mem.order[pfn]:
+        return None
+    from kvmpoison.mm.huge_memory import split_huge_page  # mm.huge_memory imports rmap
+    if split_huge_page(core, core.pages[pfn]) != 0:
+        return "the THP cannot be split (split_huge_page: -EBUSY, a pin or an extra reference)"
+    return None
+
+
 def kvm_protect_pfn_hardened(vm: Vm, gfn: int, pfn: int) -> str | None:
     """The design's ``kvm_protect_pfn``: None (private to this VM now), or why not.
 
@@ -170,12 +203,19 @@ def kvm_protect_pfn_hardened(vm: Vm, gfn: int, pfn: int) -> str | None:
     a page pinned for DMA (``page_maybe_dma_pinned``, E26; guest_memfd's
     in-place conversion refuses such a page too), a KSM page (the write
     fault KVM asks for breaks KSM first, so this is only a guard, E21), a
-    page another binding owns (E5, E7, E38). A real memory error is still a
-    memory error: PageHWPoison gives KVM_PFN_ERR_HWPOISON to the caller.
+    page another binding owns (E5, E7, E38), a THP subpage whose THP cannot
+    be split (:func:`split_thp_for_private`, E23). A real memory error is
+    still a memory error: PageHWPoison gives KVM_PFN_ERR_HWPOISON to the caller.
     """
     core = vm.core
     page = core.pages[pfn]
     kvm = vm.kvm
+    if core.pages.order[pfn]:  # a THP subpage (never the huge zero page: faulted in writable)
+        if not PageSwapBacked(page):
+            return "only anonymous and shmem pages can be private"
+        why = split_thp_for_private(vm, pfn)
+        if why is not None:
+            return why
     lock_page(page)
     try:
         owner = int(kvm.hardened_owner[pfn])
@@ -319,7 +359,10 @@ def kvm_unshare_memory_hardened(vm: Vm, gfn: int, npages: int) -> int:
     this VM's binding, and an rmap walk that turns every present PTE in
     every mm into a guest-private marker (vectorised over one VMA's pages;
     a page pinned, KSM-merged, not swap-backed or owned elsewhere is left
-    for the next fault to refuse).
+    for the next fault to refuse). A THP the range touches is split first
+    (:func:`_split_thps`): a whole aligned 2 MiB becomes 512 private order-0
+    pages under 512 markers, which KVM maps with one 2M SPTE
+    (:func:`hardened_private_2m`).
     """
     rng = _range(gfn, npages)
     if rng is None:
@@ -342,6 +385,7 @@ def kvm_unshare_memory_hardened(vm: Vm, gfn: int, npages: int) -> int:
         if lo >= hi:
             continue
         hva_lo, hva_hi = slot.gfn_to_hva(lo), slot.gfn_to_hva(hi)
+        _split_thps(vm, hva_lo, hva_hi)
         for vma in [v for v in vm.mm.vmas if v.vm_start < hva_hi and hva_lo < v.vm_end]:
             a, b = max(hva_lo, vma.vm_start), min(hva_hi, vma.vm_end)
             pfns, gfns = _present_pfns(vm, slot, a, b)
@@ -360,6 +404,57 @@ def kvm_unshare_memory_hardened(vm: Vm, gfn: int, npages: int) -> int:
             try_to_unmap_pages_guest_private(mem, pfns, first_mapping_vmas(mem[int(pfns[0])]))
             vm.hardened_private.update(zip(gfns.tolist(), pfns.tolist(), strict=True))
     return 0
+
+
+def _split_thps(vm: Vm, hva_lo: int, hva_hi: int) -> None:
+    """Split every THP that a huge PMD of the VMM maps in [hva_lo, hva_hi), so each of
+    its subpages can get a PTE marker of its own (the design's whole-2 MiB
+    protection: 512 PTE markers, not a PMD marker, docs/hardened.md "THP").
+    The huge zero page is left alone (it is never private). A THP that cannot
+    split (a pin: -EBUSY) stays PMD-mapped and unprotected: its next private
+    fault is refused (KVM_EXIT_MEMORY_FAULT), as for a pinned 4 KiB page."""
+    mm = vm.mm
+    if not mm.pgd.nr_pmd_leaves:
+        return
+    from kvmpoison.mm.huge_memory import is_huge_zero_pmd, pmd_trans_huge, split_huge_page
+    core = vm.core
+    for _haddr, pmd in mm.pgd.pmd_leaves(hva_lo, hva_hi):  # at most one per 2 MiB
+        if not pmd_trans_huge(pmd) or is_huge_zero_pmd(core, pmd):
+            continue
+        page = core.pages[pmd_pfn(pmd)]
+        get_page(page)  # split_huge_page's caller holds a reference
+        split_huge_page(core, page)
+        put_page(page)
+
+
+def hardened_private_2m(vm: Vm, gfn: int, pfn: int) -> bool:
+    """May the private fault at ``gfn`` (``pfn``, this VM's private page) map a 2M SPTE?
+
+    The design's counterpart of 6.18's private fault taking its level from the
+    guest_memfd folio (``kvm_gmem_max_mapping_level``): yes when every gfn of
+    the aligned 2 MiB is private and KVM recorded it with ``pfn``'s neighbours
+    in order (gfn ``base + i`` -> pfn ``base_pfn + i``, ``base_pfn`` 2 MiB-aligned,
+    each PG_guest_private and bound to this VM, none PG_hwpoison), as a whole
+    2 MiB conversion of a THP leaves them. The host's page tables hold 512 PTE
+    markers there, so ``host_pfn_mapping_level`` would say 4K: the design's
+    protection, not the VMM's mapping, is what the SPTE stands for here.
+    """
+    n = 512
+    base, base_pfn = gfn & ~(n - 1), pfn - (gfn & (n - 1))
+    if base_pfn & (n - 1):
+        return False
+    recorded = vm.hardened_private
+    if recorded.get(base) != base_pfn or recorded.get(base + n - 1) != base_pfn + n - 1:
+        return False  # the common case, without a walk over 512 gfns
+    got = [recorded.get(g, -1) for g in range(base, base + n)]
+    pfns = np.arange(base_pfn, base_pfn + n, dtype=np.int64)
+    if got != pfns.tolist():
+        return False
+    mem = vm.core.pages
+    flags = mem.flags[pfns]
+    return bool((vm.kvm.hardened_owner[pfns] == vm.binding).all()
+                and (flags & np.uint32(mem.mask(PG.guest_private))).all()
+                and not (flags & np.uint32(mem.mask(PG.hwpoison))).any())
 
 
 def _present_pfns(vm: Vm, slot: Memslot, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:

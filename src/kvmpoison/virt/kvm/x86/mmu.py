@@ -38,7 +38,12 @@ from kvmpoison.arch.x86.vmx import (
 from kvmpoison.mm.page import PageFlag, get_page, put_page
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.outcome import Outcome
-from kvmpoison.virt.kvm.hardened import gfn_is_shared_hardened, hardened_faultin_pfn
+from kvmpoison.virt.kvm.hardened import (
+    SHARED,
+    gfn_is_shared_hardened,
+    hardened_faultin_pfn,
+    hardened_private_2m,
+)
 from kvmpoison.virt.kvm.kvm_main import (
     KVM_PFN_ERR_HWPOISON,
     PG_LEVEL_1G,
@@ -132,7 +137,8 @@ def lpage_disallowed(vm: Vm, slot: Memslot, gfn: int, level: int) -> bool:
     the last one when the slot's end is not, and every one when ``base_gfn`` and
     ``userspace_addr`` are not aligned alike. 6.8+ adds KVM_LPAGE_MIXED_FLAG
     (``kvm_arch_post_set_memory_attributes``) for a range whose gfns do not all
-    have the same memory attributes (a VM with private memory). Not modelled:
+    have the same memory attributes (a VM with private memory); the hardened
+    design does the same with its shared/private attribute array. Not modelled:
     write tracking (shadow paging only) and dirty logging (no slot flags).
     """
     n = KVM_PAGES_PER_HPAGE(level)
@@ -148,7 +154,11 @@ def lpage_disallowed(vm: Vm, slot: Memslot, gfn: int, level: int) -> bool:
         if not (attrs.range_has(base, base + n, private, 0)
                 or attrs.range_has(base, base + n, private, private)):
             return True  # KVM_LPAGE_MIXED_FLAG
-    return False
+    shared = vm.hardened_shared
+    # the hardened design's KVM_LPAGE_MIXED_FLAG (docs/hardened.md, "THP")
+    return shared is not None and vm.mem_protected and vm.protection is Protection.HARDENED \
+        and not (shared.range_has(base, base + n, SHARED, 0)
+                 or shared.range_has(base, base + n, SHARED, SHARED))
 
 
 def host_pfn_mapping_level(vm: Vm, gfn: int, pfn: int, slot: Memslot) -> int:
@@ -283,7 +293,8 @@ def direct_page_fault(vm: Vm, gpa: int, write: bool) -> Outcome | None:
     hva = slot.gfn_to_hva(gfn)
     protected = vm.mem_protected and vm.protection is not Protection.NONE
     hardened = protected and vm.protection is Protection.HARDENED
-    if hardened and not gfn_is_shared_hardened(vm, gfn):
+    private = hardened and not gfn_is_shared_hardened(vm, gfn)  # the design's private fault
+    if private:
         # the design: KVM follows its own marker, or faults in writable and protects
         got = hardened_faultin_pfn(vm, gpa, hva)
         if isinstance(got, Outcome):
@@ -300,6 +311,9 @@ def direct_page_fault(vm: Vm, gpa: int, write: bool) -> Outcome | None:
                               detail="kvm_protect_pfn refused the page")
     try:
         level, map_pfn = kvm_mmu_hugepage_adjust(vm, gfn, KVM_MAX_HUGEPAGE_LEVEL, pfn)
+        if private and level == PG_LEVEL_4K and not lpage_disallowed(vm, slot, gfn, PG_LEVEL_2M) \
+                and hardened_private_2m(vm, gfn, pfn):  # a whole 2 MiB made private at once
+            level, map_pfn = PG_LEVEL_2M, pfn & ~(KVM_PAGES_PER_HPAGE(PG_LEVEL_2M) - 1)
         if level == PG_LEVEL_4K:
             _td_add_page(vm, gfn, pfn)
             host_pte = vm.mm.pgd.get(hva)
