@@ -27,8 +27,10 @@ or falls back), MMF_DISABLE_THP, DAX, and 6.8+'s smaller mTHP sizes.
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass
 from errno import EBUSY
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -65,6 +67,7 @@ from kvmpoison.mm.mm_types import (
 )
 from kvmpoison.mm.page import (
     Page,
+    PageArray,
     PageKsm,
     page_mapcount,
     page_mapped,
@@ -597,24 +600,25 @@ def _zap_huge_pmds(vma: Vma, table: _Table, idx: np.ndarray, addrs: np.ndarray,
         return 0
     dirty = heads[(vals & np.uint64(_PAGE_DIRTY)) != 0]
     mem.flags[dirty] |= np.uint32(mem.mask(PG.dirty))
-    last = []
+    # page_remove_anon_compound_rmap for every THP at once: the dict is read and
+    # updated by C-level map()s over the heads, no bytecode per PMD
     counts = mem.compound_mapcount
-    for head in heads.tolist():  # page_remove_anon_compound_rmap
-        count = counts.get(head, 0)
-        if count <= 0:
-            raise AssertionError(f"page_remove_rmap: THP {head:#x} is not PMD-mapped")
-        if count == 1:
-            del counts[head]
-            last.append(head)
-        else:
-            counts[head] = count - 1
+    keys = heads.tolist()
+    count = np.fromiter(map(counts.get, keys, repeat(0)), dtype=np.int64, count=len(keys))
+    if (count <= 0).any():
+        bad = int(heads[np.argmax(count <= 0)])
+        raise AssertionError(f"page_remove_rmap: THP {bad:#x} is not PMD-mapped")
+    gone = count == 1
+    lh = heads[gone]
+    deque(map(counts.__delitem__, lh.tolist()), maxlen=0)
+    if not gone.all():
+        counts.update(zip(heads[~gone].tolist(), (count[~gone] - 1).tolist(), strict=True))
     mm.rss_anon -= HPAGE_PMD_NR * len(heads)
     mem._refcount[heads] -= 1  # tlb_remove_page_size: distinct THPs, one reference each
-    if last:  # a THP still referenced may have PTE-mapped subpages: deferred split
-        lh = np.array(last, dtype=np.int64)
-        lh = lh[mem._refcount[lh] > 0]
-        sub = lh[:, None] + np.arange(HPAGE_PMD_NR, dtype=np.int64)[None, :]
-        for head in lh[(mem._mapcount[sub] >= 0).any(axis=1)].tolist():
+    lh = lh[mem._refcount[lh] > 0]
+    if len(lh):  # a THP still referenced may have PTE-mapped subpages: deferred split
+        sub = _order9_rows(mem._mapcount)[lh >> HPAGE_PMD_ORDER]
+        for head in lh[(sub >= 0).any(axis=1)].tolist():
             deferred_split_huge_page(core, head)
     dead = heads[mem._refcount[heads] == 0]
     if len(dead):
@@ -741,41 +745,84 @@ def change_huge_pmd(vma: Vma, haddr: int, newprot: int) -> int:
     return HPAGE_PMD_NR
 
 
+def _thp_mapped_once(mem: PageArray, heads: np.ndarray) -> np.ndarray:
+    """``total_mapcount(head) == 1`` for many PMD-mapped THP heads (each one mapped by
+    a PMD the caller holds), vectorised. Every mapping holds a reference on the
+    head, so a head with a single reference is mapped exactly once, with no look at
+    its 512 subpages; only heads with more references (pinned, shared, PTE-mapped
+    elsewhere) are counted in full: their compound mapcount plus the subpage
+    mapcounts, read 512 at a time as rows of the (order-9 aligned) arrays."""
+    once = mem._refcount[heads] == 1
+    rest = np.flatnonzero(~once)
+    if len(rest):
+        hr = heads[rest]
+        rows = _order9_rows(mem._mapcount)[hr >> HPAGE_PMD_ORDER]
+        counts = np.fromiter(map(mem.compound_mapcount.get, hr.tolist(), repeat(0)),
+                             dtype=np.int64, count=len(hr))
+        once[rest] = (rows < 0).all(axis=1) & (counts == 1)
+    return np.asarray(once, dtype=bool)
+
+
+def _order9_rows(arr: np.ndarray) -> np.ndarray:
+    """A per-pfn array seen as rows of 512 pfns (a view): row ``head >> 9`` is the THP
+    at ``head``, so many THPs are gathered or scattered a row at a time."""
+    n = len(arr) >> HPAGE_PMD_ORDER
+    return arr[: n << HPAGE_PMD_ORDER].reshape(n, HPAGE_PMD_NR)
+
+
 def change_huge_pmd_range(vma: Vma, start: int, end: int, newprot: int) -> int:
     """The PMD half of mm/mprotect.c ``change_pmd_range`` (v5.12): a huge PMD wholly
-    inside [start, end) is changed in place (:func:`change_huge_pmd`, here vectorised
-    per PMD table), one covered in part is split for the PTE pass. Returns the
-    pages changed."""
+    inside [start, end) is changed in place (:func:`change_huge_pmd`), one covered in
+    part is split for the PTE pass. Returns the pages changed.
+
+    Vectorised over every huge PMD of the range at once: only the first and the
+    last can be covered in part, so they are split one by one; the others are
+    gathered from their PMD tables into one array, ``pmd_modify``'d, given the
+    6.2+ write upgrade where :func:`change_huge_pmd` would give it, and scattered
+    back. The same entries as :func:`change_huge_pmd` PMD by PMD (a test compares).
+    """
     mm = vma.vm_mm
+    slots = list(mm.pgd.pmd_leaf_slots(start, end))
+    if not slots:
+        return 0
+    first, last = int(slots[0][2][0]), int(slots[-1][2][-1])
+    for haddr in dict.fromkeys((first, last)):  # ascending, each once
+        if haddr < start or haddr + HPAGE_PMD_SIZE > end:
+            __split_huge_pmd(vma, haddr)  # a huge PMD covered in part (else nothing)
+    if first < start:
+        slots[0] = (slots[0][0], slots[0][1][1:], slots[0][2][1:])
+    if last + HPAGE_PMD_SIZE > end:
+        slots[-1] = (slots[-1][0], slots[-1][1][:-1], slots[-1][2][:-1])
+    parts = [table.entries[idx] for table, idx, _ in slots]
+    vals = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    huge = (vals & np.uint64(_PAGE_PSE)) != 0  # non-present PMD entries stay as they are
+    if not huge.all():
+        keep = [(table, idx[h]) for (table, idx, _), h in
+                zip(slots, np.split(huge, np.cumsum([len(p) for p in parts])[:-1]), strict=True)]
+        vals = vals[huge]
+    else:
+        keep = [(table, idx) for table, idx, _ in slots]
+    if not len(vals):
+        return 0
+    new = pmd_modify_array(vals, newprot)
     core = mm.core
-    mem = core.pages
-    upgrade = (core.kcfg.version.tuple >= (6, 2) and bool(vma.vm_flags & VM.WRITE)
-               and not vma.vm_flags & VM.SHARED)
-    changed = 0
-    for table, idx, addrs in list(mm.pgd.pmd_leaf_slots(start, end)):
-        vals = table.entries[idx]
-        huge = (vals & np.uint64(_PAGE_PSE)) != 0
-        whole = huge & (addrs >= start) & (addrs + HPAGE_PMD_SIZE <= end)
-        for haddr in addrs[huge & ~whole].tolist():
-            __split_huge_pmd(vma, haddr)
-        if not whole.any():
-            continue
-        new = pmd_modify_array(vals[whole], newprot)
-        if upgrade:  # can_change_pmd_writable: an exclusive anon THP, not the zero page
-            heads = pmd_pfn_array(new)
-            cand = ((new & np.uint64(_PAGE_RW)) == 0) & ((new & np.uint64(_PAGE_PRESENT)) != 0) \
-                & (heads != core.huge_zero_pfn) & ((mem.mapping[heads] & 1) != 0)
-            if cand.any():
-                hc = heads[cand]
-                sub = hc[:, None] + np.arange(HPAGE_PMD_NR, dtype=np.int64)[None, :]
-                once = ((mem._mapcount[sub] < 0).all(axis=1)
-                        & (np.fromiter((mem.compound_mapcount.get(h, 0) for h in hc.tolist()),
-                                       dtype=np.int64, count=len(hc)) == 1))
-                pos = np.flatnonzero(cand)[once]
-                new[pos] |= np.uint64(_PAGE_RW)
-        table.entries[idx[whole]] = new
-        changed += HPAGE_PMD_NR * int(whole.sum())
-    return changed
+    if (core.kcfg.version.tuple >= (6, 2) and vma.vm_flags & VM.WRITE
+            and not vma.vm_flags & VM.SHARED):
+        # can_change_pmd_writable: a present, read-only PMD of an exclusive anon THP
+        # (not the huge zero page) is made writable at once
+        pos = np.flatnonzero((new & np.uint64(_PAGE_RW | _PAGE_PRESENT))
+                             == np.uint64(_PAGE_PRESENT))
+        if len(pos):
+            heads = pmd_pfn_array(new[pos])
+            mem = core.pages
+            anon = (heads != core.huge_zero_pfn) & ((mem.mapping[heads] & 1) != 0)
+            pos, heads = pos[anon], heads[anon]
+            new[pos[_thp_mapped_once(mem, heads)]] |= np.uint64(_PAGE_RW)
+    at = 0
+    for table, idx in keep:
+        table.entries[idx] = new[at : at + len(idx)]
+        at += len(idx)
+    return HPAGE_PMD_NR * len(new)
 
 
 def move_huge_pmd(vma: Vma, old_addr: int, new_addr: int) -> bool:
