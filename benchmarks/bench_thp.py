@@ -23,7 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes-mib", default="64,256,1024")
     ap.add_argument("--rounds", type=int, default=200)
-    ap.add_argument("--model-rounds", type=int, default=10)
+    ap.add_argument("--model-rounds", type=int, default=40)
     args = ap.parse_args()
     for mib in (int(x) for x in args.sizes_mib.split(",")):
         kern = thp_bulk(mib * MIB, args.rounds)

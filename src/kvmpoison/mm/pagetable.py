@@ -273,6 +273,16 @@ class PageTables:
                     yield pmd, idx, base + (idx << PMD_SHIFT)
             addr = pud_end
 
+    def _table_mask(self, pmd: _Table, first: int, last: int) -> npt.NDArray[np.bool_]:
+        """Which PMD slots first..last point to a PTE table (see :meth:`_leaf_mask`)."""
+        vals = pmd.entries[first : last + 1]
+        if not self.nr_pmd_leaves:
+            return np.asarray(vals != 0, dtype=bool)
+        if self.table_flags & _PAGE_PRESENT and not self.table_flags & _PAGE_PSE:
+            kind = vals & np.uint64(_PAGE_PSE | _PAGE_PRESENT)
+            return np.asarray(kind == np.uint64(_PAGE_PRESENT), dtype=bool)
+        return np.asarray((vals != 0) & ~self._leaf_mask(pmd, first, last), dtype=bool)
+
     def _leaf_mask(self, pmd: _Table, first: int, last: int) -> npt.NDArray[np.bool_]:
         """Which PMD slots first..last hold a leaf, from the entries alone: a table
         pointer is present without PSE (the x86 and EPT rule for a PMD entry), so a
@@ -402,16 +412,11 @@ class PageTables:
         # Only the PMD ranges that have a PTE table: the cost is what is mapped, and no
         # temporary spans the whole (up to 1 GiB) range. Slots that are none or PMD
         # leaves (THP) are skipped by their entries, without a look at each child.
-        vals = pmd.entries[first : last + 1]
-        table = vals != 0
-        if self.nr_pmd_leaves:
-            table &= ~self._leaf_mask(pmd, first, last)
-        present = np.flatnonzero(table)
+        present = np.flatnonzero(self._table_mask(pmd, first, last))
         if not len(present):
             return _NO_PTES
-        rows = np.zeros(last + 1 - first, dtype=np.int64)
-        rows[present] = np.fromiter(map(pmd.children.__getitem__, (first + present).tolist()),
-                                    dtype=np.int64, count=len(present))
+        rows = np.fromiter(map(pmd.children.__getitem__, (first + present).tolist()),
+                           dtype=np.int64, count=len(present))
         pud_page = (start >> PUD_SHIFT) << (PUD_SHIFT - PAGE_SHIFT)
         pmd_no = first + present
         lo = np.maximum(pud_page + pmd_no * PTRS_PER_PTE, start >> PAGE_SHIFT)
@@ -419,7 +424,7 @@ class PageTables:
         counts = hi - lo
         starts = np.cumsum(counts) - counts
         pages = np.repeat(lo - starts, counts) + np.arange(int(counts.sum()), dtype=np.int64)
-        page_rows = np.repeat(rows[present], counts)
+        page_rows = np.repeat(rows, counts)
         return PteChunk(pages << PAGE_SHIFT, page_rows, pages & (PTRS_PER_PTE - 1))
 
     def free_empty_tables(self, start: int, end: int) -> int:
@@ -439,10 +444,7 @@ class PageTables:
             if pmd is not None:
                 first = self._index(addr, PMD_SHIFT)
                 last = self._index(pud_end - 1, PMD_SHIFT)
-                table = pmd.entries[first : last + 1] != 0
-                if self.nr_pmd_leaves:
-                    table &= ~self._leaf_mask(pmd, first, last)
-                slots = first + np.flatnonzero(table)
+                slots = first + np.flatnonzero(self._table_mask(pmd, first, last))
                 if len(slots):
                     rows = np.fromiter(map(pmd.children.__getitem__, slots.tolist()),
                                        dtype=np.int64, count=len(slots))
