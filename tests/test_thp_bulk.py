@@ -193,3 +193,17 @@ def test_pmd_leaves_are_told_from_tables_by_their_entries(table_flags: int | Non
     want = [bool(pmd.entries[i]) and pmd.children[i] is None for i in range(first, last + 1)]
     got = pgd._leaf_mask(pmd, first, last).tolist()
     assert got == want and any(got) and not all(got)
+
+
+def test_pmd_modify_array_matches_pmd_modify_on_every_branch() -> None:
+    """Present, PROT_NONE (stored inverted) and empty entries, to a present newprot, to
+    PROT_NONE, and to an empty newprot (where each entry decides alone)."""
+    from kvmpoison.arch.x86.pgtable import pfn_pmd, pmd_modify, pmd_modify_array
+    from kvmpoison.arch.x86.pgtable_types import _PAGE_PSE, PAGE_NONE
+    from kvmpoison.mm.mm_types import VM, vm_get_page_prot
+    olds = [0] + [pfn_pmd(0x200 * i, p | _PAGE_PSE) for i, p in enumerate(
+        (vm_get_page_prot(VM.READ), PAGE_NONE, vm_get_page_prot(VM.READ | VM.WRITE | VM.SHARED)),
+        start=1)]
+    for prot in (0, PAGE_NONE, vm_get_page_prot(VM.READ), _PAGE_PSE):
+        arr = pmd_modify_array(np.array(olds, dtype=np.uint64), prot)
+        assert [int(v) for v in arr] == [pmd_modify(o, prot) for o in olds], hex(prot)

@@ -53,6 +53,7 @@ from kvmpoison.arch.x86.pgtable_types import (
     _PAGE_SOFT_DIRTY,
     _PAGE_SPECIAL,
     PAGE_SHIFT,
+    PHYSICAL_PMD_PAGE_MASK,
     PMD_SHIFT,
     PTE_FLAGS_MASK,
 )
@@ -86,6 +87,8 @@ HPAGE_PMD_ORDER = PMD_SHIFT - PAGE_SHIFT  # 9
 HPAGE_PMD_NR = 1 << HPAGE_PMD_ORDER  # 512
 HPAGE_PMD_SIZE = 1 << PMD_SHIFT  # 2 MiB
 HPAGE_PMD_MASK = ~(HPAGE_PMD_SIZE - 1)
+_VM_WRITE = int(VM.WRITE)
+_VM_WRITE_SHARED = int(VM.WRITE | VM.SHARED)
 
 THP_SYSFS = "/sys/kernel/mm/transparent_hugepage"
 
@@ -782,47 +785,41 @@ def change_huge_pmd_range(vma: Vma, start: int, end: int, newprot: int) -> int:
     back. The same entries as :func:`change_huge_pmd` PMD by PMD (a test compares).
     """
     mm = vma.vm_mm
-    slots = list(mm.pgd.pmd_leaf_slots(start, end))
-    if not slots:
-        return 0
-    first, last = int(slots[0][2][0]), int(slots[-1][2][-1])
-    for haddr in dict.fromkeys((first, last)):  # ascending, each once
+    for haddr in dict.fromkeys((start & HPAGE_PMD_MASK, (end - 1) & HPAGE_PMD_MASK)):
         if haddr < start or haddr + HPAGE_PMD_SIZE > end:
             __split_huge_pmd(vma, haddr)  # a huge PMD covered in part (else nothing)
-    if first < start:
-        slots[0] = (slots[0][0], slots[0][1][1:], slots[0][2][1:])
-    if last + HPAGE_PMD_SIZE > end:
-        slots[-1] = (slots[-1][0], slots[-1][1][:-1], slots[-1][2][:-1])
-    parts = [table.entries[idx] for table, idx, _ in slots]
-    vals = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    huge = (vals & np.uint64(_PAGE_PSE)) != 0  # non-present PMD entries stay as they are
-    if not huge.all():
-        keep = [(table, idx[h]) for (table, idx, _), h in
-                zip(slots, np.split(huge, np.cumsum([len(p) for p in parts])[:-1]), strict=True)]
-        vals = vals[huge]
-    else:
-        keep = [(table, idx) for table, idx, _ in slots]
-    if not len(vals):
+    spans = mm.pgd.pmd_table_spans((start + HPAGE_PMD_SIZE - 1) & HPAGE_PMD_MASK,
+                                   end & HPAGE_PMD_MASK)
+    if not spans:
         return 0
-    new = pmd_modify_array(vals, newprot)
+    parts = [table.entries[a : b + 1] for table, a, b in spans]
+    vals = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    # huge PMDs only: none slots, PTE tables and non-present PMD entries stay as they are
+    huge = (vals & np.uint64(_PAGE_PSE)) != 0
+    nr = int(np.count_nonzero(huge))
+    if not nr:
+        return 0
+    new = pmd_modify_array(vals, newprot)  # also on the others, whose results are dropped
     core = mm.core
-    if (core.kcfg.version.tuple >= (6, 2) and vma.vm_flags & VM.WRITE
-            and not vma.vm_flags & VM.SHARED):
+    if (core.kcfg.version.tuple >= (6, 2)
+            and int(vma.vm_flags) & _VM_WRITE_SHARED == _VM_WRITE):
         # can_change_pmd_writable: a present, read-only PMD of an exclusive anon THP
         # (not the huge zero page) is made writable at once
-        pos = np.flatnonzero((new & np.uint64(_PAGE_RW | _PAGE_PRESENT))
-                             == np.uint64(_PAGE_PRESENT))
+        pos = np.flatnonzero(huge & ((new & np.uint64(_PAGE_RW | _PAGE_PRESENT))
+                                     == np.uint64(_PAGE_PRESENT)))
         if len(pos):
-            heads = pmd_pfn_array(new[pos])
+            heads = ((new[pos] & np.uint64(PHYSICAL_PMD_PAGE_MASK)) >> np.uint64(PAGE_SHIFT)
+                     ).astype(np.int64)  # pmd_pfn of present PMDs: never inverted
             mem = core.pages
             anon = (heads != core.huge_zero_pfn) & ((mem.mapping[heads] & 1) != 0)
             pos, heads = pos[anon], heads[anon]
             new[pos[_thp_mapped_once(mem, heads)]] |= np.uint64(_PAGE_RW)
+    new = np.where(huge, new, vals)
     at = 0
-    for table, idx in keep:
-        table.entries[idx] = new[at : at + len(idx)]
-        at += len(idx)
-    return HPAGE_PMD_NR * len(new)
+    for (table, a, b), part in zip(spans, parts, strict=True):
+        table.entries[a : b + 1] = new[at : at + len(part)]
+        at += len(part)
+    return HPAGE_PMD_NR * nr
 
 
 def move_huge_pmd(vma: Vma, old_addr: int, new_addr: int) -> bool:

@@ -273,6 +273,25 @@ class PageTables:
                     yield pmd, idx, base + (idx << PMD_SHIFT)
             addr = pud_end
 
+    def pmd_table_spans(self, start: int, end: int) -> list[tuple[_Table, int, int]]:
+        """(PMD table, first slot, last slot) for each PMD table that covers part of
+        [start, end), for range paths that read whole spans of PMD entries (a huge
+        PMD is the entry with PSE: no table pointer of this mm carries it)."""
+        if start >= end:
+            return []
+        _check_width(start, end)
+        assert not self.table_flags & _PAGE_PSE
+        out = []
+        addr = start
+        while addr < end:
+            pud_end = min(((addr >> PUD_SHIFT) + 1) << PUD_SHIFT, end)
+            pmd = self._pmd_table(addr, False)
+            if pmd is not None:
+                out.append((pmd, self._index(addr, PMD_SHIFT),
+                            self._index(pud_end - 1, PMD_SHIFT)))
+            addr = pud_end
+        return out
+
     def _table_mask(self, pmd: _Table, first: int, last: int) -> npt.NDArray[np.bool_]:
         """Which PMD slots first..last point to a PTE table (see :meth:`_leaf_mask`)."""
         vals = pmd.entries[first : last + 1]
