@@ -570,32 +570,39 @@ def vma_adjust_trans_huge(vma: Vma, addr: int) -> None:
 
 def zap_huge_pmd_range(vma: Vma, start: int, end: int) -> int:
     """The PMD half of mm/memory.c ``zap_pmd_range`` (v5.12): a huge PMD wholly inside
-    [start, end) is zapped (:func:`zap_huge_pmd`, here in one batch per PMD table),
-    one the range covers in part is split so the PTE zap that follows removes only
-    that part. Returns the pages unmapped. The caller flushes the TLB."""
+    [start, end) is zapped (:func:`zap_huge_pmd`), one the range covers in part is
+    split so the PTE zap that follows removes only that part. Returns the pages
+    unmapped. The caller flushes the TLB.
+
+    Only the first and the last PMD can be covered in part: they are split one by
+    one, and every other huge PMD of the range is zapped in one batch
+    (:func:`_zap_huge_pmds`), with the same result as PMD by PMD (a test compares)."""
     mm = vma.vm_mm
-    unmapped = 0
-    for table, idx, addrs in list(mm.pgd.pmd_leaf_slots(start, end)):
+    for haddr in dict.fromkeys((start & HPAGE_PMD_MASK, (end - 1) & HPAGE_PMD_MASK)):
+        if haddr < start or haddr + HPAGE_PMD_SIZE > end:
+            __split_huge_pmd(vma, haddr)  # a huge PMD covered in part (else nothing)
+    groups = []
+    for table, idx, addrs in mm.pgd.pmd_leaf_slots((start + HPAGE_PMD_SIZE - 1) & HPAGE_PMD_MASK,
+                                                   end & HPAGE_PMD_MASK):
         vals = table.entries[idx]
-        huge = (vals & np.uint64(_PAGE_PSE)) != 0
-        whole = huge & (addrs >= start) & (addrs + HPAGE_PMD_SIZE <= end)
-        for haddr in addrs[huge & ~whole].tolist():  # at most the two ends of the range
-            __split_huge_pmd(vma, haddr)
-        if whole.any():
-            unmapped += _zap_huge_pmds(vma, table, idx[whole], addrs[whole], vals[whole])
-    return unmapped
+        huge = (vals & np.uint64(_PAGE_PSE)) != 0  # non-present PMD entries stay
+        if huge.any():
+            groups.append((table, idx[huge], addrs[huge], vals[huge]))
+    return _zap_huge_pmds(vma, groups) if groups else 0
 
 
-def _zap_huge_pmds(vma: Vma, table: _Table, idx: np.ndarray, addrs: np.ndarray,
-                   vals: np.ndarray) -> int:
-    """:func:`zap_huge_pmd` for many huge PMDs of one PMD table, vectorised: clear them,
-    free their deposited tables, drop each THP's PMD mapping (deferred split when
-    subpages stay PTE-mapped), 512 MM_ANONPAGES and the mapping's reference each,
-    freeing the THPs that reach zero in one batch."""
+def _zap_huge_pmds(vma: Vma, groups: list[tuple[_Table, np.ndarray, np.ndarray, np.ndarray]]
+                   ) -> int:
+    """:func:`zap_huge_pmd` for many huge PMDs, given per PMD table as (table, slots,
+    addresses, entries), vectorised: clear them, free their deposited tables, drop
+    each THP's PMD mapping (deferred split when subpages stay PTE-mapped), 512
+    MM_ANONPAGES and the mapping's reference each, freeing the THPs that reach zero
+    in one batch."""
     mm = vma.vm_mm
     core = mm.core
     mem = core.pages
-    mm.pgd.clear_pmd_leaves(table, idx, addrs)
+    mm.pgd.clear_pmd_leaves([(table, idx, addrs) for table, idx, addrs, _ in groups])
+    vals = groups[0][3] if len(groups) == 1 else np.concatenate([g[3] for g in groups])
     heads = pmd_pfn_array(vals)
     real = heads != core.huge_zero_pfn
     heads, vals = heads[real], vals[real]

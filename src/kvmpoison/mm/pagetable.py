@@ -320,13 +320,16 @@ class PageTables:
         return [(int(a), int(table.entries[i])) for table, idx, addrs in
                 self.pmd_leaf_slots(start, end) for i, a in zip(idx, addrs, strict=True)]
 
-    def clear_pmd_leaves(self, table: _Table, idx: IntArray, addrs: IntArray) -> None:
-        """``pmdp_huge_get_and_clear`` + ``zap_deposited_table`` for many leaves of one PMD
-        table: the entries go and their deposited tables are freed in one batch."""
-        table.entries[idx] = 0
-        self.nr_pmd_leaves -= len(idx)
-        # dict.pop mapped over the keys: a C loop, no bytecode per PMD
-        pfns = list(map(self.deposited.pop, (addrs >> PMD_SHIFT).tolist()))
+    def clear_pmd_leaves(self, groups: list[tuple[_Table, IntArray, IntArray]]) -> None:
+        """``pmdp_huge_get_and_clear`` + ``zap_deposited_table`` for many leaves, given as
+        (PMD table, slot indices, addresses) per table: the entries go and all their
+        deposited tables are freed in one batch."""
+        pfns: list[int] = []
+        for table, idx, addrs in groups:
+            table.entries[idx] = 0
+            self.nr_pmd_leaves -= len(idx)
+            # dict.pop mapped over the keys: a C loop, no bytecode per PMD
+            pfns += map(self.deposited.pop, (addrs >> PMD_SHIFT).tolist())
         self._free_table_pages(pfns)
         self.nr_ptes -= len(pfns)
 
