@@ -4,8 +4,8 @@
 
 The kernel side (``timing.thp_bulk``) checks that its region is PMD-mapped before it
 times anything; the model side (``report.bench.model_thp_bulk``) reports its own
-AnonHugePages, which stays 0 while the model's mm maps 4 KiB pages. The anchor for the
-kernel's mprotect is about 100-200 ns per 2 MiB. Prints one JSON line per size.
+AnonHugePages (``model_pmd_mapped``). The anchor for the kernel's mprotect is about
+100-200 ns per 2 MiB. Prints one JSON line per size; docs/bench.md has the figures.
 """
 
 from __future__ import annotations

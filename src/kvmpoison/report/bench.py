@@ -501,7 +501,7 @@ class Sizes:
                        thp=16 * MIB)
         return cls(mm=1 * GIB, punch=256 * MIB, per_page=32 * MIB, touched_pages=2048,
                    untouched_mib=64 << 10, mac_lines=4096, copy_runs=30, scenarios=None,
-                   thp=256 * MIB)
+                   thp=1 * GIB)
 
 
 Task = tuple[str, Callable[[], list[Row]]]
