@@ -29,7 +29,7 @@ from kvmpoison.mm.huge_memory import (
 )
 from kvmpoison.mm.madvise import MADV_DONTNEED, MADV_HUGEPAGE
 from kvmpoison.mm.mm_types import Vma
-from kvmpoison.mm.mmap import PROT_READ
+from kvmpoison.mm.mmap import MAP_FIXED, PROT_READ
 from kvmpoison.mm.page import Page
 
 HPAGE = HPAGE_PMD_SIZE
@@ -72,15 +72,24 @@ def per_pmd_paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
 
 
-def mixed(kcfg: KernelConfig) -> tuple[Kernel, Process, Process, int, list[Page]]:
+GIB = 1 << 30
+STRADDLE = 4 * GIB - 5 * HPAGE  # PMDs 0-4 in one PMD table, 5-9 in the next
+
+
+def mixed(kcfg: KernelConfig, at: int | None = None
+          ) -> tuple[Kernel, Process, Process, int, list[Page]]:
     """N aligned 2 MiB of one MADV_HUGEPAGE VMA: 0 huge (partly covered later), 1 the huge
     zero page, 2 pinned, 3 shared with a child that split its own PMD (the parent's
     THP is PTE-mapped elsewhere), 4 shared with the child by PMD, 5 split in this mm
-    (one page zapped), 6 none, 7-9 exclusive THPs (9 partly covered later)."""
+    (one page zapped), 6 none, 7-9 exclusive THPs (9 partly covered later); at a fixed
+    2 MiB-aligned address ``at`` if given."""
     k = boot(kcfg, mem=96 << 20)
     p = proc(k)
-    addr = ok(p.mmap(0, (N + 1) * HPAGE, RW, ANON))
-    addr = (addr + HPAGE - 1) & ~(HPAGE - 1)
+    if at is None:
+        addr = ok(p.mmap(0, (N + 1) * HPAGE, RW, ANON))
+        addr = (addr + HPAGE - 1) & ~(HPAGE - 1)
+    else:
+        addr = ok(p.mmap(at, N * HPAGE, RW, ANON | MAP_FIXED))
     ok(p.madvise(addr, N * HPAGE, MADV_HUGEPAGE))
     for i in (3, 4):
         ok(p.store(addr + i * HPAGE, bytes([i]) * 64))
@@ -132,11 +141,11 @@ def assert_same(a: dict[str, object], b: dict[str, object]) -> None:
 
 
 def run_both(kcfg: KernelConfig, monkeypatch: pytest.MonkeyPatch,
-             steps: Callable[[Process, int], None]) -> dict[str, object]:
-    k1, p1, c1, a1, _ = mixed(kcfg)
+             steps: Callable[[Process, int], None], at: int | None) -> dict[str, object]:
+    k1, p1, c1, a1, _ = mixed(kcfg, at)
     steps(p1, a1)
     bulk = state(k1, (p1, c1))
-    k2, p2, c2, a2, _ = mixed(kcfg)
+    k2, p2, c2, a2, _ = mixed(kcfg, at)
     assert a1 == a2
     with per_pmd_paths(monkeypatch):
         steps(p2, a2)
@@ -144,16 +153,25 @@ def run_both(kcfg: KernelConfig, monkeypatch: pytest.MonkeyPatch,
     return bulk
 
 
-@pytest.mark.parametrize("kcfg", KCFGS, ids=lambda c: str(c.version))
-def test_mprotect_bulk_path_matches_the_per_pmd_path(
-        kcfg: KernelConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    start, end = 5 * PAGE, N * HPAGE - 9 * PAGE  # PMDs 0 and 9 covered in part
+# every version across two PMD tables; one table and other range ends on 6.18
+CASES = [(c, STRADDLE, 5 * PAGE, N * HPAGE - 9 * PAGE) for c in KCFGS] + [
+    (KCFGS[2], None, 5 * PAGE, N * HPAGE - 9 * PAGE),  # PMDs 0 and 9 covered in part
+    (KCFGS[2], STRADDLE, 0, N * HPAGE),  # every PMD whole
+    (KCFGS[2], STRADDLE, 4 * HPAGE + PAGE, 6 * HPAGE - PAGE),  # both ends, across tables
+    (KCFGS[2], None, 2 * HPAGE + PAGE, 2 * HPAGE + 9 * PAGE),  # inside one pinned THP
+]
 
+
+@pytest.mark.parametrize(("kcfg", "at", "start", "end"), CASES,
+                         ids=lambda v: str(getattr(v, "version", v)))
+def test_mprotect_bulk_path_matches_the_per_pmd_path(
+        kcfg: KernelConfig, at: int | None, start: int, end: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     def steps(p: Process, addr: int) -> None:
         ok(p.mprotect(addr + start, end - start, PROT_READ))
         ok(p.mprotect(addr + start, end - start, RW))  # the 6.2+ write upgrade
 
-    run_both(kcfg, monkeypatch, steps)
+    run_both(kcfg, monkeypatch, steps, at)
 
 
 def test_the_bulk_write_upgrade_takes_exclusive_thps_only(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,14 +185,15 @@ def test_the_bulk_write_upgrade_takes_exclusive_thps_only(monkeypatch: pytest.Mo
     assert writable == {2, 7, 8}
 
 
-@pytest.mark.parametrize("kcfg", KCFGS, ids=lambda c: str(c.version))
+@pytest.mark.parametrize(("kcfg", "at"), [(c, STRADDLE) for c in KCFGS] + [(KCFGS[2], None)],
+                         ids=lambda v: str(getattr(v, "version", v)))
 def test_munmap_and_dontneed_bulk_paths_match_the_per_pmd_path(
-        kcfg: KernelConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+        kcfg: KernelConfig, at: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     def steps(p: Process, addr: int) -> None:
         ok(p.madvise(addr + 3 * PAGE, 2 * HPAGE, MADV_DONTNEED))  # PMDs 0 and 2 in part
         ok(p.munmap(addr + 3 * HPAGE, N * HPAGE - 3 * HPAGE - 11 * PAGE))  # 9 in part
 
-    after = run_both(kcfg, monkeypatch, steps)
+    after = run_both(kcfg, monkeypatch, steps, at)
     assert after["deferred"]  # the parent's THP 3 stays PTE-mapped in the child
 
 
