@@ -588,6 +588,8 @@ def zap_huge_pmd_range(vma: Vma, start: int, end: int) -> int:
         huge = (vals & np.uint64(_PAGE_PSE)) != 0  # non-present PMD entries stay
         if huge.any():
             groups.append((table, idx[huge], addrs[huge], vals[huge]))
+    if groups and not vma_is_anonymous(vma):  # page-cache THPs: zap_huge_pmd's file branch
+        return sum(zap_huge_pmd(vma, a) for _, _, addrs, _ in groups for a in addrs.tolist())
     return _zap_huge_pmds(vma, groups) if groups else 0
 
 
