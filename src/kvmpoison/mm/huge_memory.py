@@ -27,9 +27,11 @@ or falls back), MMF_DISABLE_THP, DAX, and 6.8+'s smaller mTHP sizes.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from errno import EBUSY
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,6 +54,7 @@ from kvmpoison.arch.x86.pgtable_types import (
     _PAGE_SOFT_DIRTY,
     _PAGE_SPECIAL,
     PAGE_SHIFT,
+    PHYSICAL_PMD_PAGE_MASK,
     PMD_SHIFT,
     PTE_FLAGS_MASK,
 )
@@ -66,6 +69,7 @@ from kvmpoison.mm.mm_types import (
 )
 from kvmpoison.mm.page import (
     Page,
+    PageArray,
     PageKsm,
     page_mapcount,
     page_mapped,
@@ -85,6 +89,8 @@ HPAGE_PMD_ORDER = PMD_SHIFT - PAGE_SHIFT  # 9
 HPAGE_PMD_NR = 1 << HPAGE_PMD_ORDER  # 512
 HPAGE_PMD_SIZE = 1 << PMD_SHIFT  # 2 MiB
 HPAGE_PMD_MASK = ~(HPAGE_PMD_SIZE - 1)
+_VM_WRITE = int(VM.WRITE)
+_VM_WRITE_SHARED = int(VM.WRITE | VM.SHARED)
 
 THP_SYSFS = "/sys/kernel/mm/transparent_hugepage"
 
@@ -587,34 +593,41 @@ def vma_adjust_trans_huge(vma: Vma, addr: int) -> None:
 
 def zap_huge_pmd_range(vma: Vma, start: int, end: int) -> int:
     """The PMD half of mm/memory.c ``zap_pmd_range`` (v5.12): a huge PMD wholly inside
-    [start, end) is zapped (:func:`zap_huge_pmd`, here in one batch per PMD table),
-    one the range covers in part is split so the PTE zap that follows removes only
-    that part. Returns the pages unmapped. The caller flushes the TLB."""
+    [start, end) is zapped (:func:`zap_huge_pmd`), one the range covers in part is
+    split so the PTE zap that follows removes only that part. Returns the pages
+    unmapped. The caller flushes the TLB.
+
+    Only the first and the last PMD can be covered in part: they are split one by
+    one, and every other huge PMD of the range is zapped in one batch
+    (:func:`_zap_huge_pmds`), with the same result as PMD by PMD (a test compares)."""
     mm = vma.vm_mm
-    unmapped = 0
-    for table, idx, addrs in list(mm.pgd.pmd_leaf_slots(start, end)):
+    for haddr in dict.fromkeys((start & HPAGE_PMD_MASK, (end - 1) & HPAGE_PMD_MASK)):
+        if haddr < start or haddr + HPAGE_PMD_SIZE > end:
+            __split_huge_pmd(vma, haddr)  # a huge PMD covered in part (else nothing)
+    groups = []
+    for table, idx, addrs in mm.pgd.pmd_leaf_slots((start + HPAGE_PMD_SIZE - 1) & HPAGE_PMD_MASK,
+                                                   end & HPAGE_PMD_MASK):
         vals = table.entries[idx]
-        huge = (vals & np.uint64(_PAGE_PSE)) != 0
-        whole = huge & (addrs >= start) & (addrs + HPAGE_PMD_SIZE <= end)
-        for haddr in addrs[huge & ~whole].tolist():  # at most the two ends of the range
-            __split_huge_pmd(vma, haddr)
-        if whole.any() and not vma_is_anonymous(vma):  # page-cache THPs: the file branch
-            unmapped += sum(zap_huge_pmd(vma, a) for a in addrs[whole].tolist())
-        elif whole.any():
-            unmapped += _zap_huge_pmds(vma, table, idx[whole], addrs[whole], vals[whole])
-    return unmapped
+        huge = (vals & np.uint64(_PAGE_PSE)) != 0  # non-present PMD entries stay
+        if huge.any():
+            groups.append((table, idx[huge], addrs[huge], vals[huge]))
+    if groups and not vma_is_anonymous(vma):  # page-cache THPs: zap_huge_pmd's file branch
+        return sum(zap_huge_pmd(vma, a) for _, _, addrs, _ in groups for a in addrs.tolist())
+    return _zap_huge_pmds(vma, groups) if groups else 0
 
 
-def _zap_huge_pmds(vma: Vma, table: _Table, idx: np.ndarray, addrs: np.ndarray,
-                   vals: np.ndarray) -> int:
-    """:func:`zap_huge_pmd` for many huge PMDs of one PMD table, vectorised: clear them,
-    free their deposited tables, drop each THP's PMD mapping (deferred split when
-    subpages stay PTE-mapped), 512 MM_ANONPAGES and the mapping's reference each,
-    freeing the THPs that reach zero in one batch."""
+def _zap_huge_pmds(vma: Vma, groups: list[tuple[_Table, np.ndarray, np.ndarray, np.ndarray]]
+                   ) -> int:
+    """:func:`zap_huge_pmd` for many huge PMDs, given per PMD table as (table, slots,
+    addresses, entries), vectorised: clear them, free their deposited tables, drop
+    each THP's PMD mapping (deferred split when subpages stay PTE-mapped), 512
+    MM_ANONPAGES and the mapping's reference each, freeing the THPs that reach zero
+    in one batch."""
     mm = vma.vm_mm
     core = mm.core
     mem = core.pages
-    mm.pgd.clear_pmd_leaves(table, idx, addrs)
+    mm.pgd.clear_pmd_leaves([(table, idx, addrs) for table, idx, addrs, _ in groups])
+    vals = groups[0][3] if len(groups) == 1 else np.concatenate([g[3] for g in groups])
     heads = pmd_pfn_array(vals)
     real = heads != core.huge_zero_pfn
     heads, vals = heads[real], vals[real]
@@ -622,24 +635,25 @@ def _zap_huge_pmds(vma: Vma, table: _Table, idx: np.ndarray, addrs: np.ndarray,
         return 0
     dirty = heads[(vals & np.uint64(_PAGE_DIRTY)) != 0]
     mem.flags[dirty] |= np.uint32(mem.mask(PG.dirty))
-    last = []
+    # page_remove_anon_compound_rmap for every THP at once: the dict is read and
+    # updated by C-level map()s over the heads, no bytecode per PMD
     counts = mem.compound_mapcount
-    for head in heads.tolist():  # page_remove_anon_compound_rmap
-        count = counts.get(head, 0)
-        if count <= 0:
-            raise AssertionError(f"page_remove_rmap: THP {head:#x} is not PMD-mapped")
-        if count == 1:
-            del counts[head]
-            last.append(head)
-        else:
-            counts[head] = count - 1
+    keys = heads.tolist()
+    count = np.fromiter(map(counts.get, keys, repeat(0)), dtype=np.int64, count=len(keys))
+    if (count <= 0).any():
+        bad = int(heads[np.argmax(count <= 0)])
+        raise AssertionError(f"page_remove_rmap: THP {bad:#x} is not PMD-mapped")
+    gone = count == 1
+    lh = heads[gone]
+    deque(map(counts.__delitem__, lh.tolist()), maxlen=0)
+    if not gone.all():
+        counts.update(zip(heads[~gone].tolist(), (count[~gone] - 1).tolist(), strict=True))
     mm.rss_anon -= HPAGE_PMD_NR * len(heads)
     mem._refcount[heads] -= 1  # tlb_remove_page_size: distinct THPs, one reference each
-    if last:  # a THP still referenced may have PTE-mapped subpages: deferred split
-        lh = np.array(last, dtype=np.int64)
-        lh = lh[mem._refcount[lh] > 0]
-        sub = lh[:, None] + np.arange(HPAGE_PMD_NR, dtype=np.int64)[None, :]
-        for head in lh[(mem._mapcount[sub] >= 0).any(axis=1)].tolist():
+    lh = lh[mem._refcount[lh] > 0]
+    if len(lh):  # a THP still referenced may have PTE-mapped subpages: deferred split
+        sub = _order9_rows(mem._mapcount)[lh >> HPAGE_PMD_ORDER]
+        for head in lh[(sub >= 0).any(axis=1)].tolist():
             deferred_split_huge_page(core, head)
     dead = heads[mem._refcount[heads] == 0]
     if len(dead):
@@ -769,41 +783,78 @@ def change_huge_pmd(vma: Vma, haddr: int, newprot: int) -> int:
     return HPAGE_PMD_NR
 
 
+def _thp_mapped_once(mem: PageArray, heads: np.ndarray) -> np.ndarray:
+    """``total_mapcount(head) == 1`` for many PMD-mapped THP heads (each one mapped by
+    a PMD the caller holds), vectorised. Every mapping holds a reference on the
+    head, so a head with a single reference is mapped exactly once, with no look at
+    its 512 subpages; only heads with more references (pinned, shared, PTE-mapped
+    elsewhere) are counted in full: their compound mapcount plus the subpage
+    mapcounts, read 512 at a time as rows of the (order-9 aligned) arrays."""
+    once = mem._refcount[heads] == 1
+    rest = np.flatnonzero(~once)
+    if len(rest):
+        hr = heads[rest]
+        rows = _order9_rows(mem._mapcount)[hr >> HPAGE_PMD_ORDER]
+        counts = np.fromiter(map(mem.compound_mapcount.get, hr.tolist(), repeat(0)),
+                             dtype=np.int64, count=len(hr))
+        once[rest] = (rows < 0).all(axis=1) & (counts == 1)
+    return np.asarray(once, dtype=bool)
+
+
+def _order9_rows(arr: np.ndarray) -> np.ndarray:
+    """A per-pfn array seen as rows of 512 pfns (a view): row ``head >> 9`` is the THP
+    at ``head``, so many THPs are gathered or scattered a row at a time."""
+    n = len(arr) >> HPAGE_PMD_ORDER
+    return arr[: n << HPAGE_PMD_ORDER].reshape(n, HPAGE_PMD_NR)
+
+
 def change_huge_pmd_range(vma: Vma, start: int, end: int, newprot: int) -> int:
     """The PMD half of mm/mprotect.c ``change_pmd_range`` (v5.12): a huge PMD wholly
-    inside [start, end) is changed in place (:func:`change_huge_pmd`, here vectorised
-    per PMD table), one covered in part is split for the PTE pass. Returns the
-    pages changed."""
+    inside [start, end) is changed in place (:func:`change_huge_pmd`), one covered in
+    part is split for the PTE pass. Returns the pages changed.
+
+    Vectorised over every huge PMD of the range at once: only the first and the
+    last can be covered in part, so they are split one by one; the others are
+    gathered from their PMD tables into one array, ``pmd_modify``'d, given the
+    6.2+ write upgrade where :func:`change_huge_pmd` would give it, and scattered
+    back. The same entries as :func:`change_huge_pmd` PMD by PMD (a test compares).
+    """
     mm = vma.vm_mm
+    for haddr in dict.fromkeys((start & HPAGE_PMD_MASK, (end - 1) & HPAGE_PMD_MASK)):
+        if haddr < start or haddr + HPAGE_PMD_SIZE > end:
+            __split_huge_pmd(vma, haddr)  # a huge PMD covered in part (else nothing)
+    spans = mm.pgd.pmd_table_spans((start + HPAGE_PMD_SIZE - 1) & HPAGE_PMD_MASK,
+                                   end & HPAGE_PMD_MASK)
+    if not spans:
+        return 0
+    parts = [table.entries[a : b + 1] for table, a, b in spans]
+    vals = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    # huge PMDs only: none slots, PTE tables and non-present PMD entries stay as they are
+    huge = (vals & np.uint64(_PAGE_PSE)) != 0
+    nr = int(np.count_nonzero(huge))
+    if not nr:
+        return 0
+    new = pmd_modify_array(vals, newprot)  # also on the others, whose results are dropped
     core = mm.core
-    mem = core.pages
-    upgrade = (core.kcfg.version.tuple >= (6, 2) and bool(vma.vm_flags & VM.WRITE)
-               and not vma.vm_flags & VM.SHARED)
-    changed = 0
-    for table, idx, addrs in list(mm.pgd.pmd_leaf_slots(start, end)):
-        vals = table.entries[idx]
-        huge = (vals & np.uint64(_PAGE_PSE)) != 0
-        whole = huge & (addrs >= start) & (addrs + HPAGE_PMD_SIZE <= end)
-        for haddr in addrs[huge & ~whole].tolist():
-            __split_huge_pmd(vma, haddr)
-        if not whole.any():
-            continue
-        new = pmd_modify_array(vals[whole], newprot)
-        if upgrade:  # can_change_pmd_writable: an exclusive anon THP, not the zero page
-            heads = pmd_pfn_array(new)
-            cand = ((new & np.uint64(_PAGE_RW)) == 0) & ((new & np.uint64(_PAGE_PRESENT)) != 0) \
-                & (heads != core.huge_zero_pfn) & ((mem.mapping[heads] & 1) != 0)
-            if cand.any():
-                hc = heads[cand]
-                sub = hc[:, None] + np.arange(HPAGE_PMD_NR, dtype=np.int64)[None, :]
-                once = ((mem._mapcount[sub] < 0).all(axis=1)
-                        & (np.fromiter((mem.compound_mapcount.get(h, 0) for h in hc.tolist()),
-                                       dtype=np.int64, count=len(hc)) == 1))
-                pos = np.flatnonzero(cand)[once]
-                new[pos] |= np.uint64(_PAGE_RW)
-        table.entries[idx[whole]] = new
-        changed += HPAGE_PMD_NR * int(whole.sum())
-    return changed
+    if (core.kcfg.version.tuple >= (6, 2)
+            and int(vma.vm_flags) & _VM_WRITE_SHARED == _VM_WRITE):
+        # can_change_pmd_writable: a present, read-only PMD of an exclusive anon THP
+        # (not the huge zero page) is made writable at once
+        pos = np.flatnonzero(huge & ((new & np.uint64(_PAGE_RW | _PAGE_PRESENT))
+                                     == np.uint64(_PAGE_PRESENT)))
+        if len(pos):
+            heads = ((new[pos] & np.uint64(PHYSICAL_PMD_PAGE_MASK)) >> np.uint64(PAGE_SHIFT)
+                     ).astype(np.int64)  # pmd_pfn of present PMDs: never inverted
+            mem = core.pages
+            anon = (heads != core.huge_zero_pfn) & ((mem.mapping[heads] & 1) != 0)
+            pos, heads = pos[anon], heads[anon]
+            new[pos[_thp_mapped_once(mem, heads)]] |= np.uint64(_PAGE_RW)
+    new = np.where(huge, new, vals)
+    at = 0
+    for (table, a, b), part in zip(spans, parts, strict=True):
+        table.entries[a : b + 1] = new[at : at + len(part)]
+        at += len(part)
+    return HPAGE_PMD_NR * nr
 
 
 def move_huge_pmd(vma: Vma, old_addr: int, new_addr: int) -> bool:

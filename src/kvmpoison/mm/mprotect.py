@@ -39,8 +39,9 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
     mm = vma.vm_mm
     core = mm.core
     newprot = vma.vm_page_prot
-    private_write = (vma.vm_flags & (VM.WRITE | VM.SHARED)) == VM.WRITE
-    shared_write = bool(vma.vm_flags & VM.WRITE and vma.vm_flags & VM.SHARED)
+    flags = int(vma.vm_flags)  # plain ints: enum Flag operators cost microseconds each
+    private_write = flags & _VM_WRITE_SHARED == _VM_WRITE
+    shared_write = flags & _VM_WRITE_SHARED == _VM_WRITE_SHARED
     changed = 0
     mem = core.pages
     version = core.kcfg.version.tuple
@@ -71,6 +72,12 @@ def change_protection(vma: Vma, start: int, end: int) -> int:
     core.flush_tlb_range(mm, start, end)
     return changed
 
+
+_VM_WRITE = int(VM.WRITE)
+_VM_WRITE_SHARED = int(VM.WRITE | VM.SHARED)
+_VM_RWX = int(VM.READ | VM.WRITE | VM.EXEC)
+_VM_WRITE_SHARED_LOCKED = int(VM.WRITE | VM.SHARED | VM.LOCKED)
+_VM_LOCKED = int(VM.LOCKED)
 
 PROT_SEM = 0x8
 PROT_GROWSDOWN = 0x01000000
@@ -104,15 +111,15 @@ def do_mprotect(mm: MmStruct, start: int, length: int, prot: int) -> int:
         return -errno.ENOMEM
     if grows and not vma.vm_flags & VM.GROWSDOWN:
         return -errno.EINVAL  # PROT_GROWSUP has no VMA on x86 either
-    want = calc_vm_prot_bits(prot)
+    want = int(calc_vm_prot_bits(prot))
     nstart = start
     while True:
-        newflags = (vma.vm_flags & ~(VM.READ | VM.WRITE | VM.EXEC)) | want
-        may = VM((int(newflags) >> 4) & int(VM.READ | VM.WRITE | VM.EXEC))  # VM_MAY* >> 4
+        newflags = (int(vma.vm_flags) & ~_VM_RWX) | want
+        may = (newflags >> 4) & _VM_RWX  # VM_MAY* >> 4
         if want & ~may:
             return -errno.EACCES
         tmp = min(vma.vm_end, end)
-        mprotect_fixup(mm, vma, nstart, tmp, newflags)
+        mprotect_fixup(mm, vma, nstart, tmp, VM(newflags))
         nstart = tmp
         if nstart >= end:
             return 0
@@ -135,5 +142,5 @@ def mprotect_fixup(mm: MmStruct, vma: Vma, start: int, end: int, newflags: VM) -
         split_vma(mm, vma, end)
     vma.vm_flags = newflags
     change_protection(vma, vma.vm_start, vma.vm_end)
-    if (oldflags & (VM.WRITE | VM.SHARED | VM.LOCKED)) == VM.LOCKED and newflags & VM.WRITE:
+    if int(oldflags) & _VM_WRITE_SHARED_LOCKED == _VM_LOCKED and int(newflags) & _VM_WRITE:
         populate_vma_page_range(vma, vma.vm_start, vma.vm_end)

@@ -27,6 +27,7 @@ from kvmpoison.arch.x86.pgtable_types import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
     _PAGE_PRESENT,
+    _PAGE_PSE,
     _PAGE_RW,
     _PAGE_USER,
     PAGE_SHIFT,
@@ -131,6 +132,11 @@ class PteChunk:
     addr: IntArray
     rows: IntArray
     cols: IntArray
+
+
+_NONE = np.empty(0, dtype=np.int64)
+_NONE.flags.writeable = False
+_NO_PTES = PteChunk(_NONE, _NONE, _NONE)  # a PMD table with no PTE table below it
 
 
 class PageTables:
@@ -261,27 +267,69 @@ class PageTables:
             if pmd is not None:
                 first = self._index(addr, PMD_SHIFT)
                 last = self._index(min(pud_end, end) - 1, PMD_SHIFT)
-                idx = first + np.flatnonzero(pmd.entries[first : last + 1])
+                idx = first + np.flatnonzero(self._leaf_mask(pmd, first, last))
                 if len(idx):
-                    leaf = np.fromiter((pmd.children[i] is None for i in idx.tolist()),
-                                       dtype=bool, count=len(idx))
-                    idx = idx[leaf]
-                    if len(idx):
-                        base = (addr >> PUD_SHIFT) << PUD_SHIFT
-                        yield pmd, idx, base + (idx << PMD_SHIFT)
+                    base = (addr >> PUD_SHIFT) << PUD_SHIFT
+                    yield pmd, idx, base + (idx << PMD_SHIFT)
             addr = pud_end
+
+    def pmd_table_spans(self, start: int, end: int) -> list[tuple[_Table, int, int]]:
+        """(PMD table, first slot, last slot) for each PMD table that covers part of
+        [start, end), for range paths that read whole spans of PMD entries (a huge
+        PMD is the entry with PSE: no table pointer of this mm carries it)."""
+        if start >= end:
+            return []
+        _check_width(start, end)
+        assert not self.table_flags & _PAGE_PSE
+        out = []
+        addr = start
+        while addr < end:
+            pud_end = min(((addr >> PUD_SHIFT) + 1) << PUD_SHIFT, end)
+            pmd = self._pmd_table(addr, False)
+            if pmd is not None:
+                out.append((pmd, self._index(addr, PMD_SHIFT),
+                            self._index(pud_end - 1, PMD_SHIFT)))
+            addr = pud_end
+        return out
+
+    def _table_mask(self, pmd: _Table, first: int, last: int) -> npt.NDArray[np.bool_]:
+        """Which PMD slots first..last point to a PTE table (see :meth:`_leaf_mask`)."""
+        vals = pmd.entries[first : last + 1]
+        if not self.nr_pmd_leaves:
+            return np.asarray(vals != 0, dtype=bool)
+        if self.table_flags & _PAGE_PRESENT and not self.table_flags & _PAGE_PSE:
+            kind = vals & np.uint64(_PAGE_PSE | _PAGE_PRESENT)
+            return np.asarray(kind == np.uint64(_PAGE_PRESENT), dtype=bool)
+        return np.asarray((vals != 0) & ~self._leaf_mask(pmd, first, last), dtype=bool)
+
+    def _leaf_mask(self, pmd: _Table, first: int, last: int) -> npt.NDArray[np.bool_]:
+        """Which PMD slots first..last hold a leaf, from the entries alone: a table
+        pointer is present without PSE (the x86 and EPT rule for a PMD entry), so a
+        non-zero entry with PSE set or PRESENT clear is a leaf. Tables whose pointer
+        flags would not fit that rule are asked slot by slot."""
+        vals = pmd.entries[first : last + 1]
+        if self.table_flags & _PAGE_PRESENT and not self.table_flags & _PAGE_PSE:
+            kind = vals & np.uint64(_PAGE_PSE | _PAGE_PRESENT)
+            return np.asarray((vals != 0) & (kind != np.uint64(_PAGE_PRESENT)), dtype=bool)
+        return np.fromiter((bool(v) and c is None for v, c in
+                            zip(vals.tolist(), pmd.children[first : last + 1], strict=True)),
+                           dtype=bool, count=len(vals))
 
     def pmd_leaves(self, start: int, end: int) -> list[tuple[int, int]]:
         """(PMD-aligned address, raw leaf) of every PMD leaf overlapping [start, end)."""
         return [(int(a), int(table.entries[i])) for table, idx, addrs in
                 self.pmd_leaf_slots(start, end) for i, a in zip(idx, addrs, strict=True)]
 
-    def clear_pmd_leaves(self, table: _Table, idx: IntArray, addrs: IntArray) -> None:
-        """``pmdp_huge_get_and_clear`` + ``zap_deposited_table`` for many leaves of one PMD
-        table: the entries go and their deposited tables are freed in one batch."""
-        table.entries[idx] = 0
-        self.nr_pmd_leaves -= len(idx)
-        pfns = [self.deposited.pop(int(a) >> PMD_SHIFT) for a in addrs.tolist()]
+    def clear_pmd_leaves(self, groups: list[tuple[_Table, IntArray, IntArray]]) -> None:
+        """``pmdp_huge_get_and_clear`` + ``zap_deposited_table`` for many leaves, given as
+        (PMD table, slot indices, addresses) per table: the entries go and all their
+        deposited tables are freed in one batch."""
+        pfns: list[int] = []
+        for table, idx, addrs in groups:
+            table.entries[idx] = 0
+            self.nr_pmd_leaves -= len(idx)
+            # dict.pop mapped over the keys: a C loop, no bytecode per PMD
+            pfns += map(self.deposited.pop, (addrs >> PMD_SHIFT).tolist())
         self._free_table_pages(pfns)
         self.nr_ptes -= len(pfns)
 
@@ -383,11 +431,14 @@ class PageTables:
             for i in range(first, last + 1):
                 if pmd.children[i] is None:
                     self.pte_slot((start & ~((1 << PUD_SHIFT) - 1)) | (i << PMD_SHIFT), alloc)
-        rows = np.array([-1 if r is None else r for r in pmd.children[first : last + 1]],
-                        dtype=np.int64)
         # Only the PMD ranges that have a PTE table: the cost is what is mapped, and no
-        # temporary spans the whole (up to 1 GiB) range.
-        present = np.flatnonzero(rows >= 0)
+        # temporary spans the whole (up to 1 GiB) range. Slots that are none or PMD
+        # leaves (THP) are skipped by their entries, without a look at each child.
+        present = np.flatnonzero(self._table_mask(pmd, first, last))
+        if not len(present):
+            return _NO_PTES
+        rows = np.fromiter(map(pmd.children.__getitem__, (first + present).tolist()),
+                           dtype=np.int64, count=len(present))
         pud_page = (start >> PUD_SHIFT) << (PUD_SHIFT - PAGE_SHIFT)
         pmd_no = first + present
         lo = np.maximum(pud_page + pmd_no * PTRS_PER_PTE, start >> PAGE_SHIFT)
@@ -395,7 +446,7 @@ class PageTables:
         counts = hi - lo
         starts = np.cumsum(counts) - counts
         pages = np.repeat(lo - starts, counts) + np.arange(int(counts.sum()), dtype=np.int64)
-        page_rows = np.repeat(rows[present], counts)
+        page_rows = np.repeat(rows, counts)
         return PteChunk(pages << PAGE_SHIFT, page_rows, pages & (PTRS_PER_PTE - 1))
 
     def free_empty_tables(self, start: int, end: int) -> int:
@@ -404,27 +455,32 @@ class PageTables:
         The caller passes a range no VMA uses any more (floor/ceiling applied).
         """
         freed: list[int] = []
-        lo = start >> PMD_SHIFT
-        hi = (end + (1 << PMD_SHIFT) - 1) >> PMD_SHIFT
-        for pmd_no in range(lo, hi):
-            addr = pmd_no << PMD_SHIFT
+        addr = (start >> PMD_SHIFT) << PMD_SHIFT
+        stop = ((end + (1 << PMD_SHIFT) - 1) >> PMD_SHIFT) << PMD_SHIFT
+        while addr < stop:  # one PMD table (1 GiB) at a time; its PTE tables by their entries
+            pud_end = min(((addr >> PUD_SHIFT) + 1) << PUD_SHIFT, stop)
+            if self.pgd.children[self._index(addr, PGDIR_SHIFT)] is None:
+                addr = min(((addr >> PGDIR_SHIFT) + 1) << PGDIR_SHIFT, stop)
+                continue
             pmd = self._pmd_table(addr, False)
-            if pmd is None:
-                continue
-            i = self._index(addr, PMD_SHIFT)
-            row = pmd.children[i]
-            if row is None:
-                continue
-            assert isinstance(row, int)
-            if self.store.rows[row].any():
-                continue
-            pfn = int(pmd.entries[i]) >> PAGE_SHIFT & ((1 << 40) - 1)
-            pmd.children[i] = None
-            pmd.entries[i] = 0
-            self._rows.pop(addr >> PMD_SHIFT, None)
-            self.store.free_row(row)
-            freed.append(pfn)
-            self.nr_ptes -= 1
+            if pmd is not None:
+                first = self._index(addr, PMD_SHIFT)
+                last = self._index(pud_end - 1, PMD_SHIFT)
+                slots = first + np.flatnonzero(self._table_mask(pmd, first, last))
+                if len(slots):
+                    rows = np.fromiter(map(pmd.children.__getitem__, slots.tolist()),
+                                       dtype=np.int64, count=len(slots))
+                    empty = ~self.store.rows[rows].any(axis=1)
+                    base = (addr >> PUD_SHIFT) << (PUD_SHIFT - PMD_SHIFT)
+                    for i, row in zip(slots[empty].tolist(), rows[empty].tolist(), strict=True):
+                        pfn = int(pmd.entries[i]) >> PAGE_SHIFT & ((1 << 40) - 1)
+                        pmd.children[i] = None
+                        pmd.entries[i] = 0
+                        self._rows.pop(base + i, None)
+                        self.store.free_row(row)
+                        freed.append(pfn)
+                        self.nr_ptes -= 1
+            addr = pud_end
         self._free_table_pages(freed)
         return len(freed)
 

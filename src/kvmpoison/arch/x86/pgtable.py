@@ -165,9 +165,20 @@ def pmd_pfn_array(pmds: U64Array) -> npt.NDArray[np.int64]:
 
 def pmd_modify_array(pmds: U64Array, newprot: int) -> U64Array:
     """Vectorised :func:`pmd_modify` for huge PMDs."""
-    keep = (_PAGE_CHG_MASK | _PAGE_PSE) & ~PTE_PFN_MASK | PHYSICAL_PMD_PAGE_MASK
-    val = (pmds & _U(keep)) | _U(newprot & ~keep & U64)
-    flip = (((pmds != 0) & ((pmds & _U(_PAGE_PRESENT)) == 0))
-            != ((val != 0) & ((val & _U(_PAGE_PRESENT)) == 0)))
-    mask = _U(PHYSICAL_PMD_PAGE_MASK)
-    return np.asarray(np.where(flip, (val & ~mask) | (~val & mask), val), dtype=np.uint64)
+    keep = _PMD_MODIFY_KEEP
+    add = newprot & ~keep & U64
+    val = (pmds & _U(keep)) | _U(add)
+    was_np = (pmds != 0) & ((pmds & _U(_PAGE_PRESENT)) == 0)  # stored inverted (L1TF)
+    # PRESENT is not kept, so whether the new value is non-present is one answer for
+    # all of them unless newprot is empty (then each zero entry stays zero)
+    if add & _PAGE_PRESENT:
+        flip = was_np
+    elif add:
+        flip = ~was_np
+    else:
+        flip = was_np != ((val != 0) & ((val & _U(_PAGE_PRESENT)) == 0))
+    return np.asarray(np.where(flip, val ^ _U(PHYSICAL_PMD_PAGE_MASK), val), dtype=np.uint64)
+
+
+_PMD_MODIFY_KEEP = (_PAGE_CHG_MASK | _PAGE_PSE) & ~PTE_PFN_MASK | PHYSICAL_PMD_PAGE_MASK
+assert not _PMD_MODIFY_KEEP & _PAGE_PRESENT
