@@ -114,9 +114,10 @@ class LiveRun:
 
 def referee_scenario(sc: Scenario, kcfg: KernelConfig) -> Scenario:
     """The scenario with [machine] set like this host: the running kernel's version and
-    switches, and no TDX (plain memory: the VMM reads what the guest wrote)."""
+    switches, no TDX (plain memory: the VMM reads what the guest wrote), and EPT on."""
     machine = dataclasses.replace(sc.machine, kernel=kcfg.version, integrity=IntegrityMode.OFF,
-                                  config={n: getattr(kcfg, n) for n in CONFIG_SWITCHES})
+                                  config={n: getattr(kcfg, n) for n in CONFIG_SWITCHES},
+                                  tdp=True)  # the live host runs KVM with EPT
     return dataclasses.replace(sc, machine=machine)
 
 

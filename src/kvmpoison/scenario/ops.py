@@ -241,6 +241,8 @@ def _ret(value: int) -> Outcome:
 
 def _guest(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
     inst = ctx.inst(who)
+    if inst.vm.create_error:  # KVM_CREATE_VM failed: the VMM has no vCPU to run
+        return Outcome.error(inst.vm.create_error, "KVM_CREATE_VM failed: no VM, no vCPU")
     g = inst.guest
     match op:
         case "load":

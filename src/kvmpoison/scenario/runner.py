@@ -91,7 +91,7 @@ def build_machine(sc: Scenario, design_name: str,
                               mac_bits=spec.mac_bits, seed=spec.seed,
                               seam_nr=spec.seam_nr)
     config = Config(design=design_name, kernel=kcfg, platform=platform, seed=spec.seed,
-                    thp=ThpSettings(enabled=spec.thp) if spec.thp else None)
+                    thp=ThpSettings(enabled=spec.thp) if spec.thp else None, tdp=spec.tdp)
     vms = [VmSpec(v.name, v.memory, v.backing, v.share_ram_with) for v in sc.vms]
     return Machine(config, vms=vms, kvm_id_bits=spec.kvm_id_bits)
 

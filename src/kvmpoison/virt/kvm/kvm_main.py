@@ -137,6 +137,7 @@ class Kvm:
 
     core: MmCore
     id_bits: int = 63  # the RFC's counter wraps when it goes negative; a model may shrink it
+    tdp_enabled: bool = True  # module parameter ept (kvm_intel): False is shadow paging (E27)
     _next_id: int = 0
     vms: list[Vm] = field(default_factory=list)
     kvm_pfn_map: PfnMap = field(init=False)  # the RFC's global xarray: pfn -> kvm->id
@@ -187,6 +188,7 @@ class Vm:
     mem_protected: bool = False
     shared_ranges: list[tuple[int, int]] = field(default_factory=list)  # [gfn, gfn_end)
     dead: bool = False
+    create_error: int = 0  # KVM_CREATE_VM refused the VM (-errno as positive): gmem with ept=0
     td_fatal: bool = False
     mmu_lock_faults: int = 0  # faults that took mmu_lock for gfn_is_shared (E40)
     td_pages: set[int] = field(default_factory=set)  # pfns added to the TD (TD-owned lines)
