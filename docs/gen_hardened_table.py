@@ -35,7 +35,6 @@ NO_SCENARIO = {
             "a kexec'd kernel inherits no share it does not know of"),
     "E23": ("open", "THP at the PMD level is later work (the model's mm has no PMD-mapped "
             "THP in this design yet)"),
-    "E25": ("open", "not modelled: `hva_to_pfn_remapped` (VM_PFNMAP/VM_IO) is not in the model"),
     "E32": ("open", "not modelled: host kexec/kdump; the design's flag and bindings would be "
             "lost like the RFC's"),
     "E33": ("open", "not modelled as a scenario: a guest-private marker is not a none PTE, so "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.drivers.char.mem import DEV_MEM, open_dev_mem
 from kvmpoison.drivers.char.random import getrandom
 from kvmpoison.fs.pipe import Pipe, do_pipe2
 from kvmpoison.fs.proc_mem import ProcMem
@@ -203,9 +204,13 @@ class Process:
     def open(self, path: str, flags: int) -> Outcome:
         """``do_sys_open`` on the model's one directory of regular files (v5.12, 6.18).
 
+        ``/dev/mem`` opens the memory device (drivers/char/mem.py).
         O_CREAT creates a missing file (O_EXCL: -EEXIST for an existing one);
         O_TRUNC empties it (``handle_truncate``). No permissions, no directories.
         """
+        if path == DEV_MEM:  # a character device: drivers/char/mem.c
+            return Outcome.ret(self.task.alloc_fd(open_dev_mem(self.kernel.core,
+                                                               self.kernel.next_ino(), flags)))
         inode = self.kernel.files.get(path)
         if inode is not None and flags & O_CREAT and flags & O_EXCL:
             return Outcome.error(errno.EEXIST)

@@ -61,6 +61,7 @@ NOT_LIVE: dict[tuple[str, str], str] = {
     ("host", "offline_pages"): f"memory offline {_HOST_MEMORY}",
     ("host", "alloc_contig_range"): f"a contiguous allocation {_HOST_MEMORY}",
     ("vmm", "move_pages"): "the live run does not call move_pages",
+    ("vmm", "open"): "/dev/mem maps physical memory of this host: never on a real host",
     ("host", "unpoison"): "unpoison needs a page this tool poisoned",
     ("host", "real_memory_error_then_free"): f"an injected memory error {_HOST_MEMORY}",
     ("host", "ksmd"): "ksmd is the host's own thread: the tool does not drive its scans",

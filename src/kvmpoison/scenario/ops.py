@@ -17,12 +17,14 @@ from typing import Any
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.drivers.char.mem import DEV_MEM
 from kvmpoison.kernel.kernel import ForkError
 from kvmpoison.machine import Instance, Machine, VmSetupError, VmSpec
 from kvmpoison.matrix import protocol as proto
 from kvmpoison.matrix.designs import backing_pfn, error_then_free, make_probe
 from kvmpoison.matrix.model import run_path
 from kvmpoison.mm.fault import vma_lookup
+from kvmpoison.mm.file import O_RDWR
 from kvmpoison.mm.filemap import (
     FALLOC_FL_COLLAPSE_RANGE,
     FALLOC_FL_KEEP_SIZE,
@@ -73,7 +75,7 @@ MEMSLOT_FLAGS = {"GUEST_MEMFD": KVM_MEM_GUEST_MEMFD}
 WHENCE = {"SET": 0, "CUR": 1, "END": 2}
 KVM_SET_USER_MEMORY_REGION_V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 # Ops whose fd/address result a step's ``save`` keeps for later steps as "$name".
-SAVES_REF = ("guest_memfd_create", "memfd_create", "mmap")
+SAVES_REF = ("guest_memfd_create", "memfd_create", "mmap", "open")
 # Arguments that may name a saved value ("$name" or "$name+0x1000").
 REF_ARGS = ("fd", "hva", "guest_memfd")
 
@@ -326,6 +328,13 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
         case "exit":
             m.destroy_vm(inst.spec.name)
             return Outcome.ok(detail="the VMM exited; its VM is dead")
+        case "open":  # open(2) of a device the model has: /dev/mem (drivers/char/mem.py)
+            path = a.get("path")
+            if path != DEV_MEM:
+                raise OpError(f"open takes path = {DEV_MEM!r} (the one device the model has), "
+                              f"not {path!r}")
+            got = vmm.proc.open(DEV_MEM, O_RDWR)
+            return Outcome(Kind.OK, value=got.value) if got.kind is Kind.RET else got
         case "move_pages":  # move_pages(2) of one page to node 0: its status
             mm = vmm.proc.task.mm
             assert mm is not None
@@ -654,6 +663,7 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("vmm", "guest_memfd_create"): OpSpec(("size",), ("flags", "vm"), _vmm),
     ("vmm", "close"): OpSpec(("fd",), (), _vmm),
     ("vmm", "memfd_create"): OpSpec((), (), _vmm),
+    ("vmm", "open"): OpSpec(("path",), (), _vmm),
     ("vmm", "fstat"): OpSpec(("fd",), (), _vmm),
     ("vmm", "mmap"): OpSpec(("fd", "size"), ("offset", "shared"), _vmm),
     ("vmm", "fallocate"): OpSpec(("fd", "mode", "offset", "len"), (), _vmm),

@@ -38,7 +38,12 @@ from kvmpoison.virt.kvm.gmem_memslot import (
     kvm_memslot_is_gmem_only,
     kvm_slot_has_gmem,
 )
-from kvmpoison.virt.kvm.kvm_main import Vm, check_guest_access, is_error_pfn
+from kvmpoison.virt.kvm.kvm_main import (
+    Vm,
+    check_guest_access,
+    is_error_pfn,
+    kvm_pfn_to_refcounted_page,
+)
 from kvmpoison.virt.kvm.private_mem import (
     KVM_EXIT_MEMORY_FAULT,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
@@ -96,7 +101,9 @@ def kvm_tdp_page_fault(vm: Vm, gpa: int, write: bool,
     host_pte = vm.mm.pgd.get(hva)
     writable = write or (pte_present(host_pte) and bool(host_pte & _PAGE_RW))
     vm.ept.set(gfn << PAGE_SHIFT, ept_leaf(pfn, writable=writable))
-    put_page(vm.core.pages[pfn])  # kvm_release_faultin_page
+    page = kvm_pfn_to_refcounted_page(vm, pfn)  # None: a PFNMAP pfn (E25)
+    if page is not None:
+        put_page(page)  # kvm_release_faultin_page
     return None
 
 

@@ -32,7 +32,12 @@ from kvmpoison.mm.page import PageFlag, put_page
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.outcome import Outcome
 from kvmpoison.virt.kvm.hardened import gfn_is_shared_hardened, hardened_faultin_pfn
-from kvmpoison.virt.kvm.kvm_main import Protection, Vm, is_error_pfn
+from kvmpoison.virt.kvm.kvm_main import (
+    Protection,
+    Vm,
+    is_error_pfn,
+    kvm_pfn_to_refcounted_page,
+)
 from kvmpoison.virt.kvm.x86.mmu import (
     SPTE_HOST_WRITEABLE_V5_12,
     SPTE_MMU_WRITEABLE_V5_12,
@@ -100,12 +105,13 @@ def paging64_page_fault(vm: Vm, gva: int, write: bool) -> Outcome | None:
         pfn = vm.hva_to_pfn(hva, write)  # try_async_pf
     if is_error_pfn(pfn):
         return kvm_handle_bad_page(vm, hva, pfn)  # handle_abnormal_pfn
-    page = vm.core.pages[pfn]
+    page = kvm_pfn_to_refcounted_page(vm, pfn)
     try:
         host_pte = vm.mm.pgd.get(hva)
         writable = write or (pte_present(host_pte) and bool(host_pte & _PAGE_RW)) \
-            or bool(hardened and PageFlag(page, PG.guest_private))
+            or bool(hardened and page and PageFlag(page, PG.guest_private))
         vm.ept.set(gfn << PAGE_SHIFT, make_shadow_spte(pfn, writable))  # FNAME(fetch)
     finally:
-        put_page(page)  # kvm_release_pfn_clean
+        if page is not None:
+            put_page(page)  # kvm_release_pfn_clean
     return None
