@@ -37,8 +37,6 @@ NO_SCENARIO = {
             "THP in this design yet)"),
     "E32": ("open", "not modelled: host kexec/kdump; the design's flag and bindings would be "
             "lost like the RFC's"),
-    "E33": ("open", "not modelled as a scenario: a guest-private marker is not a none PTE, so "
-            "missing-mode userfaultfd never fires, as with the RFC"),
     "E40": ("open", "locking and cost: the explorer's business, not a scenario's; the design "
             "drops the mmu_lock scan of shared ranges (one attribute lookup)"),
     "E41": ("open", "a race: needs the explorer's interleavings"),

@@ -52,7 +52,14 @@ from kvmpoison.mm.process_vm_access import process_vm_rw
 from kvmpoison.mm.secretmem import memfd_secret
 from kvmpoison.mm.shmem import memfd_create
 from kvmpoison.mm.uaccess import IovIter
-from kvmpoison.mm.userfaultfd import UffdCtx, mfill_atomic_poison, userfaultfd_register
+from kvmpoison.mm.userfaultfd import (
+    UffdCtx,
+    mfill_atomic_poison,
+    sys_userfaultfd,
+    userfaultfd_api,
+    userfaultfd_copy,
+    userfaultfd_register,
+)
 from kvmpoison.outcome import Halt, Kind, LivelockOn, Outcome
 
 
@@ -427,3 +434,41 @@ class Process:
     def uffdio_poison(self, ctx: UffdCtx, addr: int, length: int) -> Outcome:
         return self._guard(lambda: _ret(mfill_atomic_poison(ctx, addr, length)))
 
+    def sys_userfaultfd(self, flags: int) -> Outcome:
+        """``userfaultfd(2)``: a new fd, or -errno (mm/userfaultfd.py)."""
+        got = sys_userfaultfd(self.mm, flags, self.kernel.next_ino())
+        return _ret(got) if isinstance(got, int) else Outcome.ret(self.install(got))
+
+    def uffd_ctx(self, fd: int) -> UffdCtx | Outcome:
+        """The context behind a userfaultfd ``fd``: -EBADF for no file; ``vfs_ioctl`` of
+        another file does not know the UFFDIO_* commands: -ENOTTY."""
+        file = self._file(fd)
+        if file is None:
+            return Outcome.error(errno.EBADF)
+        if not isinstance(file.private_data, UffdCtx):
+            return Outcome.error(errno.ENOTTY)
+        return file.private_data
+
+    def uffd_ioctl(self, fd: int, cmd: str, start: int = 0, length: int = 0, mode: int = 0,
+                   data: bytes | None = None, api: int = 0, features: int = 0) -> Outcome:
+        """``userfaultfd_ioctl`` (fs/userfaultfd.c, v5.12): UFFDIO_API, UFFDIO_REGISTER,
+        UFFDIO_COPY (``data``, a page at a time) and UFFDIO_ZEROPAGE; every command but
+        UFFDIO_API is -EINVAL before it. COPY/ZEROPAGE's ``copy``/``zeropage`` field is
+        the outcome's detail."""
+        ctx = self.uffd_ctx(fd)
+        if isinstance(ctx, Outcome):
+            return ctx
+        if cmd == "API":
+            return _ret(userfaultfd_api(ctx, api, features))
+        if not ctx.initialized:
+            return Outcome.error(errno.EINVAL, "UFFDIO_API first")
+        if cmd == "REGISTER":
+            return self.uffdio_register(ctx, start, length, mode)
+
+        def body() -> Outcome:
+            ret, field = userfaultfd_copy(ctx, start, data if cmd == "COPY" else None, length,
+                                          mode)
+            what = "copy" if cmd == "COPY" else "zeropage"
+            return Outcome.error(-ret, f"{what}={field}") if ret else \
+                Outcome.ret(0, detail=f"{what}={field}")
+        return self._guard(body)

@@ -117,6 +117,7 @@ from kvmpoison.mm.swapops import (
     swp_entry_to_pte,
     swp_offset,
 )
+from kvmpoison.mm.userfaultfd_k import UffdCtx, handle_userfault
 
 if TYPE_CHECKING:
     from kvmpoison.mm.file import AddressSpace
@@ -285,9 +286,8 @@ def _mk_anon_pte(vma: Vma, pfn: int, write: bool) -> int:
 def do_anonymous_page(vmf: VmFaultInfo) -> VmFault:
     """mm/memory.c ``do_anonymous_page`` (v5.12; 6.18 the same here).
 
-    A read maps the shared zero page, a write a new zeroed page. Simplified:
-    a userfaultfd MISSING range has no monitor, so the fault is SIGBUS (what
-    UFFD_FEATURE_SIGBUS gives; the kernel would otherwise block).
+    A read maps the shared zero page, a write a new zeroed page. In a
+    userfaultfd MISSING range the fault goes to ``handle_userfault`` first.
     """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     core = mm.core
@@ -295,8 +295,8 @@ def do_anonymous_page(vmf: VmFaultInfo) -> VmFault:
     if vm_flags & VM_SHARED_I:
         return VmFault.SIGBUS  # shared anonymous memory is shmem-backed
     write = bool(int(vmf.flags) & FAULT_FLAG_WRITE_I)
-    if vm_flags & VM_UFFD_MISSING_I and vma.uffd_ctx is not None:
-        return VmFault.SIGBUS  # handle_userfault: no monitor thread in the model
+    if vm_flags & VM_UFFD_MISSING_I and isinstance(vma.uffd_ctx, UffdCtx):
+        return handle_userfault(vmf, vma.uffd_ctx)  # queues UFFD_EVENT_PAGEFAULT, sleeps
     if not write:
         # Map the shared zero page read-only; a later write copies it.
         zero = pfn_pte(core.zero_pfn, vma.vm_page_prot & ~_PAGE_RW) | _PAGE_SPECIAL

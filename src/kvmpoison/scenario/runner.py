@@ -20,6 +20,7 @@ from kvmpoison.machine import Machine, VmSpec
 from kvmpoison.matrix.designs import backing_pfn
 from kvmpoison.mm.huge_memory import ThpSettings
 from kvmpoison.mm.ptdump import decode_kind
+from kvmpoison.mm.userfaultfd_k import UserfaultBlocked
 from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.loader import Scenario, ScenarioError, Step
 from kvmpoison.scenario.ops import OPS, SAVES_REF, OpError, RunCtx, data_arg
@@ -71,6 +72,12 @@ def perform(ctx: RunCtx, actor: str, op: str, args: dict[str, Any]) -> Outcome:
     except Halt as halt:
         core.halted = halt.outcome
         return halt.outcome
+    except UserfaultBlocked as blocked:  # the thread sleeps in handle_userfault (or read)
+        if blocked.waiter is None:
+            return Outcome.blocked("read(2) of the userfaultfd sleeps: no message")
+        blocked.waiter.token = (actor, op, args)  # re-run when a UFFDIO_COPY/ZEROPAGE wakes it
+        return Outcome.blocked(f"UFFD_EVENT_PAGEFAULT at {blocked.waiter.address:#x} queued; "
+                               "the thread sleeps in handle_userfault")
 
 
 def build_machine(sc: Scenario, design_name: str,
