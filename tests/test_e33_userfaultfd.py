@@ -113,3 +113,39 @@ def test_bad_userfaultfd_steps_are_one_clear_line() -> None:
         with pytest.raises(ScenarioError, match=why) as err:
             run(HEAD.format(backing="anon", flags="[]") + API + bad)
         assert "\n" not in str(err.value)
+
+
+# -- refereed by the running kernel (6.18 here) -------------------------------------------------
+
+
+@pytest.mark.kvm
+def test_the_postcopy_scenario_agrees_live_on_every_step() -> None:
+    from kvmpoison.report.scenario_live import referee
+
+    live = referee(load(SCENARIO))
+    assert live.disagreements == [] and live.refereed == 11, \
+        [(s.step.index, s.model, s.live, s.reason) for s in live.steps]
+    assert [s.live for s in live.steps][6:8] == ["blocked", "ret:32"]
+
+
+@pytest.mark.kvm
+def test_the_message_address_is_compared_as_a_ram_offset() -> None:
+    from kvmpoison.report.scenario_live import referee
+
+    text = HEAD.format(backing="anon", flags='["NONBLOCK"]') + API + REG + \
+        step("store", gpa=0x123000, data="x") + step("read", fd="$uffd", size=32) + \
+        step("uffdio_zeropage", fd="$uffd", gpa=0x123000) + step("load", gpa=0x123000, size=1)
+    live = referee(load_text(text, "t.toml"))
+    assert [s.verdict for s in live.steps] == ["agree"] * 7, \
+        [(s.model, s.live, s.reason) for s in live.steps]
+
+
+def test_uffd_msgs_relative_rewrites_only_page_fault_addresses_in_ram() -> None:
+    from kvmpoison.matrix.protocol import uffd_msgs_relative
+
+    msg = struct.pack("<BBHIQQI4x", 0x12, 0, 0, 0, 1, 0x7000_2000, 0)
+    other = struct.pack("<BBHIQQI4x", 0x13, 0, 0, 0, 1, 0x7000_2000, 0)
+    got = uffd_msgs_relative(msg + other, [(0x7000_0000, 0x10000)])
+    assert struct.unpack("<BBHIQQI4x", got[:32])[5] == 0x2000
+    assert got[32:] == other
+    assert uffd_msgs_relative(msg, [(0x1000, 0x1000)]) == msg

@@ -25,6 +25,7 @@ from kvmpoison.arch.x86.pgtable_types import PAGE_SIZE
 from kvmpoison.backends.kvm.live import LiveError, run_live
 from kvmpoison.kconfig import KernelConfig, host_kernel_config
 from kvmpoison.matrix import protocol as proto
+from kvmpoison.matrix.protocol import uffd_msgs_relative
 from kvmpoison.mm.madvise import MADV_HWPOISON, MADV_PAGEOUT
 from kvmpoison.outcome import Kind
 from kvmpoison.scenario.loader import CONFIG_SWITCHES, Scenario, ScenarioError, Step
@@ -32,6 +33,7 @@ from kvmpoison.scenario.ops import (
     ADVICE,
     FILE_OPS,
     REF_ARGS,
+    UFFD_OPS,
     OpError,
     _access_size,
     _int,
@@ -39,6 +41,7 @@ from kvmpoison.scenario.ops import (
     call_args,
     data_arg,
     parse_ref,
+    uffd_call_args,
 )
 from kvmpoison.scenario.runner import ScenarioRun, run_scenario
 from kvmpoison.scenario.units import VM_MEMORY_MAX, parse_size
@@ -208,6 +211,10 @@ def live_step(step: Step, swap: bool = True, in_vm: bool = False
     elif op in FILE_OPS:
         args = {k: _value(v) if k in REF_ARGS else v
                 for k, v in call_args(op, a).items()}
+    elif op in UFFD_OPS:  # userfaultfd(2) and its ioctls
+        args = {k: _value(v) if k == "fd" else v for k, v in uffd_call_args(op, a).items()}
+        if op not in ("userfaultfd", "uffdio_api"):
+            args.update(_addr(a))
     elif op == "load":
         args = {**_addr(a), "size": _access_size(a)}
     elif op == "store":
@@ -259,6 +266,8 @@ class RefereePlan:
     model_problem: str
     plans: dict[int, tuple[dict[str, Any] | None, str]]
     vms: list[dict[str, Any]]
+    model_ram: list[tuple[int, int]] = field(default_factory=list)  # the model VMMs' guest RAM
+    uffd_reads: set[int] = field(default_factory=set)  # steps that read a userfaultfd
 
     @property
     def sent(self) -> list[dict[str, Any]]:
@@ -271,8 +280,10 @@ def plan(sc: Scenario, kcfg: KernelConfig, swap: bool, in_vm: bool = False) -> R
     run = LiveRun(sc, REFEREE_DESIGN, kcfg.version.value)
     model: ScenarioRun | None
     model_problem = ""
+    seen: list[Any] = []
     try:
-        model = run_scenario(referee_scenario(sc, kcfg), REFEREE_DESIGN)
+        model = run_scenario(referee_scenario(sc, kcfg), REFEREE_DESIGN,
+                             observe=lambda m: seen.append(m) if not seen else None)
     except ScenarioError as exc:
         model, model_problem = None, f"the model cannot run it as this kernel: {exc}"
     plans: dict[int, tuple[dict[str, Any] | None, str]] = {}
@@ -285,7 +296,10 @@ def plan(sc: Scenario, kcfg: KernelConfig, swap: bool, in_vm: bool = False) -> R
         _vm_pairs(sc.steps, plans)
     vms = [{"name": v.name, "memory": v.memory, "backing": v.backing,
             "share_ram_with": v.share_ram_with} for v in sc.vms]
-    return RefereePlan(run, model, model_problem, plans, vms)
+    ram = [(i.vmm.ram_hva, i.vmm.ram_size) for i in seen[0].instances.values()] if seen else []
+    uffds = {f"${s.save}" for s in sc.steps if s.op == "userfaultfd" and s.save}
+    reads = {s.index for s in sc.steps if s.op == "read" and s.args.get("fd") in uffds}
+    return RefereePlan(run, model, model_problem, plans, vms, ram, reads)
 
 
 DRAM_STAND_IN = ("an injected hardware fault; the next step's memory_failure of the same page "
@@ -362,7 +376,10 @@ def judge(p: RefereePlan, live: dict[int, dict[str, Any]]) -> LiveRun:
         if "error" in got:
             run.steps.append(RefereedStep(step, cell, "error", "DISAGREE", got["error"]))
             continue
-        verdict, note = _compare(cell, res.outcome.data, got)
+        data = res.outcome.data
+        if data is not None and step.index in p.uffd_reads:  # uffd_msg addresses: RAM offsets
+            data = uffd_msgs_relative(data, p.model_ram)
+        verdict, note = _compare(cell, data, got)
         run.steps.append(RefereedStep(step, cell, got["cell"], verdict, note))
     return run
 
