@@ -93,3 +93,17 @@ def test_gmem_cannot_create_its_vm_and_a_td_needs_ept() -> None:
 def test_a_bad_tdp_value_is_one_clear_line() -> None:
     with pytest.raises(ScenarioError, match="tdp must be true or false"):
         load_text(TEXT.format(tdp='"no"'), "t.toml")
+
+
+def test_the_live_referee_takes_the_hosts_paging_mode(tmp_path: Path) -> None:
+    from kvmpoison.kconfig import THIS_MACHINE
+    from kvmpoison.report.scenario_live import host_tdp_enabled, referee_scenario
+
+    ept, npt = tmp_path / "ept", tmp_path / "npt"
+    assert not host_tdp_enabled((str(ept), str(npt)))  # neither module: shadow (kvm_pvm)
+    ept.write_text("N\n")
+    assert not host_tdp_enabled((str(ept), str(npt)))
+    ept.write_text("Y\n")
+    assert host_tdp_enabled((str(ept), str(npt)))
+    sc = referee_scenario(load(SCENARIO), THIS_MACHINE)
+    assert sc.machine.tdp is host_tdp_enabled()

@@ -118,11 +118,26 @@ class LiveRun:
 
 def referee_scenario(sc: Scenario, kcfg: KernelConfig) -> Scenario:
     """The scenario with [machine] set like this host: the running kernel's version and
-    switches, no TDX (plain memory: the VMM reads what the guest wrote), and EPT on."""
+    switches, no TDX (plain memory: the VMM reads what the guest wrote), and the host's
+    two-dimensional paging setting (``[machine] tdp``)."""
     machine = dataclasses.replace(sc.machine, kernel=kcfg.version, integrity=IntegrityMode.OFF,
                                   config={n: getattr(kcfg, n) for n in CONFIG_SWITCHES},
-                                  tdp=True)  # the live host runs KVM with EPT
+                                  tdp=host_tdp_enabled())
     return dataclasses.replace(sc, machine=machine)
+
+
+def host_tdp_enabled(params: tuple[str, ...] = ("/sys/module/kvm_intel/parameters/ept",
+                                               "/sys/module/kvm_amd/parameters/npt")) -> bool:
+    """Whether this host's KVM uses two-dimensional paging: kvm_intel's ``ept`` or
+    kvm_amd's ``npt`` is Y (or 1). Neither loaded (this project's machine runs the
+    shadow-paging kvm_pvm) or N: shadow paging, as ``[machine] tdp = false``."""
+    for path in params:
+        try:
+            with open(path) as fh:
+                return fh.read().strip() in ("Y", "1")
+        except OSError:
+            continue
+    return False
 
 
 def _value(v: Any) -> Any:
