@@ -34,12 +34,8 @@ VERDICT = re.compile(r"^hardened \((closed|refused|open)\): (.*)$")
 NO_SCENARIO = {
     "E12": ("closed", "as E11: the hardened guest makes all of RAM private at every boot, so "
             "a kexec'd kernel inherits no share it does not know of"),
-    "E25": ("open", "not modelled: `hva_to_pfn_remapped` (VM_PFNMAP/VM_IO) is not in the model"),
-    "E27": ("open", "not modelled: the model has only the TDP (EPT) MMU, no shadow paging"),
     "E32": ("open", "not modelled: host kexec/kdump; the design's flag and bindings would be "
             "lost like the RFC's"),
-    "E33": ("open", "not modelled as a scenario: a guest-private marker is not a none PTE, so "
-            "missing-mode userfaultfd never fires, as with the RFC"),
     "E40": ("open", "locking and cost: the explorer's business, not a scenario's; the design "
             "drops the mmu_lock scan of shared ranges (one attribute lookup)"),
     "E41": ("open", "a race: needs the explorer's interleavings"),

@@ -46,3 +46,4 @@ class Config:
     seed: int = 0
     integrity: IntegrityMode = DEFAULT_INTEGRITY
     thp: ThpSettings | None = None  # /sys/kernel/mm/transparent_hugepage; None: the default
+    tdp: bool = True  # kvm_intel's ept (tdp_enabled); False: the shadow MMU (E27)

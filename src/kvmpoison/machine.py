@@ -7,6 +7,7 @@ steps give the same trace.
 from __future__ import annotations
 
 import copy
+import errno
 import random
 from dataclasses import dataclass
 
@@ -30,10 +31,25 @@ class VmSetupError(RuntimeError):
     """The VMM could not give its VM guest RAM: KVM_SET_USER_MEMORY_REGION said -errno
     (the hardened design refuses a second VM on a bound file with -EBUSY)."""
 
-    def __init__(self, err: int, vm: Vm):
-        super().__init__(f"KVM_SET_USER_MEMORY_REGION failed: -{errno_name(err)}")
+    def __init__(self, err: int, vm: Vm, what: str = ""):
+        super().__init__(what or f"KVM_SET_USER_MEMORY_REGION failed: -{errno_name(err)}")
         self.errno = err
         self.vm = vm  # created, without guest RAM
+
+
+def _check_shadow_paging(platform: PlatformConfig) -> None:
+    """Refuse a TD with ``ept=0`` (shadow paging) as a bad set-up: TDX requires EPT
+    (6.18 ``tdx_bringup``, arch/x86/kvm/vmx/tdx.c, needs the TDP MMU)."""
+    if platform.integrity is not IntegrityMode.OFF:
+        raise ValueError("tdp = false needs integrity = \"off\": a TD cannot run without EPT "
+                         "(TDX requires the TDP MMU)")
+
+
+# KVM_CREATE_VM of the gmem design's VM without the TDP MMU: a guest_memfd VM with private
+# memory is a KVM_X86_SW_PROTECTED_VM, which kvm_is_vm_type_supported (arch/x86/kvm/x86.c,
+# 6.18) accepts only with tdp_mmu_enabled.
+NO_TDP_GMEM = ("KVM_CREATE_VM(KVM_X86_SW_PROTECTED_VM) failed: -EINVAL without the TDP MMU "
+               "(ept=0)")
 
 
 @dataclass(frozen=True)
@@ -75,14 +91,22 @@ class Machine:
         kvm_gmem_init(self.kernel)
         core = self.kernel.core
         core.hooks = self.design.hooks()
-        self.kvm = Kvm(core, id_bits=kvm_id_bits)
+        if not config.tdp:
+            _check_shadow_paging(self.platform)
+        self.kvm = Kvm(core, id_bits=kvm_id_bits, tdp_enabled=config.tdp)
         if self.design.unpoison_on_free:
             core.buddy.free_pages_prepare_hooks.append(kvm_unpoison_page_hook(self.kvm))
         if self.design.scrub_on_free:
             core.buddy.free_pages_prepare_hooks.append(kvm_hardened_free_hook(self.kvm))
         self.instances: dict[str, Instance] = {}
         for spec in vms or [VmSpec(memory=config.vm_mem, backing=config.backing)]:
-            self.add_vm(spec)
+            try:
+                self.add_vm(spec)
+            except VmSetupError as failed:
+                if not failed.vm.create_error:
+                    raise
+                # KVM refused to create the VM (gmem with ept=0): the VMM process stays,
+                # and every guest step of the VM shows the refusal (scenario/ops.py).
 
     # The first VM, for the common one-VM case.
     @property
@@ -141,6 +165,10 @@ class Machine:
             td_keyid = space.private_range.start + 1 + len(self.kvm.vms)  # [0] is the TDX global
             self.kernel.core.hw.keys.program_key(td_keyid)
         vm = self.kvm.create_vm(vmm.proc.task, self.design.protection, td_keyid)
+        if vm.gmem is not None and not self.kvm.tdp_enabled:
+            vm.create_error = errno.EINVAL  # the model keeps the Vm object to report it
+            vm.dead = True
+            raise VmSetupError(errno.EINVAL, vm, NO_TDP_GMEM)
         if vm.gmem is not None:  # guest_memfd for private RAM, KVM_SET_USER_MEMORY_REGION2
             ret = vmm.setup_private_memory(vm)
         else:

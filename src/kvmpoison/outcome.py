@@ -27,6 +27,7 @@ class Kind(enum.Enum):
     SHUTDOWN = "shutdown"  # unbreakable shutdown of the whole machine
     PANIC = "panic"  # host kernel panic
     LIVELOCK = "livelock"  # the consumer re-runs the same failing step forever
+    BLOCKED = "blocked"  # the thread sleeps (handle_userfault) until something wakes it
 
 
 class LivelockOn(enum.Enum):
@@ -87,6 +88,11 @@ class Outcome:
         return cls(Kind.LIVELOCK, mce=rec, livelock=on, detail=detail)
 
     @classmethod
+    def blocked(cls, detail: str = "") -> Outcome:
+        """The thread sleeps: in ``handle_userfault`` until UFFDIO_COPY/ZEROPAGE/WAKE."""
+        return cls(Kind.BLOCKED, detail=detail)
+
+    @classmethod
     def shutdown(cls, rec: MceRecord | None = None, detail: str = "") -> Outcome:
         return cls(Kind.SHUTDOWN, mce=rec, detail=detail)
 
@@ -106,7 +112,7 @@ class Outcome:
     def cell(self) -> str:
         """The canonical cell string, e.g. ``err:EFAULT`` or ``sig:SIGBUS:BUS_MCEERR_AR``."""
         match self.kind:
-            case Kind.OK | Kind.SHUTDOWN | Kind.PANIC:
+            case Kind.OK | Kind.SHUTDOWN | Kind.PANIC | Kind.BLOCKED:
                 return str(self.kind.value)
             case Kind.RET | Kind.VEC:
                 return f"{self.kind.value}:{self.value}"
@@ -135,7 +141,7 @@ CELL_KINDS = tuple(k.value for k in Kind)
 def is_cell(text: str) -> bool:
     """Whether ``text`` is written in the canonical cell notation."""
     head, _, rest = text.partition(":")
-    if head in ("ok", "shutdown", "panic"):
+    if head in ("ok", "shutdown", "panic", "blocked"):
         return rest == ""
     if head in ("ret", "vec"):
         return rest.lstrip("-").isdigit()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.drivers.char.mem import DEV_MEM, open_dev_mem
 from kvmpoison.drivers.char.random import getrandom
 from kvmpoison.fs.pipe import Pipe, do_pipe2
 from kvmpoison.fs.proc_mem import ProcMem
@@ -51,7 +52,14 @@ from kvmpoison.mm.process_vm_access import process_vm_rw
 from kvmpoison.mm.secretmem import memfd_secret
 from kvmpoison.mm.shmem import memfd_create
 from kvmpoison.mm.uaccess import IovIter
-from kvmpoison.mm.userfaultfd import UffdCtx, mfill_atomic_poison, userfaultfd_register
+from kvmpoison.mm.userfaultfd import (
+    UffdCtx,
+    mfill_atomic_poison,
+    sys_userfaultfd,
+    userfaultfd_api,
+    userfaultfd_copy,
+    userfaultfd_register,
+)
 from kvmpoison.outcome import Halt, Kind, LivelockOn, Outcome
 
 
@@ -203,9 +211,13 @@ class Process:
     def open(self, path: str, flags: int) -> Outcome:
         """``do_sys_open`` on the model's one directory of regular files (v5.12, 6.18).
 
+        ``/dev/mem`` opens the memory device (drivers/char/mem.py).
         O_CREAT creates a missing file (O_EXCL: -EEXIST for an existing one);
         O_TRUNC empties it (``handle_truncate``). No permissions, no directories.
         """
+        if path == DEV_MEM:  # a character device: drivers/char/mem.c
+            return Outcome.ret(self.task.alloc_fd(open_dev_mem(self.kernel.core,
+                                                               self.kernel.next_ino(), flags)))
         inode = self.kernel.files.get(path)
         if inode is not None and flags & O_CREAT and flags & O_EXCL:
             return Outcome.error(errno.EEXIST)
@@ -422,3 +434,41 @@ class Process:
     def uffdio_poison(self, ctx: UffdCtx, addr: int, length: int) -> Outcome:
         return self._guard(lambda: _ret(mfill_atomic_poison(ctx, addr, length)))
 
+    def sys_userfaultfd(self, flags: int) -> Outcome:
+        """``userfaultfd(2)``: a new fd, or -errno (mm/userfaultfd.py)."""
+        got = sys_userfaultfd(self.mm, flags, self.kernel.next_ino())
+        return _ret(got) if isinstance(got, int) else Outcome.ret(self.install(got))
+
+    def uffd_ctx(self, fd: int) -> UffdCtx | Outcome:
+        """The context behind a userfaultfd ``fd``: -EBADF for no file; ``vfs_ioctl`` of
+        another file does not know the UFFDIO_* commands: -ENOTTY."""
+        file = self._file(fd)
+        if file is None:
+            return Outcome.error(errno.EBADF)
+        if not isinstance(file.private_data, UffdCtx):
+            return Outcome.error(errno.ENOTTY)
+        return file.private_data
+
+    def uffd_ioctl(self, fd: int, cmd: str, start: int = 0, length: int = 0, mode: int = 0,
+                   data: bytes | None = None, api: int = 0, features: int = 0) -> Outcome:
+        """``userfaultfd_ioctl`` (fs/userfaultfd.c, v5.12): UFFDIO_API, UFFDIO_REGISTER,
+        UFFDIO_COPY (``data``, a page at a time) and UFFDIO_ZEROPAGE; every command but
+        UFFDIO_API is -EINVAL before it. COPY/ZEROPAGE's ``copy``/``zeropage`` field is
+        the outcome's detail."""
+        ctx = self.uffd_ctx(fd)
+        if isinstance(ctx, Outcome):
+            return ctx
+        if cmd == "API":
+            return _ret(userfaultfd_api(ctx, api, features))
+        if not ctx.initialized:
+            return Outcome.error(errno.EINVAL, "UFFDIO_API first")
+        if cmd == "REGISTER":
+            return self.uffdio_register(ctx, start, length, mode)
+
+        def body() -> Outcome:
+            ret, field = userfaultfd_copy(ctx, start, data if cmd == "COPY" else None, length,
+                                          mode)
+            what = "copy" if cmd == "COPY" else "zeropage"
+            return Outcome.error(-ret, f"{what}={field}") if ret else \
+                Outcome.ret(0, detail=f"{what}={field}")
+        return self._guard(body)

@@ -143,3 +143,23 @@ def thp_mode(text: str) -> str:
     if start < 0 or end < start:
         raise ValueError(f"not a THP sysfs mode line: {text.strip()!r}")
     return text[start + 1:end]
+
+# userfaultfd messages in a scenario's read(2) of a uffd: ``struct uffd_msg`` is 32 bytes and
+# a page fault's address (bytes 16-23) is an address of the VMM, which differs between the
+# model and the live child. Both sides compare it as an offset into the VM's guest RAM.
+UFFD_MSG_SIZE = 32
+
+
+def uffd_msgs_relative(data: bytes, ram: list[tuple[int, int]]) -> bytes:
+    """``data`` (whole uffd_msgs) with each page-fault address inside one of ``ram``'s
+    (start, size) ranges rewritten as its offset from that range's start."""
+    out = bytearray(data)
+    for i in range(0, len(out) - UFFD_MSG_SIZE + 1, UFFD_MSG_SIZE):
+        if out[i] != 0x12:  # UFFD_EVENT_PAGEFAULT
+            continue
+        addr = int.from_bytes(out[i + 16 : i + 24], "little")
+        for start, size in ram:
+            if start <= addr < start + size:
+                out[i + 16 : i + 24] = (addr - start).to_bytes(8, "little")
+                break
+    return bytes(out)

@@ -364,7 +364,7 @@ def _bulk_populate(vma: Vma, start: int, end: int, gup_flags: FOLL) -> int:
     if anon and (gup_flags & FOLL.WRITE or vma_is_accessible(vma)):
         return faultin_anon_bulk(vma, start, end, bool(gup_flags & FOLL.WRITE))
     bulk = getattr(vma.vm_ops, "populate_bulk", None)
-    if bulk is not None:
+    if bulk is not None and not vma.vm_flags & VM.UFFD_MISSING:  # holes go to handle_userfault
         stop: int = bulk(vma, start, end, bool(gup_flags & FOLL.WRITE))
         return stop
     return start

@@ -79,6 +79,7 @@ from kvmpoison.mm.page import (
 from kvmpoison.mm.page_alloc import sorted_unique
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.rmap import anon_vma_prepare, mapping_encode
+from kvmpoison.mm.userfaultfd_k import handle_userfault
 
 if TYPE_CHECKING:
     from kvmpoison.mm.core import MmCore
@@ -341,7 +342,7 @@ def do_huge_pmd_anonymous_page(vmf: VmFaultInfo) -> VmFault:
         if zero < 0:
             return VmFault.FALLBACK
         if missing:
-            return VmFault.SIGBUS  # handle_userfault
+            return handle_userfault(vmf, vma.uffd_ctx)  # type: ignore[arg-type]
         set_huge_zero_page(vma, haddr, zero)
         return VM_FAULT_0
     page = alloc_hugepage_vma(vma)
@@ -349,7 +350,7 @@ def do_huge_pmd_anonymous_page(vmf: VmFaultInfo) -> VmFault:
         return VmFault.FALLBACK
     if missing:
         put_page(page)
-        return VmFault.SIGBUS
+        return handle_userfault(vmf, vma.uffd_ctx)  # type: ignore[arg-type]
     vma.vm_mm.pgd.pgtable_trans_huge_deposit(haddr)
     map_anon_folio_pmd(vma, page.pfn, haddr)
     return VM_FAULT_0

@@ -119,6 +119,7 @@ from kvmpoison.mm.swapops import (
     swp_entry_to_pte,
     swp_offset,
 )
+from kvmpoison.mm.userfaultfd_k import UffdCtx, handle_userfault
 
 if TYPE_CHECKING:
     from kvmpoison.mm.file import AddressSpace
@@ -148,12 +149,48 @@ def _map_new_anon(vmf: VmFaultInfo, page: Page, write: bool) -> None:
 
 
 def vm_normal_page(vma: Vma, pte: int) -> Page | None:
-    """mm/memory.c ``vm_normal_page`` (v5.12): the page a present PTE maps, or None for
-    special mappings. Simplified: only the shared zero page is special here.
+    """mm/memory.c ``vm_normal_page`` (v5.12, x86's CONFIG_ARCH_HAS_PTE_SPECIAL): the page
+    a present PTE maps, or None for a special mapping: the shared zero page, and every
+    PTE ``remap_pfn_range`` wrote into a VM_PFNMAP/VM_IO VMA (``pte_special``). A pfn
+    above ``highest_memmap_pfn`` has no struct page: ``print_bad_pte`` and None.
     """
     if pte & _PAGE_SPECIAL:
         return None
-    return vma.vm_mm.core.pages[pte_pfn(pte)]
+    pfn = pte_pfn(pte)
+    if not pfn_valid(vma.vm_mm.core, pfn):
+        return None  # print_bad_pte
+    return vma.vm_mm.core.pages[pfn]
+
+
+def pfn_valid(core: MmCore, pfn: int) -> bool:
+    """``pfn_valid`` (include/linux/mmzone.h, SPARSEMEM, v5.12): a struct page exists for
+    ``pfn``. The model's memmap covers DRAM and nothing else, and device memory
+    (drivers/char/mem.py) sits in a 128 MiB section of its own above it."""
+    return 0 <= pfn < core.pages.nr_pages
+
+
+def remap_pfn_range(vma: Vma, addr: int, pfn: int, size: int, prot: int) -> int:
+    """mm/memory.c ``remap_pfn_range`` (v5.12; 6.18 the same here): 0 or -errno.
+
+    Maps ``[pfn, pfn + size)`` at ``addr`` with special PTEs (``pte_mkspecial``, so
+    ``vm_normal_page`` finds no page and GUP refuses the VMA) and marks the VMA
+    VM_IO | VM_PFNMAP | VM_DONTEXPAND | VM_DONTDUMP. A COW mapping must be mapped whole
+    and gets ``vm_pgoff = pfn``. No struct page is touched: no reference, no mapcount,
+    no rss. Not modelled: ``track_pfn_remap`` (PAT memtype reservation).
+    """
+    if addr & (PAGE_SIZE - 1):
+        return -errno.EINVAL
+    size = (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    end = addr + size
+    if (vma.vm_flags & (VM.SHARED | VM.MAYWRITE)) == VM.MAYWRITE:  # is_cow_mapping
+        if addr != vma.vm_start or end != vma.vm_end:
+            return -errno.EINVAL
+        vma.vm_pgoff = pfn
+    vma.vm_flags |= VM.IO | VM.PFNMAP | VM.DONTEXPAND | VM.DONTDUMP
+    pgd = vma.vm_mm.pgd
+    for i in range(size >> PAGE_SHIFT):  # remap_pte_range: BUG_ON(!pte_none(*pte))
+        pgd.set(addr + (i << PAGE_SHIFT), pfn_pte(pfn + i, prot) | _PAGE_SPECIAL)
+    return 0
 
 
 def mm_counter_add(mm: MmStruct, page: Page, n: int) -> None:
@@ -254,9 +291,8 @@ def _mk_anon_pte(vma: Vma, pfn: int, write: bool) -> int:
 def do_anonymous_page(vmf: VmFaultInfo) -> VmFault:
     """mm/memory.c ``do_anonymous_page`` (v5.12; 6.18 the same here).
 
-    A read maps the shared zero page, a write a new zeroed page. Simplified:
-    a userfaultfd MISSING range has no monitor, so the fault is SIGBUS (what
-    UFFD_FEATURE_SIGBUS gives; the kernel would otherwise block).
+    A read maps the shared zero page, a write a new zeroed page. In a
+    userfaultfd MISSING range the fault goes to ``handle_userfault`` first.
     """
     vma, mm = vmf.vma, vmf.vma.vm_mm
     core = mm.core
@@ -264,8 +300,8 @@ def do_anonymous_page(vmf: VmFaultInfo) -> VmFault:
     if vm_flags & VM_SHARED_I:
         return VmFault.SIGBUS  # shared anonymous memory is shmem-backed
     write = bool(int(vmf.flags) & FAULT_FLAG_WRITE_I)
-    if vm_flags & VM_UFFD_MISSING_I and vma.uffd_ctx is not None:
-        return VmFault.SIGBUS  # handle_userfault: no monitor thread in the model
+    if vm_flags & VM_UFFD_MISSING_I and isinstance(vma.uffd_ctx, UffdCtx):
+        return handle_userfault(vmf, vma.uffd_ctx)  # queues UFFD_EVENT_PAGEFAULT, sleeps
     if not write:
         # Map the shared zero page read-only; a later write copies it.
         zero = pfn_pte(core.zero_pfn, vma.vm_page_prot & ~_PAGE_RW) | _PAGE_SPECIAL

@@ -51,6 +51,7 @@ from kvmpoison.mm.shmem_huge import (
 )
 from kvmpoison.mm.shmem_huge_split import shmem_truncate_range_huge
 from kvmpoison.mm.uaccess import IovIter
+from kvmpoison.mm.userfaultfd_k import UffdCtx, handle_userfault
 
 MFD_CLOEXEC = 0x1
 MFD_ALLOW_SEALING = 0x2
@@ -172,11 +173,16 @@ class Shmem:
         return 0
 
     def shmem_fault(self, inode: Inode, vmf: VmFaultInfo) -> VmFault:
-        """``mm/shmem.c:shmem_fault`` (v5.12, 6.18): SIGBUS beyond EOF, ``vmf_error`` of the
+        """``mm/shmem.c:shmem_fault`` (v5.12, 6.18): SIGBUS beyond EOF, a missing page of a
+        userfaultfd MISSING range to ``handle_userfault``, ``vmf_error`` of the
         getter's errno, else the page with a reference for ``__do_fault`` to check and map.
         """
         if vmf.pgoff >= inode.nr_pages:
             return VmFault.SIGBUS
+        ctx = vmf.vma.uffd_ctx
+        if vmf.vma.vm_flags & VM.UFFD_MISSING and isinstance(ctx, UffdCtx) and \
+                inode.mapping is not None and inode.mapping.lookup(vmf.pgoff) is None:
+            return handle_userfault(vmf, ctx)  # shmem_getpage_gfp: no page, userfaultfd_missing
         pfn, err = self.shmem_getpage_gfp(inode, vmf.pgoff, SGP_CACHE, vmf.vma)
         if self._guest_private(pfn):
             return VmFault.SIGBUS  # hardened: a new mapping of a guest-private page

@@ -25,6 +25,7 @@ from kvmpoison.arch.x86.pgtable_types import PAGE_SIZE
 from kvmpoison.backends.kvm.live import LiveError, run_live
 from kvmpoison.kconfig import KernelConfig, host_kernel_config
 from kvmpoison.matrix import protocol as proto
+from kvmpoison.matrix.protocol import uffd_msgs_relative
 from kvmpoison.mm.madvise import MADV_HWPOISON, MADV_PAGEOUT
 from kvmpoison.outcome import Kind
 from kvmpoison.scenario.loader import CONFIG_SWITCHES, Scenario, ScenarioError, Step
@@ -32,6 +33,7 @@ from kvmpoison.scenario.ops import (
     ADVICE,
     FILE_OPS,
     REF_ARGS,
+    UFFD_OPS,
     OpError,
     _access_size,
     _int,
@@ -39,6 +41,7 @@ from kvmpoison.scenario.ops import (
     call_args,
     data_arg,
     parse_ref,
+    uffd_call_args,
 )
 from kvmpoison.scenario.runner import ScenarioRun, run_scenario
 from kvmpoison.scenario.units import VM_MEMORY_MAX, parse_size
@@ -61,6 +64,7 @@ NOT_LIVE: dict[tuple[str, str], str] = {
     ("host", "offline_pages"): f"memory offline {_HOST_MEMORY}",
     ("host", "alloc_contig_range"): f"a contiguous allocation {_HOST_MEMORY}",
     ("vmm", "move_pages"): "the live run does not call move_pages",
+    ("vmm", "open"): "/dev/mem maps physical memory of this host: never on a real host",
     ("host", "unpoison"): "unpoison needs a page this tool poisoned",
     ("host", "real_memory_error_then_free"): f"an injected memory error {_HOST_MEMORY}",
     ("host", "ksmd"): "ksmd is the host's own thread: the tool does not drive its scans",
@@ -118,10 +122,26 @@ class LiveRun:
 
 def referee_scenario(sc: Scenario, kcfg: KernelConfig) -> Scenario:
     """The scenario with [machine] set like this host: the running kernel's version and
-    switches, and no TDX (plain memory: the VMM reads what the guest wrote)."""
+    switches, no TDX (plain memory: the VMM reads what the guest wrote), and the host's
+    two-dimensional paging setting (``[machine] tdp``)."""
     machine = dataclasses.replace(sc.machine, kernel=kcfg.version, integrity=IntegrityMode.OFF,
-                                  config={n: getattr(kcfg, n) for n in CONFIG_SWITCHES})
+                                  config={n: getattr(kcfg, n) for n in CONFIG_SWITCHES},
+                                  tdp=host_tdp_enabled())
     return dataclasses.replace(sc, machine=machine)
+
+
+def host_tdp_enabled(params: tuple[str, ...] = ("/sys/module/kvm_intel/parameters/ept",
+                                               "/sys/module/kvm_amd/parameters/npt")) -> bool:
+    """Whether this host's KVM uses two-dimensional paging: kvm_intel's ``ept`` or
+    kvm_amd's ``npt`` is Y (or 1). Neither loaded (this project's machine runs the
+    shadow-paging kvm_pvm) or N: shadow paging, as ``[machine] tdp = false``."""
+    for path in params:
+        try:
+            with open(path) as fh:
+                return fh.read().strip() in ("Y", "1")
+        except OSError:
+            continue
+    return False
 
 
 def _value(v: Any) -> Any:
@@ -210,6 +230,10 @@ def live_step(step: Step, swap: bool = True, in_vm: bool = False
     elif op in FILE_OPS:
         args = {k: _value(v) if k in REF_ARGS else v
                 for k, v in call_args(op, a).items()}
+    elif op in UFFD_OPS:  # userfaultfd(2) and its ioctls
+        args = {k: _value(v) if k == "fd" else v for k, v in uffd_call_args(op, a).items()}
+        if op not in ("userfaultfd", "uffdio_api"):
+            args.update(_addr(a))
     elif op == "load":
         args = {**_addr(a), "size": _access_size(a)}
     elif op == "store":
@@ -261,6 +285,8 @@ class RefereePlan:
     model_problem: str
     plans: dict[int, tuple[dict[str, Any] | None, str]]
     vms: list[dict[str, Any]]
+    model_ram: list[tuple[int, int]] = field(default_factory=list)  # the model VMMs' guest RAM
+    uffd_reads: set[int] = field(default_factory=set)  # steps that read a userfaultfd
 
     @property
     def sent(self) -> list[dict[str, Any]]:
@@ -273,8 +299,10 @@ def plan(sc: Scenario, kcfg: KernelConfig, swap: bool, in_vm: bool = False) -> R
     run = LiveRun(sc, REFEREE_DESIGN, kcfg.version.value)
     model: ScenarioRun | None
     model_problem = ""
+    seen: list[Any] = []
     try:
-        model = run_scenario(referee_scenario(sc, kcfg), REFEREE_DESIGN)
+        model = run_scenario(referee_scenario(sc, kcfg), REFEREE_DESIGN,
+                             observe=lambda m: seen.append(m) if not seen else None)
     except ScenarioError as exc:
         model, model_problem = None, f"the model cannot run it as this kernel: {exc}"
     plans: dict[int, tuple[dict[str, Any] | None, str]] = {}
@@ -289,7 +317,10 @@ def plan(sc: Scenario, kcfg: KernelConfig, swap: bool, in_vm: bool = False) -> R
         plans = dict.fromkeys(plans, (None, THP_RAM))
     vms = [{"name": v.name, "memory": v.memory, "backing": v.backing,
             "share_ram_with": v.share_ram_with} for v in sc.vms]
-    return RefereePlan(run, model, model_problem, plans, vms)
+    ram = [(i.vmm.ram_hva, i.vmm.ram_size) for i in seen[0].instances.values()] if seen else []
+    uffds = {f"${s.save}" for s in sc.steps if s.op == "userfaultfd" and s.save}
+    reads = {s.index for s in sc.steps if s.op == "read" and s.args.get("fd") in uffds}
+    return RefereePlan(run, model, model_problem, plans, vms, ram, reads)
 
 
 THP_RAM = ("THP guest RAM (thp = true): the live runner maps guest RAM without 2 MiB alignment "
@@ -368,7 +399,10 @@ def judge(p: RefereePlan, live: dict[int, dict[str, Any]]) -> LiveRun:
         if "error" in got:
             run.steps.append(RefereedStep(step, cell, "error", "DISAGREE", got["error"]))
             continue
-        verdict, note = _compare(cell, res.outcome.data, got)
+        data = res.outcome.data
+        if data is not None and step.index in p.uffd_reads:  # uffd_msg addresses: RAM offsets
+            data = uffd_msgs_relative(data, p.model_ram)
+        verdict, note = _compare(cell, data, got)
         run.steps.append(RefereedStep(step, cell, got["cell"], verdict, note))
     return run
 

@@ -30,6 +30,8 @@ LEGEND = {
     "mce": "mce:KIND = a machine check was consumed (recoverable, or td-fatal: the TD is dead)",
     "shutdown": "shutdown = the whole machine shut down",
     "panic": "panic = the host kernel panicked",
+    "blocked": "blocked = the thread sleeps (a userfaultfd missing fault) until a UFFDIO_COPY "
+               "or UFFDIO_ZEROPAGE wakes it",
 }
 
 # The box rich draws: one border per column plus one, and one space each side of a cell.

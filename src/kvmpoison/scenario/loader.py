@@ -49,6 +49,7 @@ class MachineSpec:
     kvm_id_bits: int = 63
     seam_nr: bool = True
     thp: str | None = None  # THP "enabled" mode: always, madvise or never
+    tdp: bool = True  # kvm_intel's ept module parameter; false: shadow paging (E27)
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def _machine_int(m: dict[str, Any], key: str, default: int, lo: int, hi: int) ->
 def _machine(doc: dict[str, Any], source: str) -> MachineSpec:
     m = _table(doc, "machine", source)
     known = {"kernel", "integrity", "mac_bits", "memory", "seed", "kvm_id_bits", "seam_nr",
-             "thp", *CONFIG_SWITCHES}
+             "thp", "tdp", *CONFIG_SWITCHES}
     unknown = set(m) - known
     if unknown:
         raise ScenarioError(source, f"[machine] has unknown keys: {', '.join(sorted(unknown))} "
@@ -157,6 +158,8 @@ def _machine(doc: dict[str, Any], source: str) -> MachineSpec:
         raise ScenarioError(source, "[machine] thp must be \"always\", \"madvise\" or \"never\"")
     if not isinstance(m.get("seam_nr", True), bool):
         raise ScenarioError(source, "[machine] seam_nr must be true or false")
+    if not isinstance(m.get("tdp", True), bool):
+        raise ScenarioError(source, "[machine] tdp must be true or false (false: shadow paging)")
     try:
         return MachineSpec(
             kernel=KernelVersion.parse(str(m["kernel"])) if "kernel" in m else None,
@@ -169,6 +172,7 @@ def _machine(doc: dict[str, Any], source: str) -> MachineSpec:
             kvm_id_bits=_machine_int(m, "kvm_id_bits", 63, 1, 63),
             seam_nr=m.get("seam_nr", True),
             thp=m.get("thp"),
+            tdp=m.get("tdp", True),
         )
     except ValueError as exc:
         raise ScenarioError(source, f"[machine]: {exc}") from None

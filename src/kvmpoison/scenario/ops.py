@@ -10,6 +10,7 @@ or ``hva`` (a raw address in the VMM).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,12 +18,14 @@ from typing import Any
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.drivers.char.mem import DEV_MEM
 from kvmpoison.kernel.kernel import ForkError
 from kvmpoison.machine import Instance, Machine, VmSetupError, VmSpec
 from kvmpoison.matrix import protocol as proto
 from kvmpoison.matrix.designs import backing_pfn, error_then_free, make_probe
 from kvmpoison.matrix.model import run_path
 from kvmpoison.mm.fault import vma_lookup
+from kvmpoison.mm.file import O_RDWR
 from kvmpoison.mm.filemap import (
     FALLOC_FL_COLLAPSE_RANGE,
     FALLOC_FL_KEEP_SIZE,
@@ -48,6 +51,18 @@ from kvmpoison.mm.madvise import (
 from kvmpoison.mm.memory_failure import memory_failure, soft_offline_page, unpoison_memory
 from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_PRIVATE, MAP_SHARED, PROT_READ, PROT_WRITE
 from kvmpoison.mm.page import Page, put_page
+from kvmpoison.mm.userfaultfd import (
+    O_CLOEXEC,
+    O_NONBLOCK,
+    UFFD_USER_MODE_ONLY,
+    UFFDIO_COPY_MODE_DONTWAKE,
+    UFFDIO_COPY_MODE_WP,
+    UFFDIO_REGISTER_MODE_MINOR,
+    UFFDIO_REGISTER_MODE_MISSING,
+    UFFDIO_REGISTER_MODE_WP,
+    UffdCtx,
+)
+from kvmpoison.mm.userfaultfd_k import UFFD_FEATURE_SIGBUS, UserfaultBlocked
 from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.units import VM_MEMORY_MAX, parse_size
 from kvmpoison.virt.kvm.guest_memfd import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
@@ -73,7 +88,7 @@ MEMSLOT_FLAGS = {"GUEST_MEMFD": KVM_MEM_GUEST_MEMFD}
 WHENCE = {"SET": 0, "CUR": 1, "END": 2}
 KVM_SET_USER_MEMORY_REGION_V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 # Ops whose fd/address result a step's ``save`` keeps for later steps as "$name".
-SAVES_REF = ("guest_memfd_create", "memfd_create", "mmap")
+SAVES_REF = ("guest_memfd_create", "memfd_create", "mmap", "open", "userfaultfd")
 # Arguments that may name a saved value ("$name" or "$name+0x1000").
 REF_ARGS = ("fd", "hva", "guest_memfd")
 
@@ -89,6 +104,7 @@ class RunCtx:
     refs: dict[str, int] = field(default_factory=dict)  # saved fds and addresses ("$name")
     bufs: dict[str, int] = field(default_factory=dict)  # per VMM: the buffer read/write use
     pins: dict[tuple[str, int], Page] = field(default_factory=dict)
+    woken: list[tuple[str, str, Outcome]] = field(default_factory=list)  # re-run after a wake
 
     def inst(self, name: str) -> Instance:
         name = name.removeprefix("vmm:").removeprefix("guest:")
@@ -241,6 +257,8 @@ def _ret(value: int) -> Outcome:
 
 def _guest(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
     inst = ctx.inst(who)
+    if inst.vm.create_error:  # KVM_CREATE_VM failed: the VMM has no vCPU to run
+        return Outcome.error(inst.vm.create_error, "KVM_CREATE_VM failed: no VM, no vCPU")
     g = inst.guest
     match op:
         case "load":
@@ -324,6 +342,16 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
         case "exit":
             m.destroy_vm(inst.spec.name)
             return Outcome.ok(detail="the VMM exited; its VM is dead")
+        case "userfaultfd" | "uffdio_api" | "uffdio_register" | "uffdio_copy" | \
+                "uffdio_zeropage":
+            return _uffd_op(ctx, inst, op, a)
+        case "open":  # open(2) of a device the model has: /dev/mem (drivers/char/mem.py)
+            path = a.get("path")
+            if path != DEV_MEM:
+                raise OpError(f"open takes path = {DEV_MEM!r} (the one device the model has), "
+                              f"not {path!r}")
+            got = vmm.proc.open(DEV_MEM, O_RDWR)
+            return Outcome(Kind.OK, value=got.value) if got.kind is Kind.RET else got
         case "move_pages":  # move_pages(2) of one page to node 0: its status
             mm = vmm.proc.task.mm
             assert mm is not None
@@ -349,6 +377,85 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
                 return Outcome.ok()
             return Outcome.ok(hw.read(pa, _access_size(a), 0).data)
     raise AssertionError(op)
+
+
+# -- userfaultfd -----------------------------------------------------------------------------
+
+UFFD_FLAGS = {"CLOEXEC": O_CLOEXEC, "NONBLOCK": O_NONBLOCK, "USER_MODE_ONLY": UFFD_USER_MODE_ONLY}
+UFFD_FEATURES = {"SIGBUS": UFFD_FEATURE_SIGBUS}
+UFFD_MODES = {"MISSING": UFFDIO_REGISTER_MODE_MISSING, "WP": UFFDIO_REGISTER_MODE_WP,
+              "MINOR": UFFDIO_REGISTER_MODE_MINOR}
+UFFD_COPY_MODES = {"DONTWAKE": UFFDIO_COPY_MODE_DONTWAKE, "WP": UFFDIO_COPY_MODE_WP}
+UFFD_OPS = ("userfaultfd", "uffdio_api", "uffdio_register", "uffdio_copy", "uffdio_zeropage")
+
+
+def uffd_call_args(op: str, a: dict[str, Any]) -> dict[str, Any]:
+    """The checked arguments of a userfaultfd op (saved fds stay ``"$name"``; the address
+    is left to the caller, as ``gpa`` or ``hva``)."""
+    if op == "userfaultfd":
+        return {"flags": flag_bits(a, "flags", UFFD_FLAGS, 32)}
+    out: dict[str, Any] = {"fd": _ref_or(a, "fd", FD_MIN, FD_MAX)}
+    match op:
+        case "uffdio_api":
+            out.update(api=_u64(a, "api", 0xAA), features=flag_bits(a, "features",
+                                                                     UFFD_FEATURES, 64))
+        case "uffdio_register":
+            out.update(size=_u64(a, "size", PAGE_SIZE), mode=flag_bits(a, "mode", UFFD_MODES, 64))
+        case "uffdio_copy" | "uffdio_zeropage":
+            size = _u64(a, "size", PAGE_SIZE)
+            if size > ACCESS_MAX:
+                raise OpError(f"size {size} of a {op} must be at most {ACCESS_MAX} bytes")
+            modes = UFFD_COPY_MODES if op == "uffdio_copy" else {"DONTWAKE": 1}
+            out.update(size=size, mode=flag_bits(a, "mode", modes, 64))
+            if op == "uffdio_copy":
+                data = data_arg(a) or bytes([0x44])
+                out["data"] = (data * (size // len(data) + 1))[:size].hex()
+    return out
+
+
+def _uffd_op(ctx: RunCtx, inst: Instance, op: str, a: dict[str, Any]) -> Outcome:
+    """userfaultfd(2) and its ioctls, made by the VMM (mm/userfaultfd.py)."""
+    c = uffd_call_args(op, a)
+    proc = inst.vmm.proc
+    if op == "userfaultfd":
+        got = proc.sys_userfaultfd(c["flags"])
+        return Outcome(Kind.OK, value=got.value) if got.kind is Kind.RET else got
+    fd = ref_int(ctx.refs, c, "fd")
+    if op == "uffdio_api":
+        return proc.uffd_ioctl(fd, "API", api=c["api"], features=c["features"])
+    start = hva_of(ctx, inst, a)
+    if op == "uffdio_register":
+        return proc.uffd_ioctl(fd, "REGISTER", start, c["size"], c["mode"])
+    data = bytes.fromhex(c["data"]) if op == "uffdio_copy" else None
+    out = proc.uffd_ioctl(fd, "COPY" if data is not None else "ZEROPAGE", start, c["size"],
+                          c["mode"], data)
+    uffd = proc.uffd_ctx(fd)
+    woke = _run_woken(ctx, uffd) if isinstance(uffd, UffdCtx) else ""
+    return dataclasses.replace(out, detail=f"{out.detail}{woke}")
+
+
+def _run_woken(ctx: RunCtx, uffd: UffdCtx) -> str:
+    """Re-run the accesses a wake let go, in the order they slept (the kernel's retried
+    fault); each result goes to ``ctx.woken`` and the waking step's detail."""
+    notes = []
+    while uffd.woken:
+        waiter = uffd.woken.pop(0)
+        if not isinstance(waiter.token, tuple):
+            continue  # a sleeper the model cannot re-run
+        actor, op, args = waiter.token
+        kind, _, who = actor.partition(":")
+        try:
+            got = OPS[(kind, op)].run(ctx, who, op, args)
+        except UserfaultBlocked as again:  # the retry met another missing page
+            if again.waiter is not None:
+                again.waiter.token = waiter.token
+            got = Outcome.blocked("slept again in handle_userfault")
+        except Halt as halt:
+            ctx.machine.kernel.core.halted = halt.outcome
+            got = halt.outcome
+        ctx.woken.append((actor, op, got))
+        notes.append(f"{actor} {op} -> {got.cell}")
+    return f"; woke: {', '.join(notes)}" if notes else ""
 
 
 # -- files and memslots ---------------------------------------------------------------------
@@ -652,6 +759,12 @@ OPS: dict[tuple[str, str], OpSpec] = {
     ("vmm", "guest_memfd_create"): OpSpec(("size",), ("flags", "vm"), _vmm),
     ("vmm", "close"): OpSpec(("fd",), (), _vmm),
     ("vmm", "memfd_create"): OpSpec((), (), _vmm),
+    ("vmm", "open"): OpSpec(("path",), (), _vmm),
+    ("vmm", "userfaultfd"): OpSpec((), ("flags",), _vmm),
+    ("vmm", "uffdio_api"): OpSpec(("fd",), ("api", "features"), _vmm),
+    ("vmm", "uffdio_register"): OpSpec(("fd", "mode"), (*_ADDR, "size"), _vmm),
+    ("vmm", "uffdio_copy"): OpSpec(("fd",), (*_ADDR, "size", "data", "mode"), _vmm),
+    ("vmm", "uffdio_zeropage"): OpSpec(("fd",), (*_ADDR, "size", "mode"), _vmm),
     ("vmm", "fstat"): OpSpec(("fd",), (), _vmm),
     ("vmm", "mmap"): OpSpec(("fd", "size"), ("offset", "shared"), _vmm),
     ("vmm", "fallocate"): OpSpec(("fd", "mode", "offset", "len"), (), _vmm),

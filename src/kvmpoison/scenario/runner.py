@@ -21,6 +21,7 @@ from kvmpoison.matrix.designs import backing_pfn
 from kvmpoison.mm.huge_memory import ThpSettings
 from kvmpoison.mm.page import compound_head, page_count, page_mapcount
 from kvmpoison.mm.ptdump import decode_kind
+from kvmpoison.mm.userfaultfd_k import UserfaultBlocked
 from kvmpoison.outcome import Halt, Kind, Outcome
 from kvmpoison.scenario.loader import Scenario, ScenarioError, Step
 from kvmpoison.scenario.ops import OPS, SAVES_REF, OpError, RunCtx, data_arg
@@ -73,6 +74,12 @@ def perform(ctx: RunCtx, actor: str, op: str, args: dict[str, Any]) -> Outcome:
     except Halt as halt:
         core.halted = halt.outcome
         return halt.outcome
+    except UserfaultBlocked as blocked:  # the thread sleeps in handle_userfault (or read)
+        if blocked.waiter is None:
+            return Outcome.blocked("read(2) of the userfaultfd sleeps: no message")
+        blocked.waiter.token = (actor, op, args)  # re-run when a UFFDIO_COPY/ZEROPAGE wakes it
+        return Outcome.blocked(f"UFFD_EVENT_PAGEFAULT at {blocked.waiter.address:#x} queued; "
+                               "the thread sleeps in handle_userfault")
 
 
 def build_machine(sc: Scenario, design_name: str,
@@ -93,7 +100,7 @@ def build_machine(sc: Scenario, design_name: str,
                               mac_bits=spec.mac_bits, seed=spec.seed,
                               seam_nr=spec.seam_nr)
     config = Config(design=design_name, kernel=kcfg, platform=platform, seed=spec.seed,
-                    thp=ThpSettings(enabled=spec.thp) if spec.thp else None)
+                    thp=ThpSettings(enabled=spec.thp) if spec.thp else None, tdp=spec.tdp)
     vms = [VmSpec(v.name, v.memory, v.backing, v.share_ram_with, thp=v.thp) for v in sc.vms]
     return Machine(config, vms=vms, kvm_id_bits=spec.kvm_id_bits)
 

@@ -150,6 +150,35 @@ class MemoryController:
         self._nr_keyids = cfg.keyids.nr_keyids
         self._private_keyids = frozenset(cfg.keyids.private_range)
         self._hmac = self.mac.hmac_states()
+        # Device memory outside DRAM (a PCI BAR): pfn -> its bytes. Plain memory behind
+        # the root complex: no KeyID, no MAC, no poison (drivers/char/mem.py maps it).
+        self.iomem: dict[int, bytearray] = {}
+
+    def add_iomem(self, pa: int, size: int) -> None:
+        """Decode ``[pa, pa + size)`` as device memory (a BAR): page-aligned, above DRAM."""
+        if pa % PAGE_SIZE or size % PAGE_SIZE or size <= 0 or pa < self.cfg.mem_bytes:
+            raise ValueError(f"device memory {pa:#x}+{size:#x} must be page-aligned and above "
+                             "DRAM")
+        for pfn in range(pa >> PAGE_SHIFT, (pa + size) >> PAGE_SHIFT):
+            self.iomem.setdefault(pfn, bytearray(PAGE_SIZE))
+
+    def _iomem_access(self, pa: int, size: int, data: bytes | None) -> bytes | None:
+        """A read (``data`` None: the bytes) or write of device memory; None when
+        ``[pa, pa + size)`` is not all device memory."""
+        out = bytearray()
+        done = 0
+        while done < size:
+            page = self.iomem.get((pa + done) >> PAGE_SHIFT)
+            if page is None:
+                return None
+            off = (pa + done) & (PAGE_SIZE - 1)
+            n = min(PAGE_SIZE - off, size - done)
+            if data is None:
+                out += page[off : off + n]
+            else:
+                page[off : off + n] = data[done : done + n]
+            done += n
+        return bytes(out)
 
     # -- helpers -------------------------------------------------------------
 
@@ -258,6 +287,9 @@ class MemoryController:
         if (len(data) == LINE_SIZE and not pa % LINE_SIZE and 0 <= pa < self._line_limit
                 and 0 <= keyid < self._nr_keyids and self._write_one_line(pa, data, keyid)):
             return
+        if pa >= self.cfg.mem_bytes and self.iomem and \
+                self._iomem_access(pa, len(data), data) is not None:
+            return  # device memory: the KeyID does not reach it
         self.mem.check_range(pa, len(data))
         self.cfg.keyids.check(keyid)
         if how is WriteHow.MOVDIR64B and (pa % LINE_SIZE or len(data) % LINE_SIZE):
@@ -499,6 +531,10 @@ class MemoryController:
 
     def read(self, pa: int, size: int, keyid: int) -> ReadResult:
         """Read ``size`` bytes at ``pa`` under ``keyid``; poisoned lines read as zeros."""
+        if pa >= self.cfg.mem_bytes and self.iomem:
+            got = self._iomem_access(pa, size, None)
+            if got is not None:
+                return ReadResult(got, None)
         self.mem.check_range(pa, size)
         self.cfg.keyids.check(keyid)
         parts: list[bytes] = []

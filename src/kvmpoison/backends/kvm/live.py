@@ -26,16 +26,23 @@ import json
 import os
 import signal
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvmpoison.backends.kvm import uapi
+from kvmpoison.backends.kvm.ioctl import _IOWR
 from kvmpoison.backends.kvm.libc import (
     MAP_ANONYMOUS,
     MAP_PRIVATE,
     MAP_SHARED,
     PTRACE_KILL,
     PTRACE_TRACEME,
+    SYS_process_vm_readv,
+    SYS_process_vm_writev,
+    SYS_userfaultfd,
+    iovec,
     libc,
     mmap,
 )
@@ -44,6 +51,9 @@ from kvmpoison.backends.kvm.probes import (
     PM_PFN_MASK,
     PM_PRESENT,
     PM_SWAP,
+    UFFD_API,
+    UFFDIO_API,
+    UFFDIO_REGISTER,
     _cell,
     _fork_child_load,
     _local,
@@ -52,17 +62,23 @@ from kvmpoison.backends.kvm.probes import (
     _remote,
     _signal_cell,
     in_vm_guest,
+    uffdio_api,
+    uffdio_range,
+    uffdio_register,
     write_pfn,
 )
 from kvmpoison.backends.kvm.system import Kvm, VmFd
 from kvmpoison.backends.kvm.vcpu_access import GuestVcpu, attach, guest_access
-from kvmpoison.matrix.protocol import PM_SWAP_TYPE_BITS, UNPOISON_PFN
+from kvmpoison.matrix.protocol import PM_SWAP_TYPE_BITS, UNPOISON_PFN, uffd_msgs_relative
 
 PROT_RWX = 0x7
 RW = 0x3
 PTRACE_CONT, PTRACE_GETREGS, PTRACE_SETREGS = 7, 12, 13
 RIP = 16  # index of rip in struct user_regs_struct
 CHILD_SECONDS = 120
+# How long an access in a userfaultfd MISSING range may take before the live side calls it
+# asleep ("blocked"); generous, as a loaded two-core host may be slow to run the thread.
+BLOCKED_SECONDS = 2.0
 libc.lseek.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_int]
 libc.lseek.restype = ctypes.c_long
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -98,6 +114,9 @@ class _Child:
     refs: dict[str, int] = field(default_factory=dict)
     faults: int = 0
     remotes: int = 0
+    uffds: set[int] = field(default_factory=set)
+    missing: list[tuple[int, int]] = field(default_factory=list)  # MISSING-registered ranges
+    sleepers: list[threading.Thread] = field(default_factory=list)
 
     # -- arguments ------------------------------------------------------------------------
 
@@ -170,6 +189,11 @@ class _Child:
             return self.host(op, a)
         vm = self.vms[who]
         if kind == "guest":
+            gpa = int(a["gpa"])
+            if self.in_missing(vm.ram_hva + gpa, int(a.get("size", 8))) and \
+                    not _resident(vm.ram_hva + gpa):
+                return {"skip": "a guest access to a page of a userfaultfd MISSING range that "
+                        "is not resident would sleep in KVM_RUN on the live child's only thread"}
             if vm.vcpu is None:
                 vm.vcpu = attach(self.vm_fd(vm))
             data = bytes.fromhex(a["data"]) if "data" in a else None
@@ -201,8 +225,87 @@ class _Child:
             vm.buf = mmap(None, 1 << 20, RW, MAP_PRIVATE | MAP_ANONYMOUS)
         return vm.buf
 
+    # -- userfaultfd -------------------------------------------------------------------------
+
+    def in_missing(self, addr: int, n: int) -> bool:
+        return any(lo < addr + n and addr < hi for lo, hi in self.missing)
+
+    def threaded(self, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run an access that may sleep in handle_userfault on a thread of its own:
+        "blocked" if it has not returned after BLOCKED_SECONDS (it stays asleep until a
+        UFFDIO_COPY or UFFDIO_ZEROPAGE wakes it)."""
+        box: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: box.update(body()), daemon=True)
+        t.start()
+        t.join(BLOCKED_SECONDS)
+        if t.is_alive():
+            self.sleepers.append(t)
+            return {"cell": "blocked"}
+        return box
+
+    def vm_rw(self, addr: int, buf: int, n: int, write: bool) -> dict[str, Any]:
+        """The access as process_vm_readv/writev on this process: a GUP fault, which sleeps
+        in handle_userfault as a CPU access does, but never raises a signal on this
+        untraced thread; a failure is not refereed (the model's cell is a signal)."""
+        local, remote = iovec(buf, n), iovec(addr, n)
+        nr = SYS_process_vm_writev if write else SYS_process_vm_readv
+        # every argument of the variadic syscall() as a full 64-bit word (flags must be 0)
+        ret = libc.syscall(ctypes.c_long(nr), ctypes.c_long(os.getpid()), ctypes.byref(local),
+                           ctypes.c_ulong(1), ctypes.byref(remote), ctypes.c_ulong(1),
+                           ctypes.c_ulong(0))
+        if ret != n:
+            return {"skip": f"the access failed on the helper thread ({_cell(ret)}), where "
+                    "its signal cannot be observed"}
+        return {"cell": "ok", "data": ctypes.string_at(buf, n).hex()} if not write \
+            else {"cell": "ok"}
+
+    def uffd(self, vm: _LiveVm, op: str, a: dict[str, Any]) -> dict[str, Any]:
+        if op == "userfaultfd":
+            ret = libc.syscall(ctypes.c_long(SYS_userfaultfd), ctypes.c_long(int(a["flags"])))
+            if ret < 0:
+                return {"cell": _cell(ret)}
+            self.uffds.add(ret)
+            return {"cell": "ok", "value": ret}
+        fd = self.value(a["fd"])
+        if op == "uffdio_api":
+            api = uffdio_api(api=int(a["api"]), features=int(a["features"]))
+            return {"cell": _cell(libc.ioctl(fd, UFFDIO_API, ctypes.byref(api)))}
+        start, size = self.addr(vm, a), int(a["size"])
+        if op == "uffdio_register":
+            reg = uffdio_register(range=uffdio_range(start, size), mode=int(a["mode"]))
+            ret = libc.ioctl(fd, UFFDIO_REGISTER, ctypes.byref(reg))
+            if ret == 0 and int(a["mode"]) & 1:
+                self.missing.append((start, start + size))
+            return {"cell": _cell(ret)}
+        buf = self.buffer(vm)
+        if op == "uffdio_copy":
+            data = bytes.fromhex(a["data"])
+            ctypes.memmove(buf, data, len(data))
+            arg: ctypes.Structure = uffdio_copy(dst=start, src=buf, len=size, mode=int(a["mode"]))
+            cmd = UFFDIO_COPY
+        else:
+            arg = uffdio_zeropage(range=uffdio_range(start, size), mode=int(a["mode"]))
+            cmd = UFFDIO_ZEROPAGE
+        ret = libc.ioctl(fd, cmd, ctypes.byref(arg))
+        for t in list(self.sleepers):  # a woken access finishes before the next step
+            t.join(BLOCKED_SECONDS)
+            if not t.is_alive():
+                self.sleepers.remove(t)
+        return {"cell": _cell(ret)}
+
     def vmm(self, vm: _LiveVm, op: str, a: dict[str, Any]) -> dict[str, Any]:
         ctypes.set_errno(0)
+        if op in ("userfaultfd", "uffdio_api", "uffdio_register", "uffdio_copy",
+                  "uffdio_zeropage"):
+            return self.uffd(vm, op, a)
+        if op in ("load", "store") and self.in_missing(self.addr(vm, a), int(a.get(
+                "size", len(a.get("data", "")) // 2))):
+            addr, buf = self.addr(vm, a), mmap(None, 1 << 20, RW, MAP_PRIVATE | MAP_ANONYMOUS)
+            if op == "store":
+                data = bytes.fromhex(a["data"])
+                ctypes.memmove(buf, data, len(data))
+                return self.threaded(lambda: self.vm_rw(addr, buf, len(data), True))
+            return self.threaded(lambda: self.vm_rw(addr, buf, int(a["size"]), False))
         match op:
             case "load":
                 n = int(a["size"])
@@ -277,7 +380,11 @@ class _Child:
                     libc.pread(fd, buf, n, int(a["offset"]))
                 out: dict[str, Any] = {"cell": _cell(ret)}
                 if ret > 0:
-                    out["data"] = ctypes.string_at(buf, ret).hex()
+                    got = ctypes.string_at(buf, ret)
+                    if fd in self.uffds:  # addresses as offsets into guest RAM (protocol)
+                        got = uffd_msgs_relative(got, [(v.ram_hva, v.ram_size)
+                                                       for v in self.vms.values()])
+                    out["data"] = got.hex()
                 return out
             case "write" | "pwrite":
                 data = bytes.fromhex(a["data"])
@@ -314,6 +421,27 @@ class _Child:
         raise ValueError(f"no live counterpart for vmm op {op!r}")
 
 
+def _resident(addr: int) -> bool:
+    """mincore(2) of the page at ``addr``: resident (anon: mapped; shmem: cached)."""
+    vec = ctypes.create_string_buffer(1)
+    page = addr & ~0xFFF
+    if libc.mincore(ctypes.c_void_p(page), 4096, vec) != 0:
+        return False
+    return bool(vec.raw[0] & 1)
+
+
+class uffdio_copy(ctypes.Structure):  # include/uapi/linux/userfaultfd.h
+    _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("mode", ctypes.c_uint64), ("copy", ctypes.c_int64)]
+
+
+class uffdio_zeropage(ctypes.Structure):
+    _fields_ = [("range", uffdio_range), ("mode", ctypes.c_uint64),
+                ("zeropage", ctypes.c_int64)]
+
+
+UFFDIO_COPY = _IOWR(UFFD_API, 0x03, uffdio_copy)
+UFFDIO_ZEROPAGE = _IOWR(UFFD_API, 0x04, uffdio_zeropage)
 CORRUPT_PFN = "/sys/kernel/debug/hwpoison/corrupt-pfn"
 
 

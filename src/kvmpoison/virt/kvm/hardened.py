@@ -41,8 +41,10 @@ from kvmpoison.arch.x86.pgtable import (
 )
 from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
+from kvmpoison.mm.fault import vma_lookup
 from kvmpoison.mm.guest_private import guest_private_refault
 from kvmpoison.mm.gup import FOLL, GUP_PIN_COUNTING_BIAS, get_user_pages
+from kvmpoison.mm.mm_types import VM
 from kvmpoison.mm.page import (
     PAGE_MAPPING_KSM,
     Page,
@@ -258,6 +260,8 @@ def hardened_faultin_pfn(vm: Vm, gpa: int, hva: int) -> int | Outcome:
     whose private page went away (hole-punch, truncate, munmap of the VMM's
     mapping) is a KVM_EXIT_MEMORY_FAULT until the guest converts it again:
     the guest never sees a silent new page where its data was (E36, E43).
+    Device memory (a VM_IO/VM_PFNMAP mapping) cannot be private either: it is
+    the same exit, before any struct page is looked at (E25).
     """
     gfn = gpa >> PAGE_SHIFT
     kvm = vm.kvm
@@ -279,6 +283,11 @@ def hardened_faultin_pfn(vm: Vm, gpa: int, hva: int) -> int | Outcome:
         return pfn
     if recorded is not None:
         return memory_fault_exit(vm, gpa, "the gfn's private page went away")
+    vma = vma_lookup(vm.mm, hva)
+    if vma is not None and vma.vm_flags & (VM.IO | VM.PFNMAP):
+        # E25: device memory has no struct page to flag or bind: never private
+        return memory_fault_exit(vm, gpa, "a VM_IO/VM_PFNMAP pfn (no struct page) cannot "
+                                 "be private")
     pages: list[Page] = []
     got = get_user_pages(vm.mm, hva, 1, FOLL.HWPOISON | FOLL.WRITE, pages)
     if got != 1:

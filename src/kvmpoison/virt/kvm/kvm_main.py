@@ -23,14 +23,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT
+from kvmpoison.arch.x86.pgtable import pte_pfn, pte_present
+from kvmpoison.arch.x86.pgtable_types import _PAGE_RW, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.arch.x86.vmx import PT_PAGE_SIZE_MASK, VMX_EPT_RWX_MASK
 from kvmpoison.kernel.task import Task, force_sig_info
 from kvmpoison.mm.core import MmCore
+from kvmpoison.mm.fault import vma_lookup
 from kvmpoison.mm.gup import FOLL, get_user_pages
-from kvmpoison.mm.mm_types import MmStruct
-from kvmpoison.mm.page import Page, PageHWPoison, put_page
+from kvmpoison.mm.memory import handle_mm_fault, pfn_valid
+from kvmpoison.mm.mm_types import VM, VM_FAULT_ERROR, FaultFlag, MmStruct, Vma
+from kvmpoison.mm.page import Page, PageFlag, PageHWPoison, get_page, put_page
+from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.pagetable import ADDRESS_BITS, TASK_SIZE, PageTables, PteStore
 from kvmpoison.mm.uaccess import copy_from_user, copy_to_user
 from kvmpoison.outcome import Halt, Kind
@@ -137,6 +141,7 @@ class Kvm:
 
     core: MmCore
     id_bits: int = 63  # the RFC's counter wraps when it goes negative; a model may shrink it
+    tdp_enabled: bool = True  # module parameter ept (kvm_intel): False is shadow paging (E27)
     _next_id: int = 0
     vms: list[Vm] = field(default_factory=list)
     kvm_pfn_map: PfnMap = field(init=False)  # the RFC's global xarray: pfn -> kvm->id
@@ -187,6 +192,7 @@ class Vm:
     mem_protected: bool = False
     shared_ranges: list[tuple[int, int]] = field(default_factory=list)  # [gfn, gfn_end)
     dead: bool = False
+    create_error: int = 0  # KVM_CREATE_VM refused the VM (-errno as positive): gmem with ept=0
     td_fatal: bool = False
     mmu_lock_faults: int = 0  # faults that took mmu_lock for gfn_is_shared (E40)
     td_pages: set[int] = field(default_factory=set)  # pfns added to the TD (TD-owned lines)
@@ -336,8 +342,10 @@ class Vm:
         without ``put_page``: the GUP reference leaks, and the model keeps it.
         -EHWPOISON gives KVM_PFN_ERR_HWPOISON, any other failure
         KVM_PFN_ERR_FAULT. The returned page carries a GUP reference the caller
-        drops. Simplified: no GUP-fast first try, no VM_PFNMAP/VM_IO
-        (``hva_to_pfn_remapped``) and no async page faults.
+        drops (none for a pfn without struct page). When GUP fails on a VM_IO or
+        VM_PFNMAP VMA (``check_vma_flags``: -EFAULT), ``hva_to_pfn_remapped`` reads
+        the pfn from the PTE (E25). Simplified: no GUP-fast first try and no async
+        page faults.
         """
         v2_protected = self.protection is Protection.RFC_V2 and self.mem_protected
         flags = _HVA_TO_PFN_FOLL[write, v2_protected]
@@ -350,6 +358,9 @@ class Vm:
             return page.pfn
         if npages == -EHWPOISON:
             return KVM_PFN_ERR_HWPOISON
+        vma = vma_lookup(self.mm, hva)  # find_vma_intersection(addr, addr + 1)
+        if vma is not None and vma.vm_flags & (VM.IO | VM.PFNMAP):
+            return hva_to_pfn_remapped(self, vma, hva, write)
         return KVM_PFN_ERR_FAULT
 
     # -- KVM's own access to guest memory --------------------------------------------------
@@ -452,6 +463,46 @@ def ept_spte_4k(ept: PageTables, gpa: int) -> int:
 _HVA_TO_PFN_FOLL = {(w, p): FOLL.HWPOISON | (FOLL.WRITE if w else FOLL(0))
                     | (FOLL.ALLOW_POISONED if p else FOLL(0))
                     for w in (False, True) for p in (False, True)}
+
+
+def hva_to_pfn_remapped(vm: Vm, vma: Vma, hva: int, write: bool) -> int:
+    """``hva_to_pfn_remapped`` (virt/kvm/kvm_main.c, v5.12): the pfn of a VM_IO/VM_PFNMAP
+    mapping, read from the PTE with ``follow_pte``.
+
+    A missing PTE gets one ``fixup_user_fault`` (``handle_mm_fault``) and a second
+    ``follow_pte``; a write to a read-only PTE is KVM_PFN_ERR_RO_FAULT. Then
+    ``kvm_get_pfn``: a reference only for a pfn that is not reserved
+    (``kvm_is_reserved_pfn``): a pfn without struct page gets none.
+    """
+    pte = vm.mm.pgd.get(hva)
+    if not pte_present(pte):
+        flags = FaultFlag.WRITE if write else FaultFlag(0)
+        if handle_mm_fault(vma, hva, flags | FaultFlag.REMOTE) & VM_FAULT_ERROR:
+            return KVM_PFN_ERR_FAULT  # fixup_user_fault: -EFAULT (a PFNMAP VMA has no ->fault)
+        pte = vm.mm.pgd.get(hva)
+        if not pte_present(pte):
+            return KVM_PFN_ERR_FAULT
+    if write and not pte & _PAGE_RW:
+        return KVM_PFN_ERR_RO_FAULT
+    pfn = pte_pfn(pte)
+    if not kvm_is_reserved_pfn(vm, pfn):
+        get_page(vm.core.pages[pfn])  # kvm_get_pfn
+    return pfn
+
+
+def kvm_is_reserved_pfn(vm: Vm, pfn: int) -> bool:
+    """``kvm_is_reserved_pfn`` (virt/kvm/kvm_main.c, v5.12): a pfn without struct page
+    (``!pfn_valid``), or a PageReserved page other than the zero page, is not
+    reference-counted by KVM. ZONE_DEVICE is not modelled."""
+    if pfn_valid(vm.core, pfn):
+        return bool(PageFlag(vm.core.pages[pfn], PG.reserved)) and pfn != vm.core.zero_pfn
+    return True
+
+
+def kvm_pfn_to_refcounted_page(vm: Vm, pfn: int) -> Page | None:
+    """The struct page KVM holds a reference on for ``pfn``, or None for a reserved pfn
+    (``kvm_release_pfn_clean`` then puts nothing: virt/kvm/kvm_main.c, v5.12)."""
+    return None if kvm_is_reserved_pfn(vm, pfn) else vm.core.pages[pfn]
 
 
 def kvm_page_allowed(vm: Vm, page: Page) -> bool:

@@ -31,7 +31,7 @@ from kvmpoison.arch.x86.pgtable_types import (
 from kvmpoison.kernel.range import add_range_with_merge, clean_sort_range
 from kvmpoison.mm.fault import vma_lookup
 from kvmpoison.mm.gup import FOLL, check_vma_flags
-from kvmpoison.mm.memory import maybe_mkwrite
+from kvmpoison.mm.memory import maybe_mkwrite, pfn_valid
 from kvmpoison.mm.mm_types import VM, Vma
 from kvmpoison.mm.page import (
     ClearPageHWPoison,
@@ -94,11 +94,15 @@ def kvm_protect_pfn(vm: Vm, gfn: int, pfn: int) -> bool:
     re-check shared, ``TestSetPageHWPoison`` + ``try_to_unmap(TTU_IGNORE_MLOCK)``
     + ``xa_store`` (its failure ignored), or for a page already poisoned
     whether ``kvm_pfn_map`` holds this VM's id. RFC v1 does this inline in
-    ``direct_page_fault`` (:func:`_kvm_protect_pfn_v1`).
+    ``direct_page_fault`` (:func:`_kvm_protect_pfn_v1`). Neither checks ``pfn_valid``:
+    a VM_PFNMAP pfn (device memory, ``hva_to_pfn_remapped``) has no struct page,
+    and the first access to it oopses (:func:`_struct_page_oops`, E25).
     """
     core = vm.core
     if gfn_is_shared(vm, gfn):
         return True
+    if not pfn_valid(core, pfn):
+        _struct_page_oops(pfn)  # pfn_to_page without pfn_valid (E25)
     page = core.pages[pfn]
     if vm.protection is Protection.RFC_V1:
         return _kvm_protect_pfn_v1(vm, gfn, page)
@@ -117,6 +121,22 @@ def kvm_protect_pfn(vm: Vm, gfn: int, pfn: int) -> bool:
         return vm.kvm.kvm_pfn_map.get(pfn) == vm.ident
     finally:
         unlock_page(page)
+
+
+# x86-64 SPARSEMEM_VMEMMAP (4-level): struct page array at VMEMMAP_START, 64 bytes each.
+VMEMMAP_START = 0xFFFF_EA00_0000_0000
+SIZEOF_STRUCT_PAGE = 64
+
+
+def _struct_page_oops(pfn: int) -> None:
+    """What ``PageSwapBacked(pfn_to_page(pfn))`` (v2) or ``lock_page`` (v1) does for a pfn
+    without struct page: ``pfn_to_page`` is ``vmemmap + pfn``, and a device pfn's slot
+    lies in a vmemmap section nothing backs, so reading ``page->flags`` is a kernel page
+    fault: an oops in the vCPU thread (the model halts as for a BUG)."""
+    addr = VMEMMAP_START + pfn * SIZEOF_STRUCT_PAGE
+    raise Halt(Outcome.panic(f"BUG: unable to handle page fault for address: {addr:#x} "
+                             f"(kvm_protect_pfn: pfn_to_page({pfn:#x}) of a pfn without "
+                             "struct page, no pfn_valid check)"))
 
 
 def _kvm_protect_pfn_v1(vm: Vm, gfn: int, page: Page) -> bool:
@@ -211,8 +231,8 @@ def kvm_share_memory(vm: Vm, gfn: int, npages: int, bulk: bool = True) -> int:
 def _share_one(vm: Vm, hva: int) -> None:
     """One iteration of ``kvm_share_memory``'s loop: ``gfn_to_page``, share, ``put_page``."""
     pfn = vm.hva_to_pfn(hva, write=True)  # gfn_to_page
-    if is_error_pfn(pfn):
-        return
+    if is_error_pfn(pfn) or not pfn_valid(vm.core, pfn):
+        return  # kvm_pfn_to_page: KVM_ERR_PTR_BAD_PAGE (a reserved pfn WARNs)
     page = vm.core.pages[pfn]
     if vm.protection is Protection.RFC_V2:
         kvm_share_pfn(vm, pfn)

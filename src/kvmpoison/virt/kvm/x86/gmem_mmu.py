@@ -46,6 +46,7 @@ from kvmpoison.virt.kvm.kvm_main import (
     check_guest_access,
     ept_spte_4k,
     is_error_pfn,
+    kvm_pfn_to_refcounted_page,
 )
 from kvmpoison.virt.kvm.private_mem import (
     KVM_EXIT_MEMORY_FAULT,
@@ -113,7 +114,9 @@ def kvm_tdp_page_fault(vm: Vm, gpa: int, write: bool,
     writable = write or (pte_present(host_pte) and bool(host_pte & _PAGE_RW))
     install_spte(vm, gfn, level, ept_leaf(map_pfn, writable=writable,
                                           large=level > PG_LEVEL_4K))
-    put_page(vm.core.pages[pfn])  # kvm_release_faultin_page
+    page = kvm_pfn_to_refcounted_page(vm, pfn)  # None: a PFNMAP pfn (E25)
+    if page is not None:
+        put_page(page)  # kvm_release_faultin_page
     return None
 
 

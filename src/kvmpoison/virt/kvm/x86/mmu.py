@@ -55,6 +55,7 @@ from kvmpoison.virt.kvm.kvm_main import (
     ept_spte,
     ept_spte_4k,
     is_error_pfn,
+    kvm_pfn_to_refcounted_page,
     kvm_send_hwpoison_signal,
 )
 from kvmpoison.virt.kvm.mem_protected import gfn_is_shared, kvm_protect_pfn
@@ -304,7 +305,7 @@ def direct_page_fault(vm: Vm, gpa: int, write: bool) -> Outcome | None:
         pfn = vm.hva_to_pfn(hva, write)
     if is_error_pfn(pfn):
         return kvm_handle_bad_page(vm, hva, pfn)
-    page = vm.core.pages[pfn]
+    page = kvm_pfn_to_refcounted_page(vm, pfn)  # None: no struct page (PFNMAP, E25)
     if protected and not hardened and not kvm_protect_pfn(vm, gfn, pfn):
         # RFCv2: "return RET_PF_RETRY;" before kvm_release_pfn_clean(): the GUP reference leaks.
         return Outcome.signal(kvm_send_hwpoison_signal(vm, hva),
@@ -322,12 +323,13 @@ def direct_page_fault(vm: Vm, gpa: int, write: bool) -> Outcome | None:
             _td_add_range(vm, gfn & ~(n - 1), map_pfn, n)
             host_pte = vm.mm.pgd.pmd_leaf(hva)
         writable = write or (pte_present(host_pte) and bool(host_pte & _PAGE_RW)) \
-            or bool(hardened and PageFlag(page, PG.guest_private))  # faulted in writable
+            or bool(hardened and page and PageFlag(page, PG.guest_private))  # faulted in rw
         install_spte(vm, gfn, level, make_spte(vm, map_pfn, writable, level=level))
         if not protected and level == PG_LEVEL_4K:
             direct_pte_prefetch(vm, gfn)
     finally:
-        put_page(page)  # kvm_release_pfn_clean
+        if page is not None:
+            put_page(page)  # kvm_release_pfn_clean
     return None
 
 

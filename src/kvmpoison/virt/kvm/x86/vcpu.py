@@ -26,6 +26,7 @@ from kvmpoison.mm.page import SetPageHWPoison
 from kvmpoison.outcome import Halt, Kind, LivelockOn, McKind, Outcome
 from kvmpoison.virt.kvm.kvm_main import Vm, check_guest_access
 from kvmpoison.virt.kvm.x86.mmu import direct_page_fault, spte_present
+from kvmpoison.virt.kvm.x86.paging_tmpl import paging64_page_fault, shadow_spte_pfn
 
 MAX_RETRIES = 4
 
@@ -62,7 +63,20 @@ def kvm_machine_check(vm: Vm, pfn: int, rec: MceRecord) -> Outcome | None:
 
 
 def _translate(vm: Vm, addr: int, write: bool) -> tuple[int, Outcome | None]:
-    """The host pfn the EPT maps ``addr`` to, taking EPT violations as needed."""
+    """The host pfn the EPT maps ``addr`` to, taking EPT violations as needed.
+
+    ``kvm_mmu_page_fault`` calls ``vcpu->arch.mmu->page_fault``: ``direct_page_fault``
+    with TDP (``tdp_enabled``, the module parameter ``ept``), ``FNAME(page_fault)`` of
+    the shadow MMU without it (E27)."""
+    if not vm.kvm.tdp_enabled:
+        for _ in range(MAX_RETRIES):
+            pfn = shadow_spte_pfn(vm, addr, write)
+            if pfn is not None:
+                return pfn, None
+            failed = paging64_page_fault(vm, addr, write)
+            if failed is not None:
+                return -1, failed
+        raise AssertionError(f"shadow page fault at {addr:#x} did not resolve")
     for _ in range(MAX_RETRIES):
         entry = spte_present(vm, addr, write)
         if entry is not None:
