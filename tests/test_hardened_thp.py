@@ -21,6 +21,7 @@ from kvmpoison.mm.huge_memory import (
     HPAGE_PMD_NR,
     HPAGE_PMD_ORDER,
     HPAGE_PMD_SIZE,
+    ThpSettings,
     is_huge_zero_pmd,
     thp_pmd_mapping,
 )
@@ -97,6 +98,20 @@ def test_a_private_fault_splits_the_thp_and_the_vmm_keeps_the_other_511(offset: 
 
 
 HPAGE_SIZE = HPAGE_PMD_SIZE
+
+
+def test_a_pmd_mapped_shmem_thp_is_split_the_same_way() -> None:
+    m = Machine(Config(design="hardened", integrity=IntegrityMode.OFF,
+                       thp=ThpSettings(shmem_enabled="force")),
+                vms=[VmSpec(memory=8 << 20, backing="memfd")])
+    assert m.vmm.store(BASE, b"vmm data").kind is Kind.OK
+    head = thp_head(m)  # a shmem THP in the memfd's page cache, PMD-mapped
+    assert m.guest.store(BASE, SECRET).cell == "ok"  # its head: no oops
+    mem = m.kernel.core.pages
+    assert not mem.order[head : head + HPAGE_PMD_NR].any()
+    assert m.vm.hardened_private[GFN] == head and PageGuestPrivate(mem[head])
+    assert m.vmm.load(BASE).cell == "sig:SIGBUS:BUS_ADRERR"
+    assert m.vmm.load(BASE + 0x1000).cell == "ok"
 
 
 def test_a_thp_that_cannot_split_is_refused_and_nothing_is_half_protected() -> None:
