@@ -169,6 +169,23 @@ def test_converting_a_whole_2m_protects_all_512_pages_and_maps_one_2m_spte() -> 
     assert level(m, BASE + 0x7000) == PG_LEVEL_4K
 
 
+def test_converting_part_of_a_thp_splits_it_and_protects_only_the_covered_pages() -> None:
+    m = thp_machine()
+    half = HPAGE_PMD_NR // 2
+    assert m.guest.share(GFN, HPAGE_PMD_NR) == 0
+    assert m.vmm.store(BASE, b"x").kind is Kind.OK
+    head = thp_head(m)
+    assert m.guest.unshare(GFN, half) == 0
+    lo = hva(m)
+    markers = guest_private_markers(vmm_mm(m), lo, lo + HPAGE_SIZE)
+    assert sorted(markers.tolist()) == list(range(head, head + half))
+    assert present_ptes(m, lo, lo + HPAGE_SIZE) == half
+    assert m.vmm.load(BASE).cell == "sig:SIGBUS:BUS_ADRERR"
+    assert m.vmm.load(BASE + half * PAGE_SIZE).cell == "ok"
+    assert m.guest.load(BASE).cell == "ok"
+    assert level(m, BASE) == PG_LEVEL_4K  # half shared, half private: mixed
+
+
 def test_a_mixed_2m_range_never_gets_a_2m_spte() -> None:
     m = thp_machine()
     assert m.guest.share(GFN, HPAGE_PMD_NR // 2) == 0  # half shared, half private
@@ -221,8 +238,10 @@ def test_freeing_a_converted_2m_scrubs_every_one_of_its_512_pages() -> None:
     assert m.guest.unshare(GFN, HPAGE_PMD_NR) == 0
     for i in (0, 1, 255, 511):
         assert m.guest.store(BASE + i * PAGE_SIZE, SECRET).cell == "ok"
+    assert level(m, BASE) == PG_LEVEL_2M
     before = m.kvm.hardened_scrubbed
     assert m.vmm.proc.munmap(hva(m), HPAGE_SIZE).value == 0
+    assert spte_absent(m, BASE) and spte_absent(m, BASE + HPAGE_SIZE - PAGE_SIZE)
     assert m.kvm.hardened_scrubbed - before == HPAGE_PMD_NR
     mem = m.kernel.core.pages
     span = slice(head, head + HPAGE_PMD_NR)
