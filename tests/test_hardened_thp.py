@@ -21,6 +21,7 @@ from kvmpoison.mm.huge_memory import (
     HPAGE_PMD_NR,
     HPAGE_PMD_ORDER,
     HPAGE_PMD_SIZE,
+    ThpSettings,
     is_huge_zero_pmd,
     thp_pmd_mapping,
 )
@@ -99,6 +100,20 @@ def test_a_private_fault_splits_the_thp_and_the_vmm_keeps_the_other_511(offset: 
 HPAGE_SIZE = HPAGE_PMD_SIZE
 
 
+def test_a_pmd_mapped_shmem_thp_is_split_the_same_way() -> None:
+    m = Machine(Config(design="hardened", integrity=IntegrityMode.OFF,
+                       thp=ThpSettings(shmem_enabled="force")),
+                vms=[VmSpec(memory=8 << 20, backing="memfd")])
+    assert m.vmm.store(BASE, b"vmm data").kind is Kind.OK
+    head = thp_head(m)  # a shmem THP in the memfd's page cache, PMD-mapped
+    assert m.guest.store(BASE, SECRET).cell == "ok"  # its head: no oops
+    mem = m.kernel.core.pages
+    assert not mem.order[head : head + HPAGE_PMD_NR].any()
+    assert m.vm.hardened_private[GFN] == head and PageGuestPrivate(mem[head])
+    assert m.vmm.load(BASE).cell == "sig:SIGBUS:BUS_ADRERR"
+    assert m.vmm.load(BASE + 0x1000).cell == "ok"
+
+
 def test_a_thp_that_cannot_split_is_refused_and_nothing_is_half_protected() -> None:
     m = thp_machine()
     assert m.vmm.store(BASE, b"vmm data").kind is Kind.OK
@@ -154,6 +169,23 @@ def test_converting_a_whole_2m_protects_all_512_pages_and_maps_one_2m_spte() -> 
     assert level(m, BASE + 0x7000) == PG_LEVEL_4K
 
 
+def test_converting_part_of_a_thp_splits_it_and_protects_only_the_covered_pages() -> None:
+    m = thp_machine()
+    half = HPAGE_PMD_NR // 2
+    assert m.guest.share(GFN, HPAGE_PMD_NR) == 0
+    assert m.vmm.store(BASE, b"x").kind is Kind.OK
+    head = thp_head(m)
+    assert m.guest.unshare(GFN, half) == 0
+    lo = hva(m)
+    markers = guest_private_markers(vmm_mm(m), lo, lo + HPAGE_SIZE)
+    assert sorted(markers.tolist()) == list(range(head, head + half))
+    assert present_ptes(m, lo, lo + HPAGE_SIZE) == half
+    assert m.vmm.load(BASE).cell == "sig:SIGBUS:BUS_ADRERR"
+    assert m.vmm.load(BASE + half * PAGE_SIZE).cell == "ok"
+    assert m.guest.load(BASE).cell == "ok"
+    assert level(m, BASE) == PG_LEVEL_4K  # half shared, half private: mixed
+
+
 def test_a_mixed_2m_range_never_gets_a_2m_spte() -> None:
     m = thp_machine()
     assert m.guest.share(GFN, HPAGE_PMD_NR // 2) == 0  # half shared, half private
@@ -206,8 +238,10 @@ def test_freeing_a_converted_2m_scrubs_every_one_of_its_512_pages() -> None:
     assert m.guest.unshare(GFN, HPAGE_PMD_NR) == 0
     for i in (0, 1, 255, 511):
         assert m.guest.store(BASE + i * PAGE_SIZE, SECRET).cell == "ok"
+    assert level(m, BASE) == PG_LEVEL_2M
     before = m.kvm.hardened_scrubbed
     assert m.vmm.proc.munmap(hva(m), HPAGE_SIZE).value == 0
+    assert spte_absent(m, BASE) and spte_absent(m, BASE + HPAGE_SIZE - PAGE_SIZE)
     assert m.kvm.hardened_scrubbed - before == HPAGE_PMD_NR
     mem = m.kernel.core.pages
     span = slice(head, head + HPAGE_PMD_NR)

@@ -62,11 +62,13 @@ def _check(m: Machine) -> None:
         assert host[1] or not spte & VMX_EPT_WRITABLE_MASK, f"gfn {gfn:#x}: writable SPTE"
 
 
-def _step(m: Machine, name: str, page: int) -> None:
+def _step(m: Machine, name: str, page: int) -> bool:
+    """Run one op; False when the VMM died (its store to a page it made read-only is a
+    SIGSEGV that kills it), which ends the sequence."""
     gpa = page << PAGE_SHIFT
     hva = m.vmm.gpa_to_hva(gpa)
     if name == "vmm_store":
-        m.vmm.store(gpa, b"v")
+        return m.vmm.store(gpa, b"v").kind is not Kind.SIG
     elif name == "guest_load":
         assert m.guest.load(gpa, 1).kind is Kind.OK
     elif name == "guest_store":
@@ -79,6 +81,7 @@ def _step(m: Machine, name: str, page: int) -> None:
         khugepaged_scan(m.kernel.core)
     else:
         deferred_split_scan(m.kernel.core)
+    return True
 
 
 @settings(max_examples=25, deadline=5000)
@@ -88,5 +91,7 @@ def test_no_stale_or_over_writable_spte_on_thp_ram(ops: list[tuple[str, int]], v
     m = Machine(Config(design="baseline", kernel=kernel, integrity=IntegrityMode.OFF),
                 vms=[VmSpec(memory=RAM, backing="anon", thp=True)])
     for name, page in ops:
-        _step(m, name, page)
+        alive = _step(m, name, page)
         _check(m)
+        if not alive:
+            break

@@ -19,6 +19,9 @@ VMM's address space, but
 - a private gfn whose page went away (hole-punch, truncate) is a defined
   exit, KVM_EXIT_MEMORY_FAULT, never the old data and never a silent new
   page.
+- a THP is split cleanly before one of its pages becomes private (a THP
+  that cannot split refuses the fault), a whole converted 2 MiB is 512
+  private pages under one 2M SPTE, and a mixed 2 MiB range maps 4K (E23).
 
 The mm side of the design sits behind ``MmHooks.guest_private``; this module
 is KVM's side: ``kvm_protect_pfn``'s hardened branch, the fault-in of a
@@ -530,7 +533,9 @@ class _HardenedFreeHook:
     """The design's line in ``free_pages_prepare`` (mm/page_alloc.c): a PG_guest_private
     page is scrubbed (whole-page zero stores under KeyID 0, as ``tdx_clear_page`` does
     with MOVDIR64B, so no TD line and no guest data is left), loses its flag and its
-    binding, and leaves every TD's page set. A page with a real memory error is not
+    binding, and leaves every TD's page set. It sees every page of a freed block
+    (``free_pages_prepare(page, order)`` would walk all ``1 << order``), not only
+    the head as RFC v2's ``kvm_unpoison_page`` did. A page with a real memory error is not
     scrubbed (the allocator withholds it anyway, and a MOVDIR64B would hide the
     error)."""
 
