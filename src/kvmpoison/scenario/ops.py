@@ -310,6 +310,10 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
             return Outcome.ok(detail="the VMM exited; its VM is dead")
         case "vfio_pin":
             hva = hva_of(ctx, inst, a)
+            if (inst.spec.name, hva >> PAGE_SHIFT) in ctx.pins:
+                # vfio_dma_do_map (drivers/vfio/vfio_iommu_type1.c, v5.12, 6.18): the iova
+                # is mapped already, nothing is pinned again.
+                return Outcome.error(errno.EEXIST)
             pages: list[Page] = []
             mm = vmm.proc.task.mm
             assert mm is not None
