@@ -189,6 +189,8 @@ def test_exploring_rfc_v1_finds_the_gup_hole_and_run_replays_it(tmp_path: Path,
                                                                  ) -> None:
     res = explore_seed("rfc-v1", 14, 100, ("I1", "I7"), deadline_ms=5000)
     assert res.violation in ("I1", "I7") and res.replays is True
+    # Found within the 100 steps asked for; shrinking ran many more.
+    assert res.found_after is not None and 0 < res.found_after <= 100 < res.steps
     assert res.reproducer is not None
     assert replay(res.reproducer, "rfc-v1")[-1][1].startswith(res.violation + ":")
     path = tmp_path / "repro.toml"

@@ -205,7 +205,7 @@ def check_i4(m: Machine, cache: Cache | None = None) -> str | None:
     pins = cache.get(PINS, ()) if cache is not None else ()
     assert isinstance(pins, tuple)
     bad, held = refcount_mismatches(m, pins, scan)
-    if len(bad):
+    if held is not None:
         p = int(bad[0])
         return (f"I4: pfn {_fmt(bad)}: refcount {int(mem._refcount[p])} but its holders own "
                 f"{int(held.expected[p])} ({held.describe(p)}) at pfn {p:#x}")

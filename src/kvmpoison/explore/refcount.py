@@ -104,51 +104,80 @@ def user_ptes(m: Machine) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]
     return rows, present, mapped
 
 
-def holders(m: Machine, pins: Iterable[Page] = (),
-            scan: tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_], I64] | None = None
-            ) -> Holders:
-    """``scan``: :func:`user_ptes` of this state, when the caller has it already."""
+Scan = tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_], I64]
+Source = tuple[str, I64, I64 | None]  # a holder's name, the pfns it holds, refs per pfn
+
+
+def _sources(m: Machine, pins: Iterable[Page], scan: Scan | None) -> list[Source]:
+    """Every counted holder but the page tables, as the pfns it holds (heads found later)."""
     core = m.kernel.core
     mem = core.pages
-    n = mem.nr_pages
     rows, present, mapped = scan if scan is not None else user_ptes(m)
-    ptes = _count(m, mapped[mapped < n])
-    entries = np.zeros(n, dtype=np.int64)
+    out: list[Source] = [("ptes", mapped[mapped < mem.nr_pages], None)]
     hw_type = core.swap_types.hwpoison
     if core.hooks.hwpoison_entry_holds_ref and hw_type is not None:
         swap = rows[~present & ~pte_none_array(rows)]
         off = __swp_offset_array(swap[__swp_type_array(swap) == np.uint64(hw_type)])
-        entries = _count(m, off.astype(np.int64))
+        out.append(("hwpoison_entries", off.astype(np.int64), None))
     # Every address_space a page was ever cached in is in the registry (few objects).
     cached = [a.pages[a.pages >= 0] for a in mem.registry._objects.values()
               if isinstance(a, AddressSpace)]
-    page_cache = _count(m, np.concatenate(cached) if cached else np.zeros(0, np.int64))
-    tables = ((mem.flags & np.uint32(1 << PG_PGTABLE_BIT)) != 0).astype(np.int64)
+    if cached:
+        out.append(("page_cache", np.concatenate(cached), None))
     # Pipes: one object per pipe, however many fds (and forked tables) share it.
     pipes = {id(f.private_data): f.private_data for t in m.kernel.tasks.values()
              for f in t.fds.values() if isinstance(f.private_data, Pipe)}
-    piped = np.array([b.pfn for p in pipes.values() for b in p.bufs if b.pfn is not None],
-                     dtype=np.int64)
+    piped = [b.pfn for p in pipes.values() for b in p.bufs if b.pfn is not None]
+    if piped:
+        out.append(("pipes", np.array(piped, dtype=np.int64), None))
     pinned = list(pins)
-    pin_pfns = np.array([p.pfn for p in pinned], dtype=np.int64)
-    bias = np.array([1 if folio_has_pincount(p) else GUP_PIN_COUNTING_BIAS for p in pinned],
-                    dtype=np.int64)
-    pin_refs = _count(m, pin_pfns, bias)
+    if pinned:
+        bias = [1 if folio_has_pincount(p) else GUP_PIN_COUNTING_BIAS for p in pinned]
+        out.append(("pins", np.array([p.pfn for p in pinned], dtype=np.int64),
+                    np.array(bias, dtype=np.int64)))
     took = np.array([r.pfn for r in core.mf_reports if isinstance(r, MfReport)
                      and r.page_type not in NO_MF_REFERENCE], dtype=np.int64)
-    mf = np.zeros(n, dtype=np.int64)
-    poisoned = (mem.flags[took] & np.uint32(mem.mask(PG.hwpoison))) != 0
-    mf[np.unique(took[poisoned])] = 1
-    uncounted = (mem.flags & np.uint32(mem.mask(PG.reserved))) != 0
-    return Holders(ptes, entries, page_cache, tables, _count(m, piped), pin_refs, mf, uncounted)
+    if len(took):
+        poisoned = (mem.flags[took] & np.uint32(mem.mask(PG.hwpoison))) != 0
+        out.append(("memory_failure", np.unique(took[poisoned]), None))
+    return out
+
+
+def _tables(m: Machine) -> I64:
+    flags = m.kernel.core.pages.flags
+    tables: I64 = ((flags & np.uint32(1 << PG_PGTABLE_BIT)) != 0).astype(np.int64)
+    return tables
+
+
+def holders(m: Machine, pins: Iterable[Page] = (), scan: Scan | None = None) -> Holders:
+    """Per holder, the references it owns (``scan``: :func:`user_ptes` of this state, when
+    the caller has it already)."""
+    got = {name: _count(m, pfns, 1 if w is None else w) for name, pfns, w in
+           _sources(m, pins, scan)}
+    zero = np.zeros(m.kernel.core.pages.nr_pages, dtype=np.int64)
+    mem = m.kernel.core.pages
+    return Holders(got.get("ptes", zero), got.get("hwpoison_entries", zero),
+                   got.get("page_cache", zero), _tables(m), got.get("pipes", zero),
+                   got.get("pins", zero), got.get("memory_failure", zero),
+                   (mem.flags & np.uint32(mem.mask(PG.reserved))) != 0)
 
 
 def refcount_mismatches(m: Machine, pins: Iterable[Page] = (),
-                        scan: tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_], I64] | None
-                        = None) -> tuple[I64, Holders]:
+                        scan: Scan | None = None) -> tuple[I64, Holders | None]:
     """The pfns whose ``_refcount`` differs from what their holders own (tails included:
-    a tail's own count must stay 0), and the holders."""
-    h = holders(m, pins, scan)
-    recorded = m.kernel.core.pages._refcount.astype(np.int64)
-    bad = np.flatnonzero((recorded != h.expected) & ~h.uncounted)
-    return bad, h
+    a tail's own count must stay 0), and, when there are any, the holders. One bincount
+    over every holder's pfns; the holder by holder split only for a violation."""
+    sources = _sources(m, pins, scan)
+    mem = m.kernel.core.pages
+    n = mem.nr_pages
+    pfns = np.concatenate([p for _, p, _ in sources])
+    if any(w is not None for _, _, w in sources):
+        weights = np.concatenate([np.ones(len(p), dtype=np.int64) if w is None else w
+                                  for _, p, w in sources])
+        counted = np.bincount(_heads(m, pfns), weights=weights, minlength=n)[:n]
+        expected = counted.astype(np.int64) + _tables(m)
+    else:
+        expected = np.bincount(_heads(m, pfns), minlength=n)[:n] + _tables(m)
+    reserved = (mem.flags & np.uint32(mem.mask(PG.reserved))) != 0
+    bad = np.flatnonzero((mem._refcount != expected) & ~reserved)
+    return bad, (holders(m, pins, scan) if len(bad) else None)

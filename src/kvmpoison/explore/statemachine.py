@@ -69,6 +69,7 @@ class ExploreMachine(RuleBasedStateMachine):
     checked: ClassVar[tuple[str, ...]] = ()
     base: ClassVar[Machine | None] = None
     steps_run: ClassVar[int] = 0  # every step of every example, for steps/s
+    found_at: ClassVar[int | None] = None  # steps_run when the first violation was seen
 
     def __init__(self) -> None:
         super().__init__()
@@ -94,11 +95,18 @@ class ExploreMachine(RuleBasedStateMachine):
             return  # not applicable here (no page yet, the VMM is gone): not a step
         except Exception as exc:  # a model bug: report it with the steps that reach it
             steps = [*self.trace, (actor, op, args, "raises")]
+            self._found()
             raise ModelError([f"MODEL: {type(exc).__name__}: {exc}"], steps) from exc
         self.trace.append((actor, op, args, out.cell))
         problems = self.monitor.after(self.ctx, actor, op, args, out)
         if problems:
+            self._found()
             raise InvariantError(problems, list(self.trace))
+
+    def _found(self) -> None:
+        cls = type(self)
+        if cls.found_at is None:
+            cls.found_at = cls.steps_run
 
     # -- guest -----------------------------------------------------------------------------
 
@@ -244,6 +252,6 @@ def state_machine(design: str, invariants: tuple[str, ...]) -> type[ExploreMachi
     if cls is None:
         name = "Explore_" + design.replace("-", "_")
         cls = type(name, (ExploreMachine,), {"design": design, "checked": invariants,
-                                             "base": None, "steps_run": 0})
+                                             "base": None, "steps_run": 0, "found_at": None})
         _CLASSES[key] = cls
     return cls
