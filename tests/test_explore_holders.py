@@ -7,13 +7,22 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from kvmpoison.arch.x86.pgtable_types import _PAGE_RW, PAGE_SHIFT
 from kvmpoison.designs import DESIGNS
 from kvmpoison.explore import InvariantMonitor
 from kvmpoison.explore.campaign import explore_seed
-from kvmpoison.explore.invariants import check_i2, check_i4, check_i8, intrusions, private_pfns
+from kvmpoison.explore.invariants import (
+    check_i2,
+    check_i4,
+    check_i8,
+    free_mask,
+    free_pfns,
+    intrusions,
+    private_pfns,
+)
 from kvmpoison.explore.refcount import holders
 from kvmpoison.explore.statemachine import base_scenario, state_machine
 from kvmpoison.explore.tlb import stale_tlb_entries
@@ -209,3 +218,18 @@ def test_a_design_added_to_the_registry_is_explored(monkeypatch: pytest.MonkeyPa
     assert set(dir(cls)) >= {
         "vmm_ftruncate", "vmm_exit", "host_ksmd", "host_soft_offline", "host_second_vm",
         "hw_tamper", "host_direct_map_write", "vmm_vfio_pin", "vmm_dma_write", "guest2_store"}
+
+
+def test_i5s_free_test_agrees_with_the_free_lists() -> None:
+    """free_mask (a head search per candidate) says free exactly where free_pfns (the buddy
+    lists expanded) lists a pfn, after allocations and frees of several orders."""
+    ctx = _ctx("rfc-v2")
+    for op, args in (("store", {"gpa": SHARED, "data": "io"}), ("punch_hole", {"gpa": SHARED}),
+                     ("fork_child_load", {"gpa": SHARED})):
+        perform(ctx, "vmm:vm0", op, args)
+    perform(ctx, "guest:vm0", "store", {"gpa": GPA, "data": "x"})
+    m = ctx.machine
+    every = np.arange(m.kernel.core.pages.nr_pages, dtype=np.int64)
+    want = np.isin(every, free_pfns(m))
+    assert 0 < int(want.sum()) < len(every)
+    assert (free_mask(m, every) == want).all()

@@ -128,9 +128,16 @@ def live(m: Machine) -> list[Instance]:
 
 
 def private_pfns(m: Machine, cache: Cache | None = None) -> I64:
+    if cache is not None:
+        hit = cache.get("private")
+        if isinstance(hit, np.ndarray):
+            return hit
     views = [guest_view(i, cache) for i in live(m)]
     parts = [v.pfns[v.private] for v in views]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    out = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    if cache is not None:
+        cache["private"] = out
+    return out
 
 
 def vmm_pfns(inst: Instance) -> I64:
@@ -252,17 +259,31 @@ def td_data_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
     return out
 
 
-def check_i5(m: Machine, cache: Cache | None = None) -> str | None:
-    free = free_pfns(m)
+def free_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
+    """Which of ``pfns`` lie in a buddy free block: a PageBuddy head of order o at the pfn
+    rounded down to 2^o, for some o (one gather per order, whatever the free lists hold)."""
     mem = m.kernel.core.pages
-    poisoned = (mem.flags[free] & np.uint32(mem.mask(PG.hwpoison))) != 0
-    td = td_data_mask(m, free)
+    out = np.zeros(len(pfns), dtype=np.bool_)
+    for order in range(11):  # MAX_ORDER
+        heads = pfns & ~np.int64((1 << order) - 1)
+        out |= ((mem.flags[heads] & np.uint32(1 << PG_BUDDY_BIT)) != 0) \
+            & (mem.order[heads] == order)
+    return out
+
+
+def check_i5(m: Machine, cache: Cache | None = None) -> str | None:
+    """The pages that are poisoned or hold TD data (few), then which of them are free."""
+    mem = m.kernel.core.pages
+    poisoned = np.flatnonzero(mem.flags & np.uint32(mem.mask(PG.hwpoison)))
+    every = np.arange(mem.nr_pages, dtype=np.int64)
+    td = every[td_data_mask(m, every)]
     problems = []
     # A latent DRAM error nobody consumed is not here: the kernel cannot know of it (I6
     # covers poison the kernel has seen).
-    for what, mask in (("PG_hwpoison", poisoned), ("TD data", td)):
-        if mask.any():
-            problems.append(f"pfn {_fmt(free[mask])} with {what}")
+    for what, pfns in (("PG_hwpoison", poisoned), ("TD data", td)):
+        free = pfns[free_mask(m, pfns)]
+        if len(free):
+            problems.append(f"pfn {_fmt(free)} with {what}")
     if problems:
         return "I5: free page(s) in the allocator: " + "; ".join(problems)
     return None
