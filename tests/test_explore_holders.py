@@ -233,3 +233,16 @@ def test_i5s_free_test_agrees_with_the_free_lists() -> None:
     want = np.isin(every, free_pfns(m))
     assert 0 < int(want.sum()) < len(every)
     assert (free_mask(m, every) == want).all()
+
+
+def test_no_step_runs_on_a_panicked_host() -> None:
+    cls = state_machine("baseline", ("I4",))
+    sm = cls()
+    sm.guest_load(GPA)
+    sm.hw_dram_error(GPA)
+    sm.host_path("process_vm_readv", GPA)
+    assert sm.m.kernel.halted is not None and len(sm.trace) == 3
+    before = cls.steps_run
+    sm.vmm_path("load", GPA)
+    sm.guest_store(GPA, 7)
+    assert cls.steps_run == before and len(sm.trace) == 3

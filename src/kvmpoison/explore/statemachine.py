@@ -86,6 +86,8 @@ class ExploreMachine(RuleBasedStateMachine):
         return self.m.vm.protection is Protection.GMEM
 
     def step(self, actor: str, op: str, **args: Any) -> None:
+        if self.m.kernel.halted is not None:
+            return  # the host panicked: every later step would only answer "panic" (no step)
         type(self).steps_run += 1
         self.monitor.before(self.ctx, actor, op, args)
         try:
