@@ -251,7 +251,7 @@ FOUND = sorted((Path(__file__).parent.parent / "src/kvmpoison/explore/found").gl
 
 
 def test_the_found_reproducers_are_shipped() -> None:
-    assert len(FOUND) >= 10
+    assert len(FOUND) >= 18
 
 
 @pytest.mark.parametrize("path", FOUND, ids=lambda p: p.stem)
