@@ -179,8 +179,14 @@ def _user_ptes(m: Machine, cache: Cache | None) -> tuple[npt.NDArray[np.uint64],
 def check_i1(m: Machine, cache: Cache | None = None) -> str | None:
     """Every present user PTE of the machine (one array for all mms) against private pfns."""
     rows, present, _ = _user_ptes(m, cache)
+    private = private_pfns(m, cache)
+    if not len(private):
+        return None
     mapped = pte_pfn_array(rows[present])  # PROT_NONE pfns are inverted (L1TF)
-    bad = np.intersect1d(mapped, private_pfns(m, cache))
+    mask = np.zeros(m.kernel.core.pages.nr_pages, dtype=np.bool_)
+    mask[private] = True
+    mapped = mapped[mapped < len(mask)]
+    bad = np.unique(mapped[mask[mapped]])
     if len(bad):
         return f"I1: a host-userspace PTE maps private page(s) pfn {_fmt(bad)}"
     return None
@@ -259,16 +265,20 @@ def td_data_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
     return out
 
 
+_ORDERS = np.arange(11, dtype=np.int64)  # MAX_ORDER
+_ORDER_MASKS = ~((np.int64(1) << _ORDERS) - 1)
+
+
 def free_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
     """Which of ``pfns`` lie in a buddy free block: a PageBuddy head of order o at the pfn
-    rounded down to 2^o, for some o (one gather per order, whatever the free lists hold)."""
+    rounded down to 2^o, for some o (one gather of every pfn's 11 candidate heads)."""
+    if not len(pfns):
+        return np.zeros(0, dtype=np.bool_)
     mem = m.kernel.core.pages
-    out = np.zeros(len(pfns), dtype=np.bool_)
-    for order in range(11):  # MAX_ORDER
-        heads = pfns & ~np.int64((1 << order) - 1)
-        out |= ((mem.flags[heads] & np.uint32(1 << PG_BUDDY_BIT)) != 0) \
-            & (mem.order[heads] == order)
-    return out
+    heads = pfns[:, None] & _ORDER_MASKS[None, :]
+    buddy = (mem.flags[heads] & np.uint32(1 << PG_BUDDY_BIT)) != 0
+    return np.asarray((buddy & (mem.order[heads] == _ORDERS[None, :])).any(axis=1),
+                      dtype=np.bool_)
 
 
 def check_i5(m: Machine, cache: Cache | None = None) -> str | None:

@@ -68,11 +68,11 @@ def stale_tlb_entries(m: Machine) -> list[StaleEntry]:
                        dtype=np.int64, count=2 * n).reshape(n, 2)
     cached = np.fromiter(chain.from_iterable(c.tlb._entries.values() for c in cpus),
                          dtype=np.uint64, count=n)
-    cpu_ids = np.repeat(np.array([c.cpu_id for c in cpus], dtype=np.int64), sizes)
     vpns = keys[:, 1]
     shift = PMD_SHIFT - PAGE_SHIFT
     group = (keys[:, 0] << _REGION_BITS) | (vpns >> shift)
-    uniq, which = np.unique(group, return_inverse=True)
+    uniq = np.unique(group)
+    which = np.searchsorted(uniq, group)
     rows = np.full(len(uniq), -1, dtype=np.int64)  # -1: no leaf table, -2: the mm is gone
     for k, g in enumerate(uniq.tolist()):
         mm = core.mms.get(g >> _REGION_BITS)
@@ -86,5 +86,8 @@ def stale_tlb_entries(m: Machine) -> list[StaleEntry]:
     current = np.where(row >= 0, core.ptes.rows[np.maximum(row, 0), vpns & (PTRS_PER_PTE - 1)],
                        np.uint64(0))
     bad = np.flatnonzero((row != -2) & stale_mask(cached, current))
+    if not len(bad):
+        return []
+    cpu_ids = np.repeat(np.array([c.cpu_id for c in cpus], dtype=np.int64), sizes)
     return [StaleEntry(int(cpu_ids[i]), int(keys[i, 0]), int(vpns[i]) << PAGE_SHIFT,
                        int(cached[i]), int(current[i])) for i in bad]
