@@ -1,8 +1,10 @@
 """The explorer's speed: steps per second of one worker, every invariant checked.
 
 Runs each design's state machine for a fixed number of steps without shrinking and
-reports steps/s with all invariants on and with none (the cost of the checks), and the
-cost of one ``Machine.copy()`` (every hypothesis example starts from one).
+reports steps/s with all invariants on and with none (the cost of the checks), per second
+of wall time and per second of this process's CPU time (the same on an idle host; on one
+shared with other jobs the wall figure drops), and the cost of one ``Machine.copy()``
+(every hypothesis example starts from one).
 
     python3 benchmarks/bench_explore.py [--steps 2000] [--designs gmem,rfc-v2] [--json out.json]
 """
@@ -29,14 +31,16 @@ def main() -> None:
     for design in args.designs.split(","):
         row: dict[str, object] = {"design": design}
         for label, checked in (("all", tuple(INVARIANTS)), ("none", ())):
-            steps = seconds = 0.0
+            steps = seconds = cpu = 0.0
             seed = 0
             while steps < args.steps:  # a violation ends a seed early: go on with the next
                 r = explore_seed(design, seed, args.steps, checked, shrink=False)
                 steps += r.steps
                 seconds += r.seconds
+                cpu += r.cpu_seconds
                 seed += 1
             row[f"steps_per_s_{label}"] = round(steps / seconds)
+            row[f"steps_per_cpu_s_{label}"] = round(steps / cpu)  # as if the CPU were ours
         cls = state_machine(design, ())
         base = cls.base
         assert base is not None

@@ -170,8 +170,8 @@ def test_i7_the_host_reaches_a_private_page(design: str, cell: str, violates: bo
 def test_parse_invariants() -> None:
     assert parse_invariants("i1, I3") == ("I1", "I3")
     assert parse_invariants(None)[0] == "I1"
-    with pytest.raises(ValueError, match="unknown invariant I8"):
-        parse_invariants("I1,I8")
+    with pytest.raises(ValueError, match="unknown invariant I9"):
+        parse_invariants("I1,I9")
 
 
 def test_a_gmem_copy_exits_to_its_own_vmm() -> None:
@@ -187,8 +187,10 @@ def test_a_gmem_copy_exits_to_its_own_vmm() -> None:
 def test_exploring_rfc_v1_finds_the_gup_hole_and_run_replays_it(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]
                                                                  ) -> None:
-    res = explore_seed("rfc-v1", 0, 300, ("I1", "I7"), deadline_ms=5000)
+    res = explore_seed("rfc-v1", 14, 100, ("I1", "I7"), deadline_ms=5000)
     assert res.violation in ("I1", "I7") and res.replays is True
+    # Found within the 100 steps asked for; shrinking ran many more.
+    assert res.found_after is not None and 0 < res.found_after <= 100 < res.steps
     assert res.reproducer is not None
     assert replay(res.reproducer, "rfc-v1")[-1][1].startswith(res.violation + ":")
     path = tmp_path / "repro.toml"
@@ -204,7 +206,7 @@ def test_exploring_rfc_v1_finds_the_gup_hole_and_run_replays_it(tmp_path: Path,
 def test_gmem_explores_without_violations() -> None:
     res = explore_seed("gmem", 0, 300, parse_invariants(None), deadline_ms=5000)
     assert res.violation is None, res.problems
-    assert res.steps >= 300
+    assert res.steps >= 250  # a draw of the exit rule that does not exit is no step
 
 
 @pytest.mark.timeout(60, method="thread")
@@ -249,7 +251,7 @@ FOUND = sorted((Path(__file__).parent.parent / "src/kvmpoison/explore/found").gl
 
 
 def test_the_found_reproducers_are_shipped() -> None:
-    assert len(FOUND) >= 10
+    assert len(FOUND) >= 18
 
 
 @pytest.mark.parametrize("path", FOUND, ids=lambda p: p.stem)

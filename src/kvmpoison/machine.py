@@ -145,12 +145,16 @@ class Machine:
             if parent is None:
                 raise ValueError(f"fork_of names no VM: {spec.fork_of!r}")
             return Vmm.fork(parent.vmm)
-        proc = Process.spawn(self.kernel, f"qemu-{spec.name}")
         if spec.share_ram_with is not None:
             other = self.instances.get(spec.share_ram_with)
             if other is None:
                 raise ValueError(f"share_ram_with names no VM: {spec.share_ram_with!r}")
-            return Vmm.share(proc, other.vmm)
+            if other.vmm.ram_fd not in other.vmm.proc.task.fds:
+                # The file is passed on from the VMM's fd: one that exited has none.
+                raise ValueError(f"share_ram_with: the VMM of {spec.share_ram_with!r} has "
+                                 "exited, its RAM file is closed")
+            return Vmm.share(Process.spawn(self.kernel, f"qemu-{spec.name}"), other.vmm)
+        proc = Process.spawn(self.kernel, f"qemu-{spec.name}")
         return Vmm.start(proc, spec.memory, spec.backing, spec.thp)
 
     def destroy_vm(self, name: str) -> None:

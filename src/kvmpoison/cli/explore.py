@@ -122,10 +122,11 @@ def explore(
 
 def _print(doc: dict[str, object], results: list[SeedResult]) -> None:
     table = Table(title=f"explore {doc['design']}", title_justify="left")
-    for col in ("seed", "steps", "steps/s", "violation", "replays", "first problem"):
+    for col in ("seed", "steps", "steps/s", "violation", "after", "replays", "first problem"):
         table.add_column(col, overflow="fold")
     for r in results:
         table.add_row(str(r.seed), str(r.steps), f"{r.steps_per_s:.0f}", r.violation or "",
+                      "" if r.found_after is None else str(r.found_after),
                       "" if r.replays is None else ("yes" if r.replays else "NO"),
                       r.problems[0] if r.problems else "")
     console = Console()

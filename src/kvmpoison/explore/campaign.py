@@ -31,6 +31,8 @@ class SeedResult:
     problems: list[str] = field(default_factory=list)
     reproducer: str | None = None  # the scenario TOML
     replays: bool | None = None  # the reproducer fails the same way under `run`
+    found_after: int | None = None  # steps run when the violation was first seen (no shrinking)
+    cpu_seconds: float = 0.0  # this process's CPU time: the rate on a host shared with others
 
     @property
     def steps_per_s(self) -> float:
@@ -39,6 +41,8 @@ class SeedResult:
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["steps_per_s"] = round(self.steps_per_s, 1)
+        out["steps_per_cpu_s"] = round(self.steps / self.cpu_seconds, 1) if self.cpu_seconds \
+            else 0.0
         return out
 
 
@@ -49,6 +53,7 @@ def explore_seed(design: str, seed: int, steps: int, invariants: tuple[str, ...]
     (up to STEPS_PER_EXAMPLE steps); campaigns leave it off, tests set it."""
     cls = state_machine(design, invariants)
     cls.steps_run = 0
+    cls.found_at = None
     phases = [Phase.generate] + ([Phase.shrink] if shrink else [])
     conf = settings(max_examples=max(1, math.ceil(steps / STEPS_PER_EXAMPLE)),
                     stateful_step_count=min(steps, STEPS_PER_EXAMPLE), deadline=deadline_ms,
@@ -56,7 +61,7 @@ def explore_seed(design: str, seed: int, steps: int, invariants: tuple[str, ...]
                     suppress_health_check=list(HealthCheck), print_blob=False,
                     report_multiple_bugs=False)  # one violation per seed: the first
     hypothesis_seed(seed)(cls)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     found: InvariantError | None = None
     try:
         with warnings.catch_warnings():
@@ -70,10 +75,11 @@ def explore_seed(design: str, seed: int, steps: int, invariants: tuple[str, ...]
     except Flaky as exc:  # should not happen: the machine is deterministic
         raise RuntimeError(f"{design} seed {seed}: a violation did not reproduce: {exc}") from exc
     res = SeedResult(design, seed, list(invariants), cls.steps_run,
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, cpu_seconds=time.process_time() - cpu)
     if found is not None:
         name = f"x-{design}-{found.invariant.lower()}-seed{seed}"
         res.violation = found.invariant
+        res.found_after = cls.found_at
         res.problems = found.problems
         res.reproducer = reproducer_toml(design, name, found.problems, found.steps,
                                          f"kvmpoison explore --design {design} --seed {seed}")

@@ -17,9 +17,11 @@ import numpy.typing as npt
 
 from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.arch.x86.pgtable import pte_pfn_array, pte_present_array
-from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
 from kvmpoison.arch.x86.physmem import LINE_TD, NO_KEYID
 from kvmpoison.arch.x86.vmx import VMX_EPT_RWX_MASK
+from kvmpoison.explore.refcount import refcount_mismatches, user_ptes
+from kvmpoison.explore.tlb import stale_tlb_entries
 from kvmpoison.machine import Instance, Machine
 from kvmpoison.mm.page_flags import PG, PG_BUDDY_BIT
 from kvmpoison.virt.kvm.gmem_memslot import SPTE_PRIVATE
@@ -41,15 +43,19 @@ INVARIANTS: dict[str, Invariant] = {i.name: i for i in (
     Invariant("I2", "no host write reaches a TD-private line (last-writer KeyID oracle)", False),
     Invariant("I3", "guest data is never lost or corrupted: every successful guest read of a "
               "private gfn returns what the guest last wrote there", True),
-    Invariant("I4", "mapcount agrees with the page tables: each page's mapcount is the number of "
-              "present user PTEs that map it (the refcount, page cache, swap and pin halves are "
-              "not checked yet)", False),
+    Invariant("I4", "refcount and mapcount agree with what holds the page: mapcount is the "
+              "number of present user PTEs mapping it; refcount is what its PTEs, hwpoison "
+              "entries that hold one, page-cache slots, pipe buffers, page-table use, "
+              "long-term pins and memory_failure own", False),
     Invariant("I5", "no page returns to the allocator poisoned (PG_hwpoison), or still "
               "holding TD data", False),
     Invariant("I6", "real hardware poison the kernel has seen (PG_hwpoison on a frame with a "
               "bad line) is never cleared or hidden by protection bookkeeping", False),
     Invariant("I7", "a shared gfn's page is the one the VMM maps; a private gfn's page is "
               "never reached by a VMM or host access that succeeds", True),
+    Invariant("I8", "no CPU's TLB keeps a translation that grants more than the current PTE "
+              "(another pfn, or a permission the PTE lost), so no host access succeeds "
+              "through a stale entry", False),
 )}
 
 
@@ -90,6 +96,7 @@ def guest_private_mask(inst: Instance, gfns: I64) -> npt.NDArray[np.bool_]:
 
 
 Cache = dict[object, object]  # one step's views, so several checks walk the EPT once
+PINS = "pins"  # the cache key of the long-term pins a scenario keeps (a tuple of Pages)
 
 
 def guest_view(inst: Instance, cache: Cache | None = None) -> GuestView:
@@ -121,9 +128,16 @@ def live(m: Machine) -> list[Instance]:
 
 
 def private_pfns(m: Machine, cache: Cache | None = None) -> I64:
+    if cache is not None:
+        hit = cache.get("private")
+        if isinstance(hit, np.ndarray):
+            return hit
     views = [guest_view(i, cache) for i in live(m)]
     parts = [v.pfns[v.private] for v in views]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    out = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    if cache is not None:
+        cache["private"] = out
+    return out
 
 
 def vmm_pfns(inst: Instance) -> I64:
@@ -150,12 +164,29 @@ def _fmt(pfns: I64, limit: int = 4) -> str:
 # -- state invariants ------------------------------------------------------------------------
 
 
+def _user_ptes(m: Machine, cache: Cache | None) -> tuple[npt.NDArray[np.uint64],
+                                                          npt.NDArray[np.bool_], I64]:
+    """:func:`user_ptes`, once per step for I1 and I4."""
+    if cache is None:
+        return user_ptes(m)
+    hit = cache.get("ptes")
+    if hit is None:
+        hit = cache["ptes"] = user_ptes(m)
+    assert isinstance(hit, tuple)
+    return hit
+
+
 def check_i1(m: Machine, cache: Cache | None = None) -> str | None:
     """Every present user PTE of the machine (one array for all mms) against private pfns."""
-    store = m.kernel.core.ptes
-    rows = store.rows[: store._high].reshape(-1)
-    mapped = pte_pfn_array(rows[pte_present_array(rows)])  # PROT_NONE pfns are inverted (L1TF)
-    bad = np.intersect1d(mapped, private_pfns(m, cache))
+    rows, present, _ = _user_ptes(m, cache)
+    private = private_pfns(m, cache)
+    if not len(private):
+        return None
+    mapped = pte_pfn_array(rows[present])  # PROT_NONE pfns are inverted (L1TF)
+    mask = np.zeros(m.kernel.core.pages.nr_pages, dtype=np.bool_)
+    mask[private] = True
+    mapped = mapped[mapped < len(mask)]
+    bad = np.unique(mapped[mask[mapped]])
     if len(bad):
         return f"I1: a host-userspace PTE maps private page(s) pfn {_fmt(bad)}"
     return None
@@ -169,12 +200,12 @@ def intrusions(m: Machine) -> dict[int, int]:
 
 
 def check_i4(m: Machine, cache: Cache | None = None) -> str | None:
-    """Per pfn: present, non-special user PTEs of every mm (one array) against _mapcount + 1."""
+    """Mapcount: per pfn, present non-special user PTEs of every mm (one array) against
+    _mapcount + 1. Refcount: per pfn, the references its holders own
+    (:mod:`kvmpoison.explore.refcount`) against _refcount."""
     core = m.kernel.core
-    store = core.ptes
-    rows = store.rows[: store._high].reshape(-1)
-    mapped = pte_pfn_array(rows[pte_present_array(rows) &
-                                ((rows & np.uint64(_PAGE_SPECIAL)) == 0)])
+    scan = _user_ptes(m, cache)
+    mapped = scan[2]
     mem = core.pages
     counted = np.bincount(mapped, minlength=mem.nr_pages)[: mem.nr_pages]
     recorded = mem._mapcount.astype(np.int64) + 1
@@ -184,6 +215,13 @@ def check_i4(m: Machine, cache: Cache | None = None) -> str | None:
         p = int(bad[0])
         return (f"I4: pfn {_fmt(bad)}: mapcount {int(recorded[p])} but {int(counted[p])} "
                 f"present PTE(s) map pfn {p:#x}")
+    pins = cache.get(PINS, ()) if cache is not None else ()
+    assert isinstance(pins, tuple)
+    bad, held = refcount_mismatches(m, pins, scan)
+    if held is not None:
+        p = int(bad[0])
+        return (f"I4: pfn {_fmt(bad)}: refcount {int(mem._refcount[p])} but its holders own "
+                f"{int(held.expected[p])} ({held.describe(p)}) at pfn {p:#x}")
     return None
 
 
@@ -227,17 +265,35 @@ def td_data_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
     return out
 
 
-def check_i5(m: Machine, cache: Cache | None = None) -> str | None:
-    free = free_pfns(m)
+_ORDERS = np.arange(11, dtype=np.int64)  # MAX_ORDER
+_ORDER_MASKS = ~((np.int64(1) << _ORDERS) - 1)
+
+
+def free_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
+    """Which of ``pfns`` lie in a buddy free block: a PageBuddy head of order o at the pfn
+    rounded down to 2^o, for some o (one gather of every pfn's 11 candidate heads)."""
+    if not len(pfns):
+        return np.zeros(0, dtype=np.bool_)
     mem = m.kernel.core.pages
-    poisoned = (mem.flags[free] & np.uint32(mem.mask(PG.hwpoison))) != 0
-    td = td_data_mask(m, free)
+    heads = pfns[:, None] & _ORDER_MASKS[None, :]
+    buddy = (mem.flags[heads] & np.uint32(1 << PG_BUDDY_BIT)) != 0
+    return np.asarray((buddy & (mem.order[heads] == _ORDERS[None, :])).any(axis=1),
+                      dtype=np.bool_)
+
+
+def check_i5(m: Machine, cache: Cache | None = None) -> str | None:
+    """The pages that are poisoned or hold TD data (few), then which of them are free."""
+    mem = m.kernel.core.pages
+    poisoned = np.flatnonzero(mem.flags & np.uint32(mem.mask(PG.hwpoison)))
+    every = np.arange(mem.nr_pages, dtype=np.int64)
+    td = every[td_data_mask(m, every)]
     problems = []
     # A latent DRAM error nobody consumed is not here: the kernel cannot know of it (I6
     # covers poison the kernel has seen).
-    for what, mask in (("PG_hwpoison", poisoned), ("TD data", td)):
-        if mask.any():
-            problems.append(f"pfn {_fmt(free[mask])} with {what}")
+    for what, pfns in (("PG_hwpoison", poisoned), ("TD data", td)):
+        free = pfns[free_mask(m, pfns)]
+        if len(free):
+            problems.append(f"pfn {_fmt(free)} with {what}")
     if problems:
         return "I5: free page(s) in the allocator: " + "; ".join(problems)
     return None
@@ -288,6 +344,16 @@ def check_i7_shared(m: Machine, cache: Cache | None = None) -> str | None:
     return None
 
 
+def check_i8(m: Machine, cache: Cache | None = None) -> str | None:
+    stale = stale_tlb_entries(m)
+    if stale:
+        e = stale[0]
+        more = f" (+{len(stale) - 1} more)" if len(stale) > 1 else ""
+        return (f"I8: CPU {e.cpu} caches PTE {e.cached:#x} for {e.vaddr:#x} of mm {e.mm}, "
+                f"but the PTE is {e.current:#x} now{more}")
+    return None
+
+
 StateCheck = Callable[[Machine, Cache | None], str | None]
 STATE_CHECKS: dict[str, StateCheck] = {"I1": check_i1, "I4": check_i4, "I5": check_i5,
-                                       "I7": check_i7_shared}
+                                       "I7": check_i7_shared, "I8": check_i8}

@@ -14,6 +14,7 @@ import numpy.typing as npt
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.explore.invariants import (
     INVARIANTS,
+    PINS,
     STATE_CHECKS,
     Cache,
     check_i2,
@@ -40,6 +41,12 @@ DATA_PATHS = frozenset({
     "ptrace_peek", "ptrace_poke", "fork_child_load",
 })
 assert {*proto.PATHS, "fork_child_load"} >= DATA_PATHS
+
+# Tampering: a physical attack, and a host write with the wrong KeyID through the kernel's
+# direct map (E29: every design keeps it). No design can stop either from reaching a line,
+# so I2 leaves them out; what integrity owes the guest is that it never reads the damage
+# as data (I3).
+TAMPERING = frozenset({("hw", "tamper"), ("host", "kernel_write")})
 
 Shadow = tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]
 
@@ -74,7 +81,10 @@ class InvariantMonitor:
 
     def before(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any]) -> None:
         self._probe = None
-        if "I2" in self.names:
+        self._i2 = None
+        if (actor.partition(":")[0], op) in TAMPERING:
+            self._private = None
+        elif "I2" in self.names:
             private = self._private if self._private is not None else private_pfns(ctx.machine)
             self._i2 = (intrusions(ctx.machine), private)
         gpa = args.get("gpa")
@@ -96,11 +106,16 @@ class InvariantMonitor:
     def after(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any],
               out: Outcome) -> list[str]:
         found: list[str] = []
-        cache: Cache = {}
+        cache: Cache = {PINS: tuple(ctx.pins.values())}
         if actor.startswith("guest"):
             found += self._guest_step(ctx, actor, op, args, out)
         if self._probe is not None and out.succeeded:
             found += self._reached(ctx, op, out)
+        if ctx.machine.kernel.halted is not None:
+            # A panicked host stopped mid-operation (a pin still held, a lock still taken):
+            # its state is no kernel's, so no state invariant applies.
+            self._private = None
+            return found
         for name in self.names:
             check = STATE_CHECKS.get(name)
             if check is None:

@@ -96,6 +96,14 @@ class Pipe:
             self.bufs.remove(buf)
 
 
+def free_pipe_info(pipe: Pipe) -> None:
+    """``fs/pipe.c:free_pipe_info`` (v5.12, 6.18), on the last close of a pipe: release every
+    buffer (a vmspliced page gets its reference back)."""
+    for buf in pipe.bufs:
+        buf.release()
+    pipe.bufs = []
+
+
 def pipe_read(pipe: Pipe, to: IovIter) -> int:
     """``fs/pipe.c:pipe_read`` (v5.12, 6.18) with O_NONBLOCK semantics: buffer by buffer;
     a buffer whose copy faults stays and ends the call (-EFAULT if nothing moved).

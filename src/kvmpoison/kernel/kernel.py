@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from itertools import count
 
 from kvmpoison.arch.x86.integrity import PlatformConfig
+from kvmpoison.fs.pipe import Pipe, free_pipe_info
 from kvmpoison.kconfig import KernelConfig
 from kvmpoison.kernel.task import Task, force_sig_info
 from kvmpoison.mm.core import MmCore
@@ -99,8 +100,15 @@ class Kernel:
         if task.mm is not None:
             exit_mmap(task.mm)
             task.mm = None
+        files = list(task.fds.values())
         task.fds.clear()
         task.alive = False
+        # pipe_release: a pipe no other task still has open goes (the model counts no f_count).
+        for pipe in {id(f.private_data): f.private_data for f in files
+                     if isinstance(f.private_data, Pipe)}.values():
+            if not any(f.private_data is pipe for t in self.tasks.values()
+                       for f in t.fds.values()):
+                free_pipe_info(pipe)
 
     def send_signal(self, pid: int, info: SigInfo) -> None:
         """Deliver ``info`` to ``pid`` (mm's signal hook: memory_failure's kill_proc)."""

@@ -358,6 +358,11 @@ def _vmm(ctx: RunCtx, who: str, op: str, a: dict[str, Any]) -> Outcome:
             return _ret(move_pages(mm, [hva_of(ctx, inst, a)])[0])
         case "vfio_pin":
             hva = hva_of(ctx, inst, a)
+            if (inst.spec.name, hva >> PAGE_SHIFT) in ctx.pins:
+                # vfio_dma_do_map (drivers/vfio/vfio_iommu_type1.c, read in Debian's 6.1;
+                # the vfio_find_dma check predates v5.12): the iova is mapped already,
+                # nothing is pinned again.
+                return Outcome.error(errno.EEXIST)
             pages: list[Page] = []
             mm = vmm.proc.task.mm
             assert mm is not None

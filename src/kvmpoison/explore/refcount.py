@@ -1,0 +1,183 @@
+"""I4's refcount half: each page's ``_refcount`` derived from the holders that exist.
+
+The kernel never stores who holds a page's references; the model's state does, in places
+the explorer can read in bulk. Per page (on its compound head, as ``get_page`` counts):
+
+* one per present, non-special user PTE of every mm (PROT_NONE included): the PTE's
+  reference (``page_add_*_rmap`` goes with a ``get_page``);
+* one per hwpoison swap entry naming the page, when the design's entries hold one
+  (RFC patch 10, ``MmHooks.hwpoison_entry_holds_ref``);
+* one per page-cache slot of every ``address_space`` (shmem/memfd, guest_memfd,
+  secretmem): ``add_to_page_cache`` keeps its caller's reference;
+* one per pipe buffer holding the page (``vmsplice``'s ``user_page_pipe_buf_ops``), in
+  every pipe a task has open;
+* one for a page-table page (its allocation's reference, PG_table);
+* ``GUP_PIN_COUNTING_BIAS`` per long-term FOLL_PIN the scenario keeps (``vfio_pin``), or
+  one on a folio with a pincount field;
+* one for memory_failure's own reference (``get_hwpoison_page``, or
+  ``take_page_off_buddy`` + ``page_ref_inc``), kept while the page stays PG_hwpoison:
+  counted from memory_failure's report log, whose page types say whether it took one.
+
+Holders that cannot be counted, so their pages are left out of the comparison: PG_reserved
+pages (the zero page, whose count only ever grows in the kernel). KVM holds no reference
+across steps in any design: its GUP references are dropped at the end of a fault or copy
+(``kvm_release_pfn_clean``), unless a design leaks one, which is what the check is for.
+Swap entries of pages written out hold no page (the model has no swap cache), so they
+count nothing. PMD-mapped huge pages are not counted (no PMD leaf is scanned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from kvmpoison.arch.x86.pgtable import pte_none_array, pte_pfn_array, pte_present_array
+from kvmpoison.arch.x86.pgtable_64 import __swp_offset_array, __swp_type_array
+from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL
+from kvmpoison.fs.pipe import Pipe
+from kvmpoison.machine import Machine
+from kvmpoison.mm.file import AddressSpace
+from kvmpoison.mm.gup import GUP_PIN_COUNTING_BIAS, folio_has_pincount
+from kvmpoison.mm.memory_failure import MfReport
+from kvmpoison.mm.page import Page
+from kvmpoison.mm.page_flags import PG, PG_PGTABLE_BIT
+
+I64 = npt.NDArray[np.int64]
+
+# memory_failure's reports whose handling took no reference of its own (the page was
+# already poisoned, was the kernel's, or soft offline left it alone).
+NO_MF_REFERENCE = frozenset({
+    "already poisoned", "reserved kernel page", "high-order kernel page",
+    "soft offline: page already poisoned", "soft offline: migration not modelled",
+})
+
+
+@dataclass(frozen=True)
+class Holders:
+    """Per pfn (heads hold the counts): the references each kind of holder owns."""
+
+    ptes: I64
+    hwpoison_entries: I64
+    page_cache: I64
+    page_tables: I64
+    pipes: I64
+    pins: I64
+    memory_failure: I64
+    uncounted: npt.NDArray[np.bool_]  # pages with a holder the model cannot count
+
+    @property
+    def expected(self) -> I64:
+        total: I64 = (self.ptes + self.hwpoison_entries + self.page_cache + self.page_tables
+                      + self.pipes + self.pins + self.memory_failure)
+        return total
+
+    def describe(self, pfn: int) -> str:
+        parts = [(n, int(getattr(self, n)[pfn])) for n in (
+            "ptes", "hwpoison_entries", "page_cache", "page_tables", "pipes", "pins",
+            "memory_failure")]
+        return ", ".join(f"{n.replace('_', ' ')} {c}" for n, c in parts if c) or "no holder"
+
+
+def _heads(m: Machine, pfns: I64) -> I64:
+    order = m.kernel.core.pages.order[pfns].astype(np.int64)
+    return pfns & ~((np.int64(1) << order) - 1)
+
+
+def _count(m: Machine, pfns: I64, weight: I64 | int = 1) -> I64:
+    n = m.kernel.core.pages.nr_pages
+    if not len(pfns):
+        return np.zeros(n, dtype=np.int64)
+    w = None if isinstance(weight, int) and weight == 1 else \
+        np.broadcast_to(np.asarray(weight, dtype=np.int64), pfns.shape)
+    return np.bincount(_heads(m, pfns), weights=w, minlength=n)[:n].astype(np.int64)
+
+
+def user_ptes(m: Machine) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_], I64]:
+    """Every user PTE of every mm (one array), which are present (PROT_NONE included), and
+    the pfns of the present, non-special ones: what maps a page."""
+    rows = m.kernel.core.ptes.rows[: m.kernel.core.ptes._high].reshape(-1)
+    present = pte_present_array(rows)
+    mapped = pte_pfn_array(rows[present & ((rows & np.uint64(_PAGE_SPECIAL)) == 0)])
+    return rows, present, mapped
+
+
+Scan = tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_], I64]
+Source = tuple[str, I64, I64 | None]  # a holder's name, the pfns it holds, refs per pfn
+
+
+def _sources(m: Machine, pins: Iterable[Page], scan: Scan | None) -> list[Source]:
+    """Every counted holder but the page tables, as the pfns it holds (heads found later)."""
+    core = m.kernel.core
+    mem = core.pages
+    rows, present, mapped = scan if scan is not None else user_ptes(m)
+    out: list[Source] = [("ptes", mapped[mapped < mem.nr_pages], None)]
+    hw_type = core.swap_types.hwpoison
+    if core.hooks.hwpoison_entry_holds_ref and hw_type is not None:
+        swap = rows[~present & ~pte_none_array(rows)]
+        off = __swp_offset_array(swap[__swp_type_array(swap) == np.uint64(hw_type)])
+        out.append(("hwpoison_entries", off.astype(np.int64), None))
+    # Every address_space a page was ever cached in is in the registry (few objects).
+    cached = [a.pages[a.pages >= 0] for a in mem.registry._objects.values()
+              if isinstance(a, AddressSpace)]
+    if cached:
+        out.append(("page_cache", np.concatenate(cached), None))
+    # Pipes: one object per pipe, however many fds (and forked tables) share it.
+    pipes = {id(f.private_data): f.private_data for t in m.kernel.tasks.values()
+             for f in t.fds.values() if isinstance(f.private_data, Pipe)}
+    piped = [b.pfn for p in pipes.values() for b in p.bufs if b.pfn is not None]
+    if piped:
+        out.append(("pipes", np.array(piped, dtype=np.int64), None))
+    pinned = list(pins)
+    if pinned:
+        bias = [1 if folio_has_pincount(p) else GUP_PIN_COUNTING_BIAS for p in pinned]
+        out.append(("pins", np.array([p.pfn for p in pinned], dtype=np.int64),
+                    np.array(bias, dtype=np.int64)))
+    took = np.array([r.pfn for r in core.mf_reports if isinstance(r, MfReport)
+                     and r.page_type not in NO_MF_REFERENCE], dtype=np.int64)
+    if len(took):
+        poisoned = (mem.flags[took] & np.uint32(mem.mask(PG.hwpoison))) != 0
+        out.append(("memory_failure", np.unique(took[poisoned]), None))
+    return out
+
+
+def _tables(m: Machine) -> I64:
+    flags = m.kernel.core.pages.flags
+    tables: I64 = ((flags & np.uint32(1 << PG_PGTABLE_BIT)) != 0).astype(np.int64)
+    return tables
+
+
+def holders(m: Machine, pins: Iterable[Page] = (), scan: Scan | None = None) -> Holders:
+    """Per holder, the references it owns (``scan``: :func:`user_ptes` of this state, when
+    the caller has it already)."""
+    got = {name: _count(m, pfns, 1 if w is None else w) for name, pfns, w in
+           _sources(m, pins, scan)}
+    zero = np.zeros(m.kernel.core.pages.nr_pages, dtype=np.int64)
+    mem = m.kernel.core.pages
+    return Holders(got.get("ptes", zero), got.get("hwpoison_entries", zero),
+                   got.get("page_cache", zero), _tables(m), got.get("pipes", zero),
+                   got.get("pins", zero), got.get("memory_failure", zero),
+                   (mem.flags & np.uint32(mem.mask(PG.reserved))) != 0)
+
+
+def refcount_mismatches(m: Machine, pins: Iterable[Page] = (),
+                        scan: Scan | None = None) -> tuple[I64, Holders | None]:
+    """The pfns whose ``_refcount`` differs from what their holders own (tails included:
+    a tail's own count must stay 0), and, when there are any, the holders. One bincount
+    over every holder's pfns; the holder by holder split only for a violation."""
+    sources = _sources(m, pins, scan)
+    mem = m.kernel.core.pages
+    n = mem.nr_pages
+    pfns = np.concatenate([p for _, p, _ in sources])
+    if any(w is not None for _, _, w in sources):
+        weights = np.concatenate([np.ones(len(p), dtype=np.int64) if w is None else w
+                                  for _, p, w in sources])
+        counted = np.bincount(_heads(m, pfns), weights=weights, minlength=n)[:n]
+        expected = counted.astype(np.int64) + _tables(m)
+    else:
+        expected = np.bincount(_heads(m, pfns), minlength=n)[:n] + _tables(m)
+    reserved = (mem.flags & np.uint32(mem.mask(PG.reserved))) != 0
+    bad = np.flatnonzero((mem._refcount != expected) & ~reserved)
+    return bad, (holders(m, pins, scan) if len(bad) else None)
