@@ -26,6 +26,7 @@ from kvmpoison.explore.invariants import (
 from kvmpoison.explore.refcount import holders
 from kvmpoison.explore.statemachine import base_scenario, state_machine
 from kvmpoison.explore.tlb import stale_tlb_entries
+from kvmpoison.matrix.designs import backing_pfn
 from kvmpoison.mm.gup import GUP_PIN_COUNTING_BIAS
 from kvmpoison.scenario.ops import OpError, RunCtx
 from kvmpoison.scenario.runner import build_machine, perform
@@ -246,3 +247,16 @@ def test_no_step_runs_on_a_panicked_host() -> None:
     sm.vmm_path("load", GPA)
     sm.guest_store(GPA, 7)
     assert cls.steps_run == before and len(sm.trace) == 3
+
+
+def test_i4_counts_the_reference_a_hardened_marker_holds() -> None:
+    """The hardened guest's boot-time unshare replaces the VMM's PTE of a page it mapped
+    with a guest-private marker that keeps the PTE's reference (the explorer's seed-0 find)."""
+    ctx = _ctx("hardened")
+    mon = InvariantMonitor(("I4",))
+    assert _step(ctx, mon, "vmm:vm0", "load", gpa=0x30000) == []
+    assert _step(ctx, mon, "guest:vm0", "reboot") == []
+    inst = ctx.machine.instances["vm0"]
+    pfn = backing_pfn(ctx.machine, 0x30000, inst.vmm, inst.vm)
+    h = holders(ctx.machine)
+    assert h.guest_private_markers[pfn] == 1 and h.ptes[pfn] == 0

@@ -7,6 +7,8 @@ the explorer can read in bulk. Per page (on its compound head, as ``get_page`` c
   reference (``page_add_*_rmap`` goes with a ``get_page``);
 * one per hwpoison swap entry naming the page, when the design's entries hold one
   (RFC patch 10, ``MmHooks.hwpoison_entry_holds_ref``);
+* one per PTE_MARKER_GUEST_PRIVATE entry naming the page (the hardened design: the
+  marker keeps the reference of the mapping it replaced);
 * one per page-cache slot of every ``address_space`` (shmem/memfd, guest_memfd,
   secretmem): ``add_to_page_cache`` keeps its caller's reference;
 * one per pipe buffer holding the page (``vmsplice``'s ``user_page_pipe_buf_ops``), in
@@ -40,6 +42,7 @@ from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL
 from kvmpoison.fs.pipe import Pipe
 from kvmpoison.machine import Machine
 from kvmpoison.mm.file import AddressSpace
+from kvmpoison.mm.guest_private import guest_private_marker_pfns
 from kvmpoison.mm.gup import GUP_PIN_COUNTING_BIAS, folio_has_pincount
 from kvmpoison.mm.memory_failure import MfReport
 from kvmpoison.mm.page import Page
@@ -61,6 +64,7 @@ class Holders:
 
     ptes: I64
     hwpoison_entries: I64
+    guest_private_markers: I64  # the hardened design's markers each hold one
     page_cache: I64
     page_tables: I64
     pipes: I64
@@ -70,14 +74,15 @@ class Holders:
 
     @property
     def expected(self) -> I64:
-        total: I64 = (self.ptes + self.hwpoison_entries + self.page_cache + self.page_tables
+        total: I64 = (self.ptes + self.hwpoison_entries + self.guest_private_markers
+                      + self.page_cache + self.page_tables
                       + self.pipes + self.pins + self.memory_failure)
         return total
 
     def describe(self, pfn: int) -> str:
         parts = [(n, int(getattr(self, n)[pfn])) for n in (
-            "ptes", "hwpoison_entries", "page_cache", "page_tables", "pipes", "pins",
-            "memory_failure")]
+            "ptes", "hwpoison_entries", "guest_private_markers", "page_cache", "page_tables",
+            "pipes", "pins", "memory_failure")]
         return ", ".join(f"{n.replace('_', ' ')} {c}" for n, c in parts if c) or "no holder"
 
 
@@ -119,6 +124,9 @@ def _sources(m: Machine, pins: Iterable[Page], scan: Scan | None) -> list[Source
         swap = rows[~present & ~pte_none_array(rows)]
         off = __swp_offset_array(swap[__swp_type_array(swap) == np.uint64(hw_type)])
         out.append(("hwpoison_entries", off.astype(np.int64), None))
+    if core.hooks.guest_private:
+        out.append(("guest_private_markers",
+                    guest_private_marker_pfns(core, rows[~present]), None))
     # Every address_space a page was ever cached in is in the registry (few objects).
     cached = [a.pages[a.pages >= 0] for a in mem.registry._objects.values()
               if isinstance(a, AddressSpace)]
@@ -157,7 +165,8 @@ def holders(m: Machine, pins: Iterable[Page] = (), scan: Scan | None = None) -> 
     zero = np.zeros(m.kernel.core.pages.nr_pages, dtype=np.int64)
     mem = m.kernel.core.pages
     return Holders(got.get("ptes", zero), got.get("hwpoison_entries", zero),
-                   got.get("page_cache", zero), _tables(m), got.get("pipes", zero),
+                   got.get("guest_private_markers", zero), got.get("page_cache", zero),
+                   _tables(m), got.get("pipes", zero),
                    got.get("pins", zero), got.get("memory_failure", zero),
                    (mem.flags & np.uint32(mem.mask(PG.reserved))) != 0)
 

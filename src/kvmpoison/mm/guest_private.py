@@ -46,28 +46,39 @@ def PageGuestPrivate(page: Page) -> bool:
     return PageFlag(page, PG.guest_private)
 
 
+_MARKER_CLEAN = np.uint64(~(_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP | _PAGE_SWP_EXCLUSIVE)
+                          & 0xFFFF_FFFF_FFFF_FFFF)
+
+
 def guest_private_markers(mm: MmStruct, start: int, end: int) -> npt.NDArray[np.int64]:
     """The pfns that PTE_MARKER_GUEST_PRIVATE entries of ``mm`` in [start, end) hold."""
     core = mm.core
-    types = core.swap_types
     out: list[npt.NDArray[np.int64]] = []
-    if types.pte_marker is None:
+    if core.swap_types.pte_marker is None:
         return np.zeros(0, dtype=np.int64)
-    mask = np.uint64(~(_PAGE_SWP_SOFT_DIRTY | _PAGE_SWP_UFFD_WP | _PAGE_SWP_EXCLUSIVE)
-                     & 0xFFFF_FFFF_FFFF_FFFF)
     start &= ~(PAGE_SIZE - 1)
     end = (end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
     for chunk in mm.pgd.chunks(start, end):
-        ptes = core.ptes.rows[chunk.rows, chunk.cols]
-        swap = ~pte_none_array(ptes) & ~pte_present_array(ptes)
-        if not swap.any():
-            continue
-        clean = ptes[swap] & mask
-        stypes = __swp_type_array(clean).astype(np.int64)
-        soffs = __swp_offset_array(clean).astype(np.int64)
-        hit = (stypes == types.pte_marker) & ((soffs & int(PteMarker.GUEST_PRIVATE)) != 0)
-        out.append(soffs[hit] >> PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT)
+        pfns = guest_private_marker_pfns(core, core.ptes.rows[chunk.rows, chunk.cols])
+        if len(pfns):
+            out.append(pfns)
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def guest_private_marker_pfns(core: MmCore, ptes: npt.NDArray[np.uint64]
+                              ) -> npt.NDArray[np.int64]:
+    """The pfns the PTE_MARKER_GUEST_PRIVATE entries among the PTE values ``ptes`` hold
+    (each holds one reference on its page)."""
+    types = core.swap_types
+    swap = ~pte_none_array(ptes) & ~pte_present_array(ptes)
+    if types.pte_marker is None or not swap.any():
+        return np.zeros(0, dtype=np.int64)
+    clean = ptes[swap] & _MARKER_CLEAN
+    stypes = __swp_type_array(clean).astype(np.int64)
+    soffs = __swp_offset_array(clean).astype(np.int64)
+    hit = (stypes == types.pte_marker) & ((soffs & int(PteMarker.GUEST_PRIVATE)) != 0)
+    pfns: npt.NDArray[np.int64] = soffs[hit] >> PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT
+    return pfns
 
 
 def range_holds_guest_private(mm: MmStruct, start: int, end: int) -> bool:
