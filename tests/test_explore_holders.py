@@ -260,3 +260,23 @@ def test_i4_counts_the_reference_a_hardened_marker_holds() -> None:
     pfn = backing_pfn(ctx.machine, 0x30000, inst.vmm, inst.vm)
     h = holders(ctx.machine)
     assert h.guest_private_markers[pfn] == 1 and h.ptes[pfn] == 0
+
+
+def test_i3_forgets_only_what_a_reboot_accepts_afresh() -> None:
+    """The hardened guest's boot converts all RAM to private, accepting a gfn whose page
+    the VMM punched out afresh: I3 starts that gfn anew (the explorer's seed-29 find on
+    hardened). A guest whose boot converts nothing private keeps its shadow."""
+    ctx = _ctx("hardened")
+    mon = InvariantMonitor(("I3",))
+    assert _step(ctx, mon, "guest:vm0", "store", gpa=GPA, data="hex:0101010101010101") == []
+    assert _step(ctx, mon, "vmm:vm0", "punch_hole", gpa=GPA) == []
+    assert ("vm0", GPA >> PAGE_SHIFT) in mon.shadow
+    assert _step(ctx, mon, "guest:vm0", "reboot") == []
+    assert ("vm0", GPA >> PAGE_SHIFT) not in mon.shadow
+    assert _step(ctx, mon, "guest:vm0", "load", gpa=GPA, size=8) == []
+    ctx = _ctx("rfc-v2")
+    mon = InvariantMonitor(("I3",))
+    assert _step(ctx, mon, "guest:vm0", "store", gpa=GPA, data="secret") == []
+    assert _step(ctx, mon, "guest:vm0", "reboot") == []
+    assert ("vm0", GPA >> PAGE_SHIFT) in mon.shadow
+    assert _step(ctx, mon, "guest:vm0", "load", gpa=GPA, size=6) == []

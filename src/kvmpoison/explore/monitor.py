@@ -70,6 +70,7 @@ class InvariantMonitor:
         self.seen_poison: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)  # for I6
         self._i2: tuple[dict[int, int], npt.NDArray[np.int64]] | None = None
         self._private: npt.NDArray[np.int64] | None = None  # after the last step, for I2
+        self._conversions: dict[str, int] = {}  # per VM, its guest's conversions so far
 
     # -- around a step ---------------------------------------------------------------------
 
@@ -82,6 +83,8 @@ class InvariantMonitor:
     def before(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any]) -> None:
         self._probe = None
         self._i2 = None
+        self._conversions = {name: len(inst.guest.conversions)
+                             for name, inst in ctx.machine.instances.items()}
         if (actor.partition(":")[0], op) in TAMPERING:
             self._private = None
         elif "I2" in self.names:
@@ -143,12 +146,14 @@ class InvariantMonitor:
         if inst is None:
             return []
         name = inst.spec.name
-        if op in ("share", "unshare") and out.value == 0:
-            gfn = args["gfn"] if "gfn" in args else int(args["gpa"]) >> PAGE_SHIFT
-            end = gfn + int(args.get("npages", 1))
-            # Shared data is the VMM's to change; the shadow is sparse, so walk its keys.
-            for key in [k for k in self.shadow if k[0] == name and gfn <= k[1] < end]:
+        # Every conversion the step made (a share or unshare, or the ones a reboot's boot
+        # makes: the hardened guest accepts all RAM afresh) ends what I3 knows of those
+        # gfns: shared data is the VMM's to change, and a gfn accepted afresh starts anew.
+        # The shadow is sparse, so walk its keys.
+        for lo, hi in inst.guest.conversions[self._conversions.get(name, 0):]:
+            for key in [k for k in self.shadow if k[0] == name and lo <= k[1] < hi]:
                 del self.shadow[key]
+        if op in ("share", "unshare"):
             return []
         gpa = args.get("gpa")
         if op not in ("load", "store") or not isinstance(gpa, int) or not out.succeeded:

@@ -54,6 +54,9 @@ class Guest:
     panicked: str | None = None
     # gmem: the gfns this guest touches through the shared alias (value 1), TDX's shared bit
     gmem_alias: MemAttrArray = field(default_factory=MemAttrArray)
+    # every conversion that succeeded, [gfn, end), in order: a checker of guest data (the
+    # explorer's I3) learns from it which gfns the guest gave up or accepted afresh
+    conversions: list[tuple[int, int]] = field(default_factory=list)
 
     def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0) -> int:
         if self.vm.gmem is not None:  # a 6.18 VM: upstream's hypercall table, not the RFC's
@@ -71,6 +74,7 @@ class Guest:
         ret = self.hypercall(KVM_HC_MEM_SHARE, gfn, npages)
         if ret == 0 and npages:
             self.shared.append((gfn, gfn + npages))  # ranges: a huge npages costs nothing
+            self.conversions.append((gfn, gfn + npages))
         self.log.append(f"KVM_HC_MEM_SHARE({gfn:#x}, {npages}) = {ret}")
         return ret
 
@@ -80,6 +84,7 @@ class Guest:
         ret = self.hypercall(KVM_HC_MEM_UNSHARE, gfn, npages)
         if ret == 0 and npages:
             end = gfn + npages
+            self.conversions.append((gfn, end))
             left: list[tuple[int, int]] = []
             for lo, hi in self.shared:  # cut [gfn, end) out of every shared range
                 if lo < gfn:
@@ -96,6 +101,8 @@ class Guest:
         ret = self.hypercall(KVM_HC_MAP_GPA_RANGE, gfn << PAGE_SHIFT, npages, attrs)
         if ret == 0:
             self.use_shared_alias(gfn, npages, not private)
+            if npages:
+                self.conversions.append((gfn, gfn + npages))
         kind = "ENCRYPTED" if private else "DECRYPTED"
         self.log.append(f"KVM_HC_MAP_GPA_RANGE({gfn << PAGE_SHIFT:#x}, {npages}, {kind}) = {ret}")
         return ret
