@@ -100,7 +100,8 @@ def shmem_parse_huge(value: str) -> int:
 
 
 def shmem_huge(core: MmCore) -> int:
-    """The global ``shmem_huge`` (``shmem_enabled``)."""
+    """The global ``shmem_huge`` of mm/shmem.c (v5.12, 6.1), set through
+    /sys/kernel/mm/transparent_hugepage/shmem_enabled."""
     return shmem_parse_huge(core.thp.shmem_enabled)
 
 
