@@ -29,6 +29,7 @@ from kvmpoison.mm.mmap import PROT_NONE, PROT_READ
 from kvmpoison.mm.mremap import MREMAP_FIXED, MREMAP_MAYMOVE
 from kvmpoison.mm.page import Page, PageHWPoison, compound_mapcount, page_count, page_mapcount
 from kvmpoison.mm.swapops import SwapTypes
+from kvmpoison.uapi.errno import EHWPOISON
 
 HPAGE = 2 << 20
 V6_1 = KernelConfig(version=KernelVersion.V6_1)
@@ -305,8 +306,13 @@ def test_memory_failure_splits_the_thp_and_unmaps_only_the_bad_subpage(
     assert p.load(addr + 6 * PAGE, 1).data == b"\x33"
 
 
-def test_memory_failure_on_a_pinned_thp_v5_12_gives_up_silently() -> None:
-    k = boot(RFC_BASE)
+@pytest.mark.parametrize(("kcfg", "ret", "result", "signals"), [
+    (RFC_BASE, -errno.EBUSY, "Ignored", 0),  # v5.12 gives up silently
+    (V6_18, -EHWPOISON, "Failed", 1),  # 6.18 signals and returns -EHWPOISON
+])
+def test_memory_failure_on_a_pinned_thp(kcfg: KernelConfig, ret: int, result: str,
+                                        signals: int) -> None:
+    k = boot(kcfg)
     p = proc(k)
     addr = thp(p, n=1)
     head = head_of(p, addr)
@@ -315,29 +321,12 @@ def test_memory_failure_on_a_pinned_thp_v5_12_gives_up_silently() -> None:
     sent: list[object] = []
     k.core.send_signal = lambda pid, info: sent.append(info)
     assert k.core.memory_failure is not None
-    assert k.core.memory_failure(head + 5, MF_ACTION_REQUIRED, p.pid) == -errno.EBUSY
+    assert k.core.memory_failure(head + 5, MF_ACTION_REQUIRED, p.pid) == ret
     report = k.core.mf_reports[-1]
     assert isinstance(report, MfReport)
-    assert (report.page_type, report.result.value) == ("unsplit thp", "Ignored")
+    assert (report.page_type, report.result.value) == ("unsplit thp", result)
     assert head_of(p, addr) == head and PageHWPoison(k.core.pages[head + 5])
-    assert not sent and page_count(k.core.pages[head]) == 2  # PMD + pin; mf's ref dropped
-
-
-def test_memory_failure_on_a_pinned_thp_6_18_signals_and_returns_ehwpoison() -> None:
-    k = boot(V6_18)
-    p = proc(k)
-    addr = thp(p, n=1)
-    head = head_of(p, addr)
-    pins: list[Page] = []
-    pin_user_pages(p.mm, addr, 1, FOLL.WRITE, pins)
-    sent: list[object] = []
-    k.core.send_signal = lambda pid, info: sent.append(info)
-    assert k.core.memory_failure is not None
-    from kvmpoison.uapi.errno import EHWPOISON
-    assert k.core.memory_failure(head + 5, MF_ACTION_REQUIRED, p.pid) == -EHWPOISON
-    report = k.core.mf_reports[-1]
-    assert isinstance(report, MfReport) and report.result.value == "Failed" and len(sent) == 1
-    assert head_of(p, addr) == head
+    assert len(sent) == signals and page_count(k.core.pages[head]) == 2  # PMD + pin
 
 
 # -- pte decode --level pmd ------------------------------------------------------------------

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.mm.core import MmCore
-from kvmpoison.mm.file import File, Inode
+from kvmpoison.mm.file import File, Inode, NoFileOperations
 from kvmpoison.mm.page import put_page
 from kvmpoison.mm.uaccess import IovIter
 from kvmpoison.outcome import Halt, Kind
@@ -157,7 +157,7 @@ def pipe_write(pipe: Pipe, src: IovIter) -> int:
     return ret
 
 
-class PipeEnd:
+class PipeEnd(NoFileOperations):
     def __init__(self, pipe: Pipe, readable: bool):
         self.pipe = pipe
         self.readable = readable
@@ -172,17 +172,8 @@ class PipeEnd:
             return -errno.EBADF
         return pipe_write(self.pipe, src)
 
-    def mmap(self, file: File, vma: object) -> int:
-        return -errno.ENODEV
-
     def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
-        return -errno.ESPIPE
-
-    def setattr_size(self, file: File, size: int) -> int:
-        return -errno.EINVAL
-
-    def fsync(self, file: File) -> int:
-        return -errno.EINVAL
+        return -errno.ESPIPE  # vfs_fallocate: S_ISFIFO
 
 
 def do_pipe2(ino: int) -> tuple[File, File]:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import errno
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SIZE
-from kvmpoison.mm.file import File
+from kvmpoison.mm.file import File, NoFileOperations
 from kvmpoison.mm.gup import FOLL, access_remote_vm
 from kvmpoison.mm.mm_types import MmStruct
 from kvmpoison.mm.uaccess import IovIter
 
 
-class ProcMem:
+class ProcMem(NoFileOperations):
     """``proc_mem_operations`` for one target mm."""
 
     def __init__(self, target: MmStruct):
@@ -61,15 +61,3 @@ class ProcMem:
 
     def write_iter(self, file: File, pos: int, src: IovIter) -> int:
         return self._rw(pos, src, write=True)
-
-    def mmap(self, file: File, vma: object) -> int:
-        return -errno.ENODEV
-
-    def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
-        return -errno.EOPNOTSUPP
-
-    def setattr_size(self, file: File, size: int) -> int:
-        return -errno.EINVAL
-
-    def fsync(self, file: File) -> int:
-        return -errno.EINVAL

@@ -169,6 +169,39 @@ class FileOperations(Protocol):
     def fsync(self, file: File) -> int: ...
 
 
+class NoFileOperations:
+    """The kernel's answers for a ``struct file_operations`` whose slots are NULL.
+
+    A file type subclasses this and overrides the operations it has. With the
+    slot NULL (fs/read_write.c, fs/open.c, fs/sync.c, mm/mmap.c; v5.12 and
+    6.1): ``vfs_read``/``vfs_write`` are -EINVAL (no FMODE_CAN_READ/WRITE,
+    which ``do_dentry_open`` sets only for a file with read/read_iter or
+    write/write_iter), ``do_mmap`` is -ENODEV (``!file->f_op->mmap``),
+    ``vfs_fallocate`` is -EOPNOTSUPP (``!file->f_op->fallocate``; the model does
+    not apply its earlier -ENODEV for an inode that is neither regular nor a
+    block device), ``do_sys_ftruncate`` is -EINVAL (not S_ISREG) and
+    ``vfs_fsync_range`` -EINVAL (``!file->f_op->fsync``).
+    """
+
+    def read_iter(self, file: File, pos: int, to: IovIter) -> int:
+        return -errno.EINVAL
+
+    def write_iter(self, file: File, pos: int, src: IovIter) -> int:
+        return -errno.EINVAL
+
+    def mmap(self, file: File, vma: Vma) -> int:
+        return -errno.ENODEV
+
+    def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
+        return -errno.EOPNOTSUPP
+
+    def setattr_size(self, file: File, size: int) -> int:
+        return -errno.EINVAL
+
+    def fsync(self, file: File) -> int:
+        return -errno.EINVAL
+
+
 @dataclass(eq=False)
 class File:
     """``struct file``: an open description (shared by dup'ed and inherited fds)."""

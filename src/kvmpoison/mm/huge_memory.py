@@ -231,12 +231,14 @@ _VM_HUGEPAGE, _VM_NOHUGEPAGE = int(VM.HUGEPAGE), int(VM.NOHUGEPAGE)
 
 
 def pmd_trans_huge(pmd: int) -> bool:
-    """arch/x86/include/asm/pgtable.h ``pmd_trans_huge``: a huge leaf (PSE, not devmap)."""
+    """arch/x86/include/asm/pgtable.h ``pmd_trans_huge`` (v5.12, 6.1): a huge leaf (PSE, not
+    devmap)."""
     return bool(pmd & _PAGE_PSE)
 
 
 def is_huge_zero_pmd(core: MmCore, pmd: int) -> bool:
-    """mm/huge_memory.c ``is_huge_zero_pmd``."""
+    """include/linux/huge_mm.h ``is_huge_zero_pmd`` (v5.12: ``huge_zero_pfn == pmd_pfn(pmd)``
+    for a present PMD; the model asks for a huge leaf)."""
     return core.huge_zero_pfn >= 0 and pmd_trans_huge(pmd) and pmd_pfn(pmd) == core.huge_zero_pfn
 
 
@@ -264,12 +266,13 @@ def pmd_page_pfn(pmd: int) -> int:
 
 
 def mk_huge_pmd(pfn: int, prot: int) -> int:
-    """``mk_huge_pmd`` (``pmd_mkhuge(mk_pmd(page, prot))``)."""
+    """``mk_huge_pmd`` (include/linux/huge_mm.h, v5.12 and 6.1:
+    ``pmd_mkhuge(mk_pmd(page, prot))``)."""
     return pfn_pmd(pfn, prot | _PAGE_PSE)
 
 
 def maybe_pmd_mkwrite(pmd: int, vma: Vma) -> int:
-    """mm/huge_memory.c ``maybe_pmd_mkwrite``."""
+    """mm/huge_memory.c ``maybe_pmd_mkwrite`` (v5.12, 6.1): ``pmd_mkwrite`` if VM_WRITE."""
     return pmd | _PAGE_RW if vma.vm_flags & VM.WRITE else pmd
 
 
@@ -290,8 +293,9 @@ def _thp_anon_rmap(vma: Vma, head: int, haddr: int) -> None:
 
 
 def alloc_hugepage_vma(vma: Vma) -> Page | None:
-    """``alloc_hugepage_vma(gfp, vma, haddr, HPAGE_PMD_ORDER)`` + ``prep_transhuge_page``
-    (v5.12; 6.x ``vma_alloc_anon_folio_pmd``): a zeroed order-9 compound page, or None
+    """``alloc_hugepage_vma(gfp, vma, haddr, HPAGE_PMD_ORDER)`` (include/linux/gfp.h) +
+    ``prep_transhuge_page`` (mm/huge_memory.c), both v5.12 (6.x: mm/huge_memory.c
+    ``vma_alloc_anon_folio_pmd``): a zeroed order-9 compound page, or None
     (``THP_FAULT_FALLBACK``)."""
     core = vma.vm_mm.core
     page = core.buddy.alloc_pages(HPAGE_PMD_ORDER, compound=True)
@@ -301,7 +305,7 @@ def alloc_hugepage_vma(vma: Vma) -> Page | None:
 
 
 def map_anon_folio_pmd(vma: Vma, head: int, haddr: int) -> None:
-    """The mapping half of ``__do_huge_pmd_anonymous_page`` (v5.12; 6.18
+    """The mapping half of ``__do_huge_pmd_anonymous_page`` (mm/huge_memory.c, v5.12; 6.18
     ``map_anon_folio_pmd``): rmap, ``set_pmd_at`` of a dirty (writable if the VMA
     is) huge PMD, MM_ANONPAGES += 512. The caller deposited the PTE table."""
     mm = vma.vm_mm

@@ -166,9 +166,9 @@ def _per_head(counts: dict[int, int], heads: np.ndarray) -> np.ndarray:
     distinct compound head, not per page."""
     out = np.zeros(len(heads), dtype=np.int32)
     if counts:
-        uniq, inverse = np.unique(heads, return_inverse=True)
+        uniq = sorted_unique(heads)  # not np.unique: it imports numpy.ma on first use
         vals = np.array([counts.get(int(h), 0) for h in uniq], dtype=np.int32)
-        out = vals[inverse]
+        out = vals[np.searchsorted(uniq, heads)]
     return out
 
 

@@ -234,7 +234,8 @@ class PageTables:
         return 0 if pmd.children[i] is not None else int(pmd.entries[i])
 
     def pmd_none(self, addr: int) -> bool:
-        """``pmd_none``: no PTE table and no leaf in the slot of ``addr``."""
+        """``pmd_none`` (arch/x86/include/asm/pgtable.h, v5.12, 6.1): no PTE table and no
+        leaf in the slot of ``addr``."""
         return self.pmd_entry(addr) == 0
 
     def set_pmd(self, addr: int, value: int) -> None:
@@ -248,7 +249,8 @@ class PageTables:
         pmd.entries[i] = np.uint64(value)
 
     def pmdp_huge_get_and_clear(self, addr: int) -> int:
-        """``pmdp_huge_get_and_clear``: clear the leaf of ``addr``'s slot, return it."""
+        """``pmdp_huge_get_and_clear`` (arch/x86/include/asm/pgtable.h, v5.12, 6.1): clear
+        the leaf of ``addr``'s slot, return it."""
         old = self.pmd_leaf(addr)
         if old:
             self.set_pmd(addr, 0)
@@ -345,15 +347,17 @@ class PageTables:
         return (0, 0) if slot is None else (int(self.store.rows[slot]), 1)
 
     def pgtable_trans_huge_deposit(self, addr: int) -> None:
-        """mm/pgtable-generic.c ``pgtable_trans_huge_deposit`` (with ``pte_alloc_one`` and
-        ``mm_inc_nr_ptes``): a PTE table page kept for a later split of this PMD."""
+        """mm/pgtable-generic.c ``pgtable_trans_huge_deposit`` (v5.12, 6.1; with
+        ``pte_alloc_one`` and ``mm_inc_nr_ptes``): a PTE table page kept for a later split
+        of this PMD."""
         key = addr >> PMD_SHIFT
         assert key not in self.deposited, f"a table is already deposited at {addr:#x}"
         self.deposited[key] = self._alloc_table_page()
         self.nr_ptes += 1
 
     def zap_deposited_table(self, addr: int) -> None:
-        """mm/huge_memory.c ``zap_deposited_table``: withdraw, free, ``mm_dec_nr_ptes``."""
+        """mm/huge_memory.c ``zap_deposited_table`` (v5.12, 6.1): withdraw, free,
+        ``mm_dec_nr_ptes``."""
         pfn = self.deposited.pop(addr >> PMD_SHIFT)
         self._free_table_pages([pfn])
         self.nr_ptes -= 1

@@ -13,7 +13,7 @@ TTU flag values follow the modelled kernel: v5.12 has TTU_IGNORE_HWPOISON
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.swapops import (
     PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT,
     PteMarker,
+    SwapTypes,
     make_guest_private_entry,
     make_hwpoison_entry,
     swp_entry_to_pte,
@@ -306,21 +307,22 @@ def try_to_unmap_one_pmd(page: Page, vma: Vma, addr: int, flags: TTU) -> bool | 
         f"CONFIG_DEBUG_VM a NULL pointer dereference of pvmw.pte)"))
 
 
-def try_to_unmap_pages_hwpoison(mem: PageArray, pfns: np.ndarray, vmas: list[Vma],
-                                holds_ref: bool) -> int:
-    """Bulk hwpoison unmap of order-0 pages that share one rmap set (``vmas``).
+def _unmap_pages_bulk(mem: PageArray, pfns: np.ndarray, vmas: list[Vma],
+                      entry: Callable[[SwapTypes, np.ndarray], np.ndarray],
+                      keep_ref: bool) -> int:
+    """The PTE walk both bulk unmaps share: every present PTE of the order-0
+    pages ``pfns`` (one rmap set, ``vmas``) becomes ``entry(types, hit_pfns)``.
 
-    The vectorised counterpart of calling ``try_to_unmap(TTU_IGNORE_MLOCK)`` on
-    each PageHWPoison page: every present PTE of those pages becomes a hwpoison
-    entry; returns the number of PTEs replaced.
+    Per hit: the PTE's dirty bit moves to PG_dirty, the mapcount drops, the
+    refcount drops unless ``keep_ref`` (the entry keeps the PTE's reference),
+    and the mm's rss counter of the page's kind drops; one TLB flush per VMA
+    range. Returns the number of PTEs replaced.
     """
     if not len(pfns) or not vmas:
         return 0
-    pfns = np.asarray(pfns, dtype=np.int64)
-    order = np.argsort(pfns)
-    sorted_pfns = pfns[order]
-    replaced = 0
+    sorted_pfns = np.sort(np.asarray(pfns, dtype=np.int64))
     index = mem.index[sorted_pfns]
+    replaced = 0
     for vma in vmas:
         mm = vma.vm_mm
         core = mm.core
@@ -342,12 +344,9 @@ def try_to_unmap_pages_hwpoison(mem: PageArray, pfns: np.ndarray, vmas: list[Vma
             hit_pfns = pte_pfns[hit]
             dirty = (ptes[hit] & np.uint64(_PAGE_DIRTY)) != 0
             mem.flags[hit_pfns[dirty]] |= np.uint32(mem.mask(PG.dirty))
-            types = core.swap_types
-            assert types.hwpoison is not None
-            store[chunk.rows[hit], chunk.cols[hit]] = __swp_entry_array(
-                types.hwpoison, hit_pfns.astype(np.uint64))
+            store[chunk.rows[hit], chunk.cols[hit]] = entry(core.swap_types, hit_pfns)
             np.subtract.at(mem._mapcount, hit_pfns, 1)
-            if not holds_ref:
+            if not keep_ref:
                 np.subtract.at(mem._refcount, hit_pfns, 1)
             anon = (mem.mapping[hit_pfns] & 1) != 0
             shmem = ~anon & ((mem.flags[hit_pfns] & np.uint32(mem.mask(PG.swapbacked))) != 0)
@@ -359,6 +358,31 @@ def try_to_unmap_pages_hwpoison(mem: PageArray, pfns: np.ndarray, vmas: list[Vma
     return replaced
 
 
+def _hwpoison_entries(types: SwapTypes, pfns: np.ndarray) -> np.ndarray:
+    """``make_hwpoison_entry`` for each pfn."""
+    assert types.hwpoison is not None
+    return __swp_entry_array(types.hwpoison, pfns.astype(np.uint64))
+
+
+def _guest_private_entries(types: SwapTypes, pfns: np.ndarray) -> np.ndarray:
+    """``make_guest_private_entry`` for each pfn (a PTE_MARKER_GUEST_PRIVATE)."""
+    assert types.pte_marker is not None
+    offsets = (pfns.astype(np.uint64) << np.uint64(PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT)) \
+        | np.uint64(int(PteMarker.GUEST_PRIVATE))
+    return __swp_entry_array(types.pte_marker, offsets)
+
+
+def try_to_unmap_pages_hwpoison(mem: PageArray, pfns: np.ndarray, vmas: list[Vma],
+                                holds_ref: bool) -> int:
+    """Bulk hwpoison unmap of order-0 pages that share one rmap set (``vmas``).
+
+    The vectorised counterpart of calling ``try_to_unmap(TTU_IGNORE_MLOCK)`` on
+    each PageHWPoison page: every present PTE of those pages becomes a hwpoison
+    entry; returns the number of PTEs replaced.
+    """
+    return _unmap_pages_bulk(mem, pfns, vmas, _hwpoison_entries, keep_ref=holds_ref)
+
+
 def try_to_unmap_pages_guest_private(mem: PageArray, pfns: np.ndarray, vmas: list[Vma]) -> int:
     """The hardened design's bulk unmap: every present PTE of the PG_guest_private
     order-0 pages ``pfns`` (one rmap set, ``vmas``) becomes a PTE_MARKER_GUEST_PRIVATE
@@ -368,45 +392,4 @@ def try_to_unmap_pages_guest_private(mem: PageArray, pfns: np.ndarray, vmas: lis
     each page (try_to_unmap_one drops the PTE's reference and takes the
     marker's: the count is unchanged). Returns the number of PTEs replaced.
     """
-    if not len(pfns) or not vmas:
-        return 0
-    pfns = np.asarray(pfns, dtype=np.int64)
-    sorted_pfns = np.sort(pfns)
-    index = mem.index[sorted_pfns]
-    replaced = 0
-    for vma in vmas:
-        mm = vma.vm_mm
-        core = mm.core
-        types = core.swap_types
-        assert types.pte_marker is not None
-        addrs = vma.vm_start + ((index - vma.vm_pgoff) << PAGE_SHIFT)
-        inside = (addrs >= vma.vm_start) & (addrs < vma.vm_end)
-        if not inside.any():
-            continue
-        lo, hi = int(addrs[inside].min()), int(addrs[inside].max()) + (1 << PAGE_SHIFT)
-        store = core.ptes.rows
-        for chunk in mm.pgd.chunks(lo, hi):
-            ptes = store[chunk.rows, chunk.cols]
-            present = pte_present_array(ptes)
-            pte_pfns = pte_pfn_array(ptes)
-            pos = np.searchsorted(sorted_pfns, pte_pfns)
-            pos[pos == len(sorted_pfns)] = 0
-            hit = present & (sorted_pfns[pos] == pte_pfns)
-            if not hit.any():
-                continue
-            hit_pfns = pte_pfns[hit]
-            dirty = (ptes[hit] & np.uint64(_PAGE_DIRTY)) != 0
-            mem.flags[hit_pfns[dirty]] |= np.uint32(mem.mask(PG.dirty))
-            shift = np.uint64(PTE_MARKER_GUEST_PRIVATE_PFN_SHIFT)
-            marker = np.uint64(int(PteMarker.GUEST_PRIVATE))
-            offsets = (hit_pfns.astype(np.uint64) << shift) | marker
-            store[chunk.rows[hit], chunk.cols[hit]] = __swp_entry_array(types.pte_marker, offsets)
-            np.subtract.at(mem._mapcount, hit_pfns, 1)
-            anon = (mem.mapping[hit_pfns] & 1) != 0
-            shmem = ~anon & ((mem.flags[hit_pfns] & np.uint32(mem.mask(PG.swapbacked))) != 0)
-            mm.rss_anon -= int(anon.sum())
-            mm.rss_shmem -= int(shmem.sum())
-            mm.rss_file -= int((~anon & ~shmem).sum())
-            replaced += int(hit.sum())
-        core.flush_tlb_range(mm, lo, hi)
-    return replaced
+    return _unmap_pages_bulk(mem, pfns, vmas, _guest_private_entries, keep_ref=True)

@@ -18,12 +18,11 @@ import numpy as np
 
 from kvmpoison.kconfig import KernelVersion
 from kvmpoison.mm.core import MmCore
-from kvmpoison.mm.file import O_CLOEXEC, File, Inode
+from kvmpoison.mm.file import O_CLOEXEC, File, Inode, NoFileOperations
 from kvmpoison.mm.mm_types import VM, Vma, VmFault, VmFaultInfo
 from kvmpoison.mm.page import get_page
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.shmem import new_inode
-from kvmpoison.mm.uaccess import IovIter
 
 
 @dataclass
@@ -35,20 +34,14 @@ class SecretmemVmOps:
         return self.sm.secretmem_fault(self.inode, vmf)
 
 
-class Secretmem:
+class Secretmem(NoFileOperations):
+    """``secretmem_fops``: no read/write/fallocate (the NULL-slot defaults)."""
+
     kind = "secretmem"
 
     def __init__(self, core: MmCore):
         self.core = core
         self.direct_map_invalid: set[int] = set()  # pfns removed from the direct map
-
-    def read_iter(self, file: File, pos: int, to: IovIter) -> int:
-        """No ->read_iter: ``vfs_read`` answers -EINVAL."""
-        return -errno.EINVAL
-
-    def write_iter(self, file: File, pos: int, src: IovIter) -> int:
-        """No ->write_iter: ``vfs_write`` answers -EINVAL."""
-        return -errno.EINVAL
 
     def mmap(self, file: File, vma: Vma) -> int:
         """``secretmem_mmap``: shared only (VM_SHARED or VM_MAYSHARE), then locked."""
@@ -84,10 +77,6 @@ class Secretmem:
         get_page(core.pages[pfn])
         vmf.page = pfn
         return VmFault(0)
-
-    def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
-        """No ->fallocate: ``vfs_fallocate`` answers -EOPNOTSUPP."""
-        return -errno.EOPNOTSUPP
 
     def setattr_size(self, file: File, size: int) -> int:
         """``secretmem_setattr``: any size change once i_size is non-zero is -EINVAL."""

@@ -62,7 +62,6 @@ from kvmpoison.mm.mm_types import (
     Vma,
     VmFault,
     VmFaultInfo,
-    vma_is_anonymous,
 )
 from kvmpoison.mm.page import put_page
 from kvmpoison.mm.page_flags import PG
@@ -100,7 +99,8 @@ def shmem_parse_huge(value: str) -> int:
 
 
 def shmem_huge(core: MmCore) -> int:
-    """The global ``shmem_huge`` (``shmem_enabled``)."""
+    """The global ``shmem_huge`` of mm/shmem.c (v5.12, 6.1), set through
+    /sys/kernel/mm/transparent_hugepage/shmem_enabled."""
     return shmem_parse_huge(core.thp.shmem_enabled)
 
 
@@ -474,11 +474,6 @@ def __split_huge_pmd_locked_file(vma: Vma, haddr: int) -> None:
     and young move to the page."""
     _unmap_file_pmd(vma, haddr)
     vma.vm_mm.core.flush_tlb_range(vma.vm_mm, haddr, haddr + HPAGE_PMD_SIZE)
-
-
-def is_file_thp_vma(vma: Vma) -> bool:
-    """A VMA whose PMD leaves map page-cache THPs (``!vma_is_anonymous``)."""
-    return not vma_is_anonymous(vma)
 
 
 # -- counters ---------------------------------------------------------------------------------

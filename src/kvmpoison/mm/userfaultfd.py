@@ -25,7 +25,7 @@ from kvmpoison.arch.x86.pgtable_types import (
 )
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.fault import vma_lookup
-from kvmpoison.mm.file import O_RDWR, File, Inode
+from kvmpoison.mm.file import O_RDWR, File, Inode, NoFileOperations
 from kvmpoison.mm.memory import maybe_mkwrite
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.mmap import range_is_mapped, vmas_in_range
@@ -155,7 +155,7 @@ UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1 << 0
 UFFD_API_FEATURES_MODELLED = UFFD_FEATURE_SIGBUS
 
 
-class UffdFile:
+class UffdFile(NoFileOperations):
     """``userfaultfd_fops`` (fs/userfaultfd.c): read(2) of messages; no write, no mmap."""
 
     def read_iter(self, file: File, pos: int, to: IovIter) -> int:
@@ -166,21 +166,6 @@ class UffdFile:
             return got
         copied = to.copy_to_iter(got)
         return copied if copied == len(got) else -errno.EFAULT
-
-    def write_iter(self, file: File, pos: int, src: IovIter) -> int:
-        return -errno.EINVAL
-
-    def mmap(self, file: File, vma: Vma) -> int:
-        return -errno.ENODEV
-
-    def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
-        return -errno.EOPNOTSUPP
-
-    def setattr_size(self, file: File, size: int) -> int:
-        return -errno.EINVAL
-
-    def fsync(self, file: File) -> int:
-        return -errno.EINVAL
 
 
 def sys_userfaultfd(mm: MmStruct, flags: int, ino: int) -> File | int:

@@ -86,7 +86,7 @@ def handle_userfault(vmf: VmFaultInfo, ctx: UffdCtx) -> VmFault:
 
 
 def wake_userfault(ctx: UffdCtx, start: int, length: int) -> int:
-    """``wake_userfault`` (fs/userfaultfd.c): wake every waiter whose address is in
+    """``wake_userfault`` (fs/userfaultfd.c, v5.12, 6.1): wake every waiter whose address is in
     [start, start + length), read or not; their messages leave the queue. The
     woken go to ``ctx.woken`` for the caller to re-run. Returns how many."""
     woken = [w for w in ctx.waiters if start <= w.address < start + length]

@@ -106,8 +106,9 @@ def pte_modify(pte: int, newprot: int) -> int:
 
 
 def pmd_modify(pmd: int, newprot: int) -> int:
-    """``pmd_modify``: like :func:`pte_modify`, keeping ``_PAGE_PSE`` (``_HPAGE_CHG_MASK``)
-    and re-inverting only the 2 MiB frame bits."""
+    """``pmd_modify`` (arch/x86/include/asm/pgtable.h, v5.12 and 6.1): like
+    :func:`pte_modify`, keeping ``_PAGE_PSE`` (``_HPAGE_CHG_MASK``) and re-inverting only
+    the 2 MiB frame bits."""
     keep = (_PAGE_CHG_MASK | _PAGE_PSE) & ~PTE_PFN_MASK | PHYSICAL_PMD_PAGE_MASK
     val = pmd & keep
     val |= newprot & ~keep & U64

@@ -20,10 +20,9 @@ import errno
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
 from kvmpoison.mm.core import MmCore
-from kvmpoison.mm.file import O_RDWR, File, Inode
+from kvmpoison.mm.file import O_RDWR, File, Inode, NoFileOperations
 from kvmpoison.mm.memory import remap_pfn_range
 from kvmpoison.mm.mm_types import Vma
-from kvmpoison.mm.uaccess import IovIter
 
 DEV_MEM = "/dev/mem"
 SECTION_SIZE = 1 << 27  # x86-64 SECTION_SIZE_BITS = 27
@@ -36,26 +35,11 @@ def bar_range(core: MmCore) -> tuple[int, int]:
     return (dram + SECTION_SIZE - 1) & ~(SECTION_SIZE - 1), BAR_SIZE
 
 
-class DevMem:
+class DevMem(NoFileOperations):
     """``mem_fops`` of /dev/mem: only ``mmap`` (``mmap_mem``) is modelled."""
 
     def __init__(self, core: MmCore):
         self.core = core
-
-    def read_iter(self, file: File, pos: int, to: IovIter) -> int:
-        return -errno.EINVAL  # read_mem is not modelled
-
-    def write_iter(self, file: File, pos: int, src: IovIter) -> int:
-        return -errno.EINVAL
-
-    def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
-        return -errno.EOPNOTSUPP
-
-    def setattr_size(self, file: File, size: int) -> int:
-        return -errno.EINVAL
-
-    def fsync(self, file: File) -> int:
-        return -errno.EINVAL
 
     def mmap(self, file: File, vma: Vma) -> int:
         """``mmap_mem`` (drivers/char/mem.c): -EINVAL outside physical memory, -EPERM for

@@ -43,7 +43,6 @@ from kvmpoison.arch.x86.pgtable import (
     pte_present_array,
 )
 from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL, PAGE_SHIFT, PAGE_SIZE
-from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.mm.fault import vma_lookup
 from kvmpoison.mm.guest_private import guest_private_refault
 from kvmpoison.mm.gup import FOLL, GUP_PIN_COUNTING_BIAS, get_user_pages
@@ -70,7 +69,7 @@ from kvmpoison.mm.swapops import (
     is_guest_private_entry,
     pte_to_swp_entry,
 )
-from kvmpoison.outcome import Halt, Kind, Outcome
+from kvmpoison.outcome import Outcome
 from kvmpoison.uapi.errno import EHWPOISON
 from kvmpoison.virt.kvm.kvm_main import (
     KVM_PFN_ERR_FAULT,
@@ -78,6 +77,7 @@ from kvmpoison.virt.kvm.kvm_main import (
     Kvm,
     Memslot,
     Vm,
+    copy_through_direct_map,
     is_error_pfn,
 )
 from kvmpoison.virt.kvm.mem_protected import first_mapping_vmas
@@ -512,16 +512,7 @@ def copy_guest_page_hardened(vm: Vm, gpa: int, hva: int, n: int,
             vm.hardened_audit.append((op, gpa, "refused: a TD's private memory"))
             return -errno.EFAULT
         vm.hardened_audit.append((op, gpa, "allowed"))
-        pa = (pfn << PAGE_SHIFT) | (hva & (PAGE_SIZE - 1))
-        hw = vm.core.hw
-        if data is not None:
-            hw.write(pa, data, 0)
-            return b""
-        loaded = hw.load(pa, n, 0, Ctx.HOST_KERNEL)
-        if loaded.kind is not Kind.OK:
-            raise Halt(loaded)
-        assert loaded.data is not None
-        return loaded.data
+        return copy_through_direct_map(vm, pfn, hva, n, data)
     finally:
         put_page(page)
 

@@ -532,18 +532,25 @@ def copy_guest_page_rfc(vm: Vm, hva: int, n: int, data: bytes | None) -> bytes |
     if vm.protection is Protection.RFC_V2 and not kvm_page_allowed(vm, page):
         return -errno.EFAULT  # "return -EFAULT;" before put_page(): the reference leaks
     try:
-        pa = (page.pfn << PAGE_SHIFT) | (hva & (PAGE_SIZE - 1))
-        hw = vm.core.hw
-        if data is not None:
-            hw.write(pa, data, 0)  # kmap_atomic + memcpy through the direct map
-            return b""
-        got = hw.load(pa, n, 0, Ctx.HOST_KERNEL)
-        if got.kind is not Kind.OK:
-            raise Halt(got)
-        assert got.data is not None
-        return got.data
+        return copy_through_direct_map(vm, page.pfn, hva, n, data)
     finally:
         put_page(page)
+
+
+def copy_through_direct_map(vm: Vm, pfn: int, hva: int, n: int, data: bytes | None) -> bytes:
+    """``kmap_atomic`` + ``memcpy`` of the pinned page ``pfn`` at ``hva``'s offset through
+    the direct map (as host kernel, KeyID 0): writes ``data`` (returns b"") or reads ``n``
+    bytes; a poisoned line is a kernel-mode consumption, raised as a Halt (a panic)."""
+    pa = (pfn << PAGE_SHIFT) | (hva & (PAGE_SIZE - 1))
+    hw = vm.core.hw
+    if data is not None:
+        hw.write(pa, data, 0)
+        return b""
+    got = hw.load(pa, n, 0, Ctx.HOST_KERNEL)
+    if got.kind is not Kind.OK:
+        raise Halt(got)
+    assert got.data is not None
+    return got.data
 
 
 def kvm_send_hwpoison_signal(vm: Vm, hva: int) -> SigInfo:

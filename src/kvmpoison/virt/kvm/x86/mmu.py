@@ -181,7 +181,7 @@ def host_pfn_mapping_level(vm: Vm, gfn: int, pfn: int, slot: Memslot) -> int:
 def kvm_mmu_hugepage_adjust(vm: Vm, gfn: int, max_level: int, pfn: int) -> tuple[int, int]:
     """(level, pfn) of the SPTE a TDP fault at ``gfn`` installs.
 
-    v5.12 ``kvm_mmu_hugepage_adjust(vcpu, gfn, max_level, &pfn,
+    arch/x86/kvm/mmu/mmu.c v5.12 ``kvm_mmu_hugepage_adjust(vcpu, gfn, max_level, &pfn,
     huge_page_disallowed, &req_level)`` (which replaced 5.5's
     ``transparent_hugepage_adjust`` in 5.6, "Walk host page tables to find THP
     mappings"): 4K for an error or reserved pfn (the zero page) or a gfn outside
