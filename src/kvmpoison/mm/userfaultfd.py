@@ -25,7 +25,7 @@ from kvmpoison.arch.x86.pgtable_types import (
 )
 from kvmpoison.mm.core import MmCore
 from kvmpoison.mm.fault import vma_lookup
-from kvmpoison.mm.file import O_RDWR, File, Inode, NoFileOperations
+from kvmpoison.mm.file import O_RDONLY, O_RDWR, File, Inode, NoFileOperations
 from kvmpoison.mm.memory import maybe_mkwrite
 from kvmpoison.mm.mm_types import VM, MmStruct, Vma
 from kvmpoison.mm.mmap import range_is_mapped, vmas_in_range
@@ -167,17 +167,26 @@ class UffdFile(NoFileOperations):
         copied = to.copy_to_iter(got)
         return copied if copied == len(got) else -errno.EFAULT
 
+    def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
+        """``vfs_fallocate`` (fs/open.c, v5.12) on a writable userfaultfd: its anon inode
+        has no file type (``alloc_anon_inode``: S_IRUSR | S_IWUSR), so neither S_ISREG
+        nor S_ISBLK: -ENODEV, before the missing ->fallocate. From 6.1 the file is
+        O_RDONLY and vfs_fallocate stops earlier at -EBADF."""
+        return -errno.ENODEV
+
 
 def sys_userfaultfd(mm: MmStruct, flags: int, ino: int) -> File | int:
     """``SYSCALL_DEFINE1(userfaultfd)`` (fs/userfaultfd.c, v5.12; 6.18 ``new_userfaultfd``):
     flags beyond O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY are -EINVAL. The model's
     VMM holds CAP_SYS_PTRACE, so the vm.unprivileged_userfaultfd check passes. The
-    context waits for UFFDIO_API."""
+    context waits for UFFDIO_API. The file is O_RDWR on v5.12 and O_RDONLY from 6.1
+    ("userfaultfd: open userfaultfds with O_RDONLY", Debian's 6.1 tree has it)."""
     if flags & ~(O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY):
         return -errno.EINVAL
     ctx = UffdCtx(mm, initialized=False)
+    access = O_RDONLY if mm.core.kcfg.version.tuple >= (6, 1) else O_RDWR
     return File(name="[userfaultfd]", f_inode=Inode(ino=ino, kind="userfaultfd"),
-                f_op=UffdFile(), f_flags=O_RDWR | (flags & O_NONBLOCK), fmode_pread=False,
+                f_op=UffdFile(), f_flags=access | (flags & O_NONBLOCK), fmode_pread=False,
                 private_data=ctx)
 
 

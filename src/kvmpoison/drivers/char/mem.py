@@ -41,6 +41,11 @@ class DevMem(NoFileOperations):
     def __init__(self, core: MmCore):
         self.core = core
 
+    def fallocate(self, file: File, mode: int, offset: int, length: int) -> int:
+        """``vfs_fallocate`` (fs/open.c, v5.12 and 6.1): a character device is neither
+        S_ISREG nor S_ISBLK: -ENODEV, before the missing ->fallocate."""
+        return -errno.ENODEV
+
     def mmap(self, file: File, vma: Vma) -> int:
         """``mmap_mem`` (drivers/char/mem.c): -EINVAL outside physical memory, -EPERM for
         RAM (``range_is_allowed``: x86 ``devmem_is_allowed`` with STRICT_DEVMEM) or a range
