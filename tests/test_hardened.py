@@ -431,3 +431,30 @@ def test_demo_story_ends_refused_everywhere_with_the_data_intact() -> None:
     assert steps["process_vm_readv of the private page (GUP)"].cell == "err:EFAULT"
     assert steps["pread the guest-RAM memfd (page cache)"].cell == "err:EPERM"
     assert steps["load the secret back"].data == DEMO_SECRET
+
+
+def test_a_share_never_releases_a_page_that_now_backs_another_gfn() -> None:
+    """The explorer's seed-192 find (I2): gfn 0x30's private page is punched out and freed,
+    the same frame then backs gfn 0x31 privately; sharing 0x30 must not strip or scrub
+    it through 0x30's stale record."""
+    from kvmpoison.explore import InvariantMonitor
+    from kvmpoison.scenario.loader import load_text
+    from kvmpoison.scenario.ops import RunCtx
+    from kvmpoison.scenario.runner import build_machine, perform
+
+    sc = load_text('[scenario]\nname = "t"\n\n[[vm]]\nname = "vm0"\nmemory = 1048576\n\n'
+                   '[[step]]\nactor = "guest:vm0"\nop = "load"\ngpa = 0x31000\n', "t.toml")
+    ctx = RunCtx(build_machine(sc, "hardened"))
+    mon = InvariantMonitor(("I2", "I3"))
+    steps: list[tuple[str, str, dict[str, object]]] = [
+        ("host", "kvm_read", {"vm": "vm0", "gpa": 0x30000}),
+        ("vmm:vm0", "punch_hole", {"gpa": 0x30000}),
+        ("guest:vm0", "store", {"gpa": 0x31000, "data": "secret"}),
+        ("guest:vm0", "share", {"gpa": 0x30000}),
+        ("guest:vm0", "load", {"gpa": 0x31000, "size": 6}),
+    ]
+    for actor, op, args in steps:
+        mon.before(ctx, actor, op, args)
+        out = perform(ctx, actor, op, args)
+        assert mon.after(ctx, actor, op, args, out) == [], (op, out)
+    assert out.data == b"secret"

@@ -320,6 +320,19 @@ def _range(gfn: int, npages: int) -> tuple[int, int] | None:
     return gfn, end
 
 
+def _still_backs(vm: Vm, gfn: int, pfn: int) -> bool:
+    """Is ``pfn`` still the private page KVM recorded for ``gfn``: bound to this VM, and
+    at the gfn's place in the VMM's RAM (the page's index: its file offset, or the anon
+    page's linear index)? A page punched out and freed may since back another gfn of the
+    same VM, under the same binding: its old record is stale."""
+    if int(vm.kvm.hardened_owner[pfn]) != vm.binding:
+        return False
+    hva = vm.gfn_to_hva(gfn)
+    if hva is None or vm.mm is None or (vma := vma_lookup(vm.mm, hva)) is None:
+        return True  # nothing maps the gfn to compare with: the binding decides
+    return int(vm.core.pages.index[pfn]) == vma.vm_pgoff + ((hva - vma.vm_start) >> PAGE_SHIFT)
+
+
 def _release_private(vm: Vm, gfns: list[int]) -> None:
     """Private gfns going shared: each page KVM protected for them stops being private
     (PG_guest_private and the binding go; a TD's page is scrubbed as it leaves the TD),
@@ -329,10 +342,11 @@ def _release_private(vm: Vm, gfns: list[int]) -> None:
     core = vm.core
     kvm = vm.kvm
     mem = core.pages
-    pfns = np.array([vm.hardened_private.pop(g) for g in gfns], dtype=np.int64)
+    recorded = [(g, vm.hardened_private.pop(g)) for g in gfns]
     for g in gfns:
         vm.zap_gfn_range(g, g + 1)
-    ours = pfns[kvm.hardened_owner[pfns] == vm.binding]  # a page gone since is not ours
+    # a page gone since (freed, perhaps backing another gfn now) is not the gfn's to release
+    ours = np.array([p for g, p in recorded if _still_backs(vm, g, p)], dtype=np.int64)
     kvm.hardened_owner[ours] = kvm.NO_BINDING
     mem.flags[ours] &= np.uint32(~_PRIVATE_BITS(mem) & 0xFFFF_FFFF)
     leaving = [p for p in ours.tolist() if p in vm.td_pages]
@@ -388,7 +402,7 @@ def kvm_unshare_memory_hardened(vm: Vm, gfn: int, npages: int) -> int:
     kvm = vm.kvm
     # A private gfn whose page went away is accepted afresh: its next fault takes a new page.
     for g in [g for g, p in vm.hardened_private.items()
-              if start <= g < end and int(kvm.hardened_owner[p]) != vm.binding]:
+              if start <= g < end and not _still_backs(vm, g, p)]:
         del vm.hardened_private[g]
     core = vm.core
     mem = core.pages
