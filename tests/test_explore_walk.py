@@ -7,7 +7,8 @@ import numpy.typing as npt
 import pytest
 
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PMD_SHIFT
-from kvmpoison.explore.invariants import _FEW_REGIONS, leaf_ptes
+from kvmpoison.arch.x86.physmem import LINE_TD
+from kvmpoison.explore.invariants import _FEW_REGIONS, leaf_ptes, td_data_mask
 from kvmpoison.explore.statemachine import GFNS, state_machine
 from kvmpoison.mm.pagetable import PageTables
 
@@ -59,3 +60,34 @@ def test_leaf_ptes_reads_what_the_walk_reads(design: str) -> None:
             lo = max(0, base - wide // 2) & ~(PAGE - 1)
             present += _same(pt, lo, lo + wide)
     assert present > 0  # the ranges held entries to compare
+
+
+@pytest.mark.parametrize("design", ["baseline", "rfc-v2", "gmem"])
+def test_td_data_mask_agrees_with_each_frames_form(design: str) -> None:
+    """For every pfn, and for a few out of order: TD data exactly where the frame's own form
+    says so (a stored frame: a line written with LINE_TD; a zero-form frame: a TD-private
+    KeyID), after guest writes, a share, a reboot and a punched hole."""
+    sm = state_machine(design, ())()
+    for gfn in GFNS:
+        sm.guest_store(gfn << PAGE_SHIFT, 3)
+    sm.guest_share(GFNS[0] << PAGE_SHIFT)
+    sm.vmm_punch_hole(GFNS[1] << PAGE_SHIFT)
+    sm.guest_reboot()
+    sm.guest_store(GFNS[2] << PAGE_SHIFT, 4)
+    m = sm.m
+    hw = m.kernel.core.hw
+    phys = hw.mem
+
+    def td(pfn: int) -> bool:
+        slot = phys.slot(pfn)
+        if slot >= 0:
+            return bool((phys.flags[slot] & LINE_TD).any())
+        return hw.cfg.keyids.is_private(phys.zero_state(pfn)[0])
+
+    every = np.arange(m.kernel.core.pages.nr_pages, dtype=np.int64)
+    want = [td(int(p)) for p in every]
+    assert td_data_mask(m, every).tolist() == want
+    some = every[[7, 3, len(every) - 1, 3]]
+    assert td_data_mask(m, some).tolist() == [want[int(p)] for p in some]
+    stored = [int(p) for p in every if phys.slot(int(p)) >= 0]
+    assert stored and any(want[p] for p in stored)  # stored frames with TD data were tested

@@ -287,13 +287,14 @@ def td_data_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
     phys = hw.mem
     if hw.cfg.integrity is IntegrityMode.OFF:
         return np.zeros(len(pfns), dtype=np.bool_)
-    slots = phys.slot_of[pfns].astype(np.int64) - 1
-    stored = slots >= 0
-    out = np.zeros(len(pfns), dtype=np.bool_)
-    out[stored] = (phys.flags[slots[stored]] & LINE_TD).any(axis=1)
-    # Zero-form frames: one entry per (KeyID, generation) the machine has used, few.
+    # Zero-form frames: one entry per (KeyID, generation) the machine has used, few. Every
+    # pfn has a zero-form state (a stored frame's is stale): look all up, then overwrite
+    # the stored frames (few) from their line flags.
     lut = np.array([hw.cfg.keyids.is_private(k) for k, _ in phys.zero_states], dtype=np.bool_)
-    out[~stored] = lut[phys.zstate[pfns[~stored]]]
+    out: npt.NDArray[np.bool_] = lut[phys.zstate[pfns]]
+    slots = phys.slot_of[pfns]
+    stored = np.flatnonzero(slots)
+    out[stored] = (phys.flags[slots[stored].astype(np.int64) - 1] & LINE_TD).any(axis=1)
     return out
 
 
