@@ -17,13 +17,14 @@ import numpy.typing as npt
 
 from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.arch.x86.pgtable import pte_pfn_array, pte_present_array
-from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PMD_SHIFT
 from kvmpoison.arch.x86.physmem import LINE_TD, NO_KEYID
 from kvmpoison.arch.x86.vmx import VMX_EPT_RWX_MASK
 from kvmpoison.explore.refcount import refcount_mismatches, user_ptes
 from kvmpoison.explore.tlb import stale_tlb_entries
 from kvmpoison.machine import Instance, Machine
 from kvmpoison.mm.page_flags import PG, PG_BUDDY_BIT
+from kvmpoison.mm.pagetable import PageTables
 from kvmpoison.virt.kvm.gmem_memslot import SPTE_PRIVATE
 from kvmpoison.virt.kvm.kvm_main import Protection
 
@@ -106,21 +107,55 @@ def guest_view(inst: Instance, cache: Cache | None = None) -> GuestView:
             return hit
         view = cache[("view", id(inst))] = guest_view(inst)
         return view
-    ept = inst.vm.ept
-    gfns, pfns, private = [], [], []
-    for ch in ept.chunks(0, inst.vmm.ram_size):
-        raw = ept.store.rows[ch.rows, ch.cols]
-        present = (raw & np.uint64(VMX_EPT_RWX_MASK)) != 0
-        gfns.append(ch.addr[present] >> PAGE_SHIFT)
-        pfns.append(((raw[present] >> np.uint64(PAGE_SHIFT)) & PFN_BITS).astype(np.int64))
-        private.append((raw[present] & np.uint64(SPTE_PRIVATE)) != 0)
-    g = np.concatenate(gfns) if gfns else np.zeros(0, dtype=np.int64)
-    p = np.concatenate(pfns) if pfns else np.zeros(0, dtype=np.int64)
+    addr, raw = leaf_ptes(inst.vm.ept, 0, inst.vmm.ram_size)
+    present = (raw & np.uint64(VMX_EPT_RWX_MASK)) != 0
+    raw = raw[present]
+    g = addr[present] >> PAGE_SHIFT
+    p = ((raw >> np.uint64(PAGE_SHIFT)) & PFN_BITS).astype(np.int64)
     if inst.vm.protection is Protection.GMEM:
         # What the hardware uses: the SPTE's private bit (a rebooted guest's view of a gfn
         # may lag KVM's attributes until its first access converts it).
-        return GuestView(g, p, np.concatenate(private) if private else np.zeros(0, dtype=bool))
+        return GuestView(g, p, (raw & np.uint64(SPTE_PRIVATE)) != 0)
     return GuestView(g, p, guest_private_mask(inst, g))
+
+
+# A range of at most this many 2 MiB regions is read region by region (a dict look-up and
+# a slice each); a larger one by the table walk, which costs what is mapped.
+_FEW_REGIONS = 8
+
+
+def leaf_ptes(pt: PageTables, start: int, end: int) -> tuple[I64, npt.NDArray[np.uint64]]:
+    """The addresses in [start, end) (page-aligned) that have a PTE table, and their raw
+    leaf entries: what :meth:`PageTables.chunks` yields, concatenated. Every explored VM's
+    RAM fits in one or two 2 MiB regions, where the walk's set-up costs more than the read,
+    so those are read through each region's ``pte_slot`` (None: no PTE table there, a hole
+    or a 2 MiB leaf, which ``chunks`` leaves out as well)."""
+    if end <= start:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
+    first, last = start >> PMD_SHIFT, (end - 1) >> PMD_SHIFT
+    rows = pt.store.rows
+    addrs: list[I64] = []
+    raws: list[npt.NDArray[np.uint64]] = []
+    if last - first < _FEW_REGIONS:
+        for region in range(first, last + 1):
+            lo = max(start, region << PMD_SHIFT)
+            hi = min(end, (region + 1) << PMD_SHIFT)
+            slot = pt.pte_slot(lo)
+            if slot is None:
+                continue
+            row, col = slot
+            n = (hi - lo) >> PAGE_SHIFT
+            addrs.append(lo + (np.arange(n, dtype=np.int64) << PAGE_SHIFT))
+            raws.append(rows[row, col : col + n])
+    else:
+        for ch in pt.chunks(start, end):
+            addrs.append(ch.addr)
+            raws.append(rows[ch.rows, ch.cols])
+    if not addrs:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
+    if len(addrs) == 1:
+        return addrs[0], raws[0].copy()
+    return np.concatenate(addrs), np.concatenate(raws)
 
 
 def live(m: Machine) -> list[Instance]:
@@ -146,13 +181,10 @@ def vmm_pfns(inst: Instance) -> I64:
     out = np.full(inst.vmm.ram_size >> PAGE_SHIFT, -1, dtype=np.int64)
     if mm is None:
         return out
-    store = mm.pgd.store.rows
     base = inst.vmm.ram_hva
-    for ch in mm.pgd.chunks(base, base + inst.vmm.ram_size):
-        raw = store[ch.rows, ch.cols]
-        present = pte_present_array(raw)
-        idx = (ch.addr[present] - base) >> PAGE_SHIFT
-        out[idx] = pte_pfn_array(raw[present])
+    addr, raw = leaf_ptes(mm.pgd, base, base + inst.vmm.ram_size)
+    present = pte_present_array(raw)
+    out[(addr[present] - base) >> PAGE_SHIFT] = pte_pfn_array(raw[present])
     return out
 
 
@@ -255,13 +287,14 @@ def td_data_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
     phys = hw.mem
     if hw.cfg.integrity is IntegrityMode.OFF:
         return np.zeros(len(pfns), dtype=np.bool_)
-    slots = phys.slot_of[pfns].astype(np.int64) - 1
-    stored = slots >= 0
-    out = np.zeros(len(pfns), dtype=np.bool_)
-    out[stored] = (phys.flags[slots[stored]] & LINE_TD).any(axis=1)
-    # Zero-form frames: one entry per (KeyID, generation) the machine has used, few.
+    # Zero-form frames: one entry per (KeyID, generation) the machine has used, few. Every
+    # pfn has a zero-form state (a stored frame's is stale): look all up, then overwrite
+    # the stored frames (few) from their line flags.
     lut = np.array([hw.cfg.keyids.is_private(k) for k, _ in phys.zero_states], dtype=np.bool_)
-    out[~stored] = lut[phys.zstate[pfns[~stored]]]
+    out: npt.NDArray[np.bool_] = lut[phys.zstate[pfns]]
+    slots = phys.slot_of[pfns]
+    stored = np.flatnonzero(slots)
+    out[stored] = (phys.flags[slots[stored].astype(np.int64) - 1] & LINE_TD).any(axis=1)
     return out
 
 
