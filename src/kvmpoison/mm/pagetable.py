@@ -421,6 +421,14 @@ class PageTables:
                 if pud is None:  # nothing in this 512 GiB
                     addr = min(((addr >> PGDIR_SHIFT) + 1) << PGDIR_SHIFT, end)
                     continue
+                assert isinstance(pud, _Table)
+                i = self._index(addr, PUD_SHIFT)
+                if pud.children[i] is None:  # on to the next GiB that has a PMD table
+                    kids = pud.children
+                    nxt = next((j for j in range(i + 1, PTRS_PER_PTE) if kids[j] is not None),
+                               PTRS_PER_PTE)
+                    addr = min(((addr >> PGDIR_SHIFT) << PGDIR_SHIFT) + (nxt << PUD_SHIFT), end)
+                    continue
             pmd = self._pmd_table(addr, alloc)
             if pmd is not None:
                 chunk = self._chunk(pmd, addr, pud_end, alloc)

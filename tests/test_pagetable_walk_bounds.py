@@ -1,0 +1,36 @@
+"""Walks cost what is mapped: a PUD table with one PMD table is not stepped GiB by GiB."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
+from kvmpoison.kconfig import KernelConfig, KernelVersion
+from kvmpoison.kernel.kernel import Kernel
+from kvmpoison.kernel.process import Process
+from kvmpoison.mm.mmap import MAP_ANONYMOUS, MAP_PRIVATE
+from kvmpoison.mm.pagetable import PageTables
+
+
+def test_chunks_skip_the_gibs_of_a_pud_table_that_have_no_pmd_table(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    k = Kernel.boot(KernelConfig(version=KernelVersion.V6_18),
+                    PlatformConfig(mem_bytes=16 << 20, integrity=IntegrityMode.OFF))
+    p = Process.spawn(k, "t")
+    addr = p.mmap(0, 8 << 12, 3, MAP_PRIVATE | MAP_ANONYMOUS).value
+    assert addr is not None
+    assert p.store(addr, b"x" * (8 << 12)).succeeded
+    pgd = p.mm.pgd
+    base = (addr >> 39) << 39  # the 512 GiB the mapping sits in
+    calls = 0
+    real = PageTables._pmd_table
+
+    def counting(self: PageTables, a: int, alloc: bool) -> object:
+        nonlocal calls
+        calls += 1
+        return real(self, a, alloc)
+
+    monkeypatch.setattr(PageTables, "_pmd_table", counting)
+    got = list(pgd.chunks(base, base + (1 << 39)))
+    assert sum(len(c.addr) for c in got) == 512  # the one PTE table's slots
+    assert calls == 1  # one GiB has a PMD table; the other 511 are skipped unvisited
