@@ -34,3 +34,26 @@ def test_chunks_skip_the_gibs_of_a_pud_table_that_have_no_pmd_table(
     got = list(pgd.chunks(base, base + (1 << 39)))
     assert sum(len(c.addr) for c in got) == 512  # the one PTE table's slots
     assert calls == 1  # one GiB has a PMD table; the other 511 are skipped unvisited
+
+
+def test_a_walk_over_the_whole_address_space_visits_only_what_is_mapped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """KVM zaps a protected VM's whole guest-physical space (hardened's boot-time unshare):
+    the empty 512 GiB regions are skipped together, not one by one."""
+    k = Kernel.boot(KernelConfig(version=KernelVersion.V6_18),
+                    PlatformConfig(mem_bytes=16 << 20, integrity=IntegrityMode.OFF))
+    p = Process.spawn(k, "t")
+    addr = p.mmap(0, 1 << 12, 3, MAP_PRIVATE | MAP_ANONYMOUS).value
+    assert addr is not None and p.store(addr, b"x").succeeded
+    lookups = 0
+    real = PageTables._index
+
+    def counting(a: int, shift: int) -> int:
+        nonlocal lookups
+        lookups += 1
+        return real(a, shift)
+
+    monkeypatch.setattr(PageTables, "_index", staticmethod(counting))
+    got = list(p.mm.pgd.chunks(0, 1 << 48))
+    assert sum(len(c.addr) for c in got) == 512
+    assert lookups < 64  # a handful per level, not one per 512 GiB or per GiB

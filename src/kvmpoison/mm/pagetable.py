@@ -417,9 +417,13 @@ class PageTables:
         while addr < end:
             pud_end = min(((addr >> PUD_SHIFT) + 1) << PUD_SHIFT, end)
             if not alloc:
-                pud = self.pgd.children[self._index(addr, PGDIR_SHIFT)]
-                if pud is None:  # nothing in this 512 GiB
-                    addr = min(((addr >> PGDIR_SHIFT) + 1) << PGDIR_SHIFT, end)
+                g = self._index(addr, PGDIR_SHIFT)
+                pud = self.pgd.children[g]
+                if pud is None:  # on to the next 512 GiB that has a PUD table
+                    top = self.pgd.children
+                    nxt = next((j for j in range(g + 1, PTRS_PER_PTE) if top[j] is not None),
+                               PTRS_PER_PTE)
+                    addr = min(nxt << PGDIR_SHIFT, end)
                     continue
                 assert isinstance(pud, _Table)
                 i = self._index(addr, PUD_SHIFT)
