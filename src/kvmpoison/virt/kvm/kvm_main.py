@@ -37,7 +37,7 @@ from kvmpoison.mm.page import Page, PageFlag, PageHWPoison, get_page, put_page
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.mm.pagetable import ADDRESS_BITS, TASK_SIZE, PageTables, PteStore
 from kvmpoison.mm.uaccess import copy_from_user, copy_to_user
-from kvmpoison.outcome import Halt, Kind
+from kvmpoison.outcome import Halt, Kind, McKind, Outcome
 from kvmpoison.uapi.errno import EHWPOISON
 from kvmpoison.uapi.siginfo import BusCode, SigInfo
 from kvmpoison.virt.kvm.memory_attributes import MemAttrArray
@@ -66,6 +66,20 @@ def check_guest_access(gpa: int, size: int) -> None:
     if gpa < 0 or size < 0 or gpa + size > EPT_MAX_GFN << PAGE_SHIFT:
         raise ValueError(f"gpa {gpa:#x}+{size:#x} is beyond the 48-bit guest-physical "
                          "address space: the guest cannot issue this access")
+
+
+def vcpu_run_refused(vm: Vm) -> Outcome | None:
+    """Why KVM_RUN cannot enter the guest, or None: a TD a fatal error killed
+    (TDH.VP.ENTER fails with TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE), or a vCPU
+    thread whose VMM is dead (its signal, or -ESRCH once the process is gone)."""
+    if vm.td_fatal:
+        return Outcome.machine_check(None, McKind.TD_FATAL,
+                                     "TDH.VP.ENTER: TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE")
+    if not vm.vcpu_task.alive:
+        if vm.vcpu_task.exit_signal is not None:
+            return Outcome.signal(vm.vcpu_task.exit_signal, detail="the VMM is dead")
+        return Outcome.error(errno.ESRCH, "the VMM is gone")
+    return None
 
 
 class PfnMap:

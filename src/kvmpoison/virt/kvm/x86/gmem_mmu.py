@@ -47,6 +47,7 @@ from kvmpoison.virt.kvm.kvm_main import (
     ept_spte_4k,
     is_error_pfn,
     kvm_pfn_to_refcounted_page,
+    vcpu_run_refused,
 )
 from kvmpoison.virt.kvm.private_mem import (
     KVM_EXIT_MEMORY_FAULT,
@@ -152,13 +153,9 @@ def _fault_in(vm: Vm, gpa: int, write: bool, is_private: bool) -> EptEntry | Out
 def gmem_vcpu_access(vm: Vm, gpa: int, size: int, data: bytes | None,
                      shared: bool) -> Outcome:
     """One guest access of a VM with private memory (``shared``: the shared alias)."""
-    if vm.td_fatal:
-        return Outcome.machine_check(None, McKind.TD_FATAL,
-                                     "TDH.VP.ENTER: TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE")
-    if not vm.vcpu_task.alive:
-        if vm.vcpu_task.exit_signal is not None:
-            return Outcome.signal(vm.vcpu_task.exit_signal, detail="the VMM is dead")
-        return Outcome.error(errno.ESRCH, "the VMM is gone")
+    refused = vcpu_run_refused(vm)
+    if refused is not None:
+        return refused
     check_guest_access(gpa, size)
     core = vm.core
     out: list[bytes] = []

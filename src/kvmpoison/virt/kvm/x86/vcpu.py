@@ -16,15 +16,13 @@ whole access; loads only (no instruction fetch); no guest page-table walk.
 
 from __future__ import annotations
 
-import errno
-
 from kvmpoison.arch.x86.mce import MceRecord, Severity, mce_severity
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PAGE_SIZE
 from kvmpoison.arch.x86.poison import Ctx
 from kvmpoison.kernel.mce import MCE_REENTRY_LIMIT, kill_me_maybe
 from kvmpoison.mm.page import SetPageHWPoison
 from kvmpoison.outcome import Halt, Kind, LivelockOn, McKind, Outcome
-from kvmpoison.virt.kvm.kvm_main import Vm, check_guest_access
+from kvmpoison.virt.kvm.kvm_main import Vm, check_guest_access, vcpu_run_refused
 from kvmpoison.virt.kvm.x86.mmu import direct_page_fault, spte_present
 from kvmpoison.virt.kvm.x86.paging_tmpl import paging64_page_fault, shadow_spte_pfn
 
@@ -89,13 +87,9 @@ def _translate(vm: Vm, addr: int, write: bool) -> tuple[int, Outcome | None]:
 
 def vcpu_access(vm: Vm, gpa: int, size: int, data: bytes | None, shared: bool) -> Outcome:
     """One guest access; ``shared`` says the guest uses the shared (KeyID 0) alias."""
-    if vm.td_fatal:
-        return Outcome.machine_check(None, McKind.TD_FATAL,
-                                     "TDH.VP.ENTER: TDX_NON_RECOVERABLE_TD_NON_ACCESSIBLE")
-    if not vm.vcpu_task.alive:
-        if vm.vcpu_task.exit_signal is not None:
-            return Outcome.signal(vm.vcpu_task.exit_signal, detail="the VMM is dead")
-        return Outcome.error(errno.ESRCH, "the VMM is gone")
+    refused = vcpu_run_refused(vm)
+    if refused is not None:
+        return refused
     check_guest_access(gpa, size)
     core = vm.core
     out: list[bytes] = []
