@@ -187,7 +187,7 @@ def test_a_gmem_copy_exits_to_its_own_vmm() -> None:
 def test_exploring_rfc_v1_finds_the_gup_hole_and_run_replays_it(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]
                                                                  ) -> None:
-    res = explore_seed("rfc-v1", 14, 100, ("I1", "I7"), deadline_ms=5000)
+    res = explore_seed("rfc-v1", 32, 100, ("I1", "I7"), deadline_ms=5000)
     assert res.violation in ("I1", "I7") and res.replays is True
     # Found within the 100 steps asked for; shrinking ran many more.
     assert res.found_after is not None and 0 < res.found_after <= 100 < res.steps

@@ -218,7 +218,7 @@ def test_a_design_added_to_the_registry_is_explored(monkeypatch: pytest.MonkeyPa
     assert cls.base is not None and cls.base.design.name == clone.name
     assert set(dir(cls)) >= {
         "vmm_ftruncate", "vmm_exit", "host_ksmd", "host_soft_offline", "host_second_vm",
-        "hw_tamper", "host_direct_map_write", "vmm_vfio_pin", "vmm_dma_write", "guest2_store"}
+        "hw_tamper", "host_direct_map_write", "vmm_vfio_pin", "vmm_dma_write", "guest_vm1_store"}
 
 
 def test_i5s_free_test_agrees_with_the_free_lists() -> None:
@@ -240,7 +240,7 @@ def test_no_step_runs_on_a_panicked_host() -> None:
     cls = state_machine("baseline", ("I4",))
     sm = cls()
     sm.guest_load(GPA)
-    sm.hw_dram_error(GPA)
+    sm.hw_dram_error(sm.backed().index(GPA))
     sm.host_path("process_vm_readv", GPA)
     assert sm.m.kernel.halted is not None and len(sm.trace) == 3
     before = cls.steps_run

@@ -45,8 +45,8 @@ def test_leaf_ptes_reads_what_the_walk_reads(design: str) -> None:
     sm.guest_share(GFNS[1] << PAGE_SHIFT)
     sm.vmm_fork_child_load(GFNS[0] << PAGE_SHIFT)
     sm.vmm_punch_hole(GFNS[2] << PAGE_SHIFT)
-    sm.host_second_vm()
-    sm.guest2_store(GFNS[0] << PAGE_SHIFT, 9)
+    sm.host_second_vm("vm1")
+    sm.guest_vm1_store(GFNS[0] << PAGE_SHIFT, 9)
     present = 0
     for inst in sm.m.instances.values():
         mm = inst.vmm.proc.task.mm
@@ -72,7 +72,7 @@ def test_td_data_mask_agrees_with_each_frames_form(design: str) -> None:
         sm.guest_store(gfn << PAGE_SHIFT, 3)
     sm.guest_share(GFNS[0] << PAGE_SHIFT)
     sm.vmm_punch_hole(GFNS[1] << PAGE_SHIFT)
-    sm.guest_reboot()
+    sm.guest_reboot("vm0")
     sm.guest_store(GFNS[2] << PAGE_SHIFT, 4)
     m = sm.m
     hw = m.kernel.core.hw

@@ -103,6 +103,7 @@ def explore(
     doc = {"design": design, "invariants": list(checked), "steps_per_seed": steps,
            "seeds": [r.as_json() for r in results],
            "steps": sum(r.steps for r in results),
+           "refused": sum(r.refused for r in results),
            "seconds": round(sum(r.seconds for r in results), 3),
            "violations": {r.violation: sum(x.violation == r.violation for x in results)
                           for r in found if r.violation}}
@@ -131,5 +132,6 @@ def _print(doc: dict[str, object], results: list[SeedResult]) -> None:
                       r.problems[0] if r.problems else "")
     console = Console()
     console.print(table)
-    console.print(f"{doc['steps']} steps in {doc['seconds']} s; violations: "
+    console.print(f"{doc['steps']} steps ({doc['refused']} draws refused by the model, "
+                  f"not counted) in {doc['seconds']} s; violations: "
                   f"{doc['violations'] or 'none'}", highlight=False)

@@ -33,6 +33,7 @@ class SeedResult:
     replays: bool | None = None  # the reproducer fails the same way under `run`
     found_after: int | None = None  # steps run when the violation was first seen (no shrinking)
     cpu_seconds: float = 0.0  # this process's CPU time: the rate on a host shared with others
+    refused: int = 0  # draws the model refused (no page behind the gpa yet): not in ``steps``
 
     @property
     def steps_per_s(self) -> float:
@@ -46,6 +47,18 @@ class SeedResult:
         return out
 
 
+def explore_settings(steps: int, shrink: bool = True,
+                     deadline_ms: int | None = None) -> settings:
+    """Hypothesis's settings for about ``steps`` steps: examples of up to STEPS_PER_EXAMPLE
+    steps, no database, one violation (the first)."""
+    phases = [Phase.generate] + ([Phase.shrink] if shrink else [])
+    return settings(max_examples=max(1, math.ceil(steps / STEPS_PER_EXAMPLE)),
+                    stateful_step_count=min(steps, STEPS_PER_EXAMPLE), deadline=deadline_ms,
+                    database=None, phases=phases, verbosity=Verbosity.quiet,
+                    suppress_health_check=list(HealthCheck), print_blob=False,
+                    report_multiple_bugs=False)
+
+
 def explore_seed(design: str, seed: int, steps: int, invariants: tuple[str, ...],
                  shrink: bool = True, deadline_ms: int | None = None) -> SeedResult:
     """Run about ``steps`` steps of ``design``'s state machine from ``seed``; shrink the first
@@ -53,13 +66,9 @@ def explore_seed(design: str, seed: int, steps: int, invariants: tuple[str, ...]
     (up to STEPS_PER_EXAMPLE steps); campaigns leave it off, tests set it."""
     cls = state_machine(design, invariants)
     cls.steps_run = 0
+    cls.refused = 0
     cls.found_at = None
-    phases = [Phase.generate] + ([Phase.shrink] if shrink else [])
-    conf = settings(max_examples=max(1, math.ceil(steps / STEPS_PER_EXAMPLE)),
-                    stateful_step_count=min(steps, STEPS_PER_EXAMPLE), deadline=deadline_ms,
-                    database=None, phases=phases, verbosity=Verbosity.quiet,
-                    suppress_health_check=list(HealthCheck), print_blob=False,
-                    report_multiple_bugs=False)  # one violation per seed: the first
+    conf = explore_settings(steps, shrink, deadline_ms)
     hypothesis_seed(seed)(cls)
     start, cpu = time.perf_counter(), time.process_time()
     found: InvariantError | None = None
@@ -75,7 +84,8 @@ def explore_seed(design: str, seed: int, steps: int, invariants: tuple[str, ...]
     except Flaky as exc:  # should not happen: the machine is deterministic
         raise RuntimeError(f"{design} seed {seed}: a violation did not reproduce: {exc}") from exc
     res = SeedResult(design, seed, list(invariants), cls.steps_run,
-                     time.perf_counter() - start, cpu_seconds=time.process_time() - cpu)
+                     time.perf_counter() - start, cpu_seconds=time.process_time() - cpu,
+                     refused=cls.refused)
     if found is not None:
         name = f"x-{design}-{found.invariant.lower()}-seed{seed}"
         res.violation = found.invariant

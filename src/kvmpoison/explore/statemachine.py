@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from hypothesis import reject
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
+from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT
 from kvmpoison.explore.monitor import InvariantMonitor
 from kvmpoison.machine import Machine
 from kvmpoison.matrix import protocol as proto
+from kvmpoison.matrix.designs import backing_pfn
 from kvmpoison.scenario.loader import Scenario, load_text
 from kvmpoison.scenario.ops import OpError, RunCtx
 from kvmpoison.scenario.runner import build_machine, perform
@@ -59,7 +63,11 @@ def base_scenario(design: str) -> Scenario:
     return load_text(text, f"<explore {design}>")
 
 
-gpas = st.sampled_from(GFNS).map(lambda gfn: gfn << 12)
+GPAS = tuple(gfn << PAGE_SHIFT for gfn in GFNS)
+gpas = st.sampled_from(GPAS)
+# The host's and the hardware's steps on a frame pick among the gpas a frame backs
+# (``pick`` modulo their number): a gpa nothing backs yet could only be refused.
+picks = st.integers(0, len(GFNS) - 1)
 
 
 class ExploreMachine(RuleBasedStateMachine):
@@ -68,7 +76,8 @@ class ExploreMachine(RuleBasedStateMachine):
     design: ClassVar[str] = "rfc-v1"
     checked: ClassVar[tuple[str, ...]] = ()
     base: ClassVar[Machine | None] = None
-    steps_run: ClassVar[int] = 0  # every step of every example, for steps/s
+    steps_run: ClassVar[int] = 0  # every step the model performed, in every example
+    refused: ClassVar[int] = 0  # draws the model refused (no page yet): no step
     found_at: ClassVar[int | None] = None  # steps_run when the first violation was seen
 
     def __init__(self) -> None:
@@ -80,124 +89,181 @@ class ExploreMachine(RuleBasedStateMachine):
         self.ctx = RunCtx(self.m)
         self.monitor = InvariantMonitor(cls.checked)
         self.trace: list[Recorded] = []
+        self._backed: tuple[int, ...] | None = None  # the gpas a frame backs, this step
 
     @property
     def gmem(self) -> bool:
         return self.m.vm.protection is Protection.GMEM
 
+    def usable(self, name: str) -> bool:
+        """The VM exists, its VMM neither exited nor was killed, and a memslot gives it RAM
+        (a second VM's can be refused): its steps can run."""
+        inst = self.m.instances.get(name)
+        return inst is not None and inst.vmm.proc.task.mm is not None \
+            and inst.vmm.proc.task.alive and bool(inst.vm.memslots)
+
+    def backed(self) -> tuple[int, ...]:
+        """vm0's gpas that a frame backs (once per step: preconditions ask many times)."""
+        if self._backed is None:
+            inst = self.m.instances[VM]
+            found = []
+            for gpa in GPAS:
+                try:
+                    backing_pfn(self.m, gpa, inst.vmm, inst.vm)
+                except ValueError:
+                    continue
+                found.append(gpa)
+            self._backed = tuple(found)
+        return self._backed
+
+    def framed(self) -> bool:
+        return self.usable(VM) and bool(self.backed())
+
     def step(self, actor: str, op: str, **args: Any) -> None:
         if self.m.kernel.halted is not None:
             return  # the host panicked: every later step would only answer "panic" (no step)
-        type(self).steps_run += 1
+        self._backed = None
         self.monitor.before(self.ctx, actor, op, args)
         try:
             out = perform(self.ctx, actor, op, args)
         except (OpError, ValueError, MemoryError):
             self.monitor.forget()
-            return  # not applicable here (no page yet, the VMM is gone): not a step
+            type(self).refused += 1
+            return  # not applicable here (no page yet, no pin of it): not a step
         except Exception as exc:  # a model bug: report it with the steps that reach it
+            type(self).steps_run += 1
             steps = [*self.trace, (actor, op, args, "raises")]
             self._found()
             raise ModelError([f"MODEL: {type(exc).__name__}: {exc}"], steps) from exc
+        type(self).steps_run += 1
         self.trace.append((actor, op, args, out.cell))
         problems = self.monitor.after(self.ctx, actor, op, args, out)
         if problems:
             self._found()
             raise InvariantError(problems, list(self.trace))
+        if currently_in_test_context() and (
+                self.m.kernel.halted is not None
+                or not any(self.usable(name) for name in self.m.instances)):
+            # Nothing is left to act on (the host panicked, every VMM is gone): end the
+            # example here rather than draw steps the model can only refuse.
+            reject()
 
     def _found(self) -> None:
         cls = type(self)
         if cls.found_at is None:
             cls.found_at = cls.steps_run
 
+    # Hypothesis sorts the rules by their number of arguments, then by name, and its choices
+    # favour the first: about one draw in eight, more when others are refused. Every rule
+    # takes an argument (``st.just`` where there is nothing to choose, which draws nothing) so
+    # that the first is the guest's load; with the reboot first, one step in five to two in
+    # five was a reboot, which undid what the steps before it built.
+
     # -- guest -----------------------------------------------------------------------------
 
-    @rule(gpa=gpas, byte=st.integers(1, 255))
-    def guest_store(self, gpa: int, byte: int) -> None:
-        self.step(f"guest:{VM}", "store", gpa=gpa, data="hex:" + bytes([byte]).hex() * 8)
-
+    @precondition(lambda self: self.usable(VM))
     @rule(gpa=gpas)
     def guest_load(self, gpa: int) -> None:
         self.step(f"guest:{VM}", "load", gpa=gpa, size=8)
 
+    @precondition(lambda self: self.usable(VM))
+    @rule(gpa=gpas, byte=st.integers(1, 255))
+    def guest_store(self, gpa: int, byte: int) -> None:
+        self.step(f"guest:{VM}", "store", gpa=gpa, data="hex:" + bytes([byte]).hex() * 8)
+
+    @precondition(lambda self: self.usable(VM))
     @rule(gpa=gpas)
     def guest_share(self, gpa: int) -> None:
         self.step(f"guest:{VM}", "share", gpa=gpa)
 
-    @precondition(lambda self: self.gmem)
+    @precondition(lambda self: self.gmem and self.usable(VM))
     @rule(gpa=gpas)
     def guest_unshare(self, gpa: int) -> None:
         self.step(f"guest:{VM}", "unshare", gpa=gpa)
 
-    @rule()
-    def guest_reboot(self) -> None:
-        self.step(f"guest:{VM}", "reboot")
+    @precondition(lambda self: self.usable(VM))
+    @rule(vm=st.just(VM))
+    def guest_reboot(self, vm: str) -> None:
+        self.step(f"guest:{vm}", "reboot")
 
     # The second VM's guest, once the host has created it on vm0's RAM.
-    @precondition(lambda self: VM2 in self.m.instances)
+    @precondition(lambda self: self.usable(VM2))
     @rule(gpa=gpas, byte=st.integers(1, 255))
-    def guest2_store(self, gpa: int, byte: int) -> None:
+    def guest_vm1_store(self, gpa: int, byte: int) -> None:
         self.step(f"guest:{VM2}", "store", gpa=gpa, data="hex:" + bytes([byte]).hex() * 8)
 
-    @precondition(lambda self: VM2 in self.m.instances)
+    @precondition(lambda self: self.usable(VM2))
     @rule(gpa=gpas)
-    def guest2_load(self, gpa: int) -> None:
+    def guest_vm1_load(self, gpa: int) -> None:
         self.step(f"guest:{VM2}", "load", gpa=gpa, size=8)
 
-    @precondition(lambda self: VM2 in self.m.instances)
+    @precondition(lambda self: self.usable(VM2))
     @rule(gpa=gpas)
-    def guest2_share(self, gpa: int) -> None:
+    def guest_vm1_share(self, gpa: int) -> None:
         self.step(f"guest:{VM2}", "share", gpa=gpa)
 
     # -- the VMM and other host processes: every MATRIX path ---------------------------------
 
+    @precondition(lambda self: self.usable(VM))
     @rule(path=st.sampled_from(proto.LOCAL_PATHS), gpa=gpas)
     def vmm_path(self, path: str, gpa: int) -> None:
         self.step(f"vmm:{VM}", path, gpa=gpa)
 
+    @precondition(lambda self: self.usable(VM))
     @rule(path=st.sampled_from(proto.REMOTE_PATHS), gpa=gpas)
     def host_path(self, path: str, gpa: int) -> None:
         self.step("host", path, target=VM, gpa=gpa)
 
+    @precondition(lambda self: self.usable(VM))
     @rule(gpa=gpas)
     def vmm_fork_child_load(self, gpa: int) -> None:
         self.step(f"vmm:{VM}", "fork_child_load", gpa=gpa)
 
+    @precondition(lambda self: self.usable(VM))
     @rule(gpa=gpas)
     def vmm_punch_hole(self, gpa: int) -> None:
         self.step(f"vmm:{VM}", "punch_hole", gpa=gpa)
 
+    @precondition(lambda self: self.usable(VM))
     @rule(gpa=gpas, advice=st.sampled_from(("dontneed", "pageout", "mergeable")))
     def vmm_madvise(self, gpa: int, advice: str) -> None:
         self.step(f"vmm:{VM}", "madvise", gpa=gpa, advice=advice)
 
+    @precondition(lambda self: self.usable(VM))
     @rule(gpa=gpas)
     def vmm_munmap(self, gpa: int) -> None:
         self.step(f"vmm:{VM}", "munmap", gpa=gpa)
 
+    @precondition(lambda self: self.usable(VM))
     @rule(gpa=gpas, prot=st.sampled_from((0, 1, 3)))
     def vmm_mprotect(self, gpa: int, prot: int) -> None:
         self.step(f"vmm:{VM}", "mprotect", gpa=gpa, prot=prot)
 
+    @precondition(lambda self: self.usable(VM))
     @rule(size=st.sampled_from((GFNS[1] << 12, VM_MEMORY)))
     def vmm_ftruncate(self, size: int) -> None:
         """Shrink the RAM file to cut off gfns 0x31 and above, or grow it back."""
         self.step(f"vmm:{VM}", "ftruncate", size=size)
 
+    @precondition(lambda self: self.usable(VM))
     @rule(gpa=gpas)
     def vmm_vfio_pin(self, gpa: int) -> None:
         """A device assigned with VFIO pins the page long-term (FOLL_LONGTERM)."""
         self.step(f"vmm:{VM}", "vfio_pin", gpa=gpa)
 
+    # DMA goes through a pinned page: none pinned, nothing to draw.
+    @precondition(lambda self: bool(self.ctx.pins) and self.usable(VM))
     @rule(gpa=gpas, byte=st.integers(1, 255))
     def vmm_dma_write(self, gpa: int, byte: int) -> None:
         self.step(f"vmm:{VM}", "dma_write", gpa=gpa, data="hex:" + bytes([byte]).hex() * 8)
 
+    @precondition(lambda self: bool(self.ctx.pins) and self.usable(VM))
     @rule(gpa=gpas)
     def vmm_dma_read(self, gpa: int) -> None:
         self.step(f"vmm:{VM}", "dma_read", gpa=gpa, size=8)
 
     # One draw in four exits: an exit ends most of what follows in the example.
+    @precondition(lambda self: self.usable(VM))
     @rule(roll=st.integers(0, 3))
     def vmm_exit(self, roll: int) -> None:
         if roll == 0:
@@ -205,41 +271,52 @@ class ExploreMachine(RuleBasedStateMachine):
 
     # -- the host kernel and the hardware ---------------------------------------------------
 
-    @rule(gpa=gpas)
-    def host_memory_failure(self, gpa: int) -> None:
+    @precondition(lambda self: self.framed())
+    @rule(pick=picks)
+    def host_memory_failure(self, pick: int) -> None:
+        gpa = self.backed()[pick % len(self.backed())]
         self.step("host", "memory_failure", vm=VM, gpa=gpa)
 
-    @rule(gpa=gpas)
-    def host_soft_offline(self, gpa: int) -> None:
+    @precondition(lambda self: self.framed())
+    @rule(pick=picks)
+    def host_soft_offline(self, pick: int) -> None:
+        gpa = self.backed()[pick % len(self.backed())]
         self.step("host", "soft_offline", vm=VM, gpa=gpa)
 
+    @precondition(lambda self: self.usable(VM))
     @rule(gpa=gpas)
     def host_kvm_read(self, gpa: int) -> None:
         self.step("host", "kvm_read", vm=VM, gpa=gpa)
 
-    @rule()
-    def host_ksmd(self) -> None:
+    @rule(actor=st.just("host"))
+    def host_ksmd(self, actor: str) -> None:
         """One pass of ksmd over every MADV_MERGEABLE range."""
-        self.step("host", "ksmd")
+        self.step(actor, "ksmd")
 
-    @precondition(lambda self: VM2 not in self.m.instances)
-    @rule()
-    def host_second_vm(self) -> None:
-        self.step("host", "new_vm", name=VM2, memory=VM_MEMORY, share_ram_with=VM)
+    @precondition(lambda self: VM2 not in self.m.instances and self.usable(VM))
+    @rule(name=st.just(VM2))
+    def host_second_vm(self, name: str) -> None:
+        self.step("host", "new_vm", name=name, memory=VM_MEMORY, share_ram_with=VM)
 
-    @rule(gpa=gpas)
-    def hw_dram_error(self, gpa: int) -> None:
+    @precondition(lambda self: self.framed())
+    @rule(pick=picks)
+    def hw_dram_error(self, pick: int) -> None:
+        gpa = self.backed()[pick % len(self.backed())]
         self.step("hw", "inject_dram_error", vm=VM, gpa=gpa)
 
-    @rule(gpa=gpas)
-    def hw_tamper(self, gpa: int) -> None:
+    @precondition(lambda self: self.framed())
+    @rule(pick=picks)
+    def hw_tamper(self, pick: int) -> None:
         """A physical attack: a ciphertext bit flipped in DRAM, the MAC left alone."""
+        gpa = self.backed()[pick % len(self.backed())]
         self.step("hw", "tamper", vm=VM, gpa=gpa)
 
-    @rule(gpa=gpas, byte=st.integers(1, 255))
-    def host_direct_map_write(self, gpa: int, byte: int) -> None:
+    @precondition(lambda self: self.framed())
+    @rule(pick=picks, byte=st.integers(1, 255))
+    def host_direct_map_write(self, pick: int, byte: int) -> None:
         """A host write with the wrong KeyID: the kernel's direct map (KeyID 0) over the
         page, as a stray pointer or a hibernation resume would."""
+        gpa = self.backed()[pick % len(self.backed())]
         self.step("host", "kernel_write", vm=VM, gpa=gpa, data="hex:" + bytes([byte]).hex() * 8)
 
 
@@ -254,6 +331,7 @@ def state_machine(design: str, invariants: tuple[str, ...]) -> type[ExploreMachi
     if cls is None:
         name = "Explore_" + design.replace("-", "_")
         cls = type(name, (ExploreMachine,), {"design": design, "checked": invariants,
-                                             "base": None, "steps_run": 0, "found_at": None})
+                                             "base": None, "steps_run": 0, "refused": 0,
+                                             "found_at": None})
         _CLASSES[key] = cls
     return cls
