@@ -285,8 +285,9 @@ def test_i3_forgets_only_what_a_reboot_accepts_afresh() -> None:
 @pytest.mark.parametrize("design", ["rfc-v2", "hardened"])
 def test_e45_the_refused_fault_leaks_a_reference_only_under_rfc_v2(design: str) -> None:
     """E45 (the explorer's rfc-v2 I4 find): a guest access to a page memory_failure
-    poisoned is refused and retried; RFC v2 returns before kvm_release_pfn_clean, so each
-    retry leaks GUP's reference. hardened answers KVM_PFN_ERR_HWPOISON before it takes one."""
+    poisoned is refused and retried; RFC v2's hva_to_pfn_slow returns -EHWPOISON before
+    put_page, so each retry leaks GUP's reference. hardened answers KVM_PFN_ERR_HWPOISON
+    before it takes one."""
     ctx = _ctx(design)
     mon = InvariantMonitor(("I4",))
     assert _step(ctx, mon, "vmm:vm0", "vfio_pin", gpa=GPA) == []
