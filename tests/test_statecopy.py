@@ -75,6 +75,44 @@ def test_the_copy_is_the_one_deepcopy_makes(shape: str, monkeypatch: pytest.Monk
     assert [type(v).__name__ for k, v in theirs.items() if k in mine] == []  # nothing shared
 
 
+def _frozen_fields_holding_containers(root: object) -> set[tuple[str, str]]:
+    """(class, field) of every frozen dataclass reachable from ``root`` whose field holds a
+    dict, list, set or array: what a copy shares instead of copying."""
+    found: set[tuple[str, str]] = set()
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (int, str, bytes, float, type(None), type)):
+            continue
+        seen.add(id(obj))
+        if dataclasses.is_dataclass(obj) and type(obj).__dataclass_params__.frozen:  # type: ignore[union-attr]
+            found |= {(type(obj).__name__, f.name) for f in dataclasses.fields(obj)
+                      if isinstance(getattr(obj, f.name), (dict, list, set, np.ndarray))}
+        if isinstance(obj, dict):
+            stack += [*obj.keys(), *obj.values()]
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack += list(obj)
+        elif isinstance(obj, functools.partial):
+            stack += [obj.args, obj.keywords]
+        elif hasattr(obj, "__self__"):
+            stack.append(obj.__self__)
+        else:
+            stack += list(vars(obj).values()) if hasattr(obj, "__dict__") else []
+            stack += [getattr(obj, n) for c in type(obj).__mro__
+                      for n in getattr(c, "__slots__", ()) if hasattr(obj, n)]
+    return found
+
+
+def test_shared_frozen_dataclasses_hold_only_a_table_built_once() -> None:
+    """A copy shares frozen dataclasses; the one that holds a container is the page-flag
+    table, which ``PageFlagBits.for_config`` builds and nothing changes afterwards."""
+    found: set[tuple[str, str]] = set()
+    for make in MACHINES.values():
+        found |= _frozen_fields_holding_containers(make())
+    assert found == {("PageFlagBits", "bit")}
+
+
 def test_the_comparison_sees_a_difference(monkeypatch: pytest.MonkeyPatch) -> None:
     m = MACHINES["rfc-v2"]()
     c = m.copy()
