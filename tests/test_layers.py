@@ -17,7 +17,7 @@ PACKAGE = Path(kvmpoison.__file__).parent
 
 # Lowest first. A module may import its own layer or any layer below it, never above.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("uapi", "kconfig"),
+    ("uapi", "kconfig", "statecopy"),
     ("outcome",),
     ("arch",),
     ("mm",),

@@ -111,6 +111,11 @@ def fingerprint(m: Machine) -> dict[str, object]:
         "ept": m.vm.ept.store.rows.tobytes(),
         "kvm pfn map": m.kvm.kvm_pfn_map.owner.tobytes(),
         "file pages": ram.pages.tobytes(),
+        "tlbs": [list(cpu.tlb._entries.items()) for cpu in core.cpus],
+        "processes": [(pid, t.comm, t.alive, sorted(t.fds)) for pid, t in m.kernel.tasks.items()],
+        "guest": (list(m.guest.shared), list(m.guest.conversions), list(m.guest.log)),
+        "vmm": (vmm.ram_fd, vmm.gmem_fd, list(vmm.conversions)),
+        "free lists": [a.stack[: a.top].tobytes() for a in core.buddy.areas],
     }
 
 
@@ -123,6 +128,10 @@ def mutate_every_layer(m: Machine) -> None:
     punched = vmm.proc.fallocate(vmm.ram_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                                  0x200000, 0x10000)  # file pages
     assert punched.cell == "ret:0"
+    assert vmm.proc.load(addr, 4).data == b"anon"  # a TLB entry
+    m.process("attacker").pipe()  # a task and its fds, pages off the free lists
+    assert m.guest.share(0x90, 1) == 0  # the guest's shared ranges and log
+    vmm.conversions.append("kvm_convert_memory")  # the VMM's own record
 
 
 def test_copy_and_original_evolve_independently() -> None:

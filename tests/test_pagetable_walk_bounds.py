@@ -57,3 +57,19 @@ def test_a_walk_over_the_whole_address_space_visits_only_what_is_mapped(
     got = list(p.mm.pgd.chunks(0, 1 << 48))
     assert sum(len(c.addr) for c in got) == 512
     assert lookups < 64  # a handful per level, not one per 512 GiB or per GiB
+
+
+def test_a_walk_skips_to_a_table_further_on_and_past_the_last() -> None:
+    """Two mappings 512 GiB and more apart: the walk over everything finds both (the empty
+    regions between them skipped, and the empty tail after the last)."""
+    k = Kernel.boot(KernelConfig(version=KernelVersion.V6_18),
+                    PlatformConfig(mem_bytes=16 << 20, integrity=IntegrityMode.OFF))
+    pgd = Process.spawn(k, "t").mm.pgd
+    low, high = 5 << 30, (3 << 39) + (7 << 30)  # PGD slots 0 and 3; PUD slots 5 and 7
+    pgd.set(low, 0x1000 | 1)
+    pgd.set(high, 0x2000 | 1)
+    got = [(int(a), int(pgd.store.rows[r, c])) for ch in pgd.chunks(0, 1 << 48)
+           for a, r, c in zip(ch.addr, ch.rows, ch.cols, strict=True) if pgd.store.rows[r, c]]
+    assert got == [(low, 0x1001), (high, 0x2001)]
+    assert [len(ch.addr) for ch in pgd.chunks(1 << 30, 1 << 48)] == [512, 512]
+    assert list(pgd.chunks(high + (2 << 30), 1 << 48)) == []

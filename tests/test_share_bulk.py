@@ -15,6 +15,7 @@ from kvmpoison.machine import Machine
 from kvmpoison.mm import shmem
 from kvmpoison.mm.filemap import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
 from kvmpoison.mm.madvise import MADV_DONTNEED
+from kvmpoison.mm.page_flags import PG
 from kvmpoison.virt.kvm import mem_protected
 from kvmpoison.virt.kvm.kvm_main import Vm
 from kvmpoison.virt.kvm.mem_protected import kvm_share_memory
@@ -191,4 +192,62 @@ def test_sharing_where_no_page_table_exists_gives_the_per_page_state(
     kvm_share_memory(m.vm, 0x600, 0x40)
     assert (len(calls) == 0) is (left is None)  # vectorised unless memory is short
     kvm_share_memory(c.vm, 0x600, 0x40, bulk=False)
+    assert_same_state(m, c)
+
+
+def mapped_mix(design: str) -> Machine:
+    """:func:`prepared`, its range shared once (so faulted in and mapped), then one clean
+    PTE, a page poisoned for this VM, one poisoned for another VM id and one without a
+    reference (GUP refuses it) in the range: pages the vectorised path must leave alone
+    or treat as the per-page path does."""
+    m = prepared(design)
+    assert kvm_share_memory(m.vm, 0x1F0, 0x80) == 0
+    mm, core = m.vmm.proc.mm, m.kernel.core
+    mem, owner = core.pages, m.kvm.kvm_pfn_map.owner
+
+    def pfn_of(gfn: int) -> int:
+        pte = mm.pgd.get(m.vmm.gpa_to_hva(gfn << 12))
+        assert pte & 1, hex(gfn)
+        return (pte >> 12) & ((1 << 40) - 1)
+
+    mm.pgd.set(m.vmm.gpa_to_hva(0x1F3 << 12), mm.pgd.get(m.vmm.gpa_to_hva(0x1F3 << 12)) & ~0x40)
+    mem.flags[pfn_of(0x1F3)] &= ~np.uint32(mem.mask(PG.dirty))  # a clean page, clean PTE
+    for gfn, ident in ((0x1F5, m.vm.ident), (0x230, m.vm.ident + 7), (0x238, m.vm.ident)):
+        mem.flags[pfn_of(gfn)] |= np.uint32(mem.mask(PG.hwpoison))
+        owner[pfn_of(gfn)] = ident
+    mem._refcount[pfn_of(0x238)] = 0  # and poisoned: a share that took it would unpoison it
+    return m
+
+
+@pytest.mark.parametrize("design", ["rfc-v1", "rfc-v2"])
+def test_sharing_mapped_pages_again_gives_the_per_page_state(
+        design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = mapped_mix(design)
+    c = m.copy()
+    calls: list[int] = []
+    one = mem_protected._share_one
+    def counted(vm: Vm, hva: int) -> object:
+        calls.append(hva)
+        return one(vm, hva)
+
+    monkeypatch.setattr(mem_protected, "_share_one", counted)
+    assert kvm_share_memory(m.vm, 0x1F0, 0x80) == 0
+    bulk_calls = len(calls)
+    assert kvm_share_memory(c.vm, 0x1F0, 0x80, bulk=False) == 0
+    assert bulk_calls < 0x80 // 4  # most pages went the vectorised way
+    assert_same_state(m, c)
+    mem = m.kernel.core.pages
+    assert (mem.flags & np.uint32(mem.mask(PG.dirty))).any()
+
+
+@pytest.mark.parametrize("design", ["rfc-v1", "rfc-v2"])
+def test_a_reboot_shares_to_the_per_page_state(
+        design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = Machine(Config(design=design, vm_mem=8 << 20))
+    assert m.guest.store(0x10 << 12, b"swiotlb").succeeded
+    c = m.copy()
+    m.guest.reboot()
+    monkeypatch.setattr(mem_protected, "_share_mapped_run", lambda vm, hvas, i: 0)
+    shares_per_page(monkeypatch)
+    c.guest.reboot()
     assert_same_state(m, c)

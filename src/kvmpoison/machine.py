@@ -6,11 +6,11 @@ steps give the same trace.
 
 from __future__ import annotations
 
-import copy
 import errno
 import random
 from dataclasses import dataclass
 
+from kvmpoison import statecopy
 from kvmpoison.arch.x86.integrity import IntegrityMode, PlatformConfig
 from kvmpoison.config import Config
 from kvmpoison.designs import Design, design
@@ -198,10 +198,10 @@ class Machine:
         memo: dict[int, object] = {}
         # random.Random deep-copies its 625-word state one int at a time; copy it whole.
         rng = self.kernel.rng
-        twin = random.Random()
+        twin = random.Random(0)  # seeded cheaply, then given the state
         twin.setstate(rng.getstate())
         memo[id(rng)] = twin
-        return copy.deepcopy(self, memo)
+        return statecopy.deepcopy(self, memo)
 
     def snapshot(self) -> Machine:
         """The state to :meth:`restore` later (a copy: the machine runs on unchanged)."""

@@ -15,7 +15,6 @@ order; the model keeps no per-tail ``compound_head`` pointer.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from kvmpoison import statecopy
 from kvmpoison.mm.page_flags import PG, PG_BUDDY_BIT, PG_PGTABLE_BIT, PageFlagBits
 
 PAGE_MAPPING_ANON = 0x1
@@ -58,7 +58,8 @@ class MappingRegistry:
         """A copy whose id lookup names the copied objects (ids are per object)."""
         new = MappingRegistry()
         memo[id(self)] = new
-        new._objects = {ident: copy.deepcopy(obj, memo) for ident, obj in self._objects.items()}
+        new._objects = {ident: statecopy.deepcopy(obj, memo)
+                        for ident, obj in self._objects.items()}
         new._ids = {id(obj): ident for ident, obj in new._objects.items()}
         new._next = self._next
         return new

@@ -45,6 +45,13 @@ class _FreeArea:
         self.stack = np.empty(64, dtype=np.int64)
         self.top = 0
 
+    def __deepcopy__(self, memo: dict[int, object]) -> _FreeArea:
+        new = _FreeArea.__new__(_FreeArea)
+        memo[id(self)] = new
+        new.stack = self.stack.copy()
+        new.top = self.top
+        return new
+
     def push1(self, pfn: int) -> None:
         if self.top == len(self.stack):
             grown = np.empty(2 * len(self.stack), dtype=np.int64)

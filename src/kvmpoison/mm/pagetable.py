@@ -98,6 +98,15 @@ class PteStore:
         return int(self.rows.nbytes)
 
 
+def _next_table(children: list[_Table | int | None], i: int) -> int:
+    """The first slot after ``i`` holding a table (PTRS_PER_PTE: none): the tables in use
+    are usually all below, so the empty tail is told by one ``count``."""
+    rest = children[i + 1 :]
+    if rest.count(None) == len(rest):
+        return PTRS_PER_PTE
+    return next(j for j in range(i + 1, PTRS_PER_PTE) if children[j] is not None)
+
+
 class _Table:
     """A PGD, PUD or PMD page: raw entries plus the model's link to the level below."""
 
@@ -420,17 +429,12 @@ class PageTables:
                 g = self._index(addr, PGDIR_SHIFT)
                 pud = self.pgd.children[g]
                 if pud is None:  # on to the next 512 GiB that has a PUD table
-                    top = self.pgd.children
-                    nxt = next((j for j in range(g + 1, PTRS_PER_PTE) if top[j] is not None),
-                               PTRS_PER_PTE)
-                    addr = min(nxt << PGDIR_SHIFT, end)
+                    addr = min(_next_table(self.pgd.children, g) << PGDIR_SHIFT, end)
                     continue
                 assert isinstance(pud, _Table)
                 i = self._index(addr, PUD_SHIFT)
                 if pud.children[i] is None:  # on to the next GiB that has a PMD table
-                    kids = pud.children
-                    nxt = next((j for j in range(i + 1, PTRS_PER_PTE) if kids[j] is not None),
-                               PTRS_PER_PTE)
+                    nxt = _next_table(pud.children, i)
                     addr = min(((addr >> PGDIR_SHIFT) << PGDIR_SHIFT) + (nxt << PUD_SHIFT), end)
                     continue
             pmd = self._pmd_table(addr, alloc)

@@ -24,6 +24,7 @@ intruders. Both survive a change of form.
 
 from __future__ import annotations
 
+import math
 import mmap
 from typing import Any
 
@@ -52,7 +53,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: type[np.generic]) -> npt.NDArray[A
     An anonymous private ``MAP_NORESERVE`` mapping: no commit charge, so it may be
     as large as the modelled memory even where that exceeds the host's.
     """
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     if nbytes == 0:
         return np.zeros(shape, dtype=dtype)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)

@@ -24,8 +24,11 @@ from kvmpoison.arch.x86.pgtable import (
 from kvmpoison.arch.x86.pgtable_types import (
     _PAGE_ACCESSED,
     _PAGE_DIRTY,
+    _PAGE_PRESENT,
+    _PAGE_RW,
     _PAGE_SPECIAL,
     PAGE_SHIFT,
+    PTE_PFN_MASK,
     PTRS_PER_PTE,
 )
 from kvmpoison.kernel.range import add_range_with_merge, clean_sort_range
@@ -219,7 +222,7 @@ def kvm_share_memory(vm: Vm, gfn: int, npages: int, bulk: bool = True) -> int:
     hvas = _mapped_hvas(vm, gfn, end)
     i = 0
     while i < len(hvas):
-        done = _share_shmem_holes(vm, hvas, i) if bulk else 0
+        done = (_share_mapped_run(vm, hvas, i) or _share_shmem_holes(vm, hvas, i)) if bulk else 0
         if done:
             i += done
             continue
@@ -338,6 +341,67 @@ def _share_shmem_holes(vm: Vm, hvas: list[int], i: int) -> int:
     return n
 
 
+def _share_mapped_run(vm: Vm, hvas: list[int], i: int) -> int:
+    """:func:`_share_one` over a run of ``hvas`` from ``i`` whose pages are mapped already,
+    vectorised; returns its length (0: take the per-page path for ``hvas[i]``).
+
+    The run is a guest's later share (a reboot's) of what an earlier share faulted in:
+    consecutive pages of a shared writable VMA inside one PTE table, every PTE present
+    (not PROT_NONE), writable and not special, mapping an order-0 page with a reference,
+    not locked and (v2) allowed to this VM. There ``gfn_to_page`` follows the PTE
+    (``follow_page_pte``): GUP's reference, which ``put_page`` drops again (never the last
+    one), and FOLL_TOUCH's ``SetPageDirty`` where the PTE is clean; then the share clears
+    PG_hwpoison (v1) or the owner entry it finds (v2). The lock taken and dropped
+    around it leaves nothing. A page outside these bounds ends the run there.
+    """
+    mm = vm.mm
+    core = vm.core
+    hva = hvas[i]
+    vma = vma_lookup(mm, hva)
+    if vma is None or mm.pgd.nr_pmd_leaves:
+        return 0
+    flags = int(vma.vm_flags)
+    if flags & _BULK_NEEDS != _BULK_NEEDS or flags & _BULK_REFUSES:
+        return 0
+    v2_protected = vm.protection is Protection.RFC_V2 and vm.mem_protected
+    if check_vma_flags(vma, _SHARE_FOLL[v2_protected]):
+        return 0
+    slot = mm.pgd.pte_slot(hva)
+    col = (hva >> PAGE_SHIFT) & (PTRS_PER_PTE - 1)
+    if slot is None or int(core.ptes.rows[slot[0], col]) & _MAPPED_RW != _MAPPED_RW:
+        return 0  # not mapped (a hole for _share_shmem_holes, or a fault per page)
+    limit = min(PTRS_PER_PTE - col, len(hvas) - i, (vma.vm_end - hva) >> PAGE_SHIFT)
+    n = 0
+    while n < limit and hvas[i + n] == hva + (n << PAGE_SHIFT):
+        n += 1
+    ptes = core.ptes.rows[slot[0], col : col + n]
+    ok = (ptes & np.uint64(_MAPPED_RW | _PAGE_SPECIAL)) == np.uint64(_MAPPED_RW)
+    mem = core.pages
+    pfns = ((ptes & np.uint64(PTE_PFN_MASK)) >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+    ok &= pfns < mem.nr_pages
+    pfns = np.where(ok, pfns, 0)
+    ok &= (mem.order[pfns] == 0) & (mem._refcount[pfns] > 0) \
+        & ((mem.flags[pfns] & np.uint32(mem.m_locked)) == 0)
+    owner = vm.kvm.kvm_pfn_map.owner
+    if v2_protected:  # kvm_page_allowed
+        ok &= ((mem.flags[pfns] & np.uint32(mem.m_hwpoison)) == 0) | (owner[pfns] == vm.ident)
+    n = len(ok) if ok.all() else int(np.argmin(ok))
+    if n == 0:
+        return 0
+    pfns, ptes = pfns[:n], ptes[:n]
+    clean = pfns[(ptes & np.uint64(_PAGE_DIRTY)) == 0]
+    mem.flags[clean] |= np.uint32(mem.mask(PG.dirty))  # FOLL_TOUCH on a write
+    if vm.protection is Protection.RFC_V2:  # kvm_share_pfn
+        pfns = pfns[owner[pfns] == vm.ident]
+        owner[pfns] = vm.kvm.kvm_pfn_map.NONE
+    mem.flags[pfns] &= np.uint32(~mem.m_hwpoison & 0xFFFF_FFFF)
+    return n
+
+
+_MAPPED_RW = _PAGE_PRESENT | _PAGE_RW  # present (so not PROT_NONE: the pfn is not inverted)
+# get_user_pages' flags in hva_to_pfn(write=True), by v2_protected
+_SHARE_FOLL = {p: FOLL.HWPOISON | FOLL.WRITE | FOLL.GET | FOLL.TOUCH
+               | (FOLL.ALLOW_POISONED if p else FOLL(0)) for p in (False, True)}
 _BULK_NEEDS = int(VM.SHARED | VM.WRITE)  # do_fault's shared fault, mapped writable
 _BULK_REFUSES = int(VM.UFFD_MISSING | VM.UFFD_WP | VM.IO | VM.PFNMAP)
 
