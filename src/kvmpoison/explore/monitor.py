@@ -17,13 +17,14 @@ from kvmpoison.explore.invariants import (
     PINS,
     STATE_CHECKS,
     Cache,
+    ViewSource,
     check_i2,
     check_i6,
     guest_private_mask,
     guest_view,
     intrusions,
-    private_pfns,
     seen_poison,
+    view_sources,
     vmm_pfns,
 )
 from kvmpoison.machine import Instance
@@ -68,8 +69,8 @@ class InvariantMonitor:
         self.shadow: dict[tuple[str, int], Shadow] = {}
         self._probe: tuple[str, int, int] | None = None  # (vm, gfn, private pfn) for I7
         self.seen_poison: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)  # for I6
-        self._i2: tuple[dict[int, int], npt.NDArray[np.int64]] | None = None
-        self._private: npt.NDArray[np.int64] | None = None  # after the last step, for I2
+        # Before the step, for I2: the intrusions, and what the private pages were made of.
+        self._i2: tuple[dict[int, int], list[ViewSource]] | None = None
         self._conversions: dict[str, int] = {}  # per VM, its guest's conversions so far
 
     # -- around a step ---------------------------------------------------------------------
@@ -85,11 +86,8 @@ class InvariantMonitor:
         self._i2 = None
         self._conversions = {name: len(inst.guest.conversions)
                              for name, inst in ctx.machine.instances.items()}
-        if (actor.partition(":")[0], op) in TAMPERING:
-            self._private = None
-        elif "I2" in self.names:
-            private = self._private if self._private is not None else private_pfns(ctx.machine)
-            self._i2 = (intrusions(ctx.machine), private)
+        if "I2" in self.names and (actor.partition(":")[0], op) not in TAMPERING:
+            self._i2 = (intrusions(ctx.machine), view_sources(ctx.machine))
         gpa = args.get("gpa")
         if "I7" not in self.names or op not in DATA_PATHS or actor.startswith("guest") \
                 or not isinstance(gpa, int):
@@ -103,8 +101,7 @@ class InvariantMonitor:
             self._probe = (inst.spec.name, gpa >> PAGE_SHIFT, int(v.pfns[hit[0]]))
 
     def forget(self) -> None:
-        """A step did not complete (the model refused it): recompute what the last step kept."""
-        self._private = None
+        """A step did not complete (the model refused it): nothing of it is kept."""
 
     def after(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any],
               out: Outcome) -> list[str]:
@@ -117,7 +114,6 @@ class InvariantMonitor:
         if ctx.machine.kernel.halted is not None:
             # A panicked host stopped mid-operation (a pin still held, a lock still taken):
             # its state is no kernel's, so no state invariant applies.
-            self._private = None
             return found
         for name in self.names:
             check = STATE_CHECKS.get(name)
@@ -128,14 +124,15 @@ class InvariantMonitor:
                 found.append(problem)
         if self._i2 is not None:
             problem = check_i2(ctx.machine, *self._i2, cache)
-            self._private = private_pfns(ctx.machine, cache)
             if problem is not None:
                 found.append(problem)
         if "I6" in self.names:
             problem = check_i6(ctx.machine, self.seen_poison)
             if problem is not None:
                 found.append(problem)
-            self.seen_poison = np.union1d(self.seen_poison, seen_poison(ctx.machine))
+            seen = seen_poison(ctx.machine)
+            if len(seen):
+                self.seen_poison = np.union1d(self.seen_poison, seen)
         return found
 
     # -- I3: the shadow of guest writes ----------------------------------------------------
