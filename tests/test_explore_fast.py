@@ -43,6 +43,8 @@ from kvmpoison.explore.invariants import (
     private_mask,
     td_data_mask,
     td_pfns,
+    view_of,
+    view_source,
     view_sources,
     vmm_pfns,
 )
@@ -112,6 +114,13 @@ def _agree(m: Machine, pins: tuple[Any, ...]) -> None:
         assert got.pfns.tolist() == want[1].tolist()
         assert got.private.tolist() == want[2].tolist()
         assert vmm_pfns(inst, cache).tolist() == _vmm(inst).tolist()
+        # One gfn's view (the monitor's probe of a host access), the explorer's and others.
+        for gfn in (0, 0x10, 0x30, 0x31, 0x32, (inst.vmm.ram_size >> PAGE_SHIFT) - 1):
+            one = view_of(view_source(inst, copy=False, gfn=gfn))
+            at = want[0] == gfn
+            assert one.gfns.tolist() == want[0][at].tolist()
+            assert one.pfns.tolist() == want[1][at].tolist()
+            assert one.private.tolist() == want[2][at].tolist()
     assert (private_mask(m, cache) == _private(m)).all()
     # Every user PTE: the scan of the non-zero ones against one of all rows.
     rows = core.ptes.rows[: core.ptes._high].reshape(-1)

@@ -110,35 +110,39 @@ PINS = "pins"  # the cache key of the long-term pins a scenario keeps (a tuple o
 @dataclass(frozen=True)
 class ViewSource:
     """What a VM's guest view is made of, read at one moment: its EPT's leaf entries over
-    guest RAM and the gfn ranges its guest shares (gmem: the SPTE's own bit says)."""
+    guest RAM (or one gfn of it) and the gfn ranges its guest shares (gmem: the SPTE's own
+    bit says)."""
 
     inst: Instance
-    pages: I64 | None  # the gfn of each entry of raw; None: its index
+    first: int  # the gfn of raw[0], when pages is None
+    pages: I64 | None  # the gfn of each entry of raw; None: first + its index
     raw: U64
     shared: tuple[tuple[int, int], ...]
 
 
-def view_source(inst: Instance, copy: bool = True) -> ViewSource:
+def view_source(inst: Instance, copy: bool = True, gfn: int | None = None) -> ViewSource:
     """``copy``: the entries are copied, so the source outlives a change of the EPT (the
-    state before a step, for I2); without, they are a view of the EPT's table."""
-    ept, end = inst.vm.ept, inst.vmm.ram_size
-    if end > 0 and (end - 1) >> PMD_SHIFT == 0:  # one 2 MiB region: a slice of its table
-        slot = ept.pte_slot(0)
+    state before a step, for I2); without, they are a view of the EPT's table. ``gfn``:
+    that gfn only (it must be one of guest RAM)."""
+    ept = inst.vm.ept
+    start, end = (0, inst.vmm.ram_size) if gfn is None else \
+        (gfn << PAGE_SHIFT, (gfn + 1) << PAGE_SHIFT)
+    shared = tuple(inst.guest.shared)
+    if start < end and start >> PMD_SHIFT == (end - 1) >> PMD_SHIFT:
+        # One 2 MiB region (every explored VM's RAM): a slice of its table.
+        slot = ept.pte_slot(start)
         if slot is None:
-            raw = np.zeros(0, dtype=np.uint64)
-        else:
-            row, col = slot
-            raw = ept.store.rows[row, col : col + (end >> PAGE_SHIFT)]
-            if copy:
-                raw = raw.copy()
-        return ViewSource(inst, None, raw, tuple(inst.guest.shared))
-    addr, raw = leaf_ptes(ept, 0, end)
-    return ViewSource(inst, addr >> PAGE_SHIFT, raw, tuple(inst.guest.shared))
+            return ViewSource(inst, 0, None, np.zeros(0, dtype=np.uint64), shared)
+        row, col = slot
+        raw = ept.store.rows[row, col : col + ((end - start) >> PAGE_SHIFT)]
+        return ViewSource(inst, start >> PAGE_SHIFT, None, raw.copy() if copy else raw, shared)
+    addr, raw = leaf_ptes(ept, start, end)
+    return ViewSource(inst, 0, addr >> PAGE_SHIFT, raw, shared)
 
 
 def view_of(src: ViewSource) -> GuestView:
     idx = nonzero(src.raw & np.uint64(VMX_EPT_RWX_MASK))
-    g = idx if src.pages is None else src.pages[idx]
+    g = (idx + src.first if src.first else idx) if src.pages is None else src.pages[idx]
     raw = src.raw[idx]
     p = ((raw & _PFN_FIELD) >> np.uint64(PAGE_SHIFT)).view(np.int64)
     if src.inst.vm.protection is Protection.GMEM:
@@ -445,6 +449,8 @@ def really_poisoned(m: Machine) -> I64:
 
 def seen_poison(m: Machine) -> I64:
     """The really poisoned frames the kernel marked PG_hwpoison (memory_failure ran on them)."""
+    if not m.kernel.core.hw.mem.hw_poison:
+        return np.zeros(0, dtype=np.int64)
     real = really_poisoned(m)
     mem = m.kernel.core.pages
     seen: I64 = real[(mem.flags[real] & np.uint32(mem.mask(PG.hwpoison))) != 0]

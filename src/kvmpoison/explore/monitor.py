@@ -21,9 +21,10 @@ from kvmpoison.explore.invariants import (
     check_i2,
     check_i6,
     guest_private_mask,
-    guest_view,
     intrusions,
     seen_poison,
+    view_of,
+    view_source,
     view_sources,
     vmm_pfns,
 )
@@ -95,10 +96,9 @@ class InvariantMonitor:
         inst = self._inst(ctx, actor, args)
         if inst is None or not 0 <= gpa < inst.vmm.ram_size:
             return
-        v = guest_view(inst)
-        hit = np.flatnonzero((v.gfns == gpa >> PAGE_SHIFT) & v.private)
-        if len(hit):
-            self._probe = (inst.spec.name, gpa >> PAGE_SHIFT, int(v.pfns[hit[0]]))
+        v = view_of(view_source(inst, copy=False, gfn=gpa >> PAGE_SHIFT))  # that gfn's
+        if len(v.gfns) and v.private[0]:
+            self._probe = (inst.spec.name, gpa >> PAGE_SHIFT, int(v.pfns[0]))
 
     def forget(self) -> None:
         """A step did not complete (the model refused it): nothing of it is kept."""
