@@ -54,6 +54,7 @@ from kvmpoison.explore.tlb import PFN_MASK, _stale_few, _stale_gathered, stale_m
 from kvmpoison.machine import Instance, Machine
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.outcome import Outcome
+from kvmpoison.scenario.loader import load_text
 from kvmpoison.scenario.ops import RunCtx
 from kvmpoison.scenario.runner import build_machine, perform
 from kvmpoison.virt.kvm.gmem_memslot import SPTE_PRIVATE
@@ -314,3 +315,24 @@ def test_i2_asks_whether_the_frame_was_private_before_the_step() -> None:
 
 def _private_of(sources: list[ViewSource], m: Machine) -> npt.NDArray[np.bool_]:
     return private_mask(m, sources=sources)
+
+
+@pytest.mark.parametrize("design", ["rfc-v2", "gmem"])
+def test_a_guest_larger_than_one_pte_table_is_read_by_the_walk(design: str) -> None:
+    """A 6 MiB guest spans three PTE tables: its view and the VMM's pfns come from the table
+    walk (the short read covers one), and agree with the straightforward ones."""
+    text = (f"[scenario]\nname = \"big\"\ndesigns = [\"{design}\"]\n\n[machine]\n"
+            f"memory = {32 << 20}\nseed = 0\n\n[[vm]]\nname = \"vm0\"\nmemory = {6 << 20}\n"
+            "\n[[step]]\nactor = \"guest:vm0\"\nop = \"reboot\"\n")
+    ctx = RunCtx(build_machine(load_text(text, "<big>"), design))
+    far = (5 << 20) + (7 << PAGE_SHIFT)  # in the third PTE table
+    for gpa in (0x30 << PAGE_SHIFT, far):  # the second table stays out: a hole in the walk
+        perform(ctx, "guest:vm0", "store", {"gpa": gpa, "data": "x"})
+    perform(ctx, "guest:vm0", "share", {"gpa": far})
+    perform(ctx, "guest:vm0", "store", {"gpa": far, "data": "io"})
+    perform(ctx, "vmm:vm0", "load", {"gpa": far})
+    (inst,) = live(ctx.machine)
+    view = guest_view(inst)
+    assert inst.vm.ept.pte_slot(2 << 20) is None  # no table for the middle 2 MiB
+    assert (view.gfns >= 1024).any() and view.private.any() and not view.private.all()
+    _agree(ctx.machine, ())
