@@ -48,6 +48,7 @@ from kvmpoison.explore.invariants import (
     view_sources,
     vmm_pfns,
 )
+from kvmpoison.explore.monitor import guest_private_one
 from kvmpoison.explore.refcount import holders, refcount_mismatches, user_ptes
 from kvmpoison.explore.statemachine import base_scenario
 from kvmpoison.explore.tlb import PFN_MASK, _stale_few, _stale_gathered, stale_mask
@@ -115,6 +116,9 @@ def _agree(m: Machine, pins: tuple[Any, ...]) -> None:
         assert got.pfns.tolist() == want[1].tolist()
         assert got.private.tolist() == want[2].tolist()
         assert vmm_pfns(inst, cache).tolist() == _vmm(inst).tolist()
+        gfns = np.arange(inst.vmm.ram_size >> PAGE_SHIFT, dtype=np.int64)
+        assert [guest_private_one(inst, int(g)) for g in gfns] == \
+            guest_private_mask(inst, gfns).tolist()
         # One gfn's view (the monitor's probe of a host access), the explorer's and others.
         for gfn in (0, 0x10, 0x30, 0x31, 0x32, (inst.vmm.ram_size >> PAGE_SHIFT) - 1):
             one = view_of(view_source(inst, copy=False, gfn=gfn))

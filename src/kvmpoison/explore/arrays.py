@@ -9,6 +9,9 @@ from kvmpoison.arch.x86.pgtable_types import _PAGE_PRESENT, PAGE_SHIFT, PTE_PFN_
 
 I64 = npt.NDArray[np.int64]
 _PFN_MASK = np.uint64(PTE_PFN_MASK)
+_PRESENT = np.uint64(_PAGE_PRESENT)
+_ONE = np.uint64(1)
+_SHIFT = np.uint64(PAGE_SHIFT)
 
 
 def nonzero(a: npt.NDArray[np.generic]) -> I64:
@@ -26,6 +29,6 @@ def pte_pfns_nonzero(ptes: npt.NDArray[np.uint64]) -> I64:
     non-empty entry), in three fewer passes: such an entry with _PAGE_PRESENT clear holds
     its pfn inverted (L1TF, ``protnone_mask`` of arch/x86/include/asm/pgtable-invert.h),
     and ``(pte & _PAGE_PRESENT) - 1`` is that inversion mask (all ones, or zero)."""
-    invert = (ptes & np.uint64(_PAGE_PRESENT)) - np.uint64(1)
-    pfns: I64 = (((ptes ^ invert) & _PFN_MASK) >> np.uint64(PAGE_SHIFT)).view(np.int64)
+    invert = (ptes & _PRESENT) - _ONE
+    pfns: I64 = (((ptes ^ invert) & _PFN_MASK) >> _SHIFT).view(np.int64)
     return pfns

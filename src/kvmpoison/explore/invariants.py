@@ -37,6 +37,11 @@ I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
 PFN_BITS = np.uint64((1 << 40) - 1)
 _PFN_FIELD = PFN_BITS << np.uint64(PAGE_SHIFT)  # an EPT entry's pfn, in place
+# numpy scalars made once: making one costs about as much as the operation on 256 entries.
+_SHIFT = np.uint64(PAGE_SHIFT)
+_EPT_RWX = np.uint64(VMX_EPT_RWX_MASK)
+_SPTE_PRIVATE = np.uint64(SPTE_PRIVATE)
+_PTE_PRESENT = np.uint64(_PAGE_PRESENT | _PAGE_PROTNONE)  # pte_present()
 
 
 @dataclass(frozen=True)
@@ -141,14 +146,14 @@ def view_source(inst: Instance, copy: bool = True, gfn: int | None = None) -> Vi
 
 
 def view_of(src: ViewSource) -> GuestView:
-    idx = nonzero(src.raw & np.uint64(VMX_EPT_RWX_MASK))
+    idx = nonzero(src.raw & _EPT_RWX)
     g = (idx + src.first if src.first else idx) if src.pages is None else src.pages[idx]
     raw = src.raw[idx]
-    p = ((raw & _PFN_FIELD) >> np.uint64(PAGE_SHIFT)).view(np.int64)
+    p = ((raw & _PFN_FIELD) >> _SHIFT).view(np.int64)
     if src.inst.vm.protection is Protection.GMEM:
         # What the hardware uses: the SPTE's private bit (a rebooted guest's view of a gfn
         # may lag KVM's attributes until its first access converts it).
-        return GuestView(g, p, (raw & np.uint64(SPTE_PRIVATE)) != 0)
+        return GuestView(g, p, (raw & _SPTE_PRIVATE) != 0)
     # guest_private_mask for every RAM gfn at once: one slice per shared range.
     shared = np.zeros(src.inst.vmm.ram_size >> PAGE_SHIFT, dtype=np.bool_)
     for lo, hi in src.shared:
@@ -204,7 +209,7 @@ def leaf_ptes(pt: PageTables, start: int, end: int) -> tuple[I64, npt.NDArray[np
     return np.concatenate(addrs), np.concatenate(raws)
 
 
-def present_leaves(pt: PageTables, start: int, end: int, mask: int) -> tuple[I64, U64]:
+def present_leaves(pt: PageTables, start: int, end: int, mask: np.uint64) -> tuple[I64, U64]:
     """The page numbers (address >> PAGE_SHIFT) in [start, end) whose leaf entry has a bit
     of ``mask``, and those entries: :func:`leaf_ptes` filtered. A range inside one 2 MiB
     region (every explored VM's RAM) is read straight from its PTE table's row."""
@@ -214,10 +219,10 @@ def present_leaves(pt: PageTables, start: int, end: int, mask: int) -> tuple[I64
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
         row, col = slot
         raw = pt.store.rows[row, col : col + ((end - start) >> PAGE_SHIFT)]
-        idx = nonzero(raw & np.uint64(mask))
+        idx = nonzero(raw & mask)
         return idx + (start >> PAGE_SHIFT), raw[idx]
     addr, raw = leaf_ptes(pt, start, end)
-    keep = (raw & np.uint64(mask)) != 0
+    keep = (raw & mask) != 0
     return addr[keep] >> PAGE_SHIFT, raw[keep]
 
 
@@ -259,8 +264,7 @@ def vmm_pfns(inst: Instance, cache: Cache | None = None) -> I64:
     out = np.full(inst.vmm.ram_size >> PAGE_SHIFT, -1, dtype=np.int64)
     if mm is not None:
         base = inst.vmm.ram_hva
-        pages, raw = present_leaves(mm.pgd, base, base + inst.vmm.ram_size,
-                                    _PAGE_PRESENT | _PAGE_PROTNONE)
+        pages, raw = present_leaves(mm.pgd, base, base + inst.vmm.ram_size, _PTE_PRESENT)
         out[pages - (base >> PAGE_SHIFT)] = pte_pfns_nonzero(raw)
     if cache is not None:
         cache[("vmm", id(inst))] = out
@@ -407,6 +411,7 @@ def td_pfns(m: Machine) -> I64:
 
 _ORDERS = np.arange(11, dtype=np.int64)  # MAX_ORDER
 _ORDER_MASKS = ~((np.int64(1) << _ORDERS) - 1)
+_BUDDY = np.uint32(1 << PG_BUDDY_BIT)
 
 
 def free_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
@@ -416,7 +421,7 @@ def free_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
         return np.zeros(0, dtype=np.bool_)
     mem = m.kernel.core.pages
     heads = pfns[:, None] & _ORDER_MASKS[None, :]
-    buddy = (mem.flags[heads] & np.uint32(1 << PG_BUDDY_BIT)) != 0
+    buddy = (mem.flags[heads] & _BUDDY) != 0
     return np.asarray((buddy & (mem.order[heads] == _ORDERS[None, :])).any(axis=1),
                       dtype=np.bool_)
 
@@ -424,7 +429,7 @@ def free_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
 def check_i5(m: Machine, cache: Cache | None = None) -> str | None:
     """The pages that are poisoned or hold TD data (few), then which of them are free."""
     mem = m.kernel.core.pages
-    poisoned = nonzero(mem.flags & np.uint32(mem.m_hwpoison))
+    poisoned = nonzero(mem.flags & mem.m_hwpoison)
     td = td_pfns(m)
     if not len(poisoned) and not len(td):
         return None

@@ -32,6 +32,7 @@ from kvmpoison.machine import Instance
 from kvmpoison.matrix import protocol as proto
 from kvmpoison.outcome import Outcome
 from kvmpoison.scenario.ops import RunCtx, data_arg
+from kvmpoison.virt.kvm.kvm_main import Protection
 
 # Host paths that move data to or from the page at the address (straddling ones are left
 # out: they succeed short on the page before); mincore, mlock, futex and populate do not.
@@ -202,4 +203,8 @@ class InvariantMonitor:
 
 
 def guest_private_one(inst: Instance, gfn: int) -> bool:
-    return bool(guest_private_mask(inst, np.array([gfn], dtype=np.int64))[0])
+    """:func:`guest_private_mask` of one gfn (outside gmem: a test per shared range, in
+    Python, as numpy's per-call cost is all a one-element array would pay)."""
+    if inst.vm.protection is Protection.GMEM:
+        return bool(guest_private_mask(inst, np.array([gfn], dtype=np.int64))[0])
+    return not any(lo <= gfn < hi for lo, hi in inst.guest.shared)

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from kvmpoison.arch.x86.pgtable import pte_none_array, pte_present_array
+from kvmpoison.arch.x86.pgtable import pte_none_array
 from kvmpoison.arch.x86.pgtable_64 import __swp_offset_array, __swp_type_array
-from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL
+from kvmpoison.arch.x86.pgtable_types import _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_SPECIAL
 from kvmpoison.explore.arrays import nonzero, pte_pfns_nonzero
 from kvmpoison.fs.pipe import Pipe
 from kvmpoison.machine import Machine
@@ -91,6 +91,10 @@ assert PG_PGTABLE_BIT == 31  # refcount_mismatches reads it as the flags' top bi
 
 # Per compound order, the mask that rounds a pfn down to its head (MAX_ORDER is far below 64).
 _HEAD_MASKS = ~((np.int64(1) << np.arange(63, dtype=np.int64)) - 1)
+# numpy scalars made once (making one costs about what an operation on a few entries does).
+_PTE_PRESENT = np.uint64(_PAGE_PRESENT | _PAGE_PROTNONE)  # pte_present()
+_SPECIAL = np.uint64(_PAGE_SPECIAL)
+_TABLE_SHIFT = np.uint32(PG_PGTABLE_BIT)
 
 
 def _heads(m: Machine, pfns: I64) -> I64:
@@ -131,10 +135,10 @@ def user_ptes(m: Machine) -> PteScan:
     core = m.kernel.core
     rows = core.ptes.rows[: core.ptes._high].reshape(-1)
     entries = rows[nonzero(rows)]
-    present = pte_present_array(entries)
+    present = (entries & _PTE_PRESENT) != 0  # pte_present_array
     live = entries[present]
     pfns = pte_pfns_nonzero(live)
-    mapped = pfns[(live & np.uint64(_PAGE_SPECIAL)) == 0]
+    mapped = pfns[(live & _SPECIAL) == 0]
     return PteScan(entries, present, pfns, mapped[mapped < core.pages.nr_pages])
 
 
@@ -219,8 +223,8 @@ def refcount_mismatches(m: Machine, pins: Iterable[Page] = (),
     # In _refcount's own type (ufuncs on one type are the fast ones), plus a page-table
     # page's own reference: PG_table is the flags' top bit, so the shift is 0 or 1.
     expected = np.bincount(heads, weights=weights, minlength=n)[:n].astype(np.int32)
-    expected += (mem.flags >> np.uint32(PG_PGTABLE_BIT)).view(np.int32)
+    expected += (mem.flags >> _TABLE_SHIFT).view(np.int32)
     bad = nonzero(mem._refcount != expected)
     if len(bad):  # the pages whose holders the model cannot count are left out
-        bad = bad[(mem.flags[bad] & np.uint32(mem.mask(PG.reserved))) == 0]
+        bad = bad[(mem.flags[bad] & mem.mask(PG.reserved)) == 0]
     return bad, (holders(m, pins, scan) if len(bad) else None)
