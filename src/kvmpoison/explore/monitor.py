@@ -163,9 +163,11 @@ class InvariantMonitor:
             if not private:
                 self.shadow.pop((name, gfn), None)
                 return []
-            page, known = self.shadow.setdefault(
-                (name, gfn), (np.zeros(PAGE_SIZE, dtype=np.uint8),
-                              np.zeros(PAGE_SIZE, dtype=np.bool_)))
+            shadow = self.shadow.get((name, gfn))
+            if shadow is None:
+                shadow = self.shadow[name, gfn] = (np.zeros(PAGE_SIZE, dtype=np.uint8),
+                                                   np.zeros(PAGE_SIZE, dtype=np.bool_))
+            page, known = shadow
             page[off : off + len(data)] = data
             known[off : off + len(data)] = True
             return []
