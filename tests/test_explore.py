@@ -23,8 +23,8 @@ from kvmpoison.explore.invariants import (
     check_i7_shared,
     free_pfns,
     intrusions,
-    private_pfns,
     seen_poison,
+    view_sources,
     vmm_pfns,
 )
 from kvmpoison.explore.reproducer import replay
@@ -68,7 +68,7 @@ def test_i2_a_shared_keyid_write_over_td_lines() -> None:
     ctx = _ctx("rfc-v2")
     perform(ctx, "guest:vm0", "store", {"gpa": GPA, "data": "secret"})
     m = ctx.machine
-    before, private = intrusions(m), private_pfns(m)
+    before, private = intrusions(m), view_sources(m)
     assert check_i2(m, before, private) is None
     pfn = _private_pfn(ctx)
     m.kernel.core.hw.write(pfn << PAGE_SHIFT, b"host!!!!", 0)

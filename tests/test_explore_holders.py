@@ -21,7 +21,7 @@ from kvmpoison.explore.invariants import (
     free_mask,
     free_pfns,
     intrusions,
-    private_pfns,
+    view_sources,
 )
 from kvmpoison.explore.refcount import holders
 from kvmpoison.explore.statemachine import base_scenario, state_machine
@@ -194,7 +194,7 @@ def test_tampering_is_left_to_i3_not_i2() -> None:
     mon = InvariantMonitor(("I2", "I3"))
     assert _step(ctx, mon, "guest:vm0", "store", gpa=GPA, data="hex:" + "ab" * 8) == []
     m = ctx.machine
-    before, private = intrusions(m), private_pfns(m)
+    before, private = intrusions(m), view_sources(m)
     # The kernel writes through its direct map with KeyID 0: the line is reached (I2's
     # check says so) but no design can stop it, so the monitor leaves it to I3.
     assert _step(ctx, mon, "host", "kernel_write", vm="vm0", gpa=GPA, data="evil") == []

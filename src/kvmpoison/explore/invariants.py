@@ -16,11 +16,16 @@ import numpy as np
 import numpy.typing as npt
 
 from kvmpoison.arch.x86.integrity import IntegrityMode
-from kvmpoison.arch.x86.pgtable import pte_pfn_array, pte_present_array
-from kvmpoison.arch.x86.pgtable_types import PAGE_SHIFT, PMD_SHIFT
+from kvmpoison.arch.x86.pgtable_types import (
+    _PAGE_PRESENT,
+    _PAGE_PROTNONE,
+    PAGE_SHIFT,
+    PMD_SHIFT,
+)
 from kvmpoison.arch.x86.physmem import LINE_TD, NO_KEYID
 from kvmpoison.arch.x86.vmx import VMX_EPT_RWX_MASK
-from kvmpoison.explore.refcount import refcount_mismatches, user_ptes
+from kvmpoison.explore.arrays import nonzero, pte_pfns_nonzero
+from kvmpoison.explore.refcount import PteScan, refcount_mismatches, user_ptes
 from kvmpoison.explore.tlb import stale_tlb_entries
 from kvmpoison.machine import Instance, Machine
 from kvmpoison.mm.page_flags import PG, PG_BUDDY_BIT
@@ -29,7 +34,14 @@ from kvmpoison.virt.kvm.gmem_memslot import SPTE_PRIVATE
 from kvmpoison.virt.kvm.kvm_main import Protection
 
 I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
 PFN_BITS = np.uint64((1 << 40) - 1)
+_PFN_FIELD = PFN_BITS << np.uint64(PAGE_SHIFT)  # an EPT entry's pfn, in place
+# numpy scalars made once: making one costs about as much as the operation on 256 entries.
+_SHIFT = np.uint64(PAGE_SHIFT)
+_EPT_RWX = np.uint64(VMX_EPT_RWX_MASK)
+_SPTE_PRIVATE = np.uint64(SPTE_PRIVATE)
+_PTE_PRESENT = np.uint64(_PAGE_PRESENT | _PAGE_PROTNONE)  # pte_present()
 
 
 @dataclass(frozen=True)
@@ -100,23 +112,62 @@ Cache = dict[object, object]  # one step's views, so several checks walk the EPT
 PINS = "pins"  # the cache key of the long-term pins a scenario keeps (a tuple of Pages)
 
 
-def guest_view(inst: Instance, cache: Cache | None = None) -> GuestView:
-    if cache is not None:
-        hit = cache.get(("view", id(inst)))
-        if isinstance(hit, GuestView):
-            return hit
-        view = cache[("view", id(inst))] = guest_view(inst)
-        return view
-    addr, raw = leaf_ptes(inst.vm.ept, 0, inst.vmm.ram_size)
-    present = (raw & np.uint64(VMX_EPT_RWX_MASK)) != 0
-    raw = raw[present]
-    g = addr[present] >> PAGE_SHIFT
-    p = ((raw >> np.uint64(PAGE_SHIFT)) & PFN_BITS).astype(np.int64)
-    if inst.vm.protection is Protection.GMEM:
+@dataclass(frozen=True)
+class ViewSource:
+    """What a VM's guest view is made of, read at one moment: its EPT's leaf entries over
+    guest RAM (or one gfn of it) and the gfn ranges its guest shares (gmem: the SPTE's own
+    bit says)."""
+
+    inst: Instance
+    first: int  # the gfn of raw[0], when pages is None
+    pages: I64 | None  # the gfn of each entry of raw; None: first + its index
+    raw: U64
+    shared: tuple[tuple[int, int], ...]
+
+
+def view_source(inst: Instance, copy: bool = True, gfn: int | None = None) -> ViewSource:
+    """``copy``: the entries are copied, so the source outlives a change of the EPT (the
+    state before a step, for I2); without, they are a view of the EPT's table. ``gfn``:
+    that gfn only (it must be one of guest RAM)."""
+    ept = inst.vm.ept
+    start, end = (0, inst.vmm.ram_size) if gfn is None else \
+        (gfn << PAGE_SHIFT, (gfn + 1) << PAGE_SHIFT)
+    shared = tuple(inst.guest.shared)
+    if start < end and start >> PMD_SHIFT == (end - 1) >> PMD_SHIFT:
+        # One 2 MiB region (every explored VM's RAM): a slice of its table.
+        slot = ept.pte_slot(start)
+        if slot is None:
+            return ViewSource(inst, 0, None, np.zeros(0, dtype=np.uint64), shared)
+        row, col = slot
+        raw = ept.store.rows[row, col : col + ((end - start) >> PAGE_SHIFT)]
+        return ViewSource(inst, start >> PAGE_SHIFT, None, raw.copy() if copy else raw, shared)
+    addr, raw = leaf_ptes(ept, start, end)
+    return ViewSource(inst, 0, addr >> PAGE_SHIFT, raw, shared)
+
+
+def view_of(src: ViewSource) -> GuestView:
+    idx = nonzero(src.raw & _EPT_RWX)
+    g = (idx + src.first if src.first else idx) if src.pages is None else src.pages[idx]
+    raw = src.raw[idx]
+    p = ((raw & _PFN_FIELD) >> _SHIFT).view(np.int64)
+    if src.inst.vm.protection is Protection.GMEM:
         # What the hardware uses: the SPTE's private bit (a rebooted guest's view of a gfn
         # may lag KVM's attributes until its first access converts it).
-        return GuestView(g, p, (raw & np.uint64(SPTE_PRIVATE)) != 0)
-    return GuestView(g, p, guest_private_mask(inst, g))
+        return GuestView(g, p, (raw & _SPTE_PRIVATE) != 0)
+    # guest_private_mask for every RAM gfn at once: one slice per shared range.
+    shared = np.zeros(src.inst.vmm.ram_size >> PAGE_SHIFT, dtype=np.bool_)
+    for lo, hi in src.shared:
+        shared[max(lo, 0) : max(hi, 0)] = True
+    return GuestView(g, p, ~shared[g])
+
+
+def guest_view(inst: Instance, cache: Cache | None = None) -> GuestView:
+    if cache is None:
+        return view_of(view_source(inst, copy=False))
+    hit = cache.get(("view", id(inst)))
+    if not isinstance(hit, GuestView):
+        hit = cache[("view", id(inst))] = view_of(view_source(inst, copy=False))
+    return hit
 
 
 # A range of at most this many 2 MiB regions is read region by region (a dict look-up and
@@ -158,33 +209,65 @@ def leaf_ptes(pt: PageTables, start: int, end: int) -> tuple[I64, npt.NDArray[np
     return np.concatenate(addrs), np.concatenate(raws)
 
 
+def present_leaves(pt: PageTables, start: int, end: int, mask: np.uint64) -> tuple[I64, U64]:
+    """The page numbers (address >> PAGE_SHIFT) in [start, end) whose leaf entry has a bit
+    of ``mask``, and those entries: :func:`leaf_ptes` filtered. A range inside one 2 MiB
+    region (every explored VM's RAM) is read straight from its PTE table's row."""
+    if end > start and start >> PMD_SHIFT == (end - 1) >> PMD_SHIFT:
+        slot = pt.pte_slot(start)
+        if slot is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.uint64)
+        row, col = slot
+        raw = pt.store.rows[row, col : col + ((end - start) >> PAGE_SHIFT)]
+        idx = nonzero(raw & mask)
+        return idx + (start >> PAGE_SHIFT), raw[idx]
+    addr, raw = leaf_ptes(pt, start, end)
+    keep = (raw & mask) != 0
+    return addr[keep] >> PAGE_SHIFT, raw[keep]
+
+
 def live(m: Machine) -> list[Instance]:
     return [i for i in m.instances.values() if i.vmm.proc.task.mm is not None]
 
 
-def private_pfns(m: Machine, cache: Cache | None = None) -> I64:
-    if cache is not None:
+def private_mask(m: Machine, cache: Cache | None = None,
+                 sources: list[ViewSource] | None = None) -> npt.NDArray[np.bool_]:
+    """Per pfn, whether some live VM's guest uses it as a private page (a scatter of every
+    view's private pfns: no sort, whatever the number of VMs). ``sources``: the views of
+    another moment (:func:`view_sources`), instead of the live VMs' now."""
+    if cache is not None and sources is None:
         hit = cache.get("private")
         if isinstance(hit, np.ndarray):
             return hit
-    views = [guest_view(i, cache) for i in live(m)]
-    parts = [v.pfns[v.private] for v in views]
-    out = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
-    if cache is not None:
+    out = np.zeros(m.kernel.core.pages.nr_pages, dtype=np.bool_)
+    views = [guest_view(i, cache) for i in live(m)] if sources is None else \
+        [view_of(src) for src in sources]
+    for v in views:
+        out[v.pfns[v.private]] = True
+    if cache is not None and sources is None:
         cache["private"] = out
     return out
 
 
-def vmm_pfns(inst: Instance) -> I64:
+def view_sources(m: Machine) -> list[ViewSource]:
+    """Every live VM's view, copied: what :func:`private_mask` needs of this moment."""
+    return [view_source(i) for i in live(m)]
+
+
+def vmm_pfns(inst: Instance, cache: Cache | None = None) -> I64:
     """Per gfn of guest RAM: the pfn the VMM's PTE maps at its address (-1: none)."""
+    if cache is not None:
+        hit = cache.get(("vmm", id(inst)))
+        if isinstance(hit, np.ndarray):
+            return hit
     mm = inst.vmm.proc.task.mm
     out = np.full(inst.vmm.ram_size >> PAGE_SHIFT, -1, dtype=np.int64)
-    if mm is None:
-        return out
-    base = inst.vmm.ram_hva
-    addr, raw = leaf_ptes(mm.pgd, base, base + inst.vmm.ram_size)
-    present = pte_present_array(raw)
-    out[(addr[present] - base) >> PAGE_SHIFT] = pte_pfn_array(raw[present])
+    if mm is not None:
+        base = inst.vmm.ram_hva
+        pages, raw = present_leaves(mm.pgd, base, base + inst.vmm.ram_size, _PTE_PRESENT)
+        out[pages - (base >> PAGE_SHIFT)] = pte_pfns_nonzero(raw)
+    if cache is not None:
+        cache[("vmm", id(inst))] = out
     return out
 
 
@@ -196,39 +279,39 @@ def _fmt(pfns: I64, limit: int = 4) -> str:
 # -- state invariants ------------------------------------------------------------------------
 
 
-def _user_ptes(m: Machine, cache: Cache | None) -> tuple[npt.NDArray[np.uint64],
-                                                          npt.NDArray[np.bool_], I64]:
+def _user_ptes(m: Machine, cache: Cache | None) -> PteScan:
     """:func:`user_ptes`, once per step for I1 and I4."""
     if cache is None:
         return user_ptes(m)
     hit = cache.get("ptes")
-    if hit is None:
+    if not isinstance(hit, PteScan):
         hit = cache["ptes"] = user_ptes(m)
-    assert isinstance(hit, tuple)
     return hit
 
 
 def check_i1(m: Machine, cache: Cache | None = None) -> str | None:
     """Every present user PTE of the machine (one array for all mms) against private pfns."""
-    rows, present, _ = _user_ptes(m, cache)
-    private = private_pfns(m, cache)
-    if not len(private):
-        return None
-    mapped = pte_pfn_array(rows[present])  # PROT_NONE pfns are inverted (L1TF)
-    mask = np.zeros(m.kernel.core.pages.nr_pages, dtype=np.bool_)
-    mask[private] = True
-    mapped = mapped[mapped < len(mask)]
-    bad = np.unique(mapped[mask[mapped]])
-    if len(bad):
+    scan = _user_ptes(m, cache)
+    private = private_mask(m, cache)
+    mapped = scan.pfns[scan.pfns < len(private)]  # PROT_NONE pfns are inverted (L1TF)
+    hit = private[mapped]
+    if hit.any():
+        bad = np.unique(mapped[hit])
         return f"I1: a host-userspace PTE maps private page(s) pfn {_fmt(bad)}"
     return None
 
 
-def intrusions(m: Machine) -> dict[int, int]:
+def intrusions(m: Machine, cache: Cache | None = None) -> dict[int, int]:
     """Per frame the memory controller saw a shared-KeyID write over TD lines: how many of
     its lines were hit (the model-only last-writer oracle; one entry per such frame, few)."""
-    return {pfn: int((keyids != NO_KEYID).sum()) for pfn, keyids in
-            m.kernel.core.hw.mem.intruder.items()}
+    hit = cache.get("intrusions") if cache is not None else None
+    if isinstance(hit, dict):
+        return hit
+    out = {pfn: int((keyids != NO_KEYID).sum()) for pfn, keyids in
+           m.kernel.core.hw.mem.intruder.items()}
+    if cache is not None:
+        cache["intrusions"] = out
+    return out
 
 
 def check_i4(m: Machine, cache: Cache | None = None) -> str | None:
@@ -237,16 +320,18 @@ def check_i4(m: Machine, cache: Cache | None = None) -> str | None:
     (:mod:`kvmpoison.explore.refcount`) against _refcount."""
     core = m.kernel.core
     scan = _user_ptes(m, cache)
-    mapped = scan[2]
     mem = core.pages
-    counted = np.bincount(mapped, minlength=mem.nr_pages)[: mem.nr_pages]
-    recorded = mem._mapcount.astype(np.int64) + 1
-    bad = np.flatnonzero(counted != recorded)
-    bad = bad[bad != core.zero_pfn]
+    # In _mapcount's own type and offset (-1: unmapped), as ufuncs on one type are the
+    # fast ones.
+    counted = np.bincount(scan.mapped, minlength=mem.nr_pages)[: mem.nr_pages].astype(np.int32)
+    counted -= 1
+    bad = nonzero(counted != mem._mapcount)
+    if len(bad):
+        bad = bad[bad != core.zero_pfn]
     if len(bad):
         p = int(bad[0])
-        return (f"I4: pfn {_fmt(bad)}: mapcount {int(recorded[p])} but {int(counted[p])} "
-                f"present PTE(s) map pfn {p:#x}")
+        return (f"I4: pfn {_fmt(bad)}: mapcount {int(mem._mapcount[p]) + 1} but "
+                f"{int(counted[p]) + 1} present PTE(s) map pfn {p:#x}")
     pins = cache.get(PINS, ()) if cache is not None else ()
     assert isinstance(pins, tuple)
     bad, held = refcount_mismatches(m, pins, scan)
@@ -257,16 +342,19 @@ def check_i4(m: Machine, cache: Cache | None = None) -> str | None:
     return None
 
 
-def check_i2(m: Machine, before: dict[int, int], private: I64,
+def check_i2(m: Machine, before: dict[int, int], private: list[ViewSource],
              cache: Cache | None = None) -> str | None:
     """New intrusions in this step on frames that are the TD's private pages before and after
     it (a frame the TD let go of in the step may be overwritten: its next owner clears it
-    with KeyID 0, as a conversion's punch-hole then a fresh shared page does)."""
-    now = intrusions(m)
-    hit = np.array(sorted(p for p, n in now.items() if n > before.get(p, 0)), dtype=np.int64)
-    if not len(hit):
+    with KeyID 0, as a conversion's punch-hole then a fresh shared page does). ``before``:
+    :func:`intrusions` before the step; ``private``: :func:`view_sources` before it, read
+    only when there is a new intrusion."""
+    now = intrusions(m, cache)
+    hit = sorted(p for p, n in now.items() if n > before.get(p, 0))
+    if not hit:
         return None
-    bad = np.intersect1d(np.intersect1d(hit, private), private_pfns(m, cache))
+    pfns = np.array(hit, dtype=np.int64)  # frames of memory: each has a struct page
+    bad = pfns[private_mask(m, sources=private)[pfns] & private_mask(m, cache)[pfns]]
     if len(bad):
         return f"I2: a host (shared-KeyID) write reached TD-private lines of pfn {_fmt(bad)}"
     return None
@@ -298,8 +386,32 @@ def td_data_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
     return out
 
 
+def td_pfns(m: Machine) -> I64:
+    """Every pfn holding TD data, sorted: :func:`td_data_mask` of every pfn, read from the
+    few frames that can: stored frames (their line flags) and zero-form frames of a
+    TD-private KeyID (none unless such a zero state was ever used)."""
+    hw = m.kernel.core.hw
+    phys = hw.mem
+    if hw.cfg.integrity is IntegrityMode.OFF:
+        return np.zeros(0, dtype=np.int64)
+    stored = nonzero(phys.slot_of)
+    td = stored[(phys.flags[phys.slot_of[stored] - 1] & LINE_TD).any(axis=1)]
+    private = [z for z, (k, _) in enumerate(phys.zero_states) if hw.cfg.keyids.is_private(k)]
+    if not private:
+        return td
+    if len(private) == 1:
+        zeros = nonzero(phys.zstate == private[0])
+    else:
+        lut = np.zeros(len(phys.zero_states), dtype=np.bool_)
+        lut[private] = True
+        zeros = nonzero(lut[phys.zstate])
+    zeros = zeros[phys.slot_of[zeros] == 0]  # a stored frame's zero state is stale
+    return np.sort(np.concatenate((td, zeros)))
+
+
 _ORDERS = np.arange(11, dtype=np.int64)  # MAX_ORDER
 _ORDER_MASKS = ~((np.int64(1) << _ORDERS) - 1)
+_BUDDY = np.uint32(1 << PG_BUDDY_BIT)
 
 
 def free_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
@@ -309,7 +421,7 @@ def free_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
         return np.zeros(0, dtype=np.bool_)
     mem = m.kernel.core.pages
     heads = pfns[:, None] & _ORDER_MASKS[None, :]
-    buddy = (mem.flags[heads] & np.uint32(1 << PG_BUDDY_BIT)) != 0
+    buddy = (mem.flags[heads] & _BUDDY) != 0
     return np.asarray((buddy & (mem.order[heads] == _ORDERS[None, :])).any(axis=1),
                       dtype=np.bool_)
 
@@ -317,16 +429,18 @@ def free_mask(m: Machine, pfns: I64) -> npt.NDArray[np.bool_]:
 def check_i5(m: Machine, cache: Cache | None = None) -> str | None:
     """The pages that are poisoned or hold TD data (few), then which of them are free."""
     mem = m.kernel.core.pages
-    poisoned = np.flatnonzero(mem.flags & np.uint32(mem.mask(PG.hwpoison)))
-    every = np.arange(mem.nr_pages, dtype=np.int64)
-    td = every[td_data_mask(m, every)]
+    poisoned = nonzero(mem.flags & mem.m_hwpoison)
+    td = td_pfns(m)
+    if not len(poisoned) and not len(td):
+        return None
+    free = free_mask(m, np.concatenate((poisoned, td)))
     problems = []
     # A latent DRAM error nobody consumed is not here: the kernel cannot know of it (I6
     # covers poison the kernel has seen).
-    for what, pfns in (("PG_hwpoison", poisoned), ("TD data", td)):
-        free = pfns[free_mask(m, pfns)]
-        if len(free):
-            problems.append(f"pfn {_fmt(free)} with {what}")
+    for what, pfns, is_free in (("PG_hwpoison", poisoned, free[: len(poisoned)]),
+                                ("TD data", td, free[len(poisoned) :])):
+        if is_free.any():
+            problems.append(f"pfn {_fmt(pfns[is_free])} with {what}")
     if problems:
         return "I5: free page(s) in the allocator: " + "; ".join(problems)
     return None
@@ -340,6 +454,8 @@ def really_poisoned(m: Machine) -> I64:
 
 def seen_poison(m: Machine) -> I64:
     """The really poisoned frames the kernel marked PG_hwpoison (memory_failure ran on them)."""
+    if not m.kernel.core.hw.mem.hw_poison:
+        return np.zeros(0, dtype=np.int64)
     real = really_poisoned(m)
     mem = m.kernel.core.pages
     seen: I64 = real[(mem.flags[real] & np.uint32(mem.mask(PG.hwpoison))) != 0]
@@ -348,6 +464,8 @@ def seen_poison(m: Machine) -> I64:
 
 def check_i6(m: Machine, seen: I64) -> str | None:
     """``seen``: the frames :func:`seen_poison` returned after earlier steps."""
+    if not len(seen):
+        return None
     mem = m.kernel.core.pages
     lost = seen[(mem.flags[seen] & np.uint32(mem.mask(PG.hwpoison))) == 0]
     if len(lost):
@@ -365,15 +483,12 @@ def check_i7_shared(m: Machine, cache: Cache | None = None) -> str | None:
         shared = ~v.private
         if not shared.any():
             continue
-        vmm = vmm_pfns(inst)
         gfns, pfns = v.gfns[shared], v.pfns[shared]
-        inside = gfns < len(vmm)
-        q = vmm[gfns[inside]]
-        bad = (q >= 0) & (q != pfns[inside])
+        q = vmm_pfns(inst, cache)[gfns]  # a view's gfns are RAM's, as vmm_pfns's are
+        bad = (q >= 0) & (q != pfns)
         if bad.any():
-            g = gfns[inside][bad]
-            return (f"I7: shared gfn {_fmt(g)} of {inst.spec.name}: the guest uses pfn "
-                    f"{_fmt(pfns[inside][bad])}, the VMM maps pfn {_fmt(q[bad])}")
+            return (f"I7: shared gfn {_fmt(gfns[bad])} of {inst.spec.name}: the guest uses "
+                    f"pfn {_fmt(pfns[bad])}, the VMM maps pfn {_fmt(q[bad])}")
     return None
 
 

@@ -17,19 +17,22 @@ from kvmpoison.explore.invariants import (
     PINS,
     STATE_CHECKS,
     Cache,
+    ViewSource,
     check_i2,
     check_i6,
     guest_private_mask,
-    guest_view,
     intrusions,
-    private_pfns,
     seen_poison,
+    view_of,
+    view_source,
+    view_sources,
     vmm_pfns,
 )
 from kvmpoison.machine import Instance
 from kvmpoison.matrix import protocol as proto
 from kvmpoison.outcome import Outcome
 from kvmpoison.scenario.ops import RunCtx, data_arg
+from kvmpoison.virt.kvm.kvm_main import Protection
 
 # Host paths that move data to or from the page at the address (straddling ones are left
 # out: they succeed short on the page before); mincore, mlock, futex and populate do not.
@@ -68,8 +71,8 @@ class InvariantMonitor:
         self.shadow: dict[tuple[str, int], Shadow] = {}
         self._probe: tuple[str, int, int] | None = None  # (vm, gfn, private pfn) for I7
         self.seen_poison: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)  # for I6
-        self._i2: tuple[dict[int, int], npt.NDArray[np.int64]] | None = None
-        self._private: npt.NDArray[np.int64] | None = None  # after the last step, for I2
+        # Before the step, for I2: the intrusions, and what the private pages were made of.
+        self._i2: tuple[dict[int, int], list[ViewSource]] | None = None
         self._conversions: dict[str, int] = {}  # per VM, its guest's conversions so far
 
     # -- around a step ---------------------------------------------------------------------
@@ -85,11 +88,8 @@ class InvariantMonitor:
         self._i2 = None
         self._conversions = {name: len(inst.guest.conversions)
                              for name, inst in ctx.machine.instances.items()}
-        if (actor.partition(":")[0], op) in TAMPERING:
-            self._private = None
-        elif "I2" in self.names:
-            private = self._private if self._private is not None else private_pfns(ctx.machine)
-            self._i2 = (intrusions(ctx.machine), private)
+        if "I2" in self.names and (actor.partition(":")[0], op) not in TAMPERING:
+            self._i2 = (intrusions(ctx.machine), view_sources(ctx.machine))
         gpa = args.get("gpa")
         if "I7" not in self.names or op not in DATA_PATHS or actor.startswith("guest") \
                 or not isinstance(gpa, int):
@@ -97,14 +97,12 @@ class InvariantMonitor:
         inst = self._inst(ctx, actor, args)
         if inst is None or not 0 <= gpa < inst.vmm.ram_size:
             return
-        v = guest_view(inst)
-        hit = np.flatnonzero((v.gfns == gpa >> PAGE_SHIFT) & v.private)
-        if len(hit):
-            self._probe = (inst.spec.name, gpa >> PAGE_SHIFT, int(v.pfns[hit[0]]))
+        v = view_of(view_source(inst, copy=False, gfn=gpa >> PAGE_SHIFT))  # that gfn's
+        if len(v.gfns) and v.private[0]:
+            self._probe = (inst.spec.name, gpa >> PAGE_SHIFT, int(v.pfns[0]))
 
     def forget(self) -> None:
-        """A step did not complete (the model refused it): recompute what the last step kept."""
-        self._private = None
+        """A step did not complete (the model refused it): nothing of it is kept."""
 
     def after(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any],
               out: Outcome) -> list[str]:
@@ -117,7 +115,6 @@ class InvariantMonitor:
         if ctx.machine.kernel.halted is not None:
             # A panicked host stopped mid-operation (a pin still held, a lock still taken):
             # its state is no kernel's, so no state invariant applies.
-            self._private = None
             return found
         for name in self.names:
             check = STATE_CHECKS.get(name)
@@ -128,14 +125,15 @@ class InvariantMonitor:
                 found.append(problem)
         if self._i2 is not None:
             problem = check_i2(ctx.machine, *self._i2, cache)
-            self._private = private_pfns(ctx.machine, cache)
             if problem is not None:
                 found.append(problem)
         if "I6" in self.names:
             problem = check_i6(ctx.machine, self.seen_poison)
             if problem is not None:
                 found.append(problem)
-            self.seen_poison = np.union1d(self.seen_poison, seen_poison(ctx.machine))
+            seen = seen_poison(ctx.machine)
+            if len(seen):
+                self.seen_poison = np.union1d(self.seen_poison, seen)
         return found
 
     # -- I3: the shadow of guest writes ----------------------------------------------------
@@ -165,9 +163,11 @@ class InvariantMonitor:
             if not private:
                 self.shadow.pop((name, gfn), None)
                 return []
-            page, known = self.shadow.setdefault(
-                (name, gfn), (np.zeros(PAGE_SIZE, dtype=np.uint8),
-                              np.zeros(PAGE_SIZE, dtype=np.bool_)))
+            shadow = self.shadow.get((name, gfn))
+            if shadow is None:
+                shadow = self.shadow[name, gfn] = (np.zeros(PAGE_SIZE, dtype=np.uint8),
+                                                   np.zeros(PAGE_SIZE, dtype=np.bool_))
+            page, known = shadow
             page[off : off + len(data)] = data
             known[off : off + len(data)] = True
             return []
@@ -205,4 +205,8 @@ class InvariantMonitor:
 
 
 def guest_private_one(inst: Instance, gfn: int) -> bool:
-    return bool(guest_private_mask(inst, np.array([gfn], dtype=np.int64))[0])
+    """:func:`guest_private_mask` of one gfn (outside gmem: a test per shared range, in
+    Python, as numpy's per-call cost is all a one-element array would pay)."""
+    if inst.vm.protection is Protection.GMEM:
+        return bool(guest_private_mask(inst, np.array([gfn], dtype=np.int64))[0])
+    return not any(lo <= gfn < hi for lo, hi in inst.guest.shared)

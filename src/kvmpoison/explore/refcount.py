@@ -36,9 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from kvmpoison.arch.x86.pgtable import pte_none_array, pte_pfn_array, pte_present_array
+from kvmpoison.arch.x86.pgtable import pte_none_array
 from kvmpoison.arch.x86.pgtable_64 import __swp_offset_array, __swp_type_array
-from kvmpoison.arch.x86.pgtable_types import _PAGE_SPECIAL
+from kvmpoison.arch.x86.pgtable_types import _PAGE_PRESENT, _PAGE_PROTNONE, _PAGE_SPECIAL
+from kvmpoison.explore.arrays import nonzero, pte_pfns_nonzero
 from kvmpoison.fs.pipe import Pipe
 from kvmpoison.machine import Machine
 from kvmpoison.mm.file import AddressSpace
@@ -86,9 +87,19 @@ class Holders:
         return ", ".join(f"{n.replace('_', ' ')} {c}" for n, c in parts if c) or "no holder"
 
 
+assert PG_PGTABLE_BIT == 31  # refcount_mismatches reads it as the flags' top bit
+
+# Per compound order, the mask that rounds a pfn down to its head (MAX_ORDER is far below 64).
+_HEAD_MASKS = ~((np.int64(1) << np.arange(63, dtype=np.int64)) - 1)
+# numpy scalars made once (making one costs about what an operation on a few entries does).
+_PTE_PRESENT = np.uint64(_PAGE_PRESENT | _PAGE_PROTNONE)  # pte_present()
+_SPECIAL = np.uint64(_PAGE_SPECIAL)
+_TABLE_SHIFT = np.uint32(PG_PGTABLE_BIT)
+
+
 def _heads(m: Machine, pfns: I64) -> I64:
-    order = m.kernel.core.pages.order[pfns].astype(np.int64)
-    return pfns & ~((np.int64(1) << order) - 1)
+    heads: I64 = pfns & _HEAD_MASKS[m.kernel.core.pages.order[pfns]]
+    return heads
 
 
 def _count(m: Machine, pfns: I64, weight: I64 | int = 1) -> I64:
@@ -100,38 +111,61 @@ def _count(m: Machine, pfns: I64, weight: I64 | int = 1) -> I64:
     return np.bincount(_heads(m, pfns), weights=w, minlength=n)[:n].astype(np.int64)
 
 
-def user_ptes(m: Machine) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_], I64]:
-    """Every user PTE of every mm (one array), which are present (PROT_NONE included), and
-    the pfns of the present, non-special ones: what maps a page."""
-    rows = m.kernel.core.ptes.rows[: m.kernel.core.ptes._high].reshape(-1)
-    present = pte_present_array(rows)
-    mapped = pte_pfn_array(rows[present & ((rows & np.uint64(_PAGE_SPECIAL)) == 0)])
-    return rows, present, mapped
+@dataclass(frozen=True)
+class PteScan:
+    """Every user PTE of every mm that is not zero (a zero entry is none and holds nothing),
+    read as one array: which are present (PROT_NONE included), the pfns those map, and
+    which of those map a page (the PTE is not special: not the zero page, not VM_PFNMAP)."""
+
+    entries: npt.NDArray[np.uint64]
+    present: npt.NDArray[np.bool_]
+    pfns: I64  # of entries[present]
+    mapped: I64  # the pfns of the present, non-special PTEs that have a struct page
+
+    @property
+    def swap(self) -> npt.NDArray[np.uint64]:
+        """The non-present entries that are not none: swap, hwpoison and marker entries."""
+        rest = self.entries[~self.present]
+        out: npt.NDArray[np.uint64] = rest[~pte_none_array(rest)]
+        return out
 
 
-Scan = tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_], I64]
+def user_ptes(m: Machine) -> PteScan:
+    """Every non-zero user PTE of every mm (one pass over the PTE tables in use)."""
+    core = m.kernel.core
+    rows = core.ptes.rows[: core.ptes._high].reshape(-1)
+    entries = rows[nonzero(rows)]
+    present = (entries & _PTE_PRESENT) != 0  # pte_present_array
+    live = entries[present]
+    pfns = pte_pfns_nonzero(live)
+    mapped = pfns[(live & _SPECIAL) == 0]
+    return PteScan(entries, present, pfns, mapped[mapped < core.pages.nr_pages])
+
+
 Source = tuple[str, I64, I64 | None]  # a holder's name, the pfns it holds, refs per pfn
 
 
-def _sources(m: Machine, pins: Iterable[Page], scan: Scan | None) -> list[Source]:
+def _sources(m: Machine, pins: Iterable[Page], scan: PteScan | None) -> list[Source]:
     """Every counted holder but the page tables, as the pfns it holds (heads found later)."""
     core = m.kernel.core
     mem = core.pages
-    rows, present, mapped = scan if scan is not None else user_ptes(m)
-    out: list[Source] = [("ptes", mapped[mapped < mem.nr_pages], None)]
+    if scan is None:
+        scan = user_ptes(m)
+    out: list[Source] = [("ptes", scan.mapped, None)]
     hw_type = core.swap_types.hwpoison
-    if core.hooks.hwpoison_entry_holds_ref and hw_type is not None:
-        swap = rows[~present & ~pte_none_array(rows)]
+    hw_refs = core.hooks.hwpoison_entry_holds_ref and hw_type is not None
+    swap = scan.swap if (hw_refs or core.hooks.guest_private) and not scan.present.all() \
+        else None
+    if hw_refs and hw_type is not None and swap is not None:
         off = __swp_offset_array(swap[__swp_type_array(swap) == np.uint64(hw_type)])
         out.append(("hwpoison_entries", off.astype(np.int64), None))
-    if core.hooks.guest_private:
-        out.append(("guest_private_markers",
-                    guest_private_marker_pfns(core, rows[~present]), None))
+    if core.hooks.guest_private and swap is not None:
+        out.append(("guest_private_markers", guest_private_marker_pfns(core, swap), None))
     # Every address_space a page was ever cached in is in the registry (few objects).
-    cached = [a.pages[a.pages >= 0] for a in mem.registry._objects.values()
-              if isinstance(a, AddressSpace)]
+    cached = [a.pages for a in mem.registry._objects.values() if isinstance(a, AddressSpace)]
     if cached:
-        out.append(("page_cache", np.concatenate(cached), None))
+        slots = np.concatenate(cached)
+        out.append(("page_cache", slots[slots >= 0], None))
     # Pipes: one object per pipe, however many fds (and forked tables) share it.
     pipes = {id(f.private_data): f.private_data for t in m.kernel.tasks.values()
              for f in t.fds.values() if isinstance(f.private_data, Pipe)}
@@ -144,7 +178,8 @@ def _sources(m: Machine, pins: Iterable[Page], scan: Scan | None) -> list[Source
         out.append(("pins", np.array([p.pfn for p in pinned], dtype=np.int64),
                     np.array(bias, dtype=np.int64)))
     took = np.array([r.pfn for r in core.mf_reports if isinstance(r, MfReport)
-                     and r.page_type not in NO_MF_REFERENCE], dtype=np.int64)
+                     and r.page_type not in NO_MF_REFERENCE], dtype=np.int64) \
+        if core.mf_reports else np.zeros(0, dtype=np.int64)
     if len(took):
         poisoned = (mem.flags[took] & np.uint32(mem.mask(PG.hwpoison))) != 0
         out.append(("memory_failure", np.unique(took[poisoned]), None))
@@ -157,7 +192,7 @@ def _tables(m: Machine) -> I64:
     return tables
 
 
-def holders(m: Machine, pins: Iterable[Page] = (), scan: Scan | None = None) -> Holders:
+def holders(m: Machine, pins: Iterable[Page] = (), scan: PteScan | None = None) -> Holders:
     """Per holder, the references it owns (``scan``: :func:`user_ptes` of this state, when
     the caller has it already)."""
     got = {name: _count(m, pfns, 1 if w is None else w) for name, pfns, w in
@@ -172,21 +207,24 @@ def holders(m: Machine, pins: Iterable[Page] = (), scan: Scan | None = None) -> 
 
 
 def refcount_mismatches(m: Machine, pins: Iterable[Page] = (),
-                        scan: Scan | None = None) -> tuple[I64, Holders | None]:
+                        scan: PteScan | None = None) -> tuple[I64, Holders | None]:
     """The pfns whose ``_refcount`` differs from what their holders own (tails included:
     a tail's own count must stay 0), and, when there are any, the holders. One bincount
-    over every holder's pfns; the holder by holder split only for a violation."""
+    over every holder's pfns, on their heads; the holder by holder split only for a
+    violation."""
     sources = _sources(m, pins, scan)
     mem = m.kernel.core.pages
     n = mem.nr_pages
-    pfns = np.concatenate([p for _, p, _ in sources])
+    heads = _heads(m, np.concatenate([p for _, p, _ in sources]))
+    weights = None
     if any(w is not None for _, _, w in sources):
         weights = np.concatenate([np.ones(len(p), dtype=np.int64) if w is None else w
                                   for _, p, w in sources])
-        counted = np.bincount(_heads(m, pfns), weights=weights, minlength=n)[:n]
-        expected = counted.astype(np.int64) + _tables(m)
-    else:
-        expected = np.bincount(_heads(m, pfns), minlength=n)[:n] + _tables(m)
-    reserved = (mem.flags & np.uint32(mem.mask(PG.reserved))) != 0
-    bad = np.flatnonzero((mem._refcount != expected) & ~reserved)
+    # In _refcount's own type (ufuncs on one type are the fast ones), plus a page-table
+    # page's own reference: PG_table is the flags' top bit, so the shift is 0 or 1.
+    expected = np.bincount(heads, weights=weights, minlength=n)[:n].astype(np.int32)
+    expected += (mem.flags >> _TABLE_SHIFT).view(np.int32)
+    bad = nonzero(mem._refcount != expected)
+    if len(bad):  # the pages whose holders the model cannot count are left out
+        bad = bad[(mem.flags[bad] & mem.mask(PG.reserved)) == 0]
     return bad, (holders(m, pins, scan) if len(bad) else None)
