@@ -28,6 +28,7 @@ from kvmpoison.explore.arrays import nonzero, pte_pfns_nonzero
 from kvmpoison.explore.refcount import PteScan, refcount_mismatches, user_ptes
 from kvmpoison.explore.tlb import stale_tlb_entries
 from kvmpoison.machine import Instance, Machine
+from kvmpoison.mm.memory_failure import MfReport
 from kvmpoison.mm.page_flags import PG, PG_BUDDY_BIT
 from kvmpoison.mm.pagetable import PageTables
 from kvmpoison.virt.kvm.gmem_memslot import SPTE_PRIVATE
@@ -62,8 +63,9 @@ INVARIANTS: dict[str, Invariant] = {i.name: i for i in (
               "long-term pins and memory_failure own", False),
     Invariant("I5", "no page returns to the allocator poisoned (PG_hwpoison), or still "
               "holding TD data", False),
-    Invariant("I6", "real hardware poison the kernel has seen (PG_hwpoison on a frame with a "
-              "bad line) is never cleared or hidden by protection bookkeeping", False),
+    Invariant("I6", "real hardware poison the kernel has seen (memory_failure or the #MC "
+              "handler ran on the frame while its error was there) is never cleared or hidden "
+              "by protection bookkeeping", False),
     Invariant("I7", "a shared gfn's page is the one the VMM maps; a private gfn's page is "
               "never reached by a VMM or host access that succeeds", True),
     Invariant("I8", "no CPU's TLB keeps a translation that grants more than the current PTE "
@@ -452,12 +454,24 @@ def really_poisoned(m: Machine) -> I64:
     return np.array(sorted(p for p, lines in hw_poison.items() if lines.any()), dtype=np.int64)
 
 
-def seen_poison(m: Machine) -> I64:
-    """The really poisoned frames the kernel marked PG_hwpoison (memory_failure ran on them)."""
-    if not m.kernel.core.hw.mem.hw_poison:
+def seen_poison(m: Machine, reports_from: int = 0, mces_from: int = 0) -> I64:
+    """The really poisoned frames the kernel's error handling ran on while the error was
+    there, and left PG_hwpoison: memory_failure reported on them (its log from index
+    ``reports_from``), or a TD's consumption reached the host's SEAM_NR handling (the #MC
+    log from ``mces_from``). The monitor passes the logs' lengths before the step, so a
+    report on a frame before its error appeared is not seeing that error. PG_hwpoison alone
+    is not seeing one: the RFC designs set it to protect a page, and a latent error nobody
+    consumed reaches no kernel code."""
+    core = m.kernel.core
+    if not core.hw.mem.hw_poison:
+        return np.zeros(0, dtype=np.int64)
+    handled = {r.pfn for r in core.mf_reports[reports_from:] if isinstance(r, MfReport)}
+    handled.update(core.mce_log[mces_from:])
+    if not handled:
         return np.zeros(0, dtype=np.int64)
     real = really_poisoned(m)
-    mem = m.kernel.core.pages
+    real = real[np.isin(real, np.fromiter(handled, dtype=np.int64, count=len(handled)))]
+    mem = core.pages
     seen: I64 = real[(mem.flags[real] & np.uint32(mem.mask(PG.hwpoison))) != 0]
     return seen
 

@@ -74,6 +74,7 @@ class InvariantMonitor:
         # Before the step, for I2: the intrusions, and what the private pages were made of.
         self._i2: tuple[dict[int, int], list[ViewSource]] | None = None
         self._conversions: dict[str, int] = {}  # per VM, its guest's conversions so far
+        self._logs = (0, 0)  # memory_failure's reports and the #MC log before the step (I6)
 
     # -- around a step ---------------------------------------------------------------------
 
@@ -86,6 +87,8 @@ class InvariantMonitor:
     def before(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any]) -> None:
         self._probe = None
         self._i2 = None
+        core = ctx.machine.kernel.core
+        self._logs = (len(core.mf_reports), len(core.mce_log))
         self._conversions = {name: len(inst.guest.conversions)
                              for name, inst in ctx.machine.instances.items()}
         if "I2" in self.names and (actor.partition(":")[0], op) not in TAMPERING:
@@ -131,7 +134,7 @@ class InvariantMonitor:
             problem = check_i6(ctx.machine, self.seen_poison)
             if problem is not None:
                 found.append(problem)
-            seen = seen_poison(ctx.machine)
+            seen = seen_poison(ctx.machine, *self._logs)
             if len(seen):
                 self.seen_poison = np.union1d(self.seen_poison, seen)
         return found

@@ -77,6 +77,7 @@ class MmCore:
     swap_map: dict[int, int] = field(default_factory=dict)  # offset -> entries beyond the first
     next_swap_offset: int = 1
     mf_reports: list[object] = field(default_factory=list)  # memory_failure's action_result log
+    mce_log: list[int] = field(default_factory=list)  # pfns of the #MCs a TD consumed (mce_log)
     hw_memory_failure: bool = False  # a real (not software-injected) error was handled
     dmesg: list[str] = field(default_factory=list)  # WARNs and messages, oldest first
     halted: Outcome | None = None  # the host panicked or shut down

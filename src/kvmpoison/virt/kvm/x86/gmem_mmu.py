@@ -177,6 +177,7 @@ def gmem_vcpu_access(vm: Vm, gpa: int, size: int, data: bytes | None,
             if got.kind is not Kind.OK:
                 if got.mc_kind is McKind.TD_FATAL:
                     vm.td_fatal = True
+                    core.mce_log.append(entry.pfn)  # the host's SEAM_NR handling
                     SetPageHWPoison(core.pages[entry.pfn])
                 return got
             assert got.data is not None

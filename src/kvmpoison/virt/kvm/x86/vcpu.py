@@ -121,7 +121,8 @@ def vcpu_access(vm: Vm, gpa: int, size: int, data: bytes | None, shared: bool) -
                                                     if v.td_keyid is not None and not v.dead]
                 for td in hit:
                     td.td_fatal = True
-                SetPageHWPoison(core.pages[pfn])  # the host's SEAM_NR handling
+                core.mce_log.append(pfn)  # the host's SEAM_NR handling logs it
+                SetPageHWPoison(core.pages[pfn])  # and marks the page
                 return got
             assert got.kind is Kind.MCE and got.mce is not None, got
             stopped = kvm_machine_check(vm, pfn, got.mce)

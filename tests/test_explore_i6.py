@@ -1,0 +1,57 @@
+"""I6 counts the poison the kernel has seen: memory_failure reported on the frame while the
+DRAM error was there. PG_hwpoison alone is not seeing it: the RFC designs set it to
+protect a page, and a latent error nobody consumed reaches no kernel code."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmpoison.explore import InvariantMonitor
+from kvmpoison.explore.statemachine import base_scenario
+from kvmpoison.scenario.ops import RunCtx
+from kvmpoison.scenario.runner import build_machine, perform
+
+GPA = 0x30000
+
+
+def _ctx(design: str) -> RunCtx:
+    return RunCtx(build_machine(base_scenario(design), design))
+
+
+def _step(ctx: RunCtx, mon: InvariantMonitor, actor: str, op: str, **args: object) -> list[str]:
+    mon.before(ctx, actor, op, args)
+    return mon.after(ctx, actor, op, args, perform(ctx, actor, op, args))
+
+
+@pytest.mark.parametrize("design", ["rfc-v1", "rfc-v2"])
+def test_a_latent_error_under_protection_is_not_seen(design: str) -> None:
+    """The guest's load protects the page (PG_hwpoison); a DRAM error nobody consumes; the
+    share clears the protection's PG_hwpoison. The kernel never knew of the error."""
+    ctx = _ctx(design)
+    mon = InvariantMonitor(("I6",))
+    assert _step(ctx, mon, "guest:vm0", "load", gpa=GPA, size=8) == []
+    assert _step(ctx, mon, "hw", "inject_dram_error", vm="vm0", gpa=GPA) == []
+    assert _step(ctx, mon, "guest:vm0", "share", gpa=GPA) == []
+
+
+def test_a_software_failure_before_the_error_is_not_seeing_it() -> None:
+    """memory_failure ran on a healthy page (a software injection); the DRAM error came
+    later and nobody consumed it: what the kernel saw was not this error."""
+    ctx = _ctx("rfc-v1")
+    mon = InvariantMonitor(("I6",))
+    assert _step(ctx, mon, "guest:vm0", "store", gpa=GPA, data="x") == []
+    assert _step(ctx, mon, "host", "memory_failure", vm="vm0", gpa=GPA) == []
+    assert _step(ctx, mon, "hw", "inject_dram_error", vm="vm0", gpa=GPA) == []
+    assert _step(ctx, mon, "guest:vm0", "share", gpa=GPA) == []
+
+
+def test_e13_the_seen_error_cleared_by_the_share_is_found() -> None:
+    """E13: memory_failure runs on the protected page with the error there ("already
+    poisoned": it returns early); RFC v1's share then clears PG_hwpoison."""
+    ctx = _ctx("rfc-v1")
+    mon = InvariantMonitor(("I6",))
+    assert _step(ctx, mon, "guest:vm0", "load", gpa=GPA, size=8) == []
+    assert _step(ctx, mon, "hw", "inject_dram_error", vm="vm0", gpa=GPA) == []
+    assert _step(ctx, mon, "host", "memory_failure", vm="vm0", gpa=GPA) == []
+    found = _step(ctx, mon, "guest:vm0", "share", gpa=GPA)
+    assert len(found) == 1 and found[0].startswith("I6: PG_hwpoison of really poisoned pfn")
