@@ -12,7 +12,7 @@ EXPECTED = ("fault-in", "mprotect", "munmap", "memfd punch-hole", "per-page prot
             "scenario library, in process", "scenario library, `kvmpoison run`",
             "copy of a booted", "host RAM per touched", "host RAM per untouched",
             "MAC per line", "full-page write", "one-line write", "mprotect toggle, anon THP",
-            "munmap, anon THP")
+            "munmap, anon THP", "explorer, baseline", "explorer, hardened")
 
 
 def test_bench_quick_json_has_every_row_with_positive_ratios(
@@ -22,7 +22,7 @@ def test_bench_quick_json_has_every_row_with_positive_ratios(
     quick = bench.Sizes.for_run(True)
     assert quick.scenarios is None  # the throughput rows take the whole library
     # Here only that every row is there: two scenarios and fewer pages keep the suite fast.
-    small = dataclasses.replace(quick, scenarios=2, touched_pages=512)
+    small = dataclasses.replace(quick, scenarios=2, touched_pages=512, explore_steps=60)
     monkeypatch.setattr(bench.Sizes, "for_run", classmethod(lambda cls, q: small))
     rc = main(["bench", "--quick", "--format", "json"])
     out, _ = capsys.readouterr()

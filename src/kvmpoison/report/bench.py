@@ -316,6 +316,26 @@ def scenario_rows(limit: int | None) -> list[Row]:
     ]
 
 
+# -- the explorer ------------------------------------------------------------------------
+
+
+def explore_rows(steps: int, seeds: int) -> list[Row]:
+    """Steps per CPU second of one explorer worker, every invariant checked, per design."""
+    from kvmpoison.designs import DESIGNS
+    from kvmpoison.explore.invariants import INVARIANTS
+    from kvmpoison.explore.speed import time_exploration
+
+    rows = []
+    for design in DESIGNS:
+        t = time_exploration(design, tuple(INVARIANTS), steps, seeds)
+        rate = t.steps_per_cpu_s
+        rows.append(Row(f"explorer, {design}, every invariant (per CPU second)", rate, 1000.0,
+                        "steps/s", 1000.0 / rate, 1.0, "target 1000 steps/s per worker",
+                        f"{t.steps} steps, {seeds} seed(s); {t.refused} refused draws and "
+                        f"{t.violations} violations not counted"))
+    return rows
+
+
 # -- machine copy ------------------------------------------------------------------------
 
 
@@ -494,13 +514,15 @@ class Sizes:
     # touched_pages is 2048 in both too: RSS moves in steps (a 4 KiB page of each slot
     # array, a doubled table): 512 and 1024 pages measured 4.51-4.60 KiB, 2048 pages 4.45.
     thp: int = 16 * MIB
+    explore_steps: int = 2000  # per seed and design
+    explore_seeds: int = 2
 
     @classmethod
     def for_run(cls, quick: bool) -> Sizes:
         if quick:
             return cls(mm=16 * MIB, punch=16 * MIB, per_page=2 * MIB, touched_pages=2048,
                        untouched_mib=256, mac_lines=512, copy_runs=10, scenarios=None,
-                       thp=16 * MIB)
+                       thp=16 * MIB, explore_steps=300, explore_seeds=1)
         return cls(mm=1 * GIB, punch=256 * MIB, per_page=32 * MIB, touched_pages=2048,
                    untouched_mib=64 << 10, mac_lines=4096, copy_runs=30, scenarios=None,
                    thp=1 * GIB)
@@ -518,6 +540,7 @@ def tasks(quick: bool) -> list[Task]:
         ("memfd punch-hole and per-page protect", lambda: punch_rows(s.punch, s.per_page)),
         ("scenario library", lambda: scenario_rows(s.scenarios)),
         ("machine copy", lambda: [copy_row(s.copy_runs)]),
+        ("explorer, every invariant", lambda: explore_rows(s.explore_steps, s.explore_seeds)),
         ("RAM per page", lambda: memory_rows(s.untouched_mib, s.touched_pages)),
         ("MAC and integrity writes", lambda: mac_rows(s.mac_lines)),
     ]
