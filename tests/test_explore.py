@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from explore_helpers import explore_ctx as _ctx
+from explore_helpers import monitored_step as _step
 from kvmpoison.arch.x86.pgtable_types import PAGE_SHARED, PAGE_SHIFT
 from kvmpoison.cli.main import main
 from kvmpoison.config import Config
@@ -28,23 +30,13 @@ from kvmpoison.explore.invariants import (
     vmm_pfns,
 )
 from kvmpoison.explore.reproducer import replay
-from kvmpoison.explore.statemachine import base_scenario
 from kvmpoison.machine import Machine
 from kvmpoison.mm.page_flags import PG
 from kvmpoison.scenario.loader import load_text
 from kvmpoison.scenario.ops import RunCtx
-from kvmpoison.scenario.runner import build_machine, perform, run_scenario
+from kvmpoison.scenario.runner import perform, run_scenario
 
 GPA = 0x30000
-
-
-def _ctx(design: str) -> RunCtx:
-    return RunCtx(build_machine(base_scenario(design), design))
-
-
-def _step(ctx: RunCtx, mon: InvariantMonitor, actor: str, op: str, **args: object) -> list[str]:
-    mon.before(ctx, actor, op, args)
-    return mon.after(ctx, actor, op, args, perform(ctx, actor, op, args))
 
 
 def _private_pfn(ctx: RunCtx, gpa: int = GPA) -> int:

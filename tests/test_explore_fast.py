@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from explore_helpers import explore_ctx as _ctx
 from kvmpoison.arch.x86.pgtable import pte_none_array, pte_pfn_array, pte_present_array
 from kvmpoison.arch.x86.pgtable_types import (
     _PAGE_NX,
@@ -50,7 +51,6 @@ from kvmpoison.explore.invariants import (
 )
 from kvmpoison.explore.monitor import guest_private_one
 from kvmpoison.explore.refcount import holders, refcount_mismatches, user_ptes
-from kvmpoison.explore.statemachine import base_scenario
 from kvmpoison.explore.tlb import PFN_MASK, _stale_few, _stale_gathered, stale_mask
 from kvmpoison.machine import Instance, Machine
 from kvmpoison.mm.page_flags import PG
@@ -202,10 +202,6 @@ def test_the_short_cuts_agree_on_every_explored_state(design: str,
 
 
 # -- planted states ----------------------------------------------------------------------
-
-
-def _ctx(design: str) -> RunCtx:
-    return RunCtx(build_machine(base_scenario(design), design))
 
 
 def test_stale_entries_one_by_one_and_gathered() -> None:

@@ -10,6 +10,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from explore_helpers import explore_ctx as _ctx
+from explore_helpers import monitored_step as _step
 from kvmpoison.arch.x86.pgtable_types import _PAGE_RW, PAGE_SHIFT
 from kvmpoison.designs import DESIGNS
 from kvmpoison.explore import InvariantMonitor
@@ -24,24 +26,15 @@ from kvmpoison.explore.invariants import (
     view_sources,
 )
 from kvmpoison.explore.refcount import holders
-from kvmpoison.explore.statemachine import base_scenario, state_machine
+from kvmpoison.explore.statemachine import state_machine
 from kvmpoison.explore.tlb import stale_tlb_entries
 from kvmpoison.matrix.designs import backing_pfn
 from kvmpoison.mm.gup import GUP_PIN_COUNTING_BIAS
 from kvmpoison.scenario.ops import OpError, RunCtx
-from kvmpoison.scenario.runner import build_machine, perform
+from kvmpoison.scenario.runner import perform
 
 GPA = 0x30000
 SHARED = 0x10 << PAGE_SHIFT  # swiotlb: shared at boot
-
-
-def _ctx(design: str) -> RunCtx:
-    return RunCtx(build_machine(base_scenario(design), design))
-
-
-def _step(ctx: RunCtx, mon: InvariantMonitor, actor: str, op: str, **args: object) -> list[str]:
-    mon.before(ctx, actor, op, args)
-    return mon.after(ctx, actor, op, args, perform(ctx, actor, op, args))
 
 
 def _vmm_pfn(ctx: RunCtx, gpa: int) -> int:

@@ -6,21 +6,11 @@ from __future__ import annotations
 
 import pytest
 
+from explore_helpers import explore_ctx as _ctx
+from explore_helpers import monitored_step as _step
 from kvmpoison.explore import InvariantMonitor
-from kvmpoison.explore.statemachine import base_scenario
-from kvmpoison.scenario.ops import RunCtx
-from kvmpoison.scenario.runner import build_machine, perform
 
 GPA = 0x30000
-
-
-def _ctx(design: str) -> RunCtx:
-    return RunCtx(build_machine(base_scenario(design), design))
-
-
-def _step(ctx: RunCtx, mon: InvariantMonitor, actor: str, op: str, **args: object) -> list[str]:
-    mon.before(ctx, actor, op, args)
-    return mon.after(ctx, actor, op, args, perform(ctx, actor, op, args))
 
 
 @pytest.mark.parametrize("design", ["rfc-v1", "rfc-v2"])
