@@ -70,6 +70,34 @@ gpas = st.sampled_from(GPAS)
 picks = st.integers(0, len(GFNS) - 1)
 
 
+# Preconditions are named functions, not lambdas: hypothesis describes each one it checks
+# (its observability record), and a lambda's description is read from its source.
+
+
+def vm0_usable(machine: ExploreMachine) -> bool:
+    return machine.usable(VM)
+
+
+def vm1_usable(machine: ExploreMachine) -> bool:
+    return machine.usable(VM2)
+
+
+def gmem_vm0_usable(machine: ExploreMachine) -> bool:
+    return machine.gmem and machine.usable(VM)
+
+
+def a_page_pinned(machine: ExploreMachine) -> bool:
+    return bool(machine.ctx.pins) and machine.usable(VM)
+
+
+def a_frame_backed(machine: ExploreMachine) -> bool:
+    return machine.framed()
+
+
+def no_second_vm_yet(machine: ExploreMachine) -> bool:
+    return VM2 not in machine.m.instances and machine.usable(VM)
+
+
 class ExploreMachine(RuleBasedStateMachine):
     """Subclassed per design by :func:`state_machine` (``design`` and ``checked`` set)."""
 
@@ -161,109 +189,109 @@ class ExploreMachine(RuleBasedStateMachine):
 
     # -- guest -----------------------------------------------------------------------------
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(gpa=gpas)
     def guest_load(self, gpa: int) -> None:
         self.step(f"guest:{VM}", "load", gpa=gpa, size=8)
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(gpa=gpas, byte=st.integers(1, 255))
     def guest_store(self, gpa: int, byte: int) -> None:
         self.step(f"guest:{VM}", "store", gpa=gpa, data="hex:" + bytes([byte]).hex() * 8)
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(gpa=gpas)
     def guest_share(self, gpa: int) -> None:
         self.step(f"guest:{VM}", "share", gpa=gpa)
 
-    @precondition(lambda self: self.gmem and self.usable(VM))
+    @precondition(gmem_vm0_usable)
     @rule(gpa=gpas)
     def guest_unshare(self, gpa: int) -> None:
         self.step(f"guest:{VM}", "unshare", gpa=gpa)
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(vm=st.just(VM))
     def guest_reboot(self, vm: str) -> None:
         self.step(f"guest:{vm}", "reboot")
 
     # The second VM's guest, once the host has created it on vm0's RAM.
-    @precondition(lambda self: self.usable(VM2))
+    @precondition(vm1_usable)
     @rule(gpa=gpas, byte=st.integers(1, 255))
     def guest_vm1_store(self, gpa: int, byte: int) -> None:
         self.step(f"guest:{VM2}", "store", gpa=gpa, data="hex:" + bytes([byte]).hex() * 8)
 
-    @precondition(lambda self: self.usable(VM2))
+    @precondition(vm1_usable)
     @rule(gpa=gpas)
     def guest_vm1_load(self, gpa: int) -> None:
         self.step(f"guest:{VM2}", "load", gpa=gpa, size=8)
 
-    @precondition(lambda self: self.usable(VM2))
+    @precondition(vm1_usable)
     @rule(gpa=gpas)
     def guest_vm1_share(self, gpa: int) -> None:
         self.step(f"guest:{VM2}", "share", gpa=gpa)
 
     # -- the VMM and other host processes: every MATRIX path ---------------------------------
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(path=st.sampled_from(proto.LOCAL_PATHS), gpa=gpas)
     def vmm_path(self, path: str, gpa: int) -> None:
         self.step(f"vmm:{VM}", path, gpa=gpa)
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(path=st.sampled_from(proto.REMOTE_PATHS), gpa=gpas)
     def host_path(self, path: str, gpa: int) -> None:
         self.step("host", path, target=VM, gpa=gpa)
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(gpa=gpas)
     def vmm_fork_child_load(self, gpa: int) -> None:
         self.step(f"vmm:{VM}", "fork_child_load", gpa=gpa)
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(gpa=gpas)
     def vmm_punch_hole(self, gpa: int) -> None:
         self.step(f"vmm:{VM}", "punch_hole", gpa=gpa)
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(gpa=gpas, advice=st.sampled_from(("dontneed", "pageout", "mergeable")))
     def vmm_madvise(self, gpa: int, advice: str) -> None:
         self.step(f"vmm:{VM}", "madvise", gpa=gpa, advice=advice)
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(gpa=gpas)
     def vmm_munmap(self, gpa: int) -> None:
         self.step(f"vmm:{VM}", "munmap", gpa=gpa)
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(gpa=gpas, prot=st.sampled_from((0, 1, 3)))
     def vmm_mprotect(self, gpa: int, prot: int) -> None:
         self.step(f"vmm:{VM}", "mprotect", gpa=gpa, prot=prot)
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(size=st.sampled_from((GFNS[1] << 12, VM_MEMORY)))
     def vmm_ftruncate(self, size: int) -> None:
         """Shrink the RAM file to cut off gfns 0x31 and above, or grow it back."""
         self.step(f"vmm:{VM}", "ftruncate", size=size)
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(gpa=gpas)
     def vmm_vfio_pin(self, gpa: int) -> None:
         """A device assigned with VFIO pins the page long-term (FOLL_LONGTERM)."""
         self.step(f"vmm:{VM}", "vfio_pin", gpa=gpa)
 
     # DMA goes through a pinned page: none pinned, nothing to draw.
-    @precondition(lambda self: bool(self.ctx.pins) and self.usable(VM))
+    @precondition(a_page_pinned)
     @rule(gpa=gpas, byte=st.integers(1, 255))
     def vmm_dma_write(self, gpa: int, byte: int) -> None:
         self.step(f"vmm:{VM}", "dma_write", gpa=gpa, data="hex:" + bytes([byte]).hex() * 8)
 
-    @precondition(lambda self: bool(self.ctx.pins) and self.usable(VM))
+    @precondition(a_page_pinned)
     @rule(gpa=gpas)
     def vmm_dma_read(self, gpa: int) -> None:
         self.step(f"vmm:{VM}", "dma_read", gpa=gpa, size=8)
 
     # One draw in four exits: an exit ends most of what follows in the example.
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(roll=st.integers(0, 3))
     def vmm_exit(self, roll: int) -> None:
         if roll == 0:
@@ -271,19 +299,19 @@ class ExploreMachine(RuleBasedStateMachine):
 
     # -- the host kernel and the hardware ---------------------------------------------------
 
-    @precondition(lambda self: self.framed())
+    @precondition(a_frame_backed)
     @rule(pick=picks)
     def host_memory_failure(self, pick: int) -> None:
         gpa = self.backed()[pick % len(self.backed())]
         self.step("host", "memory_failure", vm=VM, gpa=gpa)
 
-    @precondition(lambda self: self.framed())
+    @precondition(a_frame_backed)
     @rule(pick=picks)
     def host_soft_offline(self, pick: int) -> None:
         gpa = self.backed()[pick % len(self.backed())]
         self.step("host", "soft_offline", vm=VM, gpa=gpa)
 
-    @precondition(lambda self: self.usable(VM))
+    @precondition(vm0_usable)
     @rule(gpa=gpas)
     def host_kvm_read(self, gpa: int) -> None:
         self.step("host", "kvm_read", vm=VM, gpa=gpa)
@@ -293,25 +321,25 @@ class ExploreMachine(RuleBasedStateMachine):
         """One pass of ksmd over every MADV_MERGEABLE range."""
         self.step(actor, "ksmd")
 
-    @precondition(lambda self: VM2 not in self.m.instances and self.usable(VM))
+    @precondition(no_second_vm_yet)
     @rule(name=st.just(VM2))
     def host_second_vm(self, name: str) -> None:
         self.step("host", "new_vm", name=name, memory=VM_MEMORY, share_ram_with=VM)
 
-    @precondition(lambda self: self.framed())
+    @precondition(a_frame_backed)
     @rule(pick=picks)
     def hw_dram_error(self, pick: int) -> None:
         gpa = self.backed()[pick % len(self.backed())]
         self.step("hw", "inject_dram_error", vm=VM, gpa=gpa)
 
-    @precondition(lambda self: self.framed())
+    @precondition(a_frame_backed)
     @rule(pick=picks)
     def hw_tamper(self, pick: int) -> None:
         """A physical attack: a ciphertext bit flipped in DRAM, the MAC left alone."""
         gpa = self.backed()[pick % len(self.backed())]
         self.step("hw", "tamper", vm=VM, gpa=gpa)
 
-    @precondition(lambda self: self.framed())
+    @precondition(a_frame_backed)
     @rule(pick=picks, byte=st.integers(1, 255))
     def host_direct_map_write(self, pick: int, byte: int) -> None:
         """A host write with the wrong KeyID: the kernel's direct map (KeyID 0) over the
