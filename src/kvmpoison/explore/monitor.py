@@ -104,9 +104,6 @@ class InvariantMonitor:
         if len(v.gfns) and v.private[0]:
             self._probe = (inst.spec.name, gpa >> PAGE_SHIFT, int(v.pfns[0]))
 
-    def forget(self) -> None:
-        """A step did not complete (the model refused it): nothing of it is kept."""
-
     def after(self, ctx: RunCtx, actor: str, op: str, args: dict[str, Any],
               out: Outcome) -> list[str]:
         found: list[str] = []

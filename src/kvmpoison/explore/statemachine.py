@@ -155,7 +155,6 @@ class ExploreMachine(RuleBasedStateMachine):
         try:
             out = perform(self.ctx, actor, op, args)
         except (OpError, ValueError, MemoryError):
-            self.monitor.forget()
             type(self).refused += 1
             return  # not applicable here (no page yet, no pin of it): not a step
         except Exception as exc:  # a model bug: report it with the steps that reach it
