@@ -3,7 +3,8 @@
 For each design and invariant, seeds run from 0 (``--steps`` steps each, shrinking on)
 until one violates the invariant or ``--budget`` steps have run. A row gives the steps
 run before the violation was first seen (earlier seeds' steps plus ``found_after``), the
-length of the shrunk reproducer, and its last problem. The pairs run on a Dask
+length of the reproducer (and of hypothesis's shrunk run, before step deletion), and its
+last problem. The pairs run on a Dask
 LocalCluster of ``--workers`` processes. This is a campaign, not a test: it takes minutes.
 
     python3 benchmarks/explore_finds.py [--designs baseline,rfc-v1,rfc-v2] [--out DIR]
@@ -31,7 +32,8 @@ def hunt(design: str, invariant: str, steps: int, budget: int) -> dict[str, Any]
             assert r.found_after is not None and r.reproducer is not None
             return {"design": design, "invariant": invariant, "seed": seed,
                     "after": int(ran) + r.found_after, "cpu_seconds": round(cpu, 1),
-                    "steps": r.reproducer.count("[[step]]"), "replays": r.replays,
+                    "steps": r.reproducer.count("[[step]]"), "shrunk_steps": r.shrunk_steps,
+                    "replays": r.replays,
                     "problem": r.problems[0], "reproducer": r.reproducer}
         ran += r.steps
         seed += 1

@@ -123,11 +123,13 @@ def explore(
 
 def _print(doc: dict[str, object], results: list[SeedResult]) -> None:
     table = Table(title=f"explore {doc['design']}", title_justify="left")
-    for col in ("seed", "steps", "steps/s", "violation", "after", "replays", "first problem"):
+    for col in ("seed", "steps", "steps/s", "violation", "after", "shrunk", "replays",
+                "first problem"):
         table.add_column(col, overflow="fold")
     for r in results:
         table.add_row(str(r.seed), str(r.steps), f"{r.steps_per_s:.0f}", r.violation or "",
                       "" if r.found_after is None else str(r.found_after),
+                      "" if r.shrunk_steps is None else f"{r.shrunk_steps}→{r.reproducer_steps}",
                       "" if r.replays is None else ("yes" if r.replays else "NO"),
                       r.problems[0] if r.problems else "")
     console = Console()

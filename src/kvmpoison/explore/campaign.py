@@ -14,6 +14,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import Flaky, HypothesisDeprecationWarning
 from hypothesis.stateful import run_state_machine_as_test
 
+from kvmpoison.explore.minimise import minimise_steps
 from kvmpoison.explore.reproducer import replay, reproducer_toml
 from kvmpoison.explore.statemachine import InvariantError, state_machine
 
@@ -34,6 +35,8 @@ class SeedResult:
     found_after: int | None = None  # steps run when the violation was first seen (no shrinking)
     cpu_seconds: float = 0.0  # this process's CPU time: the rate on a host shared with others
     refused: int = 0  # draws the model refused (no page behind the gpa yet): not in ``steps``
+    shrunk_steps: int | None = None  # the violation's steps after hypothesis's shrink
+    reproducer_steps: int | None = None  # ... and after step deletion (the reproducer's)
 
     @property
     def steps_per_s(self) -> float:
@@ -62,7 +65,8 @@ def explore_settings(steps: int, shrink: bool = True,
 def explore_seed(design: str, seed: int, steps: int, invariants: tuple[str, ...],
                  shrink: bool = True, deadline_ms: int | None = None) -> SeedResult:
     """Run about ``steps`` steps of ``design``'s state machine from ``seed``; shrink the first
-    violation and check that its reproducer replays it. ``deadline_ms`` bounds one example
+    violation (hypothesis, then :func:`minimise_steps`) and check that its reproducer
+    replays it. ``deadline_ms`` bounds one example
     (up to STEPS_PER_EXAMPLE steps); campaigns leave it off, tests set it."""
     cls = state_machine(design, invariants)
     cls.steps_run = 0
@@ -90,9 +94,17 @@ def explore_seed(design: str, seed: int, steps: int, invariants: tuple[str, ...]
         name = f"x-{design}-{found.invariant.lower()}-seed{seed}"
         res.violation = found.invariant
         res.found_after = cls.found_at
-        res.problems = found.problems
-        res.reproducer = reproducer_toml(design, name, found.problems, found.steps,
-                                         f"kvmpoison explore --design {design} --seed {seed}")
+        trace, res.problems = found.steps, found.problems
+        shrunk_by = "hypothesis"
+        if shrink:
+            minimal = minimise_steps(design, trace, found.invariant)
+            if minimal is not None:
+                trace, res.problems = minimal
+                shrunk_by = "hypothesis, then by step deletion"
+        res.shrunk_steps, res.reproducer_steps = len(found.steps), len(trace)
+        res.reproducer = reproducer_toml(design, name, res.problems, trace,
+                                         f"kvmpoison explore --design {design} --seed {seed}",
+                                         shrunk_by)
         try:
             got = replay(res.reproducer, design, name)
         except Exception as exc:  # a MODEL error replays as the same exception

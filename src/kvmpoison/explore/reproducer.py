@@ -25,13 +25,13 @@ def _value(v: Any) -> str:
 
 
 def reproducer_toml(design: str, name: str, problems: list[str], steps: list[Recorded],
-                    found_by: str) -> str:
+                    found_by: str, shrunk_by: str = "hypothesis") -> str:
     inv = problems[0].partition(":")[0]
     meaning = INVARIANTS[inv].meaning if inv in INVARIANTS else \
         "the model raised an exception (a bug of the model, not of the design)"
     checked = f"[\"{inv}\"]" if inv in INVARIANTS else "[]"
     lines = [f"# {inv}: {meaning}",
-             f"# Found by {found_by}; shrunk by hypothesis. The last step breaks it:"]
+             f"# Found by {found_by}; shrunk by {shrunk_by}. The last step breaks it:"]
     lines += [f"#   {p}" for p in problems]
     lines += ["# `kvmpoison run` replays it and fails naming the invariant.",
               "[scenario]", f"name = {json.dumps(name)}", f"designs = [\"{design}\"]",
