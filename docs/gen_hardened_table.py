@@ -40,11 +40,6 @@ NO_SCENARIO = {
             "drops the mmu_lock scan of shared ranges (one attribute lookup)"),
     "E41": ("open", "a race: needs the explorer's interleavings"),
     "E42": ("open", "a race: needs the explorer's interleavings"),
-    "E44": ("closed", "no GUP caller ever follows the design's marker, so nothing pins a "
-            "private page (RFC v1 only)"),
-    "E45": ("closed", "hardened_faultin_pfn answers KVM_PFN_ERR_HWPOISON before it takes a "
-            "reference, so a refused, retried fault leaks none (the explorer's reproducer "
-            "x-rfc-v2-i4-seed0 keeps I4 on hardened: tests/test_explore_holders.py)"),
 }
 
 # E-cases whose scenarios are named for their subject, not eNN-*.toml.

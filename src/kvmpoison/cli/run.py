@@ -73,7 +73,19 @@ def _monitor(sc: Scenario) -> InvariantMonitor | None:
 
 
 def _violations(run: ScenarioRun) -> list[str]:
+    """Violations no step expects (each fails the run)."""
     return [f"step {i}: {v}" for i, v in run.violations]
+
+
+def _expected(run: ScenarioRun) -> list[str]:
+    """Violations a step's ``expect_violation`` names."""
+    return [f"step {i}: {v}" for i, v in run.expected_violations]
+
+
+def _held(run: ScenarioRun) -> list[str]:
+    """Steps whose ``expect_violation`` did not happen (each fails the run)."""
+    return [f"step {r.step.index}: {r.step.expected_violation(run.design)} was expected to "
+            "break here, and it held" for r in run.results if r.violation_met is False]
 
 
 def _md_run(run: ScenarioRun) -> str:
@@ -165,13 +177,19 @@ def run(
 
     if fmt is Format.JSON:
         print(json.dumps([{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
-                           "violations": _violations(r), "steps": trace_records(r)}
+                           "violations": _violations(r),
+                           "expected_violations": _expected(r), "held": _held(r),
+                           "steps": trace_records(r)}
                           for r in runs], indent=2))
     elif fmt is Format.MD:
         for r in runs:
             print(_md_run(r))
             for line in _violations(r):
                 print(f"- invariant violated at {line}\n")
+            for line in _expected(r):
+                print(f"- invariant violated, as expected, at {line}\n")
+            for line in _held(r):
+                print(f"- {line}\n")
         cells = [x.outcome.cell for r in runs for x in r.results]
         failed = [f"{r.scenario.name}/{r.design}" for r in runs if not r.passed]
         print(f"{len(runs) - len(failed)}/{len(runs)} scenario runs met every expectation"
@@ -179,12 +197,18 @@ def run(
               + f".\n\nCells: {legend(cells)}.")
     else:
         from rich.console import Console
+        from rich.markup import escape
 
         console = Console()
         for r in runs:
             _print_run(console, r)
             for line in _violations(r):
                 console.print(f"[red]invariant violated at {line}[/]", highlight=False)
+            for line in _expected(r):
+                console.print(f"invariant violated, as expected, at {line}", highlight=False,
+                              markup=False)
+            for line in _held(r):
+                console.print(f"[red]{escape(line)}[/]", highlight=False)
         failed = [f"{r.scenario.name}/{r.design}" for r in runs if not r.passed]
         console.print(f"{len(runs) - len(failed)}/{len(runs)} scenario runs met every "
                       "expectation" + (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -71,6 +71,8 @@ class Step:
     expect_data: dict[str, str]
     save: str | None
     designs: tuple[str, ...] | None = None  # the designs this step runs on (None: all)
+    # design -> the invariant this step breaks there (one of [scenario] invariants)
+    expect_violation: dict[str, str] = field(default_factory=dict)
 
     def runs_on(self, design: str) -> bool:
         return self.designs is None or design in self.designs
@@ -80,6 +82,9 @@ class Step:
 
     def expected_data(self, design: str) -> str | None:
         return self.expect_data.get(design, self.expect_data.get("*"))
+
+    def expected_violation(self, design: str) -> str | None:
+        return self.expect_violation.get(design, self.expect_violation.get("*"))
 
 
 @dataclass(frozen=True)
@@ -211,7 +216,8 @@ def _vms(doc: dict[str, Any], source: str) -> tuple[VmDecl, ...]:
     return tuple(out)
 
 
-def _steps(doc: dict[str, Any], source: str, vms: tuple[VmDecl, ...]) -> tuple[Step, ...]:
+def _steps(doc: dict[str, Any], source: str, vms: tuple[VmDecl, ...],
+           invariants: tuple[str, ...] = ()) -> tuple[Step, ...]:
     raw = doc.get("step", [])
     if not isinstance(raw, list) or not raw:
         raise ScenarioError(source, "a scenario needs at least one [[step]]")
@@ -237,7 +243,8 @@ def _steps(doc: dict[str, Any], source: str, vms: tuple[VmDecl, ...]) -> tuple[S
             known = ", ".join(sorted(o for k, o in OPS if k == kind))
             raise ScenarioError(source, f"unknown operation {op!r} for {kind} (known: {known})", i)
         args = {k: v for k, v in s.items()
-                if k not in ("actor", "op", "expect", "expect_data", "save", "note", "designs")}
+                if k not in ("actor", "op", "expect", "expect_data", "expect_violation", "save",
+                             "note", "designs")}
         missing = [a for a in spec.required if a not in args]
         if missing:
             raise ScenarioError(source, f"{op} needs {', '.join(missing)}", i)
@@ -270,9 +277,15 @@ def _steps(doc: dict[str, Any], source: str, vms: tuple[VmDecl, ...]) -> tuple[S
             if op in SAVES_REF:
                 refs.add(save)
         only = _designs(s, source, f"step {i}'s designs") if "designs" in s else None
+        breaks = _per_design(s.get("expect_violation"), "expect_violation", source, i,
+                             cells=False)
+        for name in breaks.values():
+            if name not in invariants:
+                raise ScenarioError(source, f"expect_violation {name!r} is not one of [scenario] "
+                                    f"invariants ({', '.join(invariants) or 'none given'})", i)
         steps.append(Step(i, actor, op, args,
                           _per_design(s.get("expect"), "expect", source, i, cells=True),
-                          expect_data, save, only))
+                          expect_data, save, only, breaks))
     return tuple(steps)
 
 
@@ -314,7 +327,8 @@ def load_text(text: str, source: str) -> Scenario:
     comment = "\n".join(line[1:].strip() for line in text.splitlines() if line.startswith("#"))
     return Scenario(name=str(head.get("name", Path(source).stem)),
                     title=str(head.get("title", "")), source=source, designs=designs,
-                    machine=_machine(doc, source), vms=vms, steps=_steps(doc, source, vms),
+                    machine=_machine(doc, source), vms=vms,
+                    steps=_steps(doc, source, vms, tuple(invariants)),
                     comment=comment, invariants=tuple(invariants))
 
 

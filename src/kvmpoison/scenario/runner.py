@@ -36,10 +36,12 @@ class StepResult:
     met: bool | None  # None: no expectation for this design
     data_met: bool | None
     changed: dict[str, Any] = field(default_factory=dict)
+    violation_met: bool | None = None  # None: the step expects no violation on this design
 
     @property
     def ok(self) -> bool:
-        return self.met is not False and self.data_met is not False
+        return self.met is not False and self.data_met is not False \
+            and self.violation_met is not False
 
 
 class Monitor(Protocol):
@@ -57,6 +59,8 @@ class ScenarioRun:
     design: str
     results: list[StepResult]
     violations: list[tuple[int, str]] = field(default_factory=list)  # (step, "I1: ...")
+    # ... and those a step's ``expect_violation`` names (they do not fail the run)
+    expected_violations: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -184,7 +188,8 @@ def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = No
                  observe: Callable[[Machine], None] | None = None,
                  monitor: Monitor | None = None) -> ScenarioRun:
     """``observe`` sees the machine before the first step and after every step;
-    ``monitor`` checks invariants around every step (a violation fails the run)."""
+    ``monitor`` checks invariants around every step (a violation fails the run, unless
+    the step's ``expect_violation`` names it on this design)."""
     try:
         m = build_machine(sc, design, integrity)
     except (ValueError, RuntimeError, MemoryError) as exc:
@@ -194,6 +199,7 @@ def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = No
     ctx = RunCtx(m)
     results = []
     violations: list[tuple[int, str]] = []
+    expected_violations: list[tuple[int, str]] = []
     # A step's page state after it is the next step's before it, when both address the
     # same page and nothing runs in between (no observer or monitor, which may fault).
     reuse = observe is None and monitor is None
@@ -215,9 +221,17 @@ def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = No
         except MemoryError as exc:  # the modelled host has no frame left for a page table
             raise ScenarioError(sc.source, f"the modelled machine ran out of memory ({exc}); "
                                 "give [machine] more memory", step.index) from None
+        breaks = step.expected_violation(design)
+        violation_met = None
         if monitor is not None:
-            violations += [(step.index, v) for v in monitor.after(ctx, step.actor, step.op,
-                                                                   step.args, out)]
+            for v in monitor.after(ctx, step.actor, step.op, step.args, out):
+                if breaks is not None and v.startswith(breaks + ":"):
+                    expected_violations.append((step.index, v))
+                    violation_met = True
+                else:
+                    violations.append((step.index, v))
+            if breaks is not None and violation_met is None:
+                violation_met = False  # the invariant held where the step says it breaks
         if step.save and step.op in SAVES_REF:  # an fd or an address, for "$name" later
             if out.kind is Kind.OK and out.value is not None:
                 ctx.refs[step.save] = out.value
@@ -232,10 +246,10 @@ def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = No
         after = _page_state(ctx, _page_of(ctx, step))
         last = (page, after)
         results.append(StepResult(step, out, expected, met, _check_data(ctx, step, design, out),
-                                  _diff(before, after)))
+                                  _diff(before, after), violation_met))
         if observe is not None:
             observe(m)
-    return ScenarioRun(sc, design, results, violations)
+    return ScenarioRun(sc, design, results, violations, expected_violations)
 
 
 def trace_records(run: ScenarioRun) -> list[dict[str, Any]]:

@@ -1,0 +1,95 @@
+"""``expect_violation``: a scenario step that breaks a named invariant on a design."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmpoison.explore import InvariantMonitor
+from kvmpoison.scenario.library import shipped
+from kvmpoison.scenario.loader import Scenario, ScenarioError, load, load_text
+from kvmpoison.scenario.runner import ScenarioRun, run_scenario
+
+HEAD = """
+[scenario]
+name = "t"
+invariants = ["I4"]
+
+[machine]
+memory = 16777216
+
+[[vm]]
+name = "vm0"
+memory = 1048576
+"""
+STORE = """
+[[step]]
+actor = "guest:vm0"
+op = "store"
+gpa = 0x30000
+data = "private"
+"""
+READV = """
+[[step]]
+actor = "host"
+op = "process_vm_readv"
+target = "vm0"
+gpa = 0x30000
+"""
+
+
+def run(sc: Scenario, design: str) -> ScenarioRun:
+    return run_scenario(sc, design, monitor=InvariantMonitor(sc.invariants))
+
+
+def test_an_expected_violation_passes_and_is_reported_apart() -> None:
+    sc = load_text(HEAD + STORE + READV + 'expect_violation = { rfc-v1 = "I4" }\n', "t.toml")
+    r = run(sc, "rfc-v1")  # E44: v1's read unpins 1024 from a bare get_page
+    assert r.passed and not r.violations
+    assert [i for i, _ in r.expected_violations] == [2]
+    assert r.expected_violations[0][1].startswith("I4: pfn")
+    assert r.results[1].violation_met is True
+
+
+def test_without_the_expectation_the_same_violation_fails_the_run() -> None:
+    r = run(load_text(HEAD + STORE + READV, "t.toml"), "rfc-v1")
+    assert not r.passed and [i for i, _ in r.violations] == [2]
+
+
+def test_an_expected_violation_that_does_not_happen_fails_the_run() -> None:
+    sc = load_text(HEAD + STORE + READV + 'expect_violation = "I4"\n', "t.toml")
+    r = run(sc, "rfc-v2")  # v2 refuses the read: the counts hold
+    assert not r.passed and r.results[1].violation_met is False
+    assert not r.violations and not r.expected_violations
+
+
+def test_another_invariant_than_the_expected_one_still_fails() -> None:
+    head = HEAD.replace('["I4"]', '["I4", "I7"]')
+    sc = load_text(head + STORE + READV + 'expect_violation = { rfc-v1 = "I4" }\n', "t.toml")
+    r = run(sc, "rfc-v1")  # E1 too: the read reaches the private page (I7)
+    assert not r.passed
+    assert [v.partition(":")[0] for _, v in r.violations] == ["I7"]
+    assert [v.partition(":")[0] for _, v in r.expected_violations] == ["I4"]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ('expect_violation = { rfc-v1 = "I7" }\n', "is not one of [scenario] invariants (I4)"),
+    ('expect_violation = { nodesign = "I4" }\n', "names unknown design"),
+    ("expect_violation = 4\n", "must be a string or a table of designs"),
+])
+def test_a_bad_expect_violation_is_a_clear_error(body: str, message: str) -> None:
+    with pytest.raises(ScenarioError, match=message.replace("[", r"\[").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        load_text(HEAD + STORE + READV + body, "t.toml")
+
+
+@pytest.mark.parametrize(("name", "design", "breaks"), [
+    ("e44-v1-pins-protected-page", "rfc-v1", [2, 3, 4]),
+    ("e44-v1-pins-protected-page", "rfc-v2", []),
+    ("e45-kvm-gup-leaks-poisoned-page", "rfc-v2", [3, 4, 5, 6, 7]),
+    ("e45-kvm-gup-leaks-poisoned-page", "gmem", []),
+])
+def test_the_library_shows_e44_and_e45_where_they_happen(name: str, design: str,
+                                                         breaks: list[int]) -> None:
+    r = run(load(shipped()[name]), design)
+    assert r.passed, (r.violations, [x.violation_met for x in r.results])
+    assert [i for i, _ in r.expected_violations] == breaks
