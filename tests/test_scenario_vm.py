@@ -198,3 +198,23 @@ def test_oracle_points_vm_scenarios_to_run(capsys: pytest.CaptureFixture[str]) -
     rc = main(["oracle", "--kernel", "debian-6.1", "--scenarios"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "run --all --live --kernel debian-6.1" in err[0]
+
+
+def test_a_read_that_faults_a_page_in_ends_the_refereeing_after_it() -> None:
+    """KVM's own read faults the VMM's page in on the model; the VM guest cannot do it (no
+    /dev/kvm), so a memory_failure of that page after it has no page behind it live."""
+    sc = load_text(HEAD + step("host", "kvm_read", vm="vm0", gpa=0x30000)
+                   + step("host", "memory_failure", vm="vm0", gpa=0x30000), "t.toml")
+    p = plan(sc, V61, swap=False, in_vm=True)
+    run = judge(p, {2: {"error": "ValueError: no frame backs the address"}})
+    assert [s.verdict for s in run.steps] == ["not refereed", "not refereed"]
+    assert "changed state the live kernel did not see" in run.steps[1].reason
+
+
+def test_a_read_that_changes_nothing_keeps_the_refereeing() -> None:
+    sc = load_text(HEAD + step("vmm:vm0", "store", gpa=0x30000, data="x")
+                   + step("host", "kvm_read", vm="vm0", gpa=0x30000)
+                   + step("vmm:vm0", "load", gpa=0x30000, size=1), "t.toml")
+    p = plan(sc, V61, swap=False, in_vm=True)
+    run = judge(p, {1: {"cell": "ok"}, 3: {"cell": "ok", "data": b"x".hex()}})
+    assert [s.verdict for s in run.steps] == ["agree", "not refereed", "agree"]

@@ -43,7 +43,7 @@ from kvmpoison.scenario.ops import (
     parse_ref,
     uffd_call_args,
 )
-from kvmpoison.scenario.runner import ScenarioRun, run_scenario
+from kvmpoison.scenario.runner import ScenarioRun, StepResult, run_scenario
 from kvmpoison.scenario.units import VM_MEMORY_MAX, parse_size
 
 REFEREE_DESIGN = "baseline"  # the unmodified upstream kernel: what /dev/kvm runs
@@ -362,6 +362,12 @@ def referee(sc: Scenario, kcfg: KernelConfig | None = None) -> LiveRun:
     return judge(p, live)
 
 
+def _faulted_in(res: StepResult) -> bool:
+    """Whether a read changed its page on the model (KVM's read or a guest load faulting
+    the VMM's page in): the page state the runner records changed."""
+    return any(k != "page" for k in res.changed)
+
+
 def judge(p: RefereePlan, live: dict[int, dict[str, Any]]) -> LiveRun:
     """Compare the model's cells with the live side's, step by step."""
     run, model, plans = p.run, p.model, p.plans
@@ -386,7 +392,7 @@ def judge(p: RefereePlan, live: dict[int, dict[str, Any]]) -> LiveRun:
         if plan_ is None or got is None or "skip" in got:
             reason = why if plan_ is None else (got or {}).get("skip", "the live run ended early")
             run.steps.append(RefereedStep(step, cell, None, "not refereed", reason))
-            if key not in READS_ONLY:
+            if key not in READS_ONLY or _faulted_in(res):
                 tainted = (f"follows step {step.index}, which changed state the live kernel "
                            "did not see")
             continue
