@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmpoison.explore import scenario_monitor
 from kvmpoison.outcome import Kind, McKind
 from kvmpoison.scenario.loader import load_text
 from kvmpoison.scenario.ops import OPS
@@ -29,9 +30,10 @@ def test_every_scenario_example_runs_and_meets_its_expectations(index: int) -> N
     text = toml_blocks(SCENARIOS_MD)[index]
     sc = load_text(text, f"docs/scenarios.md example {index + 1}")
     for design in sc.designs:
-        run = run_scenario(sc, design)
+        run = run_scenario(sc, design, monitor=scenario_monitor(sc))
         failed = [(r.step.index, r.outcome.cell, r.expected) for r in run.results if not r.ok]
         assert not failed, (design, failed)
+        assert not run.violations, (design, run.violations)
 
 
 def test_every_op_is_documented() -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from kvmpoison.explore import InvariantMonitor
+from kvmpoison.cli.main import main
+from kvmpoison.explore import InvariantMonitor, scenario_monitor
 from kvmpoison.scenario.library import shipped
 from kvmpoison.scenario.loader import Scenario, ScenarioError, load, load_text
-from kvmpoison.scenario.runner import ScenarioRun, run_scenario
+from kvmpoison.scenario.runner import ScenarioRun, run_scenario, trace_records
 
 HEAD = """
 [scenario]
@@ -72,14 +76,61 @@ def test_another_invariant_than_the_expected_one_still_fails() -> None:
 
 
 @pytest.mark.parametrize(("body", "message"), [
-    ('expect_violation = { rfc-v1 = "I7" }\n', "is not one of [scenario] invariants (I4)"),
+    ('expect_violation = { rfc-v1 = "I7" }\n', "names no invariant of [scenario] invariants (I4)"),
+    ('expect_violation = { rfc-v1 = "I7: pfn" }\n', "names no invariant of [scenario] invariants"),
     ('expect_violation = { nodesign = "I4" }\n', "names unknown design"),
     ("expect_violation = 4\n", "must be a string or a table of designs"),
 ])
 def test_a_bad_expect_violation_is_a_clear_error(body: str, message: str) -> None:
-    with pytest.raises(ScenarioError, match=message.replace("[", r"\[").replace("(", r"\(")
-                       .replace(")", r"\)")):
+    with pytest.raises(ScenarioError, match=re.escape(message)):
         load_text(HEAD + STORE + READV + body, "t.toml")
+
+
+def test_a_problem_prefix_must_match_the_problem_the_step_reports() -> None:
+    right = 'expect_violation = { rfc-v1 = "I4: pfn 0x17: refcount -1021" }\n'
+    assert run(load_text(HEAD + STORE + READV + right, "t.toml"), "rfc-v1").passed
+    wrong = 'expect_violation = { rfc-v1 = "I4: pfn 0x17: refcount -1020" }\n'
+    r = run(load_text(HEAD + STORE + READV + wrong, "t.toml"), "rfc-v1")
+    assert not r.passed and r.results[1].violation_met is False
+    assert [i for i, _ in r.violations] == [2]  # reported, as no expectation names it
+
+
+def test_e45s_reboot_is_checked_for_the_frame_it_adds_to_the_leak() -> None:
+    """The I4 problem once the reboot leaks the swiotlb frame names both pfns; a step that
+    leaks nothing more (ksmd in its place) does not meet the reboot's expectation."""
+    text = shipped()["e45-kvm-gup-leaks-poisoned-page"].read_text()
+    assert run(load_text(text, "e45.toml"), "rfc-v2").passed
+    swapped = text.replace('actor = "guest:vm0"\nop = "reboot"', 'actor = "host"\nop = "ksmd"')
+    assert swapped != text
+    r = run(load_text(swapped, "e45.toml"), "rfc-v2")
+    assert not r.passed and r.results[-1].violation_met is False
+
+
+def test_the_cli_marks_a_step_whose_only_expectation_held(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text(HEAD + STORE + READV + 'expect_violation = "I4"\n')
+    assert main(["run", str(path), "--design", "rfc-v2", "--format", "md"]) == 1
+    out = capsys.readouterr().out
+    assert "| 2 | host | process_vm_readv | `err:EFAULT` |  | FAIL |" in out
+    assert "- step 2: I4 was expected to break here, and it held" in out
+
+
+def test_the_trace_records_the_expected_violation() -> None:
+    sc = load_text(HEAD + STORE + READV + 'expect_violation = "I4"\n', "t.toml")
+    rec = trace_records(run(sc, "rfc-v1"))[1]
+    assert (rec["expect_violation"], rec["violation_met"]) == ("I4", True)
+    assert "violation_met" not in trace_records(run(sc, "rfc-v1"))[0]
+
+
+def test_the_scenario_monitor_checks_what_the_scenario_names() -> None:
+    sc = load_text(HEAD + STORE + READV, "t.toml")
+    mon = scenario_monitor(sc)
+    assert mon is not None and mon.names == ("I4",)
+    assert scenario_monitor(load_text(HEAD.replace('invariants = ["I4"]\n', "") + STORE,
+                                      "t.toml")) is None
+    with pytest.raises(ScenarioError, match="unknown invariant I9"):
+        scenario_monitor(load_text(HEAD.replace('["I4"]', '["I9"]') + STORE, "t.toml"))
 
 
 @pytest.mark.parametrize(("name", "design", "breaks"), [

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmpoison.explore import campaign
 from kvmpoison.explore.campaign import explore_seed
 from kvmpoison.explore.minimise import Step, first_violation, minimise_steps
 from kvmpoison.explore.statemachine import Recorded
@@ -68,14 +69,24 @@ def test_a_step_the_model_refuses_is_no_replay() -> None:
     assert first_violation("rfc-v1", [LOAD, dma, WRITEV], "I2") is None
 
 
-def test_the_explorer_ships_a_one_minimal_reproducer() -> None:
+def test_the_explorer_writes_the_minimised_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """explore_seed hands hypothesis's steps to minimise_steps and writes what it returns.
+    The spy pads them with a load the violation does not need, which deletion must drop."""
+    seen: list[list[Recorded]] = []
+
+    def padded(design: str, steps: list[Recorded], invariant: str
+               ) -> tuple[list[Recorded], list[str]] | None:
+        seen.append(steps)
+        return minimise_steps(design, [(*LOAD, ""), *steps], invariant)
+
+    monkeypatch.setattr(campaign, "minimise_steps", padded)
     res = explore_seed("rfc-v1", 2, 400, ("I4",), deadline_ms=60_000)
     assert res.violation == "I4" and res.replays and res.reproducer is not None
-    assert res.shrunk_steps is not None and res.reproducer_steps is not None
-    assert res.reproducer_steps <= res.shrunk_steps
+    assert len(seen) == 1 and len(seen[0]) == res.shrunk_steps
     assert "then by step deletion" in res.reproducer
     sc = load_text(res.reproducer, "<reproducer>")
     steps: list[Step] = [(s.actor, s.op, dict(s.args)) for s in sc.steps]
+    assert steps == [s[:3] for s in seen[0]]  # the padding went, nothing else did
     assert len(steps) == res.reproducer_steps
     for i in range(len(steps)):
         assert first_violation("rfc-v1", steps[:i] + steps[i + 1:], "I4") is None

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmpoison.cli.main import main
-from kvmpoison.explore import InvariantMonitor
+from kvmpoison.explore import scenario_monitor
 from kvmpoison.scenario.library import shipped
 from kvmpoison.scenario.loader import ScenarioError, load, load_text
 from kvmpoison.scenario.ops import OPS
@@ -45,8 +45,7 @@ def write(tmp_path: Path, name: str, body: str) -> Path:
 def test_shipped_scenario_meets_its_expectations(name: str, design: str) -> None:
     sc = load(LIBRARY[name])
     # The invariants it names are checked as `kvmpoison run` checks them.
-    run = run_scenario(sc, design, monitor=InvariantMonitor(sc.invariants) if sc.invariants
-                       else None)
+    run = run_scenario(sc, design, monitor=scenario_monitor(sc))
     failed = [(r.step.index, r.outcome.cell, r.expected, r.data_met, r.violation_met)
               for r in run.results if not r.ok]
     assert not failed, failed

@@ -53,7 +53,8 @@ def _print_run(console: Console, run: ScenarioRun) -> None:
         shown = styled(break_at(cell, 13), cell)  # cells break after a ':', never cut
         if r.outcome.data:
             shown += f" {r.outcome.data[:24]!r}"
-        mark = "" if r.met is None and r.data_met is None else ("ok" if r.ok else "FAIL")
+        mark = "" if r.met is None and r.data_met is None and r.violation_met is None \
+            else ("ok" if r.ok else "FAIL")
         table.add_row(str(r.step.index), r.step.actor, r.step.op, shown,
                       break_at(r.expected or "", 13),
                       f"[green]{mark}[/]" if mark == "ok" else f"[red]{mark}[/]")
@@ -62,14 +63,9 @@ def _print_run(console: Console, run: ScenarioRun) -> None:
 
 def _monitor(sc: Scenario) -> InvariantMonitor | None:
     """``[scenario] invariants``: checked after every step; a violation fails the run."""
-    if not sc.invariants:
-        return None
-    from kvmpoison.explore import InvariantMonitor
+    from kvmpoison.explore import scenario_monitor  # only a scenario naming invariants needs it
 
-    try:
-        return InvariantMonitor(sc.invariants)
-    except ValueError as exc:
-        raise ScenarioError(sc.source, f"[scenario] invariants: {exc}") from None
+    return scenario_monitor(sc) if sc.invariants else None
 
 
 def _violations(run: ScenarioRun) -> list[str]:
@@ -91,7 +87,8 @@ def _held(run: ScenarioRun) -> list[str]:
 def _md_run(run: ScenarioRun) -> str:
     rows = []
     for r in run.results:
-        mark = "" if r.met is None and r.data_met is None else ("ok" if r.ok else "FAIL")
+        mark = "" if r.met is None and r.data_met is None and r.violation_met is None \
+            else ("ok" if r.ok else "FAIL")
         data = f" `{r.outcome.data[:24]!r}`" if r.outcome.data else ""
         rows.append([str(r.step.index), r.step.actor, r.step.op,
                      md_cell(r.outcome.cell) + data, md_cell(r.expected or ""), mark])

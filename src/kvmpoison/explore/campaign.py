@@ -35,7 +35,7 @@ class SeedResult:
     found_after: int | None = None  # steps run when the violation was first seen (no shrinking)
     cpu_seconds: float = 0.0  # this process's CPU time: the rate on a host shared with others
     refused: int = 0  # draws the model refused (no page behind the gpa yet): not in ``steps``
-    shrunk_steps: int | None = None  # the violation's steps after hypothesis's shrink
+    shrunk_steps: int | None = None  # the violation's steps after hypothesis's shrink (if on)
     reproducer_steps: int | None = None  # ... and after step deletion (the reproducer's)
 
     @property
@@ -101,7 +101,8 @@ def explore_seed(design: str, seed: int, steps: int, invariants: tuple[str, ...]
             if minimal is not None:
                 trace, res.problems = minimal
                 shrunk_by = "hypothesis, then by step deletion"
-        res.shrunk_steps, res.reproducer_steps = len(found.steps), len(trace)
+        res.shrunk_steps = len(found.steps) if shrink else None
+        res.reproducer_steps = len(trace)
         res.reproducer = reproducer_toml(design, name, res.problems, trace,
                                          f"kvmpoison explore --design {design} --seed {seed}",
                                          shrunk_by)

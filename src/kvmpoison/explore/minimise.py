@@ -51,6 +51,8 @@ def first_violation(design: str, steps: list[Step], invariant: str) -> \
             out = perform(ctx, actor, op, args)
         except (OpError, ValueError, MemoryError):
             return None
+        except Exception:  # a model bug on a candidate: not this violation (the find stands)
+            return None
         done.append((actor, op, args, out.cell))
         problems = [p for p in monitor.after(ctx, actor, op, args, out)
                     if p.startswith(invariant + ":")]
@@ -81,7 +83,8 @@ def minimise_steps(design: str, steps: list[Recorded], invariant: str) -> \
             replays += 1
             shorter = first_violation(design, candidate, invariant) if candidate else None
             if shorter is not None:
+                # The steps before i are kept and broke nothing, so the new first violation
+                # is at i or later: the indices still to try are the same steps.
                 found, shrunk = shorter, True
-                i = min(i, len(found[0]))
             i -= 1
     return found

@@ -31,6 +31,7 @@ from kvmpoison.explore.invariants import (
 from kvmpoison.machine import Instance
 from kvmpoison.matrix import protocol as proto
 from kvmpoison.outcome import Outcome
+from kvmpoison.scenario.loader import Scenario, ScenarioError
 from kvmpoison.scenario.ops import RunCtx, data_arg
 from kvmpoison.virt.kvm.kvm_main import Protection
 
@@ -202,6 +203,17 @@ class InvariantMonitor:
             return [f"I7: {op} by the host at private gfn {gfn:#x} of {name} succeeded "
                     f"({out.cell}) on the guest's private page pfn {pfn:#x}"]
         return []
+
+
+def scenario_monitor(sc: Scenario) -> InvariantMonitor | None:
+    """The monitor of a scenario's ``[scenario] invariants`` (None if it names none), as
+    ``kvmpoison run`` checks them. ScenarioError if it names an unknown invariant."""
+    if not sc.invariants:
+        return None
+    try:
+        return InvariantMonitor(sc.invariants)
+    except ValueError as exc:
+        raise ScenarioError(sc.source, f"[scenario] invariants: {exc}") from None
 
 
 def guest_private_one(inst: Instance, gfn: int) -> bool:

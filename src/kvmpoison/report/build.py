@@ -14,6 +14,7 @@ from pathlib import Path
 from kvmpoison.arch.x86.integrity import IntegrityMode
 from kvmpoison.config import DEFAULT_INTEGRITY
 from kvmpoison.designs import DESIGNS
+from kvmpoison.explore import scenario_monitor
 from kvmpoison.matrix.designs import PAGE_STATES, PATHS, run_design_matrix
 from kvmpoison.matrix.protocol import BACKINGS, THP_BACKINGS, THP_PATHS
 from kvmpoison.matrix.protocol import PATHS as ORACLE_PATHS
@@ -83,7 +84,7 @@ def _cases_section(opts: ReportOptions, tick: Tick) -> tuple[str, int, int]:
         sc = load(path)
         row = html.CaseRow(name, title_of(path))
         for d in opts.designs:
-            run = run_scenario(sc, d)
+            run = run_scenario(sc, d, monitor=scenario_monitor(sc))
             row.results[d] = _headline(run)
             runs, passed = runs + 1, passed + run.passed
             tick()

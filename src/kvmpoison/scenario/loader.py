@@ -71,7 +71,8 @@ class Step:
     expect_data: dict[str, str]
     save: str | None
     designs: tuple[str, ...] | None = None  # the designs this step runs on (None: all)
-    # design -> the invariant this step breaks there (one of [scenario] invariants)
+    # design -> the violation this step reports there: an invariant of [scenario] invariants
+    # ("I4"), or the start of its problem ("I4: pfn 0x17: refcount -1021")
     expect_violation: dict[str, str] = field(default_factory=dict)
 
     def runs_on(self, design: str) -> bool:
@@ -279,10 +280,11 @@ def _steps(doc: dict[str, Any], source: str, vms: tuple[VmDecl, ...],
         only = _designs(s, source, f"step {i}'s designs") if "designs" in s else None
         breaks = _per_design(s.get("expect_violation"), "expect_violation", source, i,
                              cells=False)
-        for name in breaks.values():
-            if name not in invariants:
-                raise ScenarioError(source, f"expect_violation {name!r} is not one of [scenario] "
-                                    f"invariants ({', '.join(invariants) or 'none given'})", i)
+        for text in breaks.values():
+            if text.partition(":")[0] not in invariants:
+                raise ScenarioError(source, f"expect_violation {text!r} names no invariant of "
+                                    f"[scenario] invariants ({', '.join(invariants) or 'none'})",
+                                    i)
         steps.append(Step(i, actor, op, args,
                           _per_design(s.get("expect"), "expect", source, i, cells=True),
                           expect_data, save, only, breaks))

@@ -189,7 +189,9 @@ def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = No
                  monitor: Monitor | None = None) -> ScenarioRun:
     """``observe`` sees the machine before the first step and after every step;
     ``monitor`` checks invariants around every step (a violation fails the run, unless
-    the step's ``expect_violation`` names it on this design)."""
+    the step's ``expect_violation`` names it on this design); without one, no invariant
+    and no ``expect_violation`` is checked (``explore.monitor.scenario_monitor`` makes the
+    monitor of a scenario's ``[scenario] invariants``)."""
     try:
         m = build_machine(sc, design, integrity)
     except (ValueError, RuntimeError, MemoryError) as exc:
@@ -222,10 +224,12 @@ def run_scenario(sc: Scenario, design: str, integrity: IntegrityMode | None = No
             raise ScenarioError(sc.source, f"the modelled machine ran out of memory ({exc}); "
                                 "give [machine] more memory", step.index) from None
         breaks = step.expected_violation(design)
+        if breaks is not None and ":" not in breaks:
+            breaks += ":"  # any violation of the invariant
         violation_met = None
         if monitor is not None:
             for v in monitor.after(ctx, step.actor, step.op, step.args, out):
-                if breaks is not None and v.startswith(breaks + ":"):
+                if breaks is not None and v.startswith(breaks):
                     expected_violations.append((step.index, v))
                     violation_met = True
                 else:
@@ -261,6 +265,9 @@ def trace_records(run: ScenarioRun) -> list[dict[str, Any]]:
             "expected": r.expected, "met": r.met, "data_met": r.data_met,
             "changed": r.changed,
         }
+        if r.violation_met is not None:
+            rec["expect_violation"] = r.step.expected_violation(run.design)
+            rec["violation_met"] = r.violation_met
         if r.outcome.detail:
             rec["detail"] = r.outcome.detail
         if r.outcome.data is not None:
