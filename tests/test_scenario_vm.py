@@ -20,6 +20,7 @@ from kvmpoison.kconfig import KernelConfig, KernelVersion
 from kvmpoison.report import scenario_vm
 from kvmpoison.report.scenario_live import (
     DRAM_STAND_IN,
+    LOAD_STAND_IN,
     NO_KVM,
     SIMULATED,
     STAND_IN,
@@ -201,12 +202,13 @@ def test_oracle_points_vm_scenarios_to_run(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_a_read_that_faults_a_page_in_ends_the_refereeing_after_it() -> None:
-    """KVM's own read faults the VMM's page in on the model; the VM guest cannot do it (no
-    /dev/kvm), so a memory_failure of that page after it has no page behind it live."""
+    """On this host KVM's own read has no live counterpart, and on the model it faults the
+    VMM's page in: the steps after it start from memory the live kernel does not have."""
     sc = load_text(HEAD + step("host", "kvm_read", vm="vm0", gpa=0x30000)
-                   + step("host", "memory_failure", vm="vm0", gpa=0x30000), "t.toml")
-    p = plan(sc, V61, swap=False, in_vm=True)
-    run = judge(p, {2: {"error": "ValueError: no frame backs the address"}})
+                   + step("vmm:vm0", "load", gpa=0x30000, size=1), "t.toml")
+    p = plan(sc, V61, swap=False)
+    assert p.plans[1][0] is None
+    run = judge(p, {2: {"cell": "ok", "data": "00"}})
     assert [s.verdict for s in run.steps] == ["not refereed", "not refereed"]
     assert "changed state the live kernel did not see" in run.steps[1].reason
 
@@ -215,6 +217,27 @@ def test_a_read_that_changes_nothing_keeps_the_refereeing() -> None:
     sc = load_text(HEAD + step("vmm:vm0", "store", gpa=0x30000, data="x")
                    + step("host", "kvm_read", vm="vm0", gpa=0x30000)
                    + step("vmm:vm0", "load", gpa=0x30000, size=1), "t.toml")
-    p = plan(sc, V61, swap=False, in_vm=True)
+    p = plan(sc, V61, swap=False)
     run = judge(p, {1: {"cell": "ok"}, 3: {"cell": "ok", "data": b"x".hex()}})
     assert [s.verdict for s in run.steps] == ["agree", "not refereed", "agree"]
+
+
+@pytest.mark.parametrize("first", [step("host", "kvm_read", vm="vm0", gpa=0x30000),
+                                   step("guest:vm0", "load", gpa=0x30000, size=8)])
+def test_in_the_vm_a_faulting_read_is_replayed_as_the_vmms_load(first: str) -> None:
+    """The 6.1 guest has no /dev/kvm: KVM's read and a guest load are replayed as the VMM's
+    load of the address, so a memory_failure of that page after them stays refereed (it had
+    no page behind it live, a false DISAGREE)."""
+    sc = load_text(HEAD + first + step("host", "memory_failure", vm="vm0", gpa=0x30000),
+                   "t.toml")
+    p = plan(sc, V61, swap=False, in_vm=True)
+    sent, why = p.plans[1]
+    assert sent is not None and sent["stand_in"] and why == LOAD_STAND_IN
+    assert (sent["kind"], sent["who"], sent["op"], sent["args"]) == \
+        ("vmm", "vm0", "load", {"gpa": 0x30000, "size": 8})
+    run = judge(p, {1: {"cell": "ok", "data": "00" * 8}, 2: {"cell": "ret:0"}})
+    assert [s.verdict for s in run.steps] == ["not refereed", "agree"]
+    p = plan(sc, V61, swap=False, in_vm=True)  # judge fills the plan's run
+    run = judge(p, {1: {"cell": "sig:SIGBUS:BUS_ADRERR"}, 2: {"cell": "ret:0"}})
+    assert [s.verdict for s in run.steps] == ["not refereed", "not refereed"]
+    assert "could only replay" in run.steps[1].reason

@@ -181,6 +181,11 @@ NEEDS_KVM = {("host", "set_memory_region"), ("vmm", "guest_memfd_create"),
 # from the same memory instead of being lost.
 STAND_IN = ("no /dev/kvm in the VM guest; replayed as the VMM's store at the same address, "
             "so the later steps stay refereed")
+# Likewise a guest load, and KVM's own read of guest memory (kvm_read_guest: copy_from_user
+# through the VMM's mapping, or GUP): each faults the page in as the VMM's load of the same
+# address does, and the later steps start from the same memory.
+LOAD_STAND_IN = ("no /dev/kvm in the VM guest; replayed as the VMM's load at the same "
+                 "address, so the later steps stay refereed")
 
 
 def live_step(step: Step, swap: bool = True, in_vm: bool = False
@@ -197,6 +202,11 @@ def live_step(step: Step, swap: bool = True, in_vm: bool = False
         return {"index": step.index, "kind": "vmm", "who": who, "op": "store",
                 "args": {"gpa": _int(a, "gpa"), "data": data_arg(a).hex()},
                 "save": step.save, "stand_in": True}, STAND_IN
+    if in_vm and (kind, op) in (("guest", "load"), ("host", "kvm_read")):
+        vm = who if kind == "guest" else str(a["vm"]).removeprefix("vmm:")
+        return {"index": step.index, "kind": "vmm", "who": vm, "op": "load",
+                "args": {"gpa": _int(a, "gpa"), "size": _access_size(a)},
+                "save": step.save, "stand_in": True}, LOAD_STAND_IN
     if in_vm and (kind == "guest" or (kind, op) in NEEDS_KVM):
         return None, NO_KVM
     if in_vm and (kind, op) in (("host", "memory_failure"), ("host", "unpoison")):
@@ -399,7 +409,7 @@ def judge(p: RefereePlan, live: dict[int, dict[str, Any]]) -> LiveRun:
         if plan_.get("stand_in"):
             run.steps.append(RefereedStep(step, cell, None, "not refereed", why))
             if cell != "ok" or got.get("cell") != "ok":  # the two memories may differ now
-                tainted = (f"follows step {step.index}, a guest store the live side could "
+                tainted = (f"follows step {step.index}, a {step.op} the live side could "
                            f"only replay (model {cell}, replay {got.get('cell', 'error')})")
             continue
         if "error" in got:
