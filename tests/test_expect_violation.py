@@ -80,6 +80,9 @@ def test_another_invariant_than_the_expected_one_still_fails() -> None:
     ('expect_violation = { rfc-v1 = "I7: pfn" }\n', "names no invariant of [scenario] invariants"),
     ('expect_violation = { nodesign = "I4" }\n', "names unknown design"),
     ("expect_violation = 4\n", "must be a string or a table of designs"),
+    ("expect_violation = {}\n", "expect_violation names no design"),
+    ('designs = "rfc-v2"\nexpect_violation = { rfc-v1 = "I4" }\n',
+     "names rfc-v1, which the step does not run on (rfc-v2)"),
 ])
 def test_a_bad_expect_violation_is_a_clear_error(body: str, message: str) -> None:
     with pytest.raises(ScenarioError, match=re.escape(message)):

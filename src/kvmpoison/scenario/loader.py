@@ -280,11 +280,16 @@ def _steps(doc: dict[str, Any], source: str, vms: tuple[VmDecl, ...],
         only = _designs(s, source, f"step {i}'s designs") if "designs" in s else None
         breaks = _per_design(s.get("expect_violation"), "expect_violation", source, i,
                              cells=False)
-        for text in breaks.values():
+        if "expect_violation" in s and not breaks:
+            raise ScenarioError(source, "expect_violation names no design", i)
+        for design_name, text in breaks.items():
             if text.partition(":")[0] not in invariants:
                 raise ScenarioError(source, f"expect_violation {text!r} names no invariant of "
                                     f"[scenario] invariants ({', '.join(invariants) or 'none'})",
                                     i)
+            if only is not None and design_name != "*" and design_name not in only:
+                raise ScenarioError(source, f"expect_violation names {design_name}, which the "
+                                    f"step does not run on ({', '.join(only)})", i)
         steps.append(Step(i, actor, op, args,
                           _per_design(s.get("expect"), "expect", source, i, cells=True),
                           expect_data, save, only, breaks))
