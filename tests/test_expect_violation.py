@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -147,3 +148,15 @@ def test_the_library_shows_e44_and_e45_where_they_happen(name: str, design: str,
     r = run(load(shipped()[name]), design)
     assert r.passed, (r.violations, [x.violation_met for x in r.results])
     assert [i for i, _ in r.expected_violations] == breaks
+
+
+@pytest.mark.kvm
+def test_the_live_run_reports_the_model_runs_checks(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "e44-v1-pins-protected-page", "--design", "rfc-v1", "--live",
+                 "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    run_ = doc["runs"][0]
+    assert [v.split(":")[0] for v in run_["expected_violations"]] == ["step 2", "step 3",
+                                                                       "step 4"]
+    assert run_["violations"] == [] and run_["held"] == []

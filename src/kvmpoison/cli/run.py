@@ -174,9 +174,7 @@ def run(
 
     if fmt is Format.JSON:
         print(json.dumps([{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
-                           "violations": _violations(r),
-                           "expected_violations": _expected(r), "held": _held(r),
-                           "steps": trace_records(r)}
+                           **_checks_json(r), "steps": trace_records(r)}
                           for r in runs], indent=2))
     elif fmt is Format.MD:
         for r in runs:
@@ -194,18 +192,11 @@ def run(
               + f".\n\nCells: {legend(cells)}.")
     else:
         from rich.console import Console
-        from rich.markup import escape
 
         console = Console()
         for r in runs:
             _print_run(console, r)
-            for line in _violations(r):
-                console.print(f"[red]invariant violated at {line}[/]", highlight=False)
-            for line in _expected(r):
-                console.print(f"invariant violated, as expected, at {line}", highlight=False,
-                              markup=False)
-            for line in _held(r):
-                console.print(f"[red]{escape(line)}[/]", highlight=False)
+            _print_checks(console, r)
         failed = [f"{r.scenario.name}/{r.design}" for r in runs if not r.passed]
         console.print(f"{len(runs) - len(failed)}/{len(runs)} scenario runs met every "
                       "expectation" + (f"; failed: {', '.join(failed)}" if failed else ""))
@@ -245,6 +236,24 @@ def _referee_in_vm(scenarios: list[Scenario], kernel: str, accel: str
                         f"{done.wall_seconds:.0f} s)")
 
 
+def _print_checks(console: Console, run: ScenarioRun) -> None:
+    """The invariant checks of a run: violations, expected ones, expectations that held."""
+    from rich.markup import escape
+
+    for line in _violations(run):
+        console.print(f"[red]invariant violated at {escape(line)}[/]", highlight=False)
+    for line in _expected(run):
+        console.print(f"invariant violated, as expected, at {line}", highlight=False,
+                      markup=False)
+    for line in _held(run):
+        console.print(f"[red]{escape(line)}[/]", highlight=False)
+
+
+def _checks_json(run: ScenarioRun) -> dict[str, list[str]]:
+    return {"violations": _violations(run), "expected_violations": _expected(run),
+            "held": _held(run)}
+
+
 def _finish_live(runs: list[ScenarioRun], lives: list[LiveRun], fmt: Format,
                  against: str = "this kernel") -> None:
     """Print the runs and the live referee's verdicts; exit 1 on a failed expectation or a
@@ -258,7 +267,7 @@ def _finish_live(runs: list[ScenarioRun], lives: list[LiveRun], fmt: Format,
     if fmt is Format.JSON:
         print(json.dumps({
             "runs": [{"scenario": r.scenario.name, "design": r.design, "passed": r.passed,
-                      "steps": trace_records(r)} for r in runs],
+                      **_checks_json(r), "steps": trace_records(r)} for r in runs],
             "against": against,
             "live": [{"scenario": r.scenario.name, "design": r.design, "kernel": r.kernel,
                       "steps": records(r)} for r in lives],
@@ -271,6 +280,7 @@ def _finish_live(runs: list[ScenarioRun], lives: list[LiveRun], fmt: Format,
         console = Console()
         for run_ in runs:
             _print_run(console, run_)
+            _print_checks(console, run_)
         console.print(f"{len(runs) - len(failed)}/{len(runs)} scenario runs met every "
                       "expectation" + (f"; failed: {', '.join(failed)}" if failed else ""))
         for r in lives:
