@@ -13,10 +13,9 @@ from typing import Any
 
 from kvmpoison.explore.invariants import INVARIANTS
 from kvmpoison.explore.monitor import InvariantMonitor
-from kvmpoison.explore.statemachine import Recorded, base_scenario
-from kvmpoison.machine import Machine
+from kvmpoison.explore.statemachine import Recorded, state_machine
 from kvmpoison.scenario.ops import OpError, RunCtx
-from kvmpoison.scenario.runner import build_machine, perform
+from kvmpoison.scenario.runner import perform
 
 Step = tuple[str, str, dict[str, Any]]  # actor, op, args
 
@@ -24,22 +23,12 @@ Step = tuple[str, str, dict[str, Any]]  # actor, op, args
 # (a hypothesis-shrunk run has a few dozen steps at most, so this bound is never reached).
 MAX_REPLAYS = 2000
 
-_BASES: dict[str, Machine] = {}
-
-
-def _base(design: str) -> Machine:
-    m = _BASES.get(design)
-    if m is None:
-        m = _BASES[design] = build_machine(base_scenario(design), design)
-    return m
-
-
 def first_violation(design: str, steps: list[Step], invariant: str) -> \
         tuple[list[Recorded], list[str]] | None:
     """Replay ``steps`` on the explored machine, checking ``invariant`` around each: the
     steps up to the first that breaks it (with the cells they gave) and its problems, or
     None if none does, or if the model refuses a step (it would not replay)."""
-    m = _base(design).copy()
+    m = state_machine(design, ()).base_machine().copy()
     ctx = RunCtx(m)
     monitor = InvariantMonitor((invariant,))
     done: list[Recorded] = []

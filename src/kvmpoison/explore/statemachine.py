@@ -111,13 +111,18 @@ class ExploreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         cls = type(self)
-        if cls.base is None:
-            cls.base = build_machine(base_scenario(cls.design), cls.design)
-        self.m = cls.base.copy()
+        self.m = cls.base_machine().copy()
         self.ctx = RunCtx(self.m)
         self.monitor = InvariantMonitor(cls.checked)
         self.trace: list[Recorded] = []
         self._backed: tuple[int, ...] | None = None  # the gpas a frame backs, this step
+
+    @classmethod
+    def base_machine(cls) -> Machine:
+        """The machine every example copies (built once per class)."""
+        if cls.base is None:
+            cls.base = build_machine(base_scenario(cls.design), cls.design)
+        return cls.base
 
     @property
     def gmem(self) -> bool:
